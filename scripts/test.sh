@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (apt and pip) and runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+ruff check src tests benchmarks scripts
+python3 -m pytest -q -p no:cacheprovider "$@"

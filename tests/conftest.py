@@ -1,0 +1,11 @@
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=50, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# Cheap KDF parameters for repositories created by tests; recorded in each key file.
+os.environ.setdefault("IMGBACKUP_TEST_CHEAP_KDF", "1")
