@@ -1,0 +1,1 @@
+"""Finding, identifying and opening disks: mounts and usage, sources, identity, discovery."""

@@ -39,7 +39,7 @@ def _unescape(text: str) -> str:
     return text.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
 
 
-def _parse_mountinfo(path: str = MOUNTINFO) -> list[_MountLine]:
+def read_mount_table(path: str = MOUNTINFO) -> list[_MountLine]:
     lines = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for raw in f:
@@ -72,7 +72,7 @@ def _source_devnum(source: str) -> int | None:
     return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
 
 
-def _mounts_of_devnum(devnum: int, table: list[_MountLine]) -> list[MountInfo]:
+def mounts_of_devnum(devnum: int, table: list[_MountLine]) -> list[MountInfo]:
     found = []
     for line in table:
         if line.devnum == devnum or (
@@ -94,15 +94,15 @@ def mounts_of(path: str | os.PathLike) -> list[MountInfo]:
     st = _stat(path)
     if st is None:
         return []
-    table = _parse_mountinfo()
+    table = read_mount_table()
     if stat.S_ISBLK(st.st_mode):
-        return _mounts_of_devnum(st.st_rdev, table)
+        return mounts_of_devnum(st.st_rdev, table)
     if stat.S_ISREG(st.st_mode):
         found = []
         for loop in sysfs.loops_backed_by_file(st):
             devnum = sysfs.devnum_of_name(loop)
             if devnum is not None:
-                found += _mounts_of_devnum(devnum, table)
+                found += mounts_of_devnum(devnum, table)
         return found
     return []
 
@@ -161,20 +161,20 @@ def usage_of(path: str | os.PathLike) -> UsageState:
     st = _stat(path)
     if st is None:
         return state
-    table = _parse_mountinfo()
+    table = read_mount_table()
     names = _devices_of(path, st)
     if stat.S_ISBLK(st.st_mode):
-        state.mounts = _mounts_of_devnum(st.st_rdev, table)
+        state.mounts = mounts_of_devnum(st.st_rdev, table)
     for name in names:
         devnum = sysfs.devnum_of_name(name)
         if stat.S_ISREG(st.st_mode) and devnum is not None:
-            mine = _mounts_of_devnum(devnum, table)
+            mine = mounts_of_devnum(devnum, table)
             if mine:
                 state.partition_mounts[f"/dev/{name}"] = mine
         state.holders += _stacked_on(name)
         for part in sysfs.partitions(name):
             part_num = sysfs.devnum_of_name(part)
-            mine = _mounts_of_devnum(part_num, table) if part_num is not None else []
+            mine = mounts_of_devnum(part_num, table) if part_num is not None else []
             if mine:
                 state.partition_mounts[f"/dev/{part}"] = mine
             state.holders += _stacked_on(part)
@@ -214,7 +214,7 @@ def _underlying_disks(name: str, seen: set[str] | None = None) -> set[str]:
 def system_disks() -> set[str]:
     """Kernel names of the whole disks holding /, /boot and the other system mounts, and swap."""
     names = set()
-    for line in _parse_mountinfo():
+    for line in read_mount_table():
         if line.info.mountpoint not in SYSTEM_MOUNTPOINTS:
             continue
         devnum = line.devnum if os.major(line.devnum) else _source_devnum(line.info.source)
