@@ -1,0 +1,117 @@
+"""The one interface every filesystem module implements, and packed-bitmap helpers.
+
+A filesystem module exposes ``probe(read, offset, length) -> bool`` and
+``used_blocks(read, offset, length) -> FsUsage``. ``used_blocks`` raises ``FsMapUnsure``
+whenever it cannot vouch for a block being free: the caller then images the whole region.
+Bitmaps are packed LSB-first (bit i in byte i >> 3 at position i & 7), 1 = used, the
+same layout as ``imgbackup._core.bitmap``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+Reader = Callable[[int, int], bytes]
+RUN_CHUNK_BITS = 1 << 26  # 64 Mi bits per pass: 64 MiB of unpacked bytes at most
+
+
+class FsMapUnsure(Exception):
+    """The filesystem cannot be trusted to say which blocks are free; ``str()`` is the reason."""
+
+
+@dataclass
+class FsUsage:
+    """Used blocks of one filesystem, relative to its first byte. Blocks past ``nblocks`` are used."""
+
+    block_size: int
+    nblocks: int
+    bits: np.ndarray
+
+    @property
+    def used_count(self) -> int:
+        return popcount(self.bits, self.nblocks)
+
+
+def read_exact(read: Reader, offset: int, length: int) -> bytes:
+    """Read exactly ``length`` bytes or raise FsMapUnsure (a short read means a truncated source)."""
+    data = read(offset, length)
+    if len(data) != length:
+        raise FsMapUnsure(f"short read at byte {offset} ({len(data)} of {length})")
+    return bytes(data)
+
+
+def all_used(nbits: int) -> np.ndarray:
+    """A packed bitmap of ``nbits`` set bits (padding bits past ``nbits`` are zero)."""
+    bits = np.full((nbits + 7) // 8, 0xFF, dtype=np.uint8)
+    if nbits % 8:
+        bits[-1] = (1 << (nbits % 8)) - 1
+    return bits
+
+
+def _edge_masks(start: int, end: int) -> tuple[int, int, int, int]:
+    first, last = start >> 3, (end - 1) >> 3
+    lo = (0xFF << (start & 7)) & 0xFF
+    hi = 0xFF >> (7 - ((end - 1) & 7))
+    return first, last, lo, hi
+
+
+def set_range(bits: np.ndarray, start: int, count: int) -> None:
+    """Set bits [start, start + count) in place."""
+    if count <= 0:
+        return
+    first, last, lo, hi = _edge_masks(start, start + count)
+    if first == last:
+        bits[first] |= lo & hi
+        return
+    bits[first] |= lo
+    bits[first + 1:last] = 0xFF
+    bits[last] |= hi
+
+
+def clear_range(bits: np.ndarray, start: int, count: int) -> None:
+    """Clear bits [start, start + count) in place."""
+    if count <= 0:
+        return
+    first, last, lo, hi = _edge_masks(start, start + count)
+    if first == last:
+        bits[first] &= ~(lo & hi) & 0xFF
+        return
+    bits[first] &= ~lo & 0xFF
+    bits[first + 1:last] = 0
+    bits[last] &= ~hi & 0xFF
+
+
+def popcount(bits: np.ndarray, nbits: int) -> int:
+    """Set bits among the first ``nbits``."""
+    full = nbits >> 3
+    total = int(np.unpackbits(bits[:full]).sum(dtype=np.int64)) if full else 0
+    if nbits & 7:
+        total += bin(int(bits[full]) & ((1 << (nbits & 7)) - 1)).count("1")
+    return total
+
+
+def zero_runs(bits: np.ndarray, nbits: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(starts, lengths) of runs of clear bits, in chunks of RUN_CHUNK_BITS.
+
+    A run crossing a chunk edge comes out as two runs; callers that round inwards lose at
+    most one block per edge, which errs on the side of "used".
+    """
+    for base in range(0, nbits, RUN_CHUNK_BITS):
+        n = min(RUN_CHUNK_BITS, nbits - base)
+        piece = np.unpackbits(bits[base >> 3:(base + n + 7) >> 3], bitorder="little")[:n]
+        free = np.concatenate(([0], (piece == 0).astype(np.int8), [0]))
+        edges = np.diff(free)
+        starts = np.flatnonzero(edges == 1)
+        ends = np.flatnonzero(edges == -1)
+        if len(starts):
+            yield starts + base, ends - starts
+
+
+def shift_up(bits: np.ndarray, nbits: int, shift: int, fill: int = 1) -> np.ndarray:
+    """A bitmap of ``nbits + shift`` bits: ``shift`` bits of ``fill`` then ``bits``."""
+    un = np.unpackbits(bits, bitorder="little")[:nbits]
+    head = np.full(shift, fill, dtype=np.uint8)
+    return np.packbits(np.concatenate((head, un)), bitorder="little")
