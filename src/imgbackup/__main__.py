@@ -1,0 +1,3 @@
+from imgbackup.cli.main import run
+
+run()

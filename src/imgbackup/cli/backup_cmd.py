@@ -1,0 +1,43 @@
+"""``imgbackup backup SOURCE``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+
+from imgbackup.cli.common import JsonOption, RepoOption, emit_json, human, open_repo, progress_bar
+from imgbackup.device.source import open_source
+from imgbackup.engine.backup import BackupRequest, run_backup
+
+
+def backup(
+    source: Annotated[str, typer.Argument(help="Disk, partition or image file to back up.")],
+    repo: RepoOption = None,
+    name: Annotated[str | None, typer.Option(help="Source name (default: the source's file name).")] = None,
+    backup_type: Annotated[str, typer.Option("--type", help="auto, full, incremental or differential.")] = "auto",
+    allow_mounted: Annotated[bool, typer.Option(help="Image a source mounted read-write anyway.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Back up a disk, partition or image file into the repository."""
+    r = open_repo(repo)
+    with open_source(source) as src:
+        size = src.size
+    update, close = progress_bar(size, "backup", not json_out)
+    try:
+        result = run_backup(r, BackupRequest(source, name, backup_type, allow_mounted, update))
+    finally:
+        close()
+    for warning in result.warnings:
+        typer.echo(f"imgbackup: warning: {warning}", err=True)
+    if json_out:
+        emit_json(asdict(result))
+        return
+    typer.echo(f"image {result.id} ({result.type}{', parent ' + result.parent[:12] if result.parent else ''}): "
+               f"read {human(result.bytes_read)} of {human(result.source_size)}, stored {human(result.bytes_stored)}, "
+               f"{result.chunks_new} new chunks, {result.duration_s:.1f} s")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("backup")(backup)

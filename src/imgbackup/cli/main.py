@@ -1,0 +1,77 @@
+"""The ``imgbackup`` command: the Typer app, command registration, and error-to-exit-code mapping."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import typer
+
+from imgbackup import __version__
+from imgbackup.errors import EXIT_CODES, ImgBackupError, Interrupted, StorageError
+
+EXIT_STATUS = "\b\nExit status:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES)
+
+app = typer.Typer(
+    name="imgbackup",
+    help="Block-level disk image backup: encrypted, compressed, incremental images of disks, "
+         "partitions and image files.",
+    epilog=EXIT_STATUS,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _register() -> None:
+    from imgbackup.cli import backup_cmd, devices_cmd, repo_cmd, restore_cmd, verify_cmd
+
+    for module in (repo_cmd, backup_cmd, restore_cmd, verify_cmd, devices_cmd):
+        module.register(app)
+
+
+@app.callback(invoke_without_command=True)
+def _main(version: bool = typer.Option(False, "--version", help="Show the version and exit.")) -> None:
+    if version:
+        typer.echo(f"imgbackup {__version__}")
+        raise typer.Exit(0)
+
+
+def _on_sigterm(signum, frame):  # turn SIGTERM into the same clean unwind as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app and turns every expected failure into one line and an exit code."""
+    _register()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app(args=argv, standalone_mode=False)
+    except ImgBackupError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        _fail(Interrupted("interrupted; the repository is unchanged by this run"))
+    except OSError as exc:
+        _fail(StorageError(f"{exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}"))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _fail(Interrupted("aborted"))
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(0)
+
+
+def _fail(exc: ImgBackupError) -> None:
+    sys.stderr.write(f"imgbackup: error: {exc}\n")
+    sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,91 @@
+"""Repository commands: init, list, info, break-lock."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from imgbackup.cli.common import JsonOption, RepoOption, emit_json, human, open_repo, read_passphrase, repo_path
+from imgbackup.repository.lock import break_lock
+from imgbackup.repository.repo import DEFAULT_CHUNK_SIZE, Repository
+from imgbackup.repository.storage import LocalStorage
+
+
+def init(
+    repo: RepoOption = None,
+    encryption: Annotated[str, typer.Option(help="aes-256-gcm, or none (checksums only).")] = "aes-256-gcm",
+    chunk_size: Annotated[int, typer.Option(help="Chunk size in bytes (power of two, 64 KiB..16 MiB).")]
+    = DEFAULT_CHUNK_SIZE,
+    zstd_level: Annotated[int, typer.Option(help="zstd compression level for chunks.")] = 3,
+    json_out: JsonOption = False,
+) -> None:
+    """Create a new repository."""
+    r = Repository.init(repo_path(repo), lambda: read_passphrase(confirm=True), encryption, chunk_size, zstd_level)
+    doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
+           "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level}
+    if json_out:
+        emit_json(doc)
+    else:
+        typer.echo(f"created repository {r.location} (id {r.config.id}, {r.config.encryption}, "
+                   f"chunk size {human(r.chunk_size)})")
+
+
+def _row(meta: dict) -> dict:
+    return {"id": meta["id"], "name": meta.get("name"), "type": meta.get("type"), "parent": meta.get("parent"),
+            "created": meta.get("created"), "source": meta.get("source", {}).get("path"),
+            "source_size": meta.get("source", {}).get("size"), "stats": meta.get("stats", {})}
+
+
+def list_images(
+    repo: RepoOption = None,
+    name: Annotated[str | None, typer.Option(help="Only images of this source name.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """List the images in the repository, oldest first."""
+    r = open_repo(repo)
+    entries = r.images.entries()
+    rows = [dict(_row(e.meta)) if e.meta else {"id": e.id, "error": e.error} for e in entries
+            if not name or (e.meta or {}).get("name") == name]
+    if json_out:
+        emit_json({"images": rows})
+        return
+    for row in rows:
+        if "error" in row:
+            typer.echo(f"{row['id'][:12]}  DAMAGED: {row['error']}")
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
+        typer.echo(f"{row['id'][:12]}  {when}  {row['type']:<12} {row['name']:<20} {human(row['source_size'])}")
+
+
+def info(
+    image: Annotated[str, typer.Argument(help="Image id prefix, or 'latest'.")],
+    repo: RepoOption = None,
+    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Show one image's metadata."""
+    r = open_repo(repo)
+    meta = r.images.read_meta(r.images.resolve(image, name))
+    if json_out:
+        emit_json(meta)
+        return
+    for key in sorted(meta):
+        typer.echo(f"{key}: {meta[key]}")
+
+
+def break_lock_cmd(repo: RepoOption = None, json_out: JsonOption = False) -> None:
+    """Remove a repository lock left behind by a process that is gone."""
+    held = break_lock(LocalStorage(repo_path(repo)))
+    if json_out:
+        emit_json({"removed": held.__dict__ if held else None})
+    else:
+        typer.echo(f"removed lock held by {held.describe()}" if held else "repository was not locked")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("list")(list_images)
+    app.command("info")(info)
+    app.command("break-lock")(break_lock_cmd)

@@ -1,0 +1,1 @@
+"""Engines: the pipelines that tie source, repository and target together (backup, restore, verify, mount)."""

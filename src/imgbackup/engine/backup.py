@@ -1,0 +1,186 @@
+"""Backup: read the source, classify and hash chunks natively, store only new chunks, write the index.
+
+Order of writes (what makes a killed backup harmless): packs, then the chunk-index file naming
+them, then the image index. Until the image index exists, nothing refers to the new packs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from imgbackup._core import scan
+from imgbackup.device.identity import identify
+from imgbackup.device.mounts import usage_of
+from imgbackup.device.source import Source, open_source
+from imgbackup.engine.reader import SegmentReader
+from imgbackup.errors import SourceError, UsageError
+from imgbackup.format.imageindex import ImageIndex
+from imgbackup.format.layout import ID_SIZE, OBJ_CHUNK, SLOT_DATA, SLOT_ZERO
+from imgbackup.repository.packs import PackWriter
+from imgbackup.repository.repo import Repository
+
+BACKUP_TYPES = ("auto", "full", "incremental", "differential")
+SEGMENT_BYTES = 16 << 20
+MAX_PENDING_CHUNKS = 48
+
+
+@dataclass
+class BackupRequest:
+    source: str
+    name: str | None = None
+    backup_type: str = "auto"
+    allow_mounted: bool = False
+    progress: Callable[[int], None] | None = None
+
+
+@dataclass
+class BackupResult:
+    id: str
+    type: str
+    parent: str | None
+    name: str
+    source: str
+    source_size: int
+    bytes_read: int
+    bytes_stored: int
+    duration_s: float
+    chunks: int
+    chunks_data: int
+    chunks_zero: int
+    chunks_new: int
+    chunks_changed: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_name(source: str) -> str:
+    return os.path.basename(os.path.normpath(source)) or source
+
+
+def check_source_not_live(path: str, allow_mounted: bool) -> list[str]:
+    """Refuse a source mounted read-write unless explicitly allowed; return warnings."""
+    state = usage_of(path)
+    if not state.mounted_read_write:
+        return []
+    if not allow_mounted:
+        raise SourceError(
+            f"{state.describe()}: an image of a filesystem that is being written to can be inconsistent",
+            "unmount it or remount read-only, snapshot it, or pass --allow-mounted to image it anyway",
+        )
+    return [f"{state.describe()}: imaging a live filesystem (--allow-mounted); the image may be inconsistent"]
+
+
+def _choose_parent(repo: Repository, name: str, backup_type: str) -> tuple[str, dict | None]:
+    if backup_type not in BACKUP_TYPES:
+        raise UsageError(f"unknown backup type {backup_type!r}; choose one of {', '.join(BACKUP_TYPES)}")
+    if backup_type == "full":
+        return "full", None
+    parent = repo.images.latest_of(name, full_only=backup_type == "differential")
+    if parent is None:
+        if backup_type == "auto":
+            return "full", None
+        raise UsageError(f"no earlier {'full ' if backup_type == 'differential' else ''}image of {name!r} "
+                         f"to base a {backup_type} backup on", "run a full backup first")
+    return ("incremental" if backup_type == "auto" else backup_type), parent
+
+
+def _source_meta(path: str, source: Source) -> dict:
+    meta = {"path": path, "size": source.size, "logical_sector_size": source.logical_sector_size,
+            "physical_sector_size": source.physical_sector_size,
+            "kind": "block" if source.is_block_device else "file"}
+    try:
+        ident = identify(path)
+        meta.update(model=ident.model, serial=ident.serial, vendor=ident.vendor, device_kind=ident.kind,
+                    fstype=ident.fstype)
+    except Exception as exc:  # identity is informative only; never fail a backup over it
+        meta["identity_error"] = str(exc)
+    return meta
+
+
+class _Storer:
+    """Seals new chunks on a thread pool and hands them to the pack writer in order."""
+
+    def __init__(self, repo: Repository, pool: ThreadPoolExecutor) -> None:
+        self.repo = repo
+        self.pool = pool
+        self.known = repo.chunk_index()
+        self.queued: set[bytes] = set()
+        self.pending: deque[tuple[bytes, int, Future]] = deque()
+        self.packs = PackWriter(repo.storage, repo.envelope)
+
+    def offer(self, chunk_id: bytes, data: memoryview) -> bool:
+        if chunk_id in self.known or chunk_id in self.queued:
+            return False
+        self.queued.add(chunk_id)
+        self.pending.append((chunk_id, len(data), self.pool.submit(self.repo.envelope.seal, OBJ_CHUNK, chunk_id, data)))
+        while len(self.pending) > MAX_PENDING_CHUNKS:
+            self._drain_one()
+        return True
+
+    def _drain_one(self) -> None:
+        cid, raw_len, fut = self.pending.popleft()
+        self.packs.add(cid, fut.result(), raw_len)
+
+    def finish(self) -> int:
+        """Store everything pending, then the chunk-index file; returns bytes written."""
+        while self.pending:
+            self._drain_one()
+        self.packs.flush()
+        return self.packs.bytes_written + self.known.store(self.repo.storage, self.repo.envelope, self.packs.written)
+
+
+def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
+    started = time.monotonic()
+    name = req.name or default_name(req.source)
+    warnings = check_source_not_live(req.source, req.allow_mounted)
+    with open_source(req.source) as source, repo.lock(f"backup {req.source}"):
+        repo.remove_temp_files()
+        btype, parent_meta = _choose_parent(repo, name, req.backup_type)
+        parent = repo.images.load(parent_meta["id"]) if parent_meta else None
+        chunk = repo.chunk_size
+        slots = (source.size + chunk - 1) // chunk
+        kinds = np.zeros(slots, np.uint8)
+        ids = np.zeros((slots, ID_SIZE), np.uint8)
+        new = 0
+        bytes_read = 0
+        segment = max(SEGMENT_BYTES // chunk, 1) * chunk
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-seal") as pool:
+            storer = _Storer(repo, pool)
+            for seg in SegmentReader(source, [(0, source.size)], segment):
+                first = seg.offset // chunk
+                k, h = scan.scan_chunks(seg.data, chunk, repo.keys.id_key)
+                kinds[first : first + len(k)] = k
+                ids[first : first + len(k)] = h
+                for i in np.flatnonzero(k == SLOT_DATA):
+                    new += storer.offer(bytes(h[i]), seg.data[i * chunk : (i + 1) * chunk])
+                bytes_read += len(seg.data)
+                if req.progress:
+                    req.progress(len(seg.data))
+            if bytes_read != source.size:
+                raise SourceError(f"{req.source} ended at byte {bytes_read}, expected {source.size} bytes")
+            stored = storer.finish()
+        changed = _changed_slots(kinds, ids, parent)
+        meta = repo.new_image_meta(type=btype, parent=parent.id if parent else None, name=name,
+                                   source=_source_meta(req.source, source), slots=slots)
+        index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
+        stored += repo.images.write(index)
+    return BackupResult(
+        id=meta["id"], type=btype, parent=meta["parent"], name=name, source=req.source,
+        source_size=source.size, bytes_read=bytes_read, bytes_stored=stored,
+        duration_s=round(time.monotonic() - started, 3), chunks=slots,
+        chunks_data=int(np.count_nonzero(kinds == SLOT_DATA)), chunks_zero=int(np.count_nonzero(kinds == SLOT_ZERO)),
+        chunks_new=new, chunks_changed=int(changed.sum()), warnings=warnings,
+    )
+
+
+def _changed_slots(kinds: np.ndarray, ids: np.ndarray, parent: ImageIndex | None) -> np.ndarray:
+    """Slots whose content differs from the parent's (all slots when there is no comparable parent)."""
+    if parent is None or parent.slots != len(kinds):
+        return np.ones(len(kinds), bool)
+    return (parent.kinds != kinds) | np.any(parent.ids_by_slot() != ids, axis=1)

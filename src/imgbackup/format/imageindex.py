@@ -1,0 +1,123 @@
+"""The image index: one slot per chunk of the source (zero, data or unused) plus metadata.
+
+The body holds ``kinds`` (one byte per slot), the ids of the data slots in slot order, and the
+changed-slot bitmap against the parent. The header is JSON metadata that also carries the SHA-256
+of the body, so neither half can be swapped for another image's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from imgbackup.errors import IntegrityError, UnsupportedFormat
+from imgbackup.format.layout import (
+    FORMAT_VERSION,
+    ID_SIZE,
+    IMAGE_BODY_HEAD,
+    IMAGE_BODY_MAGIC,
+    SLOT_DATA,
+    SLOT_UNUSED,
+)
+
+
+@dataclass
+class ImageIndex:
+    meta: dict
+    kinds: np.ndarray                     # uint8[slots]
+    ids: np.ndarray                       # uint8[data slots, 32]
+    changed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))  # packed bits
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.meta["chunk_size"])
+
+    @property
+    def slots(self) -> int:
+        return len(self.kinds)
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["source"]["size"])
+
+    def data_slot_numbers(self) -> np.ndarray:
+        """Slot numbers of the data slots, in the order of ``ids``."""
+        return np.flatnonzero(self.kinds == SLOT_DATA)
+
+    def ids_by_slot(self) -> np.ndarray:
+        """A (slots, 32) array: the id of each data slot, zeros elsewhere."""
+        full = np.zeros((self.slots, ID_SIZE), np.uint8)
+        full[self.kinds == SLOT_DATA] = self.ids
+        return full
+
+    def slot_length(self, slot: int) -> int:
+        return min(self.chunk_size, self.size - slot * self.chunk_size)
+
+    def unique_ids(self) -> set[bytes]:
+        return {bytes(row) for row in self.ids}
+
+    def content_digest(self) -> str:
+        """SHA-256 over size, chunk size, slot kinds and data ids: what the image's bytes are."""
+        h = hashlib.sha256()
+        h.update(self.size.to_bytes(8, "little") + self.chunk_size.to_bytes(4, "little"))
+        h.update(np.where(self.kinds == SLOT_UNUSED, 0, self.kinds).astype(np.uint8).tobytes())
+        h.update(self.ids.tobytes())
+        return h.hexdigest()
+
+    def body_bytes(self) -> bytes:
+        head = IMAGE_BODY_HEAD.pack(IMAGE_BODY_MAGIC, FORMAT_VERSION, self.chunk_size, self.slots)
+        return b"".join((head, self.kinds.tobytes(), self.ids.tobytes(), self.changed.tobytes()))
+
+    def header_bytes(self, body: bytes) -> bytes:
+        meta = dict(self.meta, body_sha256=hashlib.sha256(body).hexdigest(),
+                    content_digest=self.content_digest())
+        self.meta = meta
+        return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_header(raw: bytes, image_id: str) -> dict:
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise IntegrityError(f"image {image_id}: header is not valid JSON") from None
+    if meta.get("version") != FORMAT_VERSION:
+        raise UnsupportedFormat(f"image {image_id} has unsupported version {meta.get('version')}")
+    if meta.get("id") != image_id:
+        raise IntegrityError(f"image {image_id}: header names another image ({meta.get('id')})")
+    return meta
+
+
+def parse_body(meta: dict, body: bytes) -> ImageIndex:
+    image_id = meta["id"]
+    if hashlib.sha256(body).hexdigest() != meta.get("body_sha256"):
+        raise IntegrityError(f"image {image_id}: index body does not match its header digest")
+    if len(body) < IMAGE_BODY_HEAD.size:
+        raise IntegrityError(f"image {image_id}: index body is truncated")
+    magic, version, chunk_size, slots = IMAGE_BODY_HEAD.unpack_from(body)
+    if magic != IMAGE_BODY_MAGIC or version != FORMAT_VERSION or chunk_size != meta["chunk_size"]:
+        raise IntegrityError(f"image {image_id}: index body has a bad header")
+    pos = IMAGE_BODY_HEAD.size
+    kinds = np.frombuffer(body, np.uint8, slots, pos).copy()
+    if kinds.max(initial=0) > SLOT_UNUSED:
+        raise IntegrityError(f"image {image_id}: index has an invalid slot kind")
+    pos += slots
+    n_data = int(np.count_nonzero(kinds == SLOT_DATA))
+    if len(body) < pos + n_data * ID_SIZE:
+        raise IntegrityError(f"image {image_id}: index body is truncated")
+    ids = np.frombuffer(body, np.uint8, n_data * ID_SIZE, pos).reshape(n_data, ID_SIZE).copy()
+    pos += n_data * ID_SIZE
+    changed = np.frombuffer(body, np.uint8, len(body) - pos, pos).copy()
+    index = ImageIndex(meta, kinds, ids, changed)
+    if index.content_digest() != meta.get("content_digest"):
+        raise IntegrityError(f"image {image_id}: index content digest mismatch")
+    expected_slots = (index.size + chunk_size - 1) // chunk_size
+    if slots != expected_slots:
+        raise IntegrityError(f"image {image_id}: index has {slots} slots, expected {expected_slots}")
+    return index

@@ -1,0 +1,1 @@
+"""The repository: storage backends, locking, keys and config, packs, chunk index, image catalog."""

@@ -1,0 +1,130 @@
+"""The catalog of images: writing, listing, loading, naming and deleting image indexes.
+
+An image object is written in one atomic put after all the chunks it names are stored and
+indexed, so a half-written image never exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imgbackup.crypto.envelope import Envelope
+from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
+from imgbackup.format.imageindex import ImageIndex, parse_body, parse_header
+from imgbackup.format.layout import (
+    FORMAT_VERSION,
+    IMAGE_HEAD,
+    IMAGE_MAGIC,
+    OBJ_IMAGE_BODY,
+    OBJ_IMAGE_HEADER,
+)
+from imgbackup.repository.storage import ObjectMissing, Storage
+
+
+def image_name(image_id: str) -> str:
+    return f"images/{image_id}"
+
+
+@dataclass
+class ImageEntry:
+    """One image in a listing: its metadata, or the error that kept it from being read."""
+
+    id: str
+    meta: dict | None
+    error: str | None = None
+
+
+class ImageStore:
+    def __init__(self, storage: Storage, envelope: Envelope) -> None:
+        self.storage = storage
+        self.envelope = envelope
+
+    def write(self, index: ImageIndex) -> int:
+        oid = bytes.fromhex(index.id)
+        body = index.body_bytes()
+        header = index.header_bytes(body)
+        sealed_header = self.envelope.seal(OBJ_IMAGE_HEADER, oid, header)
+        sealed_body = self.envelope.seal(OBJ_IMAGE_BODY, oid, body)
+        data = IMAGE_HEAD.pack(IMAGE_MAGIC, FORMAT_VERSION, len(sealed_header)) + sealed_header + sealed_body
+        self.storage.put(image_name(index.id), data)
+        return len(data)
+
+    def ids(self) -> list[str]:
+        return [n.rsplit("/", 1)[1] for n in self.storage.list("images")]
+
+    def _head(self, image_id: str, raw: bytes) -> int:
+        if len(raw) < IMAGE_HEAD.size:
+            raise IntegrityError(f"image {image_id} is truncated")
+        magic, version, header_len = IMAGE_HEAD.unpack_from(raw)
+        if magic != IMAGE_MAGIC:
+            raise IntegrityError(f"image {image_id} has a bad magic number")
+        if version != FORMAT_VERSION:
+            raise UnsupportedFormat(f"image {image_id} has unsupported format version {version}")
+        return header_len
+
+    def read_meta(self, image_id: str) -> dict:
+        name = image_name(image_id)
+        try:
+            header_len = self._head(image_id, self.storage.get_range(name, 0, IMAGE_HEAD.size))
+            sealed = self.storage.get_range(name, IMAGE_HEAD.size, header_len)
+        except ObjectMissing:
+            raise ImageNotFound(f"image {image_id} does not exist") from None
+        plain = self.envelope.open(OBJ_IMAGE_HEADER, bytes.fromhex(image_id), sealed, f"image {image_id} header")
+        return parse_header(plain, image_id)
+
+    def load(self, image_id: str) -> ImageIndex:
+        try:
+            raw = self.storage.get(image_name(image_id))
+        except ObjectMissing:
+            raise ImageNotFound(f"image {image_id} does not exist") from None
+        header_len = self._head(image_id, raw)
+        oid = bytes.fromhex(image_id)
+        split = IMAGE_HEAD.size + header_len
+        meta = parse_header(self.envelope.open(OBJ_IMAGE_HEADER, oid, raw[IMAGE_HEAD.size:split],
+                                               f"image {image_id} header"), image_id)
+        body = self.envelope.open(OBJ_IMAGE_BODY, oid, raw[split:], f"image {image_id} index")
+        return parse_body(meta, body)
+
+    def entries(self) -> list[ImageEntry]:
+        """Every image, oldest first; damaged ones carry their error instead of metadata."""
+        out = []
+        for image_id in self.ids():
+            try:
+                out.append(ImageEntry(image_id, self.read_meta(image_id)))
+            except (IntegrityError, UnsupportedFormat) as exc:
+                out.append(ImageEntry(image_id, None, str(exc)))
+        return sorted(out, key=lambda e: (e.meta or {}).get("created", 0.0))
+
+    def resolve(self, spec: str, name: str | None = None) -> str:
+        """An image id from a unique id prefix, or ``latest`` (of source ``name`` if given)."""
+        entries = [e for e in self.entries() if e.meta is not None]
+        if spec == "latest":
+            if name is not None:
+                entries = [e for e in entries if e.meta.get("name") == name]
+            if not entries:
+                where = f" of source name {name!r}" if name else ""
+                raise ImageNotFound(f"no image{where} in this repository")
+            names = {e.meta.get("name") for e in entries}
+            if name is None and len(names) > 1:
+                raise ImageNotFound(f"'latest' is ambiguous: images of {len(names)} sources",
+                                    f"pick one with --name ({', '.join(sorted(map(str, names)))})")
+            return entries[-1].id
+        spec = spec.lower()
+        matches = [i for i in self.ids() if i.startswith(spec)]
+        if not spec or not matches:
+            raise ImageNotFound(f"no image matches {spec!r}")
+        if len(matches) > 1:
+            raise ImageNotFound(f"image id prefix {spec!r} is ambiguous ({len(matches)} images)",
+                                "give more characters of the id")
+        return matches[0]
+
+    def latest_of(self, name: str, full_only: bool = False) -> dict | None:
+        """Newest readable image of a source name (optionally only full images): its metadata."""
+        for entry in reversed(self.entries()):
+            if entry.meta and entry.meta.get("name") == name:
+                if not full_only or entry.meta.get("type") == "full":
+                    return entry.meta
+        return None
+
+    def delete(self, image_id: str) -> None:
+        self.storage.delete(image_name(image_id))

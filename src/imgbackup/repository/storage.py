@@ -1,0 +1,171 @@
+"""Storage backends deal in whole named objects only, so a directory and a bucket are interchangeable.
+
+Operations: put (atomic replace), create (create-if-absent), get, get_range, size, list, delete.
+Object names are relative paths with '/' separators (``packs/ab/ab12...``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from imgbackup.errors import StorageError
+
+TEMP_MARK = ".tmp-"
+
+
+class ObjectMissing(KeyError):
+    """The named object does not exist."""
+
+
+class Storage(Protocol):
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
+    def create(self, name: str, data: bytes) -> bool: ...
+    def get(self, name: str) -> bytes: ...
+    def get_range(self, name: str, offset: int, length: int) -> bytes: ...
+    def size(self, name: str) -> int: ...
+    def list(self, prefix: str) -> Iterator[str]: ...
+    def delete(self, name: str) -> None: ...
+    def exists(self, name: str) -> bool: ...
+
+
+def _storage_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"repository disk is full while writing {what}",
+                            "free space or use another repository; nothing was committed")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(f"no permission to write {what}: {exc.strerror}")
+    return StorageError(f"storage error on {what}: {exc.strerror or exc}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStorage:
+    """A repository in a local directory: temp file, fsync, rename, fsync directory."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def _path(self, name: str) -> Path:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"bad object name {name!r}")
+        return self.root / name
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory.is_dir():
+            return
+        self._ensure_dir(directory.parent)
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            return
+        _fsync_dir(directory.parent)
+
+    def _write_temp(self, path: Path, data) -> Path:
+        self._ensure_dir(path.parent)
+        tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    def put(self, name: str, data) -> None:
+        path = self._path(name)
+        try:
+            tmp = self._write_temp(path, data)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Create-if-absent; False when the object already exists."""
+        path = self._path(name)
+        try:
+            tmp = self._write_temp(path, data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+            return True
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def get(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(name) from None
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._path(name), "rb", buffering=0) as f:
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise ObjectMissing(name) from None
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def size(self, name: str) -> int:
+        try:
+            return self._path(name).stat().st_size
+        except FileNotFoundError:
+            raise ObjectMissing(name) from None
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Names under the folder ``prefix`` (recursively), temp files excluded, sorted."""
+        base = self._path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return iter(())
+        names = []
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                if TEMP_MARK not in f:
+                    names.append(os.path.relpath(os.path.join(dirpath, f), self.root).replace(os.sep, "/"))
+        return iter(sorted(names))
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+            _fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def remove_temp_files(self, folders: tuple[str, ...] = ("packs", "index", "images")) -> int:
+        """Delete leftovers of interrupted writes; call only while holding the repository lock."""
+        removed = 0
+        for dirpath, _dirs, files in (w for folder in folders for w in os.walk(self.root / folder)):
+            for f in files:
+                if TEMP_MARK in f:
+                    os.unlink(os.path.join(dirpath, f))
+                    removed += 1
+        return removed
