@@ -238,7 +238,8 @@ def test_unmounted_loop_is_not_in_use(ext4_image):
 @pytest.mark.root
 @pytest.mark.parametrize("options, read_only", [("rw", False), ("ro", True)])
 def test_mounted_disk_detected_by_device_number(ext4_image, tmp_path, options, read_only):
-    with loop_device(ext4_image) as dev, mounted(dev, tmp_path / "mnt", options) as mnt:
+    # a space in the mount point: mountinfo writes it as \040
+    with loop_device(ext4_image) as dev, mounted(dev, tmp_path / "mnt point", options) as mnt:
         found = mounts_of(dev)
         assert [(m.mountpoint, m.fstype, m.read_only) for m in found] == [(str(mnt), "ext4", read_only)]
         state = usage_of(dev)
