@@ -21,8 +21,30 @@ if sys.byteorder != "little":  # pragma: no cover - the word loads assume little
 
 
 cdef extern from *:
-    int __builtin_popcountll(unsigned long long) nogil
     int __builtin_ctzll(unsigned long long) nogil
+
+
+cdef extern from *:
+    """
+    /* Popcount over whole 64-bit words. Built for plain x86-64 the builtin becomes a slow
+       library call; the POPCNT variant is picked at run time when the CPU has it (~10x). */
+    #define IB_POPCOUNT_BODY { uint64_t t = 0, x; Py_ssize_t i; \
+        for (i = 0; i < nwords; i++) { memcpy(&x, p + 8 * i, 8); t += (uint64_t)__builtin_popcountll(x); } \
+        return t; }
+    static uint64_t ib_popcount_sw(const unsigned char *p, Py_ssize_t nwords) IB_POPCOUNT_BODY
+    #if defined(__x86_64__) && defined(__GNUC__)
+    __attribute__((target("popcnt")))
+    static uint64_t ib_popcount_hw(const unsigned char *p, Py_ssize_t nwords) IB_POPCOUNT_BODY
+    #endif
+    static uint64_t ib_popcount_words(const unsigned char *p, Py_ssize_t nwords) {
+    #if defined(__x86_64__) && defined(__GNUC__)
+        if (__builtin_cpu_supports("popcnt")) return ib_popcount_hw(p, nwords);
+    #endif
+        return ib_popcount_sw(p, nwords);
+    }
+    """
+    uint64_t ib_popcount_words(const unsigned char *p, Py_ssize_t nwords) nogil
+    int __builtin_popcountll(unsigned long long) nogil
 
 
 cdef const unsigned char[::1] _bytes_of(obj) except *:
@@ -102,12 +124,10 @@ def count(bits, Py_ssize_t nbits) -> int:
     if nbits == 0:
         return 0
     cdef const unsigned char *p = &v[0]
-    cdef Py_ssize_t full = nbits >> 6, w
+    cdef Py_ssize_t full = nbits >> 6
     cdef uint64_t x, total = 0
     with nogil:
-        for w in range(full):
-            memcpy(&x, p + w * 8, 8)
-            total += __builtin_popcountll(x)
+        total = ib_popcount_words(p, full)
         if nbits & 63:
             x = _word(p, (nbits + 7) >> 3, full) & (((<uint64_t>1) << (nbits & 63)) - 1)
             total += __builtin_popcountll(x)

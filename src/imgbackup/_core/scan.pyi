@@ -1,0 +1,20 @@
+"""Type stubs for the native scan kernels (see scan.pyx and reference.py for the definitions)."""
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import Buffer
+
+ZERO: int
+DATA: int
+ID_SIZE: int
+
+def chunk_id(key: Buffer, data: Buffer) -> bytes:
+    """The keyed chunk id: HMAC-SHA-256(key, data), 32 bytes, computed without the GIL."""
+
+def scan_chunks(
+    buf: Buffer, chunk_size: int, key: Buffer, *, nthreads: int = 0
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Kinds (ZERO/DATA, shape (n,)) and ids (shape (n, 32), zero for ZERO) of each chunk; 0 threads = all cores."""
+
+def zero_blocks(buf: Buffer, block_size: int = 4096) -> npt.NDArray[np.uint8]:
+    """1 for each all-zero block of ``block_size`` bytes (last may be short), else 0."""
