@@ -70,7 +70,7 @@ def open_for_writing(target: Target, size: int) -> int:
     """Open the target; a file is emptied and set to ``size`` (sparse), a device opened exclusively."""
     if target.is_block_device:
         try:
-            return os.open(target.path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+            return os.open(target.path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
         except OSError as exc:
             raise TargetRefused(f"cannot open {target.path} exclusively: {exc.strerror}",
                                 "is it in use (mounted, a holder)?") from None
