@@ -6,6 +6,15 @@ same results. Only byte loops live here; what to do with a ZERO or DATA chunk is
 
 Chunk ids are HMAC-SHA-256 from OpenSSL's one-shot ``HMAC()``, which is thread-safe and needs no
 GIL, so ``scan_chunks`` hashes chunks on all cores with an OpenMP ``prange``.
+
+Measured (benchmarks/bench_kernels.py, Debian 12 VM, 2 vCPU with SHA-NI, 64 MiB buffer of
+1 MiB chunks, written pages, best of 5, machine shared with other builds):
+  scan_chunks all-data 1.36-1.45 GB/s per thread (SHA-256 bound; Python hmac loop 0.9-1.4),
+  all-zero 10.7-13.8 GB/s (memory bound; Python ``==`` loop 4-6), half-zero 2.5-2.6 GB/s,
+  4 KiB chunks 0.89 GB/s (one-shot HMAC() re-fetches the MAC per call: ~1.8 us overhead).
+  zero_blocks 4 KiB blocks 10-12 GB/s.
+  With 2 threads both workers were busy (50/50 CPU ticks) but the wall clock did not improve
+  on that loaded VM (other processes held the second vCPU); expect ~2x on idle cores.
 """
 
 import numpy as np
@@ -43,7 +52,9 @@ cdef inline bint _is_zero(const unsigned char *p, size_t n) noexcept nogil:
 
     Data chunks almost always fail in the first word. Once the head is known to be zero,
     ``memcmp(p, p + _HEAD, n - _HEAD) == 0`` proves the rest zero by induction, and glibc's
-    SIMD memcmp does that at memory speed.
+    SIMD memcmp does that at memory speed. Measured in C on 64 MiB of zeros: this 10.7 GB/s
+    cold / 49 GB/s in cache, an OR-reduce loop of 256-byte blocks 10.2 / 49, memcmp against
+    a static zero page 11.4 / 33 (and it needs a zero buffer as large as a chunk).
     """
     cdef size_t i, head = _HEAD if n > _HEAD else n
     cdef uint64_t w
