@@ -50,15 +50,15 @@ done
 dev=""
 i=0
 while [ $i -lt 100 ]; do
-  dev=$(findfs LABEL=%(label)s 2>/dev/null) && break
+  dev=$(findfs LABEL=@LABEL@ 2>/dev/null) && break
   usleep 100000
   i=$((i+1))
 done
-if [ -z "$dev" ]; then echo "ibinit: no filesystem labelled %(label)s"; poweroff -f; fi
+if [ -z "$dev" ]; then echo "ibinit: no filesystem labelled @LABEL@"; poweroff -f; fi
 if ! mount -t ext4 -o ro "$dev" /newroot; then echo "ibinit: cannot mount $dev"; poweroff -f; fi
 echo "ibinit: root is $dev"
 exec switch_root /newroot /sbin/init
-""" % {"label": ROOT_LABEL}
+""".replace("@LABEL@", ROOT_LABEL)
 
 SYSLINUX_CFG = f"""PROMPT 0
 DEFAULT linux
