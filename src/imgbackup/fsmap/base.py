@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imgbackup._core import bitmap
+
 Reader = Callable[[int, int], bytes]
 RUN_CHUNK_BITS = 1 << 26  # 64 Mi bits per pass: 64 MiB of unpacked bytes at most
 
@@ -86,28 +88,21 @@ def clear_range(bits: np.ndarray, start: int, count: int) -> None:
 
 def popcount(bits: np.ndarray, nbits: int) -> int:
     """Set bits among the first ``nbits``."""
-    full = nbits >> 3
-    total = int(np.unpackbits(bits[:full]).sum(dtype=np.int64)) if full else 0
-    if nbits & 7:
-        total += bin(int(bits[full]) & ((1 << (nbits & 7)) - 1)).count("1")
-    return total
+    return int(bitmap.count(bits, nbits)) if nbits else 0
 
 
 def zero_runs(bits: np.ndarray, nbits: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(starts, lengths) of runs of clear bits, in chunks of RUN_CHUNK_BITS.
+    """(starts, lengths) of the runs of clear bits among the first ``nbits``, in chunks.
 
     A run crossing a chunk edge comes out as two runs; callers that round inwards lose at
     most one block per edge, which errs on the side of "used".
     """
     for base in range(0, nbits, RUN_CHUNK_BITS):
         n = min(RUN_CHUNK_BITS, nbits - base)
-        piece = np.unpackbits(bits[base >> 3:(base + n + 7) >> 3], bitorder="little")[:n]
-        free = np.concatenate(([0], (piece == 0).astype(np.int8), [0]))
-        edges = np.diff(free)
-        starts = np.flatnonzero(edges == 1)
-        ends = np.flatnonzero(edges == -1)
-        if len(starts):
-            yield starts + base, ends - starts
+        piece = np.invert(bits[base >> 3:(base + n + 7) >> 3])
+        found = bitmap.runs(piece, n)
+        if len(found):
+            yield found[:, 0] + base, found[:, 1]
 
 
 def shift_up(bits: np.ndarray, nbits: int, shift: int, fill: int = 1) -> np.ndarray:

@@ -206,6 +206,19 @@ def _group_meta(sb: Super, descs: list[Desc]) -> list[tuple[int, int]]:
     return extents
 
 
+def _by_group(sb: Super, extents: list[tuple[int, int]]) -> dict[int, list[tuple[int, int]]]:
+    """Metadata extents bucketed by the groups they touch (flex_bg puts them anywhere)."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for first, count in extents:
+        if count <= 0:
+            continue
+        g0 = (first - sb.first_data_block) // sb.blocks_per_group
+        g1 = (first + count - 1 - sb.first_data_block) // sb.blocks_per_group
+        for g in range(g0, g1 + 1):
+            out.setdefault(g, []).append((first, count))
+    return out
+
+
 def _meta_in_group(sb: Super, g: int, extents: list[tuple[int, int]]) -> np.ndarray:
     """The computed bitmap of a BLOCK_UNINIT group: only metadata placed inside it is used."""
     start, n = sb.group_start(g), sb.group_len(g)
@@ -218,12 +231,12 @@ def _meta_in_group(sb: Super, g: int, extents: list[tuple[int, int]]) -> np.ndar
 
 
 def _group_bits(read: Reader, offset: int, sb: Super, g: int, d: Desc,
-                extents: list[tuple[int, int]]) -> np.ndarray:
+                extents: dict[int, list[tuple[int, int]]]) -> np.ndarray:
     """One group's bitmap (bpg bits), checked against the descriptor's free count."""
     n = sb.group_len(g)
     uninit = d.flags & BG_BLOCK_UNINIT and sb.ro_compat & (RO_GDT_CSUM | RO_METADATA_CSUM)
     if uninit:
-        bits = _meta_in_group(sb, g, extents)
+        bits = _meta_in_group(sb, g, extents.get(g, []))
     else:
         raw = read_exact(read, offset + d.block_bitmap * sb.block_size, sb.blocks_per_group // 8)
         bits = np.frombuffer(raw, dtype=np.uint8).copy()
@@ -244,7 +257,8 @@ def used_blocks(read: Reader, offset: int, length: int) -> FsUsage:
     _check_trust(sb, length)
     descs = _read_descriptors(read, offset, sb)
     extents = _group_meta(sb, descs)
-    parts = [_group_bits(read, offset, sb, g, d, extents) for g, d in enumerate(descs)]
+    buckets = _by_group(sb, extents)
+    parts = [_group_bits(read, offset, sb, g, d, buckets) for g, d in enumerate(descs)]
     bits = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
     span = sb.blocks - sb.first_data_block
     total_free = span - int(np.unpackbits(bits, bitorder="little")[:span].sum(dtype=np.int64))
