@@ -18,5 +18,7 @@ if [ -n "$missing" ]; then
 fi
 
 python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-python3 -m pip install -q -e ".[test,mount]"
+# Build requirements first, then build without isolation: no re-download on every run.
+python3 -m pip install -q "setuptools>=77" wheel "Cython>=3.0" "numpy>=1.26"
+python3 -m pip install -q --no-build-isolation -e ".[test,mount]"
 python3 -c "import imgbackup._core" 
