@@ -11,6 +11,8 @@ import hashlib
 import hmac
 import mmap
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -88,6 +90,26 @@ def test_scan_chunks_parallel_large_buffer() -> None:
     assert len(one[0]) == 97
     assert int(one[0].sum()) == 96 - 32 + 7
     assert not one[1][one[0] == scan.ZERO].any()
+
+
+FORK_SCRIPT = """
+import os, sys
+from imgbackup._core import scan
+buf = os.urandom(8 << 20)
+parent = scan.scan_chunks(buf, 1 << 20, b"k" * 32, nthreads=2)
+pid = os.fork()
+if pid == 0:
+    child = scan.scan_chunks(buf, 1 << 20, b"k" * 32)  # would hang in libgomp without the guard
+    os._exit(0 if child[1].tobytes() == parent[1].tobytes() else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_scan_chunks_in_forked_child_after_parallel_scan() -> None:
+    """libgomp's pool dies with fork(); a child must still scan (serially) and get the same ids."""
+    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_scan_chunks_accepts_every_buffer_kind() -> None:

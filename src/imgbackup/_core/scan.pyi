@@ -14,7 +14,7 @@ def chunk_id(key: Buffer, data: Buffer) -> bytes:
 def scan_chunks(
     buf: Buffer, chunk_size: int, key: Buffer, *, nthreads: int = 0
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    """Kinds (ZERO/DATA, shape (n,)) and ids (shape (n, 32), zero for ZERO) of each chunk; 0 threads = all cores."""
+    """Kinds (ZERO/DATA, (n,)) and ids ((n, 32), zero for ZERO) per chunk; nthreads 0 = all usable CPUs."""
 
 def zero_blocks(buf: Buffer, block_size: int = 4096) -> npt.NDArray[np.uint8]:
     """1 for each all-zero block of ``block_size`` bytes (last may be short), else 0."""

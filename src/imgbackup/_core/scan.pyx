@@ -17,10 +17,12 @@ Measured (benchmarks/bench_kernels.py, Debian 12 VM, 2 vCPU with SHA-NI, 64 MiB 
   on that loaded VM (other processes held the second vCPU); expect ~2x on idle cores.
 """
 
+import os
+
 import numpy as np
 
-cimport openmp
 from cython.parallel cimport prange
+from posix.unistd cimport getpid
 from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy
 
@@ -57,7 +59,7 @@ cdef inline bint _is_zero(const unsigned char *p, size_t n) noexcept nogil:
     a static zero page 11.4 / 33 (and it needs a zero buffer as large as a chunk).
     """
     cdef size_t i, head = _HEAD if n > _HEAD else n
-    cdef uint64_t w
+    cdef uint64_t w = 0
     i = 0
     while i + 8 <= head:
         memcpy(&w, p + i, 8)
@@ -101,11 +103,58 @@ def chunk_id(key, data) -> bytes:
     return md[:32]
 
 
+cdef struct _Job:
+    const unsigned char *data
+    Py_ssize_t total
+    Py_ssize_t chunk_size
+    const EVP_MD *md
+    const unsigned char *key
+    int key_len
+    unsigned char *kinds
+    unsigned char *ids
+
+
+cdef inline int _scan_one(const _Job *job, Py_ssize_t i) noexcept nogil:
+    """Classify and hash chunk ``i`` into its own slots; 1 if OpenSSL failed, else 0."""
+    cdef Py_ssize_t start = i * job.chunk_size
+    cdef Py_ssize_t length = job.total - start
+    cdef unsigned int md_len = 0
+    if length > job.chunk_size:
+        length = job.chunk_size
+    if _is_zero(job.data + start, <size_t>length):
+        return 0
+    job.kinds[i] = 1
+    if HMAC(job.md, job.key, job.key_len, job.data + start, <size_t>length,
+            job.ids + i * 32, &md_len) == NULL:
+        return 1
+    return 0
+
+
+# libgomp's thread pool does not survive fork(): a child that enters a parallel region after
+# the parent used one hangs for ever. The pid that owns the pool; other pids scan serially.
+cdef long _pool_pid = 0
+
+
+cdef int _usable_threads(int nthreads, Py_ssize_t n) except -1:
+    global _pool_pid
+    if nthreads <= 0:
+        nthreads = len(os.sched_getaffinity(0))
+    if nthreads > n:
+        nthreads = <int>n
+    if nthreads > 1:
+        if _pool_pid == 0:
+            _pool_pid = getpid()
+        elif _pool_pid != getpid():
+            nthreads = 1
+    return nthreads if nthreads > 0 else 1
+
+
 def scan_chunks(buf, Py_ssize_t chunk_size, key, *, int nthreads=0):
     """Split ``buf`` into chunks of ``chunk_size`` (last may be short): kind and id per chunk.
 
     Returns ``(kinds uint8[n], ids uint8[n, 32])``; an all-zero chunk is ZERO with a zero id,
-    any other DATA with HMAC-SHA-256(key, chunk). ``nthreads=0`` uses all cores.
+    any other DATA with HMAC-SHA-256(key, chunk). ``nthreads=0`` uses every CPU this process
+    may run on; 1 (and any forked child of a process that scanned in parallel) stays serial.
     """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
@@ -113,38 +162,27 @@ def scan_chunks(buf, Py_ssize_t chunk_size, key, *, int nthreads=0):
     cdef const unsigned char[::1] k = _bytes_of(key)
     if k.shape[0] > 0x7FFFFFFF:
         raise ValueError("key too long")
-    cdef Py_ssize_t total = d.shape[0]
-    cdef Py_ssize_t n = (total + chunk_size - 1) // chunk_size
+    cdef Py_ssize_t n = (d.shape[0] + chunk_size - 1) // chunk_size
     kinds = np.zeros(n, dtype=np.uint8)
     ids = np.zeros((n, ID_SIZE), dtype=np.uint8)
     if n == 0:
         return kinds, ids
     cdef unsigned char[::1] kv = kinds
     cdef unsigned char[:, ::1] iv = ids
-    cdef unsigned char *kp = &kv[0]
-    cdef unsigned char *ip = &iv[0, 0]
-    cdef const unsigned char *dp = &d[0]
-    cdef const unsigned char *keyp = _ptr(k)
-    cdef int klen = <int>k.shape[0]
-    cdef const EVP_MD *md = EVP_sha256()
-    cdef Py_ssize_t i, start, length
-    cdef unsigned int md_len
+    cdef _Job job
+    job.data, job.total, job.chunk_size = &d[0], d.shape[0], chunk_size
+    job.md, job.key, job.key_len = EVP_sha256(), _ptr(k), <int>k.shape[0]
+    job.kinds, job.ids = &kv[0], &iv[0, 0]
+    cdef Py_ssize_t i
     cdef int failed = 0
-    if nthreads <= 0:
-        nthreads = openmp.omp_get_max_threads()
-    if nthreads > n:
-        nthreads = <int>n
+    cdef int threads = _usable_threads(nthreads, n)
     with nogil:
-        for i in prange(n, num_threads=nthreads, schedule="dynamic"):
-            start = i * chunk_size
-            length = total - start
-            if length > chunk_size:
-                length = chunk_size
-            if not _is_zero(dp + start, <size_t>length):
-                kp[i] = 1
-                md_len = 0
-                if HMAC(md, keyp, klen, dp + start, <size_t>length, ip + i * 32, &md_len) == NULL:
-                    failed += 1
+        if threads == 1:
+            for i in range(n):  # no OpenMP call at all: safe in a forked child
+                failed += _scan_one(&job, i)
+        else:
+            for i in prange(n, num_threads=threads, schedule="dynamic"):
+                failed += _scan_one(&job, i)
     if failed:
         raise RuntimeError(f"OpenSSL HMAC-SHA-256 failed on {failed} chunk(s)")
     return kinds, ids
