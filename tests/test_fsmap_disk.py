@@ -151,3 +151,48 @@ def test_bare_partition_images_any_map_block_size(tmp_path: Path, block_size: in
             assert r.mode == "bitmap" and m.used_count < m.nbits
         if name in ("ext", "fat"):
             assert_covers(m, partclone_used("ext4" if name == "ext" else "fat", img))
+
+
+def test_damaged_gpt_disk_is_imaged_in_full(tmp_path: Path) -> None:
+    need_tool("sgdisk")
+    parts = make_parts(tmp_path)
+    disk = blank(tmp_path / "disk.img", 32 * MIB)
+    run("sgdisk", "-n1:2048:+20M", "-t1:8300", disk)
+    put(disk, 2048 * SECTOR, parts["ext"])
+    assert map_of(disk).regions[0].mode == "full"  # the gap before p1
+    with open(disk, "r+b") as f:  # break both header CRCs
+        for off in (SECTOR + 60, 32 * MIB - SECTOR + 60):
+            f.seek(off)
+            f.write(b"\xff")
+    m = map_of(disk)
+    (r,) = m.regions
+    assert r.mode == "full" and "no intact GPT" in r.warning and m.used_count == m.nbits
+
+
+def _swap(tmp_path: Path, size: int, pages: int | None = None) -> Path:
+    need_tool("mkswap")
+    img = blank(tmp_path / "swap.img", size)
+    run("mkswap", img, *([str(pages * 4)] if pages else []))  # size in KiB
+    return img
+
+
+def test_swap_only_header_and_only_its_pages(tmp_path: Path) -> None:
+    img = _swap(tmp_path, 8 * MIB, pages=1024)  # swap covers the first 4 MiB only
+    m = map_of(img)
+    (r,) = m.regions
+    assert (r.fstype, r.mode, r.used_bytes) == ("swap", "bitmap", 4096 + 4 * MIB)
+    used = unpack(m)
+    assert used[0] and not used[1:1024].any() and used[1024:].all()
+
+
+@pytest.mark.parametrize(("patch_at", "data", "fstype"), [
+    (4096 - 10, b"S1SUSPEND\0", None),  # hibernation image: not junk
+    (1024, struct.pack("<I", 2), "swap"),  # unknown header version
+])
+def test_swap_variants_we_cannot_vouch_for(tmp_path: Path, patch_at: int, data: bytes, fstype) -> None:
+    img = _swap(tmp_path, 8 * MIB)
+    with open(img, "r+b") as f:
+        f.seek(patch_at)
+        f.write(data)
+    m = map_of(img)
+    assert m.regions[0].fstype == fstype and m.regions[0].mode == "full" and m.used_count == m.nbits

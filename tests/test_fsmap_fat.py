@@ -143,3 +143,13 @@ def test_fat_not_probed_without_boot_sector(tmp_path: Path) -> None:
         f.write(b"\0\0")
     m = map_of(img)
     assert m.regions[0].fstype is None and m.used_count == m.nbits
+
+
+@pytest.mark.parametrize(("variant", "state_at"), [("fat12", 37), ("fat32", 65)])
+def test_fat_marked_dirty_in_boot_sector_is_unsure(tmp_path: Path, variant: str, state_at: int) -> None:
+    img = make_fat(tmp_path, *VARIANTS[variant])
+    with open(img, "r+b") as f:  # what Linux's vfat sets while the volume is mounted
+        f.seek(state_at)
+        f.write(b"\x01")
+    m = map_of(img)
+    assert m.regions[0].mode == "full" and "dirty" in m.regions[0].warning

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from imgbackup.disklabel import Partition, PartitionTable, is_extended, read_partition_table
+from imgbackup.disklabel.mbr import PROTECTIVE_TYPE, parse_sector
 from imgbackup.fsmap import ext, fat, swap
 from imgbackup.fsmap.base import (
     FsMapUnsure,
@@ -74,7 +75,10 @@ def read_used_map(read: Reader, disk_size: int, sector_size: int = 512,
     nbits = -(-disk_size // block_size)
     bits = all_used(nbits)
     table = read_partition_table(read, disk_size, sector_size)
-    if table is None:
+    if table is None and _protective_mbr(read, sector_size):
+        regions = [RegionReport(0, disk_size, None, None, "full", disk_size,
+                                "protective MBR but no intact GPT copy: disk imaged in full")]
+    elif table is None:
         regions = [map_region(read, bits, block_size, 0, disk_size, None)]
     else:
         regions = _map_table(read, bits, block_size, table)
@@ -82,6 +86,11 @@ def read_used_map(read: Reader, disk_size: int, sector_size: int = 512,
             _set_bytes(bits, block_size, offset, length, nbits)
     return UsedMap(bits=bits, nbits=nbits, block_size=block_size,
                    regions=sorted(regions, key=lambda r: r.start), table=table)
+
+
+def _protective_mbr(read: Reader, sector_size: int) -> bool:
+    slots = parse_sector(bytes(read(0, sector_size)))
+    return slots is not None and any(s.type == PROTECTIVE_TYPE for s in slots)
 
 
 def _set_bytes(bits: np.ndarray, bs: int, offset: int, length: int, nbits: int) -> None:

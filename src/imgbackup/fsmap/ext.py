@@ -118,6 +118,8 @@ def _check_trust(sb: Super, length: int) -> None:
         raise FsMapUnsure(f"unknown ext incompat features 0x{unknown:x}")
     if sb.ro_compat & (RO_BIGALLOC | RO_SNAPSHOT):
         raise FsMapUnsure("ext bigalloc/snapshot bitmaps are not supported")
+    if sb.incompat & INCOMPAT_64BIT and sb.desc_size < 64:
+        raise FsMapUnsure(f"ext 64bit descriptors of {sb.desc_size} bytes")
     if sb.desc_size < 32 or sb.desc_size & (sb.desc_size - 1) or sb.desc_size > sb.block_size:
         raise FsMapUnsure(f"bad ext descriptor size {sb.desc_size}")
     if not 0 < sb.blocks_per_group <= 8 * sb.block_size or sb.blocks_per_group % 8:

@@ -97,6 +97,13 @@ def _check_entries(ent: np.ndarray, bpb: Bpb, copy: int) -> None:
         raise FsMapUnsure(f"FAT{bpb.fat_bits} volume was not cleanly unmounted (dirty bit): run fsck.fat")
 
 
+def _check_boot_state(raw: bytes, bpb: Bpb) -> None:
+    """Linux sets bit 0 of the extended BPB's state byte while the volume is mounted."""
+    sig, state = (66, 65) if bpb.fat_bits == 32 else (38, 37)
+    if raw[sig] == 0x29 and raw[state] & 1:
+        raise FsMapUnsure(f"FAT{bpb.fat_bits} volume is marked dirty (mounted or not cleanly unmounted)")
+
+
 def used_blocks(read: Reader, offset: int, length: int) -> FsUsage:
     """Per-sector used map of the FAT volume at ``offset``."""
     bpb = _parse_bpb(read_exact(read, offset, 512))
@@ -105,6 +112,7 @@ def used_blocks(read: Reader, offset: int, length: int) -> FsUsage:
     bps = bpb.bytes_per_sector
     if bpb.total_sectors * bps > length:
         raise FsMapUnsure("FAT volume is larger than its region")
+    _check_boot_state(read_exact(read, offset, 512), bpb)
     count = bpb.clusters + 2
     fat_bytes = bpb.fat_sectors * bps
     need = -(-count * bpb.fat_bits // 8) + 1
