@@ -1,0 +1,219 @@
+"""Bad input through the real CLI: each is one clear line on stderr, its documented exit code, no
+traceback — and not one byte of the restore target changes (sha256 before == after).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.diskimages import MIB, cli, cli_json, random_image
+from tests.support import loop_device, mounted, need_root, need_tool, run, sha256_file
+
+from imgbackup.format.layout import IMAGE_HEAD
+
+IMAGE_SIZE = 8 * MIB
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict:
+    """One repository per encryption mode holding one backup of a random 8 MiB image (built lazily)."""
+    root = tmp_path_factory.mktemp("bad-input")
+    image = random_image(root / "source.img", IMAGE_SIZE, seed=3, data_fraction=0.7)
+    made: dict[str, dict] = {}
+
+    def get(encryption: str = "aes-256-gcm") -> dict:
+        if encryption not in made:
+            repo = root / f"repo-{encryption}"
+            cli_json("init", "--encryption", encryption, repo=repo)
+            doc = cli_json("backup", image, repo=repo)
+            made[encryption] = {"repo": repo, "image": image, "id": doc["id"]}
+        return made[encryption]
+
+    return {"get": get, "image": image}
+
+
+@pytest.fixture
+def repo(base, tmp_path: Path) -> Path:
+    """A private copy of the encrypted repository, free to damage."""
+    return Path(shutil.copytree(base["get"]()["repo"], tmp_path / "repo"))
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Path:
+    """An existing target file full of other data: it must survive every refusal unchanged."""
+    return random_image(tmp_path / "target.img", IMAGE_SIZE, seed=99)
+
+
+def assert_refused(proc: subprocess.CompletedProcess, code: int, *targets: str | Path,
+                   before: list[str] | None = None, words: tuple[str, ...] = ()) -> None:
+    """The documented exit code, one 'imgbackup: error:' line, no traceback, targets unchanged."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("imgbackup: error: ")]
+    assert proc.returncode == code, f"exit {proc.returncode}, wanted {code}: {proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    # one error line, last; at most an informational "target: ..." line before it
+    assert len(errors) == 1 and lines[-1] == errors[0] and len(lines) <= 2, proc.stderr
+    for word in words:
+        assert word in errors[0], f"{word!r} missing from: {errors[0]}"
+    if before is not None:
+        assert [sha256_file(t) for t in targets] == before, "the target was changed"
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def _only(repo: Path, folder: str) -> Path:
+    files = [p for p in (repo / folder).rglob("*") if p.is_file()]
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_wrong_passphrase_exit_4(repo: Path, target: Path) -> None:
+    before = [sha256_file(target)]
+    proc = cli("restore", "latest", target, "--yes", repo=repo, passphrase="not the passphrase")
+    assert_refused(proc, 4, target, before=before, words=("passphrase",))
+
+
+def test_missing_repository_exit_3(tmp_path: Path, target: Path) -> None:
+    before = [sha256_file(target)]
+    proc = cli("restore", "latest", target, "--yes", repo=tmp_path / "no-such-repo")
+    assert_refused(proc, 3, target, before=before, words=("no-such-repo",))
+    assert_refused(cli("list", repo=tmp_path / "no-such-repo"), 3)
+
+
+def test_truncated_pack_exit_6(repo: Path, target: Path) -> None:
+    pack = _only(repo, "packs")
+    os.truncate(pack, pack.stat().st_size // 2)
+    before = [sha256_file(target)]
+    assert_refused(cli("restore", "latest", target, "--yes", repo=repo), 6, target, before=before)
+    assert cli("verify", repo=repo).returncode == 11
+
+
+@pytest.mark.parametrize("encryption", ["aes-256-gcm", "none"])
+def test_flipped_byte_in_pack_restore_6_verify_11(base, tmp_path: Path, target: Path, encryption: str) -> None:
+    repo = Path(shutil.copytree(base["get"](encryption)["repo"], tmp_path / "repo"))
+    pack = _only(repo, "packs")
+    _flip(pack, pack.stat().st_size // 2)          # inside a chunk blob, far from the trailer
+    before = [sha256_file(target)]
+    assert_refused(cli("restore", "latest", target, "--yes", repo=repo), 6, target, before=before)
+    verify = cli("verify", repo=repo)
+    assert verify.returncode == 11, verify.stderr
+    assert "DAMAGED" in verify.stdout and "Traceback" not in verify.stderr
+    # a new file target is not even created
+    assert_refused(cli("restore", "latest", tmp_path / "new.img", "--yes", repo=repo), 6)
+    assert not (tmp_path / "new.img").exists()
+
+
+@pytest.mark.parametrize("part", ["header", "body"])
+def test_flipped_byte_in_image_index_exit_6(base, repo: Path, target: Path, part: str) -> None:
+    image_id = base["get"]()["id"]
+    index = repo / "images" / image_id
+    header_len = int.from_bytes(index.read_bytes()[12:16], "little")
+    at = IMAGE_HEAD.size + 20 if part == "header" else IMAGE_HEAD.size + header_len + 40
+    _flip(index, at)
+    before = [sha256_file(target)]
+    assert_refused(cli("restore", image_id[:8], target, "--yes", repo=repo), 6, target, before=before)
+    assert cli("verify", repo=repo).returncode == 11
+
+
+def test_target_device_too_small_exit_8(repo: Path, tmp_path: Path) -> None:
+    small = random_image(tmp_path / "small.img", IMAGE_SIZE - MIB, seed=5)
+    with loop_device(small) as dev:
+        before = [sha256_file(dev)]
+        proc = cli("restore", "latest", dev, "--yes", repo=repo)
+        assert_refused(proc, 8, dev, before=before, words=(str(IMAGE_SIZE - MIB), str(IMAGE_SIZE)))
+
+
+def test_mounted_target_exit_8(repo: Path, tmp_path: Path) -> None:
+    need_tool("mkfs.ext4")
+    backing = tmp_path / "fs.img"
+    with open(backing, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    run("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", backing)
+    with loop_device(backing) as dev, mounted(dev, tmp_path / "mnt", "rw,noatime"):
+        run("sync")
+        before = [sha256_file(dev)]
+        proc = cli("restore", "latest", dev, "--yes", repo=repo)
+        assert_refused(proc, 8, dev, before=before, words=("mounted",))
+
+
+def test_target_with_a_mounted_partition_exit_8(repo: Path, tmp_path: Path) -> None:
+    need_tool("sfdisk", "mkfs.ext4")
+    backing = tmp_path / "disk.img"
+    with open(backing, "wb") as f:
+        f.truncate(2 * IMAGE_SIZE)
+    run("sfdisk", "-q", backing, input="label: gpt\nstart=2048, size=12M\n")
+    with loop_device(backing, partitions=True) as dev:
+        run("mkfs.ext4", "-q", f"{dev}p1")
+        with mounted(f"{dev}p1", tmp_path / "mnt", "rw,noatime"):
+            run("sync")
+            before = [sha256_file(dev)]
+            proc = cli("restore", "latest", dev, "--yes", repo=repo)
+            assert_refused(proc, 8, dev, before=before, words=("mounted",))
+
+
+def test_device_without_yes_and_no_terminal_exit_2(repo: Path, target: Path) -> None:
+    with loop_device(target) as dev:
+        before = [sha256_file(dev)]
+        assert_refused(cli("restore", "latest", dev, repo=repo), 2, dev, before=before, words=("--yes",))
+
+
+HOLDER = """
+import sys, time
+from imgbackup.repository.lock import RepositoryLock
+from imgbackup.repository.storage import LocalStorage
+with RepositoryLock(LocalStorage(sys.argv[1]), "test holder"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_repository_locked_by_live_process_exit_5(base, repo: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(repo)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = cli("backup", base["image"], repo=repo)
+        assert_refused(proc, 5, words=(f"pid {holder.pid}", socket.gethostname()))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    # The killed holder's lock is now stale (same host, dead pid): taken over without break-lock.
+    assert (repo / "locks" / "exclusive").exists()
+    doc = cli_json("backup", base["image"], repo=repo)
+    assert doc["type"] == "incremental" and doc["chunks_new"] == 0
+    assert not (repo / "locks" / "exclusive").exists()
+
+
+def test_repository_disk_full_exit_10_and_still_verifies(tmp_path: Path) -> None:
+    need_root()
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", mnt)
+    try:
+        repo = mnt / "repo"
+        cli_json("init", repo=repo)
+        small = random_image(tmp_path / "small.img", MIB, seed=11)
+        first = cli_json("backup", small, repo=repo)
+        big = random_image(tmp_path / "big.img", IMAGE_SIZE, seed=12)
+        assert_refused(cli("backup", big, repo=repo), 10, words=("full",))
+        assert [i["id"] for i in cli_json("list", repo=repo)["images"]] == [first["id"]]
+        assert cli("verify", repo=repo).returncode == 0
+        assert not [p for p in repo.rglob("*") if ".tmp-" in p.name], "temp files left behind"
+        assert not (repo / "locks" / "exclusive").exists(), "lock not released"
+        out = tmp_path / "out.img"
+        cli_json("restore", first["id"], out, repo=repo)
+        assert sha256_file(out) == sha256_file(small)
+    finally:
+        run("umount", mnt, check=False)
