@@ -1,0 +1,88 @@
+"""``imgbackup mount``, ``umount`` and ``restore-files``: look inside an image without restoring it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from imgbackup.cli.common import JsonOption, RepoOption, emit_json, open_repo
+from imgbackup.errors import StorageError
+
+
+def mount(
+    image: Annotated[str, typer.Argument(help="Image id prefix, or 'latest'.")],
+    directory: Annotated[str, typer.Argument(help="Empty directory to serve disk.img and partN.img in.")],
+    repo: RepoOption = None,
+    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    filesystems: Annotated[bool, typer.Option("--filesystems", help="Also mount each partition's filesystem "
+                                              "read-only under DIR/fs/partN.")] = False,
+    foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached; Ctrl-C unmounts.")] = False,
+) -> None:
+    """Serve an image read-only through FUSE; returns when the mount is ready unless --foreground."""
+    from imgbackup.engine.mount import MountSession, run_daemon
+    from imgbackup.engine.mountstate import setup_logging
+
+    r = open_repo(repo)
+    session = MountSession(r, r.images.resolve(image, name), directory, filesystems)
+    log_file = setup_logging(directory, to_stderr=foreground)
+    if not foreground:
+        state = run_daemon(session)
+        typer.echo(f"mounted image {state.image[:12]} at {state.mountpoint} (log: {log_file}); "
+                   f"'imgbackup umount {state.mountpoint}' to unmount")
+        return
+    try:
+        session.start()
+        _describe(session)
+        session.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        problems = session.stop()
+    if problems:
+        raise StorageError("; ".join(problems))
+    typer.echo("unmounted", err=True)
+
+
+def _describe(session) -> None:
+    typer.echo(f"mounted image {session.image_id[:12]} at {session.mountpoint}; Ctrl-C to unmount", err=True)
+    for vol in session.volumes:
+        where = f"fs/{vol.name}" if vol.mounted else (vol.note or "")
+        typer.echo(f"  {vol.name}: {vol.size} bytes {vol.fstype or ''} {where}".rstrip(), err=True)
+
+
+def umount(directory: Annotated[str, typer.Argument(help="Directory an image is mounted at.")]) -> None:
+    """Unmount an image: filesystems, loop devices, the FUSE mount and its server process."""
+    from imgbackup.engine.mountstate import unmount
+
+    problems = unmount(directory)
+    if problems:
+        raise StorageError("; ".join(problems))
+
+
+def restore_files(
+    image: Annotated[str, typer.Argument(help="Image id prefix, or 'latest'.")],
+    paths: Annotated[list[str], typer.Argument(help="Files or directories inside the partition.")],
+    to: Annotated[str, typer.Option("--to", help="Directory to copy them into.")],
+    partition: Annotated[int, typer.Option("--partition", "-p", help="Partition number (0: disk without "
+                                           "a partition table).")] = 1,
+    repo: RepoOption = None,
+    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Copy files and directories out of an image, keeping owners, modes, times, symlinks and xattrs."""
+    from imgbackup.engine.filerestore import restore_files as run
+
+    r = open_repo(repo)
+    result = run(r, r.images.resolve(image, name), partition, paths, to)
+    if json_out:
+        emit_json(result.to_dict())
+    else:
+        for item in result.copied:
+            typer.echo(f"restored {item}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("mount")(mount)
+    app.command("umount")(umount)
+    app.command("restore-files")(restore_files)

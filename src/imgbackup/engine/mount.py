@@ -1,0 +1,360 @@
+"""Serve an image as a read-only FUSE directory, optionally with its filesystems mounted inside.
+
+Layout under DIR: ``disk.img`` (the whole disk), ``partN.img`` per partition and, with
+``filesystems``, ``fs/partN`` where each partition is mounted read-only through a read-only loop
+device (without journal replay). A disk without a partition table gets ``fs/disk``.
+
+Processes. The FUSE server runs in a forked child in its own process group, so that a terminal's
+Ctrl-C reaches only the supervisor. The supervisor (the CLI itself with ``--foreground``, a
+detached daemon otherwise) owns everything the mount set up and tears it down in the only order
+that works — filesystems, loop devices, the FUSE mount, the server — on SIGTERM, SIGINT, SIGHUP,
+on a failure halfway, or when the server dies. Every loop device and mount is recorded in a state
+file (``/run/imgbackup/mount-<hash>.json``) the moment it exists, so ``imgbackup umount DIR``
+can finish the job even after the supervisor was killed.
+
+Binding: mfusepy (ctypes over libfuse3, synchronous handlers on libfuse's thread pool), chosen by
+measurement on this machine class: serving a 512 MiB file from memory without page cache, mfusepy
+read it in 0.97-1.42 s (dd bs=1M, ~360-530 MB/s) and answered 6,000-10,000 random 4 KiB reads/s;
+pyfuse3 3.5 took 1.18-1.55 s (~330-430 MB/s) and 4,400 random reads/s. pyfuse3 also needs a
+compiled extension, libfuse3-dev and trio, whose async model fits ImageView's threads worse.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgbackup.disklabel import read_partition_table
+from imgbackup.disklabel.mbr import is_extended
+from imgbackup.engine.imageview import ImageView
+from imgbackup.engine.mountstate import (
+    MountState,
+    ProcessRef,
+    fuse_mounted,
+    run_cmd,
+    state_path,
+    teardown,
+)
+from imgbackup.errors import ImgBackupError, IntegrityError, StorageError, UsageError
+from imgbackup.repository.repo import Repository
+
+log = logging.getLogger("imgbackup.mount")
+
+FS_MOUNT_OPTIONS = {"ext2": "ro,noload", "ext3": "ro,noload", "ext4": "ro,noload",
+                    "xfs": "ro,norecovery", "btrfs": "ro"}
+READY_TIMEOUT = 30.0
+
+
+@dataclass
+class Volume:
+    """A byte range of the disk served as its own file: a partition, or the whole disk."""
+
+    name: str            # "part1" … or "disk"
+    start: int
+    size: int
+    number: int = 0
+    type_id: str = ""
+    fstype: str | None = None
+    mounted: bool = False
+    note: str = ""
+
+
+def volumes_of(view: ImageView) -> list[Volume]:
+    """The partitions of the imaged disk, or the whole disk when it has no partition table."""
+    sector = int(view.index.meta.get("source", {}).get("logical_sector_size") or 512)
+    try:
+        table = read_partition_table(view.read, view.size, sector)
+    except IntegrityError as exc:
+        log.error("partition table unreadable: %s", exc.args[0])
+        table = None
+    if table is None:
+        return [Volume("disk", 0, view.size)]
+    vols = []
+    for p in table.partitions:
+        if table.kind == "mbr" and is_extended(p.type_id):
+            continue
+        start, end = p.start, min(p.end, view.size)
+        if end > start:
+            vols.append(Volume(f"part{p.number}", start, end - start, p.number, p.type_id))
+    return vols
+
+
+def _fuse_ops(view: ImageView, volumes: list[Volume], fs_dirs: bool, ready_fd: int):
+    """The read-only FUSE operations object (built lazily: importing mfusepy loads libfuse)."""
+    import mfusepy
+
+    class ImageFS(mfusepy.Operations):
+        use_ns = True
+
+        def __init__(self) -> None:
+            self.files = {"/disk.img": (0, view.size)}
+            self.files.update({f"/{v.name}.img": (v.start, v.size) for v in volumes if v.name != "disk"})
+            self.dirs: dict[str, list[str]] = {"/": [f[1:] for f in self.files]}
+            if fs_dirs:
+                self.dirs["/"].append("fs")
+                self.dirs["/fs"] = [v.name for v in volumes]
+                self.dirs.update({f"/fs/{v.name}": [] for v in volumes})
+            self.time_ns = int(float(view.index.meta.get("created", 0)) * 1e9)
+
+        def init(self, path: str) -> None:
+            os.write(ready_fd, b"R")
+
+        def getattr(self, path: str, fh=None) -> dict:
+            times = {"st_atime": self.time_ns, "st_mtime": self.time_ns, "st_ctime": self.time_ns}
+            if path in self.dirs:
+                return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2, **times}
+            if path in self.files:
+                size = self.files[path][1]
+                return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": size,
+                        "st_blocks": (size + 511) // 512, **times}
+            raise mfusepy.FuseOSError(errno.ENOENT)
+
+        def readdir(self, path: str, fh) -> list[str]:
+            if path not in self.dirs:
+                raise mfusepy.FuseOSError(errno.ENOTDIR)
+            return [".", "..", *self.dirs[path]]
+
+        def open(self, path: str, fi) -> int:
+            if path not in self.files:
+                raise mfusepy.FuseOSError(errno.ENOENT)
+            if fi.flags & os.O_ACCMODE != os.O_RDONLY:
+                raise mfusepy.FuseOSError(errno.EROFS)
+            fi.keep_cache = 1          # the image never changes: let the kernel cache pages
+            return 0
+
+        def read(self, path: str, size: int, offset: int, fi) -> bytes:
+            start, length = self.files[path]
+            n = max(min(size, length - offset), 0)
+            try:
+                return view.read(start + offset, n)
+            except IntegrityError as exc:
+                log.error("EIO on %s bytes %d-%d: %s", path, offset, offset + n - 1, exc.args[0])
+            except Exception:
+                log.exception("EIO on %s bytes %d-%d: unexpected error", path, offset, offset + n - 1)
+            raise mfusepy.FuseOSError(errno.EIO)
+
+        def statfs(self, path: str) -> dict:
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": (view.size + 4095) // 4096,
+                    "f_bfree": 0, "f_bavail": 0, "f_files": len(self.files), "f_namemax": 255}
+
+    return mfusepy, ImageFS()
+
+
+def _serve(view: ImageView, volumes: list[Volume], mountpoint: str, fs_dirs: bool, ready_fd: int) -> None:
+    """Run the FUSE loop in this process until unmounted (called in the forked server child)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)     # so libfuse installs its own clean-exit handlers
+    mfusepy, ops = _fuse_ops(view, volumes, fs_dirs, ready_fd)
+    logging.getLogger("fuse").setLevel(logging.WARNING)
+    mfusepy.FUSE(ops, mountpoint, foreground=True, ro=True, raw_fi=True,
+                 fsname=f"imgbackup:{view.image_id[:12]}", subtype="imgbackup")
+
+
+@dataclass
+class MountSession:
+    """One mounted image; ``start`` sets it up, ``stop`` tears it down (idempotent)."""
+
+    repo: Repository
+    image_id: str
+    mountpoint: str
+    filesystems: bool = False
+    volumes: list[Volume] = field(default_factory=list)
+    state: MountState | None = None
+    _server: int = 0
+
+    def start(self) -> None:
+        mp = Path(self.mountpoint)
+        if not mp.is_dir():
+            raise UsageError(f"mount point {mp} is not a directory")
+        self.mountpoint = str(mp.resolve())
+        if fuse_mounted(self.mountpoint) or state_path(self.mountpoint).exists():
+            raise UsageError(f"{self.mountpoint} is already an imgbackup mount",
+                             f"run 'imgbackup umount {self.mountpoint}' first")
+        root = getattr(self.repo.storage, "root", None)
+        if isinstance(root, Path) and not root.is_absolute():
+            self.repo.storage.root = root.resolve()   # libfuse chdirs to / even in the foreground
+        view = ImageView(self.repo, self.image_id)
+        self.volumes = volumes_of(view)
+        view.close()       # no read-ahead threads may be running across the fork below
+        self.state = MountState(self.mountpoint, view.image_id, supervisor=ProcessRef.of(os.getpid()))
+        self.state.save()
+        try:
+            self._start_server(view)
+            if self.filesystems:
+                for vol in self.volumes:
+                    self._mount_volume(vol)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_server(self, view: ImageView) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the FUSE server
+            code = 1
+            try:
+                os.close(r)
+                os.setpgid(0, 0)
+                _serve(view, self.volumes, self.mountpoint, self.filesystems, w)
+                code = 0
+            except BaseException:
+                log.exception("FUSE server failed")
+            finally:
+                os._exit(code)
+        os.close(w)
+        self._server = pid
+        self.state.server = ProcessRef.of(pid)
+        self.state.save()
+        try:
+            ready, _, _ = select.select([r], [], [], READY_TIMEOUT)
+            got = os.read(r, 1) if ready else b""
+        finally:
+            os.close(r)
+        if got != b"R" or not fuse_mounted(self.mountpoint):
+            raise StorageError(f"the FUSE server for {self.mountpoint} did not start",
+                               f"see the log {self.state.log}")
+        log.info("serving image %s at %s (server pid %d)", view.image_id, self.mountpoint, pid)
+
+    def _mount_volume(self, vol: Volume) -> None:
+        part_file = os.path.join(self.mountpoint, f"{vol.name}.img" if vol.name != "disk" else "disk.img")
+        vol.fstype = probe_fstype(part_file)
+        options = FS_MOUNT_OPTIONS.get(vol.fstype or "")
+        if options is None:
+            vol.note = ("FAT cannot be mounted by this kernel; use restore-files" if vol.fstype == "vfat"
+                        else f"not mounted: {vol.fstype or 'no known filesystem'}")
+            return
+        loop = run_cmd("losetup", "-r", "-f", "--show", part_file)
+        if loop.returncode != 0:
+            vol.note = f"losetup failed: {loop.stderr.strip()}"
+            return
+        dev = loop.stdout.strip()
+        self.state.loops.append({"device": dev, "file": part_file})
+        self.state.save()
+        target = os.path.join(self.mountpoint, "fs", vol.name)
+        res = run_cmd("mount", "-t", vol.fstype, "-o", options, dev, target)
+        if res.returncode != 0:
+            vol.note = f"mount failed: {res.stderr.strip()}"
+            log.warning("%s: %s", vol.name, vol.note)
+            teardown(MountState(self.mountpoint, self.state.image, loops=[self.state.loops.pop()]), fuse=False)
+            self.state.save()
+            return
+        self.state.mounts.append(target)
+        self.state.save()
+        vol.mounted = True
+
+    def wait(self) -> None:
+        """Block until the FUSE server exits (a signal handler raising ends the wait early)."""
+        if self._server:
+            os.waitpid(self._server, 0)
+            self._server = 0
+            log.warning("the FUSE server exited; tearing down %s", self.mountpoint)
+
+    def stop(self) -> list[str]:
+        """Tear everything down with SIGINT/SIGTERM blocked, so a second Ctrl-C cannot cut it short."""
+        if self.state is None:
+            return []
+        blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            problems = teardown(self.state)
+            if self._server:
+                _reap(self._server)
+                self._server = 0
+            if not problems:
+                self.state.remove()
+            self.state = None
+            return problems
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def __enter__(self) -> MountSession:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _reap(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def probe_fstype(path: str) -> str | None:
+    """The filesystem type blkid finds in a file (low-level probe), or None."""
+    res = run_cmd("blkid", "-p", "-o", "value", "-s", "TYPE", path)
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop
+
+
+def run_daemon(session: MountSession) -> MountState:
+    """Start ``session`` in a detached supervisor; return once the mount is ready (like sshfs)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os._exit(_supervise(session, w))
+    os.close(w)
+    msg = b""
+    while not msg.endswith(b"\n"):      # one line: the server child holds a copy of the pipe
+        got = os.read(r, 4096)
+        if not got:
+            break
+        msg += got
+    os.close(r)
+    msg = msg.decode(errors="replace").strip()
+    if not msg.startswith("OK"):
+        os.waitpid(pid, 0)
+        code, _, text = msg.partition(" ")
+        err = ImgBackupError(text or "the mount daemon failed before it was ready")
+        err.exit_code = int(code) if code.isdigit() else 1
+        raise err
+    return MountState.load(session.mountpoint)
+
+
+def _supervise(session: MountSession, ready_w: int) -> int:
+    """The daemon: detach, log to a file, start, report readiness, wait for a signal, tear down."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _raise_stop)
+    try:
+        session.start()
+    except BaseException as exc:
+        code = exc.exit_code if isinstance(exc, ImgBackupError) else 1
+        log.error("mount failed: %s", exc)
+        os.write(ready_w, f"{code} {exc}\n".encode())
+        return code
+    os.write(ready_w, b"OK\n")
+    os.close(ready_w)
+    try:
+        session.wait()
+    except _Stop:
+        log.info("signal received; unmounting %s", session.mountpoint)
+    finally:
+        problems = session.stop()
+    for p in problems:
+        log.error("teardown: %s", p)
+    return 1 if problems else 0
