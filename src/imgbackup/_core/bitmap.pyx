@@ -147,6 +147,8 @@ def coarsen(bits, Py_ssize_t nbits, Py_ssize_t factor):
         raise ValueError("factor must be positive")
     cdef const unsigned char[::1] v = _bytes_of(bits)
     _check_nbits(v, nbits)
+    if factor > nbits > 0:
+        factor = nbits  # one group either way; keeps (g + 1) * factor from overflowing
     cdef Py_ssize_t ngroups = (nbits + factor - 1) // factor
     out = np.zeros((ngroups + 7) >> 3, dtype=np.uint8)
     if nbits == 0:
