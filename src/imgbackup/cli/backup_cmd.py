@@ -18,6 +18,16 @@ def backup(
     name: Annotated[str | None, typer.Option(help="Source name (default: the source's file name).")] = None,
     backup_type: Annotated[str, typer.Option("--type", help="auto, full, incremental or differential.")] = "auto",
     allow_mounted: Annotated[bool, typer.Option(help="Image a source mounted read-write anyway.")] = False,
+    all_blocks: Annotated[bool, typer.Option(
+        help="Image every sector, also blocks the filesystems call unused (forensics, unknown layouts).")] = False,
+    changed_blocks: Annotated[str | None, typer.Option(
+        help="Change list since the parent image: extents, an IMGBCBT1 bitmap, or dm-era XML. "
+             "Only listed ranges are read.")] = None,
+    change_granularity: Annotated[int | None, typer.Option(
+        help="Block size in bytes of a dm-era change list.")] = None,
+    verify_unchanged: Annotated[float, typer.Option(
+        help="Re-read this percentage of the slots a change list skips; any difference re-reads them all.")]
+    = 0.0,
     json_out: JsonOption = False,
 ) -> None:
     """Back up a disk, partition or image file into the repository."""
@@ -26,7 +36,10 @@ def backup(
         size = src.size
     update, close = progress_bar(size, "backup", not json_out)
     try:
-        result = run_backup(r, BackupRequest(source, name, backup_type, allow_mounted, update))
+        result = run_backup(r, BackupRequest(
+            source, name, backup_type, allow_mounted, update, all_blocks=all_blocks,
+            changed_blocks=changed_blocks, change_granularity=change_granularity,
+            verify_unchanged=verify_unchanged))
     finally:
         close()
     for warning in result.warnings:

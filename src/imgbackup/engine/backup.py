@@ -19,10 +19,12 @@ from imgbackup._core import scan
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
 from imgbackup.device.source import Source, open_source
+from imgbackup.engine.changelist import read_change_list
 from imgbackup.engine.reader import SegmentReader
+from imgbackup.engine.readplan import ReadPlan, plan_reads
 from imgbackup.errors import SourceError, UsageError
 from imgbackup.format.imageindex import ImageIndex
-from imgbackup.format.layout import ID_SIZE, OBJ_CHUNK, SLOT_DATA, SLOT_ZERO
+from imgbackup.format.layout import OBJ_CHUNK, SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
 from imgbackup.repository.packs import PackWriter
 from imgbackup.repository.repo import Repository
 
@@ -38,6 +40,10 @@ class BackupRequest:
     backup_type: str = "auto"
     allow_mounted: bool = False
     progress: Callable[[int], None] | None = None
+    all_blocks: bool = False
+    changed_blocks: str | None = None
+    change_granularity: int | None = None
+    verify_unchanged: float = 0.0
 
 
 @dataclass
@@ -54,6 +60,7 @@ class BackupResult:
     chunks: int
     chunks_data: int
     chunks_zero: int
+    chunks_unused: int
     chunks_new: int
     chunks_changed: int
     warnings: list[str] = field(default_factory=list)
@@ -144,39 +151,87 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
         chunk = repo.chunk_size
-        slots = (source.size + chunk - 1) // chunk
-        kinds = np.zeros(slots, np.uint8)
-        ids = np.zeros((slots, ID_SIZE), np.uint8)
-        new = 0
-        bytes_read = 0
-        segment = max(SEGMENT_BYTES // chunk, 1) * chunk
+        plan = plan_reads(source, req.source, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
+        warnings += plan.warnings
+        kinds, ids = plan.kinds.copy(), plan.ids.copy()
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-seal") as pool:
             storer = _Storer(repo, pool)
-            for seg in SegmentReader(source, [(0, source.size)], segment):
-                first = seg.offset // chunk
-                k, h = scan.scan_chunks(seg.data, chunk, repo.keys.id_key)
-                kinds[first : first + len(k)] = k
-                ids[first : first + len(k)] = h
-                for i in np.flatnonzero(k == SLOT_DATA):
-                    new += storer.offer(bytes(h[i]), seg.data[i * chunk : (i + 1) * chunk])
-                bytes_read += len(seg.data)
-                if req.progress:
-                    req.progress(len(seg.data))
-            if bytes_read != source.size:
-                raise SourceError(f"{req.source} ended at byte {bytes_read}, expected {source.size} bytes")
+            bytes_read = _scan(source, plan, plan.read, kinds, ids, storer, repo, req.progress)
+            if req.verify_unchanged > 0 and plan.from_parent.any():
+                extra, note = _verify_unchanged(source, plan, kinds, ids, storer, repo, req.verify_unchanged)
+                bytes_read += extra
+                if note:
+                    warnings.append(note)
             stored = storer.finish()
         changed = _changed_slots(kinds, ids, parent)
-        meta = repo.new_image_meta(type=btype, parent=parent.id if parent else None, name=name,
-                                   source=_source_meta(req.source, source), slots=slots)
+        meta = repo.new_image_meta(
+            type=btype, parent=parent.id if parent else None, name=name,
+            source=_source_meta(req.source, source), slots=len(kinds),
+            used_map={"enabled": not req.all_blocks, "regions": plan.regions},
+            changed_blocks=req.changed_blocks)
         index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
         stored += repo.images.write(index)
     return BackupResult(
         id=meta["id"], type=btype, parent=meta["parent"], name=name, source=req.source,
         source_size=source.size, bytes_read=bytes_read, bytes_stored=stored,
-        duration_s=round(time.monotonic() - started, 3), chunks=slots,
+        duration_s=round(time.monotonic() - started, 3), chunks=len(kinds),
         chunks_data=int(np.count_nonzero(kinds == SLOT_DATA)), chunks_zero=int(np.count_nonzero(kinds == SLOT_ZERO)),
-        chunks_new=new, chunks_changed=int(changed.sum()), warnings=warnings,
+        chunks_unused=int(np.count_nonzero(kinds == SLOT_UNUSED)),
+        chunks_new=len(storer.queued), chunks_changed=int(changed.sum()), warnings=warnings,
     )
+
+
+def _change_mask(req: BackupRequest, source: Source, chunk: int, parent: ImageIndex | None) -> np.ndarray | None:
+    if not req.changed_blocks:
+        return None
+    if parent is None:
+        raise UsageError("--changed-blocks needs a parent image", "run a full backup first")
+    if parent.size != source.size or parent.chunk_size != chunk:
+        raise UsageError(f"--changed-blocks: the source size changed since image {parent.id[:12]}",
+                         "run a backup without a change list")
+    return read_change_list(req.changed_blocks, source.size, chunk, req.change_granularity)
+
+
+def _scan(source: Source, plan: ReadPlan, which: np.ndarray, kinds: np.ndarray, ids: np.ndarray,
+          storer: _Storer, repo: Repository, progress) -> int:
+    """Read the slots in ``which``, classify and hash them natively, offer new chunks; bytes read."""
+    chunk = repo.chunk_size
+    segment = max(SEGMENT_BYTES // chunk, 1) * chunk
+    ranges = ReadPlan(which, kinds, ids, plan.from_parent).ranges(chunk, source.size)
+    expected = sum(length for _, length in ranges)
+    bytes_read = 0
+    for seg in SegmentReader(source, ranges, segment):
+        plan.mask_unused(seg.offset, seg.data)
+        first = seg.offset // chunk
+        k, h = scan.scan_chunks(seg.data, chunk, repo.keys.id_key)
+        kinds[first : first + len(k)] = k
+        ids[first : first + len(k)] = h
+        for i in np.flatnonzero(k == SLOT_DATA):
+            storer.offer(bytes(h[i]), seg.data[i * chunk : (i + 1) * chunk])
+        bytes_read += len(seg.data)
+        if progress:
+            progress(len(seg.data))
+    if bytes_read != expected:
+        raise SourceError(f"{source.path} ended early: read {bytes_read} of {expected} bytes")
+    return bytes_read
+
+
+def _verify_unchanged(source: Source, plan: ReadPlan, kinds: np.ndarray, ids: np.ndarray, storer: _Storer,
+                      repo: Repository, percent: float) -> tuple[int, str | None]:
+    """Re-read a sample of the slots the change list skipped; on any difference, re-read them all."""
+    skipped = np.flatnonzero(plan.from_parent)
+    count = max(1, int(round(len(skipped) * min(percent, 100.0) / 100.0)))
+    sample = np.zeros(len(kinds), bool)
+    sample[np.random.default_rng().choice(skipped, size=count, replace=False)] = True
+    want_kinds, want_ids = kinds.copy(), ids.copy()
+    read = _scan(source, plan, sample, kinds, ids, storer, repo, None)
+    differs = (kinds != want_kinds) | np.any(ids != want_ids, axis=1)
+    if not differs[sample].any():
+        return read, None
+    rest = plan.from_parent & ~sample
+    read += _scan(source, plan, rest, kinds, ids, storer, repo, None)
+    return read, (f"--verify-unchanged: {int(differs[sample].sum())} of {count} sampled slots the change list "
+                  f"called unchanged differ; the change list is wrong, so every skipped slot was re-read")
 
 
 def _changed_slots(kinds: np.ndarray, ids: np.ndarray, parent: ImageIndex | None) -> np.ndarray:
