@@ -8,7 +8,7 @@ import typer
 
 from imgbackup.cli.common import JsonOption, RepoOption, emit_json, human, open_repo
 from imgbackup.engine.verify import run_verify
-from imgbackup.errors import VerificationFailed
+from imgbackup.errors import UsageError, VerificationFailed
 
 
 def verify(
@@ -16,13 +16,18 @@ def verify(
     repo: RepoOption = None,
     name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
     json_out: JsonOption = False,
+    filesystems: Annotated[bool, typer.Option("--filesystems", help="Also run each partition's filesystem "
+                                              "checker on the mounted image and count its files.")] = False,
 ) -> None:
     """Read and authenticate every chunk an image references (or all images)."""
     r = open_repo(repo)
+    if filesystems and not image:
+        raise UsageError("--filesystems needs an IMAGE (an id prefix or 'latest')")
     ids = [r.images.resolve(image, name)] if image else None
     report = run_verify(r, ids)
+    fs = _check_filesystems(r, ids[0]) if filesystems else None
     if json_out:
-        emit_json(report.to_dict())
+        emit_json(report.to_dict() | ({"filesystems": fs.to_dict()} if fs else {}))
     else:
         for check in report.images:
             state = "ok" if check.ok else f"DAMAGED ({check.bad_chunks} bad chunks)"
@@ -30,8 +35,25 @@ def verify(
             for err in check.errors:
                 typer.echo(f"    {err}")
         typer.echo(f"checked {report.chunks_checked} chunks, {human(report.bytes_checked)}")
+        if fs:
+            _print_filesystems(fs)
     if not report.ok:
         raise VerificationFailed(f"{sum(not c.ok for c in report.images)} image(s) damaged")
+    if fs and not fs.ok:
+        raise VerificationFailed(f"{sum(not p.ok for p in fs.partitions)} filesystem check(s) failed")
+
+
+def _check_filesystems(r, image_id: str):
+    from imgbackup.engine.fscheck import check_filesystems
+
+    return check_filesystems(r, image_id)
+
+
+def _print_filesystems(fs) -> None:
+    for p in fs.partitions:
+        counted = f", {p.files} files, {p.directories} directories" if p.files is not None else ""
+        state = "ok" if p.ok else "FAILED: " + "; ".join(p.errors)
+        typer.echo(f"  {p.name}: {p.fstype or '-'}{counted}  {state}{'  (' + p.note + ')' if p.note else ''}")
 
 
 def register(app: typer.Typer) -> None:

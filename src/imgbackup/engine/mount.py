@@ -38,6 +38,7 @@ from imgbackup.engine.mountstate import (
     MountState,
     ProcessRef,
     fuse_mounted,
+    log_path,
     run_cmd,
     state_path,
     teardown,
@@ -165,6 +166,7 @@ class MountSession:
     image_id: str
     mountpoint: str
     filesystems: bool = False
+    fs_dirs: bool | None = None          # serve DIR/fs/partN mount points (default: with filesystems)
     volumes: list[Volume] = field(default_factory=list)
     state: MountState | None = None
     _server: int = 0
@@ -189,7 +191,7 @@ class MountSession:
             self._start_server(view)
             if self.filesystems:
                 for vol in self.volumes:
-                    self._mount_volume(vol)
+                    self.mount_volume(vol)
         except BaseException:
             self.stop()
             raise
@@ -202,7 +204,10 @@ class MountSession:
             try:
                 os.close(r)
                 os.setpgid(0, 0)
-                _serve(view, self.volumes, self.mountpoint, self.filesystems, w)
+                logfd = os.open(log_path(self.mountpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.dup2(logfd, 1)     # libfuse writes its own messages to stderr: keep them in the log
+                os.dup2(logfd, 2)
+                _serve(view, self.volumes, self.mountpoint, self.filesystems if self.fs_dirs is None else self.fs_dirs, w)
                 code = 0
             except BaseException:
                 log.exception("FUSE server failed")
@@ -222,8 +227,20 @@ class MountSession:
                                f"see the log {self.state.log}")
         log.info("serving image %s at %s (server pid %d)", view.image_id, self.mountpoint, pid)
 
-    def _mount_volume(self, vol: Volume) -> None:
-        part_file = os.path.join(self.mountpoint, f"{vol.name}.img" if vol.name != "disk" else "disk.img")
+    def volume_file(self, vol: Volume) -> str:
+        return os.path.join(self.mountpoint, f"{vol.name}.img" if vol.name != "disk" else "disk.img")
+
+    def volume(self, number: int) -> Volume:
+        """Partition ``number`` (0: the whole disk when it has no partition table)."""
+        for vol in self.volumes:
+            if vol.number == number:
+                return vol
+        have = ", ".join(str(v.number) for v in self.volumes)
+        raise UsageError(f"image {self.image_id[:12]} has no partition {number} (it has: {have})")
+
+    def mount_volume(self, vol: Volume) -> None:
+        """Attach a volume read-only to a loop device and mount it at DIR/fs/NAME if the kernel can."""
+        part_file = self.volume_file(vol)
         vol.fstype = probe_fstype(part_file)
         options = FS_MOUNT_OPTIONS.get(vol.fstype or "")
         if options is None:
