@@ -1,0 +1,141 @@
+"""kill -9 at chosen points of real backups: the repository stays usable every time.
+
+Kill points are picked by watching the repository from outside (a pack temp file appears, the
+chunk-index file appears) and by time. After each kill: ``list`` shows only whole images,
+``verify`` exits 0, the dead process's lock is taken over, and a new backup restores byte-exact.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tests.diskimages import MIB, cli, cli_env, cli_json, random_image
+from tests.support import sha256_file
+
+SOURCE_SIZE = 160 * MIB      # mostly random: five packs of 32 MiB, a few seconds of work
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return random_image(tmp_path_factory.mktemp("crash") / "source.img", SOURCE_SIZE, seed=21, data_fraction=0.9)
+
+
+def _temp_files(repo: Path, folder: str) -> list[Path]:
+    return [p for p in (repo / folder).rglob("*") if ".tmp-" in p.name]
+
+
+def _files(repo: Path, folder: str) -> list[Path]:
+    return [p for p in (repo / folder).rglob("*") if p.is_file() and ".tmp-" not in p.name]
+
+
+def _start_backup(repo: Path, source: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "imgbackup", "backup", str(source), "--name", "src"],
+                            env=cli_env(repo), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120) -> bool:
+    """SIGKILL ``proc`` as soon as ``ready()``; True if it was still running when killed."""
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and not ready():
+            time.sleep(0.0005)
+        running = proc.poll() is None
+        proc.kill()
+        return running
+    finally:
+        proc.wait(timeout=30)
+        proc.stderr.close()
+
+
+def _assert_usable(repo: Path) -> list[str]:
+    """Only whole images are listed and the repository verifies; returns the listed ids."""
+    rows = cli_json("list", repo=repo)["images"]
+    assert all("error" not in r for r in rows), rows
+    verify = cli("verify", repo=repo)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    return [r["id"] for r in rows]
+
+
+def test_kill_9_at_chosen_points_leaves_repository_usable(source: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    lock = repo / "locks" / "exclusive"
+    packs_before = 0
+
+    def pack_in_progress() -> bool:     # the second pack is being written (temp name, before rename)
+        return len(_files(repo, "packs")) > packs_before and bool(_temp_files(repo, "packs"))
+
+    points: list[tuple[str, Callable[[], bool]]] = [
+        ("early", lambda: lock.exists()),
+        ("mid-pack", pack_in_progress),
+        ("index", lambda: bool(list((repo / "index").glob("*")))),
+    ]
+    for what, ready in points:
+        packs_before = len(_files(repo, "packs"))
+        proc = _start_backup(repo, source)
+        assert _kill_when(proc, ready), f"{what}: the backup ended before the kill point"
+        assert lock.exists(), f"{what}: a killed backup leaves its lock behind"
+        images = _assert_usable(repo)
+        if what != "index":
+            assert images == [], f"{what}: an image appeared although the backup was killed"
+        if what == "mid-pack":
+            assert _temp_files(repo, "packs"), "kill did not land while a pack was written"
+
+    # The stale lock of the last killed process is taken over; the new backup restores exactly.
+    doc = cli_json("backup", source, "--name", "src", repo=repo)
+    assert not _temp_files(repo, "packs") and not lock.exists()
+    out = tmp_path / "out.img"
+    cli_json("restore", doc["id"], out, repo=repo)
+    assert sha256_file(out) == sha256_file(source)
+    assert doc["id"] in _assert_usable(repo)
+
+
+def test_kill_9_at_growing_delays(source: Path, tmp_path: Path) -> None:
+    """Kills at fractions of a measured backup time, so at least one lands late in the run."""
+    timing = tmp_path / "timing"
+    cli_json("init", repo=timing)
+    started = time.monotonic()
+    cli_json("backup", source, repo=timing)
+    full = time.monotonic() - started
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    killed = 0
+    for fraction in (0.4, 0.7, 0.9, 0.98):
+        proc = _start_backup(repo, source)
+        time.sleep(full * fraction)
+        killed += _kill_when(proc, lambda: True)
+        _assert_usable(repo)
+    assert killed >= 2, "the backups ended before most kills: timing too loose"
+    doc = cli_json("backup", source, "--name", "src", repo=repo)
+    out = tmp_path / "out.img"
+    cli_json("restore", doc["id"], out, repo=repo)
+    assert sha256_file(out) == sha256_file(source)
+
+
+def test_leftover_temp_files_are_invisible_and_cleaned(source: Path, tmp_path: Path) -> None:
+    """The atomic-write guarantee directly: a half image and a half pack under temp names."""
+    small = random_image(tmp_path / "small.img", 4 * MIB, seed=8)
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    first = cli_json("backup", small, repo=repo)
+    image = repo / "images" / first["id"]
+    half_image = image.with_name(f"{'ab' * 16}.tmp-999999-deadbeef")
+    half_image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    pack = _files(repo, "packs")[0]
+    half_pack = pack.with_name(f"{'cd' * 32}.tmp-999999-deadbeef")
+    half_pack.write_bytes(pack.read_bytes()[: pack.stat().st_size // 3])
+    os.makedirs(repo / "locks", exist_ok=True)
+    assert _assert_usable(repo) == [first["id"]]
+    out = tmp_path / "out.img"
+    cli_json("restore", "latest", out, repo=repo)
+    assert sha256_file(out) == sha256_file(small)
+    cli_json("backup", small, repo=repo)          # takes the lock and sweeps the leftovers
+    assert not half_image.exists() and not half_pack.exists()
+    assert len(_assert_usable(repo)) == 2
