@@ -20,6 +20,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,10 @@ QEMU = "qemu-system-x86_64"
 OVMF_DIRS = ("/usr/share/OVMF", "/usr/share/ovmf", "/usr/share/qemu", "/usr/share/edk2/ovmf")
 OVMF_CODE_NAMES = ("OVMF_CODE_4M.fd", "OVMF_CODE.fd")
 TAIL_CHARS = 8000
+# Console text after which a guest can no longer reach the marker on its own: a kernel panic,
+# OVMF dropping to its shell, SeaBIOS finding nothing to boot, syslinux's prompt after a
+# failed load. Seeing one ends the check early with reason "gave-up" instead of a timeout.
+GIVE_UP = ("Kernel panic - not syncing", "Shell> ", "No bootable device", "\nboot: ")
 
 
 @dataclass
@@ -35,7 +40,8 @@ class BootResult:
     """What one boot attempt showed.
 
     ``reason`` says why it ended: ``found`` (marker seen), ``timeout``, ``exited`` (the guest
-    stopped without printing the marker), ``qemu-missing`` or ``firmware-missing``.
+    stopped without printing the marker), ``gave-up`` (a ``give_up`` text appeared),
+    ``qemu-missing`` or ``firmware-missing``.
     """
 
     booted: bool
@@ -89,7 +95,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _watch(proc: subprocess.Popen, expect: bytes, deadline: float) -> tuple[str, bytes]:
+def _watch(proc: subprocess.Popen, expect: bytes, give_up: list[bytes],
+           deadline: float) -> tuple[str, bytes]:
     """Read the console until ``expect`` shows, qemu exits, or ``deadline``; return why + tail."""
     buf = b""
     fd = proc.stdout.fileno()
@@ -106,17 +113,20 @@ def _watch(proc: subprocess.Popen, expect: bytes, deadline: float) -> tuple[str,
         buf += chunk
         if expect in buf:
             return "found", buf
+        if any(g in buf for g in give_up):
+            return "gave-up", buf
         # keep enough for the tail and for a marker split across two reads
-        keep = max(TAIL_CHARS, len(expect)) * 2
+        keep = max(TAIL_CHARS, len(expect), *map(len, give_up)) * 2
         if len(buf) > keep:
             buf = buf[-keep:]
 
 
 def boot_check(drives: list[str] | str, expect: str, timeout: float = 60,
                firmware: Literal["bios", "uefi"] = "bios", snapshot: bool = True,
-               memory_mib: int = 256) -> BootResult:
+               memory_mib: int = 256, give_up: Sequence[str] = GIVE_UP) -> BootResult:
     """Boot ``drives`` (raw images; the first is the boot disk) and wait for ``expect``.
 
+    ``give_up`` texts end the wait early (pass ``()`` to wait for the marker or the timeout).
     Returns ``booted=False`` with the console tail when the marker does not appear in time, and
     also when qemu or OVMF is not installed (``reason`` tells which).
     """
@@ -144,7 +154,8 @@ def boot_check(drives: list[str] | str, expect: str, timeout: float = 60,
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
         try:
-            reason, buf = _watch(proc, expect.encode(), start + timeout)
+            reason, buf = _watch(proc, expect.encode(), [g.encode() for g in give_up if g],
+                                 start + timeout)
         finally:
             _kill_group(proc)
             proc.stdout.close()
