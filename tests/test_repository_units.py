@@ -1,0 +1,234 @@
+"""Unit tests of repository pieces: the envelope, key wrapping, the config mac, the lock, storage.
+
+Each tamper test changes one field and expects a refusal; known answers are checked with
+``cryptography``/``hashlib`` directly, not with the code under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from tests.support import need_root, run
+
+from imgbackup.crypto.envelope import Envelope
+from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
+from imgbackup.errors import (
+    IntegrityError,
+    RepositoryLocked,
+    StorageError,
+    UnsupportedFormat,
+    WrongPassphrase,
+)
+from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
+from imgbackup.repository.config import RepoConfig
+from imgbackup.repository.lock import LOCK_NAME, LockInfo, RepositoryLock, break_lock
+from imgbackup.repository.storage import LocalStorage, ObjectMissing
+
+KEY = bytes(range(32))
+OID = hashlib.sha256(b"object id").digest()
+H = ENVELOPE_HEADER.size
+
+
+# --- envelope ---------------------------------------------------------------------------------
+
+def test_envelope_aes_layout_known_answer() -> None:
+    """header(version 1, type, alg 1, comp 0, nonce) + AES-GCM(nonce, body, aad=header+id)."""
+    plain = os.urandom(5000)                                # incompressible: stored raw
+    blob = Envelope(KEY).seal(OBJ_CHUNK, OID, plain)
+    version, otype, alg, comp, nonce = ENVELOPE_HEADER.unpack_from(blob)
+    assert (version, otype, alg, comp) == (1, OBJ_CHUNK, 1, 0)
+    assert AESGCM(KEY).decrypt(nonce, blob[H:], blob[:H] + OID) == plain
+    assert Envelope(KEY).open(OBJ_CHUNK, OID, blob, "x") == plain
+
+
+def test_envelope_none_layout_known_answer() -> None:
+    """Without encryption: header + plaintext + SHA-256(header + id + plaintext)."""
+    plain = b"hello, imgbackup"
+    blob = Envelope(None).seal(OBJ_CHUNK, OID, plain, compress=False)
+    header = ENVELOPE_HEADER.pack(1, OBJ_CHUNK, 0, 0, bytes(12))
+    assert blob == header + plain + hashlib.sha256(header + OID + plain).digest()
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["aes", "none"])
+def test_envelope_compresses_and_round_trips(key) -> None:
+    plain = b"A" * 100_000
+    env = Envelope(key)
+    blob = env.seal(OBJ_CHUNK, OID, plain)
+    assert len(blob) < 10_000 and ENVELOPE_HEADER.unpack_from(blob)[3] == 1
+    assert env.open(OBJ_CHUNK, OID, blob, "x") == plain
+
+
+# Offsets into a sealed blob: version, type, alg, comp, nonce, payload, tag (last byte).
+FIELDS = {"version": 0, "type": 1, "alg": 2, "comp": 3, "nonce": 8, "payload": H + 10, "tag": -1}
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["aes", "none"])
+@pytest.mark.parametrize("field", FIELDS)
+def test_envelope_tampered_field_is_refused(key, field: str) -> None:
+    env = Envelope(key)
+    blob = bytearray(env.seal(OBJ_CHUNK, OID, os.urandom(300)))
+    blob[FIELDS[field]] ^= 0x04
+    with pytest.raises(IntegrityError):
+        env.open(OBJ_CHUNK, OID, bytes(blob), "x")
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["aes", "none"])
+def test_envelope_bound_to_id_type_and_key(key) -> None:
+    env = Envelope(key)
+    blob = env.seal(OBJ_CHUNK, OID, b"payload")
+    with pytest.raises(IntegrityError):
+        env.open(OBJ_CHUNK, hashlib.sha256(b"other").digest(), blob, "x")
+    with pytest.raises(IntegrityError):
+        env.open(OBJ_IMAGE_BODY, OID, blob, "x")
+    with pytest.raises(IntegrityError):
+        env.open(OBJ_CHUNK, OID, blob[: H + 3], "x")
+    other = Envelope(bytes(32)) if key else Envelope(KEY)
+    with pytest.raises(IntegrityError):
+        other.open(OBJ_CHUNK, OID, blob, "x")
+
+
+# --- key wrapping -----------------------------------------------------------------------------
+
+def test_key_wrap_round_trip_and_wrong_passphrase() -> None:
+    keys = KeySet.generate()
+    repo_id = os.urandom(16)
+    doc = json.loads(json.dumps(wrap_keys(keys, b"secret", repo_id)))
+    assert doc["kdf"]["name"] == "argon2id" and keys.enc_key.hex() not in json.dumps(doc)
+    assert unwrap_keys(doc, b"secret", repo_id) == keys
+    with pytest.raises(WrongPassphrase):
+        unwrap_keys(doc, b"Secret", repo_id)
+    with pytest.raises(WrongPassphrase):
+        unwrap_keys(doc, None, repo_id)
+    with pytest.raises(WrongPassphrase):                    # a key file moved to another repository
+        unwrap_keys(doc, b"secret", os.urandom(16))
+    with pytest.raises(UnsupportedFormat):
+        unwrap_keys({**doc, "version": 2}, b"secret", repo_id)
+
+
+def test_unencrypted_key_file_needs_no_passphrase() -> None:
+    keys = KeySet.generate()
+    assert unwrap_keys(wrap_keys(keys, None, b"id"), None, b"id") == keys
+
+
+# --- config -----------------------------------------------------------------------------------
+
+def test_config_mac_detects_tampering() -> None:
+    mac_key = os.urandom(32)
+    raw = RepoConfig.new("ab" * 16, 1 << 20, "aes-256-gcm", 3).to_bytes(mac_key)
+    cfg, mac = RepoConfig.peek(raw)
+    cfg.check_mac(mac, mac_key)
+    with pytest.raises(IntegrityError):
+        cfg.check_mac(mac, os.urandom(32))
+    doc = json.loads(raw)
+    for field, value in (("chunk_size", 1 << 16), ("encryption", "none"), ("zstd_level", 1)):
+        forged, forged_mac = RepoConfig.peek(json.dumps({**doc, field: value}).encode())
+        with pytest.raises(IntegrityError):
+            forged.check_mac(forged_mac, mac_key)
+    with pytest.raises(UnsupportedFormat):
+        RepoConfig.peek(json.dumps({**doc, "version": 99}).encode())
+    with pytest.raises(IntegrityError):
+        RepoConfig.peek(raw[:-10])
+    with pytest.raises(IntegrityError):
+        RepoConfig.peek(json.dumps({**doc, "chunk_size": 3 << 20}).encode())
+
+
+# --- lock -------------------------------------------------------------------------------------
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _plant(storage: LocalStorage, **fields) -> None:
+    me = RepositoryLock(storage)._mine()
+    storage.put(LOCK_NAME, json.dumps({**me.__dict__, **fields}).encode())
+
+
+def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    with RepositoryLock(storage, "first"):
+        with pytest.raises(RepositoryLocked) as err:
+            RepositoryLock(storage, "second").acquire()
+        assert f"pid {os.getpid()}" in str(err.value) and socket.gethostname() in str(err.value)
+        assert "first" in str(err.value)
+    assert not storage.exists(LOCK_NAME)
+
+
+@pytest.mark.parametrize("case", ["dead pid", "reused pid", "rebooted"])
+def test_stale_lock_on_this_host_is_taken_over(tmp_path: Path, case: str) -> None:
+    storage = LocalStorage(tmp_path)
+    fields = {"dead pid": {"pid": _dead_pid(), "start_time": "1"},
+              "reused pid": {"start_time": "1"},                       # our pid, another process start
+              "rebooted": {"boot_id": "00000000-0000-0000-0000-000000000000"}}[case]
+    _plant(storage, **fields)
+    assert RepositoryLock(storage).holder().is_stale()
+    with RepositoryLock(storage, "taker"):
+        assert RepositoryLock(storage).holder().command == "taker"
+
+
+def test_lock_of_another_host_or_unreadable_is_not_broken(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    _plant(storage, host="elsewhere.example", pid=_dead_pid())
+    with pytest.raises(RepositoryLocked, match="elsewhere.example"):
+        RepositoryLock(storage).acquire()
+    storage.put(LOCK_NAME, b"{not json")
+    with pytest.raises(RepositoryLocked):
+        RepositoryLock(storage).acquire()
+    assert isinstance(break_lock(storage), LockInfo)
+    with RepositoryLock(storage):
+        pass
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+def test_storage_put_replaces_create_does_not(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.put("images/a", b"one")
+    storage.put("images/a", b"two")
+    assert storage.get("images/a") == b"two"
+    assert storage.create("locks/x", b"first") is True
+    assert storage.create("locks/x", b"second") is False
+    assert storage.get("locks/x") == b"first"
+    assert storage.get_range("images/a", 1, 5) == b"wo"
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    with pytest.raises(ObjectMissing):
+        storage.get("images/missing")
+    with pytest.raises(ValueError):
+        storage.get("../outside")
+
+
+def test_storage_lists_without_temp_files_and_sweeps_them(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.put("packs/ab/ab01", b"x")
+    (tmp_path / "packs" / "ab" / "ab02.tmp-1-ff").write_bytes(b"half")
+    assert list(storage.list("packs")) == ["packs/ab/ab01"]
+    assert storage.remove_temp_files() == 1
+    assert sorted(p.name for p in (tmp_path / "packs" / "ab").iterdir()) == ["ab01"]
+
+
+def test_storage_put_on_full_disk_keeps_old_object(tmp_path: Path) -> None:
+    need_root()
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt)
+    try:
+        storage = LocalStorage(mnt)
+        storage.put("images/a", b"old")
+        with pytest.raises(StorageError, match="full"):
+            storage.put("images/a", os.urandom(2 << 20))
+        with pytest.raises(StorageError):
+            storage.create("images/b", os.urandom(2 << 20))
+        assert storage.get("images/a") == b"old"
+        assert not storage.exists("images/b")
+        assert not [p for p in mnt.rglob("*") if ".tmp-" in p.name]
+    finally:
+        run("umount", mnt, check=False)
