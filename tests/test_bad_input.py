@@ -10,11 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from tests.diskimages import MIB, cli, cli_json, random_image
-from tests.support import loop_device, mounted, need_root, need_tool, run, sha256_file
+from tests.support import loop_device, mounted, need, need_root, need_tool, run, sha256_file
 
 from imgbackup.format.layout import IMAGE_HEAD
 
@@ -217,3 +218,51 @@ def test_repository_disk_full_exit_10_and_still_verifies(tmp_path: Path) -> None
         assert sha256_file(out) == sha256_file(small)
     finally:
         run("umount", mnt, check=False)
+
+
+EIO_SERVER = """
+import errno, sys, mfusepy
+SIZE, BAD = int(sys.argv[2]), int(sys.argv[3])
+class Disk(mfusepy.Operations):
+    def getattr(self, path, fh=None):
+        if path == "/":
+            return {"st_mode": 0o40555, "st_nlink": 2}
+        if path == "/disk.img":
+            return {"st_mode": 0o100444, "st_nlink": 1, "st_size": SIZE}
+        raise mfusepy.FuseOSError(errno.ENOENT)
+    def readdir(self, path, fh):
+        return [".", "..", "disk.img"]
+    def read(self, path, size, offset, fh):
+        if offset <= BAD < offset + size:
+            raise mfusepy.FuseOSError(errno.EIO)
+        return bytes([offset // 4096 % 251 + 1]) * min(size, max(SIZE - offset, 0))
+mfusepy.FUSE(Disk(), sys.argv[1], foreground=True, ro=True, direct_io=True)
+"""
+
+
+def test_source_read_error_exit_7_and_nothing_committed(base, repo: Path, tmp_path: Path) -> None:
+    """A source that returns EIO at one offset (a FUSE file): a clear source error, no image."""
+    need_tool("fusermount3")
+    try:
+        import mfusepy  # noqa: F401
+    except ImportError:
+        need(False, "needs mfusepy (pip extra 'mount')")
+    mnt = tmp_path / "fuse"
+    mnt.mkdir()
+    server = subprocess.Popen([sys.executable, "-c", EIO_SERVER, str(mnt), str(IMAGE_SIZE), str(5 * MIB + 7)])
+    try:
+        for _ in range(100):
+            if (mnt / "disk.img").exists() or server.poll() is not None:
+                break
+            time.sleep(0.05)
+        need((mnt / "disk.img").exists(), "FUSE mount did not come up")
+        before = cli_json("list", repo=repo)["images"]
+        proc = cli("backup", mnt / "disk.img", repo=repo)
+        assert_refused(proc, 7, words=("disk.img", "read error"))
+        assert cli_json("list", repo=repo)["images"] == before
+        assert cli("verify", repo=repo).returncode == 0
+        assert not (repo / "locks" / "exclusive").exists()
+    finally:
+        run("fusermount3", "-u", mnt, check=False)
+        server.kill()
+        server.wait(timeout=10)
