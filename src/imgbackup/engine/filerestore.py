@@ -60,7 +60,7 @@ def restore_files(repo: Repository, image_id: str, partition: int, paths: list[s
         if os.path.lexists(dest / rel.name):
             raise TargetRefused(f"{dest / rel.name} already exists; nothing was copied")
     with tempfile.TemporaryDirectory(prefix="imgbackup-files-") as tmp:
-        session = MountSession(repo, image_id, tmp, filesystems=False, fs_dirs=True)
+        session = MountSession(repo, image_id, tmp, filesystems=False, fs_dirs=True, keep_log=False)
         with session:
             vol = session.volume(partition)
             fstype = probe_fstype(session.volume_file(vol))

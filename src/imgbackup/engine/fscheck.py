@@ -65,7 +65,7 @@ class FilesystemReport:
 def check_filesystems(repo: Repository, image_id: str) -> FilesystemReport:
     """Check every partition of an image; mounts and loop devices are gone when this returns."""
     with tempfile.TemporaryDirectory(prefix="imgbackup-verify-") as tmp:
-        session = MountSession(repo, image_id, tmp, filesystems=False, fs_dirs=True)
+        session = MountSession(repo, image_id, tmp, filesystems=False, fs_dirs=True, keep_log=False)
         with session:
             checks = [_check_volume(session, vol) for vol in session.volumes]
     return FilesystemReport(image_id, checks)

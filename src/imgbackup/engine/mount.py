@@ -167,6 +167,7 @@ class MountSession:
     mountpoint: str
     filesystems: bool = False
     fs_dirs: bool | None = None          # serve DIR/fs/partN mount points (default: with filesystems)
+    keep_log: bool = True                # False for the temporary mounts of verify and restore-files
     volumes: list[Volume] = field(default_factory=list)
     state: MountState | None = None
     _server: int = 0
@@ -286,6 +287,8 @@ class MountSession:
                 self._server = 0
             if not problems:
                 self.state.remove()
+                if not self.keep_log:
+                    log_path(self.mountpoint).unlink(missing_ok=True)
             self.state = None
             return problems
         finally:
