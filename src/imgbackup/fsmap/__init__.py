@@ -34,6 +34,9 @@ __all__ = ["FILESYSTEMS", "FsMapUnsure", "FsUsage", "RegionReport", "UsedMap", "
 FILESYSTEMS: dict[str, ModuleType] = {"ext": ext, "vfat": fat, "swap": swap, "xfs": xfs}
 """fstype -> module with ``probe(read, offset, length)`` and ``used_blocks(read, offset, length)``."""
 
+PARSE_ERRORS = (ValueError, IndexError, KeyError, OverflowError, ZeroDivisionError, struct.error)
+"""What a parser may raise on garbage it did not foresee: the region is then imaged in full."""
+
 
 @dataclass
 class RegionReport:
@@ -146,7 +149,7 @@ def _probe_all(read: Reader, start: int, size: int) -> list[str]:
         try:
             if mod.probe(read, start, size):
                 found.append(name)
-        except (ValueError, IndexError, struct.error):
+        except PARSE_ERRORS:
             continue
     return found
 
@@ -167,7 +170,7 @@ def map_region(read: Reader, bits: np.ndarray, bs: int, start: int, size: int,
             raise FsMapUnsure("filesystem is larger than its region")
     except FsMapUnsure as exc:
         return RegionReport(start, size, partition, fstype, "full", size, str(exc))
-    except (ValueError, IndexError, struct.error) as exc:
+    except PARSE_ERRORS as exc:
         return RegionReport(start, size, partition, fstype, "full", size, f"cannot parse {fstype}: {exc}")
     _clear_free(bits, bs, start, usage)
     used = usage.used_count * usage.block_size + (size - usage.nblocks * usage.block_size)

@@ -81,6 +81,9 @@ def _check_trust(sb: Super, length: int) -> None:
         raise FsMapUnsure("XFS AG geometry does not add up")
     if sb.logstart == 0:
         raise FsMapUnsure("XFS with an external log: cannot tell whether it is clean")
+    agno, agbno = sb.logstart >> sb.agblklog, sb.logstart & ((1 << sb.agblklog) - 1)
+    if agno >= sb.agcount or agbno + sb.logblocks > sb.ag_len(agno) or sb.logblocks == 0:
+        raise FsMapUnsure("XFS internal log lies outside its AG")
 
 
 class _Log:
