@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, RepoOption, emit_json, human, open_repo, read_passphrase, repo_path
+from imgbackup.cli.common import (
+    JsonOption,
+    RepoOption,
+    emit_json,
+    human,
+    open_repo,
+    read_passphrase,
+    repo_path,
+)
 from imgbackup.repository.lock import break_lock
 from imgbackup.repository.repo import DEFAULT_CHUNK_SIZE, Repository
 from imgbackup.repository.storage import LocalStorage

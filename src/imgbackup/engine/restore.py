@@ -88,7 +88,7 @@ def _clear_zero_slots(fd: int, image: ImageIndex, discard: bool) -> int:
 def run_restore(repo: Repository, plan: RestorePlan, discard: bool = False,
                 progress: Callable[[int], None] | None = None, preflight: bool = True) -> RestoreResult:
     started = time.monotonic()
-    image, chunk = plan.image, plan.image.chunk_size
+    image = plan.image
     reader = ChunkReader(repo)
     slots = image.data_slot_numbers()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool:

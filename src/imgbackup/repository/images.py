@@ -121,9 +121,9 @@ class ImageStore:
     def latest_of(self, name: str, full_only: bool = False) -> dict | None:
         """Newest readable image of a source name (optionally only full images): its metadata."""
         for entry in reversed(self.entries()):
-            if entry.meta and entry.meta.get("name") == name:
-                if not full_only or entry.meta.get("type") == "full":
-                    return entry.meta
+            meta = entry.meta
+            if meta and meta.get("name") == name and (not full_only or meta.get("type") == "full"):
+                return meta
         return None
 
     def delete(self, image_id: str) -> None:
