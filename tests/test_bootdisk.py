@@ -1,0 +1,212 @@
+"""Bootable test disks and the QEMU boot check: good disks boot, broken ones do not.
+
+The builder is judged by outside tools (sfdisk, blkid, e2fsck, debugfs, mtools, fsck.vfat);
+the boot check by booting under TCG. After every boot no qemu may still hold the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from bootdisk import DEFAULT_CACHE, ROOT_LABEL, build_boot_disk, partitions
+from imgbackup.disklabel.relocate import relocate_gpt
+from imgbackup.engine import boot
+from imgbackup.engine.boot import boot_check
+from support import loop_device, need, need_root, need_tool, run
+
+KINDS = ["bios-mbr", "bios-gpt", "uefi"]
+FIRMWARE = {"bios-mbr": "bios", "bios-gpt": "bios", "uefi": "uefi"}
+BOOT_TIMEOUT = 180  # generous: TCG on a loaded 2-core machine; a good disk ends far earlier
+MIB = 1 << 20
+
+
+def need_builder(kind: str) -> None:
+    need_tool("apt-get", "dpkg-deb", "busybox", "cpio", "sfdisk", "mkfs.ext4", "modinfo")
+    if kind == "uefi":
+        need_tool("mkfs.vfat", "mcopy")
+        need(Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi").exists(), "needs systemd-boot-efi")
+    else:
+        need_root()
+        need_tool("extlinux")
+
+
+def need_qemu(kind: str) -> None:
+    need_tool("qemu-system-x86_64")
+    if kind == "uefi":
+        need(boot.find_ovmf() is not None, "needs ovmf")
+
+
+def qemu_holding(path: Path) -> list[int]:
+    """PIDs of processes whose command line names ``path`` (a leftover qemu would)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(path).encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Build each kind at most once per module; ``disks(kind)`` returns (path, marker)."""
+    made: dict[str, tuple[Path, str]] = {}
+    base = tmp_path_factory.mktemp("bootdisks")
+
+    def get(kind: str) -> tuple[Path, str]:
+        need_builder(kind)
+        if kind not in made:
+            marker = f"IB-{kind}-{os.getpid()}-OK"
+            made[kind] = (build_boot_disk(base / f"{kind}.img", kind, marker=marker), marker)
+        return made[kind]
+
+    return get
+
+
+def extract(disk: Path, part: dict, out: Path) -> Path:
+    with open(disk, "rb") as f_in, open(out, "wb") as f_out:
+        f_in.seek(part["start"] * 512)
+        f_out.write(f_in.read(part["size"] * 512))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_built_disk_layout(kind: str, disks, tmp_path: Path) -> None:
+    disk, marker = disks(kind)
+    need_tool("e2fsck", "debugfs", "blkid")
+    parts = partitions(disk)
+    assert len(parts) == (1 if kind == "bios-mbr" else 2)
+    root = parts[-1]
+    assert (root["start"] + root["size"]) * 512 > disk.stat().st_size - 2 * MIB  # fills the disk
+    fs = extract(disk, root, tmp_path / "root.img")
+    assert f'LABEL="{ROOT_LABEL}"' in run("blkid", "-p", fs).stdout
+    assert run("e2fsck", "-fn", fs, check=False).returncode == 0
+    assert marker in run("debugfs", "-R", "cat /sbin/init", fs).stdout
+    if kind == "uefi":
+        esp = extract(disk, parts[0], tmp_path / "esp.img")
+        assert run("fsck.vfat", "-n", esp, check=False).returncode == 0
+        listing = run("mdir", "-i", esp, "-b", "-/", "::/").stdout
+        for name in ("EFI/BOOT/BOOTX64.EFI", "vmlinuz", "initrd.img", "loader/entries/ib.conf"):
+            assert f"::/{name}" in listing
+    else:
+        code = Path("/usr/lib/syslinux/mbr") / ("mbr.bin" if kind == "bios-mbr" else "gptmbr.bin")
+        assert disk.read_bytes()[:440] == code.read_bytes()[:440]
+        assert "syslinux" in run("debugfs", "-R", "ls -l /boot/syslinux", fs).stdout.lower()
+
+
+def test_second_build_is_cached(disks, tmp_path: Path) -> None:
+    disks("uefi")  # the first build fills the cache
+    start = time.monotonic()
+    build_boot_disk(tmp_path / "again.img", "uefi", marker="AGAIN-OK")
+    assert time.monotonic() - start < 10
+    assert list(DEFAULT_CACHE.glob("linux-image-*/vmlinuz"))
+
+
+def test_bad_arguments_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="kind"):
+        build_boot_disk(tmp_path / "x.img", "bios-lvm")
+    with pytest.raises(ValueError, match="marker"):
+        build_boot_disk(tmp_path / "x.img", "uefi", marker="it's; rm -rf /")
+
+
+def check_boot(drive: Path, expect: str, kind: str, timeout: float = BOOT_TIMEOUT, **kw) -> boot.BootResult:
+    """boot_check plus the rule that no qemu outlives it."""
+    result = boot_check(str(drive), expect, timeout=timeout, firmware=FIRMWARE[kind], **kw)
+    assert qemu_holding(drive) == [], f"qemu left running: {result.command}"
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_disk_boots_to_marker(kind: str, disks) -> None:
+    disk, marker = disks(kind)
+    need_qemu(kind)
+    before = disk.read_bytes()
+    result = check_boot(disk, marker, kind)
+    assert result.booted, result.console_tail
+    assert result.reason == "found"
+    root_number = len(partitions(disk))
+    assert f"ibinit: root is /dev/vda{root_number}" in result.console_tail
+    assert disk.read_bytes() == before  # -snapshot: the guest changed nothing
+
+
+def test_boot_check_timeout_kills_qemu(disks) -> None:
+    disk, _ = disks("uefi")
+    need_qemu("uefi")
+    result = check_boot(disk, "NEVER-PRINTED", "uefi", timeout=2)
+    assert not result.booted and result.reason == "timeout"
+    assert result.seconds < 8
+    assert result.command[0] == "qemu-system-x86_64" and "-snapshot" in result.command
+
+
+def test_boot_check_without_qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(boot, "QEMU", "qemu-system-imgbackup-missing")
+    result = boot_check(str(tmp_path / "none.img"), "X", timeout=5)
+    assert not result.booted and result.reason == "qemu-missing"
+    assert "not found" in result.console_tail
+
+
+@pytest.mark.slow
+def test_zeroed_boot_code_does_not_boot(disks, tmp_path: Path) -> None:
+    disk, marker = disks("bios-mbr")
+    need_qemu("bios-mbr")
+    broken = tmp_path / "broken.img"
+    shutil.copyfile(disk, broken)
+    with open(broken, "r+b") as f:
+        f.write(bytes(440))
+    result = check_boot(broken, marker, "bios-mbr", timeout=15)
+    assert not result.booted, result.console_tail
+    assert "SeaBIOS" in result.console_tail  # the firmware ran; only the disk failed
+    assert result.seconds < 25
+
+
+@pytest.mark.slow
+def test_wiped_esp_does_not_boot(disks, tmp_path: Path) -> None:
+    disk, marker = disks("uefi")
+    need_qemu("uefi")
+    broken = tmp_path / "broken.img"
+    shutil.copyfile(disk, broken)
+    esp = partitions(broken)[0]
+    with open(broken, "r+b") as f:
+        f.seek(esp["start"] * 512)
+        f.write(bytes(esp["size"] * 512))
+    result = check_boot(broken, marker, "uefi", timeout=60)
+    assert not result.booted, result.console_tail
+    assert result.reason in ("gave-up", "timeout")
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_grown_gpt_disk_boots(disks, tmp_path: Path) -> None:
+    """A bios-gpt disk written onto a disk twice its size, table relocated, root grown."""
+    disk, marker = disks("bios-gpt")
+    need_qemu("bios-gpt")
+    need_tool("sgdisk", "resize2fs", "e2fsck")
+    grown = tmp_path / "grown.img"
+    with open(disk, "rb") as f_in, open(grown, "wb") as f_out:
+        f_out.truncate(2 * disk.stat().st_size)
+        f_out.write(f_in.read())
+    old, new = disk.stat().st_size // 512, grown.stat().st_size // 512
+    with open(grown, "r+b") as f:
+        rw = relocate_gpt(f.read(34 * 512), old, new, 512, grow_last_partition=True)
+        f.seek(0)
+        f.write(rw.primary)
+        f.seek(rw.backup_entries_offset)
+        f.write(rw.backup)
+    assert "No problems found" in run("sgdisk", "-v", grown).stdout
+    root = partitions(grown)[-1]
+    assert root["start"] + root["size"] - 1 == rw.last_partition_new_end_lba
+    with loop_device(grown, offset=root["start"] * 512, sizelimit=root["size"] * 512) as dev:
+        run("e2fsck", "-fp", dev)
+        run("resize2fs", dev)
+        fsck = run("e2fsck", "-fn", dev, check=False)
+        assert fsck.returncode == 0, fsck.stdout
+    result = check_boot(grown, marker, "bios-gpt")
+    assert result.booted, result.console_tail
