@@ -149,7 +149,7 @@ def check_log_clean(read: Reader, offset: int, sb: Super) -> None:
         raise FsMapUnsure("XFS log head is not an unmount record: log is dirty (mount it to replay)")
 
 
-def _walk(read: Reader, ag_base: int, sb: Super, root: int, level: int,
+def _walk(read: Reader, ag_base: int, sb: Super, ag_len: int, root: int, level: int,
           magics: tuple[bytes, bytes]) -> list[tuple[int, int]]:
     """All (start, count) records of one free-space B+tree, iteratively, loop-safe."""
     hdr = 56 if sb.version == 5 else 16
@@ -158,7 +158,7 @@ def _walk(read: Reader, ag_base: int, sb: Super, root: int, level: int,
     stack, seen = [(root, level)], set()
     while stack:
         agbno, want = stack.pop()
-        if agbno in seen or not 0 < agbno < sb.agblocks or len(seen) > MAX_BTREE_BLOCKS:
+        if agbno in seen or not 0 < agbno < ag_len or len(seen) > MAX_BTREE_BLOCKS:
             raise FsMapUnsure(f"XFS btree pointer {agbno} loops or leaves the AG")
         seen.add(agbno)
         raw = read_exact(read, ag_base + agbno * sb.block_size, sb.block_size)
@@ -183,8 +183,8 @@ def _ag_free(read: Reader, offset: int, sb: Super, agno: int) -> list[tuple[int,
     freeblks = struct.unpack_from(">I", agf, 52)[0]
     if magic != AGF_MAGIC or seqno != agno or length != sb.ag_len(agno):
         raise FsMapUnsure(f"XFS AG {agno}: bad AGF header")
-    bno = _walk(read, ag_base, sb, bno_root, bno_lvl - 1, BNO_MAGICS)
-    cnt = _walk(read, ag_base, sb, cnt_root, cnt_lvl - 1, CNT_MAGICS)
+    bno = _walk(read, ag_base, sb, length, bno_root, bno_lvl - 1, BNO_MAGICS)
+    cnt = _walk(read, ag_base, sb, length, cnt_root, cnt_lvl - 1, CNT_MAGICS)
     if sorted(bno) != sorted(cnt):
         raise FsMapUnsure(f"XFS AG {agno}: by-block and by-size free trees disagree")
     end = 0
