@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.support import need_tool, run
+from tests.support import loop_device, need_tool, run
 from tests.test_fsmap_common import (
     MIB,
     assert_covers,
@@ -196,3 +196,19 @@ def test_swap_variants_we_cannot_vouch_for(tmp_path: Path, patch_at: int, data: 
         f.write(data)
     m = map_of(img)
     assert m.regions[0].fstype == fstype and m.regions[0].mode == "full" and m.used_count == m.nbits
+
+
+def test_gpt_disk_with_4096_byte_sectors(tmp_path: Path) -> None:
+    need_tool("sgdisk")
+    parts = make_parts(tmp_path)
+    disk = blank(tmp_path / "disk4k.img", 32 * MIB)
+    with loop_device(disk, sector_size=4096) as dev:
+        run("sgdisk", "-n1:256:+20M", "-t1:8300", dev)
+    put(disk, 256 * 4096, parts["ext"])
+    with image_reader(disk) as read:
+        m = read_used_map(read, disk.stat().st_size, sector_size=4096)
+    (p1,) = [r for r in m.regions if r.partition == 1]
+    assert (p1.start, p1.fstype, p1.mode) == (256 * 4096, "ext", "bitmap")
+    assert_covers(m, partclone_used("ext4", parts["ext"]), base=256 * 4096)
+    used = unpack(m)
+    assert used[0] and used[1] and used[-1]  # protective MBR, primary header, backup header
