@@ -15,6 +15,7 @@ mounted filesystem); ``uefi`` needs no root at all.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
@@ -145,6 +146,17 @@ def _fetch_kernel(pkg: str, dest: Path) -> None:
         os.replace(stage, dest)
 
 
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path) -> Iterator[None]:
+    """Serialise cache fills between concurrent builders (parallel test runs)."""
+    with open(cache_dir / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def kernel_parts(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Directory holding ``vmlinuz`` and ``modules/`` (with ``order``), downloaded once."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +169,9 @@ def kernel_parts(cache_dir: Path = DEFAULT_CACHE) -> Path:
         return found[-1].parent
     dest = cache_dir / pkg
     if not (dest / "vmlinuz").exists():
-        _fetch_kernel(pkg, dest)
+        with _cache_lock(cache_dir):
+            if not (dest / "vmlinuz").exists():
+                _fetch_kernel(pkg, dest)
     return dest
 
 
@@ -179,7 +193,7 @@ def initramfs(cache_dir: Path = DEFAULT_CACHE) -> Path:
     out = kdir / f"initrd-{key}.img"
     if out.exists():
         return out
-    with tempfile.TemporaryDirectory(dir=kdir, prefix=".initrd-") as tmp:
+    with _cache_lock(kdir), tempfile.TemporaryDirectory(dir=kdir, prefix=".initrd-") as tmp:
         root = Path(tmp) / "root"
         for d in ("bin", "dev", "proc", "sys", "newroot", "lib"):
             (root / d).mkdir(parents=True)
