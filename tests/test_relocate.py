@@ -298,3 +298,29 @@ def test_grown_partition_resize2fs_clean(tmp_path: Path, gpt_src: Path) -> None:
         info = run("dumpe2fs", "-h", dev).stdout
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     assert int(fields["Block count"]) * int(fields["Block size"]) == new_size
+
+
+@pytest.mark.root
+def test_4k_sector_disk_grows_clean(tmp_path: Path) -> None:
+    """A 4Kn disk (loop --sector-size 4096): sgdisk on the device is the judge."""
+    need_tool("sgdisk")
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    with open(src, "wb") as f:
+        f.truncate(64 * MIB)
+    with loop_device(src, sector_size=4096) as dev:
+        run("sgdisk", "-o", "-n1:256:+8M", "-n2:0:0", dev, check=False)
+        assert "No problems found" in sgdisk_verdict(Path(dev))
+    copy_onto(src, dst, 128)
+    ss = 4096
+    with open(dst, "r+b") as f:
+        primary = f.read(6 * ss)
+        rw = relocate_gpt(primary, 64 * MIB // ss, 128 * MIB // ss, ss, grow_last_partition=True)
+        f.seek(0)
+        f.write(rw.primary)
+        f.seek(rw.backup_entries_offset)
+        f.write(rw.backup)
+    assert rw.last_partition_new_end_lba == 128 * MIB // ss - 256 - 1
+    with loop_device(dst, sector_size=4096) as dev:
+        assert "No problems found" in sgdisk_verdict(Path(dev))
+        table = run("sgdisk", "-p", dev).stdout
+    assert f"{rw.last_partition_new_end_lba}" in table.split("Number")[1]
