@@ -25,9 +25,17 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from imgbackup.cli import backup_cmd, devices_cmd, mount_cmd, repo_cmd, restore_cmd, verify_cmd
+    from imgbackup.cli import (
+        backup_cmd,
+        devices_cmd,
+        images_cmd,
+        mount_cmd,
+        repo_cmd,
+        restore_cmd,
+        verify_cmd,
+    )
 
-    for module in (repo_cmd, backup_cmd, restore_cmd, verify_cmd, devices_cmd, mount_cmd):
+    for module in (repo_cmd, backup_cmd, restore_cmd, verify_cmd, images_cmd, devices_cmd, mount_cmd):
         module.register(app)
 
 

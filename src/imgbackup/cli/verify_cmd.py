@@ -32,8 +32,10 @@ def verify(
         for check in report.images:
             state = "ok" if check.ok else f"DAMAGED ({check.bad_chunks} bad chunks)"
             typer.echo(f"{check.id[:12]}  {check.name or '?':<20} {check.chunks} chunks  {state}")
-            for err in check.errors:
+            for err in check.errors[:10]:
                 typer.echo(f"    {err}")
+            if len(check.errors) > 10:
+                typer.echo(f"    ... and {len(check.errors) - 10} more (--json lists up to 50)")
         typer.echo(f"checked {report.chunks_checked} chunks, {human(report.bytes_checked)}")
         if fs:
             _print_filesystems(fs)

@@ -235,7 +235,12 @@ def _verify_unchanged(source: Source, plan: ReadPlan, kinds: np.ndarray, ids: np
 
 
 def _changed_slots(kinds: np.ndarray, ids: np.ndarray, parent: ImageIndex | None) -> np.ndarray:
-    """Slots whose content differs from the parent's (all slots when there is no comparable parent)."""
+    """Slots whose content differs from the parent's (all slots when there is no comparable parent).
+
+    Zero and unused slots both restore as zeros, so a change between them is no change.
+    """
     if parent is None or parent.slots != len(kinds):
         return np.ones(len(kinds), bool)
-    return (parent.kinds != kinds) | np.any(parent.ids_by_slot() != ids, axis=1)
+    mine = np.where(kinds == SLOT_UNUSED, SLOT_ZERO, kinds)
+    theirs = np.where(parent.kinds == SLOT_UNUSED, SLOT_ZERO, parent.kinds)
+    return (mine != theirs) | np.any(parent.ids_by_slot() != ids, axis=1)

@@ -12,6 +12,7 @@ import numpy as np
 
 from imgbackup._core import bitmap
 from imgbackup.device.source import Source, data_extents
+from imgbackup.engine.slots import byte_extents
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import ID_SIZE, SLOT_UNUSED, SLOT_ZERO
 
@@ -30,9 +31,7 @@ class ReadPlan:
 
     def ranges(self, chunk: int, size: int) -> list[tuple[int, int]]:
         """Byte ranges of the slots to read, merged."""
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], self.read.astype(np.int8), [0]))))
-        return [(int(a) * chunk, min(int(b) * chunk, size) - int(a) * chunk)
-                for a, b in zip(edges[::2], edges[1::2], strict=True)]
+        return byte_extents(self.read, chunk, size)
 
     def mask_unused(self, offset: int, data: memoryview) -> None:
         """Zero the 4 KiB blocks of ``data`` (at source ``offset``) that no filesystem uses."""

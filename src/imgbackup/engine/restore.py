@@ -19,6 +19,7 @@ import numpy as np
 
 from imgbackup._core import scan
 from imgbackup.engine.chunks import ChunkReader
+from imgbackup.engine.slots import byte_extents, slot_runs
 from imgbackup.engine.target import Target, inspect_target, open_for_writing, zero_out
 from imgbackup.errors import StorageError, TargetRefused, VerificationFailed
 from imgbackup.format.imageindex import ImageIndex
@@ -57,18 +58,12 @@ def plan_restore(repo: Repository, image_id: str, target_path: str) -> RestorePl
     return RestorePlan(image, target, data_bytes)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(first, count) runs of True in a boolean array."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
-    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
-
-
 def _clear_zero_slots(fd: int, image: ImageIndex, discard: bool) -> int:
     """On a device, make zero/unused slots read as zeros; writes only where the target is not zero."""
     chunk = image.chunk_size
     zeroed = 0
-    for first, count in _runs(image.kinds != SLOT_DATA):
-        start, end = first * chunk, min((first + count) * chunk, image.size)
+    for start, length in byte_extents(image.kinds != SLOT_DATA, chunk, image.size):
+        end = start + length
         if discard and zero_out(fd, start, end - start):
             zeroed += end - start
             continue
@@ -77,10 +72,10 @@ def _clear_zero_slots(fd: int, image: ImageIndex, discard: bool) -> int:
             n = min(ZERO_SCAN_BYTES, end - pos)
             current = os.pread(fd, n, pos)
             flags = scan.zero_blocks(current, 4096)
-            for b_first, b_count in _runs(flags == 0):
-                off, length = b_first * 4096, min(b_count * 4096, n - b_first * 4096)
-                os.pwrite(fd, bytes(length), pos + off)
-                zeroed += length
+            for b_first, b_count in slot_runs(flags == 0):
+                off, span = b_first * 4096, min(b_count * 4096, n - b_first * 4096)
+                os.pwrite(fd, bytes(span), pos + off)
+                zeroed += span
             pos += n
     return zeroed
 

@@ -67,7 +67,7 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
             try:
                 index = repo.images.load(image_id)
             except (IntegrityError, UnsupportedFormat, ImageNotFound) as exc:
-                check.errors.append(str(exc))
+                check.errors.append(exc.args[0])
                 continue
             check.name = index.meta.get("name")
             todo = [cid for cid in index.unique_ids() if cid not in results]
@@ -76,7 +76,7 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
                 try:
                     return cid, None, len(reader.read(cid))
                 except IntegrityError as exc:
-                    return cid, str(exc), 0
+                    return cid, exc.args[0], 0
 
             for cid, err, size in pool.map(one, todo):
                 results[cid] = err

@@ -1,0 +1,62 @@
+"""Image management commands: delete, diff."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+
+from imgbackup.cli.common import JsonOption, RepoOption, YesOption, emit_json, human, open_repo
+from imgbackup.engine.diff import diff_images
+from imgbackup.engine.prune import delete_images
+from imgbackup.errors import UsageError
+
+
+def delete(
+    images: Annotated[list[str], typer.Argument(help="Image id prefixes (or 'latest' with --name).")],
+    repo: RepoOption = None,
+    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    yes: YesOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Delete images and every chunk that only they referenced."""
+    r = open_repo(repo)
+    ids = [r.images.resolve(spec, name) for spec in images]
+    if not yes:
+        import sys
+
+        if not sys.stdin.isatty():
+            raise UsageError("refusing to delete images without --yes (no terminal to ask on)")
+        typer.confirm(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}?", abort=True)
+    result = delete_images(r, ids)
+    for warning in result.warnings:
+        typer.echo(f"imgbackup: warning: {warning}", err=True)
+    if json_out:
+        emit_json(asdict(result))
+    else:
+        typer.echo(f"deleted {len(ids)} image(s); removed {result.chunks_removed} chunks, "
+                   f"freed {human(result.bytes_freed)}")
+
+
+def diff(
+    a: Annotated[str, typer.Argument(help="First image (id prefix or 'latest').")],
+    b: Annotated[str, typer.Argument(help="Second image.")],
+    repo: RepoOption = None,
+    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """List the byte extents that differ between two images (from their indexes; nothing is read)."""
+    r = open_repo(repo)
+    result = diff_images(r, r.images.resolve(a, name), r.images.resolve(b, name))
+    if json_out:
+        emit_json(result.to_dict())
+        return
+    for offset, length in result.extents:
+        typer.echo(f"{offset} {length}")
+    typer.echo(f"# {len(result.extents)} extents, {human(result.changed_bytes)} differ", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("delete")(delete)
+    app.command("diff")(diff)
