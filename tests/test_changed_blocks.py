@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from tests.diskimages import MIB, cli, cli_json
 from tests.support import loop_device, mounted, need_root, need_tool, run, sha256_file
 
