@@ -3,6 +3,7 @@
 Each partition is built as its own file (``mkfs.ext4 -d`` from a staging tree, ``mkfs.vfat`` and
 mtools) and then copied into the disk at its offset, so building needs no root, no loop device and
 cannot spill over into the backup GPT. The real tools judge the result, not this module.
+Also: ``random_image`` (sparse random test sources) and ``cli``/``cli_json`` (the CLI as a user runs it).
 """
 
 from __future__ import annotations
