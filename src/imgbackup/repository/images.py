@@ -97,11 +97,15 @@ class ImageStore:
 
     def resolve(self, spec: str, name: str | None = None) -> str:
         """An image id from a unique id prefix, or ``latest`` (of source ``name`` if given)."""
-        entries = [e for e in self.entries() if e.meta is not None]
+        everything = self.entries()
+        entries = [e for e in everything if e.meta is not None]
         if spec == "latest":
             if name is not None:
                 entries = [e for e in entries if e.meta.get("name") == name]
             if not entries:
+                damaged = [e for e in everything if e.meta is None]
+                if damaged:
+                    raise IntegrityError(f"no readable image to call 'latest': {damaged[-1].error}")
                 where = f" of source name {name!r}" if name else ""
                 raise ImageNotFound(f"no image{where} in this repository")
             names = {e.meta.get("name") for e in entries}
