@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bootdisk import DEFAULT_CACHE, ROOT_LABEL, build_boot_disk, partitions
-from imgbackup.disklabel.relocate import relocate_gpt, resize_mbr
+from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize
 from imgbackup.engine import boot
 from imgbackup.engine.boot import boot_check
 from support import loop_device, need, need_root, need_tool, run
@@ -30,7 +30,7 @@ MIB = 1 << 20
 def need_builder(kind: str) -> None:
     need_tool("apt-get", "dpkg-deb", "busybox", "cpio", "sfdisk", "mkfs.ext4", "modinfo")
     if kind == "uefi":
-        need_tool("mkfs.vfat", "mcopy")
+        need_tool("mkfs.vfat", "mcopy", "mdir", "fsck.vfat")
         need(Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi").exists(), "needs systemd-boot-efi")
     else:
         need_root()
@@ -235,11 +235,7 @@ def test_grown_gpt_disk_boots(disks, tmp_path: Path) -> None:
     grown = tmp_path / "grown.img"
     old, new = grow_copy(disk, grown)
     with open(grown, "r+b") as f:
-        rw = relocate_gpt(f.read(34 * 512), old, new, 512, grow_last_partition=True)
-        f.seek(0)
-        f.write(rw.primary)
-        f.seek(rw.backup_entries_offset)
-        f.write(rw.backup)
+        rw = apply_gpt_relocation(f.fileno(), old, new, 512, grow_last_partition=True)
     assert "No problems found" in run("sgdisk", "-v", grown).stdout
     root = partitions(grown)[-1]
     assert root["start"] + root["size"] - 1 == rw.last_partition_new_end_lba
@@ -258,9 +254,7 @@ def test_grown_mbr_disk_boots(disks, tmp_path: Path) -> None:
     grown = tmp_path / "grown.img"
     old, new = grow_copy(disk, grown)
     with open(grown, "r+b") as f:
-        rw = resize_mbr(f.read(512), old, new, 512)
-        f.seek(0)
-        f.write(rw.mbr)
+        rw = apply_mbr_resize(f.fileno(), old, new, 512)
     root = partitions(grown)[-1]
     assert root["start"] + root["size"] - 1 == rw.last_partition_new_end_lba == new - 1
     assert "No errors detected" in run("sfdisk", "--verify", grown).stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from imgbackup.disklabel.gpt import GptEntry, GptHeader, read_gpt
-from imgbackup.disklabel.relocate import relocate_gpt, resize_mbr
+from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize, relocate_gpt, resize_mbr
 from support import loop_device, need_tool, run
 
 MIB = 1 << 20
@@ -37,17 +38,15 @@ def copy_onto(src: Path, dst: Path, size_mib: int) -> Path:
 
 
 def apply_gpt(disk: Path, old_sectors: int, **kw) -> int | None:
-    """Run relocate_gpt on ``disk`` in place; returns the last partition's new end LBA."""
+    """apply_gpt_relocation on ``disk`` in place; returns the last partition's new end LBA."""
     new_sectors = disk.stat().st_size // SS
-    with open(disk, "r+b") as f:
-        primary = f.read(34 * SS)
-        rw = relocate_gpt(primary, old_sectors, new_sectors, SS, **kw)
-        assert len(rw.primary) == len(primary)
-        f.seek(0)
-        f.write(rw.primary)
-        f.seek(rw.backup_entries_offset)
-        f.write(rw.backup)
-        assert f.tell() == new_sectors * SS
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        rw = apply_gpt_relocation(fd, old_sectors, new_sectors, SS, **kw)
+    finally:
+        os.close(fd)
+    assert len(rw.primary) == 34 * SS
+    assert rw.backup_entries_offset + len(rw.backup) == new_sectors * SS
     return rw.last_partition_new_end_lba
 
 
@@ -85,8 +84,11 @@ def test_grow_disk_keeps_partitions(tmp_path: Path, gpt_src: Path) -> None:
     src = gpt_src
     before = sfdisk_json(src)
     dst = copy_onto(src, tmp_path / "dst.img", 128)
+    old_backup = dst.read_bytes()[64 * MIB - SS:64 * MIB]
+    assert old_backup.startswith(b"EFI PART")
     assert apply_gpt(dst, 64 * MIB // SS) is None
     assert "No problems found" in sgdisk_verdict(dst)
+    assert dst.read_bytes()[64 * MIB - SS:64 * MIB] == bytes(SS)  # no stale second GPT left
     after = sfdisk_json(dst)
     assert after["partitions"] == before["partitions"]
     assert after["id"] == before["id"]
@@ -242,11 +244,11 @@ def sfdisk_disk(path: Path, size_mib: int, script: str) -> Path:
 
 
 def apply_mbr(disk: Path, old_sectors: int, **kw) -> int | None:
-    with open(disk, "r+b") as f:
-        rw = resize_mbr(f.read(SS), old_sectors, disk.stat().st_size // SS, SS, **kw)
-        f.seek(0)
-        f.write(rw.mbr)
-    return rw.last_partition_new_end_lba
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        return apply_mbr_resize(fd, old_sectors, disk.stat().st_size // SS, SS, **kw).last_partition_new_end_lba
+    finally:
+        os.close(fd)
 
 
 def test_mbr_grow_last_primary(tmp_path: Path) -> None:

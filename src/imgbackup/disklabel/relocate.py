@@ -8,13 +8,14 @@ the corrected primary region and the backup copy to write at its new place; opti
 grows the last partition to the end (aligned down to 1 MiB) or shrinks it to a given LBA.
 ``resize_mbr`` does the same for an MS-DOS table (only the last primary partition moves).
 
-Nothing here reads or writes a device: callers pass bytes and write the bytes returned.
-The old backup GPT (at ``old_sectors - 1``) is not erased here; when the grown partition
-does not cover it, the caller may zero it.
+``relocate_gpt`` and ``resize_mbr`` take and return bytes; ``apply_gpt_relocation`` and
+``apply_mbr_resize`` do the reads and writes on an open disk or image file, and also clear
+the stale backup GPT header a restore onto a larger disk leaves at ``old_sectors - 1``.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from imgbackup.disklabel.mbr import ENTRIES_OFFSET, EXTENDED_TYPES, PROTECTIVE_T
 
 ALIGN_BYTES = 1 << 20
 MBR_MAX = 0xFFFFFFFF
+MAX_PRIMARY_REGION = 64 << 20  # refuse absurd first_usable_lba values from a damaged header
 
 
 @dataclass
@@ -187,3 +189,46 @@ def resize_mbr(mbr: bytes, old_sectors: int, new_sectors: int, sector_size: int 
         raise ValueError("shrink_to_lba given but the MBR has no partitions")
     _check_fits([(i + 1, s.start_lba + s.num_sectors - 1) for i, s in used], new_sectors - 1, "last LBA")
     return MbrRewrite(bytes(out), new_end)
+
+
+def apply_gpt_relocation(fd: int, old_sectors: int, new_sectors: int, sector_size: int = 512,
+                         grow_last_partition: bool = False,
+                         shrink_to_lba: int | None = None) -> GptRewrite:
+    """Relocate the GPT on an open disk/image ``fd`` (already holding the old image) in place.
+
+    Writes the new primary region and backup copy, zeroes the old backup header when it is
+    not part of the new backup copy (so no second, stale GPT is found there), and fsyncs.
+    """
+    ss = sector_size
+    hdr = GptHeader.parse(os.pread(fd, ss, ss))
+    region = hdr.first_usable_lba * ss
+    if not 2 * ss <= region <= MAX_PRIMARY_REGION:
+        raise ValueError(f"implausible first usable LBA {hdr.first_usable_lba}")
+    rw = relocate_gpt(os.pread(fd, region, 0), old_sectors, new_sectors, ss,
+                      grow_last_partition, shrink_to_lba)
+    _pwrite_all(fd, rw.primary, 0)
+    _pwrite_all(fd, rw.backup, rw.backup_entries_offset)
+    stale = (old_sectors - 1) * ss
+    if 2 * ss <= stale < rw.backup_entries_offset:
+        old = os.pread(fd, ss, stale)
+        if old[:8] == b"EFI PART":
+            _pwrite_all(fd, bytes(ss), stale)
+    os.fsync(fd)
+    return rw
+
+
+def apply_mbr_resize(fd: int, old_sectors: int, new_sectors: int, sector_size: int = 512,
+                     grow_last_partition: bool = True, shrink_to_lba: int | None = None) -> MbrRewrite:
+    """``resize_mbr`` on sector 0 of an open disk/image ``fd``, written back and fsynced."""
+    rw = resize_mbr(os.pread(fd, 512, 0), old_sectors, new_sectors, sector_size,
+                    grow_last_partition, shrink_to_lba)
+    _pwrite_all(fd, rw.mbr, 0)
+    os.fsync(fd)
+    return rw
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
