@@ -1,0 +1,161 @@
+"""Runs imgbackup and its peers on the benchmark disks: full backup, second backup, restore, checks.
+
+    python3 benchmarks/run.py [--runs N] [--quick] [--disks disk4g raw2g sparse1t] [--tools NAME ...]
+
+Every step runs cold (sync + drop caches).  Each run starts every tool on an empty repository.  The
+Markdown table goes to stdout, the raw numbers and medians to benchmarks/results/bench-TIMESTAMP.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import make_disks
+from benchlib import loop, sh, tree_size
+from measure import check_restore, reference, timed
+from peers import ALL_TOOLS, Ctx, Part, Tool
+from report import markdown, summarize
+
+HERE = Path(__file__).resolve().parent
+DISKS = {  # name -> (state files, change list of the last state vs the first)
+    "disk4g": (["disk4g-s1.img", "disk4g-s2.img"], "disk4g-s2.changes"),
+    "raw2g": (["raw2g.img"], None),
+    "sparse1t": (["sparse1t.img"], None),
+}
+FS_BY_CODE = {"EF00": "fat", "0700": "fat", "8300": "ext4"}
+
+
+def layout(disk: Path) -> dict:
+    """Partitions (offset, size, partclone module) and the bytes outside them; none for a raw image."""
+    if sh("blkid", "-p", "-o", "value", "-s", "PTTYPE", disk, check=False).stdout.strip() != "gpt":
+        return {"parts": [], "head": 0, "tail": 0}
+    rows = [ln.split() for ln in sh("sgdisk", "-p", disk).stdout.splitlines() if ln.strip()[:1].isdigit()]
+    parts = [{"number": int(r[0]), "offset": int(r[1]) * 512, "size": (int(r[2]) - int(r[1]) + 1) * 512,
+              "fs": FS_BY_CODE.get(r[5], "")} for r in rows]
+    return {"parts": parts, "head": parts[0]["offset"], "tail": parts[-1]["offset"] + parts[-1]["size"]}
+
+
+@contextlib.contextmanager
+def part_loops(ctx: Ctx, image: Path, read_only: bool) -> Iterator[None]:
+    """Attach each partition of ``image`` to its own loop device (for partclone), detach afterwards."""
+    with contextlib.ExitStack() as stack:
+        for p in ctx.parts:
+            p.loop = stack.enter_context(loop(image, p.offset, p.size, read_only=read_only))
+        yield
+
+
+def stage(work: Path, state: Path) -> Path:
+    """Every tool sees the disk as ``stage/disk.img`` (a hard link), so names match between states."""
+    d = work / "stage"
+    d.mkdir(exist_ok=True)
+    link = d / "disk.img"
+    link.unlink(missing_ok=True)
+    link.hardlink_to(state)
+    return link
+
+
+def clean(repo: Path) -> None:
+    for p in (repo, Path(f"{repo}.base"), Path(f"{repo}.cache")):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in repo.parent.glob(repo.name + ".s*.json"):
+        p.unlink()
+
+
+def one_tool(tool: Tool, disk: str, work: Path, lay: dict, ref: dict, run: int) -> list[dict]:
+    """Full backup, second backup, restore and check of one tool on one disk; one record per step."""
+    states, changes = DISKS[disk]
+    repo = work / "repos" / tool.name.split()[0].replace("|", "-")
+    repo.parent.mkdir(exist_ok=True)
+    clean(repo)
+    size = (work / states[0]).stat().st_size
+    ctx = Ctx(disk=stage(work, work / states[0]), label="s1", repo=repo, target=work / "restore" / "disk.img",
+              size=size, parts=[Part(**p) for p in lay["parts"]], head=lay["head"], tail=lay["tail"],
+              changes=work / changes if changes else None)
+    env = tool.env(ctx)
+    sh("bash", "-c", tool.init(ctx), env=env)
+    records = []
+
+    def record(step: str, res, **extra) -> None:
+        rec = {"disk": disk, "tool": tool.name, "run": run, "step": step, **res.to_dict(), **extra}
+        records.append(rec)
+        status = "ok" if res.ok else res.error
+        print(f"  {disk} {tool.name:28} {step:8} {res.wall_s:8.2f}s cpu {res.cpu_s:7.2f}s rss {res.rss_mib:7.1f}"
+              f" MiB {extra.get('stored', '')} {extra.get('check', '')} {status}", file=sys.stderr, flush=True)
+
+    try:
+        with part_loops(ctx, ctx.disk, True) if tool.needs_parts else contextlib.nullcontext():
+            res = timed(tool.backup(ctx, False), env)
+        record("full", res, stored=tree_size(repo))
+        if len(states) > 1 or tool.incremental:
+            before = tree_size(repo)
+            ctx.disk, ctx.label = stage(work, work / states[-1]), "s2"
+            cmd = tool.backup(ctx, True)
+            if cmd:
+                with part_loops(ctx, ctx.disk, True) if tool.needs_parts else contextlib.nullcontext():
+                    res = timed(cmd, env)
+                after = tree_size(repo)
+                record("second", res, stored=after, added=after - before)
+        if tool.restore(ctx):
+            ctx.target.parent.mkdir(exist_ok=True)
+            ctx.target.unlink(missing_ok=True)
+            sh("truncate", "-s", str(size), ctx.target)
+            with part_loops(ctx, ctx.target, False) if tool.needs_parts else contextlib.nullcontext():
+                res = timed(tool.restore(ctx), env)
+            check = check_restore(ctx.target, ref, lay, tool.used_blocks, work) if res.ok else "FAIL: restore failed"
+            record("restore", res, check=check)
+    finally:
+        clean(repo)
+        ctx.target.unlink(missing_ok=True)
+    return records
+
+
+def applicable(tool: Tool, disk: str, size: int, lay: dict) -> bool:
+    if tool.reads_all and size > 64 << 30:
+        return False  # would read 1 TiB of holes
+    if tool.needs_changes and not DISKS[disk][1]:
+        return False
+    return not (tool.needs_parts and not (lay["parts"] and all(p["fs"] for p in lay["parts"])))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/var/tmp/imgbackup-bench"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="one run, 4 GiB disk only (smoke test)")
+    ap.add_argument("--disks", nargs="*", default=list(DISKS))
+    ap.add_argument("--tools", nargs="*", help="tool names (prefix match); default all")
+    a = ap.parse_args()
+    if a.quick:
+        a.runs, a.disks = 1, ["disk4g"]
+    tools = [t for t in ALL_TOOLS if not a.tools or any(t.name.startswith(n) for n in a.tools)]
+    make_disks.build(a.work, [f for d in a.disks for f in DISKS[d][0]])
+    records, started = [], time.strftime("%Y%m%d-%H%M%S")
+    for disk in a.disks:
+        states = DISKS[disk][0]
+        lay = layout(a.work / states[0])
+        ref = reference(a.work / states[-1], lay, a.work)
+        size = (a.work / states[0]).stat().st_size
+        for run in range(a.runs):
+            for tool in tools:
+                if applicable(tool, disk, size, lay):
+                    records += one_tool(tool, disk, a.work, lay, ref, run)
+    summary = summarize(records)
+    meta = {"started": started, "runs": a.runs, "host": platform.node(), "kernel": platform.release(),
+            "cpus": len(__import__("os").sched_getaffinity(0)), "disks": a.disks}
+    out = HERE / "results" / f"bench-{started}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "records": records, **summary}, indent=1))
+    print(markdown(summary, meta))
+    print(f"\nJSON: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
