@@ -188,6 +188,8 @@ def initramfs(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """The cached initramfs for the current kernel: busybox, modules, and INITRAMFS_INIT."""
     kdir = kernel_parts(cache_dir)
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    if b"ld-linux" in busybox.read_bytes()[:4096]:  # an ELF interpreter: not the static build
+        raise RuntimeError(f"{busybox} is dynamically linked (apt install busybox-static)")
     key = hashlib.sha256(INITRAMFS_INIT.encode() + busybox.read_bytes()
                          + (kdir / "modules/order").read_bytes()).hexdigest()[:16]
     out = kdir / f"initrd-{key}.img"
