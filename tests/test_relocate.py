@@ -326,3 +326,33 @@ def test_4k_sector_disk_grows_clean(tmp_path: Path) -> None:
         assert "No problems found" in sgdisk_verdict(Path(dev))
         table = run("sgdisk", "-p", dev).stdout
     assert f"{rw.last_partition_new_end_lba}" in table.split("Number")[1]
+
+
+@pytest.mark.root
+def test_restore_onto_smaller_disk_after_fs_shrink(tmp_path: Path, gpt_src: Path) -> None:
+    """Shrink the root fs, cut the image to a smaller disk, shrink the partition: all clean."""
+    need_tool("mkfs.ext4", "resize2fs", "e2fsck", "debugfs")
+    src = copy_onto(gpt_src, tmp_path / "src.img", 64)
+    root = sfdisk_json(src)["partitions"][2]
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(os.urandom(3 * MIB))
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "payload.bin").write_bytes(payload.read_bytes())
+    run("mkfs.ext4", "-q", "-F", "-d", stage, "-E", f"offset={root['start'] * SS}", src,
+        f"{root['size'] * SS // 1024}k")
+    fs_bytes = 16 * MIB
+    with loop_device(src, offset=root["start"] * SS, sizelimit=root["size"] * SS) as dev:
+        run("e2fsck", "-fp", dev)
+        run("resize2fs", dev, f"{fs_bytes // 1024}K")
+    dst = copy_onto(src, tmp_path / "dst.img", 48)  # the old end of the disk is cut off
+    end = root["start"] + fs_bytes // SS - 1
+    assert apply_gpt(dst, 64 * MIB // SS, shrink_to_lba=end) == end
+    assert "No problems found" in sgdisk_verdict(dst)
+    assert sfdisk_json(dst)["partitions"][2]["size"] * SS == fs_bytes
+    with loop_device(dst, offset=root["start"] * SS, sizelimit=fs_bytes) as dev:
+        fsck = run("e2fsck", "-fn", dev, check=False)
+        assert fsck.returncode == 0, fsck.stdout
+        out = tmp_path / "out.bin"
+        run("debugfs", "-R", f"dump /payload.bin {out}", dev)
+    assert out.read_bytes() == payload.read_bytes()
