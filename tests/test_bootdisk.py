@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,15 +46,16 @@ def need_qemu(kind: str) -> None:
 
 
 def qemu_holding(path: Path) -> list[int]:
-    """PIDs of processes whose command line names ``path`` (a leftover qemu would)."""
+    """PIDs of qemu processes whose command line names ``path`` (a leftover guest would)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if str(path).encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
+            if b"qemu-system" in argv[0] and any(str(path).encode() in a for a in argv):
+                pids.append(int(entry.name))
     return pids
 
 
@@ -165,6 +168,27 @@ def test_boot_check_timeout_kills_qemu(disks) -> None:
     assert not result.booted and result.reason == "timeout"
     assert result.seconds < 8
     assert result.command[0] == "qemu-system-x86_64" and "-snapshot" in result.command
+
+
+def test_qemu_dies_with_a_killed_caller(disks) -> None:
+    """SIGKILL of the process running boot_check must not leave its qemu behind."""
+    disk, _ = disks("uefi")
+    need_qemu("uefi")
+    code = ("import sys; from imgbackup.engine.boot import boot_check; "
+            "boot_check(sys.argv[1], 'NEVER-PRINTED', timeout=120, firmware='uefi')")
+    caller = subprocess.Popen([sys.executable, "-c", code, str(disk)])
+    try:
+        deadline = time.monotonic() + 30
+        while not qemu_holding(disk) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert qemu_holding(disk), "qemu never started"
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 10
+    while qemu_holding(disk) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert qemu_holding(disk) == []
 
 
 def test_boot_check_without_qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

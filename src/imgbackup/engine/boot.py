@@ -4,7 +4,8 @@ A restored disk is only as good as its boot loader, its partition table and its 
 filesystem together; the one honest check is to boot it. ``boot_check`` starts
 ``qemu-system-x86_64`` in its own process group, reads the console incrementally, and stops
 the guest as soon as ``expect`` appears, when the guest exits, or at ``timeout``. The qemu
-process group is always killed by its own PID, so no guest outlives the call.
+process group is always killed by its own PID, so no guest outlives the call; qemu also gets
+PR_SET_PDEATHSIG, so it dies even when the calling process is killed outright.
 
 With ``snapshot=True`` (the default) the disks are opened read-only for the guest's purposes:
 writes go to a throwaway overlay, so a read-only (e.g. FUSE-served) image can be booted.
@@ -13,6 +14,7 @@ writes go to a throwaway overlay, so a read-only (e.g. FUSE-served) image can be
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import select
 import shutil
@@ -20,7 +22,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -82,6 +84,21 @@ def qemu_command(drives: list[str], firmware: str, snapshot: bool, memory_mib: i
     for d in drives:
         cmd += ["-drive", _drive_arg(d)]
     return cmd
+
+
+def _child_setup() -> Callable[[], None] | None:
+    """A preexec hook making qemu die with its parent (PR_SET_PDEATHSIG) on Linux."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def setup() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+    return setup
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -152,7 +169,8 @@ def boot_check(drives: list[str] | str, expect: str, timeout: float = 60,
             ovmf = (found[0], vars_copy)
         cmd = qemu_command(drive_list, firmware, snapshot, memory_mib, ovmf)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
+                                preexec_fn=_child_setup())
         try:
             reason, buf = _watch(proc, expect.encode(), [g.encode() for g in give_up if g],
                                  start + timeout)
