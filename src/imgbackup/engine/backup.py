@@ -29,8 +29,8 @@ from imgbackup.repository.packs import PackWriter
 from imgbackup.repository.repo import Repository
 
 BACKUP_TYPES = ("auto", "full", "incremental", "differential")
-SEGMENT_BYTES = 16 << 20
-MAX_PENDING_CHUNKS = 48
+SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
+MAX_PENDING_CHUNKS = 12      # sealed-but-unstored chunks: bounds memory, keeps the pool busy
 
 
 @dataclass
@@ -200,7 +200,7 @@ def _scan(source: Source, plan: ReadPlan, which: np.ndarray, kinds: np.ndarray, 
     ranges = ReadPlan(which, kinds, ids, plan.from_parent).ranges(chunk, source.size)
     expected = sum(length for _, length in ranges)
     bytes_read = 0
-    for seg in SegmentReader(source, ranges, segment):
+    for seg in SegmentReader(source, ranges, segment, depth=3):
         plan.mask_unused(seg.offset, seg.data)
         first = seg.offset // chunk
         k, h = scan.scan_chunks(seg.data, chunk, repo.keys.id_key)

@@ -23,7 +23,7 @@ from imgbackup.format.layout import (
 )
 from imgbackup.repository.storage import Storage
 
-PACK_TARGET_SIZE = 32 << 20
+PACK_TARGET_SIZE = 16 << 20
 
 
 def pack_name(pack_id: bytes) -> str:
@@ -52,15 +52,13 @@ class PackWriter:
 
     def _reset(self) -> None:
         self._pack_id = os.urandom(32)
-        self._parts: list[bytes] = [PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION)]
+        self._data = bytearray(PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION))
         self._entries: list[tuple[bytes, int, int, int]] = []
-        self._size = PACK_HEADER.size
 
     def add(self, chunk_id: bytes, blob: bytes, raw_length: int) -> None:
-        self._parts.append(blob)
-        self._entries.append((chunk_id, self._size, len(blob), raw_length))
-        self._size += len(blob)
-        if self._size >= self.target_size:
+        self._entries.append((chunk_id, len(self._data), len(blob), raw_length))
+        self._data += blob
+        if len(self._data) >= self.target_size:
             self.flush()
 
     def flush(self) -> None:
@@ -70,10 +68,9 @@ class PackWriter:
         trailer = PACK_TRAILER_HEAD.pack(PACK_TRAILER_MAGIC, FORMAT_VERSION, len(self._entries))
         trailer += b"".join(PACK_TRAILER_ENTRY.pack(*e) for e in self._entries)
         sealed = self.envelope.seal(OBJ_PACK_TRAILER, self._pack_id, trailer)
-        self._parts += [sealed, PACK_FOOTER.pack(self._size, len(sealed), PACK_FOOTER_MAGIC)]
-        data = b"".join(self._parts)
-        self.storage.put(pack_name(self._pack_id), data)
-        self.bytes_written += len(data)
+        self._data += sealed + PACK_FOOTER.pack(len(self._data), len(sealed), PACK_FOOTER_MAGIC)
+        self.storage.put(pack_name(self._pack_id), self._data)
+        self.bytes_written += len(self._data)
         for cid, off, length, raw in self._entries:
             self.written[cid] = BlobLocation(self._pack_id, off, length, raw)
         self._reset()
