@@ -92,9 +92,10 @@ def content_hash(path: os.PathLike, block: int = 4 * MiB) -> str:
     zero = bytes(block)
     size = os.stat(path).st_size
     h.update(size.to_bytes(8, "little"))
+    done = 0  # blocks below this offset are hashed already (two extents can share a block)
     with open(path, "rb", buffering=0) as f:
         for start, length in data_extents(path):
-            pos = start - start % block
+            pos = max(start - start % block, done)
             f.seek(pos)
             while pos < start + length:
                 buf = f.read(block)
@@ -104,6 +105,7 @@ def content_hash(path: os.PathLike, block: int = 4 * MiB) -> str:
                     h.update(pos.to_bytes(8, "little"))
                     h.update(buf)
                 pos += len(buf)
+            done = max(done, pos)
     return h.hexdigest()
 
 
