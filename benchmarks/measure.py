@@ -6,11 +6,14 @@ Linux include the reaped processes of the whole pipeline (peak RSS is the larges
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,15 +33,26 @@ class Step:
         return asdict(self)
 
 
-def timed(cmd: str, env: dict[str, str], cold: bool = True, timeout: float = 3600) -> Step:
+def _kill_group(pid: int) -> None:
+    """Timeout: end the step's own process group (bash and its pipeline), nothing else."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def timed(cmd: str, env: dict[str, str], cold: bool = True, timeout: float = 900) -> Step:
     """Run one step cold: sync + drop caches, then time it with wall clock and the child's rusage."""
     if cold:
         drop_caches()
     with tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
         proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", cmd], env=env, stdout=subprocess.DEVNULL,
-                                stderr=err)
-        _pid, status, ru = os.wait4(proc.pid, 0)
+                                stderr=err, start_new_session=True)
+        killer = threading.Timer(timeout, _kill_group, (proc.pid,))
+        killer.start()
+        try:
+            _pid, status, ru = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.monotonic() - t0
         err.seek(0)

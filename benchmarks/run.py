@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import shutil
 import sys
@@ -27,8 +28,8 @@ from report import markdown, summarize
 HERE = Path(__file__).resolve().parent
 DISKS = {  # name -> (state files, change list of the last state vs the first)
     "disk4g": (["disk4g-s1.img", "disk4g-s2.img"], "disk4g-s2.changes"),
-    "raw2g": (["raw2g.img"], None),
     "sparse1t": (["sparse1t.img"], None),
+    "raw2g": (["raw2g.img"], None),
 }
 FS_BY_CODE = {"EF00": "fat", "0700": "fat", "8300": "ext4"}
 
@@ -146,15 +147,30 @@ def main() -> None:
         for run in range(a.runs):
             for tool in tools:
                 if applicable(tool, disk, size, lay):
-                    records += one_tool(tool, disk, a.work, lay, ref, run)
+                    records += guarded(tool, disk, a.work, lay, ref, run)
+        summary = write(records, started, a)  # after each disk: a long run keeps what it measured
+    print(markdown(summary, summary["meta"]))
+
+
+def guarded(tool: Tool, disk: str, work: Path, lay: dict, ref: dict, run: int) -> list[dict]:
+    """One tool's steps; an exception in the harness becomes a failed record instead of ending the run."""
+    try:
+        return one_tool(tool, disk, work, lay, ref, run)
+    except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON
+        print(f"  {disk} {tool.name}: harness error {exc}", file=sys.stderr)
+        return [{"disk": disk, "tool": tool.name, "run": run, "step": "full", "wall_s": 0, "cpu_s": 0,
+                 "rss_mib": 0, "ok": False, "error": f"harness: {exc}"}]
+
+
+def write(records: list[dict], started: str, a: argparse.Namespace) -> dict:
     summary = summarize(records)
-    meta = {"started": started, "runs": a.runs, "host": platform.node(), "kernel": platform.release(),
-            "cpus": len(__import__("os").sched_getaffinity(0)), "disks": a.disks}
+    summary["meta"] = {"started": started, "runs": a.runs, "host": platform.node(), "kernel": platform.release(),
+                       "cpus": len(os.sched_getaffinity(0)), "disks": a.disks}
     out = HERE / "results" / f"bench-{started}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "records": records, **summary}, indent=1))
-    print(markdown(summary, meta))
-    print(f"\nJSON: {out}", file=sys.stderr)
+    out.write_text(json.dumps({"records": records, **summary}, indent=1))
+    print(f"JSON: {out}", file=sys.stderr)
+    return summary
 
 
 if __name__ == "__main__":
