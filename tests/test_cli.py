@@ -1,0 +1,105 @@
+"""The CLI contract scripts rely on: JSON documents, exit codes, passphrase sources, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.diskimages import MIB, cli, cli_json, random_image
+from tests.support import loop_device, mounted, need_root, run
+
+BACKUP_FIELDS = {"id", "type", "parent", "source_size", "bytes_read", "bytes_stored", "duration_s"}
+
+
+def test_help_lists_commands_and_exit_codes() -> None:
+    out = cli("--help").stdout
+    for command in ("init", "backup", "list", "info", "restore", "verify", "devices", "delete", "diff", "mount"):
+        assert f"  {command}" in out
+    assert "Exit status" in out and "130" in out and "wrong or missing passphrase" in out
+
+
+def test_backup_json_contract_list_and_info(tmp_path: Path) -> None:
+    src = random_image(tmp_path / "src.img", 8 * MIB, data_fraction=0.5)
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    doc = cli_json("backup", src, repo=repo)
+    assert doc.keys() >= BACKUP_FIELDS
+    assert doc["type"] == "full" and doc["parent"] is None and doc["source_size"] == 8 * MIB
+    second = cli_json("backup", src, repo=repo)
+    assert second["type"] == "incremental" and second["parent"] == doc["id"]
+    listed = cli_json("list", repo=repo)["images"]
+    assert [i["id"] for i in listed] == [doc["id"], second["id"]]
+    info = cli_json("info", doc["id"][:8], repo=repo)
+    assert info["id"] == doc["id"] and info["source"]["size"] == 8 * MIB and info["name"] == "src.img"
+    assert cli_json("info", "latest", "--name", "src.img", repo=repo)["id"] == second["id"]
+    missing = cli("info", "ffffffff", repo=repo)
+    assert missing.returncode == 9 and "no image matches" in missing.stderr
+
+
+def test_passphrase_file_and_no_passphrase_anywhere_in_argv(tmp_path: Path) -> None:
+    secret = tmp_path / "pass"
+    secret.write_text("file-secret\n")
+    repo = tmp_path / "repo"
+    assert cli("init", repo=repo, passphrase=None, IMGBACKUP_PASSPHRASE_FILE=str(secret)).returncode == 0
+    assert cli("list", repo=repo, passphrase="file-secret").returncode == 0  # trailing newline stripped
+    nothing = cli("list", repo=repo, passphrase=None)
+    assert nothing.returncode == 4 and "no terminal" in nothing.stderr
+    wrong = cli("list", repo=repo, passphrase=None, IMGBACKUP_PASSPHRASE_FILE=str(tmp_path / "absent"))
+    assert wrong.returncode == 4
+
+
+def test_init_refusals(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    assert cli("init", "--encryption", "rot13", repo=repo).returncode == 2
+    assert cli("init", "--chunk-size", "12345", repo=repo).returncode == 2
+    cli_json("init", repo=repo)
+    again = cli("init", repo=repo)
+    assert again.returncode == 3 and "already holds a repository" in again.stderr
+    assert cli("list").returncode == 2  # no repository given at all
+
+
+def test_break_lock(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    lock = repo / "locks" / "exclusive"
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": 0.0, "start_time": "1",
+                                "boot_id": "x", "command": "backup"}))
+    src = random_image(tmp_path / "s.img", MIB)
+    held = cli("backup", src, repo=repo)
+    assert held.returncode == 5 and "elsewhere" in held.stderr and "break-lock" in held.stderr
+    assert cli_json("break-lock", repo=repo)["removed"]["host"] == "elsewhere"
+    assert cli("backup", src, repo=repo).returncode == 0
+
+
+def test_mounted_read_write_source_is_refused_unless_allowed(tmp_path: Path) -> None:
+    need_root()
+    fs = tmp_path / "fs.img"
+    with open(fs, "wb") as f:
+        f.truncate(32 * MIB)
+    run("mkfs.ext4", "-q", "-F", fs)
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    with loop_device(fs) as dev, mounted(dev, tmp_path / "mnt", "rw"):
+        refused = cli("backup", dev, repo=repo)
+        assert refused.returncode == 7
+        assert "inconsistent" in refused.stderr and "--allow-mounted" in refused.stderr
+        allowed = cli("backup", dev, "--allow-mounted", "--json", repo=repo)
+        assert allowed.returncode == 0 and "live filesystem" in allowed.stderr
+    assert cli_json("list", repo=repo)["images"][0]["id"] == json.loads(allowed.stdout)["id"]
+
+
+def test_devices_lists_a_loop_device_with_its_filesystem(tmp_path: Path) -> None:
+    need_root()
+    fs = tmp_path / "fs.img"
+    with open(fs, "wb") as f:
+        f.truncate(16 * MIB)
+    run("mkfs.ext4", "-q", "-F", "-L", "devtest", fs)
+    with loop_device(fs) as dev:
+        found = {d["path"]: d for d in cli_json("devices")["devices"]}
+        assert dev in found
+        entry = found[dev]
+        assert entry["size"] == 16 * MIB and entry["fstype"] == "ext4"
+        assert os.path.samefile(entry["backing_file"], fs)
+        text = cli("devices").stdout
+        assert dev in text
