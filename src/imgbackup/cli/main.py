@@ -59,7 +59,8 @@ def run(argv: list[str] | None = None) -> None:
     except ImgBackupError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        _fail(Interrupted("interrupted; the repository is unchanged by this run"))
+        _fail(Interrupted("interrupted: nothing of this run was committed to the repository "
+                          "(a restore target may be partly written)"))
     except OSError as exc:
         _fail(StorageError(f"{exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}"))
     except typer.Exit as exc:
