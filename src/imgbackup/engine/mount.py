@@ -180,9 +180,6 @@ class MountSession:
         if fuse_mounted(self.mountpoint) or state_path(self.mountpoint).exists():
             raise UsageError(f"{self.mountpoint} is already an imgbackup mount",
                              f"run 'imgbackup umount {self.mountpoint}' first")
-        root = getattr(self.repo.storage, "root", None)
-        if isinstance(root, Path) and not root.is_absolute():
-            self.repo.storage.root = root.resolve()   # libfuse chdirs to / even in the foreground
         view = ImageView(self.repo, self.image_id)
         self.volumes = volumes_of(view)
         view.close()       # no read-ahead threads may be running across the fork below

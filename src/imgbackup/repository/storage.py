@@ -54,7 +54,7 @@ class LocalStorage:
     """A repository in a local directory: temp file, fsync, rename, fsync directory."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # a later chdir (FUSE daemons do one) must not move it
 
     def _path(self, name: str) -> Path:
         if name.startswith("/") or ".." in name.split("/"):
