@@ -133,7 +133,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one run, 4 GiB disk only (smoke test)")
     ap.add_argument("--disks", nargs="*", default=list(DISKS))
     ap.add_argument("--tools", nargs="*", help="tool names (prefix match); default all")
+    ap.add_argument("--report", type=Path, help="only print the Markdown of an earlier results JSON")
     a = ap.parse_args()
+    if a.report:
+        data = json.loads(a.report.read_text())
+        print(markdown(summarize(data["records"]), data["meta"]))
+        return
     if a.quick:
         a.runs, a.disks = 1, ["disk4g"]
     tools = [t for t in ALL_TOOLS if not a.tools or any(t.name.startswith(n) for n in a.tools)]
