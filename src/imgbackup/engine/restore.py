@@ -58,25 +58,38 @@ def plan_restore(repo: Repository, image_id: str, target_path: str) -> RestorePl
     return RestorePlan(image, target, data_bytes)
 
 
-def _clear_zero_slots(fd: int, image: ImageIndex, discard: bool) -> int:
-    """On a device, make zero/unused slots read as zeros; writes only where the target is not zero."""
-    chunk = image.chunk_size
+def clear_unwritten(fd: int, image: ImageIndex, discard: bool, window: tuple[int, int] | None = None,
+                    shift: int = 0) -> int:
+    """Make zero/unused slots (clipped to ``window``, written at offset - ``shift``) read as zeros.
+
+    Writes only where the target is not already zero, so a blank or trimmed disk costs reads only.
+    """
+    lo, hi = window or (0, image.size)
     zeroed = 0
-    for start, length in byte_extents(image.kinds != SLOT_DATA, chunk, image.size):
-        end = start + length
+    for start, length in byte_extents(image.kinds != SLOT_DATA, image.chunk_size, image.size):
+        start, end = max(start, lo) - shift, min(start + length, hi) - shift
+        if end <= start:
+            continue
         if discard and zero_out(fd, start, end - start):
             zeroed += end - start
             continue
-        pos = start
-        while pos < end:
-            n = min(ZERO_SCAN_BYTES, end - pos)
-            current = os.pread(fd, n, pos)
-            flags = scan.zero_blocks(current, 4096)
-            for b_first, b_count in slot_runs(flags == 0):
-                off, span = b_first * 4096, min(b_count * 4096, n - b_first * 4096)
-                os.pwrite(fd, bytes(span), pos + off)
-                zeroed += span
-            pos += n
+        zeroed += zero_nonzero(fd, start, end)
+    return zeroed
+
+
+def zero_nonzero(fd: int, start: int, end: int) -> int:
+    """Overwrite the non-zero 4 KiB blocks of ``fd`` in [start, end) with zeros; bytes written."""
+    zeroed = 0
+    pos = start
+    while pos < end:
+        n = min(ZERO_SCAN_BYTES, end - pos)
+        current = os.pread(fd, n, pos)
+        flags = scan.zero_blocks(current, 4096)
+        for b_first, b_count in slot_runs(flags == 0):
+            off, span = b_first * 4096, min(b_count * 4096, len(current) - b_first * 4096)
+            os.pwrite(fd, bytes(span), pos + off)
+            zeroed += span
+        pos += n
     return zeroed
 
 
@@ -85,7 +98,6 @@ def run_restore(repo: Repository, plan: RestorePlan, discard: bool = False,
     started = time.monotonic()
     image = plan.image
     reader = ChunkReader(repo)
-    slots = image.data_slot_numbers()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool:
         if preflight:
             reader.authenticate_all((bytes(row) for row in image.ids), pool)
@@ -93,41 +105,62 @@ def run_restore(repo: Repository, plan: RestorePlan, discard: bool = False,
             raise TargetRefused(f"target {plan.target.path} is too small")
         fd = open_for_writing(plan.target, image.size)
         try:
-            written, verified = _write_data(fd, image, slots, reader, pool, progress)
-            zeroed = _clear_zero_slots(fd, image, discard) if plan.target.is_block_device else 0
+            written, verified = write_slots(fd, image, reader, pool, progress=progress)
+            zeroed = clear_unwritten(fd, image, discard) if plan.target.is_block_device else 0
             os.fsync(fd)
         except OSError as exc:
             raise StorageError(f"writing {plan.target.path} failed: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
-    check = ImageIndex(image.meta, image.kinds, verified)
-    if check.content_digest() != image.meta["content_digest"]:
-        raise VerificationFailed(f"restored content of {plan.target.path} does not match the image digest")
+    check_digest(image, verified, plan.target.path)
     return RestoreResult(image.id, plan.target.path, written, zeroed, round(time.monotonic() - started, 3), True)
 
 
-def _write_data(fd: int, image: ImageIndex, slots: np.ndarray, reader: ChunkReader,
-                pool: ThreadPoolExecutor, progress) -> tuple[int, np.ndarray]:
-    """Fetch, open and write every data slot in order, with a bounded read-ahead on the pool."""
+def check_digest(image: ImageIndex, verified: np.ndarray, where: str) -> None:
+    """Every data slot must have been verified, and together they must give the image's digest."""
+    check = ImageIndex(image.meta, image.kinds, verified)
+    if check.content_digest() != image.meta["content_digest"]:
+        raise VerificationFailed(f"restored content of {where} does not match the image digest")
+
+
+def write_slots(fd: int, image: ImageIndex, reader: ChunkReader, pool: ThreadPoolExecutor,
+                rows: np.ndarray | None = None, window: tuple[int, int] | None = None, shift: int = 0,
+                progress: Callable[[int], None] | None = None) -> tuple[int, np.ndarray]:
+    """Fetch, open and write data slots in order, with a bounded read-ahead on the pool.
+
+    ``rows`` picks data slots by their position in ``image.ids`` (default: all); only the part
+    of each slot inside the image byte range ``window`` is written, at image offset - ``shift``.
+    Returns bytes written and the ids array with the rows that were fetched (keyed hash checked).
+    """
+    slots = image.data_slot_numbers()
+    rows = np.arange(len(slots)) if rows is None else rows
+    lo, hi = window or (0, image.size)
+    cs = image.chunk_size
     verified = np.zeros_like(image.ids)
     pending: deque = deque()
     written = 0
 
-    def fetch(i: int) -> bytes:
-        return reader.read(bytes(image.ids[i]))
+    def fetch(row: int) -> bytes:
+        return reader.read(bytes(image.ids[row]))
 
     def drain() -> None:
         nonlocal written
-        i, fut = pending.popleft()
+        row, fut = pending.popleft()
         plain = fut.result()
-        os.pwrite(fd, plain, int(slots[i]) * image.chunk_size)
-        verified[i] = image.ids[i]
-        written += len(plain)
+        base = int(slots[row]) * cs
+        a, b = max(lo - base, 0), min(hi - base, len(plain))
+        if b > a:
+            os.pwrite(fd, memoryview(plain)[a:b], base + a - shift)
+            written += b - a
+        verified[row] = image.ids[row]
         if progress:
             progress(len(plain))
 
-    for i in range(len(slots)):
-        pending.append((i, pool.submit(fetch, i)))
+    for row in rows:
+        base = int(slots[row]) * cs
+        if base >= hi or base + cs <= lo:
+            continue
+        pending.append((int(row), pool.submit(fetch, int(row))))
         if len(pending) >= LOOKAHEAD_CHUNKS:
             drain()
     while pending:

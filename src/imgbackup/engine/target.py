@@ -17,6 +17,7 @@ from imgbackup.errors import TargetRefused
 
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
+BLKSSZGET = 0x1268
 
 
 @dataclass
@@ -66,16 +67,20 @@ def inspect_target(path: str, needed: int) -> Target:
     return Target(path, False, st.st_size, True, f"{path} (existing file, {st.st_size} bytes)")
 
 
-def open_for_writing(target: Target, size: int) -> int:
-    """Open the target; a file is emptied and set to ``size`` (sparse), a device opened exclusively."""
+def open_for_writing(target: Target, size: int, keep: bool = False) -> int:
+    """Open the target; a file is emptied and set to ``size`` (sparse), a device opened exclusively.
+
+    ``keep`` leaves a file's content in place (a delta restore reads it before writing).
+    """
     if target.is_block_device:
         try:
             return os.open(target.path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
         except OSError as exc:
             raise TargetRefused(f"cannot open {target.path} exclusively: {exc.strerror}",
                                 "is it in use (mounted, a holder)?") from None
-    fd = os.open(target.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.ftruncate(fd, 0)
+    fd = os.open(target.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if not keep:
+        os.ftruncate(fd, 0)
     os.ftruncate(fd, size)
     return fd
 
@@ -87,3 +92,14 @@ def zero_out(fd: int, offset: int, length: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def logical_sector_size(path: str) -> int | None:
+    """The logical sector size of a block device (BLKSSZGET); None for a file."""
+    if not stat.S_ISBLK(os.stat(path).st_mode):
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return struct.unpack("<i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+    finally:
+        os.close(fd)

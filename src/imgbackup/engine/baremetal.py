@@ -1,0 +1,430 @@
+"""Bare-metal restore: an image onto a whole disk of any size, or one partition onto a target.
+
+The plan is made (and every refusal raised) before the target is opened: the image's partition
+table is rewritten in memory for the new disk (``relocate_gpt`` / ``resize_mbr``), which proves it
+fits and gives the resulting table for ``--dry-run``. The run then writes, in this order:
+
+1. pre-flight: every chunk the image needs is authenticated (restore.py's pipeline);
+2. shrink only: the last partition is restored into a sparse temporary file, checked with
+   ``e2fsck -f`` and shrunk with ``resize2fs`` (a refusal naming the bytes needed comes from here,
+   still before the target is opened). Chosen over ``resize2fs`` on the target because the blocks
+   past the new end must be readable while resize2fs moves them, and the target has no room;
+3. the image bytes that stay where they were (all of them, or those before the last partition),
+   zero/unused ranges cleared on devices; with ``delta`` only chunks whose keyed id differs from
+   the target's current chunk are written;
+4. the shrunk filesystem at the last partition's start;
+5. the partition table fitted to the disk (GPT backup header and last usable LBA at the new end,
+   CRCs recomputed; MBR only when a partition changes);
+6. ``grow``: the last partition's filesystem grown by its own tool over a loop device.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from imgbackup._core import scan
+from imgbackup.disklabel import Partition, PartitionTable, read_partition_table
+from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize, relocate_gpt, resize_mbr
+from imgbackup.engine.baremetal_fs import grow_filesystem, shrink_ext_file
+from imgbackup.engine.chunks import ChunkReader
+from imgbackup.engine.imageview import ImageView
+from imgbackup.engine.restore import check_digest, clear_unwritten, write_slots, zero_nonzero
+from imgbackup.engine.target import Target, inspect_target, logical_sector_size, open_for_writing
+from imgbackup.errors import StorageError, TargetRefused
+from imgbackup.format.imageindex import ImageIndex
+from imgbackup.format.layout import SLOT_DATA
+from imgbackup.repository.repo import Repository
+
+MIB = 1 << 20
+GPT_TAIL_SECTORS = 33          # backup entry array (32 sectors of 128 x 128 bytes) + backup header
+DELTA_BATCH_CHUNKS = 16
+EXT_MAGIC_OFFSET = 1024 + 56
+
+
+@dataclass
+class DiskPlan:
+    """What a restore will do. Byte offsets are on the target; ``window`` is an image byte range
+    written verbatim at offset - ``shift``; ``fs_shrink`` = (image offset, image length, new length)."""
+
+    image: ImageIndex
+    target: Target
+    disk_size: int
+    sector_size: int
+    table_kind: str | None
+    partitions: list[dict]
+    writes: list[dict]
+    bytes_to_write: int
+    window: tuple[int, int]
+    shift: int = 0
+    mode: str = "disk"
+    grow: bool = False
+    delta: bool = False
+    partition: int | None = None
+    relocate: bool = False
+    last_end_lba: int | None = None
+    fs_shrink: tuple[int, int, int] | None = None
+    grow_range: tuple[int, int] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"image": self.image.id, "image_size": self.image.size, "target": self.target.to_dict(),
+                "disk_size": self.disk_size, "sector_size": self.sector_size, "mode": self.mode,
+                "grow": self.grow, "delta": self.delta, "partition": self.partition,
+                "table": self.table_kind, "partitions": self.partitions, "writes": self.writes,
+                "bytes_to_write": self.bytes_to_write, "warnings": self.warnings}
+
+
+@dataclass
+class BareMetalResult:
+    image: str
+    target: str
+    disk_size: int
+    bytes_read: int
+    bytes_written: int
+    bytes_zeroed: int
+    duration_s: float
+    verified: bool
+    partitions: list[dict]
+    notes: list[str]
+
+
+def _part_dict(p: Partition, ss: int) -> dict:
+    return {"number": p.number, "start": p.start, "end": p.end, "size": p.size, "start_lba": p.start // ss,
+            "end_lba": p.end // ss - 1, "type": p.type_id, "name": p.name}
+
+
+def _data_bytes(image: ImageIndex, lo: int, hi: int) -> int:
+    """Bytes of data slots inside the image byte range [lo, hi)."""
+    cs = image.chunk_size
+    starts = image.data_slot_numbers().astype(np.int64) * cs
+    return int(np.clip(np.minimum(starts + cs, min(hi, image.size)) - np.maximum(starts, lo), 0, None).sum())
+
+
+def _target_size(target: Target, default: int) -> int:
+    """A device's size; an existing non-empty file is a disk of its size; a new file gets ``default``."""
+    return target.size if target.is_block_device or target.size > 0 else default
+
+
+def _open(repo: Repository, image_id: str, target_path: str) -> tuple[ImageIndex, Target, int]:
+    image = repo.images.load(image_id)
+    target = inspect_target(target_path, 0)
+    ss = int(image.meta.get("source", {}).get("logical_sector_size") or 512)
+    tss = logical_sector_size(target.path) if target.exists else None
+    if tss is not None and tss != ss:
+        raise TargetRefused(f"{target.path} has {tss}-byte sectors, the image was made with {ss}-byte sectors")
+    return image, target, ss
+
+
+def _read_table(image: ImageIndex, view: ImageView, ss: int) -> PartitionTable | None:
+    return read_partition_table(view.read, image.size, ss)
+
+
+def plan_disk_restore(repo: Repository, image_id: str, target_path: str, grow: bool = False,
+                      delta: bool = False) -> DiskPlan:
+    """Plan a whole-disk restore onto ``target_path``; TargetRefused when it cannot work."""
+    image, target, ss = _open(repo, image_id, target_path)
+    disk = _target_size(target, image.size)
+    with ImageView(repo, image) as view:
+        table = _read_table(image, view, ss)
+        plan = DiskPlan(image, target, disk, ss, table.kind if table else None, [], [], 0,
+                        (0, min(disk, image.size)), grow=grow, delta=delta)
+        if table is None or not table.partitions:
+            _plan_plain(plan)
+        else:
+            _plan_table(plan, table, view)
+    if delta and (disk < image.size or plan.fs_shrink):
+        raise TargetRefused("--delta needs a target at least as large as the image (no shrink)")
+    _describe_writes(plan)
+    return plan
+
+
+def _plan_plain(plan: DiskPlan) -> None:
+    """No partition table: the image fits when no data lies past the disk's end."""
+    image = plan.image
+    data = image.data_slot_numbers()
+    end = 0 if len(data) == 0 else min(int(data[-1] + 1) * image.chunk_size, image.size)
+    if plan.disk_size < end:
+        raise TargetRefused(f"target {plan.target.path} is too small: {plan.disk_size} bytes, "
+                            f"the image has data up to byte {end}: {end} bytes needed")
+    if plan.grow:
+        plan.warnings.append("no partition table: nothing to grow")
+
+
+def _new_limit_lba(plan: DiskPlan, kind: str) -> int:
+    sectors = plan.disk_size // plan.sector_size
+    return sectors - 1 - GPT_TAIL_SECTORS if kind == "gpt" else min(sectors, 1 << 32) - 1
+
+
+def _plan_table(plan: DiskPlan, table: PartitionTable, view: ImageView) -> None:
+    image, ss = plan.image, plan.sector_size
+    tail = GPT_TAIL_SECTORS * ss if table.kind == "gpt" else 0
+    last = max(table.partitions, key=lambda p: p.end)
+    limit = _new_limit_lba(plan, table.kind)
+    for p in table.partitions:
+        if p is not last and p.end // ss - 1 > limit:
+            raise TargetRefused(f"target {plan.target.path} is too small: partition {p.number} ends at byte "
+                                f"{p.end}: {p.end + tail} bytes needed")
+    _refuse_data_after(plan, table, last.end, tail, view)
+    shrink_to = None
+    if last.end // ss - 1 > limit:
+        shrink_to = _plan_shrink(plan, table, last, limit, view)
+    elif plan.grow and plan.disk_size > image.size:
+        plan.grow_range = (last.start, 0)    # the end comes from the rewritten table
+    plan.relocate = plan.disk_size != image.size or shrink_to is not None
+    plan.last_end_lba = shrink_to
+    new_table = _rewritten_table(plan, table, view) if plan.relocate else table
+    plan.partitions = [_part_dict(p, ss) for p in new_table.partitions]
+    if plan.grow_range:
+        new_last = max(new_table.partitions, key=lambda p: p.end)
+        if new_last.end > last.end:
+            plan.grow_range = (new_last.start, new_last.size)
+        else:
+            plan.grow_range = None
+            plan.warnings.append("the last partition already ends at the disk's end: nothing to grow")
+
+
+def _refuse_data_after(plan: DiskPlan, table: PartitionTable, last_end: int, tail: int, view: ImageView) -> None:
+    """Data after the last partition (other than the table's own backup copy) must fit the disk.
+
+    Slots are chunk-sized, so a slot holding the backup GPT is read and its other bytes checked.
+    """
+    image = plan.image
+    cs, room = image.chunk_size, plan.disk_size - tail
+    if plan.disk_size >= image.size:
+        return
+    meta = [(o, o + n) for o, n in table.metadata_extents if o >= last_end]
+    for slot in image.data_slot_numbers():
+        lo, hi = max(int(slot) * cs, last_end, room), min((int(slot) + 1) * cs, image.size)
+        if hi <= lo:
+            continue
+        data = bytearray(view.read(lo, hi - lo))
+        for a, b in meta:
+            a, b = max(a, lo), min(b, hi)
+            if b > a:
+                data[a - lo:b - lo] = bytes(b - a)
+        used = len(data.rstrip(b"\0"))
+        if used:
+            raise TargetRefused(f"target {plan.target.path} is too small: the image has data up to byte "
+                                f"{lo + used} after the last partition: {lo + used + tail} bytes needed")
+
+
+def _plan_shrink(plan: DiskPlan, table: PartitionTable, last: Partition, limit: int, view: ImageView) -> int:
+    """The last partition must shrink: only ext can, by resize2fs; returns its new end LBA."""
+    ss = plan.sector_size
+    per_mib = max(1, MIB // ss)
+    end_lba = (limit + 1) // per_mib * per_mib - 1
+    new_len = (end_lba + 1) * ss - last.start
+    tail = GPT_TAIL_SECTORS * ss if table.kind == "gpt" else 0
+    if new_len <= 0:
+        raise TargetRefused(f"target {plan.target.path} is too small: partition {last.number} starts at byte "
+                            f"{last.start}")
+    _check_shrinkable(plan, last.start, last.size, new_len, view, last.start + MIB + tail)
+    plan.fs_shrink = (last.start, last.size, new_len)
+    plan.window = (0, last.start)
+    return end_lba
+
+
+def _check_shrinkable(plan: DiskPlan, start: int, size: int, new_len: int, view: ImageView,
+                      overhead: int) -> None:
+    """Refuse non-ext filesystems, and ext ones whose used blocks cannot fit (used-map estimate)."""
+    if view.read(start + EXT_MAGIC_OFFSET, 2) != b"\x53\xef":
+        raise TargetRefused(f"target {plan.target.path} is smaller than the image and the partition at byte "
+                            f"{start} holds no ext filesystem: only ext2/3/4 can be shrunk (resize2fs); "
+                            f"{start + size} bytes needed")
+    for region in plan.image.meta.get("used_map", {}).get("regions", []):
+        if region.get("start") == start and region.get("mode") == "bitmap":
+            used = int(region.get("used_bytes") or 0)
+            if used > new_len:
+                raise TargetRefused(f"target {plan.target.path} is too small: the filesystem uses {used} bytes, "
+                                    f"about {overhead + used} bytes needed")
+
+
+def _rewritten_table(plan: DiskPlan, table: PartitionTable, view: ImageView) -> PartitionTable:
+    """The table as it will be on the target, made in memory; ValueError becomes a refusal."""
+    ss, image = plan.sector_size, plan.image
+    old, new = image.size // ss, plan.disk_size // ss
+    pieces: dict[int, bytes] = {}
+    try:
+        if table.kind == "gpt":
+            region = (table.first_usable_lba or 34) * ss
+            rw = relocate_gpt(view.read(0, region), old, new, ss, bool(plan.grow_range), plan.last_end_lba)
+            pieces = {0: rw.primary, rw.backup_entries_offset: rw.backup}
+        elif plan.grow_range or plan.last_end_lba is not None:
+            rw = resize_mbr(view.read(0, 512), old, new, ss, bool(plan.grow_range), plan.last_end_lba)
+            pieces = {0: rw.mbr}
+    except ValueError as exc:
+        raise TargetRefused(f"the partition table cannot be fitted to {plan.target.path}: {exc}") from None
+
+    def read(offset: int, length: int) -> bytes:
+        for at, data in pieces.items():
+            if at <= offset and offset + length <= at + len(data):
+                return data[offset - at:offset - at + length]
+        return view.read(offset, length) if offset + length <= image.size else bytes(length)
+
+    new_table = read_partition_table(read, plan.disk_size, ss)
+    if new_table is None:
+        raise TargetRefused("the rewritten partition table does not read back (a bug: please report it)")
+    return new_table
+
+
+def _describe_writes(plan: DiskPlan) -> None:
+    lo, hi = plan.window
+    writes = [{"what": "image bytes" + (" that differ (delta)" if plan.delta else ""),
+               "offset": lo - plan.shift, "length": hi - lo}]
+    total = _data_bytes(plan.image, lo, hi)
+    if plan.fs_shrink:
+        start, _, new_len = plan.fs_shrink
+        writes.append({"what": "last partition's ext filesystem, shrunk by resize2fs",
+                       "offset": start - plan.shift, "length": new_len})
+        total += _data_bytes(plan.image, start, start + plan.fs_shrink[1])
+    if plan.relocate and plan.table_kind == "gpt":
+        writes.append({"what": "GPT fitted to the disk (primary and backup header, protective MBR)",
+                       "offset": 0, "length": plan.disk_size})
+    if plan.grow_range:
+        writes.append({"what": "last partition's filesystem grown by its own tool",
+                       "offset": plan.grow_range[0], "length": plan.grow_range[1]})
+    plan.writes, plan.bytes_to_write = writes, total
+
+
+def plan_partition_restore(repo: Repository, image_id: str, number: int, target_path: str,
+                           grow: bool = False) -> DiskPlan:
+    """Plan restoring partition ``number`` of the image onto a partition, a disk or a file."""
+    image, target, ss = _open(repo, image_id, target_path)
+    with ImageView(repo, image) as view:
+        table = _read_table(image, view, ss)
+        parts = {p.number: p for p in table.partitions} if table else {}
+        if number not in parts:
+            raise TargetRefused(f"image {image.id[:12]} has no partition {number} (it has: "
+                                f"{', '.join(map(str, sorted(parts))) or 'none'})")
+        part = parts[number]
+        size = _target_size(target, part.size)
+        plan = DiskPlan(image, target, size, ss, table.kind, [], [], 0, (part.start, part.end),
+                        shift=part.start, mode="partition", grow=grow, partition=number)
+        if size < part.size:
+            new_len = size // 4096 * 4096
+            _check_shrinkable(plan, part.start, part.size, new_len, view, 0)
+            plan.fs_shrink = (part.start, part.size, new_len)
+            plan.window = (part.start, part.start)
+        elif grow and size > part.size:
+            plan.grow_range = (0, size)
+    plan.partitions = [_part_dict(Partition(number, 0, min(size, part.size), part.type_id, part.name), ss)]
+    _describe_writes(plan)
+    return plan
+
+
+def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, progress=None) -> BareMetalResult:
+    """Carry out a plan (see the module docstring for the order)."""
+    started = time.monotonic()
+    image, target = plan.image, plan.target
+    reader = ChunkReader(repo)
+    notes: list[str] = list(plan.warnings)
+    read = zeroed = 0
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
+            tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
+        reader.authenticate_all((bytes(row) for row in image.ids), pool)
+        shrunk = _shrink_in_temp(plan, reader, pool, tmp) if plan.fs_shrink else None
+        fd = open_for_writing(target, plan.disk_size, keep=plan.delta)
+        try:
+            if plan.delta:
+                read, written, zeroed, verified = _delta(fd, image, repo.keys.id_key, reader, pool, progress)
+            else:
+                written, verified = write_slots(fd, image, reader, pool, window=plan.window, shift=plan.shift,
+                                                progress=progress)
+                if target.is_block_device:
+                    zeroed = clear_unwritten(fd, image, discard, plan.window, plan.shift)
+            if shrunk:
+                w, z = _copy_file_into(fd, shrunk, plan.fs_shrink[0] - plan.shift)
+                written, zeroed = written + w, zeroed + z
+                notes.append(f"filesystem shrunk by resize2fs to {plan.fs_shrink[2]} bytes")
+            _fit_table(fd, plan)
+            os.fsync(fd)
+        except OSError as exc:
+            raise StorageError(f"writing {target.path} failed: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+    full = plan.window == (0, image.size) and not plan.fs_shrink
+    if full:
+        check_digest(image, verified, target.path)
+    if plan.grow_range:
+        notes.append(grow_filesystem(target.path, *plan.grow_range))
+    return BareMetalResult(image.id, target.path, plan.disk_size, read, written, zeroed,
+                           round(time.monotonic() - started, 3), True, plan.partitions, notes)
+
+
+def _shrink_in_temp(plan: DiskPlan, reader: ChunkReader, pool: ThreadPoolExecutor, tmp: str) -> str:
+    start, length, new_len = plan.fs_shrink
+    path = os.path.join(tmp, "partition.img")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, length)
+        write_slots(fd, plan.image, reader, pool, window=(start, start + length), shift=start)
+    finally:
+        os.close(fd)
+    shrink_ext_file(path, new_len, start - plan.shift + (GPT_TAIL_SECTORS * plan.sector_size
+                                                         if plan.table_kind == "gpt" else 0))
+    return path
+
+
+def _copy_file_into(fd: int, path: str, offset: int) -> tuple[int, int]:
+    """Copy a (sparse) file to ``offset``: data written, all-zero blocks zeroed only where not zero."""
+    written = zeroed = 0
+    with open(path, "rb") as f:
+        pos = 0
+        while block := f.read(4 * MIB):
+            if block.count(0) == len(block):
+                zeroed += zero_nonzero(fd, offset + pos, offset + pos + len(block))
+            else:
+                os.pwrite(fd, block, offset + pos)
+                written += len(block)
+            pos += len(block)
+    return written, zeroed
+
+
+def _fit_table(fd: int, plan: DiskPlan) -> None:
+    if not plan.relocate or plan.mode != "disk":
+        return
+    ss = plan.sector_size
+    old, new = plan.image.size // ss, plan.disk_size // ss
+    grow = plan.grow_range is not None
+    try:
+        if plan.table_kind == "gpt":
+            apply_gpt_relocation(fd, old, new, ss, grow, plan.last_end_lba)
+        elif grow or plan.last_end_lba is not None:
+            apply_mbr_resize(fd, old, new, ss, grow, plan.last_end_lba)
+    except ValueError as exc:  # the same rewrite succeeded in memory during planning
+        raise StorageError(f"fitting the partition table failed: {exc}") from None
+
+
+def _delta(fd: int, image: ImageIndex, key: bytes, reader: ChunkReader, pool: ThreadPoolExecutor,
+           progress) -> tuple[int, int, int, np.ndarray]:
+    """Read the target chunk by chunk; write only data chunks whose id differs, zero what should be."""
+    cs = image.chunk_size
+    full = image.ids_by_slot()
+    rank = np.cumsum(image.kinds == SLOT_DATA) - 1
+    verified = np.zeros_like(image.ids)
+    stale: list[np.ndarray] = []
+    read = zeroed = 0
+    step = DELTA_BATCH_CHUNKS * cs
+    for pos in range(0, image.size, step):
+        buf = os.pread(fd, min(step, image.size - pos), pos)
+        read += len(buf)
+        kinds, ids = scan.scan_chunks(buf, cs, key)
+        s0 = pos // cs
+        want = image.kinds[s0:s0 + len(kinds)]
+        same = np.all(ids == full[s0:s0 + len(kinds)], axis=1) & (kinds == scan.DATA)
+        is_data = want == SLOT_DATA
+        verified[rank[s0:s0 + len(kinds)][is_data & same]] = full[s0:s0 + len(kinds)][is_data & same]
+        stale.append(rank[s0:s0 + len(kinds)][is_data & ~same])
+        for j in np.flatnonzero(~is_data & (kinds != scan.ZERO)):
+            a = (s0 + int(j)) * cs
+            zeroed += zero_nonzero(fd, a, min(a + cs, image.size))
+    rows = np.concatenate(stale) if stale else np.zeros(0, np.int64)
+    written, fetched = write_slots(fd, image, reader, pool, rows=rows, progress=progress)
+    verified[rows] = fetched[rows]
+    return read, written, zeroed, verified
