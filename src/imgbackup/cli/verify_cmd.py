@@ -18,9 +18,18 @@ def verify(
     json_out: JsonOption = False,
     filesystems: Annotated[bool, typer.Option("--filesystems", help="Also run each partition's filesystem "
                                               "checker on the mounted image and count its files.")] = False,
+    boot: Annotated[bool, typer.Option("--boot", help="Boot the image read-only in QEMU (TCG) and wait for "
+                                       "--expect on the serial console; exit 11 if it does not boot.")] = False,
+    expect: Annotated[str | None, typer.Option(help="Text the booted system prints on the serial console.")]
+    = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for --expect.")] = 120,
+    firmware: Annotated[str, typer.Option(help="bios or uefi (OVMF).")] = "bios",
 ) -> None:
     """Read and authenticate every chunk an image references (or all images)."""
     r = open_repo(repo)
+    if boot:
+        _verify_boot(r, image, name, expect, timeout, firmware, json_out)
+        return
     if filesystems and not image:
         raise UsageError("--filesystems needs an IMAGE (an id prefix or 'latest')")
     ids = [r.images.resolve(image, name)] if image else None
@@ -43,6 +52,25 @@ def verify(
         raise VerificationFailed(f"{sum(not c.ok for c in report.images)} image(s) damaged")
     if fs and not fs.ok:
         raise VerificationFailed(f"{sum(not p.ok for p in fs.partitions)} filesystem check(s) failed")
+
+
+def _verify_boot(r, image: str | None, name: str | None, expect: str | None, timeout: float, firmware: str,
+                 json_out: bool) -> None:
+    from imgbackup.engine.bootverify import boot_verify
+
+    if not image or not expect:
+        raise UsageError("--boot needs an IMAGE and --expect TEXT")
+    if firmware not in ("bios", "uefi"):
+        raise UsageError("--firmware must be bios or uefi")
+    result = boot_verify(r, r.images.resolve(image, name), expect, timeout, firmware)
+    if json_out:
+        emit_json(result.to_dict())
+    else:
+        state = "booted" if result.booted else f"NOT booted ({result.reason})"
+        typer.echo(f"{result.image[:12]}: {state} after {result.seconds:.1f} s ({firmware})")
+        typer.echo("console tail:\n" + "\n".join(result.console_tail.splitlines()[-20:]))
+    if not result.booted:
+        raise VerificationFailed(f"image {result.image[:12]} did not boot: {result.reason}")
 
 
 def _check_filesystems(r, image_id: str):
