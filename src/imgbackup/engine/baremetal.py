@@ -28,22 +28,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from imgbackup._core import scan
 from imgbackup.disklabel import Partition, PartitionTable, read_partition_table
 from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize, relocate_gpt, resize_mbr
 from imgbackup.engine.baremetal_fs import grow_filesystem, shrink_ext_file
 from imgbackup.engine.chunks import ChunkReader
 from imgbackup.engine.imageview import ImageView
-from imgbackup.engine.restore import check_digest, clear_unwritten, write_slots, zero_nonzero
+from imgbackup.engine.restore import check_digest, clear_unwritten, write_delta, write_slots, zero_nonzero
 from imgbackup.engine.target import Target, inspect_target, logical_sector_size, open_for_writing
 from imgbackup.errors import StorageError, TargetRefused
 from imgbackup.format.imageindex import ImageIndex
-from imgbackup.format.layout import SLOT_DATA
 from imgbackup.repository.repo import Repository
 
 MIB = 1 << 20
 GPT_TAIL_SECTORS = 33          # backup entry array (32 sectors of 128 x 128 bytes) + backup header
-DELTA_BATCH_CHUNKS = 16
 EXT_MAGIC_OFFSET = 1024 + 56
 
 
@@ -332,7 +329,7 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, pr
         fd = open_for_writing(target, plan.disk_size, keep=plan.delta)
         try:
             if plan.delta:
-                read, written, zeroed, verified = _delta(fd, image, repo.keys.id_key, reader, pool, progress)
+                read, written, zeroed, verified = write_delta(fd, image, repo.keys.id_key, reader, pool, progress)
             else:
                 written, verified = write_slots(fd, image, reader, pool, window=plan.window, shift=plan.shift,
                                                 progress=progress)
@@ -399,32 +396,3 @@ def _fit_table(fd: int, plan: DiskPlan) -> None:
             apply_mbr_resize(fd, old, new, ss, grow, plan.last_end_lba)
     except ValueError as exc:  # the same rewrite succeeded in memory during planning
         raise StorageError(f"fitting the partition table failed: {exc}") from None
-
-
-def _delta(fd: int, image: ImageIndex, key: bytes, reader: ChunkReader, pool: ThreadPoolExecutor,
-           progress) -> tuple[int, int, int, np.ndarray]:
-    """Read the target chunk by chunk; write only data chunks whose id differs, zero what should be."""
-    cs = image.chunk_size
-    full = image.ids_by_slot()
-    rank = np.cumsum(image.kinds == SLOT_DATA) - 1
-    verified = np.zeros_like(image.ids)
-    stale: list[np.ndarray] = []
-    read = zeroed = 0
-    step = DELTA_BATCH_CHUNKS * cs
-    for pos in range(0, image.size, step):
-        buf = os.pread(fd, min(step, image.size - pos), pos)
-        read += len(buf)
-        kinds, ids = scan.scan_chunks(buf, cs, key)
-        s0 = pos // cs
-        want = image.kinds[s0:s0 + len(kinds)]
-        same = np.all(ids == full[s0:s0 + len(kinds)], axis=1) & (kinds == scan.DATA)
-        is_data = want == SLOT_DATA
-        verified[rank[s0:s0 + len(kinds)][is_data & same]] = full[s0:s0 + len(kinds)][is_data & same]
-        stale.append(rank[s0:s0 + len(kinds)][is_data & ~same])
-        for j in np.flatnonzero(~is_data & (kinds != scan.ZERO)):
-            a = (s0 + int(j)) * cs
-            zeroed += zero_nonzero(fd, a, min(a + cs, image.size))
-    rows = np.concatenate(stale) if stale else np.zeros(0, np.int64)
-    written, fetched = write_slots(fd, image, reader, pool, rows=rows, progress=progress)
-    verified[rows] = fetched[rows]
-    return read, written, zeroed, verified

@@ -28,6 +28,7 @@ from imgbackup.repository.repo import Repository
 
 LOOKAHEAD_CHUNKS = 32
 ZERO_SCAN_BYTES = 16 << 20
+DELTA_BATCH_CHUNKS = 16
 
 
 @dataclass
@@ -166,3 +167,32 @@ def write_slots(fd: int, image: ImageIndex, reader: ChunkReader, pool: ThreadPoo
     while pending:
         drain()
     return written, verified
+
+
+def write_delta(fd: int, image: ImageIndex, key: bytes, reader: ChunkReader, pool: ThreadPoolExecutor,
+                progress) -> tuple[int, int, int, np.ndarray]:
+    """Read the target chunk by chunk; write only data chunks whose id differs, zero what should be."""
+    cs = image.chunk_size
+    full = image.ids_by_slot()
+    rank = np.cumsum(image.kinds == SLOT_DATA) - 1
+    verified = np.zeros_like(image.ids)
+    stale: list[np.ndarray] = []
+    read = zeroed = 0
+    step = DELTA_BATCH_CHUNKS * cs
+    for pos in range(0, image.size, step):
+        buf = os.pread(fd, min(step, image.size - pos), pos)
+        read += len(buf)
+        kinds, ids = scan.scan_chunks(buf, cs, key)
+        s0 = pos // cs
+        want = image.kinds[s0:s0 + len(kinds)]
+        same = np.all(ids == full[s0:s0 + len(kinds)], axis=1) & (kinds == scan.DATA)
+        is_data = want == SLOT_DATA
+        verified[rank[s0:s0 + len(kinds)][is_data & same]] = full[s0:s0 + len(kinds)][is_data & same]
+        stale.append(rank[s0:s0 + len(kinds)][is_data & ~same])
+        for j in np.flatnonzero(~is_data & (kinds != scan.ZERO)):
+            a = (s0 + int(j)) * cs
+            zeroed += zero_nonzero(fd, a, min(a + cs, image.size))
+    rows = np.concatenate(stale) if stale else np.zeros(0, np.int64)
+    written, fetched = write_slots(fd, image, reader, pool, rows=rows, progress=progress)
+    verified[rows] = fetched[rows]
+    return read, written, zeroed, verified
