@@ -197,3 +197,32 @@ def random_payload(env: dict) -> bytes:
     out = env["base"] / "source-payload.bin"
     run("debugfs", "-R", f"dump /payload.bin {out}", fs)
     return out.read_bytes()
+
+
+def test_grow_xfs_with_xfs_growfs(env: dict, tmp_path: Path) -> None:
+    """XFS grows only while mounted: the restore mounts it on a temp dir, grows it, unmounts it."""
+    need_root()
+    need_tool("mkfs.xfs", "xfs_repair", "xfs_db")
+    disk = blank(tmp_path / "xfs.img", 322)        # mkfs.xfs wants at least 300 MiB
+    run("sgdisk", "-o", "-n1:2048:0", disk)
+    start, length = root_range_n(disk, 1)
+    with loop_device(disk, offset=start, sizelimit=length) as dev:
+        run("mkfs.xfs", "-q", "-f", "-L", "bmxfs", dev)
+    image = cli_json("backup", disk, "--name", "xfs", repo=env["repo"])["id"]
+    target = blank(tmp_path / "big.img", 400)
+    doc = cli_json("restore", image, target, "--grow", "--yes", repo=env["repo"])
+    assert any("xfs_growfs" in n for n in doc["notes"]), doc["notes"]
+    new_start, new_length = root_range_n(target, 1)
+    assert new_start == start and new_start + new_length == 399 * MIB
+    with loop_device(target, offset=new_start, sizelimit=new_length) as dev:
+        assert run("xfs_repair", "-n", dev, check=False).returncode == 0
+        dblocks = int(run("xfs_db", "-r", "-c", "sb 0", "-c", "p dblocks", dev).stdout.split("=")[1])
+        assert dblocks * 4096 == new_length
+    assert "imgbackup-grow" not in Path("/proc/mounts").read_text()
+
+
+def root_range_n(disk: Path, number: int) -> tuple[int, int]:
+    out = run("sfdisk", "-d", disk).stdout
+    line = next(x for x in out.splitlines() if x.startswith(f"{disk}{number} "))
+    fields = dict(f.strip().split("=", 1) for f in line.split(":", 1)[1].split(",") if "=" in f)
+    return int(fields["start"]) * SS, int(fields["size"]) * SS

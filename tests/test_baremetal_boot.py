@@ -21,7 +21,7 @@ from test_bootdisk import qemu_holding
 MIB = 1 << 20
 SS = 512
 BOOT_TIMEOUT = 150
-FIRMWARE = {"bios-gpt": "bios", "uefi": "uefi"}
+FIRMWARE = {"bios-gpt": "bios", "bios-mbr": "bios", "uefi": "uefi"}
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cli_json("init", repo=repo)
     made: dict[str, tuple[Path, str, str]] = {}
 
-    def disk(kind: str) -> tuple[Path, str, str]:
+    def disk(kind: str, size_mib: int = 96) -> tuple[Path, str, str]:
         if kind == "uefi":
             need(boot.find_ovmf() is not None, "needs ovmf")
         if kind not in made:
             marker = f"BM-{kind}-OK"
-            path = build_boot_disk(base / f"{kind}.img", kind, size_mib=96, marker=marker)
+            path = build_boot_disk(base / f"{kind}.img", kind, size_mib=size_mib, marker=marker)
             image = cli_json("backup", path, "--name", kind, repo=repo)["id"]
             made[kind] = (path, marker, image)
         return made[kind]
@@ -80,6 +80,23 @@ def test_grow_onto_twice_the_disk_boots(env: dict, tmp_path: Path) -> None:
     assert (root["start"] + root["size"]) * SS == 191 * MIB  # to the last whole MiB before the backup GPT
     root_fsck(target)
     result = boots(target, marker, "bios-gpt")
+    assert result.booted, result.console_tail
+
+
+@pytest.mark.slow
+def test_mbr_disk_grown_boots(env: dict, tmp_path: Path) -> None:
+    """bios-mbr: the MBR's last partition is extended only because of --grow; its ext4 grown too."""
+    src, marker, image = env["disk"]("bios-mbr", 48)
+    plain = blank(tmp_path / "plain.img", 96)
+    cli_json("restore", image, plain, "--yes", repo=env["repo"])
+    assert plain.read_bytes()[:512] == src.read_bytes()[:512]   # without --grow the MBR is untouched
+    target = blank(tmp_path / "big.img", 96)
+    cli_json("restore", image, target, "--grow", "--yes", repo=env["repo"])
+    assert "No errors detected" in run("sfdisk", "--verify", target).stdout
+    root = partitions(target)[-1]
+    assert (root["start"] + root["size"]) * SS == 96 * MIB
+    root_fsck(target)
+    result = boots(target, marker, "bios-mbr")
     assert result.booted, result.console_tail
 
 
