@@ -40,25 +40,34 @@ def _kill_group(pid: int) -> None:
 
 
 def timed(cmd: str, env: dict[str, str], cold: bool = True, timeout: float = 900) -> Step:
-    """Run one step cold: sync + drop caches, then time it with wall clock and the child's rusage."""
+    """Run one step cold: sync + drop caches, then time it (wall clock; CPU and peak RSS by /usr/bin/time).
+
+    /usr/bin/time forks the step from its own small process: a child forked from this Python process would
+    inherit its resident size as the floor of ``ru_maxrss``.
+    """
     if cold:
         drop_caches()
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as usage:
         t0 = time.monotonic()
-        proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", cmd], env=env, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+        proc = subprocess.Popen(["/usr/bin/time", "-q", "-f", "%U %S %M", "-o", usage.name,
+                                 "bash", "-o", "pipefail", "-c", cmd],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         killer = threading.Timer(timeout, _kill_group, (proc.pid,))
         killer.start()
         try:
-            _pid, status, ru = os.wait4(proc.pid, 0)
+            proc.wait()
         finally:
             killer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.monotonic() - t0
         err.seek(0)
         tail = err.read()[-1500:].decode(errors="replace").strip()
+        fields = usage.read().split()
+    try:
+        user, system, rss_kib = float(fields[-3]), float(fields[-2]), float(fields[-1])
+    except (IndexError, ValueError):
+        user = system = rss_kib = 0.0  # killed before /usr/bin/time could write
     ok = proc.returncode == 0
-    return Step(round(wall, 3), round(ru.ru_utime + ru.ru_stime, 3), round(ru.ru_maxrss / 1024, 1), ok,
+    return Step(round(wall, 3), round(user + system, 3), round(rss_kib / 1024, 1), ok,
                 "" if ok else f"exit {proc.returncode}: {tail}")
 
 
