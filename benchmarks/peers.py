@@ -45,6 +45,7 @@ class Tool:
     incremental = False   # the second backup stores only what changed
     used_blocks = False   # restores only used blocks: judged per filesystem, not by the disk hash
     reads_all = True      # reads every byte of the disk (skipped on the 1 TiB sparse disk)
+    restore_walks_all = False  # restore handles every byte, holes too (restore skipped on the 1 TiB disk)
     needs_parts = False
     needs_changes = False
 
@@ -86,6 +87,7 @@ class Borg(Tool):
     name = "borg"
     encrypted = incremental = True
     reads_all = False  # --sparse with the fixed chunker skips holes
+    restore_walks_all = True  # extract --sparse still runs through every hole chunk: ~0.8 GB/s, 23 min per TiB
 
     def env(self, ctx: Ctx) -> dict[str, str]:
         return {**os.environ, "BORG_PASSPHRASE": PASSPHRASE, "BORG_BASE_DIR": str(ctx.repo) + ".base",
