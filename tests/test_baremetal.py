@@ -226,3 +226,27 @@ def root_range_n(disk: Path, number: int) -> tuple[int, int]:
     line = next(x for x in out.splitlines() if x.startswith(f"{disk}{number} "))
     fields = dict(f.strip().split("=", 1) for f in line.split(":", 1)[1].split(",") if "=" in f)
     return int(fields["start"]) * SS, int(fields["size"]) * SS
+
+
+def test_shrink_refusal_names_resize2fs_minimum(tmp_path: Path) -> None:
+    """When the used-map estimate passes but resize2fs -P says no, the refusal names its minimum."""
+    from imgbackup.engine.baremetal_fs import shrink_ext_file
+    from imgbackup.errors import TargetRefused
+
+    need_tool("mkfs.ext4", "resize2fs", "e2fsck")
+    fs = tmp_path / "fs.img"
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "payload.bin").write_bytes(random.Random(1).randbytes(12 * MIB))
+    run("mkfs.ext4", "-q", "-F", "-b", "4096", "-d", stage, fs, "32M")
+    with pytest.raises(TargetRefused) as err:
+        shrink_ext_file(str(fs), 8 * MIB, 1000)
+    estimate = int(run("resize2fs", "-P", fs).stdout.split(":")[-1]) * 4096
+    assert f"at least {estimate} bytes" in str(err.value)
+    assert f"needs {1000 + estimate} bytes" in str(err.value)
+    assert fs.stat().st_size == 32 * MIB                   # refused before resize2fs touched it
+    shrink_ext_file(str(fs), 24 * MIB, 0)                 # room enough: shrunk, clean, cut
+    assert fs.stat().st_size == 24 * MIB
+    blocks = int(run("dumpe2fs", "-h", fs).stdout.split("Block count:")[1].split()[0])
+    assert blocks * 4096 == 24 * MIB
+    assert run("e2fsck", "-fn", fs, check=False).returncode == 0
