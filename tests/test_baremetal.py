@@ -250,3 +250,17 @@ def test_shrink_refusal_names_resize2fs_minimum(tmp_path: Path) -> None:
     blocks = int(run("dumpe2fs", "-h", fs).stdout.split("Block count:")[1].split()[0])
     assert blocks * 4096 == 24 * MIB
     assert run("e2fsck", "-fn", fs, check=False).returncode == 0
+
+
+def test_dry_run_on_a_device_names_it_and_4kn_is_refused(env: dict, tmp_path: Path) -> None:
+    need_root()
+    target = blank(tmp_path / "dev.img", 96)
+    with loop_device(target) as dev:
+        plan = cli_json("restore", env["image"], dev, "--dry-run", repo=env["repo"])
+        assert plan["identity"]["kind"] == "loop" and plan["identity"]["size"] == 96 * MIB
+        assert plan["identity"]["backing_file"] == str(target)
+        assert plan["partitions"][-1]["end"] == sum(root_range(env["disk"]))   # not grown without --grow
+    with loop_device(target, sector_size=4096) as dev:
+        proc = cli("restore", env["image"], dev, "--yes", repo=env["repo"])
+        assert proc.returncode == 8 and "4096-byte sectors" in proc.stderr, proc.stderr
+    assert target.read_bytes() == bytes(96 * MIB)

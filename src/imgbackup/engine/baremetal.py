@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imgbackup.device.identity import identify
 from imgbackup.disklabel import Partition, PartitionTable, read_partition_table
 from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize, relocate_gpt, resize_mbr
 from imgbackup.engine.baremetal_fs import grow_filesystem, shrink_ext_file
@@ -71,6 +72,7 @@ class DiskPlan:
 
     def to_dict(self) -> dict:
         return {"image": self.image.id, "image_size": self.image.size, "target": self.target.to_dict(),
+                "identity": _identity(self.target),
                 "disk_size": self.disk_size, "sector_size": self.sector_size, "mode": self.mode,
                 "grow": self.grow, "delta": self.delta, "partition": self.partition,
                 "table": self.table_kind, "partitions": self.partitions, "writes": self.writes,
@@ -89,6 +91,15 @@ class BareMetalResult:
     verified: bool
     partitions: list[dict]
     notes: list[str]
+
+
+def _identity(target: Target) -> dict:
+    """Model, serial and size of a block device target (what a sysadmin checks before overwriting)."""
+    if not target.is_block_device:
+        return {"kind": "file", "size": target.size}
+    ident = identify(target.path)
+    return {"kind": ident.kind, "model": ident.model, "serial": ident.serial, "vendor": ident.vendor,
+            "size": ident.size, "backing_file": ident.backing_file}
 
 
 def _part_dict(p: Partition, ss: int) -> dict:
