@@ -70,13 +70,20 @@ def test_loop_device_round_trip_to_file_and_devices(disk: dict, tmp_path: Path) 
         assert sha256_file(dev, size) == want
     assert sha256_file(same) == want
 
+    # A larger disk: the GPT's backup copy moves to the new end (bare-metal restore), so the disk is
+    # not byte-equal as a whole, but every partition is, and the table is valid for the new size.
     larger = _junk_file(tmp_path / "larger.img", size + 8 * MIB)
     with loop_device(larger) as dev:
         _restore(repo, "latest", dev)
-        assert sha256_file(dev, size) == want
+    for part in disk["partitions"]:
+        with open(larger, "rb") as got, open(disk["path"], "rb") as src:
+            got.seek(part["offset"])
+            src.seek(part["offset"])
+            assert got.read(part["size"]) == src.read(part["size"]), f"partition {part['number']} differs"
+    _check_filesystems(larger, disk)
     with open(larger, "rb") as f:
         f.seek(size)
-        assert f.read() == JUNK * 8 * MIB, "restore wrote past the image size"
+        assert f.read(8 * MIB - 64 * 512) == JUNK * (8 * MIB - 64 * 512), "restore wrote past the image"
 
 
 def _change_files(image: Path, info: dict, mnt: Path) -> None:

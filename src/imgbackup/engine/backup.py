@@ -20,7 +20,7 @@ from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
 from imgbackup.device.source import Source, open_source
 from imgbackup.engine.changelist import read_change_list
-from imgbackup.engine.reader import SegmentReader
+from imgbackup.engine.reader import Segment, SegmentReader
 from imgbackup.engine.readplan import ReadPlan, plan_reads
 from imgbackup.errors import SourceError, UsageError
 from imgbackup.format.imageindex import ImageIndex
@@ -31,6 +31,7 @@ from imgbackup.repository.repo import Repository
 BACKUP_TYPES = ("auto", "full", "incremental", "differential")
 SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
 MAX_PENDING_CHUNKS = 12      # sealed-but-unstored chunks: bounds memory, keeps the pool busy
+SCANS_IN_FLIGHT = 2          # segments being hashed at once (one per core)
 
 
 @dataclass
@@ -125,7 +126,8 @@ class _Storer:
         if chunk_id in self.known or chunk_id in self.queued:
             return False
         self.queued.add(chunk_id)
-        self.pending.append((chunk_id, len(data), self.pool.submit(self.repo.envelope.seal, OBJ_CHUNK, chunk_id, data)))
+        plain = bytes(data)  # the segment buffer is reused as soon as the segment is settled
+        self.pending.append((chunk_id, len(plain), self.pool.submit(self.repo.envelope.seal, OBJ_CHUNK, chunk_id, plain)))
         while len(self.pending) > MAX_PENDING_CHUNKS:
             self._drain_one()
         return True
@@ -194,23 +196,41 @@ def _change_mask(req: BackupRequest, source: Source, chunk: int, parent: ImageIn
 
 def _scan(source: Source, plan: ReadPlan, which: np.ndarray, kinds: np.ndarray, ids: np.ndarray,
           storer: _Storer, repo: Repository, progress) -> int:
-    """Read the slots in ``which``, classify and hash them natively, offer new chunks; bytes read."""
+    """Read the slots in ``which``, classify and hash them natively, offer new chunks; bytes read.
+
+    Segments are hashed single-threaded but concurrently on the pool (the GIL is released):
+    measured here, an OpenMP team per 8 MiB segment ran at half the speed of one thread as soon
+    as the other core was busy, since every region ends in a barrier.
+    """
     chunk = repo.chunk_size
     segment = max(SEGMENT_BYTES // chunk, 1) * chunk
     ranges = ReadPlan(which, kinds, ids, plan.from_parent).ranges(chunk, source.size)
     expected = sum(length for _, length in ranges)
     bytes_read = 0
-    for seg in SegmentReader(source, ranges, segment, depth=3):
-        plan.mask_unused(seg.offset, seg.data)
+    scans: deque[tuple[Segment, Future]] = deque()
+
+    def settle() -> None:
+        nonlocal bytes_read
+        seg, fut = scans.popleft()
+        k, h = fut.result()
         first = seg.offset // chunk
-        k, h = scan.scan_chunks(seg.data, chunk, repo.keys.id_key)
         kinds[first : first + len(k)] = k
         ids[first : first + len(k)] = h
         for i in np.flatnonzero(k == SLOT_DATA):
             storer.offer(bytes(h[i]), seg.data[i * chunk : (i + 1) * chunk])
         bytes_read += len(seg.data)
+        reader.release(seg)
         if progress:
             progress(len(seg.data))
+
+    reader = SegmentReader(source, ranges, segment, buffers=SCANS_IN_FLIGHT + 3)
+    for seg in reader:
+        plan.mask_unused(seg.offset, seg.data)
+        scans.append((seg, storer.pool.submit(scan.scan_chunks, seg.data, chunk, repo.keys.id_key, nthreads=1)))
+        if len(scans) >= SCANS_IN_FLIGHT:
+            settle()
+    while scans:
+        settle()
     if bytes_read != expected:
         raise SourceError(f"{source.path} ended early: read {bytes_read} of {expected} bytes")
     return bytes_read
