@@ -17,7 +17,7 @@ import numpy as np
 
 from imgbackup.disklabel import Partition, PartitionTable, is_extended, read_partition_table
 from imgbackup.disklabel.mbr import PROTECTIVE_TYPE, parse_sector
-from imgbackup.fsmap import ext, fat, swap, xfs
+from imgbackup.fsmap import ext, fat, ntfs, swap, xfs
 from imgbackup.fsmap.base import (
     FsMapUnsure,
     FsUsage,
@@ -31,7 +31,7 @@ from imgbackup.fsmap.base import (
 
 __all__ = ["FILESYSTEMS", "FsMapUnsure", "FsUsage", "RegionReport", "UsedMap", "map_region", "read_used_map"]
 
-FILESYSTEMS: dict[str, ModuleType] = {"ext": ext, "vfat": fat, "swap": swap, "xfs": xfs}
+FILESYSTEMS: dict[str, ModuleType] = {"ext": ext, "vfat": fat, "ntfs": ntfs, "swap": swap, "xfs": xfs}
 """fstype -> module with ``probe(read, offset, length)`` and ``used_blocks(read, offset, length)``."""
 
 PARSE_ERRORS = (ValueError, IndexError, KeyError, OverflowError, ZeroDivisionError, struct.error)

@@ -129,12 +129,18 @@ def _parse_attr(rec: bytes, pos: int, length: int) -> Attr:
                 bytes(rec[pos + mp_ofs:pos + length]))
 
 
-def parse_record(raw: bytes, number: int, record_size: int) -> list[Attr]:
-    """The attributes of base MFT record ``number`` (fixups applied and checked)."""
+def fixed_record(raw: bytes, number: int) -> bytearray:
+    """MFT record ``number`` with its fixups checked and undone."""
     rec = bytearray(raw)
     if rec[:4] != b"FILE":
         raise FsMapUnsure(f"NTFS MFT record {number}: no FILE signature")
     apply_fixups(rec, f"MFT record {number}")
+    return rec
+
+
+def parse_record(raw: bytes, number: int, record_size: int) -> list[Attr]:
+    """The attributes of base MFT record ``number`` (fixups applied and checked)."""
+    rec = fixed_record(raw, number)
     attrs_ofs, flags, in_use, allocated = struct.unpack_from("<HHII", rec, 20)
     base = struct.unpack_from("<Q", rec, 32)[0]
     if not flags & MFT_RECORD_IN_USE or base != 0:
@@ -237,10 +243,22 @@ class _Mft:
         if self.runs[0][0] != boot.mft_lcn or data.data_size < (REC_BITMAP + 1) * boot.record_size:
             raise FsMapUnsure("NTFS $MFT: its data does not start at the boot sector's MFT cluster")
 
-    def record(self, number: int) -> list[Attr]:
+    def raw(self, number: int) -> bytes:
         size = self.boot.record_size
-        raw = _read_runs(self.read, self.offset, self.boot, self.runs, number * size, size)
-        return parse_record(raw, number, size)
+        return _read_runs(self.read, self.offset, self.boot, self.runs, number * size, size)
+
+    def record(self, number: int) -> list[Attr]:
+        return parse_record(self.raw(number), number, self.boot.record_size)
+
+    def check_mirror(self) -> None:
+        """Records 0-3 must equal their copies in $MFTMirr (ntfs-3g refuses to mount otherwise)."""
+        size, base = self.boot.record_size, self.offset + self.boot.mftmirr_lcn * self.boot.cluster_size
+        for number in range(REC_VOLUME + 1):
+            rec = fixed_record(self.raw(number), number)
+            mirror = fixed_record(read_exact(self.read, base + number * size, size), number)
+            in_use = struct.unpack_from("<I", rec, 24)[0]
+            if rec[:in_use] != mirror[:in_use]:
+                raise FsMapUnsure(f"NTFS $MFTMirr does not match $MFT (record {number})")
 
     def data_runs(self, number: int, what: str) -> tuple[Attr, list[tuple[int, int]]]:
         data = _unnamed(self.record(number), AT_DATA, what)
@@ -318,6 +336,7 @@ def used_blocks(read: Reader, offset: int, length: int) -> FsUsage:
     if boot.total_sectors * boot.bytes_per_sector > length:
         raise FsMapUnsure("NTFS volume is larger than its region")
     mft = _Mft(read, offset, boot)
+    mft.check_mirror()
     check_volume_clean(mft)
     check_logfile_clean(mft)
     bm_attr, bm_runs = mft.data_runs(REC_BITMAP, "$Bitmap")
