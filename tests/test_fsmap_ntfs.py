@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tests.support import need, need_root, need_tool, run
 from tests.test_fsmap_common import MIB, assert_covers, blank, image_reader, map_of, partclone_used
 
-from imgbackup.fsmap import ntfs
+from imgbackup.fsmap import ntfs, read_used_map
 
 FILES = {"big.bin": 900_000, "keep.txt": 5, "gone1.bin": 300_000, "sub/mid.bin": 250_000,
          "sub/gone2.bin": 120_000, "sub/tiny": 1}
@@ -200,3 +202,38 @@ def test_gpt_disk_with_ntfs_partition(tmp_path: Path) -> None:
     _cs, total, free = geometry(part)
     assert region.used_bytes == region.size - free * 4096
     assert m.used_count < m.nbits // 2
+
+
+@pytest.fixture(scope="module")
+def small_ntfs(tmp_path_factory) -> tuple[bytes, list[int]]:
+    """A small volume and the byte offsets worth damaging: boot sector, MFT records 0-7, $Bitmap."""
+    need_tool("mkntfs")
+    img = blank(tmp_path_factory.mktemp("ntfs-fuzz") / "ntfs.img", 4 * MIB)
+    run("mkntfs", "-F", "-Q", "-s", "512", "-c", "1024", img)
+    with image_reader(img) as read:
+        boot = ntfs._parse_boot(read(0, 512))
+        mft = ntfs._Mft(read, 0, boot)
+        bm_lcn = mft.data_runs(ntfs.REC_BITMAP, "$Bitmap")[1][0][0]
+    targets = [*range(512), *range(boot.mft_lcn * 1024, (boot.mft_lcn + 8) * 1024),
+               *range(boot.mftmirr_lcn * 1024, (boot.mftmirr_lcn + 4) * 1024), *range(bm_lcn * 1024, bm_lcn * 1024 + 512)]
+    return img.read_bytes(), targets
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=4))
+def test_corrupted_ntfs_never_crashes(small_ntfs: tuple[bytes, list[int]], flips) -> None:
+    """Damaged metadata gives a map or a fall-back to full, never an exception."""
+    clean, targets = small_ntfs
+    data = bytearray(clean)
+    for pos, xor in flips:
+        data[targets[pos % len(targets)]] ^= xor
+
+    def read(offset: int, length: int) -> bytes:
+        return bytes(data[max(0, offset):max(0, offset + length)])
+
+    m = read_used_map(read, len(data), block_size=1024)
+    assert [r.mode for r in m.regions] in (["bitmap"], ["full"])
+    if m.regions[0].mode == "full":
+        assert m.used_count == m.nbits
+    else:
+        assert m.is_used(0) and m.is_used(m.nbits - 1)
