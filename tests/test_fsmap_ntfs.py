@@ -237,3 +237,53 @@ def test_corrupted_ntfs_never_crashes(small_ntfs: tuple[bytes, list[int]], flips
         assert m.used_count == m.nbits
     else:
         assert m.is_used(0) and m.is_used(m.nbits - 1)
+
+
+def restart_page(file_size: int, clean: bool, page: int = 4096) -> bytes:
+    """A $LogFile restart page as Windows writes it: one client ("NTFS") in use; the volume
+    flagged clean or not. Fixups applied, so ntfs-3g reads it as valid."""
+    raw = bytearray(page)
+    raw[:4] = b"RSTR"
+    struct.pack_into("<HHQIIHhh", raw, 4, 0x1E, page // 512 + 1, 0, page, page, 0x30, 1, 1)
+    ra = 0x30
+    struct.pack_into("<QHHHHIHHqIHHI", raw, ra, 0x1000, 1, 0xFFFF, 0, 2 if clean else 0,
+                     67 - file_size.bit_length(), 64 + 160, 64, file_size, 0, 48, 64, 1)
+    struct.pack_into("<QQHHH6xI", raw, ra + 64, 0, 0, 0xFFFF, 0xFFFF, 0, 8)
+    raw[ra + 64 + 32:ra + 64 + 40] = "NTFS".encode("utf-16-le")
+    usn = b"\x01\x00"
+    raw[0x1E:0x20] = usn
+    for i in range(page // 512):
+        end = (i + 1) * 512 - 2
+        raw[0x20 + 2 * i:0x22 + 2 * i] = raw[end:end + 2]
+        raw[end:end + 2] = usn
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_logfile_with_pending_transactions_is_imaged_in_full(tmp_path: Path, clean: bool) -> None:
+    img, _ = make_ntfs(tmp_path, ["-s", "512", "-c", "4096"], 32 * MIB)
+    with image_reader(img) as read:
+        mft = ntfs._Mft(read, 0, ntfs._parse_boot(read(0, 512)))
+        attr, runs = mft.data_runs(ntfs.REC_LOGFILE, "$LogFile")
+    with open(img, "r+b") as f:  # both restart pages, as Windows leaves them
+        f.seek(runs[0][0] * 4096)
+        f.write(restart_page(attr.data_size, clean) * 2)
+    m = map_of(img)
+    judge = ntfs3g_says(img, tmp_path / "mnt")  # ntfs-3g reads the same log
+    if clean:
+        assert m.regions[0].mode == "bitmap" and "unclean" not in judge
+        return
+    assert m.regions[0].mode == "full" and "pending transactions" in m.regions[0].warning
+    assert "unclean file system" in judge
+    assert map_of(img).regions[0].mode == "bitmap"  # ntfs-3g emptied the log while mounting
+
+
+def ntfs3g_says(img: Path, mnt: Path) -> str:
+    """What ntfs-3g prints when mounting ``img`` read-write (it resets an unclean log)."""
+    need_tool("ntfs-3g", "fusermount3")
+    mnt.mkdir(exist_ok=True)
+    try:
+        out = run("ntfs-3g", img, mnt, check=False)
+    finally:
+        run("fusermount3", "-u", mnt, check=False)
+    return out.stdout + out.stderr

@@ -252,10 +252,13 @@ class _Mft:
 
     def check_mirror(self) -> None:
         """Records 0-3 must equal their copies in $MFTMirr (ntfs-3g refuses to mount otherwise)."""
-        size, base = self.boot.record_size, self.offset + self.boot.mftmirr_lcn * self.boot.cluster_size
+        size = self.boot.record_size
+        attr, runs = self.data_runs(REC_MFTMIRR, "$MFTMirr")
+        if runs[0][0] != self.boot.mftmirr_lcn or attr.data_size < (REC_VOLUME + 1) * size:
+            raise FsMapUnsure("NTFS $MFTMirr: not where the boot sector says, or too short")
         for number in range(REC_VOLUME + 1):
             rec = fixed_record(self.raw(number), number)
-            mirror = fixed_record(read_exact(self.read, base + number * size, size), number)
+            mirror = fixed_record(_read_runs(self.read, self.offset, self.boot, runs, number * size, size), number)
             in_use = struct.unpack_from("<I", rec, 24)[0]
             if rec[:in_use] != mirror[:in_use]:
                 raise FsMapUnsure(f"NTFS $MFTMirr does not match $MFT (record {number})")
@@ -289,10 +292,12 @@ def _restart_page(raw: bytes, pos: int) -> tuple[int, bool] | None:
         apply_fixups(page, "$LogFile restart page")
     except FsMapUnsure:
         return None
-    ra_ofs = struct.unpack_from("<H", page, 24)[0]
-    if ra_ofs & 7 or ra_ofs + 48 > page_size:
+    ra_ofs, minor, major = struct.unpack_from("<Hhh", page, 24)
+    if ra_ofs & 7 or ra_ofs + 48 > page_size or (major, minor) not in ((1, 1), (2, 0)):
         return None
-    lsn, _clients, _free, in_use, flags = struct.unpack_from("<QHHHH", page, ra_ofs)
+    lsn, clients, _free, in_use, flags = struct.unpack_from("<QHHHH", page, ra_ofs)
+    if in_use != LOGFILE_NO_CLIENT and in_use >= clients:
+        return None
     return lsn, in_use == LOGFILE_NO_CLIENT or bool(flags & RESTART_VOLUME_IS_CLEAN)
 
 
