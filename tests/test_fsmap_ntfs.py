@@ -106,15 +106,15 @@ def test_ntfs_map_matches_ntfscluster_and_partclone(tmp_path: Path, variant: str
 
 
 def patch_record(img: Path, number: int, edit) -> None:
-    """Rewrite MFT record ``number`` (one of the first four, which sit at the MFT's start)
-    with fixups undone, ``edit`` applied, and fixups redone: a valid record, changed."""
+    """Rewrite MFT record ``number`` (< 16: in the MFT's first run) and its $MFTMirr copy if
+    it has one (< 4) with fixups undone, ``edit`` applied, fixups redone: valid, but changed."""
     with open(img, "r+b") as f:
         boot = f.read(512)
         bps, spc = struct.unpack_from("<HB", boot, 11)
         cs = bps * (spc if spc <= 0x80 else 1 << (256 - spc))
         code = struct.unpack_from("<b", boot, 64)[0]
         rec_size = code * cs if code > 0 else 1 << -code
-        for lcn in struct.unpack_from("<QQ", boot, 48):  # $MFT and $MFTMirr
+        for lcn in struct.unpack_from("<QQ", boot, 48)[:1 if number > 3 else 2]:  # $MFT, $MFTMirr
             _patch_at(f, lcn * cs + number * rec_size, rec_size, edit)
 
 
@@ -202,6 +202,53 @@ def test_gpt_disk_with_ntfs_partition(tmp_path: Path) -> None:
     _cs, total, free = geometry(part)
     assert region.used_bytes == region.size - free * 4096
     assert m.used_count < m.nbits // 2
+
+
+def shrink_bitmap_attr(rec: bytearray) -> None:
+    """Make $Bitmap's $DATA 1 byte shorter (data and initialized size) than the volume needs."""
+    pos = struct.unpack_from("<H", rec, 20)[0]
+    while struct.unpack_from("<I", rec, pos)[0] != 0x80:
+        pos += struct.unpack_from("<I", rec, pos + 4)[0]
+    size = struct.unpack_from("<q", rec, pos + 48)[0]
+    struct.pack_into("<qq", rec, pos + 48, size - 1, size - 1)
+
+
+def test_short_bitmap_is_imaged_in_full(tmp_path: Path) -> None:
+    need_tool("mkntfs")
+    img = blank(tmp_path / "ntfs.img", 8 * MIB)  # 2047 clusters: the bitmap's 256 bytes are all needed
+    run("mkntfs", "-F", "-Q", "-s", "512", "-c", "4096", img)
+    patch_record(img, 6, shrink_bitmap_attr)
+    assert re.search(r"Data size:\s+255 ", run("ntfsinfo", "-f", "-i", "6", "-v", img).stdout)
+    m = map_of(img)
+    assert m.regions[0].mode == "full" and "bits for 2047 clusters" in m.regions[0].warning
+
+
+def test_nearly_full_ntfs(tmp_path: Path) -> None:
+    """Written until ENOSPC, every other file deleted: a bitmap of many short runs."""
+    need_tool("mkntfs", "ntfscluster", "ntfsinfo")
+    img = blank(tmp_path / "ntfs.img", 16 * MIB)
+    run("mkntfs", "-F", "-Q", "-s", "512", "-c", "4096", img)
+    with ntfs3g(img, tmp_path / "mnt") as m:
+        i = 0
+        with contextlib.suppress(OSError):
+            while i < 2000:
+                (m / f"f{i:04d}").write_bytes(b"%d" % i * 7000)
+                i += 1
+        assert i < 2000, "volume never filled up"
+        for j in range(0, i, 2):
+            (m / f"f{j:04d}").unlink()
+    _cs, total, free = geometry(img)
+    with image_reader(img) as read:
+        usage = ntfs.used_blocks(read, 0, img.stat().st_size)
+    assert usage.nblocks - usage.used_count == free
+    m = map_of(img)
+    assert m.regions[0].mode == "bitmap"
+    assert_covers(m, partclone_used("ntfs", img))
+    used = np.unpackbits(usage.bits, bitorder="little")[:usage.nblocks].astype(bool)
+    kept = range(1, i, 2)
+    for j in (kept[0], kept[len(kept) // 2], kept[-1]):
+        for lcn, n in clusters_of(img, f"f{j:04d}"):
+            assert used[lcn:lcn + n].all()
 
 
 @pytest.fixture(scope="module")
