@@ -135,11 +135,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one run, 4 GiB disk only (smoke test)")
     ap.add_argument("--disks", nargs="*", default=list(DISKS))
     ap.add_argument("--tools", nargs="*", help="tool names (prefix match); default all")
-    ap.add_argument("--report", type=Path, help="only print the Markdown of an earlier results JSON")
+    ap.add_argument("--report", type=Path, nargs="+", help="only print the Markdown of earlier results JSON "
+                    "files (records merged: e.g. one run set per disk)")
     a = ap.parse_args()
     if a.report:
-        data = json.loads(a.report.read_text())
-        print(markdown(summarize(data["records"]), data["meta"]))
+        sets = [json.loads(p.read_text()) for p in a.report]
+        meta = {**sets[0]["meta"], "started": " + ".join(d["meta"]["started"] for d in sets)}
+        print(markdown(summarize([r for d in sets for r in d["records"]]), meta))
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: loops, repos
     if a.quick:
