@@ -42,6 +42,9 @@ def _kill_group(pid: int) -> None:
 def timed(cmd: str, env: dict[str, str], cold: bool = True, timeout: float = 900) -> Step:
     """Run one step cold: sync + drop caches, then time it (wall clock; CPU and peak RSS by /usr/bin/time).
 
+    Every step ends with ``sync`` inside the timing: a backup or restore is done when its data is on
+    disk, and tools that fsync (imgbackup, borg) must not be compared with tools that leave dirty pages.
+
     /usr/bin/time forks the step from its own small process: a child forked from this Python process would
     inherit its resident size as the floor of ``ru_maxrss``.
     """
@@ -50,7 +53,7 @@ def timed(cmd: str, env: dict[str, str], cold: bool = True, timeout: float = 900
     with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as usage:
         t0 = time.monotonic()
         proc = subprocess.Popen(["/usr/bin/time", "-q", "-f", "%U %S %M", "-o", usage.name,
-                                 "bash", "-o", "pipefail", "-c", cmd],
+                                 "bash", "-o", "pipefail", "-c", f"{cmd}\nrc=$?; sync; exit $rc"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         killer = threading.Timer(timeout, _kill_group, (proc.pid,))
         killer.start()

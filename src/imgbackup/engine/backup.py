@@ -20,6 +20,7 @@ from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
 from imgbackup.device.source import Source, open_source
 from imgbackup.engine.changelist import read_change_list
+from imgbackup.engine.chunks import ChunkReader
 from imgbackup.engine.reader import Segment, SegmentReader
 from imgbackup.engine.readplan import ReadPlan, plan_reads
 from imgbackup.errors import SourceError, UsageError
@@ -114,9 +115,10 @@ def _source_meta(path: str, source: Source) -> dict:
 class _Storer:
     """Seals new chunks on a thread pool and hands them to the pack writer in order."""
 
-    def __init__(self, repo: Repository, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, repo: Repository, pool: ThreadPoolExecutor, parent: _ParentMatch) -> None:
         self.repo = repo
         self.pool = pool
+        self.parent = parent
         self.known = repo.chunk_index()
         self.queued: set[bytes] = set()
         self.pending: deque[tuple[bytes, int, Future]] = deque()
@@ -144,6 +146,38 @@ class _Storer:
         return self.packs.bytes_written + self.known.store(self.repo.storage, self.repo.envelope, self.packs.written)
 
 
+class _ParentMatch:
+    """Reuses the parent's chunk when a slot differs from it only in blocks no filesystem uses now.
+
+    Deleting a file frees its blocks, which used-block mode zeroes: the chunk's bytes change
+    though nothing in use did. Masking the parent's chunk with today's map tells the two apart,
+    so an incremental after deletes stores only what really changed.
+    """
+
+    def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None) -> None:
+        self.plan = plan
+        self.key = repo.keys.id_key
+        self.chunk = repo.chunk_size
+        usable = parent is not None and plan.used_bits is not None and parent.slots == len(plan.kinds)
+        self.parent_ids = parent.ids_by_slot() if usable else None
+        self.parent_kinds = parent.kinds if usable else None
+        self.reader = ChunkReader(repo) if usable else None
+        self.reused = 0
+
+    def match(self, slot: int, new_id: bytes) -> bytes | None:
+        if self.parent_ids is None or self.parent_kinds[slot] != SLOT_DATA:
+            return None
+        old_id = bytes(self.parent_ids[slot])
+        if old_id == new_id or not self.plan.has_unused(slot * self.chunk, self.chunk):
+            return None
+        masked = bytearray(self.reader.read(old_id))
+        self.plan.mask_unused(slot * self.chunk, memoryview(masked))
+        if scan.chunk_id(self.key, masked) != new_id:
+            return None
+        self.reused += 1
+        return old_id
+
+
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
     started = time.monotonic()
     name = req.name or default_name(req.source)
@@ -155,9 +189,9 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         chunk = repo.chunk_size
         plan = plan_reads(source, req.source, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
         warnings += plan.warnings
-        kinds, ids = plan.kinds.copy(), plan.ids.copy()
+        kinds, ids = plan.kinds, plan.ids
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-seal") as pool:
-            storer = _Storer(repo, pool)
+            storer = _Storer(repo, pool, _ParentMatch(repo, plan, parent))
             bytes_read = _scan(source, plan, plan.read, kinds, ids, storer, repo, req.progress)
             if req.verify_unchanged > 0 and plan.from_parent.any():
                 extra, note = _verify_unchanged(source, plan, kinds, ids, storer, repo, req.verify_unchanged)
@@ -217,7 +251,11 @@ def _scan(source: Source, plan: ReadPlan, which: np.ndarray, kinds: np.ndarray, 
         kinds[first : first + len(k)] = k
         ids[first : first + len(k)] = h
         for i in np.flatnonzero(k == SLOT_DATA):
-            storer.offer(bytes(h[i]), seg.data[i * chunk : (i + 1) * chunk])
+            cid = bytes(h[i])
+            if cid not in storer.known and (same := storer.parent.match(first + int(i), cid)) is not None:
+                ids[first + i] = np.frombuffer(same, np.uint8)
+                continue
+            storer.offer(cid, seg.data[i * chunk : (i + 1) * chunk])
         bytes_read += len(seg.data)
         reader.release(seg)
         if progress:

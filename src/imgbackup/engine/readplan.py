@@ -33,14 +33,22 @@ class ReadPlan:
         """Byte ranges of the slots to read, merged."""
         return byte_extents(self.read, chunk, size)
 
+    def _used_flags(self, offset: int, length: int) -> np.ndarray:
+        first = offset // FS_BLOCK
+        n = (length + FS_BLOCK - 1) // FS_BLOCK
+        used = np.unpackbits(self.used_bits[first >> 3 : ((first + n + 7) >> 3) + 1], bitorder="little")
+        return used[first & 7 : (first & 7) + n].astype(bool)
+
+    def has_unused(self, offset: int, length: int) -> bool:
+        """Whether any 4 KiB block of the range is unused by every filesystem."""
+        return self.used_bits is not None and not self._used_flags(offset, length).all()
+
     def mask_unused(self, offset: int, data: memoryview) -> None:
         """Zero the 4 KiB blocks of ``data`` (at source ``offset``) that no filesystem uses."""
         if self.used_bits is None:
             return
-        first = offset // FS_BLOCK
         n = (len(data) + FS_BLOCK - 1) // FS_BLOCK
-        used = np.unpackbits(self.used_bits[first >> 3 : ((first + n + 7) >> 3) + 1], bitorder="little")
-        used = used[first & 7 : (first & 7) + n].astype(bool)
+        used = self._used_flags(offset, len(data))
         if used.all():
             return
         buf = np.frombuffer(data, np.uint8)
