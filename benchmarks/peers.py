@@ -195,4 +195,14 @@ class ImgbackupChanges(Imgbackup):
         return f"--changed-blocks {q(str(ctx.changes))} " if second and ctx.changes else ""
 
 
-ALL_TOOLS: list[Tool] = [Cat(), Zstd(), Borg(), Restic(), Partclone(), QemuImg(), Imgbackup(), ImgbackupChanges()]
+class ImgbackupFast(Imgbackup):
+    """The speed setting: zstd level 1 for the repository's chunks (``init --zstd-level 1``)."""
+
+    name = "imgbackup zstd-1"
+
+    def init(self, ctx: Ctx) -> str:
+        return "imgbackup init --zstd-level 1 --json > /dev/null"
+
+
+ALL_TOOLS: list[Tool] = [Cat(), Zstd(), Borg(), Restic(), Partclone(), QemuImg(), Imgbackup(), ImgbackupChanges(),
+                         ImgbackupFast()]
