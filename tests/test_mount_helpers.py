@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,10 +99,16 @@ def tree_hashes(root: Path) -> dict[str, str]:
     return out
 
 
-def system_state() -> tuple[str, list[str]]:
-    """Loop devices and mounts right now: compared before/after each test to catch leaks."""
-    loops = run("losetup", "-a", check=False).stdout
-    mounts = sorted(Path("/proc/mounts").read_text().splitlines())
+def system_state() -> tuple[list[str], list[str]]:
+    """Loop devices and mounts of this test session right now: compared before/after each test.
+
+    Only what points into the session's temporary directories counts, so another process's loop
+    devices (a benchmark running beside the tests) cannot fail a test.
+    """
+    mine = tempfile.gettempdir()
+    loops = sorted(line for line in run("losetup", "-a", check=False).stdout.splitlines() if mine in line)
+    mounts = sorted(line for line in Path("/proc/mounts").read_text().splitlines()
+                    if mine in line or "fuse" in line)
     return loops, mounts
 
 

@@ -50,8 +50,20 @@ def _on_sigterm(signum, frame):  # turn SIGTERM into the same clean unwind as Ct
     raise KeyboardInterrupt
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread its own malloc arena; with 1 MiB chunk buffers made on pool threads
+    they each keep tens of MiB. Two arenas cut peak RSS without slowing the pipeline (glibc only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def run(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every expected failure into one line and an exit code."""
+    _limit_malloc_arenas()
     _register()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

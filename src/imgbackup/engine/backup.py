@@ -31,7 +31,7 @@ from imgbackup.repository.repo import Repository
 
 BACKUP_TYPES = ("auto", "full", "incremental", "differential")
 SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
-MAX_PENDING_CHUNKS = 12      # sealed-but-unstored chunks: bounds memory, keeps the pool busy
+MAX_PENDING_CHUNKS = 8       # sealed-but-unstored chunks: bounds memory, keeps the pool busy
 SCANS_IN_FLIGHT = 2          # segments being hashed at once (one per core)
 
 
@@ -261,7 +261,7 @@ def _scan(source: Source, plan: ReadPlan, which: np.ndarray, kinds: np.ndarray, 
         if progress:
             progress(len(seg.data))
 
-    reader = SegmentReader(source, ranges, segment, buffers=SCANS_IN_FLIGHT + 3)
+    reader = SegmentReader(source, ranges, segment, buffers=SCANS_IN_FLIGHT + 2)
     for seg in reader:
         plan.mask_unused(seg.offset, seg.data)
         scans.append((seg, storer.pool.submit(scan.scan_chunks, seg.data, chunk, repo.keys.id_key, nthreads=1)))

@@ -48,17 +48,29 @@ class PackWriter:
         self.target_size = target_size
         self.written: dict[bytes, BlobLocation] = {}
         self.bytes_written = 0
+        self._buffer: bytearray | None = None
         self._reset()
 
     def _reset(self) -> None:
         self._pack_id = os.urandom(32)
-        self._data = bytearray(PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION))
+        self._used = 0
         self._entries: list[tuple[bytes, int, int, int]] = []
 
+    def _append(self, data: bytes) -> None:
+        if self._buffer is None:  # one allocation on first use, reused for every pack
+            self._buffer = bytearray(max(self.target_size + (2 << 20), len(data)))
+        end = self._used + len(data)
+        if end > len(self._buffer):
+            self._buffer.extend(bytes(end - len(self._buffer)))
+        self._buffer[self._used : end] = data
+        self._used = end
+
     def add(self, chunk_id: bytes, blob: bytes, raw_length: int) -> None:
-        self._entries.append((chunk_id, len(self._data), len(blob), raw_length))
-        self._data += blob
-        if len(self._data) >= self.target_size:
+        if not self._entries:
+            self._append(PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION))
+        self._entries.append((chunk_id, self._used, len(blob), raw_length))
+        self._append(blob)
+        if self._used >= self.target_size:
             self.flush()
 
     def flush(self) -> None:
@@ -68,9 +80,9 @@ class PackWriter:
         trailer = PACK_TRAILER_HEAD.pack(PACK_TRAILER_MAGIC, FORMAT_VERSION, len(self._entries))
         trailer += b"".join(PACK_TRAILER_ENTRY.pack(*e) for e in self._entries)
         sealed = self.envelope.seal(OBJ_PACK_TRAILER, self._pack_id, trailer)
-        self._data += sealed + PACK_FOOTER.pack(len(self._data), len(sealed), PACK_FOOTER_MAGIC)
-        self.storage.put(pack_name(self._pack_id), self._data)
-        self.bytes_written += len(self._data)
+        self._append(sealed + PACK_FOOTER.pack(self._used, len(sealed), PACK_FOOTER_MAGIC))
+        self.storage.put(pack_name(self._pack_id), memoryview(self._buffer)[: self._used])
+        self.bytes_written += self._used
         for cid, off, length, raw in self._entries:
             self.written[cid] = BlobLocation(self._pack_id, off, length, raw)
         self._reset()
