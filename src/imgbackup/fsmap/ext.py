@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imgbackup.fsmap.base import FsMapUnsure, FsUsage, Reader, all_used, read_exact, set_range, shift_up
+from imgbackup.fsmap.base import (
+    FsMapUnsure,
+    FsUsage,
+    Reader,
+    all_used,
+    popcount,
+    read_exact,
+    set_range,
+    shift_up,
+)
 
 SB_OFFSET = 1024
 MAGIC = 0xEF53
@@ -263,7 +272,7 @@ def used_blocks(read: Reader, offset: int, length: int) -> FsUsage:
     parts = [_group_bits(read, offset, sb, g, d, buckets) for g, d in enumerate(descs)]
     bits = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
     span = sb.blocks - sb.first_data_block
-    total_free = span - int(np.unpackbits(bits, bitorder="little")[:span].sum(dtype=np.int64))
+    total_free = span - popcount(bits, span)
     if total_free != sb.free_blocks:
         raise FsMapUnsure(f"ext superblock says {sb.free_blocks} free blocks, bitmaps have {total_free}")
     if sb.first_data_block:

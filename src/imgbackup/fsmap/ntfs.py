@@ -322,10 +322,13 @@ def check_logfile_clean(mft: _Mft) -> None:
         raise FsMapUnsure("NTFS $LogFile holds pending transactions (crashed or hibernated Windows)")
 
 
-def _require_used(used: np.ndarray, runs: list[tuple[int, int]], what: str) -> None:
+def _require_used(bits: np.ndarray, runs: list[tuple[int, int]], what: str) -> None:
+    """Every cluster of ``runs`` must be set in the packed bitmap (unpacking only those runs)."""
     for lcn, count in runs:
-        if not used[lcn:lcn + count].all():
-            bad = lcn + int(np.flatnonzero(~used[lcn:lcn + count])[0])
+        piece = np.unpackbits(bits[lcn >> 3:(lcn + count + 7) >> 3], bitorder="little")
+        piece = piece[lcn & 7:(lcn & 7) + count]
+        if len(piece) < count or not piece.all():
+            bad = lcn + (int(np.flatnonzero(piece == 0)[0]) if not piece.all() else len(piece))
             raise FsMapUnsure(f"NTFS $Bitmap marks cluster {bad} of {what} free: inconsistent")
 
 
@@ -354,11 +357,10 @@ def used_blocks(read: Reader, offset: int, length: int) -> FsUsage:
     bits = np.frombuffer(_read_runs(read, offset, boot, bm_runs, 0, need), dtype=np.uint8).copy()
     if n % 8:
         bits[-1] &= (1 << (n % 8)) - 1
-    used = np.unpackbits(bits, bitorder="little")[:n].astype(bool)
     boot_clusters = -(-BOOT_FILE_BYTES // boot.cluster_size)
-    _require_used(used, [(0, 1)], "the boot sector")
-    _require_used(used, mft.runs, "$MFT")
-    _require_used(used, mft.data_runs(REC_MFTMIRR, "$MFTMirr")[1], "$MFTMirr")
-    _require_used(used, bm_runs, "$Bitmap")
+    _require_used(bits, [(0, 1)], "the boot sector")
+    _require_used(bits, mft.runs, "$MFT")
+    _require_used(bits, mft.data_runs(REC_MFTMIRR, "$MFTMirr")[1], "$MFTMirr")
+    _require_used(bits, bm_runs, "$Bitmap")
     set_range(bits, 0, min(boot_clusters, n))  # $Boot spans 8 KiB: keep it whatever the bitmap says
     return FsUsage(block_size=boot.cluster_size, nblocks=n, bits=bits)
