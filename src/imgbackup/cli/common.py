@@ -21,6 +21,7 @@ RepoOption = Annotated[
                  help="Repository directory."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+NameOption = Annotated[str | None, typer.Option(help="Source name for 'latest'.")]
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; needed to overwrite without a terminal.")]
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, RepoOption, YesOption, emit_json, human, open_repo
+from imgbackup.cli.common import JsonOption, NameOption, RepoOption, YesOption, emit_json, human, open_repo
 from imgbackup.engine.diff import diff_images
 from imgbackup.engine.prune import delete_images
 from imgbackup.errors import UsageError
@@ -16,7 +16,7 @@ from imgbackup.errors import UsageError
 def delete(
     images: Annotated[list[str], typer.Argument(help="Image id prefixes (or 'latest' with --name).")],
     repo: RepoOption = None,
-    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    name: NameOption = None,
     yes: YesOption = False,
     json_out: JsonOption = False,
 ) -> None:
@@ -43,7 +43,7 @@ def diff(
     a: Annotated[str, typer.Argument(help="First image (id prefix or 'latest').")],
     b: Annotated[str, typer.Argument(help="Second image.")],
     repo: RepoOption = None,
-    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    name: NameOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """List the byte extents that differ between two images (from their indexes; nothing is read)."""

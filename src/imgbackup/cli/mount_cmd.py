@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, RepoOption, emit_json, open_repo
+from imgbackup.cli.common import JsonOption, NameOption, RepoOption, emit_json, open_repo
 from imgbackup.errors import StorageError
 
 
@@ -14,7 +14,7 @@ def mount(
     image: Annotated[str, typer.Argument(help="Image id prefix, or 'latest'.")],
     directory: Annotated[str, typer.Argument(help="Empty directory to serve disk.img and partN.img in.")],
     repo: RepoOption = None,
-    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    name: NameOption = None,
     filesystems: Annotated[bool, typer.Option("--filesystems", help="Also mount each partition's filesystem "
                                               "read-only under DIR/fs/partN.")] = False,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached; Ctrl-C unmounts.")] = False,
@@ -67,7 +67,7 @@ def restore_files(
     partition: Annotated[int, typer.Option("--partition", "-p", help="Partition number (0: disk without "
                                            "a partition table).")] = 1,
     repo: RepoOption = None,
-    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    name: NameOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Copy files and directories out of an image, keeping owners, modes, times, symlinks and xattrs."""

@@ -9,6 +9,7 @@ import typer
 
 from imgbackup.cli.common import (
     JsonOption,
+    NameOption,
     RepoOption,
     emit_json,
     human,
@@ -70,7 +71,7 @@ def list_images(
 def info(
     image: Annotated[str, typer.Argument(help="Image id prefix, or 'latest'.")],
     repo: RepoOption = None,
-    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    name: NameOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Show one image's metadata."""

@@ -9,6 +9,7 @@ import typer
 
 from imgbackup.cli.common import (
     JsonOption,
+    NameOption,
     RepoOption,
     YesOption,
     confirm_overwrite,
@@ -24,7 +25,7 @@ def restore(
     image: Annotated[str, typer.Argument(help="Image id prefix, or 'latest'.")],
     target: Annotated[str, typer.Argument(help="Block device or file to write the image to.")],
     repo: RepoOption = None,
-    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    name: NameOption = None,
     yes: YesOption = False,
     discard: Annotated[bool, typer.Option(help="Zero unwritten ranges with BLKZEROOUT instead of writing.")]
     = False,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, RepoOption, emit_json, human, open_repo
+from imgbackup.cli.common import JsonOption, NameOption, RepoOption, emit_json, human, open_repo
 from imgbackup.engine.verify import run_verify
 from imgbackup.errors import UsageError, VerificationFailed
 
@@ -14,7 +14,7 @@ from imgbackup.errors import UsageError, VerificationFailed
 def verify(
     image: Annotated[str | None, typer.Argument(help="Image id prefix or 'latest'; default: all images.")] = None,
     repo: RepoOption = None,
-    name: Annotated[str | None, typer.Option(help="Source name for 'latest'.")] = None,
+    name: NameOption = None,
     json_out: JsonOption = False,
     filesystems: Annotated[bool, typer.Option("--filesystems", help="Also run each partition's filesystem "
                                               "checker on the mounted image and count its files.")] = False,
