@@ -8,9 +8,10 @@ versions the tests compare the kernels against.
 try:
     from imgbackup._core import bitmap, scan
 except ImportError as exc:  # pragma: no cover - depends on the build
+    detail = "" if "cannot import name" in str(exc) else f" [{exc}]"
     raise ImportError(
-        "imgbackup's compiled core is missing: reinstall with 'pip install .' "
-        f"(needs a C compiler, Cython and libssl-dev) [{exc}]"
+        "imgbackup's compiled core is missing or broken: reinstall with 'pip install .' "
+        f"(needs a C compiler, Cython and libssl-dev){detail}"
     ) from None
 
 __all__ = ["bitmap", "scan"]

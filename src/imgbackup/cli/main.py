@@ -64,7 +64,11 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 def run(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every expected failure into one line and an exit code."""
     _limit_malloc_arenas()
-    _register()
+    try:
+        _register()
+    except ImportError as exc:  # a missing compiled core or dependency: one line, not a traceback
+        sys.stderr.write(f"imgbackup: error: {exc}\n")
+        sys.exit(1)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app(args=argv, standalone_mode=False)
