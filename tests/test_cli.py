@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.diskimages import MIB, cli, cli_json, random_image
@@ -103,3 +105,12 @@ def test_devices_lists_a_loop_device_with_its_filesystem(tmp_path: Path) -> None
         assert os.path.samefile(entry["backing_file"], fs)
         text = cli("devices").stdout
         assert dev in text
+
+
+def test_missing_compiled_core_is_one_line_not_a_traceback() -> None:
+    code = ("import sys; sys.modules['imgbackup._core.scan'] = None\n"
+            "from imgbackup.cli.main import run; run(['--version'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "compiled core is missing" in proc.stderr and "pip install" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
