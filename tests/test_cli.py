@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.diskimages import MIB, cli, cli_json, random_image
-from tests.support import loop_device, mounted, need_root, run
+from tests.support import loop_device, mounted, need, need_root, run
 
 BACKUP_FIELDS = {"id", "type", "parent", "source_size", "bytes_read", "bytes_stored", "duration_s"}
 
@@ -114,3 +114,22 @@ def test_missing_compiled_core_is_one_line_not_a_traceback() -> None:
     assert proc.returncode == 1
     assert "compiled core is missing" in proc.stderr and "pip install" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_mount_and_umount_json(tmp_path: Path) -> None:
+    need_root()
+    need(Path("/dev/fuse").exists(), "needs /dev/fuse")
+    src = random_image(tmp_path / "d.img", 4 * MIB)
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    cli_json("backup", src, repo=repo)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        doc = cli_json("mount", "latest", mnt, repo=repo)
+        assert doc["mountpoint"] == str(mnt) and doc["files"] == ["disk.img"]
+        assert (mnt / "disk.img").read_bytes() == src.read_bytes()
+    finally:
+        done = cli("umount", mnt, "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["unmounted"] is True
+    assert str(mnt) not in Path("/proc/mounts").read_text()

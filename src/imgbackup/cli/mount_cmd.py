@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,6 +19,7 @@ def mount(
     filesystems: Annotated[bool, typer.Option("--filesystems", help="Also mount each partition's filesystem "
                                               "read-only under DIR/fs/partN.")] = False,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached; Ctrl-C unmounts.")] = False,
+    json_out: JsonOption = False,
 ) -> None:
     """Serve an image read-only through FUSE; returns when the mount is ready unless --foreground."""
     from imgbackup.engine.mount import MountSession, run_daemon
@@ -28,6 +30,11 @@ def mount(
     log_file = setup_logging(directory, to_stderr=foreground)
     if not foreground:
         state = run_daemon(session)
+        if json_out:
+            emit_json({"image": state.image, "mountpoint": state.mountpoint, "log": log_file,
+                       "files": sorted(p.name for p in Path(state.mountpoint).iterdir() if p.is_file()),
+                       "filesystems": state.mounts})
+            return
         typer.echo(f"mounted image {state.image[:12]} at {state.mountpoint} (log: {log_file}); "
                    f"'imgbackup umount {state.mountpoint}' to unmount")
         return
@@ -41,6 +48,8 @@ def mount(
         problems = session.stop()
     if problems:
         raise StorageError("; ".join(problems))
+    if json_out:
+        emit_json({"image": session.image_id, "mountpoint": session.mountpoint, "unmounted": True})
     typer.echo("unmounted", err=True)
 
 
@@ -51,13 +60,16 @@ def _describe(session) -> None:
         typer.echo(f"  {vol.name}: {vol.size} bytes {vol.fstype or ''} {where}".rstrip(), err=True)
 
 
-def umount(directory: Annotated[str, typer.Argument(help="Directory an image is mounted at.")]) -> None:
+def umount(directory: Annotated[str, typer.Argument(help="Directory an image is mounted at.")],
+           json_out: JsonOption = False) -> None:
     """Unmount an image: filesystems, loop devices, the FUSE mount and its server process."""
     from imgbackup.engine.mountstate import unmount
 
     problems = unmount(directory)
     if problems:
         raise StorageError("; ".join(problems))
+    if json_out:
+        emit_json({"mountpoint": directory, "unmounted": True})
 
 
 def restore_files(
