@@ -160,10 +160,12 @@ def test_damaged_gpt_disk_is_imaged_in_full(tmp_path: Path) -> None:
     run("sgdisk", "-n1:2048:+20M", "-t1:8300", disk)
     put(disk, 2048 * SECTOR, parts["ext"])
     assert map_of(disk).regions[0].mode == "full"  # the gap before p1
-    with open(disk, "r+b") as f:  # break both header CRCs
+    with open(disk, "r+b") as f:  # break both header CRCs: flip a byte of the disk GUID
         for off in (SECTOR + 60, 32 * MIB - SECTOR + 60):
             f.seek(off)
-            f.write(b"\xff")
+            byte = f.read(1)[0]
+            f.seek(off)
+            f.write(bytes([byte ^ 0xFF]))
     m = map_of(disk)
     (r,) = m.regions
     assert r.mode == "full" and "no intact GPT" in r.warning and m.used_count == m.nbits

@@ -164,7 +164,9 @@ def test_torn_bitmap_record_is_imaged_in_full(tmp_path: Path) -> None:
     rec0 = 4 * 4096  # mkntfs places the MFT at cluster 4 for this size
     with open(img, "r+b") as f:
         f.seek(rec0 + 6 * 1024 + 1022)  # the fixup slot ending record 6's second sector
-        f.write(b"\xde\xad")
+        slot = f.read(2)
+        f.seek(rec0 + 6 * 1024 + 1022)
+        f.write(bytes(b ^ 0xFF for b in slot))
     m = map_of(img)
     assert m.regions[0].mode == "full" and "fixup mismatch" in m.regions[0].warning
 
