@@ -1,4 +1,4 @@
-"""Unit tests of repository pieces: the envelope, key wrapping, the config mac, the lock, storage.
+"""Unit tests of repository pieces: the envelope, key wrapping, the config mac, the lock, storage, packs.
 
 Each tamper test changes one field and expects a refusal; known answers are checked with
 ``cryptography``/``hashlib`` directly, not with the code under test.
@@ -30,6 +30,7 @@ from imgbackup.errors import (
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
 from imgbackup.repository.config import RepoConfig
 from imgbackup.repository.lock import LOCK_NAME, LockInfo, RepositoryLock, break_lock
+from imgbackup.repository.packs import PackWriter, pack_name, read_pack_trailer
 from imgbackup.repository.storage import LocalStorage, ObjectMissing
 
 KEY = bytes(range(32))
@@ -232,3 +233,66 @@ def test_storage_put_on_full_disk_keeps_old_object(tmp_path: Path) -> None:
         assert not [p for p in mnt.rglob("*") if ".tmp-" in p.name]
     finally:
         run("umount", mnt, check=False)
+
+
+def test_object_writer_is_invisible_until_commit_and_abort_leaves_nothing(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    out = storage.open_writer("packs/cd/cd01")
+    out.write(b"first ")
+    out.write(memoryview(b"second"))
+    assert not storage.exists("packs/cd/cd01") and list(storage.list("packs")) == []
+    out.commit()
+    assert storage.get("packs/cd/cd01") == b"first second"
+    gone = storage.open_writer("packs/cd/cd02")
+    gone.write(b"half")
+    gone.abort()
+    assert list(storage.list("packs")) == ["packs/cd/cd01"]
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_object_writer_on_full_disk_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    need_root()
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt)
+    try:
+        storage = LocalStorage(mnt)
+        out = storage.open_writer("packs/ef/ef01")
+        with pytest.raises(StorageError, match="full while writing packs/ef/ef01"):
+            out.write(os.urandom(2 << 20))
+        out.abort()
+        assert not [p for p in mnt.rglob("*") if p.is_file()]
+    finally:
+        run("umount", mnt, check=False)
+
+
+# --- packs ------------------------------------------------------------------------------------
+
+def test_pack_writer_commits_packs_in_background_and_counts_them_only_once_stored(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    envelope = Envelope(KEY)
+    writer = PackWriter(storage, envelope, target_size=3000)
+    blobs = {hashlib.sha256(bytes([i])).digest(): envelope.seal(OBJ_CHUNK, hashlib.sha256(bytes([i])).digest(),
+                                                                  os.urandom(1000)) for i in range(10)}
+    for cid, blob in blobs.items():
+        writer.add(cid, blob, 1000)
+    assert len(writer.written) < len(blobs)  # the last pack is still open
+    writer.flush()
+    assert set(writer.written) == set(blobs)
+    packs = list(storage.list("packs"))
+    assert len(packs) >= 3 and writer.bytes_written == sum(storage.size(n) for n in packs)
+    for cid, loc in writer.written.items():
+        assert storage.get_range(pack_name(loc.pack_id), loc.offset, loc.length) == blobs[cid]
+    for pack_id in {loc.pack_id for loc in writer.written.values()}:
+        assert {cid for cid, _ in read_pack_trailer(storage, envelope, pack_id)} <= set(blobs)
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_pack_writer_abort_drops_the_open_pack(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    writer = PackWriter(storage, Envelope(KEY))
+    writer.add(OID, Envelope(KEY).seal(OBJ_CHUNK, OID, b"x" * 100), 100)
+    assert [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    writer.abort()
+    assert list(storage.list("packs")) == [] and not writer.written
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]

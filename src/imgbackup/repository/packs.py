@@ -5,7 +5,9 @@ The trailer makes every pack self-describing, so the chunk index can be rebuilt 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 from imgbackup.crypto.envelope import Envelope
@@ -21,7 +23,7 @@ from imgbackup.format.layout import (
     PACK_TRAILER_HEAD,
     PACK_TRAILER_MAGIC,
 )
-from imgbackup.repository.storage import Storage
+from imgbackup.repository.storage import ObjectWriter, Storage
 
 PACK_TARGET_SIZE = 16 << 20
 
@@ -40,7 +42,12 @@ class BlobLocation:
 
 
 class PackWriter:
-    """Collects sealed chunks and stores them as packs of about ``target_size`` bytes."""
+    """Streams sealed chunks into packs of about ``target_size`` bytes.
+
+    A full pack is committed (fsync, rename, fsync directory) on a background thread while the
+    next one fills, so a backup never waits for the disk between packs; at most one commit is
+    outstanding. Chunks count as ``written`` only once their pack is committed.
+    """
 
     def __init__(self, storage: Storage, envelope: Envelope, target_size: int = PACK_TARGET_SIZE) -> None:
         self.storage = storage
@@ -48,44 +55,78 @@ class PackWriter:
         self.target_size = target_size
         self.written: dict[bytes, BlobLocation] = {}
         self.bytes_written = 0
-        self._buffer: bytearray | None = None
-        self._reset()
+        self._out: ObjectWriter | None = None
+        self._commit: _Commit | None = None
 
-    def _reset(self) -> None:
+    def _start(self) -> None:
         self._pack_id = os.urandom(32)
-        self._used = 0
+        self._out = self.storage.open_writer(pack_name(self._pack_id))
         self._entries: list[tuple[bytes, int, int, int]] = []
-
-    def _append(self, data: bytes) -> None:
-        if self._buffer is None:  # one allocation on first use, reused for every pack
-            self._buffer = bytearray(max(self.target_size + (2 << 20), len(data)))
-        end = self._used + len(data)
-        if end > len(self._buffer):
-            self._buffer.extend(bytes(end - len(self._buffer)))
-        self._buffer[self._used : end] = data
-        self._used = end
+        header = PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION)
+        self._out.write(header)
+        self._used = len(header)
 
     def add(self, chunk_id: bytes, blob: bytes, raw_length: int) -> None:
-        if not self._entries:
-            self._append(PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION))
+        if self._out is None:
+            self._start()
+        self._out.write(blob)
         self._entries.append((chunk_id, self._used, len(blob), raw_length))
-        self._append(blob)
+        self._used += len(blob)
         if self._used >= self.target_size:
-            self.flush()
+            self._seal()
 
-    def flush(self) -> None:
-        """Store the current pack (if it holds anything); its chunks become known only after this."""
-        if not self._entries:
-            return
+    def _seal(self) -> None:
         trailer = PACK_TRAILER_HEAD.pack(PACK_TRAILER_MAGIC, FORMAT_VERSION, len(self._entries))
         trailer += b"".join(PACK_TRAILER_ENTRY.pack(*e) for e in self._entries)
         sealed = self.envelope.seal(OBJ_PACK_TRAILER, self._pack_id, trailer)
-        self._append(sealed + PACK_FOOTER.pack(self._used, len(sealed), PACK_FOOTER_MAGIC))
-        self.storage.put(pack_name(self._pack_id), memoryview(self._buffer)[: self._used])
-        self.bytes_written += self._used
-        for cid, off, length, raw in self._entries:
-            self.written[cid] = BlobLocation(self._pack_id, off, length, raw)
-        self._reset()
+        out, self._out = self._out, None
+        out.write(sealed + PACK_FOOTER.pack(self._used, len(sealed), PACK_FOOTER_MAGIC))
+        self._wait()
+        locations = {cid: BlobLocation(self._pack_id, off, length, raw) for cid, off, length, raw in self._entries}
+        self._commit = _Commit(out, locations, self._used + len(sealed) + PACK_FOOTER.size)
+
+    def _wait(self) -> None:
+        commit, self._commit = self._commit, None
+        if commit is not None:
+            commit.join()
+            self.written.update(commit.locations)
+            self.bytes_written += commit.size
+
+    def flush(self) -> None:
+        """Commit the current pack (if it holds anything) and wait until every pack is stored."""
+        if self._out is not None:
+            self._seal()
+        self._wait()
+
+    def abort(self) -> None:
+        """Drop the pack being filled (its temp object) after a failure; committed packs stay."""
+        if self._out is not None:
+            self._out.abort()
+            self._out = None
+        with contextlib.suppress(Exception):
+            self._wait()
+
+
+class _Commit:
+    """One pack's commit running on its own thread; ``join`` re-raises its error."""
+
+    def __init__(self, out: ObjectWriter, locations: dict[bytes, BlobLocation], size: int) -> None:
+        self.locations = locations
+        self.size = size
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(out,), name="imgbackup-pack-commit", daemon=True)
+        self._thread.start()
+
+    def _run(self, out: ObjectWriter) -> None:
+        try:
+            out.commit()
+        except BaseException as exc:
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def read_pack_trailer(storage: Storage, envelope: Envelope, pack_id: bytes) -> list[tuple[bytes, BlobLocation]]:

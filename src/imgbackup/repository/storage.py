@@ -1,6 +1,8 @@
 """Storage backends deal in whole named objects only, so a directory and a bucket are interchangeable.
 
-Operations: put (atomic replace), create (create-if-absent), get, get_range, size, list, delete.
+Operations: put (atomic replace), create (create-if-absent), get, get_range, size, list, delete,
+and open_writer: an object written piece by piece that appears whole on commit or not at all (a
+bucket backend buffers or uploads in parts; nothing is visible before commit).
 Object names are relative paths with '/' separators (``packs/ab/ab12...``).
 """
 
@@ -22,7 +24,14 @@ class ObjectMissing(KeyError):
     """The named object does not exist."""
 
 
+class ObjectWriter(Protocol):
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class Storage(Protocol):
+    def open_writer(self, name: str) -> ObjectWriter: ...
     def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
     def create(self, name: str, data: bytes) -> bool: ...
     def get(self, name: str) -> bytes: ...
@@ -72,20 +81,21 @@ class LocalStorage:
         _fsync_dir(directory.parent)
 
     def _write_temp(self, path: Path, data) -> Path:
-        self._ensure_dir(path.parent)
-        tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        writer = _LocalObjectWriter(self, path, os.path.relpath(path, self.root))
         try:
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            writer.write(data)
+            writer.sync()
         except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
+            writer.abort()
             raise
-        os.close(fd)
-        return tmp
+        return writer.tmp
+
+    def open_writer(self, name: str) -> _LocalObjectWriter:
+        path = self._path(name)
+        try:
+            return _LocalObjectWriter(self, path, name)
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
 
     def put(self, name: str, data) -> None:
         path = self._path(name)
@@ -169,3 +179,42 @@ class LocalStorage:
                     os.unlink(os.path.join(dirpath, f))
                     removed += 1
         return removed
+
+
+class _LocalObjectWriter:
+    """A temp file beside the object: written in pieces, then fsync, rename, fsync directory."""
+
+    def __init__(self, storage: LocalStorage, path: Path, name: str) -> None:
+        storage._ensure_dir(path.parent)
+        self.path = path
+        self.name = name
+        self.tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise _storage_error(exc, self.name) from None
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+
+    def commit(self) -> None:
+        try:
+            self.sync()
+            os.replace(self.tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            self.abort()
+            raise _storage_error(exc, self.name) from None
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.tmp.unlink(missing_ok=True)
