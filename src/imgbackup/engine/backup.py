@@ -8,31 +8,24 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from imgbackup._core import scan
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
 from imgbackup.device.source import Source, open_source
 from imgbackup.engine.changelist import read_change_list
-from imgbackup.engine.chunks import ChunkReader
-from imgbackup.engine.reader import Segment, SegmentReader
+from imgbackup.engine.ingest import ChunkStore, Ingest, ParentMatch
 from imgbackup.engine.readplan import ReadPlan, plan_reads
 from imgbackup.errors import SourceError, UsageError
 from imgbackup.format.imageindex import ImageIndex
-from imgbackup.format.layout import OBJ_CHUNK, SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
-from imgbackup.repository.packs import PackWriter
+from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
 from imgbackup.repository.repo import Repository
 
 BACKUP_TYPES = ("auto", "full", "incremental", "differential")
-SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
-MAX_PENDING_CHUNKS = 8       # sealed-but-unstored chunks: bounds memory, keeps the pool busy
-SCANS_IN_FLIGHT = 2          # segments being hashed at once (one per core)
 
 
 @dataclass
@@ -112,72 +105,6 @@ def _source_meta(path: str, source: Source) -> dict:
     return meta
 
 
-class _Storer:
-    """Seals new chunks on a thread pool and hands them to the pack writer in order."""
-
-    def __init__(self, repo: Repository, pool: ThreadPoolExecutor, parent: _ParentMatch) -> None:
-        self.repo = repo
-        self.pool = pool
-        self.parent = parent
-        self.known = repo.chunk_index()
-        self.queued: set[bytes] = set()
-        self.pending: deque[tuple[bytes, int, Future]] = deque()
-        self.packs = PackWriter(repo.storage, repo.envelope)
-
-    def offer(self, chunk_id: bytes, data: memoryview) -> bool:
-        if chunk_id in self.known or chunk_id in self.queued:
-            return False
-        self.queued.add(chunk_id)
-        plain = bytes(data)  # the segment buffer is reused as soon as the segment is settled
-        self.pending.append((chunk_id, len(plain), self.pool.submit(self.repo.envelope.seal, OBJ_CHUNK, chunk_id, plain)))
-        while len(self.pending) > MAX_PENDING_CHUNKS:
-            self._drain_one()
-        return True
-
-    def _drain_one(self) -> None:
-        cid, raw_len, fut = self.pending.popleft()
-        self.packs.add(cid, fut.result(), raw_len)
-
-    def finish(self) -> int:
-        """Store everything pending, then the chunk-index file; returns bytes written."""
-        while self.pending:
-            self._drain_one()
-        self.packs.flush()
-        return self.packs.bytes_written + self.known.store(self.repo.storage, self.repo.envelope, self.packs.written)
-
-
-class _ParentMatch:
-    """Reuses the parent's chunk when a slot differs from it only in blocks no filesystem uses now.
-
-    Deleting a file frees its blocks, which used-block mode zeroes: the chunk's bytes change
-    though nothing in use did. Masking the parent's chunk with today's map tells the two apart,
-    so an incremental after deletes stores only what really changed.
-    """
-
-    def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None) -> None:
-        self.plan = plan
-        self.key = repo.keys.id_key
-        self.chunk = repo.chunk_size
-        usable = parent is not None and plan.used_bits is not None and parent.slots == len(plan.kinds)
-        self.parent_ids = parent.ids_by_slot() if usable else None
-        self.parent_kinds = parent.kinds if usable else None
-        self.reader = ChunkReader(repo) if usable else None
-        self.reused = 0
-
-    def match(self, slot: int, new_id: bytes) -> bytes | None:
-        if self.parent_ids is None or self.parent_kinds[slot] != SLOT_DATA:
-            return None
-        old_id = bytes(self.parent_ids[slot])
-        if old_id == new_id or not self.plan.has_unused(slot * self.chunk, self.chunk):
-            return None
-        masked = bytearray(self.reader.read(old_id))
-        self.plan.mask_unused(slot * self.chunk, memoryview(masked))
-        if scan.chunk_id(self.key, masked) != new_id:
-            return None
-        self.reused += 1
-        return old_id
-
-
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
     started = time.monotonic()
     name = req.name or default_name(req.source)
@@ -190,15 +117,20 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         plan = plan_reads(source, req.source, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-seal") as pool:
-            storer = _Storer(repo, pool, _ParentMatch(repo, plan, parent))
-            bytes_read = _scan(source, plan, plan.read, kinds, ids, storer, repo, req.progress)
-            if req.verify_unchanged > 0 and plan.from_parent.any():
-                extra, note = _verify_unchanged(source, plan, kinds, ids, storer, repo, req.verify_unchanged)
-                bytes_read += extra
-                if note:
-                    warnings.append(note)
-            stored = storer.finish()
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
+            store = ChunkStore(repo)
+            ingest = Ingest(repo, source, plan, store, ParentMatch(repo, plan, parent), pool)
+            try:
+                bytes_read = ingest.run(plan.read, kinds, ids, req.progress)
+                if req.verify_unchanged > 0 and plan.from_parent.any():
+                    extra, note = _verify_unchanged(ingest, plan, kinds, ids, req.verify_unchanged)
+                    bytes_read += extra
+                    if note:
+                        warnings.append(note)
+                stored = store.finish(repo)
+            except BaseException:
+                store.abort()
+                raise
         changed = _changed_slots(kinds, ids, parent)
         meta = repo.new_image_meta(
             type=btype, parent=parent.id if parent else None, name=name,
@@ -213,7 +145,7 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         duration_s=round(time.monotonic() - started, 3), chunks=len(kinds),
         chunks_data=int(np.count_nonzero(kinds == SLOT_DATA)), chunks_zero=int(np.count_nonzero(kinds == SLOT_ZERO)),
         chunks_unused=int(np.count_nonzero(kinds == SLOT_UNUSED)),
-        chunks_new=len(storer.queued), chunks_changed=int(changed.sum()), warnings=warnings,
+        chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), warnings=warnings,
     )
 
 
@@ -228,66 +160,20 @@ def _change_mask(req: BackupRequest, source: Source, chunk: int, parent: ImageIn
     return read_change_list(req.changed_blocks, source.size, chunk, req.change_granularity)
 
 
-def _scan(source: Source, plan: ReadPlan, which: np.ndarray, kinds: np.ndarray, ids: np.ndarray,
-          storer: _Storer, repo: Repository, progress) -> int:
-    """Read the slots in ``which``, classify and hash them natively, offer new chunks; bytes read.
-
-    Segments are hashed single-threaded but concurrently on the pool (the GIL is released):
-    measured here, an OpenMP team per 8 MiB segment ran at half the speed of one thread as soon
-    as the other core was busy, since every region ends in a barrier.
-    """
-    chunk = repo.chunk_size
-    segment = max(SEGMENT_BYTES // chunk, 1) * chunk
-    ranges = ReadPlan(which, kinds, ids, plan.from_parent).ranges(chunk, source.size)
-    expected = sum(length for _, length in ranges)
-    bytes_read = 0
-    scans: deque[tuple[Segment, Future]] = deque()
-
-    def settle() -> None:
-        nonlocal bytes_read
-        seg, fut = scans.popleft()
-        k, h = fut.result()
-        first = seg.offset // chunk
-        kinds[first : first + len(k)] = k
-        ids[first : first + len(k)] = h
-        for i in np.flatnonzero(k == SLOT_DATA):
-            cid = bytes(h[i])
-            if cid not in storer.known and (same := storer.parent.match(first + int(i), cid)) is not None:
-                ids[first + i] = np.frombuffer(same, np.uint8)
-                continue
-            storer.offer(cid, seg.data[i * chunk : (i + 1) * chunk])
-        bytes_read += len(seg.data)
-        reader.release(seg)
-        if progress:
-            progress(len(seg.data))
-
-    reader = SegmentReader(source, ranges, segment, buffers=SCANS_IN_FLIGHT + 2)
-    for seg in reader:
-        plan.mask_unused(seg.offset, seg.data)
-        scans.append((seg, storer.pool.submit(scan.scan_chunks, seg.data, chunk, repo.keys.id_key, nthreads=1)))
-        if len(scans) >= SCANS_IN_FLIGHT:
-            settle()
-    while scans:
-        settle()
-    if bytes_read != expected:
-        raise SourceError(f"{source.path} ended early: read {bytes_read} of {expected} bytes")
-    return bytes_read
-
-
-def _verify_unchanged(source: Source, plan: ReadPlan, kinds: np.ndarray, ids: np.ndarray, storer: _Storer,
-                      repo: Repository, percent: float) -> tuple[int, str | None]:
+def _verify_unchanged(ingest: Ingest, plan: ReadPlan, kinds: np.ndarray, ids: np.ndarray,
+                      percent: float) -> tuple[int, str | None]:
     """Re-read a sample of the slots the change list skipped; on any difference, re-read them all."""
     skipped = np.flatnonzero(plan.from_parent)
     count = max(1, int(round(len(skipped) * min(percent, 100.0) / 100.0)))
     sample = np.zeros(len(kinds), bool)
     sample[np.random.default_rng().choice(skipped, size=count, replace=False)] = True
     want_kinds, want_ids = kinds.copy(), ids.copy()
-    read = _scan(source, plan, sample, kinds, ids, storer, repo, None)
+    read = ingest.run(sample, kinds, ids)
     differs = (kinds != want_kinds) | np.any(ids != want_ids, axis=1)
     if not differs[sample].any():
         return read, None
     rest = plan.from_parent & ~sample
-    read += _scan(source, plan, rest, kinds, ids, storer, repo, None)
+    read += ingest.run(rest, kinds, ids)
     return read, (f"--verify-unchanged: {int(differs[sample].sum())} of {count} sampled slots the change list "
                   f"called unchanged differ; the change list is wrong, so every skipped slot was re-read")
 

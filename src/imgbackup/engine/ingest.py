@@ -1,0 +1,176 @@
+"""Ingest: turn segments of a source into chunk ids and stored new chunks, with both cores busy.
+
+Each segment is one pool task that does all of its CPU work straight from the read buffer,
+without copying it: mask blocks no filesystem uses, classify and hash (native, GIL released),
+compare against the parent, compress and seal the chunks new to the repository. The main thread
+only settles finished segments in order and streams their sealed chunks into packs, whose
+commits (fsync) run in the background. Measured on a 4 GiB disk: the earlier design, which copied
+every new chunk and sealed it as a separate task behind the main thread, kept the cores ~60% busy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from imgbackup._core import scan
+from imgbackup.device.source import Source
+from imgbackup.engine.chunks import ChunkReader
+from imgbackup.engine.reader import Segment, SegmentReader
+from imgbackup.engine.readplan import ReadPlan
+from imgbackup.errors import SourceError
+from imgbackup.format.imageindex import ImageIndex
+from imgbackup.format.layout import OBJ_CHUNK, SLOT_DATA
+from imgbackup.repository.packs import PackWriter
+from imgbackup.repository.repo import Repository
+
+SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
+TASKS_IN_FLIGHT = 3          # segments being digested: one per core plus one queued
+READ_AHEAD = 2               # segments read and waiting for a worker
+
+
+class ChunkStore:
+    """Stores each chunk new to the repository once, however many segments or tasks hold it."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.known = repo.chunk_index()
+        self.claimed: set[bytes] = set()
+        self._lock = threading.Lock()
+        self.packs = PackWriter(repo.storage, repo.envelope)
+
+    def is_new(self, chunk_id: bytes) -> bool:
+        return chunk_id not in self.known and chunk_id not in self.claimed
+
+    def claim(self, chunk_id: bytes) -> bool:
+        """True for exactly one caller per new chunk: that caller seals and hands it over."""
+        with self._lock:
+            if chunk_id in self.claimed or chunk_id in self.known:
+                return False
+            self.claimed.add(chunk_id)
+            return True
+
+    def finish(self, repo: Repository) -> int:
+        """Commit the last pack, then the chunk-index file naming the new packs; bytes written."""
+        self.packs.flush()
+        return self.packs.bytes_written + self.known.store(repo.storage, repo.envelope, self.packs.written)
+
+    def abort(self) -> None:
+        self.packs.abort()
+
+
+class ParentMatch:
+    """Reuses the parent's chunk when a slot differs from it only in blocks no filesystem uses now.
+
+    Deleting a file frees its blocks, which used-block mode zeroes: the chunk's bytes change
+    though nothing in use did. Masking the parent's chunk with today's map tells the two apart,
+    so an incremental after deletes stores only what really changed. Thread-safe.
+    """
+
+    def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None) -> None:
+        self.plan = plan
+        self.key = repo.keys.id_key
+        self.chunk = repo.chunk_size
+        usable = parent is not None and plan.used_bits is not None and parent.slots == len(plan.kinds)
+        self.parent_ids = parent.ids_by_slot() if usable else None
+        self.parent_kinds = parent.kinds if usable else None
+        self.reader = ChunkReader(repo) if usable else None
+
+    def match(self, slot: int, new_id: bytes) -> bytes | None:
+        if self.parent_ids is None or self.parent_kinds[slot] != SLOT_DATA:
+            return None
+        old_id = self.parent_ids[slot].tobytes()
+        if old_id == new_id or not self.plan.has_unused(slot * self.chunk, self.chunk):
+            return None
+        masked = bytearray(self.reader.read(old_id))
+        self.plan.mask_unused(slot * self.chunk, memoryview(masked))
+        if scan.chunk_id(self.key, masked) != new_id:
+            return None
+        return old_id
+
+
+@dataclass
+class _Digest:
+    kinds: np.ndarray
+    ids: np.ndarray
+    sealed: list[tuple[bytes, bytes, int]]   # (chunk id, sealed blob, plaintext length)
+    reused: list[tuple[int, bytes]]          # (chunk within the segment, the parent's chunk id)
+
+
+class Ingest:
+    """Reads slots of a source and fills ``kinds``/``ids``, storing what the repository lacks."""
+
+    def __init__(self, repo: Repository, source: Source, plan: ReadPlan, store: ChunkStore,
+                 parent: ParentMatch, pool: ThreadPoolExecutor) -> None:
+        self.repo = repo
+        self.source = source
+        self.plan = plan
+        self.store = store
+        self.parent = parent
+        self.pool = pool
+        self.chunk = repo.chunk_size
+        self.reused = 0
+
+    def _digest(self, seg: Segment) -> _Digest:
+        chunk, data = self.chunk, seg.data
+        self.plan.mask_unused(seg.offset, data)
+        kinds, ids = scan.scan_chunks(data, chunk, self.repo.keys.id_key, nthreads=1)
+        first = seg.offset // chunk
+        sealed: list[tuple[bytes, bytes, int]] = []
+        reused: list[tuple[int, bytes]] = []
+        for i in np.flatnonzero(kinds == SLOT_DATA).tolist():
+            cid = ids[i].tobytes()
+            if not self.store.is_new(cid):
+                continue
+            if (same := self.parent.match(first + i, cid)) is not None:
+                reused.append((i, same))
+            elif self.store.claim(cid):
+                plain = data[i * chunk : (i + 1) * chunk]
+                sealed.append((cid, self.repo.envelope.seal(OBJ_CHUNK, cid, plain), len(plain)))
+        return _Digest(kinds, ids, sealed, reused)
+
+    def run(self, which: np.ndarray, kinds: np.ndarray, ids: np.ndarray,
+            progress: Callable[[int], None] | None = None) -> int:
+        """Read the slots in ``which`` and fill their kinds and ids; returns bytes read."""
+        chunk = self.chunk
+        segment = max(SEGMENT_BYTES // chunk, 1) * chunk
+        ranges = ReadPlan(which, kinds, ids, self.plan.from_parent).ranges(chunk, self.source.size)
+        expected = sum(length for _, length in ranges)
+        bytes_read = 0
+        pending: deque[tuple[Segment, Future]] = deque()
+        reader = SegmentReader(self.source, ranges, segment, buffers=TASKS_IN_FLIGHT + READ_AHEAD)
+
+        def settle() -> None:
+            nonlocal bytes_read
+            seg, fut = pending.popleft()
+            got = fut.result()
+            first = seg.offset // chunk
+            kinds[first : first + len(got.kinds)] = got.kinds
+            ids[first : first + len(got.kinds)] = got.ids
+            for i, same in got.reused:
+                ids[first + i] = np.frombuffer(same, np.uint8)
+            self.reused += len(got.reused)
+            for cid, blob, raw_length in got.sealed:
+                self.store.packs.add(cid, blob, raw_length)
+            bytes_read += len(seg.data)
+            reader.release(seg)
+            if progress:
+                progress(len(seg.data))
+
+        try:
+            for seg in reader:
+                pending.append((seg, self.pool.submit(self._digest, seg)))
+                if len(pending) >= TASKS_IN_FLIGHT:
+                    settle()
+            while pending:
+                settle()
+        finally:
+            for _seg, fut in pending:  # a failure: let running tasks finish with their buffers
+                fut.cancel()
+        if bytes_read != expected:
+            raise SourceError(f"{self.source.path} ended early: read {bytes_read} of {expected} bytes")
+        return bytes_read
