@@ -112,7 +112,7 @@ def test_flipped_byte_in_pack_restore_6_verify_11(base, tmp_path: Path, target: 
     verify = cli("verify", repo=repo)
     assert verify.returncode == 11, verify.stderr
     assert "DAMAGED" in verify.stdout and "Traceback" not in verify.stderr
-    # a new file target is not even created
+    # a new file target is checked chunk by chunk as it is written, and removed again on failure
     assert_refused(cli("restore", "latest", tmp_path / "new.img", "--yes", repo=repo), 6)
     assert not (tmp_path / "new.img").exists()
 

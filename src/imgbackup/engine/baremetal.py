@@ -4,7 +4,11 @@ The plan is made (and every refusal raised) before the target is opened: the ima
 table is rewritten in memory for the new disk (``relocate_gpt`` / ``resize_mbr``), which proves it
 fits and gives the resulting table for ``--dry-run``. The run then writes, in this order:
 
-1. pre-flight: every chunk the image needs is authenticated (restore.py's pipeline);
+1. pre-flight, when the target holds anything (a device or an existing file): every chunk the image
+   needs is authenticated before the target is opened, so a damaged repository cannot leave a
+   half-overwritten disk. A new file has nothing to lose: it skips the pre-flight (saving a full
+   read of the image's packs) and is removed if the restore fails; its chunks are still checked
+   one by one as they are written;
 2. shrink only: the last partition is restored into a sparse temporary file, checked with
    ``e2fsck -f`` and shrunk with ``resize2fs`` (a refusal naming the bytes needed comes from here,
    still before the target is opened). Chosen over ``resize2fs`` on the target because the blocks
@@ -36,7 +40,7 @@ from imgbackup.engine.chunks import ChunkReader
 from imgbackup.engine.imageview import ImageView
 from imgbackup.engine.restore import check_digest, clear_unwritten, write_delta, write_slots, zero_nonzero
 from imgbackup.engine.target import Target, inspect_target, logical_sector_size, open_for_writing
-from imgbackup.errors import StorageError, TargetRefused
+from imgbackup.errors import StorageError, TargetRefused, VerificationFailed
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.repository.repo import Repository
 
@@ -335,7 +339,8 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, pr
     read = zeroed = 0
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
             tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
-        reader.authenticate_all((bytes(row) for row in image.ids), pool)
+        if target.exists:
+            reader.authenticate_all((bytes(row) for row in image.ids), pool)
         shrunk = _shrink_in_temp(plan, reader, pool, tmp) if plan.fs_shrink else None
         fd = open_for_writing(target, plan.disk_size, keep=plan.delta)
         try:
@@ -352,13 +357,21 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, pr
                 notes.append(f"filesystem shrunk by resize2fs to {plan.fs_shrink[2]} bytes")
             _fit_table(fd, plan)
             os.fsync(fd)
-        except OSError as exc:
-            raise StorageError(f"writing {target.path} failed: {exc.strerror or exc}") from None
-        finally:
+        except BaseException as exc:
             os.close(fd)
-    full = plan.window == (0, image.size) and not plan.fs_shrink
-    if full:
-        check_digest(image, verified, target.path)
+            if not target.exists:
+                os.unlink(target.path)
+            if isinstance(exc, OSError):
+                raise StorageError(f"writing {target.path} failed: {exc.strerror or exc}") from None
+            raise
+        os.close(fd)
+    if plan.window == (0, image.size) and not plan.fs_shrink:
+        try:
+            check_digest(image, verified, target.path)
+        except VerificationFailed:
+            if not target.exists:
+                os.unlink(target.path)
+            raise
     if plan.grow_range:
         notes.append(grow_filesystem(target.path, *plan.grow_range))
     return BareMetalResult(image.id, target.path, plan.disk_size, read, written, zeroed,

@@ -1,64 +1,32 @@
-"""Restore: write an image back to a file or a block device, byte for byte.
+"""Restore's write pass: fetch, open and write an image's chunks, clear what should be zero, check.
 
-Pre-flight first: the index is authenticated, the target inspected, and every stored chunk the
-image needs is located and its AEAD tag checked — so a damaged repository is refused before the
-target is touched. Then the write pass decrypts, decompresses, checks each chunk's keyed hash,
-writes, and finally compares the written content against the index digest.
+Each chunk is decrypted, decompressed and checked against its keyed id before it is written; the
+written ids together must give the index digest. The disk-level order (pre-flight, table) is
+baremetal.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
 from imgbackup._core import scan
 from imgbackup.engine.chunks import ChunkReader
 from imgbackup.engine.slots import byte_extents, slot_runs
-from imgbackup.engine.target import Target, inspect_target, open_for_writing, zero_out
-from imgbackup.errors import StorageError, TargetRefused, VerificationFailed
+from imgbackup.engine.target import zero_out
+from imgbackup.errors import VerificationFailed
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA
-from imgbackup.repository.repo import Repository
 
 LOOKAHEAD_CHUNKS = 32
 WRITEBACK_BYTES = 64 << 20
 ZERO_SCAN_BYTES = 16 << 20
 DELTA_BATCH_CHUNKS = 16
-
-
-@dataclass
-class RestorePlan:
-    image: ImageIndex
-    target: Target
-    bytes_to_write: int
-
-    def to_dict(self) -> dict:
-        return {"image": self.image.id, "image_size": self.image.size, "target": self.target.to_dict(),
-                "bytes_to_write": self.bytes_to_write}
-
-
-@dataclass
-class RestoreResult:
-    image: str
-    target: str
-    bytes_written: int
-    bytes_zeroed: int
-    duration_s: float
-    verified: bool
-
-
-def plan_restore(repo: Repository, image_id: str, target_path: str) -> RestorePlan:
-    image = repo.images.load(image_id)
-    target = inspect_target(target_path, image.size)
-    data_bytes = sum(image.slot_length(int(s)) for s in image.data_slot_numbers())
-    return RestorePlan(image, target, data_bytes)
 
 
 def clear_unwritten(fd: int, image: ImageIndex, discard: bool, window: tuple[int, int] | None = None,
@@ -94,29 +62,6 @@ def zero_nonzero(fd: int, start: int, end: int) -> int:
             zeroed += span
         pos += n
     return zeroed
-
-
-def run_restore(repo: Repository, plan: RestorePlan, discard: bool = False,
-                progress: Callable[[int], None] | None = None, preflight: bool = True) -> RestoreResult:
-    started = time.monotonic()
-    image = plan.image
-    reader = ChunkReader(repo)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool:
-        if preflight:
-            reader.authenticate_all((bytes(row) for row in image.ids), pool)
-        if plan.target.is_block_device and plan.target.size < image.size:
-            raise TargetRefused(f"target {plan.target.path} is too small")
-        fd = open_for_writing(plan.target, image.size)
-        try:
-            written, verified = write_slots(fd, image, reader, pool, progress=progress)
-            zeroed = clear_unwritten(fd, image, discard) if plan.target.is_block_device else 0
-            os.fsync(fd)
-        except OSError as exc:
-            raise StorageError(f"writing {plan.target.path} failed: {exc.strerror or exc}") from None
-        finally:
-            os.close(fd)
-    check_digest(image, verified, plan.target.path)
-    return RestoreResult(image.id, plan.target.path, written, zeroed, round(time.monotonic() - started, 3), True)
 
 
 def check_digest(image: ImageIndex, verified: np.ndarray, where: str) -> None:

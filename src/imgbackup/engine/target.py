@@ -78,7 +78,12 @@ def open_for_writing(target: Target, size: int, keep: bool = False) -> int:
         except OSError as exc:
             raise TargetRefused(f"cannot open {target.path} exclusively: {exc.strerror}",
                                 "is it in use (mounted, a holder)?") from None
-    fd = os.open(target.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    create = os.O_RDWR | os.O_CLOEXEC | (0 if target.exists else os.O_CREAT | os.O_EXCL)
+    try:
+        fd = os.open(target.path, create, 0o600)
+    except FileExistsError:
+        raise TargetRefused(f"{target.path} appeared while the restore was being prepared",
+                            "run the restore again to see what it would overwrite") from None
     if not keep:
         os.ftruncate(fd, 0)
     os.ftruncate(fd, size)
