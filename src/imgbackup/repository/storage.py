@@ -70,25 +70,20 @@ class LocalStorage:
             raise ValueError(f"bad object name {name!r}")
         return self.root / name
 
-    def _ensure_dir(self, directory: Path) -> None:
+    def _ensure_dir(self, directory: Path, synced: list[Path] | None = None) -> None:
+        """Create ``directory`` and its parents; fsync each parent now, or leave it in ``synced``
+        for the caller to fsync before the object it creates is committed."""
         if directory.is_dir():
             return
-        self._ensure_dir(directory.parent)
+        self._ensure_dir(directory.parent, synced)
         try:
             directory.mkdir()
         except FileExistsError:
             return
-        _fsync_dir(directory.parent)
-
-    def _write_temp(self, path: Path, data) -> Path:
-        writer = _LocalObjectWriter(self, path, os.path.relpath(path, self.root))
-        try:
-            writer.write(data)
-            writer.sync()
-        except BaseException:
-            writer.abort()
-            raise
-        return writer.tmp
+        if synced is None:
+            _fsync_dir(directory.parent)
+        else:
+            synced.append(directory.parent)
 
     def open_writer(self, name: str) -> _LocalObjectWriter:
         path = self._path(name)
@@ -97,30 +92,21 @@ class LocalStorage:
         except OSError as exc:
             raise _storage_error(exc, name) from None
 
-    def put(self, name: str, data) -> None:
-        path = self._path(name)
+    def _written(self, name: str, data) -> _LocalObjectWriter:
+        writer = self.open_writer(name)
         try:
-            tmp = self._write_temp(path, data)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except OSError as exc:
-            raise _storage_error(exc, name) from None
+            writer.write(data)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer
+
+    def put(self, name: str, data) -> None:
+        self._written(name, data).commit()
 
     def create(self, name: str, data: bytes) -> bool:
         """Create-if-absent; False when the object already exists."""
-        path = self._path(name)
-        try:
-            tmp = self._write_temp(path, data)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            finally:
-                tmp.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
-            return True
-        except OSError as exc:
-            raise _storage_error(exc, name) from None
+        return self._written(name, data).commit(replace=False)
 
     def get(self, name: str) -> bytes:
         try:
@@ -185,7 +171,8 @@ class _LocalObjectWriter:
     """A temp file beside the object: written in pieces, then fsync, rename, fsync directory."""
 
     def __init__(self, storage: LocalStorage, path: Path, name: str) -> None:
-        storage._ensure_dir(path.parent)
+        self._new_dirs: list[Path] = []  # fsynced at commit, off the writer's thread
+        storage._ensure_dir(path.parent, self._new_dirs)
         self.path = path
         self.name = name
         self.tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
@@ -199,16 +186,25 @@ class _LocalObjectWriter:
         except OSError as exc:
             raise _storage_error(exc, self.name) from None
 
-    def sync(self) -> None:
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-
-    def commit(self) -> None:
+    def commit(self, replace: bool = True) -> bool:
+        """Make the object durable under its name; with ``replace=False`` only if the name is
+        free (a hard link, atomic): False when it exists."""
         try:
-            self.sync()
-            os.replace(self.tmp, self.path)
-            _fsync_dir(self.path.parent)
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            if replace:
+                os.replace(self.tmp, self.path)
+            else:
+                try:
+                    os.link(self.tmp, self.path)
+                except FileExistsError:
+                    self.abort()
+                    return False
+                self.tmp.unlink()
+            for directory in [self.path.parent, *reversed(self._new_dirs)]:
+                _fsync_dir(directory)
+            return True
         except OSError as exc:
             self.abort()
             raise _storage_error(exc, self.name) from None
