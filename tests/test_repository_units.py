@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ from imgbackup.errors import (
 )
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
 from imgbackup.repository.config import RepoConfig
-from imgbackup.repository.lock import LOCK_NAME, LockInfo, RepositoryLock, break_lock
+from imgbackup.repository.lock import CLAIM_PREFIX, LOCK_NAME, LockInfo, RepositoryLock, break_lock
 from imgbackup.repository.packs import PackWriter, pack_name, read_pack_trailer
 from imgbackup.repository.storage import LocalStorage, ObjectMissing
 
@@ -296,3 +298,62 @@ def test_pack_writer_abort_drops_the_open_pack(tmp_path: Path) -> None:
     writer.abort()
     assert list(storage.list("packs")) == [] and not writer.written
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def _hold_lock_once(root: str, log: str, barrier) -> None:
+    """Child: take the lock (retrying while a live process holds it), log the hold, release."""
+    storage = LocalStorage(root)
+    barrier.wait()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            lock = RepositoryLock(storage, "racer")
+            lock.acquire()
+            break
+        except RepositoryLocked:
+            if time.monotonic() > deadline:
+                os._exit(3)
+            time.sleep(0.01)
+    with open(log, "a") as f:
+        f.write(f"{time.monotonic()} +1\n")
+        f.flush()
+        time.sleep(0.05)
+        f.write(f"{time.monotonic()} -1\n")
+    lock.release()
+    os._exit(0)
+
+
+def test_many_processes_taking_over_one_stale_lock_never_hold_it_together(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        storage = LocalStorage(tmp_path / f"r{round_}")
+        _plant(storage, pid=_dead_pid(), start_time="1")
+        log = tmp_path / f"holds{round_}.log"
+        barrier = ctx.Barrier(8)
+        procs = [ctx.Process(target=_hold_lock_once, args=(str(storage.root), str(log), barrier)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(90)
+        assert [p.exitcode for p in procs] == [0] * 8
+        events = sorted((float(t), int(d)) for t, d in (line.split() for line in log.read_text().splitlines()))
+        depth = 0
+        for _, step in events:
+            depth += step
+            assert depth <= 1, "two processes held the lock at once"
+        assert len(events) == 16
+        assert list(storage.list("locks")) == []  # no lock, no takeover claim left behind
+
+
+def test_interrupted_takeover_is_reported_and_break_lock_clears_it(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    _plant(storage, pid=_dead_pid(), start_time="1")
+    stale = storage.get(LOCK_NAME)
+    claim = CLAIM_PREFIX + hashlib.sha256(stale).hexdigest()[:32]
+    storage.put(claim, stale)  # a taker that died right after winning its claim
+    with pytest.raises(RepositoryLocked, match="takeover .* was interrupted"):
+        RepositoryLock(storage).acquire()
+    break_lock(storage)
+    assert list(storage.list("locks")) == []
+    with RepositoryLock(storage):
+        pass

@@ -3,10 +3,18 @@
 A lock left by a process that is gone (same host, and the pid is dead, was reused, or the
 machine rebooted since) is stale and taken over. A lock from another host is never broken
 automatically: ``imgbackup break-lock`` does that when a person knows the holder is gone.
+
+Taking over is a race when several processes find the same stale lock: deleting after a
+check could remove the lock another taker has just created. So a taker first creates (if
+absent) a claim object named after the stale lock's exact bytes; only the one that wins the
+claim deletes the lock, and only if it still holds those bytes. Every other taker sees the
+claim fail and starts over. Nothing but a claim winner ever deletes a stale lock, so the
+re-check cannot be overtaken.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -17,6 +25,7 @@ from imgbackup.errors import RepositoryLocked
 from imgbackup.repository.storage import ObjectMissing, Storage
 
 LOCK_NAME = "locks/exclusive"
+CLAIM_PREFIX = "locks/takeover-"
 
 
 def _boot_id() -> str:
@@ -73,30 +82,52 @@ class RepositoryLock:
 
     def holder(self) -> LockInfo | None:
         try:
-            doc = json.loads(self.storage.get(LOCK_NAME))
-            return LockInfo(**doc)
+            return _parse(self.storage.get(LOCK_NAME))
         except ObjectMissing:
             return None
-        except (ValueError, TypeError):
-            return LockInfo("unknown", 0, 0.0, "", "", "unreadable lock file")
 
     def acquire(self) -> None:
         mine = json.dumps(self._mine().__dict__).encode()
-        for _ in range(3):
+        for attempt in range(20):
+            if attempt:
+                time.sleep(0.005 * attempt)  # a takeover by another process is under way
             if self.storage.create(LOCK_NAME, mine):
                 self.held = True
                 return
-            info = self.holder()
-            if info is None:
+            try:
+                raw = self.storage.get(LOCK_NAME)
+            except ObjectMissing:
                 continue
+            info = _parse(raw)
             if info.is_stale():
-                self.storage.delete(LOCK_NAME)
+                self._take_over(raw, mine)
                 continue
             raise RepositoryLocked(
                 f"repository is locked by {info.describe()}",
                 "wait for it to finish; if that process is gone, run 'imgbackup break-lock'",
             )
         raise RepositoryLocked("could not take the repository lock (it changes hands too fast)")
+
+    def _take_over(self, stale: bytes, mine: bytes) -> None:
+        """Delete the stale lock ``stale`` if this process wins the claim to do so."""
+        claim = CLAIM_PREFIX + hashlib.sha256(stale).hexdigest()[:32]
+        if not self.storage.create(claim, mine):
+            try:
+                other = _parse(self.storage.get(claim))
+            except ObjectMissing:
+                return
+            if other.is_stale():
+                raise RepositoryLocked(
+                    f"a takeover of a stale repository lock by {other.describe()} was interrupted",
+                    "run 'imgbackup break-lock' to clear it")
+            return
+        try:
+            if self.storage.get(LOCK_NAME) == stale:
+                self.storage.delete(LOCK_NAME)
+        except ObjectMissing:
+            pass
+        finally:
+            self.storage.delete(claim)
 
     def release(self) -> None:
         if self.held:
@@ -111,8 +142,18 @@ class RepositoryLock:
         self.release()
 
 
+def _parse(raw: bytes) -> LockInfo:
+    try:
+        return LockInfo(**json.loads(raw))
+    except (ValueError, TypeError):
+        return LockInfo("unknown", 0, 0.0, "", "", "unreadable lock file")
+
+
 def break_lock(storage: Storage) -> LockInfo | None:
-    """Remove the lock whoever holds it; returns who held it."""
+    """Remove the lock (and any interrupted takeover claims) whoever holds it; returns who held it."""
     info = RepositoryLock(storage).holder()
     storage.delete(LOCK_NAME)
+    for name in storage.list("locks"):
+        if name.startswith(CLAIM_PREFIX):
+            storage.delete(name)
     return info
