@@ -21,6 +21,15 @@ def test_help_lists_commands_and_exit_codes() -> None:
     assert "Exit status" in out and "130" in out and "wrong or missing passphrase" in out
 
 
+def test_usage_errors_exit_2_with_clicks_message_not_a_traceback() -> None:
+    for args, words in ((("backup", "--bogus", "x.img"), "No such option: --bogus"),
+                        (("no-such-command",), "No such command"),
+                        (("backup",), "Missing argument")):
+        proc = cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert words in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_backup_json_contract_list_and_info(tmp_path: Path) -> None:
     src = random_image(tmp_path / "src.img", 8 * MIB, data_fraction=0.5)
     repo = tmp_path / "repo"

@@ -10,6 +10,9 @@ import typer
 from imgbackup import __version__
 from imgbackup.errors import EXIT_CODES, ImgBackupError, Interrupted, StorageError
 
+# Typer raises click's exceptions, from click itself or (typer >= 0.26) from its vendored copy.
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
 EXIT_STATUS = "\b\nExit status:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES)
 
 app = typer.Typer(
@@ -83,13 +86,9 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         _fail(Interrupted("aborted"))
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except _CLICK_EXCEPTION as exc:  # usage errors: click's own message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
     sys.exit(0)
 
 
