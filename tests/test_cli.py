@@ -142,3 +142,18 @@ def test_mount_and_umount_json(tmp_path: Path) -> None:
         done = cli("umount", mnt, "--json")
     assert done.returncode == 0 and json.loads(done.stdout)["unmounted"] is True
     assert str(mnt) not in Path("/proc/mounts").read_text()
+
+
+def test_command_modules_table_names_every_command_its_module_registers() -> None:
+    import importlib
+
+    import typer
+
+    from imgbackup.cli.main import COMMAND_MODULES
+
+    for module, names in COMMAND_MODULES.items():
+        probe = typer.Typer()
+        importlib.import_module(f"imgbackup.cli.{module}").register(probe)
+        assert tuple(c.name for c in probe.registered_commands) == names, module
+    listed = cli("--help").stdout
+    assert all(f"  {name}" in listed for names in COMMAND_MODULES.values() for name in names)

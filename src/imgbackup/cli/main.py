@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 
@@ -27,19 +28,24 @@ app = typer.Typer(
 )
 
 
-def _register() -> None:
-    from imgbackup.cli import (
-        backup_cmd,
-        devices_cmd,
-        images_cmd,
-        mount_cmd,
-        repo_cmd,
-        restore_cmd,
-        verify_cmd,
-    )
+# Which module defines which commands: a run imports only its command's module (and what that
+# needs), so a backup does not load restore, mount and verify code; --help loads them all.
+COMMAND_MODULES = {
+    "repo_cmd": ("init", "list", "info", "break-lock"),
+    "backup_cmd": ("backup",),
+    "restore_cmd": ("restore",),
+    "verify_cmd": ("verify",),
+    "images_cmd": ("delete", "diff"),
+    "devices_cmd": ("devices",),
+    "mount_cmd": ("mount", "umount", "restore-files"),
+}
 
-    for module in (repo_cmd, backup_cmd, restore_cmd, verify_cmd, images_cmd, devices_cmd, mount_cmd):
-        module.register(app)
+
+def _register(argv: list[str]) -> None:
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    wanted = [m for m, names in COMMAND_MODULES.items() if command in names] or list(COMMAND_MODULES)
+    for module in wanted:
+        importlib.import_module(f"imgbackup.cli.{module}").register(app)
 
 
 @app.callback(invoke_without_command=True)
@@ -68,7 +74,7 @@ def run(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every expected failure into one line and an exit code."""
     _limit_malloc_arenas()
     try:
-        _register()
+        _register(sys.argv[1:] if argv is None else argv)
     except ImportError as exc:  # a missing compiled core or dependency: one line, not a traceback
         sys.stderr.write(f"imgbackup: error: {exc}\n")
         sys.exit(1)
