@@ -37,6 +37,7 @@ from imgbackup.engine.imageview import ImageView
 from imgbackup.engine.mountstate import (
     MountState,
     ProcessRef,
+    drop_log,
     fuse_mounted,
     log_path,
     run_cmd,
@@ -284,8 +285,7 @@ class MountSession:
                 self._server = 0
             if not problems:
                 self.state.remove()
-                if not self.keep_log:
-                    log_path(self.mountpoint).unlink(missing_ok=True)
+                drop_log(self.mountpoint, unless_troubled=self.keep_log)
             self.state = None
             return problems
         finally:

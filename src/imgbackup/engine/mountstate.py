@@ -124,6 +124,20 @@ class MountState:
         return cls(**doc)
 
 
+def drop_log(mountpoint: str, unless_troubled: bool = True) -> None:
+    """Remove a finished mount's log, but keep one that recorded warnings or errors (damaged
+    chunks, a server that died) for the sysadmin, unless told otherwise."""
+    path = log_path(mountpoint)
+    if unless_troubled:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            return
+        if " WARNING " in text or " ERROR " in text:
+            return
+    path.unlink(missing_ok=True)
+
+
 def _retry(*cmd: str) -> subprocess.CompletedProcess:
     res = run_cmd(*cmd)
     for _ in range(RETRIES):
@@ -202,6 +216,7 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> list[str]:
     problems = teardown(state)
     if not problems:
         state.remove()
+        drop_log(mountpoint)
     return problems
 
 
