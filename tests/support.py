@@ -90,6 +90,18 @@ def mounted(device: str, mountpoint: Path, options: str = "ro") -> Iterator[Path
             time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def small_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``1m``…) at ``mountpoint``: a disk that fills up; always unmounted."""
+    need_root()
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mountpoint)
+    try:
+        yield mountpoint
+    finally:
+        run("umount", mountpoint, check=False)
+
+
 def sha256_file(path: str | os.PathLike, size: int | None = None) -> str:
     import hashlib
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from tests.diskimages import MIB, cli, cli_json, random_image
-from tests.support import loop_device, mounted, need, need_root, need_tool, run, sha256_file
+from tests.support import loop_device, mounted, need, need_tool, run, sha256_file, small_tmpfs
 
 from imgbackup.format.layout import IMAGE_HEAD
 
@@ -198,11 +198,7 @@ def test_repository_locked_by_live_process_exit_5(base, repo: Path) -> None:
 
 
 def test_repository_disk_full_exit_10_and_still_verifies(tmp_path: Path) -> None:
-    need_root()
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    run("mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", mnt)
-    try:
+    with small_tmpfs(tmp_path / "small", "3m") as mnt:
         repo = mnt / "repo"
         cli_json("init", repo=repo)
         small = random_image(tmp_path / "small.img", MIB, seed=11)
@@ -216,8 +212,6 @@ def test_repository_disk_full_exit_10_and_still_verifies(tmp_path: Path) -> None
         out = tmp_path / "out.img"
         cli_json("restore", first["id"], out, repo=repo)
         assert sha256_file(out) == sha256_file(small)
-    finally:
-        run("umount", mnt, check=False)
 
 
 EIO_SERVER = """

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from tests.support import need_root, run
+from tests.support import small_tmpfs
 
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
@@ -219,11 +219,7 @@ def test_storage_lists_without_temp_files_and_sweeps_them(tmp_path: Path) -> Non
 
 
 def test_storage_put_on_full_disk_keeps_old_object(tmp_path: Path) -> None:
-    need_root()
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt)
-    try:
+    with small_tmpfs(tmp_path / "tiny", "1m") as mnt:
         storage = LocalStorage(mnt)
         storage.put("images/a", b"old")
         with pytest.raises(StorageError, match="full"):
@@ -233,8 +229,6 @@ def test_storage_put_on_full_disk_keeps_old_object(tmp_path: Path) -> None:
         assert storage.get("images/a") == b"old"
         assert not storage.exists("images/b")
         assert not [p for p in mnt.rglob("*") if ".tmp-" in p.name]
-    finally:
-        run("umount", mnt, check=False)
 
 
 def test_object_writer_is_invisible_until_commit_and_abort_leaves_nothing(tmp_path: Path) -> None:
@@ -253,19 +247,13 @@ def test_object_writer_is_invisible_until_commit_and_abort_leaves_nothing(tmp_pa
 
 
 def test_object_writer_on_full_disk_says_so_and_leaves_nothing(tmp_path: Path) -> None:
-    need_root()
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt)
-    try:
+    with small_tmpfs(tmp_path / "tiny", "1m") as mnt:
         storage = LocalStorage(mnt)
         out = storage.open_writer("packs/ef/ef01")
         with pytest.raises(StorageError, match="full while writing packs/ef/ef01"):
             out.write(os.urandom(2 << 20))
         out.abort()
         assert not [p for p in mnt.rglob("*") if p.is_file()]
-    finally:
-        run("umount", mnt, check=False)
 
 
 # --- packs ------------------------------------------------------------------------------------
