@@ -6,16 +6,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
-pkgs=$(grep -vE '^\s*(#|$)' scripts/apt-packages.txt | tr '\n' ' ')
-missing=""
-for p in $pkgs; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+# shellcheck disable=SC2046  # one word per package
+scripts/apt-install-missing.sh $(grep -vE '^\s*(#|$)' scripts/apt-packages.txt)
 
 python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # Build requirements first, then build without isolation: no re-download on every run.
