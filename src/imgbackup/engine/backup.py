@@ -119,7 +119,8 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         kinds, ids = plan.kinds, plan.ids
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
             store = ChunkStore(repo)
-            ingest = Ingest(repo, source, plan, store, ParentMatch(repo, plan, parent), pool)
+            match = ParentMatch(repo, plan, parent)
+            ingest = Ingest(repo, source, plan, store, match, pool)
             try:
                 bytes_read = ingest.run(plan.read, kinds, ids, req.progress)
                 if req.verify_unchanged > 0 and plan.from_parent.any():
@@ -131,6 +132,10 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
             except BaseException:
                 store.abort()
                 raise
+        if match.damaged:
+            warnings.append(f"{len(match.damaged)} chunk(s) of the parent image {parent.id[:12]} are damaged "
+                            f"(first: {match.damaged[0].hex()[:16]}); those slots were stored anew; "
+                            "run 'imgbackup verify' to see which images they affect")
         changed = _changed_slots(kinds, ids, parent)
         meta = repo.new_image_meta(
             type=btype, parent=parent.id if parent else None, name=name,

@@ -23,7 +23,7 @@ from imgbackup.device.source import Source
 from imgbackup.engine.chunks import ChunkReader
 from imgbackup.engine.reader import Segment, SegmentReader
 from imgbackup.engine.readplan import ReadPlan
-from imgbackup.errors import SourceError
+from imgbackup.errors import IntegrityError, SourceError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import OBJ_CHUNK, SLOT_DATA
 from imgbackup.repository.packs import PackWriter
@@ -68,7 +68,9 @@ class ParentMatch:
 
     Deleting a file frees its blocks, which used-block mode zeroes: the chunk's bytes change
     though nothing in use did. Masking the parent's chunk with today's map tells the two apart,
-    so an incremental after deletes stores only what really changed. Thread-safe.
+    so an incremental after deletes stores only what really changed. Thread-safe. A parent chunk
+    that fails authentication is no match: the slot is stored anew and the chunk listed in
+    ``damaged`` (the backup goes on; ``verify`` tells what else the damage touches).
     """
 
     def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None) -> None:
@@ -79,6 +81,8 @@ class ParentMatch:
         self.parent_ids = parent.ids_by_slot() if usable else None
         self.parent_kinds = parent.kinds if usable else None
         self.reader = ChunkReader(repo) if usable else None
+        self.damaged: list[bytes] = []
+        self._lock = threading.Lock()
 
     def match(self, slot: int, new_id: bytes) -> bytes | None:
         if self.parent_ids is None or self.parent_kinds[slot] != SLOT_DATA:
@@ -86,7 +90,12 @@ class ParentMatch:
         old_id = self.parent_ids[slot].tobytes()
         if old_id == new_id or not self.plan.has_unused(slot * self.chunk, self.chunk):
             return None
-        masked = bytearray(self.reader.read(old_id))
+        try:
+            masked = bytearray(self.reader.read(old_id))
+        except IntegrityError:
+            with self._lock:
+                self.damaged.append(old_id)
+            return None
         self.plan.mask_unused(slot * self.chunk, memoryview(masked))
         if scan.chunk_id(self.key, masked) != new_id:
             return None
