@@ -28,7 +28,6 @@ from tests.test_mount_helpers import (
     build_disk,
     cli,
     file_block,
-    system_state,
     tree_hashes,
 )
 
@@ -48,16 +47,6 @@ def disk(tmp_path_factory):
         d.original = tree_hashes(root / "orig")
     return d
 
-
-@pytest.fixture
-def no_leaks():
-    before = system_state()
-    yield
-    for _ in range(20):
-        if system_state() == before:
-            break
-        time.sleep(0.1)
-    assert system_state() == before, "a loop device or mount was left behind"
 
 
 def _repo_copy(d, tmp_path: Path) -> Path:

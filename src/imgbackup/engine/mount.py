@@ -50,7 +50,7 @@ from imgbackup.repository.repo import Repository
 log = logging.getLogger("imgbackup.mount")
 
 FS_MOUNT_OPTIONS = {"ext2": "ro,noload", "ext3": "ro,noload", "ext4": "ro,noload",
-                    "xfs": "ro,norecovery", "btrfs": "ro"}
+                    "xfs": "ro,norecovery", "btrfs": "ro,rescue=nologreplay"}
 READY_TIMEOUT = 30.0
 
 
