@@ -53,6 +53,15 @@ def _ioctl_int(fd: int, request: int, fmt: str) -> int:
     return struct.unpack(fmt, buf)[0]
 
 
+def block_geometry(path: str) -> tuple[int, int]:
+    """A block device's size in bytes (BLKGETSIZE64) and logical sector size (BLKSSZGET)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _ioctl_int(fd, BLKGETSIZE64, "Q"), _ioctl_int(fd, BLKSSZGET, "i")
+    finally:
+        os.close(fd)
+
+
 def _address(buf: memoryview) -> int | None:
     """Memory address of a writable buffer, to check O_DIRECT alignment; None if unknowable."""
     import ctypes

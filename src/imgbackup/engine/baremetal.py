@@ -40,7 +40,7 @@ from imgbackup.engine.chunks import ChunkReader
 from imgbackup.engine.imageview import ImageView
 from imgbackup.engine.restore import check_digest, clear_unwritten, write_delta, write_slots, zero_nonzero
 from imgbackup.engine.target import Target, inspect_target, logical_sector_size, open_for_writing
-from imgbackup.errors import StorageError, TargetRefused, VerificationFailed
+from imgbackup.errors import StorageError, TargetRefused
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.repository.repo import Repository
 
@@ -336,7 +336,6 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, pr
     image, target = plan.image, plan.target
     reader = ChunkReader(repo)
     notes: list[str] = list(plan.warnings)
-    read = zeroed = 0
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
             tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
         if target.exists:
@@ -344,38 +343,44 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, pr
         shrunk = _shrink_in_temp(plan, reader, pool, tmp) if plan.fs_shrink else None
         fd = open_for_writing(target, plan.disk_size, keep=plan.delta)
         try:
-            if plan.delta:
-                read, written, zeroed, verified = write_delta(fd, image, repo.keys.id_key, reader, pool, progress)
-            else:
-                written, verified = write_slots(fd, image, reader, pool, window=plan.window, shift=plan.shift,
-                                                progress=progress)
-                if target.is_block_device:
-                    zeroed = clear_unwritten(fd, image, discard, plan.window, plan.shift)
-            if shrunk:
-                w, z = _copy_file_into(fd, shrunk, plan.fs_shrink[0] - plan.shift)
-                written, zeroed = written + w, zeroed + z
-                notes.append(f"filesystem shrunk by resize2fs to {plan.fs_shrink[2]} bytes")
-            _fit_table(fd, plan)
-            os.fsync(fd)
+            try:
+                read, written, zeroed, verified = _write_target(fd, repo, plan, reader, pool, shrunk, discard,
+                                                                progress, notes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if plan.window == (0, image.size) and not plan.fs_shrink:
+                check_digest(image, verified, target.path)
         except BaseException as exc:
-            os.close(fd)
-            if not target.exists:
+            if not target.exists:  # a file this restore created holds nothing worth keeping
                 os.unlink(target.path)
             if isinstance(exc, OSError):
                 raise StorageError(f"writing {target.path} failed: {exc.strerror or exc}") from None
-            raise
-        os.close(fd)
-    if plan.window == (0, image.size) and not plan.fs_shrink:
-        try:
-            check_digest(image, verified, target.path)
-        except VerificationFailed:
-            if not target.exists:
-                os.unlink(target.path)
             raise
     if plan.grow_range:
         notes.append(grow_filesystem(target.path, *plan.grow_range))
     return BareMetalResult(image.id, target.path, plan.disk_size, read, written, zeroed,
                            round(time.monotonic() - started, 3), True, plan.partitions, notes)
+
+
+def _write_target(fd: int, repo: Repository, plan: DiskPlan, reader: ChunkReader, pool: ThreadPoolExecutor,
+                  shrunk: str | None, discard: bool, progress, notes: list[str]) -> tuple[int, int, int, np.ndarray]:
+    """Steps 3-5 of the module docstring; (bytes read, written, zeroed, the verified ids)."""
+    image = plan.image
+    read = zeroed = 0
+    if plan.delta:
+        read, written, zeroed, verified = write_delta(fd, image, repo.keys.id_key, reader, pool, progress)
+    else:
+        written, verified = write_slots(fd, image, reader, pool, window=plan.window, shift=plan.shift,
+                                        progress=progress)
+        if plan.target.is_block_device:
+            zeroed = clear_unwritten(fd, image, discard, plan.window, plan.shift)
+    if shrunk:
+        w, z = _copy_file_into(fd, shrunk, plan.fs_shrink[0] - plan.shift)
+        written, zeroed = written + w, zeroed + z
+        notes.append(f"filesystem shrunk by resize2fs to {plan.fs_shrink[2]} bytes")
+    _fit_table(fd, plan)
+    return read, written, zeroed, verified
 
 
 def _shrink_in_temp(plan: DiskPlan, reader: ChunkReader, pool: ThreadPoolExecutor, tmp: str) -> str:

@@ -122,7 +122,6 @@ class Ingest:
         self.parent = parent
         self.pool = pool
         self.chunk = repo.chunk_size
-        self.reused = 0
 
     def _digest(self, seg: Segment) -> _Digest:
         chunk, data = self.chunk, seg.data
@@ -162,7 +161,6 @@ class Ingest:
             ids[first : first + len(got.kinds)] = got.ids
             for i, same in got.reused:
                 ids[first + i] = np.frombuffer(same, np.uint8)
-            self.reused += len(got.reused)
             for cid, blob, raw_length in got.sealed:
                 self.store.packs.add(cid, blob, raw_length)
             bytes_read += len(seg.data)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import is_system_disk, usage_of
+from imgbackup.device.source import block_geometry
 from imgbackup.errors import TargetRefused
 
-BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
-BLKSSZGET = 0x1268
 
 
 @dataclass
@@ -31,14 +30,6 @@ class Target:
     def to_dict(self) -> dict:
         return {"path": self.path, "block_device": self.is_block_device, "size": self.size,
                 "exists": self.exists, "description": self.description}
-
-
-def _device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return struct.unpack("<Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
-    finally:
-        os.close(fd)
 
 
 def inspect_target(path: str, needed: int) -> Target:
@@ -58,7 +49,7 @@ def inspect_target(path: str, needed: int) -> Target:
     if stat.S_ISBLK(st.st_mode):
         if is_system_disk(path):
             raise TargetRefused(f"refusing to overwrite {path}: the running system lives on it")
-        size = _device_size(path)
+        size = block_geometry(path)[0]
         if size < needed:
             raise TargetRefused(f"target {path} is too small: {size} bytes, the image needs {needed} bytes")
         return Target(path, True, size, True, identify(path).describe())
@@ -100,11 +91,5 @@ def zero_out(fd: int, offset: int, length: int) -> bool:
 
 
 def logical_sector_size(path: str) -> int | None:
-    """The logical sector size of a block device (BLKSSZGET); None for a file."""
-    if not stat.S_ISBLK(os.stat(path).st_mode):
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return struct.unpack("<i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
-    finally:
-        os.close(fd)
+    """The logical sector size of a block device; None for a file."""
+    return block_geometry(path)[1] if stat.S_ISBLK(os.stat(path).st_mode) else None

@@ -70,20 +70,16 @@ class LocalStorage:
             raise ValueError(f"bad object name {name!r}")
         return self.root / name
 
-    def _ensure_dir(self, directory: Path, synced: list[Path] | None = None) -> None:
-        """Create ``directory`` and its parents; fsync each parent now, or leave it in ``synced``
-        for the caller to fsync before the object it creates is committed."""
+    def _make_dirs(self, directory: Path) -> list[Path]:
+        """Create ``directory`` and missing parents; the folders whose entries changed (to fsync)."""
         if directory.is_dir():
-            return
-        self._ensure_dir(directory.parent, synced)
+            return []
+        changed = self._make_dirs(directory.parent)
         try:
             directory.mkdir()
         except FileExistsError:
-            return
-        if synced is None:
-            _fsync_dir(directory.parent)
-        else:
-            synced.append(directory.parent)
+            return changed
+        return [*changed, directory.parent]
 
     def open_writer(self, name: str) -> _LocalObjectWriter:
         path = self._path(name)
@@ -171,8 +167,7 @@ class _LocalObjectWriter:
     """A temp file beside the object: written in pieces, then fsync, rename, fsync directory."""
 
     def __init__(self, storage: LocalStorage, path: Path, name: str) -> None:
-        self._new_dirs: list[Path] = []  # fsynced at commit, off the writer's thread
-        storage._ensure_dir(path.parent, self._new_dirs)
+        self._new_dirs = storage._make_dirs(path.parent)  # fsynced at commit, off the writer's thread
         self.path = path
         self.name = name
         self.tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
