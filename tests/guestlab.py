@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgbackup.engine.boot import _child_setup, find_ovmf
+from imgbackup.engine.verify.qemu import _child_setup, find_ovmf
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 120       # kernel + initramfs + systemd to a shell: ~20-40 s under TCG here

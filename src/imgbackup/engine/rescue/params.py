@@ -27,14 +27,15 @@ DEFAULT_WAIT_S = 60       # USB and SAN disks can take tens of seconds to appear
 MAX_WAIT_S = 3600
 _TRUE = ("yes", "true", "1", "on")
 _FALSE = ("no", "false", "0", "off")
-_DEVICE_SPEC = re.compile(r"^(LABEL|UUID|PARTUUID|PARTLABEL)=[^:\s]+$|^/dev/\S+$")
+_DEVICE_SPEC = re.compile(r"^(LABEL|UUID|PARTUUID|PARTLABEL)=[^:\s]+$|^/dev/\S+$|^MEDIA$")
 _UNSTABLE = re.compile(r"^/dev/(sd[a-z]+|vd[a-z]+|hd[a-z]+|xvd[a-z]+|nvme\d+n\d+|mmcblk\d+|sr\d+)$")
 _FIRST = ("first", "auto", "any", "1", "0", "default")
 
 
 @dataclass(frozen=True)
 class Location:
-    """A file on a device: ``device`` (LABEL=…, UUID=…, a /dev path; None: the running system) + path."""
+    """A file on a device: ``device`` (LABEL=…, UUID=…, a /dev path, MEDIA for the rescue medium
+    itself; None: the running system) and the path on it."""
 
     device: str | None
     path: str
@@ -111,7 +112,7 @@ def parse_location(value: str, what: str) -> Location:
     device, sep, path = value.rpartition(":")
     if not sep or not _DEVICE_SPEC.match(device):
         raise UsageError(f"imgbackup.{what}={value}: expected DEVICE:/PATH with DEVICE as LABEL=…, UUID=…, "
-                         f"PARTUUID=…, PARTLABEL=… or /dev/…, or an absolute path")
+                         f"PARTUUID=…, PARTLABEL=…, /dev/… or MEDIA, or an absolute path")
     if not path.startswith("/") or "/../" in f"{path}/":
         raise UsageError(f"imgbackup.{what}={value}: the path after ':' must be absolute, without '..'")
     return Location(device, path)

@@ -73,6 +73,7 @@ def _mmdebstrap(root: Path, apt_cache: Path, mirror: str | None, log: Log) -> No
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data_file(f"initramfs/{name}"))
         path.chmod(0o755 if name == "hook" else 0o644)
+    (stage / "var/cache/apt/archives").mkdir(parents=True)
     apt_cache.mkdir(parents=True, exist_ok=True)
     cmd = ["mmdebstrap", "--variant=essential", "--mode=root", "--skip=essential/unlink",
            "--include=" + ",".join(PACKAGES),
