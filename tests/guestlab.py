@@ -99,10 +99,12 @@ class Guest:
 
     # -- lifecycle -------------------------------------------------------------------------
     def command(self) -> list[str]:
-        cmd = [QEMU, "-accel", "tcg", "-m", str(self.memory_mib), "-smp", "2", "-display", "none",
-               "-monitor", "none", "-serial", "stdio", "-no-reboot", "-net", "none",
+        # q35: AHCI and PCIe as on current hardware, and no floppy controller to probe
+        # -cpu max: numpy's wheels need x86-64-v2 (SSE4.2, POPCNT), which TCG's default CPU lacks
+        cmd = [QEMU, "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", str(self.memory_mib), "-smp", "2",
+               "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot", "-net", "none",
                "-drive", f"if=none,id=cd,file={self.iso},media=cdrom,readonly=on",
-               "-device", "ide-cd,drive=cd,bootindex=0"]
+               "-device", "ide-cd,drive=cd,bus=ide.0" + ("" if self.append is not None else ",bootindex=0")]
         if self.firmware == "uefi":
             ovmf = find_ovmf()
             assert ovmf is not None, "OVMF missing (apt install ovmf)"
@@ -252,13 +254,24 @@ class Guest:
         while True:
             self._sock.sendall(f"stty -echo; PS1=''; PS2=''; echo '{ready[:half]}''{ready[half:]}'\n".encode())
             try:
-                self._recv_until(ready.encode(), min(deadline, time.monotonic() + 5))
+                self._recv_until(ready.encode(), min(deadline, time.monotonic() + 15))
                 break
             except AssertionError:
                 if time.monotonic() > deadline:
                     raise
-        self._shell_buf = b""
+        self._drain()
         return time.monotonic() - self.started
+
+    def _drain(self, quiet_s: float = 1.0) -> None:
+        """Drop what the shell still says (repeated readiness probes) until it is quiet."""
+        self._sock.settimeout(quiet_s)
+        while True:
+            try:
+                if not self._sock.recv(65536):
+                    break
+            except TimeoutError:
+                break
+        self._shell_buf = b""
 
     def run(self, command: str, timeout: float = 60) -> Result:
         """Run ``command`` in the guest's root shell (bash); stdout and stderr together."""

@@ -77,7 +77,8 @@ def find_target(spec: TargetSpec, wait_s: float) -> str:
         found = _wait(str(spec), deadline, lambda: [spec.value] if os.path.exists(spec.value) else [])
     elif spec.kind == "wwn":
         link = f"/dev/disk/by-id/wwn-{spec.value}"
-        found = _wait(str(spec), deadline, lambda: [link] if os.path.exists(link) else [])
+        found = _wait(str(spec), deadline, lambda: [link] if os.path.exists(link) else
+                      [d.path for d in list_devices() if d.kind == "disk" and (d.wwn or "").lower() == spec.value])
     else:
         found = _wait(str(spec), deadline,
                       lambda: [d.path for d in list_devices() if d.kind == "disk" and d.serial == spec.value])

@@ -39,7 +39,10 @@ DROP_MODULE_DIRS = ("drivers/gpu", "sound", "drivers/media", "drivers/net/wirele
                     "drivers/input/joystick", "drivers/input/touchscreen", "drivers/hid/amd-sfh-hid")
 # Units that do harm or only cost boot time on rescue media (fstrim would discard a target's blocks).
 MASKED_UNITS = ("fstrim.timer", "fstrim.service", "e2scrub_all.timer", "e2scrub_reap.service",
-                "lvm2-monitor.service", "systemd-timesyncd.service")
+                "lvm2-monitor.service", "systemd-timesyncd.service", "getty-static.service",
+                "systemd-random-seed.service", "dev-hugepages.mount", "dev-mqueue.mount",
+                "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "systemd-pstore.service",
+                "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "systemd-journal-flush.service")
 # zstd unpacks fast even under TCG; level 6 packs ~10x faster than 15 for ~8 % more bytes.
 SQUASHFS_OPTS = ("-comp", "zstd", "-Xcompression-level", "6", "-b", "256K")
 # Our initramfs-tools parts, placed before any package is installed so the initramfs is made once.
@@ -169,6 +172,7 @@ def customise(root: Path, parts: Path, log: Log) -> str:
     _write(root, "etc/fstab", "# imgbackup rescue: the root is the medium's squashfs under a RAM overlay\n")
     _write(root, "root/.bash_profile", data_file("bash_profile"))
     _write(root, "root/.hushlogin", "")
+    _write(root, "root/.inputrc", "$include /etc/inputrc\nset enable-bracketed-paste off\n")
     _write(root, "etc/udev/rules.d/90-imgbackup-lab-console.rules",
            data_file("udev/90-imgbackup-lab-console.rules"))
     _lvm_no_autoactivation(root)
