@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgbackup.engine.rescue.media import BASE_CMDLINE
 from imgbackup.engine.verify.qemu import _child_setup, find_ovmf
 
 QEMU = "qemu-system-x86_64"
@@ -114,7 +115,7 @@ class Guest:
                     "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
         if self.append is not None:
             kernel, initrd, media_id = extract_boot_files(self.iso, self.workdir / "boot")
-            base = f"boot=imgbackup imgbackup.media={media_id} console=tty0 console=ttyS0,115200n8 loglevel=4"
+            base = f"{BASE_CMDLINE} imgbackup.media={media_id}"
             cmd += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{base} {self.append}"]
         if self.lab_shell:
             self._sock_path = self.workdir / "lab.sock"

@@ -41,7 +41,7 @@ class RescueLog:
             self.lines.append(line)
             self.echo(line)
             for dev in self.consoles:
-                with contextlib.suppress(OSError), open(dev, "w") as tty:
+                with contextlib.suppress(OSError), open(dev, "a") as tty:
                     tty.write(line + "\r\n")
             if self._file is not None:
                 self._write(line)

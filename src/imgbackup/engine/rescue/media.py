@@ -34,10 +34,10 @@ DEFAULT_CACHE = Path(os.environ.get("IMGBACKUP_RESCUE_CACHE", "/var/cache/imgbac
 VOLUME_ID = "IMGBACKUP_RESCUE"
 KEEP_PARTS = 2            # cached part sets kept (one per recent imgbackup build): ~200 MB each
 CONSOLES = "console=tty0 console=ttyS0,115200n8"   # the last one is /dev/console: serial, for logs
-BASE_CMDLINE = f"boot=imgbackup {CONSOLES} loglevel=4 systemd.show_status=auto"
+BASE_CMDLINE = f"{CONSOLES} loglevel=4 systemd.show_status=auto"
 # Host tools and the Debian package bringing each (apt install on the build machine).
 BUILD_TOOLS = {"mmdebstrap": "mmdebstrap", "mksquashfs": "squashfs-tools", "grub-mkrescue": "grub-common",
-               "xorriso": "xorriso", "mformat": "mtools", "depmod": "kmod", "chroot": "coreutils"}
+               "xorriso": "xorriso", "mformat": "mtools", "depmod": "kmod", "cpio": "cpio"}
 GRUB_DIRS = {"/usr/lib/grub/i386-pc": "grub-pc-bin", "/usr/lib/grub/x86_64-efi": "grub-efi-amd64-bin"}
 Log = Callable[[str], None]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from imgbackup.device.identity import identify
 from imgbackup.engine.rescue.console import RescueLog
 from imgbackup.engine.rescue.locate import RUN_DIR, Mounts, find_target, medium_device, whole_disk_of
-from imgbackup.engine.rescue.params import Location, RescueParams, parse_params
+from imgbackup.engine.rescue.params import ON_FAILURE, Location, RescueParams, parse_params, raw_params
 from imgbackup.errors import ImgBackupError, TargetRefused, UsageError
 
 STATUS_FILE = RUN_DIR / "rescue-status.json"
@@ -178,6 +178,9 @@ def run_from_cmdline(cmdline: str, log: RescueLog | None = None) -> int:
         log(f"FAILED: {exc}")
         log("fix the imgbackup.* parameters at the boot menu (press e) or rebuild the media")
         _write_status(Outcome(False, str(exc), exc.exit_code, None, 0.0))
+        if raw_params(cmdline).get("action") == "restore":   # the unattended run did not happen
+            on_failure = raw_params(cmdline).get("on-failure", "shell")
+            _finish(on_failure if on_failure in ON_FAILURE else "shell", log)
         return exc.exit_code
     if params.unknown:
         log(f"warning: unknown parameters ignored: {', '.join('imgbackup.' + k for k in params.unknown)}")
