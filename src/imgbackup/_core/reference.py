@@ -71,11 +71,6 @@ def coarsen(bits: np.ndarray, nbits: int, factor: int) -> np.ndarray:
     return _pack([int(any(vals[i : i + factor])) for i in range(0, nbits, factor)])
 
 
-def refine(bits: np.ndarray, nbits: int, factor: int) -> np.ndarray:
-    """Repeat each bit ``factor`` times: coarse blocks -> fine blocks."""
-    return _pack([v for v in _bits(bits, nbits) for _ in range(factor)])
-
-
 def runs(bits: np.ndarray, nbits: int) -> np.ndarray:
     """Runs of set bits as an int64 array of shape (k, 2): (first bit, length)."""
     vals = _bits(bits, nbits)
@@ -103,11 +98,3 @@ def clear_range(bits: np.ndarray, start: int, length: int) -> None:
     """Clear bits [start, start+length) in place."""
     for i in range(start, start + length):
         bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-
-
-def bitwise_or(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.frombuffer(bytes(x | y for x, y in zip(bytes(a), bytes(b), strict=True)), dtype=np.uint8).copy()
-
-
-def bitwise_and(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.frombuffer(bytes(x & y for x, y in zip(bytes(a), bytes(b), strict=True)), dtype=np.uint8).copy()
