@@ -128,7 +128,7 @@ def random_image(path: str | os.PathLike, size: int, seed: int = 7, data_fractio
 
 def cli_env(repo: str | os.PathLike | None = None, passphrase: str | None = "test-pass", **extra: str) -> dict:
     """The environment for one CLI run: repository, passphrase and the cheap test KDF."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGBACKUP_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGBACKUP_") or k == "IMGBACKUP_CORE"}
     env["IMGBACKUP_TEST_CHEAP_KDF"] = "1"
     if repo is not None:
         env["IMGBACKUP_REPO"] = str(repo)

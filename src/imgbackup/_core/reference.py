@@ -1,7 +1,7 @@
 """Pure-Python references for every native kernel: slow, obvious, and the definition.
 
 Tests (hypothesis) check that ``imgbackup._core.scan`` / ``imgbackup._core.bitmap`` return
-exactly what these return. Bitmaps are packed little-endian by bit: bit ``i`` lives in byte
+exactly what these return; with ``IMGBACKUP_CORE=reference`` this module stands in for both. Bitmaps are packed little-endian by bit: bit ``i`` lives in byte
 ``i >> 3`` at position ``i & 7``.
 """
 
@@ -22,11 +22,14 @@ def chunk_id(key: bytes, data: bytes | memoryview) -> bytes:
     return hmac.digest(key, data, hashlib.sha256)
 
 
-def scan_chunks(buf, chunk_size: int, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def scan_chunks(buf, chunk_size: int, key: bytes, *, nthreads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split ``buf`` into chunks of ``chunk_size`` (last may be short): kind and id per chunk.
 
-    kind is ZERO for an all-zero chunk (its id stays 32 zero bytes), DATA otherwise.
+    kind is ZERO for an all-zero chunk (its id stays 32 zero bytes), DATA otherwise. ``nthreads``
+    is accepted for the native signature and ignored: the reference is one plain loop.
     """
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
     mv = memoryview(buf).cast("B")
     n = (len(mv) + chunk_size - 1) // chunk_size
     kinds = np.zeros(n, dtype=np.uint8)
