@@ -17,7 +17,7 @@ ENTRIES_OFFSET = 446
 DISK_ID_OFFSET = 440
 EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
 PROTECTIVE_TYPE = 0xEE
-MAX_LOGICAL = 256
+MAX_LOGICAL = 256   # far beyond any real EBR chain: a longer one is a loop in damaged data
 
 
 @dataclass
