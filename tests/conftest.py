@@ -1,5 +1,4 @@
 import os
-import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -28,12 +27,11 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.fixture
 def no_leaks():
     """Fails the test if it leaves a loop device or mount of this session behind."""
-    from tests.test_mount_helpers import system_state
+    from tests.disks import system_state
+
+    from imgbackup.device.tools import wait_until
 
     before = system_state()
     yield
-    for _ in range(20):
-        if system_state() == before:
-            break
-        time.sleep(0.1)
+    wait_until(lambda: system_state() == before, 2, 0.1)   # a just-closed loop is released within ~1 s
     assert system_state() == before, "a loop device or mount was left behind"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tests.diskimages import MIB, cli, cli_json
+from tests.support import MIB, cli, cli_json
 
 from imgbackup.repository.repo import Repository
 

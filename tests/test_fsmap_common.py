@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.disks import blank
 from tests.support import need_tool, run
 
 from imgbackup.fsmap import UsedMap, read_used_map
@@ -84,12 +85,6 @@ def make_tree(root: Path, files: dict[str, int], seed: int = 1) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
     return root
-
-
-def blank(path: Path, size: int) -> Path:
-    path.write_bytes(b"")
-    os.truncate(path, size)
-    return path
 
 
 # ---- the bitmap helpers themselves, against an unpacked model ----

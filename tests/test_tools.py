@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_json
-from tests.support import loop_device, need, need_root, need_tool, run
+from tests.disks import loop_device
+from tests.support import MIB, cli, cli_json, need, need_root, need_tool, run
 
 from imgbackup.device import tools
 from imgbackup.engine.verify.filesystems import CHECKERS
