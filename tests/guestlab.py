@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgbackup.device.tools import _die_with_parent
 from imgbackup.engine.rescue.media import BASE_CMDLINE
-from imgbackup.engine.verify.qemu import _child_setup, find_ovmf
+from imgbackup.engine.verify.qemu import find_ovmf
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 120       # kernel + initramfs + systemd to a shell: ~20-40 s under TCG here
@@ -129,7 +130,7 @@ class Guest:
         self._log = open(self.console_log, "wb")  # noqa: SIM115 - closed in close()
         self._proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir,
-                                      preexec_fn=_child_setup())
+                                      preexec_fn=_die_with_parent())
         threading.Thread(target=self._pump, daemon=True).start()
         return self
 

@@ -15,10 +15,10 @@ that has a serial, a model and a WWN. Commands run in its root shell over a virt
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from disks import blank
 from guestlab import Disk, Guest, lab
 from test_bootdisk import qemu_holding
 
@@ -28,18 +28,12 @@ WWN = "0x5000c50012345678"
 ENV = "export IMGBACKUP_REPO=/root/repo IMGBACKUP_PASSPHRASE=lab-pass IMGBACKUP_TEST_CHEAP_KDF=1"
 
 
-def _blank(path: Path, size_mib: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size_mib * MIB)
-    return path
-
-
 @pytest.fixture(scope="module")
 def guest(rescue_media, tmp_path_factory: pytest.TempPathFactory) -> Guest:
     base = tmp_path_factory.mktemp("lab")
-    disks = [Disk(_blank(base / "lvm.img", 192), serial="LABLVM"),
-             Disk(_blank(base / "era.img", 96), serial="LABERA"),
-             Disk(_blank(base / "scsi.img", 32), serial="LABSERIAL01", model="LabModel9000", vendor="IMGB",
+    disks = [Disk(blank(base / "lvm.img", 192 * MIB), serial="LABLVM"),
+             Disk(blank(base / "era.img", 96 * MIB), serial="LABERA"),
+             Disk(blank(base / "scsi.img", 32 * MIB), serial="LABSERIAL01", model="LabModel9000", vendor="IMGB",
                   wwn=WWN, bus="scsi")]
     with lab(rescue_media.plain, base / "guest", disks) as g:
         g.run(f"{ENV}; imgbackup init --json >/dev/null", 120).check()

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from bootdisk import build_boot_disk, partitions
-from diskimages import cli_json
+from disks import blank, loop_device, mounted
 from guestlab import Disk, Guest
 from imgbackup.engine.verify.qemu import boot_check, find_ovmf
 from rescue_fixtures import BACKUP_LABEL, TARGET_SERIAL, UNATTENDED
-from support import loop_device, mounted, need, need_root, need_tool, run
+from support import cli_json, need, need_root, need_tool, run
 from test_bootdisk import qemu_holding
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
@@ -58,12 +58,6 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return made
 
 
-def _blank(path: Path, size_mib: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size_mib * MIB)
-    return path
-
-
 def _is_zero(path: Path) -> bool:
     with open(path, "rb") as f:
         while block := f.read(8 * MIB):
@@ -86,7 +80,7 @@ def _case(sources: dict, firmware: str, tmp_path: Path) -> tuple[dict, Path, Pat
     src = sources[firmware]
     b = tmp_path / "b.img"
     shutil.copyfile(src["b"], b)
-    c = _blank(tmp_path / "c.img", 160)
+    c = blank(tmp_path / "c.img", 160 * MIB)
     return src, b, c
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from diskimages import cli, cli_env, cli_json
-from support import loop_device, mounted, need_root, need_tool, run, sha256_file, small_tmpfs
+from disks import loop_device, mounted, small_tmpfs
+from support import cli, cli_env, cli_json, need_root, need_tool, run, sha256_file
 
 MIB = 1 << 20
 SIZE = 24 * MIB

@@ -20,13 +20,13 @@ import os
 import re
 import socket
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgbackup.errors import ImgBackupError, SourceError, UsageError
+from imgbackup.device import tools
+from imgbackup.errors import ImgBackupError, SourceError, ToolTimeout, UsageError
 
 KINDS = ("lvm", "reflink", "auto")
 SNAP_TAG = "imgbsnap"
@@ -35,6 +35,7 @@ SNAP_TAG = "imgbsnap"
 COW_FRACTION = 0.25
 MIN_COW_BYTES = 16 << 20
 REMOVE_ATTEMPTS = 10     # x 0.5 s
+TOOL_TIMEOUT = 300.0     # lvcreate/lvremove/cp --reflink take seconds; minutes means a hung device
 HOOK_ENV = "IMGBACKUP_SNAPSHOT_HOOK"   # run with the snapshot's path before it is read (checks, tests)
 
 
@@ -55,12 +56,9 @@ class Snapshot:
 
 def _tool(cmd: list[str], what: str) -> str:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    except FileNotFoundError:
-        package = {"lvcreate": "lvm2", "lvs": "lvm2", "lvremove": "lvm2", "cp": "coreutils"}.get(cmd[0], cmd[0])
-        raise SnapshotError(f"{cmd[0]} is not installed", f"apt install {package}") from None
-    except subprocess.TimeoutExpired:
-        raise SnapshotError(f"{what}: {cmd[0]} did not finish in 300 s") from None
+        proc = tools.run(cmd, timeout=TOOL_TIMEOUT)
+    except ToolTimeout as exc:
+        raise SnapshotError(f"{what}: {exc}") from None
     if proc.returncode != 0:
         raise SnapshotError(f"{what}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['failed']}"[0:400])
     return proc.stdout
@@ -194,7 +192,7 @@ def _run_hook(snap: Snapshot) -> None:
     hook = os.environ.get(HOOK_ENV)
     if not hook:
         return
-    proc = subprocess.run([hook, snap.path], capture_output=True, text=True, check=False)
+    proc = tools.run([hook, snap.path], timeout=None)
     if proc.returncode != 0:
         raise SnapshotError(f"{HOOK_ENV} {hook} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
 

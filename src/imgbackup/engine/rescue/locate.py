@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imgbackup.device import sysfs
+from imgbackup.device import sysfs, tools
 from imgbackup.device.discovery import list_devices
 from imgbackup.device.identity import identify
 from imgbackup.engine.rescue.params import Location, TargetSpec
@@ -31,14 +30,13 @@ class DeviceNotFound(ImgBackupError):
 
 
 def _settle() -> None:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True, timeout=15, check=False)
+    with contextlib.suppress(ImgBackupError):      # no udev (a host, not the media): nothing to wait for
+        tools.run(["udevadm", "settle", "--timeout=10"], timeout=15)
 
 
 def _by_tag(spec: str) -> list[str]:
     """Devices whose filesystem matches ``LABEL=…``/``UUID=…``/``PART…=…`` (blkid probes, no cache)."""
-    proc = subprocess.run(["blkid", "-c", "/dev/null", "-o", "device", "-t", spec], capture_output=True,
-                          text=True, check=False)
+    proc = tools.run(["blkid", "-c", "/dev/null", "-o", "device", "-t", spec], timeout=tools.PROBE_TIMEOUT)
     return sorted(set(proc.stdout.split()))
 
 
@@ -132,7 +130,7 @@ class Mounts:
         point = RUN_DIR / f"dev-{os.getpid()}-{len(self.points)}"   # one console's menu, another's
         point.mkdir(parents=True, exist_ok=True)
         opts = ["-o", "ro"] if read_only else []
-        proc = subprocess.run(["mount", *opts, device, str(point)], capture_output=True, text=True, check=False)
+        proc = tools.run(["mount", *opts, device, str(point)], timeout=tools.PROBE_TIMEOUT)
         if proc.returncode != 0:
             raise ImgBackupError(f"cannot mount {device}: {proc.stderr.strip()}")
         self.points[device] = point
@@ -149,9 +147,9 @@ class Mounts:
 
     def close(self) -> list[str]:
         problems = []
-        subprocess.run(["sync"], check=False)
+        os.sync()
         for device, point in reversed(list(self.points.items())):
-            proc = subprocess.run(["umount", str(point)], capture_output=True, text=True, check=False)
+            proc = tools.retry(["umount", str(point)], timeout=tools.PROBE_TIMEOUT)
             if proc.returncode != 0:
                 problems.append(f"cannot unmount {device}: {proc.stderr.strip()}")
         self.points.clear()

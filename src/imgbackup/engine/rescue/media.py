@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from imgbackup.device import tools
 from imgbackup.engine.rescue import payload, rootfs
 from imgbackup.engine.rescue.params import parse_params
 from imgbackup.errors import ImgBackupError, UsageError
@@ -37,7 +37,7 @@ CONSOLES = "console=tty0 console=ttyS0,115200n8"   # the last one is /dev/consol
 BASE_CMDLINE = f"{CONSOLES} loglevel=4 systemd.show_status=auto"
 # Host tools and the Debian package bringing each (apt install on the build machine).
 BUILD_TOOLS = {"mmdebstrap": "mmdebstrap", "mksquashfs": "squashfs-tools", "grub-mkrescue": "grub-common",
-               "xorriso": "xorriso", "mformat": "mtools", "depmod": "kmod", "cpio": "cpio"}
+               "xorriso": "xorriso", "mformat": "mtools", "depmod": "kmod"}
 GRUB_DIRS = {"/usr/lib/grub/i386-pc": "grub-pc-bin", "/usr/lib/grub/x86_64-efi": "grub-efi-amd64-bin"}
 Log = Callable[[str], None]
 
@@ -74,7 +74,7 @@ def check_tools() -> None:
 
 def _candidate_versions(packages: tuple[str, ...]) -> str:
     """What apt would install now: a security update to the kernel changes the cache key."""
-    proc = subprocess.run(["apt-cache", "policy", *packages], capture_output=True, text=True, check=False)
+    proc = tools.run(["apt-cache", "policy", *packages], timeout=120)
     return "\n".join(line.strip() for line in proc.stdout.splitlines() if "Candidate:" in line or
                      line.endswith(":") and not line.startswith(" "))
 
@@ -82,17 +82,20 @@ def _candidate_versions(packages: tuple[str, ...]) -> str:
 def _data_fingerprint() -> str:
     h = hashlib.sha256()
     base = Path(rootfs.__file__).parent
-    for path in sorted((base / "data").rglob("*")) + [Path(rootfs.__file__)]:
+    for path in sorted((base / "data").rglob("*")):
         if path.is_file():
             h.update(str(path.relative_to(base)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
 def debian_key(mirror: str | None) -> str:
-    """The Debian root's cache key: suite, mirror, packages, their candidate versions, our scripts."""
+    """The Debian root's cache key: its inputs — suite, mirror, packages and the versions apt would
+    install, the build's settings (rootfs constants, ROOTFS_FORMAT) and the media's own files."""
+    settings = json.dumps([rootfs.ROOTFS_FORMAT, rootfs.DPKG_EXCLUDES, rootfs.DROP_MODULE_DIRS,
+                           rootfs.MASKED_UNITS, rootfs.SQUASHFS_OPTS, rootfs.INITRAMFS_APPLETS])
     h = hashlib.sha256()
     for piece in (rootfs.SUITE, mirror or "", ",".join(rootfs.PACKAGES), _candidate_versions(rootfs.PACKAGES),
-                  _data_fingerprint()):
+                  settings, _data_fingerprint()):
         h.update(piece.encode() + b"\n")
     return h.hexdigest()[:20]
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from imgbackup import __version__
+from imgbackup.device import tools
 from imgbackup.device.discovery import list_devices
 from imgbackup.device.identity import human_size
 from imgbackup.engine.rescue.locate import Mounts, medium_device, whole_disk_of
@@ -68,9 +68,14 @@ def on_login() -> int:
     return 0
 
 
-def _imgbackup(args: list[str], env: dict[str, str], capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imgbackup", *args], env=env, text=True,
-                          capture_output=capture, check=False)
+def _imgbackup(args: list[str], env: dict[str, str]):
+    """imgbackup ARGS as a child, output captured (what the guide parses or shows)."""
+    return tools.run([sys.executable, "-m", "imgbackup", *args], timeout=None, env=env)
+
+
+def _imgbackup_here(args: list[str], env: dict[str, str]) -> int:
+    """imgbackup ARGS on this console (its progress bar and messages shown as they come)."""
+    return tools.run_on_terminal([sys.executable, "-m", "imgbackup", *args], env=env)
 
 
 def _filesystems() -> None:
@@ -153,8 +158,8 @@ def _guided_restore() -> None:
         if _ask(f"type '{name}' to OVERWRITE {target}") != name:
             _say("not confirmed; nothing was written")
             return
-        done = _imgbackup(args, env, capture=False)
-        _say("restore finished" if done.returncode == 0 else f"restore FAILED (exit {done.returncode})")
+        code = _imgbackup_here(args, env)
+        _say("restore finished" if code == 0 else f"restore FAILED (exit {code})")
     finally:
         for problem in mounts.close():
             _say(f"warning: {problem}")
@@ -177,12 +182,12 @@ def guided() -> int:
             if choice == "1":
                 _guided_restore()
             elif choice == "2":
-                _imgbackup(["devices"], dict(os.environ), capture=False)
+                _imgbackup_here(["devices"], dict(os.environ))
             elif choice == "3":
                 _say("shell: imgbackup is on PATH; 'imgbackup rescue menu' brings the menu back")
                 return 0
             elif choice in ("4", "5"):
-                subprocess.run(["systemctl", "poweroff" if choice == "4" else "reboot"], check=False)
+                tools.run(["systemctl", "poweroff" if choice == "4" else "reboot"], timeout=60)
                 return 0
         except ImgBackupError as exc:
             _say(f"error: {exc}")

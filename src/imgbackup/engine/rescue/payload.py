@@ -12,12 +12,13 @@ import hashlib
 import importlib.metadata as metadata
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import imgbackup
+from imgbackup.device import tools
+from imgbackup.errors import ImgBackupError
 
 # Source-tree leftovers that are not needed at run time (the .c files alone are ~8 MB).
 _SKIP_SUFFIXES = (".c", ".pyc", ".o")
@@ -127,8 +128,10 @@ def install(files: list[PayloadFile], root: Path) -> Path:
         dest = site / f.dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f.source, dest)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-s", str(root), "-p", "/", str(site)],
-                   check=True, capture_output=True)
+    res = tools.run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-s", str(root), "-p", "/", str(site)],
+                    timeout=None)
+    if res.returncode != 0:
+        raise ImgBackupError(f"byte-compiling the payload failed: {tools.output_tail(res)}")
     launcher = root / "usr/local/bin/imgbackup"
     launcher.parent.mkdir(parents=True, exist_ok=True)
     launcher.write_text(LAUNCHER)

@@ -13,14 +13,17 @@ import gzip
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from imgbackup.device import tools
 from imgbackup.errors import ImgBackupError
 
 SUITE = "bookworm"
+# Bump when the build steps below change what they produce: part of the cached root's key, with
+# every constant and data file the build reads (media.debian_key).
+ROOTFS_FORMAT = 2
 # What a restore and a rescue shell need, by the tool each package brings.
 PACKAGES = (
     "linux-image-amd64", "busybox-static", "zstd", "kmod", "udev", "systemd-sysv",
@@ -60,11 +63,11 @@ def data_file(name: str) -> bytes:
     return resources.files("imgbackup.engine.rescue").joinpath("data", name).read_bytes()
 
 
-def _run(cmd: list[str], log: Log, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+def _run(cmd: list[str], log: Log):
+    """A build step; its length is the data's (mmdebstrap downloads), so no time limit."""
+    proc = tools.run(cmd, timeout=None)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-1500:]
-        raise BuildFailed(f"{cmd[0]} failed ({proc.returncode}): {tail}")
+        raise BuildFailed(f"{cmd[0]} failed ({proc.returncode}): {tools.output_tail(proc, 1500)}")
     return proc
 
 
@@ -145,14 +148,34 @@ def build_initramfs(root: Path, kver: str, out: Path, log: Log) -> None:
     (stage / "lib/modules/wanted").write_text("\n".join(wanted) + "\n")
     (stage / "init").write_bytes(data_file("initramfs/init"))
     (stage / "init").chmod(0o755)
-    names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
-    proc = subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"], cwd=stage, capture_output=True,
-                          input="\n".join([".", *names]).encode() + b"\n", check=False)
-    if proc.returncode != 0:
-        raise BuildFailed(f"cpio failed: {proc.stderr.decode(errors='replace')[-500:]}")
     with gzip.open(out, "wb", compresslevel=6) as f:
-        f.write(proc.stdout)
+        f.write(newc_archive(stage))
     shutil.rmtree(stage)
+
+
+def _newc_entry(name: str, mode: int, data: bytes, ino: int, mtime: int) -> bytes:
+    fields = (ino, mode, 0, 0, 1, mtime, len(data), 0, 0, 0, 0, len(name) + 1, 0)
+    head = b"070701" + b"".join(b"%08X" % v for v in fields) + name.encode() + b"\0"
+    return head + bytes(-len(head) % 4) + data + bytes(-len(data) % 4)
+
+
+def newc_archive(stage: Path) -> bytes:
+    """``stage`` as a newc cpio archive (the kernel's initramfs format), owned by root: files,
+    directories and symlinks."""
+    parts = []
+    paths = [stage, *sorted(stage.rglob("*"))]
+    for ino, path in enumerate(paths, 1):
+        st = path.lstat()
+        name = "." if path == stage else str(path.relative_to(stage))
+        if path.is_symlink():
+            data = os.readlink(path).encode()
+        elif path.is_file():
+            data = path.read_bytes()
+        else:
+            data = b""
+        parts.append(_newc_entry(name, st.st_mode, data, ino, int(st.st_mtime)))
+    parts.append(_newc_entry("TRAILER!!!", 0, b"", 0, 0))
+    return b"".join(parts)
 
 
 def _trim_modules(root: Path, kver: str, log: Log) -> None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgbackup.device import tools
 from imgbackup.device.identity import identify
 from imgbackup.engine.rescue.console import RescueLog
 from imgbackup.engine.rescue.locate import RUN_DIR, Mounts, find_target, medium_device, whole_disk_of
@@ -54,9 +54,11 @@ def _embedded_repo(path: Path) -> Path:
     base = RUN_DIR / "embedded"
     for d in ("upper", "work", "repo"):
         (base / d).mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={path},upperdir={base}/upper,workdir={base}/work", str(base / "repo")],
-                   check=True, capture_output=True)
+    res = tools.run(["mount", "-t", "overlay", "overlay", "-o",
+                     f"lowerdir={path},upperdir={base}/upper,workdir={base}/work", str(base / "repo")],
+                    timeout=tools.PROBE_TIMEOUT)
+    if res.returncode != 0:
+        raise _Failed(f"cannot mount the embedded repository: {tools.output_tail(res)}", 10)
     return base / "repo"
 
 
@@ -73,8 +75,8 @@ def _restore_command(params: RescueParams, target: str) -> list[str]:
 
 def _run_restore(cmd: list[str], env: dict[str, str], log: RescueLog) -> dict:
     log("running: " + " ".join(["imgbackup", *cmd[3:]]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out, err = proc.communicate()
+    proc = tools.run(cmd, timeout=None, env=env)
+    out, err = proc.stdout, proc.stderr
     for line in err.splitlines():
         log(f"  {line}")
     if proc.returncode != 0:
@@ -144,7 +146,7 @@ def _finish(action: str, log: RescueLog) -> None:
         log("a root shell is open on every console (imgbackup is on PATH)")
         return
     log(f"{action} now")
-    subprocess.run(["systemctl", "--no-block", action], check=False)
+    tools.run(["systemctl", "--no-block", action], timeout=60)
 
 
 def run(params: RescueParams, log: RescueLog) -> Outcome:
@@ -157,7 +159,7 @@ def run(params: RescueParams, log: RescueLog) -> Outcome:
         ok, reason, code = False, str(exc), exc.code
     except ImgBackupError as exc:
         ok, reason, code = False, str(exc), exc.exit_code
-    except (OSError, subprocess.SubprocessError) as exc:
+    except OSError as exc:
         ok, reason, code = False, f"{type(exc).__name__}: {exc}", 10
     seconds = time.monotonic() - start
     log(("SUCCESS: " if ok else "FAILED: ") + reason + f" ({seconds:.0f} s)")
