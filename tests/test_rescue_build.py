@@ -70,7 +70,10 @@ def test_missing_build_tools_are_named_with_their_package(tmp_path: Path) -> Non
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.iso").exists()
 
 
-def test_a_bad_parameter_stops_the_run_with_its_reason(tmp_path: Path) -> None:
+def test_a_bad_parameter_stops_the_run_with_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgbackup.engine.rescue import unattended
+
+    monkeypatch.setattr(unattended, "STATUS_FILE", tmp_path / "status.json")
     console = tmp_path / "console"
     console.touch()
     log = RescueLog([str(console)], echo=lambda line: None)
@@ -81,6 +84,7 @@ def test_a_bad_parameter_stops_the_run_with_its_reason(tmp_path: Path) -> None:
     text = console.read_bytes().decode()
     assert "FAILED: imgbackup.target=/dev/sda is not a stable identity" in text and "\r\n" in text
     assert "root shell is open" in text
+    assert '"ok": false' in (tmp_path / "status.json").read_text()
 
 
 def test_log_lines_before_the_file_exists_are_written_to_it_first(tmp_path: Path) -> None:

@@ -191,5 +191,7 @@ def guided() -> int:
                 return 0
         except ImgBackupError as exc:
             _say(f"error: {exc}")
-        except (KeyboardInterrupt, EOFError):
+        except KeyboardInterrupt:
             _say("\n(back to the menu)")
+        except EOFError:              # the console went away: nothing more to ask
+            return 0
