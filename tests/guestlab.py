@@ -283,6 +283,8 @@ class Guest:
         head = self._recv_until(token.encode(), time.monotonic() + timeout)
         rest = self._recv_until(b"\n", time.monotonic() + 10)
         out = head.decode(errors="replace").replace("\r\n", "\n")
+        with open(self.workdir / "shell.log", "a") as transcript:   # what a failed test's reader needs
+            transcript.write(f"$ {command}\n{out}\n[rc {rest.strip().decode()}]\n")
         return Result(out[:-1] if out.endswith("\n") else out, int(rest.strip()))
 
     def put_file(self, path: str, data: bytes, mode: str = "644") -> None:
