@@ -254,7 +254,8 @@ class Guest:
         half = len(ready) // 2
         # until a shell answers: the getty may not be up yet, so keep asking
         while True:
-            self._sock.sendall(f"stty -echo; PS1=''; PS2=''; echo '{ready[:half]}''{ready[half:]}'\n".encode())
+            self._sock.sendall(f"stty -echo; set +m; PS1=''; PS2=''; echo '{ready[:half]}''{ready[half:]}'\n"
+                               .encode())
             try:
                 self._recv_until(ready.encode(), min(deadline, time.monotonic() + 15))
                 break
