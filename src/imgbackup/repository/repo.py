@@ -21,6 +21,7 @@ from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.images import ImageStore
 from imgbackup.repository.lock import RepositoryLock
+from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
@@ -118,6 +119,14 @@ class Repository:
         if self._chunks is None:
             self._chunks = ChunkIndex.load(self.storage, self.envelope)
         return self._chunks
+
+    def pack_writer(self) -> PackWriter:
+        """A writer streaming sealed chunks into new packs of this repository."""
+        return PackWriter(self.storage, self.envelope)
+
+    def store_chunk_index(self, locations: dict[bytes, BlobLocation]) -> int:
+        """Record where new chunks live (after their packs are stored); returns the bytes written."""
+        return self.chunk_index().store(self.storage, self.envelope, locations)
 
     def remove_temp_files(self) -> int:
         """Remove what killed writers left (temp files, multipart uploads); only under the lock."""

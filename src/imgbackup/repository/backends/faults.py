@@ -145,16 +145,19 @@ class _FaultyWriter:
 
 
 class BitFlipStorage(_Counted):
-    """Flips one bit (chosen by ``seed``) in what the Nth read returns; with ``at=None`` in every read."""
+    """Flips one bit (chosen by ``seed``) in what the Nth read returns; with ``every`` in every read
+    (``at=None`` alone only counts)."""
 
-    def __init__(self, inner: Storage, at: int | None = None, seed: int = 0) -> None:
+    def __init__(self, inner: Storage, at: int | None = None, seed: int = 0, every: bool = False) -> None:
         super().__init__(inner, READS, at, 1)
-        self.every = at is None
+        self.every = every
+        self.flipped: list[str] = []  # the calls whose answer had a bit flipped
         self.random = random.Random(seed)
 
     def _maybe_flip(self, op: str, name: str, data: bytes) -> bytes:
         if not (self._due(op, name) or self.every) or not data:
             return data
+        self.flipped.append(self.calls[-1])
         flipped = bytearray(data)
         bit = self.random.randrange(len(flipped) * 8)
         flipped[bit // 8] ^= 1 << (bit % 8)
@@ -164,7 +167,7 @@ class BitFlipStorage(_Counted):
         return self._maybe_flip("get", name, self.inner.get(name))
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
-        return self._maybe_flip("get_range", name, self.inner.get_range(name, offset, length))
+        return self._maybe_flip("get_range", f"{name} {offset}+{length}", self.inner.get_range(name, offset, length))
 
     def open_writer(self, name: str) -> ObjectWriter:
         return self.inner.open_writer(name)
