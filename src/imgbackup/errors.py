@@ -102,7 +102,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
     (1, "unexpected internal error (a bug: please report it)"),
     (2, "usage error: bad option, missing argument, refused without --yes"),
-    (3, "repository missing, already existing, or of an unknown format version"),
+    (3, "repository (or its S3 bucket) missing, already existing, or of an unknown format version"),
     (4, "wrong or missing passphrase"),
     (5, "repository locked by another process"),
     (6, "stored data is corrupted or was tampered with"),

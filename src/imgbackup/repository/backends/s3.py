@@ -92,6 +92,12 @@ class S3Storage:
             ensure_create_if_absent(storage)
         return storage
 
+    def check_bucket(self) -> None:
+        """A one-key listing: a missing bucket is RepositoryNotFound (some servers create one on a first
+        PUT), and unlike HeadBucket the answer carries the error code (InvalidAccessKeyId, ...)."""
+        self.calls.run("bucket check", "", lambda: self.client.list_objects_v2(
+            Bucket=self.bucket, MaxKeys=1, Prefix=f"{self.prefix}/" if self.prefix else ""))
+
     def key(self, name: str) -> str:
         check_name(name)
         return f"{self.prefix}/{name}" if self.prefix else name

@@ -114,17 +114,22 @@ class S3Calls:
             return ObjectMissing(f"object {name} is missing")
         if code == "NoSuchBucket":
             return RepositoryNotFound(f"S3 bucket {self.bucket} does not exist at {self.endpoint}",
-                                      "create the bucket first (imgbackup does not create buckets), "
+                                      "create the bucket first, imgbackup does not create buckets; "
                                       "or check the name in s3://BUCKET/PREFIX")
         if code in CREDENTIAL_CODES:
             return StorageError(f"S3 rejected the credentials ({code}) at {self.endpoint}",
                                 "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
         if code == "RequestTimeTooSkewed":
-            return StorageError(f"the S3 server rejected {what}: this machine's clock is off "
-                                "(RequestTimeTooSkewed)", "fix the clock (timedatectl set-ntp true) and retry")
-        if code in ("AccessDenied", "403", "AllAccessDisabled"):
-            return StorageError(f"S3 denied {op} on bucket {self.bucket} ({code})",
+            return StorageError(f"the S3 server at {self.endpoint} refused the {op} of {name or self.bucket}: "
+                                "this machine's clock is off (RequestTimeTooSkewed)",
+                                "fix the clock, e.g. timedatectl set-ntp true, and retry")
+        if code in ("AccessDenied", "AllAccessDisabled"):
+            return StorageError(f"S3 denied the {op} of {name or self.bucket} ({code})",
                                 "the credentials lack permission for this bucket or prefix")
+        if code == "403":  # a HEAD answer has no body to tell which
+            return StorageError(f"S3 refused the {op} of {name or self.bucket} (403)",
+                                "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and the "
+                                "permissions on this bucket or prefix")
         return StorageError(f"{what} failed: {code} ({self.endpoint})")
 
     def run(self, op: str, name: str, call: Callable[[], T], *, attempt_hook: Callable[[int], None] | None = None) -> T:

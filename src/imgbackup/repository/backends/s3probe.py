@@ -4,7 +4,7 @@
 Two creates of one probe object race (both released at once by a barrier); exactly one must win,
 and a third, after both, must lose. A passed probe is remembered per endpoint and bucket in
 ``$XDG_CACHE_HOME/imgbackup/s3-probe.json`` (default ``~/.cache``) for ``PROBE_CACHE_DAYS``, so it costs
-a command 4 requests at most once a week; ``IMGBACKUP_S3_PROBE_CACHE=0`` probes every time.
+a command 5 requests (HeadBucket, 3 creates, a delete) at most once a week; ``IMGBACKUP_S3_PROBE_CACHE=0`` probes every time.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def ensure_create_if_absent(storage: S3Storage) -> None:
     """Refuse to write through a server whose conditional creates do not have exactly one winner."""
     if _cached(storage):
         return
+    storage.check_bucket()
     winners, third_refused = probe_create_if_absent(storage)
     if winners != 1 or not third_refused:
         raise StorageError(
