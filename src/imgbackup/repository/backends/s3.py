@@ -17,10 +17,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from imgbackup.errors import ObjectMissing, StorageError, UsageError
-from imgbackup.repository.backends.s3calls import S3Calls, error_code, log
+from imgbackup.repository.backends.s3calls import S3Calls, env_float, error_code, log
 from imgbackup.repository.storage import check_name
 
 MiB = 1 << 20
@@ -57,19 +57,11 @@ class S3Storage:
     def __init__(self, bucket: str, prefix: str = "", *, endpoint: str | None = None, region: str | None = None,
                  path_style: bool = False, list_page: int = LIST_PAGE,
                  multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = PART_SIZE) -> None:
-        session = boto3.session.Session()
-        region = region or os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
-        config = Config(
-            region_name=region,
-            s3={"addressing_style": "path" if path_style else "auto"},
-            retries={"total_max_attempts": 1},  # S3Calls retries, and logs each retry
-            connect_timeout=float(os.environ.get("IMGBACKUP_S3_CONNECT_TIMEOUT", CONNECT_TIMEOUT)),
-            read_timeout=float(os.environ.get("IMGBACKUP_S3_READ_TIMEOUT", READ_TIMEOUT)),
-            max_pool_connections=MAX_CONNECTIONS,
-            # every object is authenticated by its envelope; a CRC per request would only cost CPU
-            request_checksum_calculation="when_required", response_checksum_validation="when_required",
-        )
-        self.client = session.client("s3", endpoint_url=endpoint or None, config=config)
+        try:
+            self.client = self._client(endpoint, region, path_style)
+        except (BotoCoreError, ValueError) as exc:  # a missing AWS_PROFILE, a malformed endpoint URL
+            raise StorageError(f"cannot set up the S3 client: {exc}",
+                               "check AWS_PROFILE, AWS_ENDPOINT_URL and AWS_REGION") from None
         self.bucket = bucket
         self.prefix = prefix
         self.endpoint = self.client.meta.endpoint_url
@@ -78,6 +70,22 @@ class S3Storage:
         self.multipart_threshold = max(multipart_threshold, part_size)
         self.part_size = part_size
         self.calls = S3Calls(self.endpoint, bucket)
+
+    @staticmethod
+    def _client(endpoint: str | None, region: str | None, path_style: bool):
+        session = boto3.session.Session()
+        region = region or os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
+        config = Config(
+            region_name=region,
+            s3={"addressing_style": "path" if path_style else "auto"},
+            retries={"total_max_attempts": 1},  # S3Calls retries, and logs each retry
+            connect_timeout=env_float("IMGBACKUP_S3_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+            read_timeout=env_float("IMGBACKUP_S3_READ_TIMEOUT", READ_TIMEOUT),
+            max_pool_connections=MAX_CONNECTIONS,
+            # every object is authenticated by its envelope; a CRC per request would only cost CPU
+            request_checksum_calculation="when_required", response_checksum_validation="when_required",
+        )
+        return session.client("s3", endpoint_url=endpoint or None, config=config)
 
     @classmethod
     def from_url(cls, url: str, for_writing: bool = False, **kw) -> S3Storage:

@@ -41,7 +41,7 @@ CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken
 MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
-def _env_float(name: str, default: float) -> float:
+def env_float(name: str, default: float) -> float:
     try:
         return float(os.environ.get(name, default))
     except ValueError:
@@ -59,10 +59,10 @@ class RetryPolicy:
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
-        return cls(attempts=max(1, int(_env_float("IMGBACKUP_S3_RETRIES", cls.attempts))),
-                   total_seconds=_env_float("IMGBACKUP_S3_RETRY_SECONDS", cls.total_seconds),
-                   base_delay=_env_float("IMGBACKUP_S3_RETRY_BASE", cls.base_delay),
-                   max_delay=_env_float("IMGBACKUP_S3_RETRY_MAX", cls.max_delay))
+        return cls(attempts=max(1, int(env_float("IMGBACKUP_S3_RETRIES", cls.attempts))),
+                   total_seconds=env_float("IMGBACKUP_S3_RETRY_SECONDS", cls.total_seconds),
+                   base_delay=env_float("IMGBACKUP_S3_RETRY_BASE", cls.base_delay),
+                   max_delay=env_float("IMGBACKUP_S3_RETRY_MAX", cls.max_delay))
 
     def delay(self, attempt: int) -> float:
         """Full jitter: a random pause up to the exponential bound (racing clients spread out)."""
