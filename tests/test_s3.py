@@ -269,3 +269,66 @@ def test_kill_9_mid_upload_leaves_no_partial_object(s3_server, bucket, tmp_path:
         assert size > 16 * MIB - MIB
     assert not any("/images/" in k for k in keys)
     _repo_is_sound(s3_server, url, src, tmp_path)
+
+
+# --- the retry loop on the answers a busy or broken server gives ------------------------------
+
+def _answer(code: str, status: int):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
+
+
+@pytest.mark.parametrize(("code", "status"), [("SlowDown", 503), ("InternalError", 500), ("", 502),
+                                              ("RequestTimeout", 400)])
+def test_busy_answers_are_retried_with_backoff_then_give_up(code, status, caplog) -> None:
+    from imgbackup.repository.backends.s3calls import RetryPolicy, S3Calls
+
+    calls = S3Calls("http://s3.example", "bkt", RetryPolicy(attempts=4, total_seconds=30, base_delay=0.01))
+    seen = []
+
+    def busy():
+        seen.append(1)
+        if len(seen) < 3:
+            raise _answer(code, status)
+        return "done"
+
+    with caplog.at_level("WARNING", logger="imgbackup.storage"):
+        assert calls.run("put", "packs/ab/ab01", busy) == "done"
+    assert len(seen) == 3 and len(caplog.records) == 2
+    assert all("S3 put of packs/ab/ab01 failed" in r.getMessage() for r in caplog.records)
+    seen.clear()
+    with pytest.raises(StorageError, match=r"S3 put of packs/ab/ab01 failed after 4 attempts") as err:
+        calls.run("put", "packs/ab/ab01", lambda: (_ for _ in ()).throw(_answer(code, status)))
+    assert err.value.exit_code == 10
+
+
+def test_the_retry_budget_bounds_the_total_time() -> None:
+    import time as clock
+
+    from imgbackup.repository.backends.s3calls import RetryPolicy, S3Calls
+
+    calls = S3Calls("http://s3.example", "bkt", RetryPolicy(attempts=100, total_seconds=1.0, base_delay=0.2))
+    started = clock.monotonic()
+    with pytest.raises(StorageError, match="failed after"):
+        calls.run("get", "config", lambda: (_ for _ in ()).throw(_answer("SlowDown", 503)))
+    assert clock.monotonic() - started < 1.5
+
+
+@pytest.mark.parametrize(("code", "exit_code", "words"), [
+    ("AccessDenied", 10, "denied"), ("InvalidAccessKeyId", 10, "rejected the credentials"),
+    ("NoSuchBucket", 3, "bucket bkt does not exist"), ("RequestTimeTooSkewed", 10, "clock is off")])
+def test_final_answers_are_not_retried(code, exit_code, words) -> None:
+    from imgbackup.repository.backends.s3calls import RetryPolicy, S3Calls
+
+    calls = S3Calls("http://s3.example", "bkt", RetryPolicy(attempts=5, base_delay=0.01))
+    seen = []
+
+    def refused():
+        seen.append(1)
+        raise _answer(code, 403)
+
+    with pytest.raises(Exception) as err:
+        calls.run("get", "config", refused)
+    assert len(seen) == 1 and err.value.exit_code == exit_code and words in str(err.value)
