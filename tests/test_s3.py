@@ -332,3 +332,18 @@ def test_final_answers_are_not_retried(code, exit_code, words) -> None:
     with pytest.raises(Exception) as err:
         calls.run("get", "config", refused)
     assert len(seen) == 1 and err.value.exit_code == exit_code and words in str(err.value)
+
+
+def test_a_directory_repository_run_does_not_import_boto3(tmp_path: Path) -> None:
+    cli_json("init", repo=tmp_path / "repo")
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: sys.stderr.write('S3 CLIENT LOADED\\n' if 'boto3' in sys.modules else ''))\n"
+             "sys.argv = ['imgbackup', 'list']\n"
+             "from imgbackup.cli.main import run\n"
+             "run()\n")
+    from tests.diskimages import cli_env
+
+    proc = subprocess.run([sys.executable, "-c", probe], env=cli_env(tmp_path / "repo"), capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "S3 CLIENT LOADED" not in proc.stderr
