@@ -42,12 +42,20 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture
-def s3_repo_url(s3_server, monkeypatch) -> str:
-    """A fresh bucket on the session's server, the AWS environment pointing at it, and its repository URL."""
+def s3_bucket(s3_server):
+    """A fresh bucket on the session's server, emptied and deleted after the test."""
     if not s3_server.alive():
         s3_server.restart()
     bucket = s3_server.new_bucket()
+    yield bucket
+    if s3_server.alive():
+        s3_server.remove_bucket(bucket)
+
+
+@pytest.fixture
+def s3_repo_url(s3_server, s3_bucket, monkeypatch) -> str:
+    """The AWS environment pointing at a fresh bucket, and a repository URL in it."""
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("IMGBACKUP_S3_PROBE_CACHE", "0")  # every test probes its own fresh bucket
-    return f"s3://{bucket}/repo"
+    return f"s3://{s3_bucket}/repo"

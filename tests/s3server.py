@@ -27,6 +27,7 @@ from pathlib import Path
 REGION = "us-east-1"
 STARTUP_TIMEOUT = 60.0  # seconds: ~1 s on an idle machine, far more while the suite loads both cores
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL (the recipe's bound)
+MAX_VOLUMES = 1000
 PORT_OFFSETS = (0, 2, 4, 6, 8)  # master, volume, filer, s3, admin; each also uses +10000 (gRPC)
 
 
@@ -87,6 +88,19 @@ class S3Server:
         self.buckets.append(name)
         return name
 
+    def remove_bucket(self, name: str) -> None:
+        """Empty and delete a bucket (its collection's volumes are freed for the next test)."""
+        client = self.client()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", ())]
+            if keys:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        for upload in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+        client.delete_bucket(Bucket=name)
+        if name in self.buckets:
+            self.buckets.remove(name)
+
     def alive(self) -> bool:
         return self.process.poll() is None
 
@@ -120,7 +134,10 @@ def _spawn(workdir: Path, base: int) -> subprocess.Popen:
            f"-s3.port={base + 6}", f"-admin.port={base + 8}", f"-filer.localSocket={workdir}/f.sock",
            f"-s3.localSocket={workdir}/s.sock", f"-s3.config={workdir}/s3.json",
            "-s3.allowDeleteBucketNotEmpty=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
-           "-admin.ui=false", "-master.telemetry=false"]
+           "-admin.ui=false", "-master.telemetry=false",
+           # each bucket is a collection with volumes of its own; the automatic limit (free disk / 128 MiB,
+           # taken at start) runs out after a few dozen test buckets. Volumes are sparse files.
+           f"-volume.max={MAX_VOLUMES}"]
     log = open(workdir / "weed.out", "ab")  # noqa: SIM115 - the child keeps it
     try:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -40,10 +40,8 @@ def _clean(proc: subprocess.CompletedProcess, server: S3Server) -> None:
 
 
 @pytest.fixture
-def bucket(s3_server) -> str:
-    if not s3_server.alive():
-        s3_server.restart()
-    return s3_server.new_bucket()
+def bucket(s3_bucket) -> str:
+    return s3_bucket
 
 
 @pytest.fixture
