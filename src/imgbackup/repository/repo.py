@@ -56,10 +56,6 @@ class Repository:
     def chunk_size(self) -> int:
         return self.config.chunk_size
 
-    @property
-    def encrypted(self) -> bool:
-        return self.config.encryption != "none"
-
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
