@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_json, random_image
+from tests.disks import random_image
 from tests.s3server import S3Server, running_server
-from tests.support import need_tool
+from tests.support import MIB, cli, cli_env, cli_json, need_tool
 
 from imgbackup.errors import StorageError, UsageError
 from imgbackup.repository.backends.s3 import S3Storage, parse_s3_url
@@ -348,8 +348,6 @@ def test_a_directory_repository_run_does_not_import_boto3(tmp_path: Path) -> Non
              "sys.argv = ['imgbackup', 'list']\n"
              "from imgbackup.cli.main import run\n"
              "run()\n")
-    from tests.diskimages import cli_env
-
     proc = subprocess.run([sys.executable, "-c", probe], env=cli_env(tmp_path / "repo"), capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
