@@ -57,6 +57,12 @@ def open_repo(repo: str | None, for_writing: bool = False) -> Repository:
 
 
 def emit_json(doc) -> None:
+    """One JSON document on stdout; every command's carries ``requests`` (the storage requests this run
+    made, per operation: repository/counting.py) unless it reports its own."""
+    from imgbackup.repository.storage import requests_made
+
+    if isinstance(doc, dict) and "requests" not in doc:
+        doc = {**doc, "requests": requests_made()}
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
 
 

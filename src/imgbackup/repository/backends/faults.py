@@ -36,6 +36,9 @@ class _Counted:
     def __init__(self, inner: Storage, applies: tuple[str, ...], at: int | None, times: int) -> None:
         self.inner = inner
         self.location = inner.location
+        self.write_parallelism = inner.write_parallelism
+        self.read_parallelism = inner.read_parallelism
+        self.remote = inner.remote
         self.applies = applies
         self.at = at
         self.times = times

@@ -27,7 +27,9 @@ MiB = 1 << 20
 MULTIPART_THRESHOLD = 32 * MiB  # a pack (16 MiB target) goes up as one PUT; bigger objects in parts
 PART_SIZE = 16 * MiB  # S3 needs parts of at least 5 MiB; 16 MiB keeps a writer's memory at one part
 LIST_PAGE = 1000  # keys per ListObjectsV2 page: S3's maximum (tests set a small one)
-MAX_CONNECTIONS = 16  # pool size: the pack committer, read-ahead and verify threads share one client
+MAX_CONNECTIONS = 32  # pool size: above the writers and readers in flight, which share one client
+WRITE_PARALLELISM = 4  # packs PUT at once: TODO measure
+READ_PARALLELISM = 8  # ranged GETs in flight: TODO measure
 CONNECT_TIMEOUT = 10.0  # seconds to connect; a dead server fails fast into the retry loop
 READ_TIMEOUT = 60.0  # seconds without a byte from a live connection before it counts as dead
 
@@ -70,6 +72,9 @@ class S3Storage:
         self.multipart_threshold = max(multipart_threshold, part_size)
         self.part_size = part_size
         self.calls = S3Calls(self.endpoint, bucket)
+        self.write_parallelism = max(1, int(env_float("IMGBACKUP_S3_PARALLEL_WRITES", WRITE_PARALLELISM)))
+        self.read_parallelism = max(1, int(env_float("IMGBACKUP_S3_PARALLEL_READS", READ_PARALLELISM)))
+        self.remote = True
 
     @staticmethod
     def _client(endpoint: str | None, region: str | None, path_style: bool):
