@@ -6,6 +6,7 @@ indexed, so a half-written image never exists.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from imgbackup.crypto.envelope import Envelope
@@ -18,7 +19,10 @@ from imgbackup.format.layout import (
     OBJ_IMAGE_BODY,
     OBJ_IMAGE_HEADER,
 )
+from imgbackup.repository.localcache import HeaderCache
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
+
+HEADER_READ = 8 << 10   # the first ranged read of an image: its fixed head and, nearly always, the whole header
 
 
 def image_name(image_id: str) -> str:
@@ -35,9 +39,13 @@ class ImageEntry:
 
 
 class ImageStore:
-    def __init__(self, storage: Storage, envelope: Envelope) -> None:
+    """``cache`` (optional) keeps sealed headers locally: they are immutable, and a listing of a
+    bucket would otherwise fetch every one of them (localcache.py)."""
+
+    def __init__(self, storage: Storage, envelope: Envelope, cache: HeaderCache | None = None) -> None:
         self.storage = storage
         self.envelope = envelope
+        self.cache = cache
 
     def write(self, index: ImageIndex) -> int:
         oid = bytes.fromhex(index.id)
@@ -48,6 +56,9 @@ class ImageStore:
         data = IMAGE_HEAD.pack(IMAGE_MAGIC, FORMAT_VERSION, len(sealed_header)) + sealed_header + sealed_body
         self.storage.put(image_name(index.id), data)
         confirm_stored(self.storage, image_name(index.id), len(data))
+        if self.cache is not None:
+            self.cache.put(index.id, sealed_header)
+            self.cache.save()
         return len(data)
 
     def ids(self) -> list[str]:
@@ -63,15 +74,36 @@ class ImageStore:
             raise UnsupportedFormat(f"image {image_id} has unsupported format version {version}")
         return header_len
 
-    def read_meta(self, image_id: str) -> dict:
+    def _fetch_sealed_header(self, image_id: str) -> bytes:
+        """The sealed header from the repository: one ranged read, two for a header past HEADER_READ."""
         name = image_name(image_id)
         try:
-            header_len = self._head(image_id, self.storage.get_range(name, 0, IMAGE_HEAD.size))
-            sealed = self.storage.get_range(name, IMAGE_HEAD.size, header_len)
+            first = self.storage.get_range(name, 0, HEADER_READ)
+            header_len = self._head(image_id, first)
+            end = IMAGE_HEAD.size + header_len
+            if end <= len(first):
+                return first[IMAGE_HEAD.size:end]
+            return first[IMAGE_HEAD.size:] + self.storage.get_range(name, len(first), end - len(first))
         except ObjectMissing:
             raise ImageNotFound(f"image {image_id} does not exist") from None
+
+    def _open_header(self, image_id: str, sealed: bytes) -> dict:
         plain = self.envelope.open(OBJ_IMAGE_HEADER, bytes.fromhex(image_id), sealed, f"image {image_id} header")
         return parse_header(plain, image_id)
+
+    def read_meta(self, image_id: str) -> dict:
+        """An image's header, from the local cache when it holds it (authenticated again) or the repository."""
+        cached = self.cache.get(image_id) if self.cache is not None else None
+        if cached is not None:
+            try:
+                return self._open_header(image_id, cached)
+            except (IntegrityError, UnsupportedFormat):
+                self.cache.drop(image_id)   # a damaged cache entry: fetch it again
+        sealed = self._fetch_sealed_header(image_id)
+        meta = self._open_header(image_id, sealed)
+        if self.cache is not None:
+            self.cache.put(image_id, sealed)
+        return meta
 
     def load(self, image_id: str) -> ImageIndex:
         try:
@@ -87,14 +119,30 @@ class ImageStore:
         return parse_body(meta, body)
 
     def entries(self) -> list[ImageEntry]:
-        """Every image, oldest first; damaged ones carry their error instead of metadata."""
-        out = []
-        for image_id in self.ids():
+        """Every image, oldest first; damaged ones carry their error instead of metadata.
+
+        Headers the cache lacks are fetched several at a time (the storage's read parallelism)."""
+        ids = self.ids()
+        if self.cache is not None:
+            self.cache.keep_only(set(ids))
+
+        def one(image_id: str) -> ImageEntry | None:
             try:
-                out.append(ImageEntry(image_id, self.read_meta(image_id)))
+                return ImageEntry(image_id, self.read_meta(image_id))
+            except ImageNotFound:
+                return None   # deleted since the listing
             except (IntegrityError, UnsupportedFormat) as exc:
-                out.append(ImageEntry(image_id, None, str(exc)))
-        return sorted(out, key=lambda e: (e.meta or {}).get("created", 0.0))
+                return ImageEntry(image_id, None, str(exc))
+
+        workers = min(getattr(self.storage, "read_parallelism", 1), len(ids))
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="imgbackup-headers") as pool:
+                out = list(pool.map(one, ids))
+        else:
+            out = [one(i) for i in ids]
+        if self.cache is not None:
+            self.cache.save()
+        return sorted((e for e in out if e is not None), key=lambda e: (e.meta or {}).get("created", 0.0))
 
     def resolve(self, spec: str, name: str | None = None) -> str:
         """An image id from a unique id prefix, or ``latest`` (of source ``name`` if given)."""
@@ -133,3 +181,6 @@ class ImageStore:
 
     def delete(self, image_id: str) -> None:
         self.storage.delete(image_name(image_id))
+        if self.cache is not None:
+            self.cache.drop(image_id)
+            self.cache.save()

@@ -20,6 +20,7 @@ from imgbackup.errors import (
 from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.images import ImageStore
+from imgbackup.repository.localcache import HeaderCache
 from imgbackup.repository.lock import RepositoryLock
 from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
@@ -49,7 +50,8 @@ class Repository:
         self.keys = keys
         self.location = location
         self.envelope = Envelope(None if config.encryption == "none" else keys.enc_key, config.zstd_level)
-        self.images = ImageStore(storage, self.envelope)
+        cache = HeaderCache.for_repository(config.id) if getattr(storage, "remote", False) else None
+        self.images = ImageStore(storage, self.envelope, cache)
         self._chunks: ChunkIndex | None = None
 
     @property
