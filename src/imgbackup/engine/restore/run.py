@@ -65,9 +65,11 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False,
                      progress: Callable[[int], None] | None = None) -> BareMetalResult:
     """Carry out a plan (see the module docstring for the order)."""
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
+    reader = ChunkReader(repo)
+    workers = max(os.cpu_count() or 2, reader.parallelism)   # every core opening, every read in flight
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgbackup-restore") as pool, \
             tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
-        job = _Restore(repo, plan, ChunkReader(repo), pool, discard, progress, list(plan.fit.warnings))
+        job = _Restore(repo, plan, reader, pool, discard, progress, list(plan.fit.warnings))
         job.write(tmp)
     if plan.fit.grow_range:
         job.notes.append(grow_filesystem(plan.target.path, *plan.fit.grow_range))

@@ -60,7 +60,8 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
     results: dict[bytes, str | None] = {}
     checks = []
     total_bytes = 0
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-verify") as pool:
+    workers = max(os.cpu_count() or 2, reader.parallelism)   # every core opening, every read in flight
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgbackup-verify") as pool:
         for image_id in ids:
             check = ImageCheck(image_id, None)
             checks.append(check)
@@ -70,20 +71,17 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
                 check.errors.append(exc.args[0])
                 continue
             check.name = index.meta.get("name")
-            todo = [cid for cid in index.unique_ids() if cid not in results]
-
-            def one(cid: bytes) -> tuple[bytes, str | None, int]:
-                try:
-                    return cid, None, len(reader.read(cid))
-                except IntegrityError as exc:
-                    return cid, exc.args[0], 0
-
-            for cid, err, size in pool.map(one, todo):
+            unique = index.unique_ids()
+            todo = [cid for cid in unique if cid not in results]
+            missing = [cid for cid in todo if reader.index.get(cid) is None]
+            for cid in missing:
+                results[cid] = f"chunk {cid.hex()[:16]} is referenced but not in any pack"
+            for cid, err, size in reader.check_all((c for c in todo if c not in results), pool):
                 results[cid] = err
                 total_bytes += size
                 if progress:
                     progress(size)
-            check.chunks = len(index.unique_ids())
+            check.chunks = len(unique)
             for cid in index.unique_ids():
                 if results[cid] is not None:
                     check.bad_chunks += 1
