@@ -14,6 +14,7 @@ from imgbackup.cli.common import (
     emit_json,
     human,
     open_repo,
+    read_other_passphrase,
     read_passphrase,
     repo_path,
 )
@@ -24,21 +25,35 @@ from imgbackup.repository.storage import open_storage
 
 def init(
     repo: RepoOption = None,
-    encryption: Annotated[str, typer.Option(help="aes-256-gcm, or none (checksums only).")] = "aes-256-gcm",
-    chunk_size: Annotated[int, typer.Option(help="Chunk size in bytes (power of two, 64 KiB..16 MiB).")]
-    = DEFAULT_CHUNK_SIZE,
-    zstd_level: Annotated[int, typer.Option(help="zstd compression level for chunks.")] = 3,
+    encryption: Annotated[str | None, typer.Option(help="aes-256-gcm (default), or none (checksums only).")]
+    = None,
+    chunk_size: Annotated[int | None, typer.Option(
+        help=f"Chunk size in bytes (power of two, 64 KiB..16 MiB; default {DEFAULT_CHUNK_SIZE}).")] = None,
+    zstd_level: Annotated[int | None, typer.Option(help="zstd compression level for chunks (default 3).")]
+    = None,
+    related_to: Annotated[str | None, typer.Option(
+        "--related-to", help="An existing repository whose keys and chunk size the new one shares, so "
+        "'copy' between the two moves sealed chunks as they are (its passphrase: IMGBACKUP_PASSPHRASE2).")]
+    = None,
     json_out: JsonOption = False,
 ) -> None:
     """Create a new repository."""
-    r = Repository.init(repo_path(repo), lambda: read_passphrase(confirm=True), encryption, chunk_size, zstd_level)
+    other = Repository.open(related_to, read_other_passphrase) if related_to else None
+    if other is not None:
+        encryption = encryption or other.config.encryption
+        chunk_size = chunk_size or other.chunk_size
+        zstd_level = zstd_level or other.config.zstd_level
+    r = Repository.init(repo_path(repo), lambda: read_passphrase(confirm=True), encryption or "aes-256-gcm",
+                        chunk_size or DEFAULT_CHUNK_SIZE, zstd_level or 3, related_to=other)
     doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
-           "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level}
+           "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level,
+           "related_to": other.location if other else None}
     if json_out:
         emit_json(doc)
     else:
         typer.echo(f"created repository {r.location} (id {r.config.id}, {r.config.encryption}, "
-                   f"chunk size {human(r.chunk_size)})")
+                   f"chunk size {human(r.chunk_size)}"
+                   + (f", related to {other.location}: copies between them stay sealed" if other else "") + ")")
 
 
 def _row(meta: dict) -> dict:

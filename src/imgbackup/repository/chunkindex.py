@@ -82,6 +82,10 @@ class ChunkIndex:
     def get(self, chunk_id: bytes) -> BlobLocation | None:
         return self.locations.get(chunk_id)
 
+    def packs(self) -> set[bytes]:
+        """Ids of the packs some chunk-index file names."""
+        return {loc.pack_id for loc in self.locations.values()}
+
     def store(self, storage: Storage, envelope: Envelope, new: dict[bytes, BlobLocation]) -> int:
         """Write a chunk-index file for ``new`` and add it; returns the bytes written."""
         if not new:

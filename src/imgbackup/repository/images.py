@@ -106,6 +106,10 @@ class ImageStore:
         return meta
 
     def load(self, image_id: str) -> ImageIndex:
+        return self.load_raw(image_id)[1]
+
+    def load_raw(self, image_id: str) -> tuple[bytes, ImageIndex]:
+        """The image object's exact bytes and its parsed, authenticated index."""
         try:
             raw = self.storage.get(image_name(image_id))
         except ObjectMissing:
@@ -116,7 +120,22 @@ class ImageStore:
         meta = parse_header(self.envelope.open(OBJ_IMAGE_HEADER, oid, raw[IMAGE_HEAD.size:split],
                                                f"image {image_id} header"), image_id)
         body = self.envelope.open(OBJ_IMAGE_BODY, oid, raw[split:], f"image {image_id} index")
-        return parse_body(meta, body)
+        return raw, parse_body(meta, body)
+
+    def put_raw(self, image_id: str, raw: bytes) -> int:
+        """Store an image object as it is (a copy into a related repository: it authenticates here,
+        since the keys are the same); it must open here, or nothing is written."""
+        header_len = self._head(image_id, raw)
+        sealed_header = raw[IMAGE_HEAD.size:IMAGE_HEAD.size + header_len]
+        self._open_header(image_id, sealed_header)
+        self.envelope.open(OBJ_IMAGE_BODY, bytes.fromhex(image_id), raw[IMAGE_HEAD.size + header_len:],
+                           f"image {image_id} index")
+        self.storage.put(image_name(image_id), raw)
+        confirm_stored(self.storage, image_name(image_id), len(raw))
+        if self.cache is not None:
+            self.cache.put(image_id, sealed_header)
+            self.cache.save()
+        return len(raw)
 
     def entries(self) -> list[ImageEntry]:
         """Every image, oldest first; damaged ones carry their error instead of metadata.

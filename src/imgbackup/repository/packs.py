@@ -112,6 +112,11 @@ class PackWriter:
         self.bytes_written += commit.size
         self.packs_written += 1
 
+    def take_written(self) -> dict[bytes, BlobLocation]:
+        """The chunks committed since the last call (taken out of ``written``)."""
+        done, self.written = self.written, {}
+        return done
+
     def flush(self) -> None:
         """Commit the current pack (if it holds anything) and wait until every pack is stored."""
         if self._out is not None:

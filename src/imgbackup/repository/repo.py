@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import socket
@@ -61,8 +62,17 @@ class Repository:
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3) -> Repository:
-        """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage."""
+             zstd_level: int = 3, related_to: Repository | None = None) -> Repository:
+        """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage.
+
+        ``related_to``: the new repository shares that one's key material (chunk-id key, data keys,
+        mac key) and chunk size, under an id and a key file of its own, so ``copy`` can move sealed
+        chunks and image indexes between the two verbatim (FORMAT.md, "Related repositories")."""
+        if related_to is not None and (chunk_size != related_to.chunk_size
+                                       or encryption != related_to.config.encryption):
+            raise UsageError("a related repository has the chunk size and encryption of the one it is "
+                             f"related to ({related_to.chunk_size} bytes, {related_to.config.encryption})",
+                             "leave out --chunk-size and --encryption with --related-to")
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
@@ -75,7 +85,7 @@ class Repository:
         if next(iter(storage.list("")), None) is not None:
             raise RepositoryExists(f"{storage.location} exists and is not empty",
                                    "choose a new or empty directory or prefix")
-        keys = KeySet.generate()
+        keys = related_to.keys if related_to is not None else KeySet.generate()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
         secret = passphrase() if encryption != "none" else None
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
@@ -109,6 +119,12 @@ class Repository:
             raise IntegrityError(f"repository key file is damaged ({exc})") from None
         config.check_mac(mac, keys.mac_key)
         return cls(storage, config, keys, storage.location)
+
+    def is_related(self, other: Repository) -> bool:
+        """Whether ``other`` holds the same key material and chunk size (``init --related-to``): its
+        sealed chunks and image indexes then authenticate here unchanged."""
+        return (self.chunk_size == other.chunk_size and self.config.encryption == other.config.encryption
+                and hmac.compare_digest(self.keys.to_bytes(), other.keys.to_bytes()))
 
     def lock(self, command: str = "") -> RepositoryLock:
         return RepositoryLock(self.storage, command)
