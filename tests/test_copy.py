@@ -14,6 +14,7 @@ from tests.disks import random_image
 from tests.support import MIB, cli, cli_json
 
 from imgbackup.engine.copy.run import copy_images
+from imgbackup.errors import StorageError
 from imgbackup.repository.backends.faults import BitFlipStorage
 from imgbackup.repository.packs import read_pack_trailer
 from imgbackup.repository.repo import Repository
@@ -179,3 +180,39 @@ def test_every_json_has_requests(source, tmp_path: Path) -> None:
     for args in (("list",), ("info", "latest", "--name", "a"), ("verify",), ("diff", source["ids"][0], source["ids"][1])):
         doc = json.loads(cli(*args, "--json", repo=source["repo"], passphrase=PASS1).stdout)
         assert doc["requests"]["total"] >= 2 and doc["requests"]["get"] >= 2, args   # config and key file
+
+
+class _NoIndexFiles:
+    """A destination that dies when the first chunk-index file is written: packs landed, none indexed."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def put(self, name: str, data) -> None:
+        if name.startswith("index/"):
+            raise StorageError(f"storage died writing {name} (injected)")
+        self.inner.put(name, data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("related", [True, False], ids=["raw", "re-encrypt"])
+def test_packs_a_killed_copy_left_unindexed_are_adopted_not_sent_again(source, tmp_path: Path, related) -> None:
+    dst = tmp_path / "dst"
+    if related:
+        cli_json("init", "--related-to", source["repo"], repo=dst, passphrase=PASS2, IMGBACKUP_PASSPHRASE2=PASS1)
+    else:
+        cli_json("init", repo=dst, passphrase=PASS2)
+    src_repo = Repository.open(str(source["repo"]), lambda: PASS1.encode())
+    metas = [src_repo.images.read_meta(i) for i in source["ids"]]
+    dying = Repository.open(_NoIndexFiles(open_storage(str(dst))), lambda: PASS2.encode())
+    with pytest.raises(StorageError, match="injected"):
+        copy_images(src_repo, dying, metas)
+    assert list((dst / "packs").rglob("*")) and not list((dst / "index").iterdir())
+    done = copy_images(src_repo, Repository.open(str(dst), lambda: PASS2.encode()), metas, verify=True)
+    assert done.chunks_sent == 0 and done.chunks_adopted == done.chunks_reused > 0 and done.verified
+    assert sorted(done.images_copied) == sorted(source["ids"])
+    copies, distinct = stored_chunk_copies(Repository.open(str(dst), lambda: PASS2.encode()))
+    assert copies == distinct
+    _restores_all(dst, source["content"], tmp_path)

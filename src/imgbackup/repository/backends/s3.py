@@ -97,6 +97,9 @@ class S3Storage:
         bucket, prefix, path_style = parse_s3_url(url)
         if path_style is None:
             path_style = _truthy(os.environ.get("IMGBACKUP_S3_PATH_STYLE"))
+        # tests and odd servers: smaller multipart uploads (S3 wants parts of at least 5 MiB)
+        kw.setdefault("multipart_threshold", int(env_float("IMGBACKUP_S3_MULTIPART_THRESHOLD", MULTIPART_THRESHOLD)))
+        kw.setdefault("part_size", max(5 * MiB, int(env_float("IMGBACKUP_S3_PART_SIZE", PART_SIZE))))
         storage = cls(bucket, prefix, endpoint=os.environ.get("AWS_ENDPOINT_URL") or None,
                       path_style=path_style, **kw)
         if for_writing:
