@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
-# Installs everything the tests need (apt and pip) and runs the whole suite.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-scripts/install-deps.sh
-ruff check src tests benchmarks scripts
-python3 -m pytest -q -p no:cacheprovider "$@"
+# The README's test command, and exactly what .ci/run runs (CI: a clean clone, as root, CI=true).
+# Installs everything the tests need (scripts/dev-setup.sh: apt packages, .venv with imgbackup
+# editable), then runs ruff and pytest from .venv; arguments go to pytest.
+#   scripts/test.sh [PYTEST-ARGS...]        e.g. scripts/test.sh -k 'cli or layers'  ·  -m 'not slow'
+here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$here/scripts/lib.sh"
+cd "$here"
+
+"$here/scripts/dev-setup.sh"
+
+step "ruff check src tests benchmarks scripts"
+.venv/bin/ruff check src tests benchmarks scripts
+
+step "pytest $*"
+rc=0
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@" || rc=$?
+# pytest exits 5 when nothing was collected: a selection that matches nothing is a failure, not a pass.
+[ "$rc" -ne 5 ] || fail "pytest collected no tests (exit 5): check the arguments ($*)"
+[ "$rc" -eq 0 ] || fail "pytest failed (exit $rc)"
