@@ -3,7 +3,8 @@
 # Debootstraps a bookworm minbase chroot, installs only `git ca-certificates python3` in it, clones this
 # checkout's HEAD into it (uncommitted changes are not checked) and runs there, timed, as root:
 #   scripts/demo.sh  ·  scripts/install.sh (again: the upgrade path) and the installed `imgbackup`  ·
-#   CI=true scripts/test.sh TEST-ARGS  ·  scripts/install.sh --uninstall (nothing of it may remain)
+#   CI=true scripts/test.sh TEST-ARGS, then again on one file (nothing may be rebuilt)  ·
+#   scripts/install.sh --uninstall (nothing of it may remain)
 # Every mount it made (and anything the runs left mounted inside the chroot) is unmounted on exit, even on
 # failure or Ctrl-C; the chroot is deleted unless --keep.
 #   scripts/check-fresh-debian.sh [--keep] [--dir DIR] [-- TEST-ARGS...]
@@ -23,7 +24,7 @@ while [ "$#" -gt 0 ]; do
     --keep) keep=1; shift ;;
     --dir) [ "$#" -ge 2 ] || fail "--dir needs a directory"; dir=$2; shift 2 ;;
     --) shift; test_args=("$@"); break ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) fail "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -154,8 +155,8 @@ timed "scripts/demo.sh" in_chroot "cd /root/imgbackup && scripts/demo.sh"
 timed "scripts/install.sh (second run: upgrade in place)" in_chroot "cd /root/imgbackup && scripts/install.sh"
 timed "imgbackup on PATH" check_installed
 timed "CI=true scripts/test.sh $quoted_args" in_chroot "cd /root/imgbackup && CI=true scripts/test.sh $quoted_args"
-timed "CI=true scripts/test.sh $quoted_args (second run: nothing rebuilt)" \
-  in_chroot "cd /root/imgbackup && CI=true scripts/test.sh $quoted_args"
+timed "CI=true scripts/test.sh tests/test_layers.py (second run: nothing rebuilt)" \
+  in_chroot "cd /root/imgbackup && CI=true scripts/test.sh tests/test_layers.py"
 timed "scripts/install.sh --uninstall" check_uninstalled
 
 step "every step passed on a fresh Debian 12 minbase; wall times:"

@@ -74,7 +74,7 @@ install() {
   step "apt packages (scripts/apt-runtime.txt)"
   apt_install "${packages[@]}"
   added=$( { [ -f "$manifest" ] && manifest_value apt_added; printf '%s\n' "${missing[@]}"; } \
-           | tr ' ' '\n' | grep -v '^$' | sort -u | tr '\n' ' ' || true)
+           | tr ' ' '\n' | grep -v '^$' | sort -u | paste -sd' ' || true)
 
   step "virtual environment $venv ($SYSTEM_PYTHON)"
   make_venv "$venv"
