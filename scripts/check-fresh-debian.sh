@@ -146,7 +146,8 @@ mkdir -p "$dir"
 root=$(cd "$dir" && pwd)/root
 [ ! -e "$root" ] || fail "$root exists already: pass another --dir"
 mkdir "$root"
-quoted_args=$(printf '%q ' "${test_args[@]}")
+quoted_args=""
+[ "${#test_args[@]}" -eq 0 ] || quoted_args=$(printf '%q ' "${test_args[@]}")
 
 timed "debootstrap bookworm minbase ($mirror)" setup_chroot
 timed "apt-get install git ca-certificates python3 (nothing else)" install_base
