@@ -35,6 +35,7 @@ cleanup() {
   trap - ERR
   set +e
   [ -n "$root" ] || exit "$rc"
+  [ "$rc" -ne 130 ] || echo "$SCRIPT_NAME: interrupted at step \"$STEP\"; cleaning up" >&2
   # Processes still running inside the chroot (a server a failed run left) hold its mounts: end them,
   # each by its PID.
   for m in /proc/[0-9]*; do
@@ -56,6 +57,7 @@ cleanup() {
     echo "kept the chroot: $root" >&2
   else
     rm -rf --one-file-system "$root"
+    [ "$made_dir" -eq 0 ] || rmdir "$dir"
   fi
   exit "$rc"
 }
@@ -141,7 +143,11 @@ check_uninstalled() {
     || fail "something of the install is left after --uninstall"
 }
 
-[ -n "$dir" ] || dir=$(mktemp -d /var/tmp/imgbackup-fresh-debian.XXXXXX)
+made_dir=0
+if [ -z "$dir" ]; then
+  dir=$(mktemp -d /var/tmp/imgbackup-fresh-debian.XXXXXX)
+  made_dir=1
+fi
 mkdir -p "$dir"
 root=$(cd "$dir" && pwd)/root
 [ ! -e "$root" ] || fail "$root exists already: pass another --dir"
