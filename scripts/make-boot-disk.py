@@ -18,6 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE / "tests"))
 sys.path.insert(0, str(HERE / "src"))
+sys.path.insert(0, str(HERE))          # bootdisk uses tests.disks for its loop device and mount
 
 import bootdisk  # noqa: E402  (lives in tests/, found through the path set above)
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built {args.path} ({args.kind}, {args.size_mib} MiB, marker {args.marker})")
     if not args.boot:
         return 0
-    from imgbackup.engine.boot import boot_check
+    from imgbackup.engine.verify.qemu import boot_check
 
     firmware = "uefi" if args.kind == "uefi" else "bios"
     result = boot_check(str(args.path), args.marker, timeout=args.timeout, firmware=firmware)

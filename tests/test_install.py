@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from tests.bootdisk import build_boot_disk
-from tests.diskimages import cli_env, make_gpt_disk
-from tests.support import loop_device, mounted, need_root, need_tool, run
+from tests.disks import loop_device, make_gpt_disk, mounted
+from tests.support import cli_env, need_root, need_tool, run
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "scripts" / "install.sh"

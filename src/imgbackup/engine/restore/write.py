@@ -2,7 +2,7 @@
 
 Each chunk is decrypted, decompressed and checked against its keyed id before it is written; the
 written ids together must give the index digest. The disk-level order (pre-flight, table) is
-baremetal.py's.
+run.py's.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from imgbackup._core import scan
-from imgbackup.engine.chunks import ChunkReader
+from imgbackup.engine.restore.target import zero_out
 from imgbackup.engine.slots import byte_extents, slot_runs
-from imgbackup.engine.target import zero_out
 from imgbackup.errors import VerificationFailed
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA
+from imgbackup.repository.chunkreader import ChunkReader
 
-LOOKAHEAD_CHUNKS = 32
-WRITEBACK_BYTES = 64 << 20
-ZERO_SCAN_BYTES = 16 << 20
-DELTA_BATCH_CHUNKS = 16
+LOOKAHEAD_CHUNKS = 32            # chunks fetched ahead of the writer: keeps every core decrypting
+WRITEBACK_BYTES = 64 << 20       # start writeback this often, so the final fsync has little left (measured)
+ZERO_SCAN_BYTES = 16 << 20       # target bytes read per pass when clearing what must be zero
+DELTA_BATCH_CHUNKS = 16          # --delta reads and hashes the target this many chunks at a time
 
 
 def clear_unwritten(fd: int, image: ImageIndex, discard: bool, window: tuple[int, int] | None = None,
