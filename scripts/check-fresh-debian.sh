@@ -57,7 +57,8 @@ cleanup() {
     echo "kept the chroot: $root" >&2
   else
     rm -rf --one-file-system "$root"
-    [ "$made_dir" -eq 0 ] || rmdir "$dir"
+    # The directory goes too if this script made it and nothing (a failure's logs) was kept in it.
+    [ "$made_dir" -eq 0 ] || rmdir "$dir" 2>/dev/null || echo "kept $dir (logs of the failure)" >&2
   fi
   exit "$rc"
 }
@@ -98,9 +99,17 @@ bind() {
 
 setup_chroot() {
   apt_install debootstrap
-  debootstrap --variant=minbase bookworm "$root" "$mirror" >"$root.debootstrap.log" 2>&1 \
-    || { tail -20 "$root.debootstrap.log" >&2; fail "debootstrap failed (log: $root.debootstrap.log)"; }
-  rm -f "$root.debootstrap.log"
+  local log=$dir/debootstrap.log
+  if ! debootstrap --variant=minbase bookworm "$root" "$mirror" >"$log" 2>&1; then
+    # debootstrap's own log lies inside the chroot, which the clean-up deletes: keep it beside ours.
+    [ ! -f "$root/debootstrap/debootstrap.log" ] || cp "$root/debootstrap/debootstrap.log" "$dir/debootstrap-inner.log"
+    local f
+    for f in "$log" "$dir/debootstrap-inner.log"; do
+      if [ -f "$f" ]; then echo "--- the end of $f:" >&2; tail -15 "$f" >&2; fi
+    done
+    fail "debootstrap failed (logs kept in $dir)"
+  fi
+  rm -f "$log"
   # As on a real machine: / is a mount point, /dev /dev/pts /proc /sys are there, /dev/shm is a tmpfs.
   mount --bind "$root" "$root"
   bind /dev
