@@ -9,7 +9,7 @@
 # failure or Ctrl-C; the chroot is deleted unless --keep.
 #   scripts/check-fresh-debian.sh [--keep] [--dir DIR] [-- TEST-ARGS...]
 #   default TEST-ARGS: -k 'cli or layers' (the whole suite takes long; pass `--` alone to run all of it)
-# Needs root, ~3 GiB in DIR's filesystem (default: a new directory in /var/tmp), and the Debian mirror
+# Needs root, ~5 GiB free in DIR's filesystem (default: a new directory in /var/tmp), and the Debian mirror
 # of /etc/apt/sources.list.d/debian.sources plus PyPI.
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/lib.sh
@@ -29,6 +29,7 @@ while [ "$#" -gt 0 ]; do
   esac
 done
 
+NEEDED_GIB=5  # the chroot's ~2.5 GiB plus room for the tests' disk images
 root=""
 cleanup() {
   local rc=$? m left
@@ -159,6 +160,10 @@ if [ -z "$dir" ]; then
 fi
 mkdir -p "$dir"
 root=$(cd "$dir" && pwd)/root
+# The chroot grows to ~2.5 GiB (build tools, QEMU, two venvs) plus what the tests write in its /tmp.
+free_kib=$(df -Pk "$dir" | awk 'NR == 2 {print $4}')
+[ "$free_kib" -ge $((NEEDED_GIB << 20)) ] \
+  || fail "$dir has $((free_kib >> 20)) GiB free; the check needs ~$NEEDED_GIB GiB (use --dir elsewhere)"
 [ ! -e "$root" ] || fail "$root exists already: pass another --dir"
 mkdir "$root"
 quoted_args=""

@@ -9,6 +9,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/lib.sh"
 cd "$here"
 
+STEP="scripts/dev-setup.sh (apt packages, .venv)"
 "$here/scripts/dev-setup.sh"
 
 step "ruff check src tests benchmarks scripts"
