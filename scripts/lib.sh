@@ -96,6 +96,8 @@ make_venv() {
     echo "$dir was made by another interpreter (or is broken): recreating it with $SYSTEM_PYTHON" >&2
     rm -rf "$dir"
   fi
+  # The venv's pip stays Debian's own (python3-venv's wheel), never upgraded from PyPI: Debian's reads the
+  # system CA store, which a machine behind a TLS-inspecting proxy (this one) needs; PyPI's pip does not.
   "$SYSTEM_PYTHON" -m venv "$dir"
 }
 
