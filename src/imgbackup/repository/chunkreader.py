@@ -28,7 +28,7 @@ from imgbackup.repository.storage import ObjectMissing
 
 COALESCE_GAP = 64 << 10   # reading over a gap this small is cheaper than a second request
 MAX_RANGE = 8 << 20       # one ranged read spans at most this: several fit in flight within the window
-READ_WINDOW = 64 << 20    # bytes fetched ahead of a consumer: a bucket's latency hidden, memory bounded
+READ_WINDOW = 32 << 20    # bytes fetched ahead of a consumer: a bucket's latency hidden, memory bounded
 
 Group = tuple[str, int, list[tuple[bytes, BlobLocation]]]   # pack name, first byte, the blobs in it
 T = TypeVar("T")
