@@ -11,7 +11,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     detail = "" if "cannot import name" in str(exc) else f" [{exc}]"
     raise ImportError(
         "imgbackup's compiled core is missing or broken: reinstall with 'pip install .' "
-        f"(needs a C compiler, Cython and libssl-dev){detail}"
+        f"(needs a C compiler and Cython){detail}"
     ) from None
 
 __all__ = ["bitmap", "scan"]
