@@ -9,7 +9,7 @@ import typer
 
 from imgbackup.cli.common import JsonOption, RepoOption, emit_json, human, open_repo, progress_bar
 from imgbackup.device.source import open_source
-from imgbackup.engine.backup import BackupRequest, run_backup
+from imgbackup.engine.backup.run import BackupRequest, run_backup
 
 
 def backup(
