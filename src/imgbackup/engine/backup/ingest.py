@@ -24,7 +24,7 @@ from imgbackup.engine.backup.plan import ReadPlan
 from imgbackup.engine.backup.reader import Segment, SegmentReader
 from imgbackup.errors import IntegrityError, SourceError
 from imgbackup.format.imageindex import ImageIndex
-from imgbackup.format.layout import OBJ_CHUNK, SLOT_DATA
+from imgbackup.format.layout import SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.packs import PackWriter
 from imgbackup.repository.repo import Repository
@@ -64,49 +64,60 @@ class ChunkStore:
 
 
 class ParentMatch:
-    """Reuses the parent's chunk when a slot differs from it only in blocks no filesystem uses now.
+    """What a changed slot can take from the parent's chunk at the same slot. Thread-safe.
 
-    Deleting a file frees its blocks, which used-block mode zeroes: the chunk's bytes change
-    though nothing in use did. Masking the parent's chunk with today's map tells the two apart,
-    so an incremental after deletes stores only what really changed. Thread-safe. A parent chunk
-    that fails authentication is no match: the slot is stored anew and the chunk listed in
-    ``damaged`` (the backup goes on; ``verify`` tells what else the damage touches).
+    - Reuse: a slot that differs from the parent's chunk only in blocks no filesystem uses now
+      (deleting a file frees its blocks, which used-block mode zeroes) keeps the parent's chunk,
+      proven by masking the parent's chunk with today's map.
+    - A base: any other changed slot is stored as a delta against the parent's chunk (or, when
+      that is a delta itself, against its base: deltas stay depth one). Measured on the
+      benchmark's change set: 0.99x the compressed changed blocks, against 1.62x for whole chunks.
+    A parent chunk that fails authentication is no match and no base: the slot is stored whole
+    and the chunk listed in ``damaged`` (the backup goes on; ``verify`` tells what else it touches).
+    Without a reader (a key that cannot read data) every changed slot is stored whole.
     """
 
-    def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None) -> None:
+    def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None,
+                 reader: ChunkReader | None = None) -> None:
         self.plan = plan
         self.key = repo.keys.id_key
         self.chunk = repo.chunk_size
-        usable = parent is not None and plan.used_bits is not None and parent.slots == len(plan.kinds)
+        usable = parent is not None and parent.slots == len(plan.kinds)
         self.parent_ids = parent.ids_by_slot() if usable else None
         self.parent_kinds = parent.kinds if usable else None
-        self.reader = ChunkReader(repo) if usable else None
+        self.reader = (reader or ChunkReader(repo)) if usable else None
         self.damaged: list[bytes] = []
+        self.deltas = 0
         self._lock = threading.Lock()
 
-    def match(self, slot: int, new_id: bytes) -> bytes | None:
-        if self.parent_ids is None or self.parent_kinds[slot] != SLOT_DATA:
-            return None
+    def match(self, slot: int, new_id: bytes) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
+        """(the parent's chunk id to reuse, or None; else the (id, plaintext) base for a delta, or None)."""
+        if self.reader is None or self.parent_kinds[slot] != SLOT_DATA:
+            return None, None
         old_id = self.parent_ids[slot].tobytes()
-        if old_id == new_id or not self.plan.has_unused(slot * self.chunk, self.chunk):
-            return None
+        if old_id == new_id:
+            return None, None
         try:
-            masked = bytearray(self.reader.read(old_id))
+            base_id, base_plain = self.reader.whole_base(old_id)
+            if self.plan.has_unused(slot * self.chunk, self.chunk):
+                old = base_plain if base_id == old_id else \
+                    self.reader.open_blob(old_id, self.reader.read_blob(old_id), base=base_plain)
+                masked = bytearray(old)
+                self.plan.mask_unused(slot * self.chunk, memoryview(masked))
+                if scan.chunk_id(self.key, masked) == new_id:
+                    return old_id, None
         except IntegrityError:
             with self._lock:
                 self.damaged.append(old_id)
-            return None
-        self.plan.mask_unused(slot * self.chunk, memoryview(masked))
-        if scan.chunk_id(self.key, masked) != new_id:
-            return None
-        return old_id
+            return None, None
+        return None, (base_id, base_plain)
 
 
 @dataclass
 class _Digest:
     kinds: np.ndarray
     ids: np.ndarray
-    sealed: list[tuple[bytes, bytes, int]]   # (chunk id, sealed blob, plaintext length)
+    sealed: list[tuple[bytes, bytes, int, bytes | None]]   # (chunk id, sealed blob, plaintext length, base)
     reused: list[tuple[int, bytes]]          # (chunk within the segment, the parent's chunk id)
 
 
@@ -128,17 +139,19 @@ class Ingest:
         self.plan.mask_unused(seg.offset, data)
         kinds, ids = scan.scan_chunks(data, chunk, self.repo.keys.id_key, nthreads=1)
         first = seg.offset // chunk
-        sealed: list[tuple[bytes, bytes, int]] = []
+        sealed: list[tuple[bytes, bytes, int, bytes | None]] = []
         reused: list[tuple[int, bytes]] = []
         for i in np.flatnonzero(kinds == SLOT_DATA).tolist():
             cid = ids[i].tobytes()
             if not self.store.is_new(cid):
                 continue
-            if (same := self.parent.match(first + i, cid)) is not None:
+            same, base = self.parent.match(first + i, cid)
+            if same is not None:
                 reused.append((i, same))
             elif self.store.claim(cid):
                 plain = data[i * chunk : (i + 1) * chunk]
-                sealed.append((cid, self.repo.envelope.seal(OBJ_CHUNK, cid, plain), len(plain)))
+                blob, used = self.repo.envelope.seal_chunk(cid, plain, base)
+                sealed.append((cid, blob, len(plain), used))
         return _Digest(kinds, ids, sealed, reused)
 
     def run(self, which: np.ndarray, kinds: np.ndarray, ids: np.ndarray,
@@ -161,8 +174,9 @@ class Ingest:
             ids[first : first + len(got.kinds)] = got.ids
             for i, same in got.reused:
                 ids[first + i] = np.frombuffer(same, np.uint8)
-            for cid, blob, raw_length in got.sealed:
-                self.store.packs.add(cid, blob, raw_length)
+            for cid, blob, raw_length, base in got.sealed:
+                self.store.packs.add(cid, blob, raw_length, base)
+                self.parent.deltas += base is not None
             bytes_read += len(seg.data)
             reader.release(seg)
             if progress:

@@ -58,6 +58,7 @@ class BackupResult:
     chunks_unused: int
     chunks_new: int
     chunks_changed: int
+    chunks_delta: int = 0          # new chunks stored as a delta against the parent's chunk
     warnings: list[str] = field(default_factory=list)
 
 
@@ -150,7 +151,7 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         duration_s=round(time.monotonic() - started, 3), chunks=len(kinds),
         chunks_data=int(np.count_nonzero(kinds == SLOT_DATA)), chunks_zero=int(np.count_nonzero(kinds == SLOT_ZERO)),
         chunks_unused=int(np.count_nonzero(kinds == SLOT_UNUSED)),
-        chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), warnings=warnings,
+        chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), chunks_delta=match.deltas, warnings=warnings,
     )
 
 
