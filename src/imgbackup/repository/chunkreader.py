@@ -8,7 +8,7 @@ which is read (and checked against its own id) first; a base must be a whole chu
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from imgbackup._core import scan
@@ -64,19 +64,27 @@ class ChunkReader:
     def read(self, chunk_id: bytes) -> bytes:
         return self.open_blob(chunk_id, self.read_blob(chunk_id))
 
-    def read_whole(self, base_id: bytes, for_id: bytes | None = None) -> bytes:
+    def read_whole(self, base_id: bytes, for_id: bytes | None = None, blob: bytes | None = None) -> bytes:
         """A chunk that must be stored whole: the base of a delta (a base that is a delta is damage)."""
         if self.locate(base_id).base is not None:
             raise IntegrityError(f"the base {base_id.hex()[:16]} of chunk {(for_id or base_id).hex()[:16]} "
                                  "is itself a delta (the format allows depth one)")
-        return self.read(base_id)
+        return self.open_blob(base_id, blob if blob is not None else self.read_blob(base_id))
 
-    def whole_base(self, chunk_id: bytes) -> tuple[bytes, bytes]:
+    def blobs_needed(self, chunk_id: bytes) -> list[bytes]:
+        """The blobs that opening ``chunk_id`` reads: its own, and its base's when it is a delta."""
+        loc = self.locate(chunk_id)
+        return [chunk_id] if loc.base is None else [chunk_id, loc.base]
+
+    def whole_base(self, chunk_id: bytes, blobs: Mapping[bytes, Callable[[], bytes]] | None = None
+                   ) -> tuple[bytes, bytes]:
         """(id, plaintext) of the whole chunk a new delta of ``chunk_id``'s slot can be based on:
-        the chunk itself, or its base when it is a delta (deltas stay depth one)."""
+        the chunk itself, or its base when it is a delta (deltas stay depth one). ``blobs`` may hold
+        blobs fetched ahead (id -> a callable returning the blob)."""
         loc = self.locate(chunk_id)
         base_id = chunk_id if loc.base is None else loc.base
-        return base_id, self.read_whole(base_id, chunk_id)
+        fetch = (blobs or {}).get(base_id)
+        return base_id, self.read_whole(base_id, chunk_id, fetch() if fetch else None)
 
     def with_bases(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
         """The chunks plus the bases their deltas need."""

@@ -133,6 +133,8 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
             except BaseException:
                 store.abort()
                 raise
+            finally:
+                match.close()
         if match.damaged:
             warnings.append(f"{len(match.damaged)} chunk(s) of the parent image {parent.id[:12]} are damaged "
                             f"(first: {match.damaged[0].hex()[:16]}); those slots were stored anew; "
