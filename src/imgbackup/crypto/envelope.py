@@ -36,9 +36,9 @@ MAX_OBJECT = 1 << 31
 # 238 deltas took 39.3 MiB at level 1 and 0.30 MiB at level 3, so deltas use at least level 3.
 MIN_DELTA_LEVEL = 3
 # A delta this much smaller than its plaintext is kept without trying a plain frame (most are: the
-# 238 above averaged 1.3 KB per 1 MiB chunk); a larger one must beat the plain frame by 10 %,
-# else the chunk is stored whole and needs no base.
-DELTA_SURE_FRACTION = 1 / 8
+# 238 above averaged 1.3 KB per 1 MiB chunk; a plain frame beats 1/32 only for chunks that compress
+# over 32:1); a larger one must beat the plain frame by 10 %, else the chunk is stored whole.
+DELTA_SURE_FRACTION = 1 / 32
 DELTA_MIN_GAIN = 0.9
 
 
