@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import sys
@@ -168,9 +169,12 @@ def main() -> None:
 KDF_SCRIPT = """
 import time
 from imgbackup.crypto.keys import DEFAULT_KDF, derive_key
-best = min((lambda t: (derive_key(b"x", bytes(16), DEFAULT_KDF), time.perf_counter() - t)[1])(time.perf_counter())
-           for _ in range(5))
-print(best)
+runs = []
+for _ in range(5):
+    cpu, wall = time.process_time(), time.perf_counter()
+    derive_key(b"x", bytes(16), DEFAULT_KDF)
+    runs.append((time.process_time() - cpu, time.perf_counter() - wall))
+print(min(r[0] for r in runs), min(r[1] for r in runs))
 """
 LIST_RUNS = 10
 
@@ -190,17 +194,23 @@ def command_costs(work: Path, run: int) -> list[dict]:
     try:
         sh("imgbackup", "init", "--json", env=env)
         sh("imgbackup", "backup", "--name", "small", small, "--json", env=env)
-        walls = []
+        walls, cpus = [], []
         for _ in range(LIST_RUNS):
-            t0 = time.monotonic()
+            before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
             sh("imgbackup", "list", env=env)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             walls.append(time.monotonic() - t0)
-        kdf = float(subprocess.run([imgbackup_python(), "-c", KDF_SCRIPT], capture_output=True, text=True,
-                                   check=True).stdout)
-        wall = statistics.median(walls)
+            cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        kdf_cpu, kdf_wall = map(float, subprocess.run([imgbackup_python(), "-c", KDF_SCRIPT], capture_output=True,
+                                                      text=True, check=True).stdout.split())
+        wall, cpu = statistics.median(walls), statistics.median(cpus)
+        # Judged in CPU seconds: on the shared 2-core machine a process waits for a core for longer
+        # than the whole fixed cost, so wall minus a separately timed KDF is mostly scheduling noise.
         out.append({"disk": "list", "tool": "imgbackup list", "run": run, "step": "list", "wall_s": wall,
-                    "kdf_s": kdf, "above_kdf_s": wall - kdf, "ok": True})
-        print(f"  list: {wall:.3f} s median of {LIST_RUNS}, KDF {kdf:.3f} s", file=sys.stderr, flush=True)
+                    "cpu_s": cpu, "kdf_cpu_s": kdf_cpu, "kdf_wall_s": kdf_wall, "above_kdf_s": cpu - kdf_cpu,
+                    "above_kdf_wall_s": wall - kdf_wall, "ok": True})
+        print(f"  list: {wall:.3f} s wall / {cpu:.3f} CPU-s median of {LIST_RUNS}; KDF {kdf_wall:.3f} s / "
+              f"{kdf_cpu:.3f} CPU-s", file=sys.stderr, flush=True)
     except Exception as exc:  # noqa: BLE001 - reported
         out.append({"disk": "list", "tool": "imgbackup list", "run": run, "step": "list", "ok": False,
                     "error": str(exc)})
