@@ -13,8 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_json
-from tests.support import need_tool, run
+from tests.support import MIB, cli, cli_json, need_tool, run
 
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK
 from imgbackup.repository.chunkindex import ChunkIndex

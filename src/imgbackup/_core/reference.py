@@ -1,7 +1,7 @@
 """Pure-Python references for every native kernel: slow, obvious, and the definition.
 
 Tests (hypothesis) check that ``imgbackup._core.scan`` / ``imgbackup._core.bitmap`` return
-exactly what these return. Bitmaps are packed little-endian by bit: bit ``i`` lives in byte
+exactly what these return; with ``IMGBACKUP_CORE=reference`` this module stands in for both. Bitmaps are packed little-endian by bit: bit ``i`` lives in byte
 ``i >> 3`` at position ``i & 7``.
 """
 
@@ -14,6 +14,7 @@ from imgbackup._core import blake3ref
 ZERO = 0
 DATA = 1
 ID_SIZE = 32
+KEY_SIZE = 32
 
 
 def chunk_id(key: bytes, data: bytes | memoryview) -> bytes:
@@ -21,19 +22,22 @@ def chunk_id(key: bytes, data: bytes | memoryview) -> bytes:
     return blake3ref.keyed_hash_fast(key, data)
 
 
-def classify_chunks(buf, chunk_size: int) -> np.ndarray:
-    """ZERO or DATA per chunk of ``chunk_size`` (last may be short)."""
+def classify_chunks(buf, chunk_size: int, *, nthreads: int = 1) -> np.ndarray:
+    """ZERO or DATA per chunk of ``chunk_size`` (last may be short); ``nthreads`` is ignored."""
     mv = memoryview(buf).cast("B")
     n = (len(mv) + chunk_size - 1) // chunk_size
     return np.array([DATA if any(mv[i * chunk_size : (i + 1) * chunk_size]) else ZERO for i in range(n)],
                     dtype=np.uint8)
 
 
-def scan_chunks(buf, chunk_size: int, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def scan_chunks(buf, chunk_size: int, key: bytes, *, nthreads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split ``buf`` into chunks of ``chunk_size`` (last may be short): kind and id per chunk.
 
-    kind is ZERO for an all-zero chunk (its id stays 32 zero bytes), DATA otherwise.
+    kind is ZERO for an all-zero chunk (its id stays 32 zero bytes), DATA otherwise. ``nthreads``
+    is accepted for the native signature and ignored: the reference is one plain loop.
     """
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
     mv = memoryview(buf).cast("B")
     n = (len(mv) + chunk_size - 1) // chunk_size
     kinds = np.zeros(n, dtype=np.uint8)
@@ -78,11 +82,6 @@ def coarsen(bits: np.ndarray, nbits: int, factor: int) -> np.ndarray:
     return _pack([int(any(vals[i : i + factor])) for i in range(0, nbits, factor)])
 
 
-def refine(bits: np.ndarray, nbits: int, factor: int) -> np.ndarray:
-    """Repeat each bit ``factor`` times: coarse blocks -> fine blocks."""
-    return _pack([v for v in _bits(bits, nbits) for _ in range(factor)])
-
-
 def runs(bits: np.ndarray, nbits: int) -> np.ndarray:
     """Runs of set bits as an int64 array of shape (k, 2): (first bit, length)."""
     vals = _bits(bits, nbits)
@@ -110,11 +109,3 @@ def clear_range(bits: np.ndarray, start: int, length: int) -> None:
     """Clear bits [start, start+length) in place."""
     for i in range(start, start + length):
         bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-
-
-def bitwise_or(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.frombuffer(bytes(x | y for x, y in zip(bytes(a), bytes(b), strict=True)), dtype=np.uint8).copy()
-
-
-def bitwise_and(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.frombuffer(bytes(x & y for x, y in zip(bytes(a), bytes(b), strict=True)), dtype=np.uint8).copy()

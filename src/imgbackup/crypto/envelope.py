@@ -31,7 +31,7 @@ from imgbackup.format.layout import (
     TAG_SIZE,
 )
 
-MAX_OBJECT = 1 << 31
+MAX_OBJECT = 1 << 31   # refuse to decompress past 2 GiB: a bomb or a damaged length, never a real object
 # zstd levels below 3 ("fast") found almost nothing in a 1 MiB base: on the benchmark's change set
 # 238 deltas took 39.3 MiB at level 1 and 0.30 MiB at level 3, so deltas use at least level 3.
 MIN_DELTA_LEVEL = 3
