@@ -26,17 +26,18 @@ from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
 from imgbackup.errors import (
     IntegrityError,
+    ObjectMissing,
     RepositoryLocked,
     StorageError,
     UnsupportedFormat,
     WrongPassphrase,
 )
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
+from imgbackup.repository.backends.directory import DirectoryStorage
 from imgbackup.repository.chunkindex import decode_chunk_index, encode_chunk_index, merge_locations
 from imgbackup.repository.config import RepoConfig
 from imgbackup.repository.lock import CLAIM_PREFIX, LOCK_NAME, LockInfo, RepositoryLock, break_lock
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
-from imgbackup.repository.storage import LocalStorage, ObjectMissing
 
 KEY = bytes(range(32))
 OID = hashlib.sha256(b"object id").digest()
@@ -201,13 +202,13 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _plant(storage: LocalStorage, **fields) -> None:
+def _plant(storage: DirectoryStorage, **fields) -> None:
     me = RepositoryLock(storage)._mine()
     storage.put(LOCK_NAME, json.dumps({**me.__dict__, **fields}).encode())
 
 
 def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     with RepositoryLock(storage, "first"):
         with pytest.raises(RepositoryLocked) as err:
             RepositoryLock(storage, "second").acquire()
@@ -218,7 +219,7 @@ def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", ["dead pid", "reused pid", "rebooted"])
 def test_stale_lock_on_this_host_is_taken_over(tmp_path: Path, case: str) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     fields = {"dead pid": {"pid": _dead_pid(), "start_time": "1"},
               "reused pid": {"start_time": "1"},                       # our pid, another process start
               "rebooted": {"boot_id": "00000000-0000-0000-0000-000000000000"}}[case]
@@ -229,7 +230,7 @@ def test_stale_lock_on_this_host_is_taken_over(tmp_path: Path, case: str) -> Non
 
 
 def test_lock_of_another_host_or_unreadable_is_not_broken(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     _plant(storage, host="elsewhere.example", pid=_dead_pid())
     with pytest.raises(RepositoryLocked, match="elsewhere.example"):
         RepositoryLock(storage).acquire()
@@ -244,7 +245,7 @@ def test_lock_of_another_host_or_unreadable_is_not_broken(tmp_path: Path) -> Non
 # --- storage ----------------------------------------------------------------------------------
 
 def test_storage_put_replaces_create_does_not(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     storage.put("images/a", b"one")
     storage.put("images/a", b"two")
     assert storage.get("images/a") == b"two"
@@ -260,7 +261,7 @@ def test_storage_put_replaces_create_does_not(tmp_path: Path) -> None:
 
 
 def test_storage_lists_without_temp_files_and_sweeps_them(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     storage.put("packs/ab/ab01", b"x")
     (tmp_path / "packs" / "ab" / "ab02.tmp-1-ff").write_bytes(b"half")
     assert list(storage.list("packs")) == ["packs/ab/ab01"]
@@ -270,7 +271,7 @@ def test_storage_lists_without_temp_files_and_sweeps_them(tmp_path: Path) -> Non
 
 def test_storage_put_on_full_disk_keeps_old_object(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "tiny", "1m") as mnt:
-        storage = LocalStorage(mnt)
+        storage = DirectoryStorage(mnt)
         storage.put("images/a", b"old")
         with pytest.raises(StorageError, match="full"):
             storage.put("images/a", os.urandom(2 << 20))
@@ -282,7 +283,7 @@ def test_storage_put_on_full_disk_keeps_old_object(tmp_path: Path) -> None:
 
 
 def test_object_writer_is_invisible_until_commit_and_abort_leaves_nothing(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     out = storage.open_writer("packs/cd/cd01")
     out.write(b"first ")
     out.write(memoryview(b"second"))
@@ -298,7 +299,7 @@ def test_object_writer_is_invisible_until_commit_and_abort_leaves_nothing(tmp_pa
 
 def test_object_writer_on_full_disk_says_so_and_leaves_nothing(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "tiny", "1m") as mnt:
-        storage = LocalStorage(mnt)
+        storage = DirectoryStorage(mnt)
         out = storage.open_writer("packs/ef/ef01")
         with pytest.raises(StorageError, match="full while writing packs/ef/ef01"):
             out.write(os.urandom(2 << 20))
@@ -309,7 +310,7 @@ def test_object_writer_on_full_disk_says_so_and_leaves_nothing(tmp_path: Path) -
 # --- packs ------------------------------------------------------------------------------------
 
 def test_pack_writer_commits_packs_in_background_and_counts_them_only_once_stored(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     envelope = Envelope(KEY)
     writer = PackWriter(storage, envelope, target_size=3000)
     blobs = {hashlib.sha256(bytes([i])).digest(): envelope.seal(OBJ_CHUNK, hashlib.sha256(bytes([i])).digest(),
@@ -330,7 +331,7 @@ def test_pack_writer_commits_packs_in_background_and_counts_them_only_once_store
 
 def test_delta_bases_survive_pack_trailers_and_chunk_index_files(tmp_path: Path) -> None:
     """Flag bit + side table: the bases come back from both, so the index can be rebuilt from packs."""
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     envelope = Envelope(KEY)
     writer = PackWriter(storage, envelope)
     ids = [hashlib.sha256(bytes([i])).digest() for i in range(6)]
@@ -363,7 +364,7 @@ def test_a_chunk_known_twice_keeps_its_whole_copy() -> None:
 
 
 def test_pack_writer_abort_drops_the_open_pack(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     writer = PackWriter(storage, Envelope(KEY))
     writer.add(OID, Envelope(KEY).seal(OBJ_CHUNK, OID, b"x" * 100), 100)
     assert [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
@@ -374,7 +375,7 @@ def test_pack_writer_abort_drops_the_open_pack(tmp_path: Path) -> None:
 
 def _hold_lock_once(root: str, log: str, barrier) -> None:
     """Child: take the lock (retrying while a live process holds it), log the hold, release."""
-    storage = LocalStorage(root)
+    storage = DirectoryStorage(root)
     barrier.wait()
     deadline = time.monotonic() + 60
     while True:
@@ -398,7 +399,7 @@ def _hold_lock_once(root: str, log: str, barrier) -> None:
 def test_many_processes_taking_over_one_stale_lock_never_hold_it_together(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     for round_ in range(5):
-        storage = LocalStorage(tmp_path / f"r{round_}")
+        storage = DirectoryStorage(tmp_path / f"r{round_}")
         _plant(storage, pid=_dead_pid(), start_time="1")
         log = tmp_path / f"holds{round_}.log"
         barrier = ctx.Barrier(8)
@@ -418,7 +419,7 @@ def test_many_processes_taking_over_one_stale_lock_never_hold_it_together(tmp_pa
 
 
 def test_interrupted_takeover_is_reported_and_break_lock_clears_it(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     _plant(storage, pid=_dead_pid(), start_time="1")
     stale = storage.get(LOCK_NAME)
     claim = CLAIM_PREFIX + hashlib.sha256(stale).hexdigest()[:32]
