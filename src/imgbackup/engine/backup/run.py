@@ -105,11 +105,22 @@ def _source_meta(path: str, source: Source) -> dict:
     return meta
 
 
+def _open_nonempty(path: str) -> Source:
+    """The source, opened; a 0-byte one (a loop node with nothing attached, an empty drive) is refused."""
+    source = open_source(path)
+    if source.size == 0:
+        source.close()
+        hint = ("a loop device with nothing attached, or a drive without a medium?" if source.is_block_device
+                else "is this the file you meant?")
+        raise SourceError(f"{path} is empty (0 bytes): there is nothing to back up", hint)
+    return source
+
+
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
     started = time.monotonic()
     name = req.name or default_name(req.source)
     warnings = check_source_not_live(req.source, req.allow_mounted)
-    with open_source(req.source) as source, repo.lock(f"backup {req.source}"):
+    with _open_nonempty(req.source) as source, repo.lock(f"backup {req.source}"):
         repo.remove_temp_files()
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
