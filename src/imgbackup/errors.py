@@ -74,6 +74,12 @@ class ImageNotFound(ImgBackupError):
     hint = "'imgbackup list' shows the images"
 
 
+class PathNotFound(ImgBackupError):
+    """A file or directory asked for is not in the image (restore-files)."""
+
+    exit_code = 9
+
+
 class StorageError(ImgBackupError):
     """The repository's storage failed (full disk, I/O error, permissions)."""
 
@@ -100,7 +106,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (6, "stored data is corrupted or was tampered with"),
     (7, "source cannot be read, or is mounted read-write without --allow-mounted"),
     (8, "target refused: mounted, too small, or not confirmed"),
-    (9, "image not found or name ambiguous"),
+    (9, "image not found or name ambiguous, or a path not found in the image"),
     (10, "storage error: disk full, I/O error, permission denied"),
     (11, "verification found problems"),
     (130, "interrupted (Ctrl-C / SIGTERM)"),
