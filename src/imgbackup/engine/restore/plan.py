@@ -15,6 +15,7 @@ from imgbackup.device.identity import identify
 from imgbackup.disklabel import Partition, PartitionTable, read_partition_table
 from imgbackup.disklabel.relocate import relocate_gpt, resize_mbr
 from imgbackup.engine.imageview import ImageView
+from imgbackup.engine.restore.stale import find_stale
 from imgbackup.engine.restore.target import Target, inspect_target, logical_sector_size
 from imgbackup.errors import TargetRefused
 from imgbackup.format.imageindex import ImageIndex
@@ -48,6 +49,7 @@ class DiskPlan:
     last_end_lba: int | None = None
     fs_shrink: tuple[int, int, int] | None = None
     grow_range: tuple[int, int] | None = None
+    stale: list[dict] = field(default_factory=list)     # signature areas to clear (stale.py)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -115,6 +117,7 @@ def plan_disk_restore(repo: Repository, image_id: str, target_path: str, grow: b
             _plan_table(plan, table, view)
     if delta and (disk < image.size or plan.fs_shrink):
         raise TargetRefused("--delta needs a target at least as large as the image (no shrink)")
+    plan.stale = find_stale(plan)
     _describe_writes(plan)
     return plan
 
@@ -264,7 +267,7 @@ def _describe_writes(plan: DiskPlan) -> None:
     if plan.grow_range:
         writes.append({"what": "last partition's filesystem grown by its own tool",
                        "offset": plan.grow_range[0], "length": plan.grow_range[1]})
-    plan.writes, plan.bytes_to_write = writes, total
+    plan.writes, plan.bytes_to_write = writes + plan.stale, total
 
 
 def plan_partition_restore(repo: Repository, image_id: str, number: int, target_path: str,
@@ -289,5 +292,6 @@ def plan_partition_restore(repo: Repository, image_id: str, number: int, target_
         elif grow and size > part.size:
             plan.grow_range = (0, size)
     plan.partitions = [_part_dict(Partition(number, 0, min(size, part.size), part.type_id, part.name), ss)]
+    plan.stale = find_stale(plan)
     _describe_writes(plan)
     return plan

@@ -13,7 +13,8 @@
    zero/unused ranges cleared on devices; with ``delta`` only chunks whose keyed id differs from
    the target's current chunk are written;
 4. the shrunk filesystem at the last partition's start;
-5. the partition table fitted to the disk (GPT backup header and last usable LBA at the new end,
+5. stale signatures of an earlier table or filesystem cleared where nothing else wrote (stale.py);
+   the partition table fitted to the disk (GPT backup header and last usable LBA at the new end,
    CRCs recomputed; MBR only when a partition changes);
 6. ``grow``: the last partition's filesystem grown by its own tool over a loop device.
 """
@@ -107,6 +108,8 @@ def _write_target(fd: int, repo: Repository, plan: DiskPlan, reader: ChunkReader
         w, z = _copy_file_into(fd, shrunk, plan.fs_shrink[0] - plan.shift)
         written, zeroed = written + w, zeroed + z
         notes.append(f"filesystem shrunk by resize2fs to {plan.fs_shrink[2]} bytes")
+    for area in plan.stale:
+        zeroed += zero_nonzero(fd, area["offset"], area["offset"] + area["length"])
     _fit_table(fd, plan)
     return read, written, zeroed, verified
 
