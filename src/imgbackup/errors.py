@@ -92,6 +92,12 @@ class VerificationFailed(ImgBackupError):
     exit_code = 11
 
 
+class PartlyUnreadable(ImgBackupError):
+    """``backup --rescue`` stored a complete image, but some sectors of the source could not be read."""
+
+    exit_code = 13
+
+
 class Interrupted(ImgBackupError):
     exit_code = 130
 
@@ -109,5 +115,6 @@ EXIT_CODES: list[tuple[int, str]] = [
     (9, "image not found or name ambiguous, or a path not found in the image"),
     (10, "storage error: disk full, I/O error, permission denied"),
     (11, "verification found problems"),
+    (13, "backup stored, but N bytes of the source were unreadable (backup --rescue)"),
     (130, "interrupted (Ctrl-C / SIGTERM)"),
 ]

@@ -80,7 +80,7 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(1)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code here
     except ImgBackupError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -95,7 +95,7 @@ def run(argv: list[str] | None = None) -> None:
     except _CLICK_EXCEPTION as exc:  # usage errors: click's own message, exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _fail(exc: ImgBackupError) -> None:

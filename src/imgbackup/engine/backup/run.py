@@ -6,9 +6,10 @@ them, then the image index. Until the image index exists, nothing refers to the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -16,10 +17,11 @@ import numpy as np
 
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
-from imgbackup.device.source import Source, open_source
+from imgbackup.device.source import Source, SourceReadError, open_source
 from imgbackup.engine.backup.changelist import read_change_list
 from imgbackup.engine.backup.ingest import ChunkStore, Ingest, ParentMatch
-from imgbackup.engine.backup.plan import ReadPlan, plan_reads
+from imgbackup.engine.backup.plan import FS_BLOCK, ReadPlan, plan_reads
+from imgbackup.engine.backup.rescue import DEFAULT_RETRIES, Rescue
 from imgbackup.errors import SourceError, UsageError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
@@ -39,6 +41,8 @@ class BackupRequest:
     changed_blocks: str | None = None
     change_granularity: int | None = None
     verify_unchanged: float = 0.0
+    rescue: bool = False
+    retries: int = DEFAULT_RETRIES
 
 
 @dataclass
@@ -59,6 +63,8 @@ class BackupResult:
     chunks_new: int
     chunks_changed: int
     warnings: list[str] = field(default_factory=list)
+    bad_ranges: list[list[int]] = field(default_factory=list)   # --rescue: [offset, length] not readable
+    unreadable_bytes: int = 0
 
 
 def default_name(source: str) -> str:
@@ -120,18 +126,20 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
     started = time.monotonic()
     name = req.name or default_name(req.source)
     warnings = check_source_not_live(req.source, req.allow_mounted)
-    with _open_nonempty(req.source) as source, repo.lock(f"backup {req.source}"):
+    rescue = Rescue(req.retries) if req.rescue else None
+    with _open_nonempty(req.source) as source, _suggest_rescue(not req.rescue), repo.lock(f"backup {req.source}"):
         repo.remove_temp_files()
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
         chunk = repo.chunk_size
-        plan = plan_reads(source, req.source, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
+        plan = plan_reads(source, req.source, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent),
+                          rescue=req.rescue)
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
             store = ChunkStore(repo)
             match = ParentMatch(repo, plan, parent)
-            ingest = Ingest(repo, source, plan, store, match, pool)
+            ingest = Ingest(repo, source, plan, store, match, pool, rescue)
             try:
                 bytes_read = ingest.run(plan.read, kinds, ids, req.progress)
                 if req.verify_unchanged > 0 and plan.from_parent.any():
@@ -148,11 +156,12 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
                             f"(first: {match.damaged[0].hex()[:16]}); those slots were stored anew; "
                             "run 'imgbackup verify' to see which images they affect")
         changed = _changed_slots(kinds, ids, parent)
+        bad = _bad_map(rescue, plan, warnings)
         meta = repo.new_image_meta(
             type=btype, parent=parent.id if parent else None, name=name,
             source=_source_meta(req.source, source), slots=len(kinds),
             used_map={"enabled": not req.all_blocks, "regions": plan.regions},
-            changed_blocks=req.changed_blocks)
+            changed_blocks=req.changed_blocks, bad_ranges=bad)
         index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
         stored += repo.images.write(index)
     return BackupResult(
@@ -162,7 +171,30 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         chunks_data=int(np.count_nonzero(kinds == SLOT_DATA)), chunks_zero=int(np.count_nonzero(kinds == SLOT_ZERO)),
         chunks_unused=int(np.count_nonzero(kinds == SLOT_UNUSED)),
         chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), warnings=warnings,
+        bad_ranges=bad, unreadable_bytes=sum(n for _, n in bad),
     )
+
+
+@contextlib.contextmanager
+def _suggest_rescue(enabled: bool) -> Iterator[None]:
+    """A read error of the medium ends a normal backup; the error says how to image the rest."""
+    try:
+        yield
+    except SourceReadError as exc:
+        if enabled and exc.media_error:
+            exc.hint = ("the disk has unreadable sectors: 'imgbackup backup --rescue' images all it can read "
+                        "and records the bad ranges in the image")
+        raise
+
+
+def _bad_map(rescue: Rescue | None, plan: ReadPlan, warnings: list[str]) -> list[list[int]]:
+    """The image's ``bad_ranges``: unreadable sectors in blocks the image needs."""
+    if rescue is None:
+        return []
+    bad, unneeded = rescue.needed(plan.used_bits, FS_BLOCK)
+    if unneeded:
+        warnings.append(f"{unneeded} unreadable bytes lie in blocks no filesystem uses: not needed, not in the map")
+    return [[off, length] for off, length in bad]
 
 
 def _change_mask(req: BackupRequest, source: Source, chunk: int, parent: ImageIndex | None) -> np.ndarray | None:

@@ -18,7 +18,7 @@ from imgbackup.engine.imageview import ImageView
 from imgbackup.engine.restore.stale import find_stale
 from imgbackup.engine.restore.target import Target, inspect_target, logical_sector_size
 from imgbackup.errors import TargetRefused
-from imgbackup.format.imageindex import ImageIndex
+from imgbackup.format.imageindex import ImageIndex, bad_ranges
 from imgbackup.repository.repo import Repository
 
 MIB = 1 << 20
@@ -50,6 +50,7 @@ class DiskPlan:
     fs_shrink: tuple[int, int, int] | None = None
     grow_range: tuple[int, int] | None = None
     stale: list[dict] = field(default_factory=list)     # signature areas to clear (stale.py)
+    bad_ranges: list[list[int]] = field(default_factory=list)   # target bytes the source could not give
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -58,7 +59,7 @@ class DiskPlan:
                 "disk_size": self.disk_size, "sector_size": self.sector_size, "mode": self.mode,
                 "grow": self.grow, "delta": self.delta, "partition": self.partition,
                 "table": self.table_kind, "partitions": self.partitions, "writes": self.writes,
-                "bytes_to_write": self.bytes_to_write, "warnings": self.warnings}
+                "bytes_to_write": self.bytes_to_write, "warnings": self.warnings, "bad_ranges": self.bad_ranges}
 
 
 
@@ -118,8 +119,19 @@ def plan_disk_restore(repo: Repository, image_id: str, target_path: str, grow: b
     if delta and (disk < image.size or plan.fs_shrink):
         raise TargetRefused("--delta needs a target at least as large as the image (no shrink)")
     plan.stale = find_stale(plan)
+    plan.bad_ranges = unreadable_in(image, 0, image.size, 0)
     _describe_writes(plan)
     return plan
+
+
+def unreadable_in(image: ImageIndex, lo: int, hi: int, shift: int) -> list[list[int]]:
+    """The image's bad ranges (``backup --rescue``) inside image bytes [lo, hi), at offset - ``shift``."""
+    out = []
+    for off, length in bad_ranges(image.meta):
+        a, b = max(off, lo), min(off + length, hi)
+        if b > a:
+            out.append([a - shift, b - a])
+    return out
 
 
 def _plan_plain(plan: DiskPlan) -> None:
@@ -293,5 +305,6 @@ def plan_partition_restore(repo: Repository, image_id: str, number: int, target_
             plan.grow_range = (0, size)
     plan.partitions = [_part_dict(Partition(number, 0, min(size, part.size), part.type_id, part.name), ss)]
     plan.stale = find_stale(plan)
+    plan.bad_ranges = unreadable_in(image, part.start, part.end, part.start)
     _describe_writes(plan)
     return plan

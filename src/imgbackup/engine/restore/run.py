@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class BareMetalResult:
     verified: bool
     partitions: list[dict]
     notes: list[str]
+    bad_ranges: list[list[int]] = field(default_factory=list)   # restored as zeros: unreadable at backup
 
 
 def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, progress=None) -> BareMetalResult:
@@ -89,7 +90,7 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, pr
     if plan.grow_range:
         notes.append(grow_filesystem(target.path, *plan.grow_range))
     return BareMetalResult(image.id, target.path, plan.disk_size, read, written, zeroed,
-                           round(time.monotonic() - started, 3), True, plan.partitions, notes)
+                           round(time.monotonic() - started, 3), True, plan.partitions, notes, plan.bad_ranges)
 
 
 def _write_target(fd: int, repo: Repository, plan: DiskPlan, reader: ChunkReader, pool: ThreadPoolExecutor,
