@@ -140,6 +140,6 @@ def plan_reads(source: Source, path: str, chunk: int, parent: ImageIndex | None,
         again = skip & _bad_slots(parent, slots)
         plan.read |= again
         plan.from_parent &= ~again
-        plan.kinds[again] = 0
+        plan.kinds[again] = SLOT_ZERO
         plan.ids[again] = 0
     return plan
