@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support import need, need_root, need_tool, run
+
+from imgbackup.device.tools import wait_until
 
 
 def write_mapfile(path: Path, size: int, bad: list[tuple[int, int]]) -> None:
@@ -32,14 +33,15 @@ def write_mapfile(path: Path, size: int, bad: list[tuple[int, int]]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _wait_for(check, what: str, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if proc.poll() is not None:
-            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not ready after {timeout} s")
-        time.sleep(0.05)
+READY_WAIT = 15.0      # nbdkit and nbdfuse are ready within a second; longer means they failed
+UNMOUNT_WAIT = 5.0     # a FUSE mount whose files were just closed is released within about a second
+
+
+def _wait_for(check, what: str, proc: subprocess.Popen) -> None:
+    ready = wait_until(lambda: check() or proc.poll() is not None, READY_WAIT)
+    if proc.poll() is not None:
+        raise AssertionError(f"{what}: the process exited with {proc.returncode}")
+    assert ready, f"{what}: not ready after {READY_WAIT} s"
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -75,11 +77,8 @@ def failing_disk(data: Path, bad: list[tuple[int, int]], work: Path) -> Iterator
             _wait_for(lambda: (mnt / "disk.img").exists(), "nbdfuse", fuse)
             yield mnt / "disk.img"
         finally:
-            for _ in range(50):   # also after nbdfuse died: its mount stays until unmounted
-                if f" {mnt} " not in Path("/proc/mounts").read_text() or \
-                        run("fusermount3", "-u", mnt, check=False).returncode == 0:
-                    break
-                time.sleep(0.1)
+            wait_until(lambda: f" {mnt} " not in Path("/proc/mounts").read_text()   # also after nbdfuse died
+                       or run("fusermount3", "-u", mnt, check=False).returncode == 0, UNMOUNT_WAIT, 0.1)
             _stop(fuse)
             _stop(server)
             with contextlib.suppress(FileNotFoundError):

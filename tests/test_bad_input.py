@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_json, random_image
-from tests.support import loop_device, mounted, need, need_tool, run, sha256_file, small_tmpfs
+from tests.disks import loop_device, mounted, random_image, small_tmpfs
+from tests.support import MIB, cli, cli_json, need, need_tool, run, sha256_file
 
+from imgbackup.device.tools import wait_until
 from imgbackup.format.layout import IMAGE_HEAD
 
 IMAGE_SIZE = 8 * MIB
@@ -299,8 +300,5 @@ def _try_add(ctl: int, request: int, number: int) -> bool:
         fcntl.ioctl(ctl, request, number)
     except OSError:
         return False
-    for _ in range(50):  # devtmpfs makes the node asynchronously
-        if Path(f"/dev/loop{number}").exists():
-            return True
-        time.sleep(0.02)
+    wait_until(Path(f"/dev/loop{number}").exists, 1.0)  # devtmpfs makes the node asynchronously
     return True

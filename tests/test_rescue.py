@@ -12,9 +12,8 @@ import random
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_json
 from tests.failingdisk import failing_disk
-from tests.support import need_tool, run
+from tests.support import MIB, cli, cli_json, need_tool, run
 
 from imgbackup.errors import IntegrityError
 from imgbackup.format.imageindex import bad_ranges

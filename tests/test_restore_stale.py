@@ -13,8 +13,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_json
-from tests.support import loop_device, need_tool, run
+from tests.disks import loop_device
+from tests.support import MIB, cli, cli_json, need_tool, run
 
 SS = 512
 TARGET_MIB = 96

@@ -14,12 +14,12 @@ every path; none or several is an error naming what was found.
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession, Volume, probe_fstype
+from imgbackup.device.tools import probe_fstype, run
+from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession, Volume
 from imgbackup.errors import IntegrityError, PathNotFound, StorageError, TargetRefused, UsageError
 from imgbackup.repository.repo import Repository
 
@@ -85,9 +85,7 @@ def _walk(root: Path, rel: PurePosixPath) -> Path | None:
 
 
 def _fat_has(image_file: str, rel: PurePosixPath) -> bool:
-    res = subprocess.run(["mdir", "-b", "-i", image_file, f"::/{rel}"], capture_output=True, text=True,
-                         check=False, env=dict(os.environ, **MTOOLS_ENV))
-    return res.returncode == 0
+    return run(["mdir", "-b", "-i", image_file, f"::/{rel}"], env=dict(os.environ, **MTOOLS_ENV)).returncode == 0
 
 
 class _Partitions:
@@ -193,8 +191,7 @@ def _copy_fat(image_file: str, rel: PurePosixPath, dest: Path) -> None:
 
 
 def _copy(cmd: list[str], rel: PurePosixPath, cwd: Path | None = None) -> None:
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd,
-                         env=dict(os.environ, **MTOOLS_ENV))
+    res = run(cmd, env=dict(os.environ, **MTOOLS_ENV), timeout=None, cwd=cwd)   # as long as its data takes
     if res.returncode == 0:
         return
     detail = "; ".join(res.stderr.strip().splitlines()[:5]) or f"{cmd[0]} exited with {res.returncode}"

@@ -33,14 +33,15 @@ READ_BLOCK = 1 << 20
 
 def _written(plan: DiskPlan) -> list[tuple[int, int]]:
     """Target byte ranges [a, b) the restore writes in full (data or zeros) before the table."""
+    fit = plan.fit
     if plan.delta:  # every chunk of the image range is rewritten, zeroed or already equal to the image
         return [(0, plan.image.size)]
-    lo, hi = plan.window
-    spans = [(lo - plan.shift, hi - plan.shift)]
-    if plan.fs_shrink:
-        start, _, new_len = plan.fs_shrink
-        spans.append((start - plan.shift, start - plan.shift + new_len))
-    if plan.relocate and plan.mode == "disk" and plan.table_kind == "gpt":
+    lo, hi = fit.window
+    spans = [(lo - fit.shift, hi - fit.shift)]
+    if fit.fs_shrink:
+        start, _, new_len = fit.fs_shrink
+        spans.append((start - fit.shift, start - fit.shift + new_len))
+    if fit.relocate and plan.mode == "disk" and plan.table_kind == "gpt":
         ss = plan.sector_size
         spans.append((plan.disk_size - (-(-GPT_ENTRY_ARRAY // ss) + 1) * ss, plan.disk_size))
     return [(a, b) for a, b in spans if b > a]
@@ -67,7 +68,7 @@ def _areas(plan: DiskPlan, old: list[Partition]) -> list[tuple[int, int, str]]:
     areas = [(0, SIGNATURE_AREA, "start of the disk"),
              (size - SIGNATURE_AREA, size, "end of the disk: backup GPT, RAID and ZFS labels")]
     for kind, parts in (("old partition", [(p.number, p.start, p.end) for p in old]),
-                        ("partition", [(p["number"], p["start"], p["end"]) for p in plan.partitions])):
+                        ("partition", [(p["number"], p["start"], p["end"]) for p in plan.fit.partitions])):
         for number, start, end in parts:
             areas.append((start, min(end, start + SIGNATURE_AREA), f"start of {kind} {number}"))
             areas.append((max(start, end - SIGNATURE_AREA), end, f"end of {kind} {number}"))
