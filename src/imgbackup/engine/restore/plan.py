@@ -7,7 +7,7 @@ fits and gives the resulting table for ``--dry-run``. ``run.py`` carries the pla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import NamedTuple
 
@@ -64,6 +64,8 @@ class DiskPlan:
     grow: bool = False
     delta: bool = False
     partition: int | None = None
+    stale: list[dict] = field(default_factory=list)     # signature areas to clear (stale.py), found
+                                                        # before anything is written: see _with_stale
 
     @cached_property
     def writes(self) -> list[dict]:
@@ -83,11 +85,6 @@ class DiskPlan:
             writes.append({"what": "last partition's filesystem grown by its own tool",
                            "offset": fit.grow_range[0], "length": fit.grow_range[1]})
         return writes + self.stale
-
-    @cached_property
-    def stale(self) -> list[dict]:
-        """Signature areas of an earlier table or filesystem the restore clears (stale.py)."""
-        return find_stale(self)
 
     @cached_property
     def bad_ranges(self) -> list[list[int]]:
@@ -181,7 +178,7 @@ def plan_disk_restore(repo: Repository, image_id: str, target_path: str, grow: b
         fit = _fit_table(sizing, table, view) if table and table.partitions else _fit_plain(sizing)
     if delta and (disk < image.size or fit.fs_shrink):
         raise TargetRefused("--delta needs a target at least as large as the image (no shrink)")
-    return DiskPlan(image, target, disk, ss, table.kind if table else None, fit, grow=grow, delta=delta)
+    return _with_stale(DiskPlan(image, target, disk, ss, table.kind if table else None, fit, grow=grow, delta=delta))
 
 
 def _fit_plain(s: _Sizing) -> Fit:
@@ -334,4 +331,11 @@ def plan_partition_restore(repo: Repository, image_id: str, number: int, target_
         else:
             fit = Fit((part.start, part.end), part.start, partitions,
                       grow_range=(0, size) if grow and size > part.size else None)
-    return DiskPlan(image, target, size, ss, table.kind, fit, mode="partition", grow=grow, partition=number)
+    return _with_stale(DiskPlan(image, target, size, ss, table.kind, fit, mode="partition", grow=grow,
+                                partition=number))
+
+
+def _with_stale(plan: DiskPlan) -> DiskPlan:
+    """The plan with the stale signature areas of the target as it is now: once the image's bytes
+    are written, its old tables (which say where the old partitions were) are gone."""
+    return replace(plan, stale=find_stale(plan))
