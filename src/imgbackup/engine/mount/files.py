@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from imgbackup.device.tools import probe_fstype, run
+from imgbackup.device.tools import run
 from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession, Volume
 from imgbackup.errors import IntegrityError, PathNotFound, StorageError, TargetRefused, UsageError
 from imgbackup.repository.repo import Repository
@@ -100,9 +100,8 @@ class _Partitions:
     def open(self, vol: Volume) -> str | None:
         """The volume's filesystem type once it can be read, None if it holds nothing we can read."""
         if vol.number not in self.opened:
-            fstype = self.found[vol.number] = probe_fstype(self.session.volume_file(vol))
-            if fstype in FS_MOUNT_OPTIONS:
-                self.session.mount_volume(vol)
+            self.session.mount_volume(vol)    # probes it (blkid) and mounts what the kernel can
+            fstype = self.found[vol.number] = vol.fstype
             readable = vol.mounted or fstype == "vfat"
             self.opened[vol.number] = fstype if readable else None
         return self.opened[vol.number]
