@@ -37,6 +37,9 @@ def backup(
     retries: Annotated[int | None, typer.Option(
         help=f"With --rescue: extra tries of each unreadable sector (default {DEFAULT_RETRIES}).", min=0, max=100)]
     = None,
+    snapshot: Annotated[str | None, typer.Option(
+        help="Image a snapshot of a live source, removed afterwards: lvm (an LVM logical volume), reflink "
+             "(an image file on XFS or btrfs) or auto.")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Back up a disk, partition or image file into the repository."""
@@ -51,7 +54,7 @@ def backup(
             source, name, backup_type, allow_mounted, update, all_blocks=all_blocks,
             changed_blocks=changed_blocks, change_granularity=change_granularity,
             verify_unchanged=verify_unchanged, rescue=rescue,
-            retries=DEFAULT_RETRIES if retries is None else retries))
+            retries=DEFAULT_RETRIES if retries is None else retries, snapshot=snapshot))
     finally:
         close()
     for warning in result.warnings:

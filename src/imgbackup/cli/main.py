@@ -38,6 +38,7 @@ COMMAND_MODULES = {
     "images_cmd": ("delete", "diff"),
     "devices_cmd": ("devices",),
     "mount_cmd": ("mount", "umount", "restore-files"),
+    "rescue_cmd": ("rescue",),
 }
 
 
@@ -80,7 +81,11 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(1)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        code = app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code here
+        # typer >= 0.26 returns (not raises) a command's typer.Exit code, and turns a command's
+        # KeyboardInterrupt into a returned 130
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
     except ImgBackupError as exc:
         _fail(exc)
     except KeyboardInterrupt:

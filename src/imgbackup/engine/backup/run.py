@@ -22,6 +22,7 @@ from imgbackup.engine.backup.changelist import read_change_list
 from imgbackup.engine.backup.ingest import ChunkStore, Ingest, ParentMatch
 from imgbackup.engine.backup.plan import FS_BLOCK, ReadPlan, plan_reads
 from imgbackup.engine.backup.rescue import DEFAULT_RETRIES, Rescue
+from imgbackup.engine.backup.snapshot import Snapshot, check_still_valid, snapshot_of
 from imgbackup.errors import SourceError, UsageError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
@@ -43,6 +44,7 @@ class BackupRequest:
     verify_unchanged: float = 0.0
     rescue: bool = False
     retries: int = DEFAULT_RETRIES
+    snapshot: str | None = None      # lvm | reflink | auto: image a snapshot, removed afterwards
 
 
 @dataclass
@@ -98,10 +100,12 @@ def _choose_parent(repo: Repository, name: str, backup_type: str) -> tuple[str, 
     return ("incremental" if backup_type == "auto" else backup_type), parent
 
 
-def _source_meta(path: str, source: Source) -> dict:
+def _source_meta(path: str, source: Source, snap: Snapshot | None = None) -> dict:
     meta = {"path": path, "size": source.size, "logical_sector_size": source.logical_sector_size,
             "physical_sector_size": source.physical_sector_size,
             "kind": "block" if source.is_block_device else "file"}
+    if snap is not None:
+        meta["snapshot"] = snap.to_meta()
     try:
         ident = identify(path)
         meta.update(model=ident.model, serial=ident.serial, vendor=ident.vendor, device_kind=ident.kind,
@@ -123,16 +127,27 @@ def _open_nonempty(path: str) -> Source:
 
 
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
+    """Back up ``req.source``, or with ``req.snapshot`` a snapshot of it taken now."""
+    if not req.snapshot:
+        return _run_backup(repo, req, req.source, None)
+    notes: list[str] = []
+    with snapshot_of(req.source, req.snapshot, notes) as snap:
+        result = _run_backup(repo, req, snap.path, snap)
+    result.warnings = notes + result.warnings
+    return result
+
+
+def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snapshot | None) -> BackupResult:
     started = time.monotonic()
     name = req.name or default_name(req.source)
-    warnings = check_source_not_live(req.source, req.allow_mounted)
+    warnings = check_source_not_live(read_path, req.allow_mounted)
     rescue = Rescue(req.retries) if req.rescue else None
-    with _open_nonempty(req.source) as source, _suggest_rescue(not req.rescue), repo.lock(f"backup {req.source}"):
+    with _open_nonempty(read_path) as source, _suggest_rescue(not req.rescue), repo.lock(f"backup {req.source}"):
         repo.remove_temp_files()
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
         chunk = repo.chunk_size
-        plan = plan_reads(source, req.source, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent),
+        plan = plan_reads(source, read_path, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent),
                           rescue=req.rescue)
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
@@ -159,10 +174,12 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         bad = _bad_map(rescue, plan, warnings)
         meta = repo.new_image_meta(
             type=btype, parent=parent.id if parent else None, name=name,
-            source=_source_meta(req.source, source), slots=len(kinds),
+            source=_source_meta(req.source, source, snap), slots=len(kinds),
             used_map={"enabled": not req.all_blocks, "regions": plan.regions},
             changed_blocks=req.changed_blocks, bad_ranges=bad)
         index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
+        if snap is not None:
+            check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
         stored += repo.images.write(index)
     return BackupResult(
         id=meta["id"], type=btype, parent=meta["parent"], name=name, source=req.source,
