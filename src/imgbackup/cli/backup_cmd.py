@@ -45,7 +45,7 @@ def backup(
     """Back up a disk, partition or image file into the repository."""
     if retries is not None and not rescue:
         raise UsageError("--retries needs --rescue")
-    r = open_repo(repo)
+    r = open_repo(repo, for_writing=True)
     with open_source(source) as src:
         size = src.size
     update, close = progress_bar(size, "backup", not json_out)
