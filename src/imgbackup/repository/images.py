@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
-from imgbackup.format.imageindex import ImageIndex, parse_body, parse_header
+from imgbackup.format.imageheader import parse_header
 from imgbackup.format.layout import (
     FORMAT_VERSION,
     IMAGE_HEAD,
@@ -23,6 +23,10 @@ from imgbackup.repository.localcache import HeaderCache
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
 HEADER_READ = 8 << 10   # the first ranged read of an image: its fixed head and, nearly always, the whole header
+
+if TYPE_CHECKING:   # numpy (through imageindex) and the crypto stack load only when used
+    from imgbackup.crypto.envelope import Envelope
+    from imgbackup.format.imageindex import ImageIndex
 
 
 def image_name(image_id: str) -> str:
@@ -110,6 +114,8 @@ class ImageStore:
 
     def load_raw(self, image_id: str) -> tuple[bytes, ImageIndex]:
         """The image object's exact bytes and its parsed, authenticated index."""
+        from imgbackup.format.imageindex import parse_body
+
         try:
             raw = self.storage.get(image_name(image_id))
         except ObjectMissing:

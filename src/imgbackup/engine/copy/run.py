@@ -155,7 +155,7 @@ class _Copier:
     def copy_image(self, image_id: str) -> None:
         if self.raw:
             raw, image = self.src.images.load_raw(image_id)
-            needed = image.unique_ids()
+            needed = self.reader.with_bases(image.unique_ids())   # a delta goes with its base
             self._send_raw(needed)
             write = lambda: self.dst.images.put_raw(image_id, raw)  # noqa: E731
         else:
@@ -175,35 +175,44 @@ class _Copier:
                 self.result.chunks_reused += 1
                 self.result.chunks_adopted += cid in self.adopted
         self.counted |= needed
-        self.pending.append(_Pending(image_id, write, {c for c in needed if c not in self.index}))
+        bases = self.reader.index.bases_of(needed) if self.raw else set()
+        self.pending.append(_Pending(image_id, write, {c for c in needed if not self._stored(c, c in bases)}))
         self._write_ready_images()
 
-    def _claim(self, cid: bytes) -> bool:
-        """True for exactly one caller per chunk the destination lacks."""
+    def _claim(self, cid: bytes, whole: bool = False) -> bool:
+        """True for exactly one caller per chunk the destination lacks (with ``whole``: lacks stored
+        whole, as a delta's base must be)."""
         with self._claim_lock:
-            if cid in self.index or cid in self.claimed:
+            if self._stored(cid, whole) or cid in self.claimed:
                 return False
             self.claimed.add(cid)
             return True
 
-    def _send_raw(self, needed: set[bytes]) -> None:
-        missing = [cid for cid in needed if self._claim(cid)]
+    def _stored(self, cid: bytes, whole: bool) -> bool:
+        """Whether a chunk-index file at the destination names the chunk (stored whole, if asked)."""
+        held = self.index.get(cid)
+        return held is not None and not (whole and held.base is not None)
 
-        def fetch(group: Group) -> list[tuple[bytes, bytes, int]]:
+    def _send_raw(self, needed: set[bytes]) -> None:
+        bases = self.reader.index.bases_of(needed)
+        missing = [cid for cid in needed if self._claim(cid, whole=cid in bases)]
+
+        def fetch(group: Group) -> list[tuple[bytes, bytes, int, bytes | None]]:
             data = self.reader.fetch_group(group)
             out = []
             for cid, loc in group[2]:
                 blob = self.reader.blob_in(group, data, cid, loc)
-                self.src.envelope.authenticate(OBJ_CHUNK, cid, blob, f"chunk {cid.hex()[:16]} of {self.src.location}")
-                out.append((cid, blob, loc.raw_length))
+                self.src.envelope.authenticate(OBJ_CHUNK, cid, blob, f"chunk {cid.hex()[:16]} of {self.src.location}",
+                                               loc.base)
+                out.append((cid, blob, loc.raw_length, loc.base))
             return out
 
         def cost(group: Group) -> int:
             return group_end(group) - group[1]
 
         for sealed in bounded_map(self.pool, fetch, self.reader.blob_ranges(missing), cost, COPY_WINDOW):
-            for cid, blob, raw_length in sealed:
-                self._add(cid, blob, raw_length)
+            for cid, blob, raw_length, base in sealed:
+                self._add(cid, blob, raw_length, base)
 
     def _seed_id_map(self, image: ImageIndex) -> None:
         """Destination ids of the parent's chunks, from the parent copied earlier (the two indexes
@@ -239,8 +248,8 @@ class _Copier:
 
     # --- packs, index files, images -------------------------------------------------------------
 
-    def _add(self, cid: bytes, blob: bytes, raw_length: int) -> None:
-        self.writer.add(cid, blob, raw_length)
+    def _add(self, cid: bytes, blob: bytes, raw_length: int, base: bytes | None = None) -> None:
+        self.writer.add(cid, blob, raw_length, base)
         if self.progress:
             self.progress(len(blob))
         since_bytes, since_time = self._indexed_at

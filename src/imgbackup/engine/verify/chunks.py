@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
+from imgbackup.format.imageindex import bad_ranges
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.repo import Repository
 
@@ -20,6 +21,7 @@ class ImageCheck:
     chunks: int = 0
     bad_chunks: int = 0
     errors: list[str] = field(default_factory=list)
+    bad_ranges: list[list[int]] = field(default_factory=list)   # source sectors unreadable at backup (--rescue)
 
     @property
     def ok(self) -> bool:
@@ -42,7 +44,8 @@ class VerifyReport:
             "ok": self.ok, "chunks_checked": self.chunks_checked, "bytes_checked": self.bytes_checked,
             "duration_s": self.duration_s,
             "images": [{"id": i.id, "name": i.name, "ok": i.ok, "chunks": i.chunks, "bad_chunks": i.bad_chunks,
-                        "errors": i.errors} for i in self.images],
+                        "errors": i.errors, "bad_ranges": i.bad_ranges,
+                        "unreadable_bytes": sum(n for _, n in i.bad_ranges)} for i in self.images],
         }
 
 
@@ -71,6 +74,7 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
                 check.errors.append(exc.args[0])
                 continue
             check.name = index.meta.get("name")
+            check.bad_ranges = [list(r) for r in bad_ranges(index.meta)]
             unique = index.unique_ids()
             todo = [cid for cid in unique if cid not in results]
             missing = [cid for cid in todo if reader.index.get(cid) is None]
