@@ -80,6 +80,12 @@ class StorageError(ImgBackupError):
     exit_code = 10
 
 
+class RepositoryFull(StorageError):
+    """The repository's disk (or quota) is full."""
+
+    hint = "run 'imgbackup compact' to reclaim space that interrupted runs left, or delete old images"
+
+
 class VerificationFailed(ImgBackupError):
     """A check ran to the end and found problems (verify, restore digest)."""
 

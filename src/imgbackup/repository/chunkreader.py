@@ -7,12 +7,14 @@ the plaintext must equal that id again.
 from __future__ import annotations
 
 import hmac
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from imgbackup._core import scan
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import OBJ_CHUNK
+from imgbackup.repository.damage import ChunkDamaged, DamagedCopy
 from imgbackup.repository.packs import BlobLocation, pack_name
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
@@ -27,34 +29,59 @@ class ChunkReader:
         self.index = repo.chunk_index()
         self.envelope = repo.envelope
         self.id_key = repo.keys.id_key
+        self._reload_lock = threading.Lock()
 
     def locate(self, chunk_id: bytes) -> BlobLocation:
         loc = self.index.get(chunk_id)
         if loc is None:
-            raise IntegrityError(f"chunk {chunk_id.hex()[:16]} is referenced but not in any pack")
+            known = self.index.excluded.get(chunk_id)
+            if known is not None:
+                raise ChunkDamaged(f"chunk {chunk_id.hex()[:16]} has no usable copy: {known.describe()}",
+                                   known, known=bool(known.found))
+            raise ChunkDamaged(f"chunk {chunk_id.hex()[:16]} is referenced but not in any pack", None)
         return loc
 
-    def read_blob(self, chunk_id: bytes) -> bytes:
+    def _bad(self, chunk_id: bytes, loc: BlobLocation, reason: str, message: str) -> ChunkDamaged:
+        return ChunkDamaged(message, DamagedCopy(chunk_id, loc.pack_id, loc.offset, loc.length, reason, message))
+
+    def _index_changed(self) -> bool:
+        """Whether another process replaced the index files (a delete or compact moved chunks);
+        if so, reload it. A reader that finds a pack gone asks this once before calling it missing."""
+        with self._reload_lock:
+            if set(self.repo.storage.list("index")) == set(self.index.files):
+                return False
+            self.index = self.repo.reload_chunk_index()
+            return True
+
+    def read_blob(self, chunk_id: bytes, retry: bool = True) -> bytes:
         loc = self.locate(chunk_id)
         try:
             blob = self.repo.storage.get_range(pack_name(loc.pack_id), loc.offset, loc.length)
         except ObjectMissing:
-            raise IntegrityError(f"pack {loc.pack_id.hex()[:16]} holding chunk {chunk_id.hex()[:16]} is missing") from None
+            if retry and self._index_changed():
+                return self.read_blob(chunk_id, retry=False)
+            raise self._bad(chunk_id, loc, "missing", f"pack {loc.pack_id.hex()[:16]} holding chunk "
+                            f"{chunk_id.hex()[:16]} is missing") from None
         if len(blob) != loc.length:
-            raise IntegrityError(f"pack {loc.pack_id.hex()[:16]} is truncated (chunk {chunk_id.hex()[:16]})")
+            raise self._bad(chunk_id, loc, "truncated",
+                            f"pack {loc.pack_id.hex()[:16]} is truncated (chunk {chunk_id.hex()[:16]})")
         return blob
 
-    def open_blob(self, chunk_id: bytes, blob: bytes) -> bytes:
+    def open_blob(self, chunk_id: bytes, blob: bytes, loc: BlobLocation | None = None) -> bytes:
         """Authenticate and decompress one blob and check the plaintext against its id."""
         what = f"chunk {chunk_id.hex()[:16]}"
-        loc = self.locate(chunk_id)
-        plain = self.envelope.open(OBJ_CHUNK, chunk_id, blob, what, max_size=max(loc.raw_length, 1))
+        loc = loc or self.locate(chunk_id)
+        try:
+            plain = self.envelope.open(OBJ_CHUNK, chunk_id, blob, what, max_size=max(loc.raw_length, 1))
+        except IntegrityError as exc:
+            raise self._bad(chunk_id, loc, "damaged", exc.args[0]) from None
         if len(plain) != loc.raw_length or not hmac.compare_digest(scan.chunk_id(self.id_key, plain), chunk_id):
-            raise IntegrityError(f"{what} does not match its id (wrong content)")
+            raise self._bad(chunk_id, loc, "damaged", f"{what} does not match its id (wrong content)")
         return plain
 
     def read(self, chunk_id: bytes) -> bytes:
-        return self.open_blob(chunk_id, self.read_blob(chunk_id))
+        blob = self.read_blob(chunk_id)
+        return self.open_blob(chunk_id, blob, self.locate(chunk_id))
 
     def blob_ranges(self, chunk_ids: Iterable[bytes]) -> Iterator[tuple[str, int, list[tuple[bytes, BlobLocation]]]]:
         """Group blobs by pack into large sorted ranges: (pack name, start, [(id, location)])."""

@@ -20,6 +20,7 @@ from imgbackup.errors import (
 )
 from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
+from imgbackup.repository.damage import DamageLog
 from imgbackup.repository.images import ImageStore
 from imgbackup.repository.lock import RepositoryLock
 from imgbackup.repository.storage import LocalStorage, ObjectMissing, Storage
@@ -72,7 +73,7 @@ class Repository:
         secret = passphrase() if encryption != "none" else None
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
         storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
-        for folder in ("packs", "index", "images", "locks"):
+        for folder in ("packs", "index", "images", "locks", "damage"):
             (root / folder).mkdir(parents=True, exist_ok=True)
         storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))
         return cls(storage, config, keys, str(root))
@@ -104,10 +105,23 @@ class Repository:
     def lock(self, command: str = "") -> RepositoryLock:
         return RepositoryLock(self.storage, command)
 
-    def chunk_index(self) -> ChunkIndex:
-        if self._chunks is None:
-            self._chunks = ChunkIndex.load(self.storage, self.envelope)
+    def chunk_index(self, for_backup: bool = False) -> ChunkIndex:
+        """The chunk index without the copies damage records name (loaded once, then cached).
+
+        ``for_backup``: a backup dedups against this index, so every damage record must be readable,
+        and copies in packs that no longer exist are excluded too (one LIST of packs/: one request
+        per 1,000 packs on a bucket, ~16 GiB of data each; a directory walk here)."""
+        if self._chunks is None or (for_backup and not self._chunks.packs_checked):
+            damage = DamageLog.load(self.storage, self.envelope, strict=for_backup)
+            packs = set(self.storage.list("packs")) if for_backup else None
+            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs)
         return self._chunks
+
+    def reload_chunk_index(self) -> ChunkIndex:
+        """Load the index afresh (after another process changed it); keeps the pack check if made."""
+        checked = self._chunks is not None and self._chunks.packs_checked
+        self._chunks = None
+        return self.chunk_index(for_backup=checked)
 
     def remove_temp_files(self) -> int:
         remover = getattr(self.storage, "remove_temp_files", None)

@@ -8,6 +8,7 @@ Object names are relative paths with '/' separators (``packs/ab/ab12...``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -15,9 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from imgbackup.errors import StorageError
+from imgbackup.errors import RepositoryFull, StorageError
 
 TEMP_MARK = ".tmp-"
+LEFTOVER_FOLDERS = ("packs", "index", "images", "damage")  # not locks/: a racing lock creator owns its temp
 
 
 class ObjectMissing(KeyError):
@@ -43,9 +45,8 @@ class Storage(Protocol):
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
-    if exc.errno == errno.ENOSPC:
-        return StorageError(f"repository disk is full while writing {what}",
-                            "free space or use another repository; nothing was committed")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RepositoryFull(f"repository disk is full while writing {what}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(f"no permission to write {what}: {exc.strerror}")
     return StorageError(f"storage error on {what}: {exc.strerror or exc}")
@@ -152,14 +153,26 @@ class LocalStorage:
         except OSError as exc:
             raise _storage_error(exc, name) from None
 
-    def remove_temp_files(self, folders: tuple[str, ...] = ("packs", "index", "images")) -> int:
-        """Delete leftovers of interrupted writes; call only while holding the repository lock."""
-        removed = 0
+    def incomplete_writes(self, folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> list[tuple[str, int]]:
+        """Leftovers of interrupted writes (temp files): (path relative to the root, bytes)."""
+        found = []
         for dirpath, _dirs, files in (w for folder in folders for w in os.walk(self.root / folder)):
             for f in files:
                 if TEMP_MARK in f:
-                    os.unlink(os.path.join(dirpath, f))
-                    removed += 1
+                    path = os.path.join(dirpath, f)
+                    try:
+                        found.append((os.path.relpath(path, self.root), os.lstat(path).st_size))
+                    except FileNotFoundError:
+                        continue
+        return found
+
+    def remove_temp_files(self, folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> int:
+        """Delete leftovers of interrupted writes; call only while holding the repository lock."""
+        removed = 0
+        for name, _size in self.incomplete_writes(folders):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / name)
+                removed += 1
         return removed
 
 

@@ -22,12 +22,14 @@ from imgbackup._core import scan
 from imgbackup.device.source import Source
 from imgbackup.engine.backup.plan import ReadPlan
 from imgbackup.engine.backup.reader import Segment, SegmentReader
-from imgbackup.errors import IntegrityError, SourceError
+from imgbackup.errors import ImgBackupError, SourceError
 from imgbackup.format.imageindex import ImageIndex
-from imgbackup.format.layout import OBJ_CHUNK, SLOT_DATA
+from imgbackup.format.layout import ID_SIZE, OBJ_CHUNK, SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
-from imgbackup.repository.packs import PackWriter
+from imgbackup.repository.damage import ChunkDamaged, DamagedCopy
+from imgbackup.repository.packs import PackWriter, pack_name
 from imgbackup.repository.repo import Repository
+from imgbackup.repository.storage import ObjectMissing
 
 SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
 TASKS_IN_FLIGHT = 3          # segments being digested: one per core plus one queued
@@ -35,13 +37,17 @@ READ_AHEAD = 2               # segments read and waiting for a worker
 
 
 class ChunkStore:
-    """Stores each chunk new to the repository once, however many segments or tasks hold it."""
+    """Stores each chunk new to the repository once, however many segments or tasks hold it.
+
+    "New" means no usable copy: a chunk whose every copy is known damaged or missing is stored again.
+    """
 
     def __init__(self, repo: Repository) -> None:
-        self.known = repo.chunk_index()
+        self.known = repo.chunk_index(for_backup=True)
         self.claimed: set[bytes] = set()
         self._lock = threading.Lock()
         self.packs = PackWriter(repo.storage, repo.envelope)
+        self.index_files: list[str] = []   # named before each is written: a failure may leave one
 
     def is_new(self, chunk_id: bytes) -> bool:
         return chunk_id not in self.known and chunk_id not in self.claimed
@@ -54,13 +60,42 @@ class ChunkStore:
             self.claimed.add(chunk_id)
             return True
 
+    def unavailable(self, kinds: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Per slot: a data slot whose chunk has no usable copy and is not being stored by this run
+        (its copy was found damaged after the slot was settled, or a change list took it unread)."""
+        slots = np.flatnonzero(kinds == SLOT_DATA)
+        if not len(slots):
+            return np.zeros(len(kinds), bool)
+        unique, inverse = np.unique(ids[slots].view(np.void(ID_SIZE)).ravel(), return_inverse=True)
+        lacking = np.array([not (u.tobytes() in self.known or u.tobytes() in self.claimed) for u in unique])
+        out = np.zeros(len(kinds), bool)
+        out[slots[lacking[inverse]]] = True
+        return out
+
     def finish(self, repo: Repository) -> int:
         """Commit the last pack, then the chunk-index file naming the new packs; bytes written."""
         self.packs.flush()
-        return self.packs.bytes_written + self.known.store(repo.storage, repo.envelope, self.packs.written)
+        return self.packs.bytes_written + self.known.store(repo.storage, repo.envelope, self.packs.written,
+                                                           names=self.index_files)
 
     def abort(self) -> None:
         self.packs.abort()
+
+    def remove_written(self, repo: Repository) -> tuple[int, list[str]]:
+        """After a failed run: delete what it stored — its index file first, then its packs (nothing
+        else refers to them: the lock kept every other writer out). Returns (bytes freed, problems)."""
+        freed, problems = 0, []
+        packs = sorted({loc.pack_id for loc in self.packs.written.values()})
+        for name in [*self.index_files, *map(pack_name, packs)]:
+            try:
+                size = repo.storage.size(name)
+                repo.storage.delete(name)
+                freed += size
+            except ObjectMissing:
+                continue
+            except ImgBackupError as exc:
+                problems.append(f"{name}: {exc}")
+        return freed, problems
 
 
 class ParentMatch:
@@ -69,8 +104,9 @@ class ParentMatch:
     Deleting a file frees its blocks, which used-block mode zeroes: the chunk's bytes change
     though nothing in use did. Masking the parent's chunk with today's map tells the two apart,
     so an incremental after deletes stores only what really changed. Thread-safe. A parent chunk
-    that fails authentication is no match: the slot is stored anew and the chunk listed in
-    ``damaged`` (the backup goes on; ``verify`` tells what else the damage touches).
+    with no usable copy, or whose copy fails authentication now, is no match: the slot is stored
+    anew, the bad copy is dropped from the index for the rest of the run and listed in ``damaged``
+    (recorded at the end; the backup goes on).
     """
 
     def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None) -> None:
@@ -80,21 +116,24 @@ class ParentMatch:
         usable = parent is not None and plan.used_bits is not None and parent.slots == len(plan.kinds)
         self.parent_ids = parent.ids_by_slot() if usable else None
         self.parent_kinds = parent.kinds if usable else None
+        self.index = repo.chunk_index(for_backup=True)
         self.reader = ChunkReader(repo) if usable else None
-        self.damaged: list[bytes] = []
+        self.damaged: list[DamagedCopy] = []
         self._lock = threading.Lock()
 
     def match(self, slot: int, new_id: bytes) -> bytes | None:
         if self.parent_ids is None or self.parent_kinds[slot] != SLOT_DATA:
             return None
         old_id = self.parent_ids[slot].tobytes()
-        if old_id == new_id or not self.plan.has_unused(slot * self.chunk, self.chunk):
+        if old_id == new_id or not self.plan.has_unused(slot * self.chunk, self.chunk) or old_id not in self.index:
             return None
         try:
             masked = bytearray(self.reader.read(old_id))
-        except IntegrityError:
-            with self._lock:
-                self.damaged.append(old_id)
+        except ChunkDamaged as exc:
+            if exc.copy is not None:
+                with self._lock:
+                    self.index.exclude(exc.copy)
+                    self.damaged.append(exc.copy)
             return None
         self.plan.mask_unused(slot * self.chunk, memoryview(masked))
         if scan.chunk_id(self.key, masked) != new_id:
