@@ -38,6 +38,7 @@ COMMAND_MODULES = {
     "images_cmd": ("delete", "diff"),
     "devices_cmd": ("devices",),
     "mount_cmd": ("mount", "umount", "restore-files"),
+    "maintain_cmd": ("repair", "compact"),
 }
 
 

@@ -107,7 +107,12 @@ class ChunkIndex:
         listing of packs/, is given) without copies in packs that listing lacks."""
         index = cls()
         for name in storage.list(INDEX_FOLDER):
-            for cid, loc in read_index_file(storage, envelope, name):
+            try:
+                rows = read_index_file(storage, envelope, name)
+            except IntegrityError as exc:
+                raise IntegrityError(exc.args[0], "run 'imgbackup repair --yes': it rebuilds the chunk index "
+                                     "from the packs") from None
+            for cid, loc in rows:
                 bad = damage.lookup(cid, loc.pack_id, loc.offset) if damage else None
                 if bad is None and packs is not None and pack_name(loc.pack_id) not in packs:
                     bad = DamagedCopy(cid, loc.pack_id, loc.offset, loc.length, "missing",
@@ -119,6 +124,9 @@ class ChunkIndex:
             index.files.append(name)
         index.excluded = {bad.chunk_id: bad for bad in reversed(index.bad_copies)
                           if bad.chunk_id not in index.locations}
+        for bad in (damage.copies.values() if damage else ()):   # recorded, and no longer listed
+            if bad.chunk_id not in index.locations:
+                index.excluded.setdefault(bad.chunk_id, bad)
         index.packs_checked = packs is not None
         return index
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from imgbackup._core import scan
+from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import OBJ_CHUNK
 from imgbackup.repository.damage import ChunkDamaged, DamagedCopy
@@ -21,6 +22,23 @@ from imgbackup.repository.storage import ObjectMissing
 
 COALESCE_GAP = 64 << 10
 MAX_RANGE = 64 << 20
+
+
+def open_chunk(envelope: Envelope, id_key: bytes, chunk_id: bytes, blob: bytes, loc: BlobLocation) -> bytes:
+    """Authenticate and decompress the blob at ``loc`` and check its plaintext against its id;
+    ChunkDamaged (naming the copy) if anything is wrong."""
+    what = f"chunk {chunk_id.hex()[:16]}"
+
+    def bad(message: str) -> ChunkDamaged:
+        return ChunkDamaged(message, DamagedCopy(chunk_id, loc.pack_id, loc.offset, loc.length, "damaged", message))
+
+    try:
+        plain = envelope.open(OBJ_CHUNK, chunk_id, blob, what, max_size=max(loc.raw_length, 1))
+    except IntegrityError as exc:
+        raise bad(exc.args[0]) from None
+    if len(plain) != loc.raw_length or not hmac.compare_digest(scan.chunk_id(id_key, plain), chunk_id):
+        raise bad(f"{what} does not match its id (wrong content)")
+    return plain
 
 
 class ChunkReader:
@@ -69,15 +87,7 @@ class ChunkReader:
 
     def open_blob(self, chunk_id: bytes, blob: bytes, loc: BlobLocation | None = None) -> bytes:
         """Authenticate and decompress one blob and check the plaintext against its id."""
-        what = f"chunk {chunk_id.hex()[:16]}"
-        loc = loc or self.locate(chunk_id)
-        try:
-            plain = self.envelope.open(OBJ_CHUNK, chunk_id, blob, what, max_size=max(loc.raw_length, 1))
-        except IntegrityError as exc:
-            raise self._bad(chunk_id, loc, "damaged", exc.args[0]) from None
-        if len(plain) != loc.raw_length or not hmac.compare_digest(scan.chunk_id(self.id_key, plain), chunk_id):
-            raise self._bad(chunk_id, loc, "damaged", f"{what} does not match its id (wrong content)")
-        return plain
+        return open_chunk(self.envelope, self.id_key, chunk_id, blob, loc or self.locate(chunk_id))
 
     def read(self, chunk_id: bytes) -> bytes:
         blob = self.read_blob(chunk_id)

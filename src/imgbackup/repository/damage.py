@@ -60,8 +60,11 @@ class DamagedCopy:
         return f"{self.reason}: {where} (recorded by {self.command or '?'} on {when})"
 
     def to_dict(self) -> dict:
-        return {"chunk": self.chunk_id.hex(), "pack": self.pack_id.hex(), "offset": self.offset,
-                "length": self.length, "reason": self.reason, "detail": self.detail[:MAX_DETAIL]}
+        doc = {"chunk": self.chunk_id.hex(), "pack": self.pack_id.hex(), "offset": self.offset,
+               "length": self.length, "reason": self.reason, "detail": self.detail[:MAX_DETAIL]}
+        if self.found:      # carried over from an older record: keep when and by whom it was found
+            doc.update(found=self.found, by=self.command)
+        return doc
 
 
 class ChunkDamaged(IntegrityError):
@@ -104,12 +107,14 @@ def decode_record(plain: bytes, name: str) -> list[DamagedCopy]:
         if not isinstance(entry, dict):
             raise IntegrityError(f"{what} has a malformed entry")
         chunk, pack, reason, detail = (entry.get(k) for k in ("chunk", "pack", "reason", "detail"))
+        found, by = entry.get("found", created), entry.get("by", command)
         if (not isinstance(chunk, str) or not _HEX64.match(chunk) or not isinstance(pack, str)
-                or not _HEX64.match(pack) or reason not in REASONS or not isinstance(detail, str)):
+                or not _HEX64.match(pack) or reason not in REASONS or not isinstance(detail, str)
+                or type(found) not in (int, float) or not 0 <= found < 2**40 or not isinstance(by, str)):
             raise IntegrityError(f"{what} has a malformed entry")
         out.append(DamagedCopy(bytes.fromhex(chunk), bytes.fromhex(pack), _int(entry.get("offset"), what, 0, 2**63),
                                _int(entry.get("length"), what, 0, 2**32 - 1), reason, detail[:MAX_DETAIL],
-                               float(created), command[:100]))
+                               float(found), by[:100]))
     return out
 
 

@@ -22,7 +22,7 @@ from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.damage import DamageLog
 from imgbackup.repository.images import ImageStore
-from imgbackup.repository.lock import RepositoryLock
+from imgbackup.repository.lock import RepositoryLock, put_reserve
 from imgbackup.repository.storage import LocalStorage, ObjectMissing, Storage
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
@@ -75,6 +75,7 @@ class Repository:
         storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
         for folder in ("packs", "index", "images", "locks", "damage"):
             (root / folder).mkdir(parents=True, exist_ok=True)
+        put_reserve(storage)
         storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))
         return cls(storage, config, keys, str(root))
 
@@ -102,8 +103,9 @@ class Repository:
         config.check_mac(mac, keys.mac_key)
         return cls(storage, config, keys, str(root))
 
-    def lock(self, command: str = "") -> RepositoryLock:
-        return RepositoryLock(self.storage, command)
+    def lock(self, command: str = "", may_use_reserve: bool = False) -> RepositoryLock:
+        """The writer lock; ``may_use_reserve`` for commands that free space (delete, compact, repair)."""
+        return RepositoryLock(self.storage, command, may_use_reserve)
 
     def chunk_index(self, for_backup: bool = False) -> ChunkIndex:
         """The chunk index without the copies damage records name (loaded once, then cached).
