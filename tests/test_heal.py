@@ -148,7 +148,7 @@ def test_repair_reports_affected_ranges_and_verify_is_clean_for_whole_images(two
     assert sorted(p.name for p in (repo / "index").iterdir()) == index_before, "a dry run wrote"
     (hit,) = plan["images_affected"]
     slots = slots_of(repo, s["ia"], cid)
-    assert hit["id"] == s["ia"] and hit["chunks"] == 1 and hit["latest_of_source"]
+    assert hit["id"] == s["ia"] and hit["chunks"] == 1 and hit["latest_of_source"] and hit["chunk_ids"] == [cid.hex()]
     assert hit["ranges"] == [[slot * MIB, MIB] for slot in slots] and "next backup" in hit["heal"]
     assert plan["images_ok"] == 1
     done = cli("repair", "--yes", "--json", repo=repo)

@@ -137,10 +137,12 @@ def pack_sizes(repo: Repository) -> dict[str, int]:
     return sizes
 
 
-def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[str] | None = None) -> CollectionPlan:
-    """Decide what a collection removes; reads the index, the damage records and the pack listing."""
+def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[str] | None = None,
+                    strict: bool = True) -> CollectionPlan:
+    """Decide what a collection removes; reads the index, the damage records and the pack listing.
+    ``strict``: every damage record must be readable (a collection that acts must know every bad copy)."""
     storage, envelope = repo.storage, repo.envelope
-    damage = DamageLog.load(storage, envelope)
+    damage = DamageLog.load(storage, envelope, strict=strict)
     index = ChunkIndex.load(storage, envelope, damage)
     plan = CollectionPlan(list(index.files), {}, [], [], incomplete_writes(repo), damage, needed,
                           len(index.locations) + len(index.spare) + len(index.bad_copies), warnings=list(warnings or []))
@@ -206,63 +208,71 @@ def _adopt(repo: Repository, candidates: list[PackUse], absent: set[bytes], dama
 
 def carry_out(repo: Repository, plan: CollectionPlan) -> CollectionResult:
     """Remove what ``plan`` says, freeing before writing; call under the repository lock."""
-    storage = repo.storage
     result = CollectionResult(index_files=len(plan.index_files))
     result.temp_files_removed = repo.remove_temp_files()
     result.bytes_deleted += sum(size for _, size in plan.temp)
+    result.warnings += plan.warnings
     if plan.blocked:
-        result.warnings += plan.warnings
         return result
     gone: set[str] = set()
-    for use in plan.free:
-        storage.delete(use.name)
-        gone.add(use.name)
-        result.bytes_deleted += use.size
-        result.packs_deleted += 1
-    rows = dict(plan.rows)
+    _delete_packs(repo, plan.free, gone, result)
+    indexed = dict(plan.rows)           # what the index files on storage say
     for use in plan.rewrite:
-        rows.update(use.live)
-    indexed = dict(rows)       # what the index files on storage say now
+        indexed.update(use.live)
     lost: list[DamagedCopy] = []
     files = list(plan.index_files)
-    rounds = _rounds(plan.rewrite) or ([[]] if plan.rewrite_index else [])
-    for batch in rounds:
-        new_packs: set[bytes] = set()
-        new_files: list[str] = []
+    for batch in _rounds(plan.rewrite) or ([[]] if plan.rewrite_index else []):
         try:
-            moved, copied = _copy(repo, batch, lost)
-            new_packs = {loc.pack_id for loc in moved.values()}
-            rows = {cid: loc for cid, loc in {**indexed, **moved}.items() if cid not in {b.chunk_id for b in lost}}
-            _, written = write_index_files(storage, repo.envelope, list(rows.items()), new_files)
+            indexed, new_files = _rewrite_round(repo, batch, indexed, lost, result)
         except RepositoryFull:
-            for name in [*new_files, *map(pack_name, new_packs)]:
-                storage.delete(name)
             left = [u for u in plan.rewrite if u.name not in gone]
             result.warnings.append(
                 f"the repository disk is full: {len(left)} partly used pack(s) were not rewritten "
                 f"({iec(sum(u.size - u.live_bytes for u in left))} still reclaimable); delete old images or free "
                 "space on the disk, then run 'imgbackup compact' again")
             break
-        indexed = rows
-        result.bytes_written += copied + written
         for name in files:
             result.bytes_deleted += _delete(repo, name)
         files = new_files
-        for use in batch:
-            storage.delete(use.name)
-            gone.add(use.name)
-            result.bytes_deleted += use.size
-            result.packs_deleted += 1
-            result.packs_rewritten += 1
+        _delete_packs(repo, batch, gone, result)
+        result.packs_rewritten += len(batch)
+    if files != plan.index_files:
+        result.chunks_removed = max(plan.entries_before - len(indexed), 0)
     result.index_files = len(files)
-    result.chunks_removed = plan.chunks_removed + len(lost)
-    result.warnings += plan.warnings
     if lost:
         result.warnings.append(f"{len(lost)} chunk(s) that images need failed authentication while being copied "
                                f"(first: {lost[0].chunk_id.hex()[:16]}) and are gone; the next backup of a source "
                                "that still holds them stores them again; 'imgbackup repair' lists the images")
     _consolidate_damage(repo, plan, gone, set(indexed), lost, result)
     return result
+
+
+def _delete_packs(repo: Repository, uses: list[PackUse], gone: set[str], result: CollectionResult) -> None:
+    for use in uses:
+        repo.storage.delete(use.name)
+        gone.add(use.name)
+        result.bytes_deleted += use.size
+        result.packs_deleted += 1
+
+
+def _rewrite_round(repo: Repository, batch: list[PackUse], indexed: dict[bytes, BlobLocation],
+                   lost: list[DamagedCopy], result: CollectionResult) -> tuple[dict[bytes, BlobLocation], list[str]]:
+    """Copy the needed blobs of ``batch`` and write the complete new index; (new index, its files).
+    On a full disk, what this round wrote is deleted again and RepositoryFull raised."""
+    new_packs: set[bytes] = set()
+    new_files: list[str] = []
+    try:
+        moved, copied = _copy(repo, batch, lost)
+        new_packs = {loc.pack_id for loc in moved.values()}
+        dropped = {bad.chunk_id for bad in lost}
+        rows = {cid: loc for cid, loc in {**indexed, **moved}.items() if cid not in dropped}
+        _, written = write_index_files(repo.storage, repo.envelope, list(rows.items()), new_files)
+    except RepositoryFull:
+        for name in [*new_files, *map(pack_name, new_packs)]:
+            repo.storage.delete(name)
+        raise
+    result.bytes_written += copied + written
+    return rows, new_files
 
 
 def _rounds(rewrite: list[PackUse]) -> list[list[PackUse]]:

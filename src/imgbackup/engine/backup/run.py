@@ -142,7 +142,8 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
                     bytes_read += extra
                     if note:
                         warnings.append(note)
-                bytes_read += _store_unavailable(ingest, store, kinds, ids)
+                if match.damaged or plan.from_parent.any():
+                    bytes_read += _store_unavailable(ingest, store, kinds, ids)
                 stored = store.finish(repo)
                 changed = _changed_slots(kinds, ids, parent)
                 meta = repo.new_image_meta(
@@ -173,7 +174,8 @@ MAX_REREADS = 3   # each pass re-reads only slots whose chunk turned out unusabl
 def _store_unavailable(ingest: Ingest, store: ChunkStore, kinds: np.ndarray, ids: np.ndarray) -> int:
     """Re-read from the source every slot whose chunk has no usable copy after all, so the image
     never names a chunk known to be damaged: a copy found bad after other slots had already
-    matched it, or a slot a change list took from the parent unread. Returns bytes read."""
+    matched it, or a slot a change list took from the parent unread (only those two cases can
+    leave one, so the caller skips this otherwise). Returns bytes read."""
     read = 0
     for _ in range(MAX_REREADS):
         redo = store.unavailable(kinds, ids)

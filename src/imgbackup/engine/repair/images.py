@@ -30,6 +30,7 @@ class AffectedImage:
     chunks: int                          # distinct chunks it names that have no good copy
     ranges: list[tuple[int, int]]        # (offset, length) of the disk they cover
     reasons: dict[str, int]              # damaged / truncated / missing / absent (in no pack)
+    chunk_ids: list[str]                 # hex, sorted
 
     @property
     def bytes(self) -> int:
@@ -47,6 +48,7 @@ class AffectedImage:
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "source": self.source, "created": self.created,
                 "latest_of_source": self.latest_of_source, "chunks": self.chunks, "bytes": self.bytes,
+                "chunk_ids": self.chunk_ids[:MAX_RANGES],
                 "ranges": [list(r) for r in self.ranges[:MAX_RANGES]], "ranges_total": len(self.ranges),
                 "reasons": self.reasons, "heal": self.heal}
 
@@ -86,5 +88,6 @@ def affected_images(repo: Repository, good: set[bytes], bad: list[DamagedCopy]
         meta = entry.meta
         affected.append(AffectedImage(entry.id, meta.get("name"), (meta.get("source") or {}).get("path"),
                                       meta.get("created"), latest.get(meta.get("name")) == entry.id, len(lacking),
-                                      byte_extents(slots, index.chunk_size, index.size), reasons))
+                                      byte_extents(slots, index.chunk_size, index.size), reasons,
+                                      sorted(cid.hex() for cid in lacking)))
     return affected, unreadable, intact, needed

@@ -117,13 +117,7 @@ def plan_repair(repo: Repository, quick: bool = False, progress: Callable[[int],
     old_by_pack: dict[bytes, list[Row]] = defaultdict(list)
     for cid, loc in old_rows:
         old_by_pack[loc.pack_id].append((cid, loc))
-    packs: dict[str, bytes] = {}
-    for name in storage.list("packs"):
-        match = _PACK_NAME.match(name)
-        if match:
-            packs[name] = bytes.fromhex(match.group(2))
-        else:
-            notes.append(f"{name} is not named like a pack; left alone")
+    packs = _list_packs(repo, notes)
 
     def scan(item: tuple[str, bytes]) -> PackScan | None:
         scanned = _scan_pack(repo, item[0], item[1], old_by_pack.get(item[1], []), damage, quick)
@@ -155,6 +149,18 @@ def plan_repair(repo: Repository, quick: bool = False, progress: Callable[[int],
     _decide_writes(plan, old_rows, present, needed, good_ids)
     plan.duration_s = round(time.monotonic() - started, 3)
     return plan
+
+
+def _list_packs(repo: Repository, notes: list[str]) -> dict[str, bytes]:
+    """Pack name -> pack id, for every object under packs/ named like a pack."""
+    packs = {}
+    for name in repo.storage.list("packs"):
+        match = _PACK_NAME.match(name)
+        if match:
+            packs[name] = bytes.fromhex(match.group(2))
+        else:
+            notes.append(f"{name} is not named like a pack; left alone")
+    return packs
 
 
 def _old_index(repo: Repository) -> tuple[list[str], list[tuple[str, str]], list[Row]]:
