@@ -313,3 +313,49 @@ def test_kill_9_of_repair_anywhere_leaves_a_repository_that_verifies(tmp_path: P
     cli_json("backup", sources[0], "--name", "s0", repo=repo)
     assert all(verify_states(repo).values())
     assert restore_matches(repo, ids[0], sources[0], tmp_path)
+
+
+def test_damage_record_round_trip_and_every_malformed_field_is_damage() -> None:
+    from imgbackup.errors import IntegrityError
+    from imgbackup.repository.damage import DamagedCopy, decode_record, encode_record
+
+    copy = DamagedCopy(b"\x01" * 32, b"\x02" * 32, 16, 1000, "damaged", "failed authentication")
+    (back,) = decode_record(encode_record([copy], "verify", created=1000.5), "damage/x")
+    assert (back.key, back.length, back.reason, back.found, back.command) == (copy.key, 1000, "damaged", 1000.5, "verify")
+    carried = DamagedCopy(*copy.key, 1000, "truncated", "", found=900.0, command="backup")
+    (again,) = decode_record(encode_record([carried], "compact", created=2000.0), "damage/x")
+    assert (again.found, again.command) == (900.0, "backup"), "consolidation keeps when and who"
+    good = json.loads(encode_record([copy], "verify", created=1.0))
+    entry = good["entries"][0]
+    bad_docs = [[], "x", {**good, "version": 2}, {**good, "created": "now"}, {**good, "created": 2**41},
+                {**good, "entries": {}}, {**good, "entries": [1]}, {**good, "command": 5}]
+    for key, value in [("chunk", "ab"), ("chunk", 7), ("pack", "z" * 64), ("offset", -1), ("offset", 1.5),
+                       ("offset", True), ("length", 2**32), ("reason", "gone"), ("detail", None), ("found", "x")]:
+        bad_docs.append({**good, "entries": [{**entry, key: value}]})
+    for doc in bad_docs:
+        with pytest.raises(IntegrityError, match="damage record"):
+            decode_record(json.dumps(doc).encode(), "damage/x")
+    with pytest.raises(IntegrityError):
+        decode_record(b"\xff{", "damage/x")
+
+
+def test_index_files_may_list_copies_of_one_chunk_and_a_damaged_copy_is_never_handed_out(tmp_path: Path) -> None:
+    from imgbackup.repository.chunkindex import ChunkIndex, write_index_files
+    from imgbackup.repository.damage import DamagedCopy, DamageLog, write_record
+    from imgbackup.repository.packs import BlobLocation
+
+    r = Repository.init(tmp_path / "repo", lambda: b"pw")
+    cid = b"\x07" * 32
+    first, second = BlobLocation(b"\x01" * 32, 16, 100, 90), BlobLocation(b"\x02" * 32, 16, 100, 90)
+    write_index_files(r.storage, r.envelope, [(cid, first), (cid, second)])
+    index = ChunkIndex.load(r.storage, r.envelope, DamageLog())
+    assert index.get(cid) == first and index.spare == [(cid, second)]
+    write_record(r.storage, r.envelope, [DamagedCopy(cid, first.pack_id, 16, 100, "damaged")], "verify")
+    index = ChunkIndex.load(r.storage, r.envelope, DamageLog.load(r.storage, r.envelope))
+    assert index.get(cid) == second and not index.spare
+    write_record(r.storage, r.envelope, [DamagedCopy(cid, second.pack_id, 16, 100, "missing")], "backup")
+    index = ChunkIndex.load(r.storage, r.envelope, DamageLog.load(r.storage, r.envelope))
+    assert cid not in index and index.excluded[cid].reason in ("damaged", "missing")
+    packs_present = {f"packs/{first.pack_id.hex()[:2]}/{first.pack_id.hex()}"}
+    index = ChunkIndex.load(r.storage, r.envelope, DamageLog(), packs_present)
+    assert index.get(cid) == first and [b.pack_id for b in index.unrecorded()] == [second.pack_id]
