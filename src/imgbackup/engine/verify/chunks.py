@@ -55,7 +55,7 @@ class VerifyReport:
         }
 
 
-MAX_ERRORS_PER_IMAGE = 50
+MAX_ERRORS_PER_IMAGE = 50   # enough to see what is damaged; a wholly damaged image still gives a short report
 
 
 def run_verify(repo: Repository, image_ids: list[str] | None = None,
