@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_env, cli_json, random_image
-from tests.support import sha256_file
+from tests.disks import random_image
+from tests.support import MIB, cli, cli_env, cli_json, sha256_file
 
 from imgbackup.format.layout import PACK_FOOTER
 from imgbackup.repository.packs import pack_name
@@ -193,10 +193,15 @@ def test_repair_after_a_pack_is_deleted_truncated_or_has_a_damaged_trailer(two_s
         assert proc.returncode == 0, proc.stderr
         assert [p["name"] for p in doc["packs_without_trailer"]] == [str(pack.relative_to(repo))]
         assert doc["images_affected"] == [] and doc["bad_copies"]["total"] == 0
+        assert doc["written"]["packs_written"] >= 1, "its chunks were not copied into a pack with a trailer"
+        assert not {c for c, (p, _, _) in chunk_locations(repo).items() if p == pack}, "the index still uses it"
         assert all(verify_states(repo).values())
         assert restore_matches(repo, s["ia"], s["a"], tmp_path)
-        # compact rewrites nothing needed away: the pack stays readable through the index
-        assert cli("compact", repo=repo).returncode == 0 and all(verify_states(repo).values())
+        compact = cli_json("compact", repo=repo)      # the old pack is unreferenced now
+        assert compact["packs_deleted"] == 1 and not pack.exists()
+        assert all(verify_states(repo).values()) and restore_matches(repo, s["ia"], s["a"], tmp_path)
+        assert cli("repair", "--json", repo=repo).returncode == 0
+        assert json.loads(cli("repair", "--json", repo=repo).stdout)["changes"] is False
         return
     assert proc.returncode == 11
     (hit,) = doc["images_affected"]

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.diskimages import MIB, cli, cli_env, cli_json, random_image
-from tests.support import sha256_file, small_tmpfs
+from tests.disks import random_image, small_tmpfs
+from tests.support import MIB, cli, cli_env, cli_json, sha256_file
 
 
 def objects(repo: Path, folder: str) -> set[str]:

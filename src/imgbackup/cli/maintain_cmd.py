@@ -33,6 +33,8 @@ def repair(
     finally:
         close()
     doc = plan.to_dict() | {"dry_run": not yes, "written": asdict(done) if done else None}
+    for warning in done.warnings if done else []:
+        typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:
         emit_json(doc)
     else:
@@ -49,7 +51,8 @@ def _print_repair(plan, doc: dict, acted: bool) -> None:
     for name, error in plan.unreadable_index_files:
         typer.echo(f"  index file {name} unreadable: {error}")
     for name, error in plan.packs_without_trailer:
-        typer.echo(f"  {name}: {error}; its chunks were taken from the old index and checked one by one")
+        typer.echo(f"  {name}: {error}; its chunks were taken from the old index and checked one by one, "
+                   "and are copied into new packs ('imgbackup compact' then removes this one)")
     reasons = {k: v for k, v in doc["bad_copies"].items() if k != "total"}
     if plan.bad:
         typer.echo(f"  {len(plan.bad)} bad chunk copies: " + ", ".join(f"{v} {k}" for k, v in sorted(reasons.items())))

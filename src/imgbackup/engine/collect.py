@@ -262,7 +262,7 @@ def _rewrite_round(repo: Repository, batch: list[PackUse], indexed: dict[bytes, 
     new_packs: set[bytes] = set()
     new_files: list[str] = []
     try:
-        moved, copied = _copy(repo, batch, lost)
+        moved, copied = copy_live_blobs(repo, batch, lost)
         new_packs = {loc.pack_id for loc in moved.values()}
         dropped = {bad.chunk_id for bad in lost}
         rows = {cid: loc for cid, loc in {**indexed, **moved}.items() if cid not in dropped}
@@ -288,7 +288,8 @@ def _rounds(rewrite: list[PackUse]) -> list[list[PackUse]]:
     return out
 
 
-def _copy(repo: Repository, batch: list[PackUse], lost: list[DamagedCopy]) -> tuple[dict[bytes, BlobLocation], int]:
+def copy_live_blobs(repo: Repository, batch: list[PackUse],
+                    lost: list[DamagedCopy]) -> tuple[dict[bytes, BlobLocation], int]:
     """Copy the needed blobs of ``batch`` into new packs, authenticating each (a blob that fails is
     not copied: it goes to ``lost``). Sealed blobs move as they are: their seal binds the chunk id,
     not the pack. On failure the new packs are removed again."""

@@ -10,7 +10,9 @@ damage records name and those recovered without a trailer (from the old index) â
 repository right after a clean verify.
 
 It never deletes an image, a pack or a chunk: it writes a new damage record and new index files and
-then removes the old ones. What it leaves out of the index, compact reclaims.
+then removes the old ones. The good chunks of a pack whose trailer cannot be read are copied into new
+packs (which have one), so the repository describes itself again. What it leaves out of the index
+(bad copies, packs so replaced), compact reclaims.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from imgbackup.engine.collect import PackUse, copy_live_blobs
 from imgbackup.engine.repair.images import AffectedImage, affected_images
-from imgbackup.errors import IntegrityError
+from imgbackup.errors import IntegrityError, RepositoryFull
 from imgbackup.repository.chunkindex import (
     INDEX_FOLDER,
     MAX_ENTRIES_PER_FILE,
@@ -33,7 +36,7 @@ from imgbackup.repository.chunkindex import (
 )
 from imgbackup.repository.chunkreader import open_chunk
 from imgbackup.repository.damage import ChunkDamaged, DamagedCopy, DamageLog, write_record
-from imgbackup.repository.packs import BlobLocation, read_pack_trailer
+from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
 
@@ -250,6 +253,18 @@ def _decide_writes(plan: RepairPlan, old_rows: list[Row], present: set[bytes], n
     plan.records_kept = [c for c in candidates.values()
                          if c.pack_id in present or (c.chunk_id in needed and c.chunk_id not in good_ids)]
     plan.record_changes = ({c.key for c in plan.records_kept} != set(recorded)) or bool(plan.damage.unreadable)
+    plan.index_changes |= bool(_trailerless(plan))
+
+
+def _trailerless(plan: RepairPlan) -> list[PackUse]:
+    """The packs whose trailer cannot be read, with their good copies: to be copied into new packs."""
+    names = {name for name, _ in plan.packs_without_trailer}
+    uses = {name: PackUse(name, bytes.fromhex(name.rsplit("/", 1)[1]), 0) for name in names}
+    for cid, loc in plan.rows:
+        use = uses.get(pack_name(loc.pack_id))
+        if use is not None:
+            use.live.append((cid, loc))
+    return [use for use in uses.values() if use.live]
 
 
 @dataclass
@@ -258,14 +273,18 @@ class RepairResult:
     index_files_written: list[str]
     index_files_removed: int
     damage_records_removed: int
+    packs_written: int = 0          # new packs holding the chunks of packs without a readable trailer
+    warnings: list[str] = field(default_factory=list)
 
 
 def carry_out_repair(repo: Repository, plan: RepairPlan) -> RepairResult:
-    """Write in the order that is safe at every crash point: the new damage record first (so no
-    reader is handed a copy just found bad, whatever index files exist), then the new index, then
-    remove the old index files, then the old records. Call under the lock, with a plan made there."""
+    """Write in the order that is safe at every crash point: new packs for the chunks of packs without
+    a trailer (invisible until indexed), the new damage record (so no reader is handed a copy just
+    found bad, whatever index files exist), the new index, then remove the old index files, then the
+    old records. Call under the lock, with a plan made there."""
     storage = repo.storage
     result = RepairResult(None, [], 0, 0)
+    _copy_trailerless(repo, plan, result)
     if plan.record_changes and plan.records_kept:
         result.damage_record = write_record(storage, repo.envelope, plan.records_kept, "repair")
     if plan.index_changes:
@@ -279,6 +298,24 @@ def carry_out_repair(repo: Repository, plan: RepairPlan) -> RepairResult:
                 storage.delete(name)
                 result.damage_records_removed += 1
     return result
+
+
+def _copy_trailerless(repo: Repository, plan: RepairPlan, result: RepairResult) -> None:
+    uses = _trailerless(plan)
+    if not uses:
+        return
+    lost: list[DamagedCopy] = []
+    try:
+        moved, _written = copy_live_blobs(repo, uses, lost)
+    except RepositoryFull:
+        result.warnings.append("the repository disk is full: the chunks of packs without a readable trailer stay "
+                               "where they are (the index still finds them); free space and run repair again")
+        return
+    old = {use.pack_id for use in uses}
+    plan.rows = [(cid, loc) for cid, loc in plan.rows if loc.pack_id not in old] + list(moved.items())
+    result.packs_written = len({loc.pack_id for loc in moved.values()})
+    if lost:
+        result.warnings.append(f"{len(lost)} chunk(s) failed authentication while being copied and were left out")
 
 
 def run_repair(repo: Repository, act: bool, quick: bool = False,
