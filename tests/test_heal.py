@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -364,3 +365,40 @@ def test_index_files_may_list_copies_of_one_chunk_and_a_damaged_copy_is_never_ha
     packs_present = {f"packs/{first.pack_id.hex()[:2]}/{first.pack_id.hex()}"}
     index = ChunkIndex.load(r.storage, r.envelope, DamageLog(), packs_present)
     assert index.get(cid) == first and [b.pack_id for b in index.unrecorded()] == [second.pack_id]
+
+
+def test_with_two_copies_of_a_chunk_readers_and_compact_use_the_one_that_exists(tmp_path: Path) -> None:
+    """A killed backup leaves a pack that repair then indexes: its chunks have two copies. When the
+    pack holding the copy that would be handed out first disappears, verify reads the other copy (and
+    records the missing one), and compact keeps the pack holding the only real copy."""
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    src = random_image(tmp_path / "src.img", 40 * MIB, seed=90)
+    proc = subprocess.Popen([sys.executable, "-m", "imgbackup", "backup", str(src), "--name", "s"], env=cli_env(repo),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and not [
+            p for p in (repo / "packs").rglob("*") if p.is_file() and ".tmp-" not in p.name]:
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait(30)
+    orphan = next(p for p in (repo / "packs").rglob("*") if p.is_file() and ".tmp-" not in p.name)
+    image = cli_json("backup", src, "--name", "s", repo=repo)["id"]
+    assert cli("repair", "--yes", repo=repo).returncode == 0
+    r = opened(repo)
+    index = r.chunk_index()
+    twice = [cid for cid, loc in index.spare]
+    assert twice, "repair did not index both copies"
+    first = index.get(twice[0]).pack_id          # the copy handed out first
+    doomed = repo / pack_name(first)
+    doomed.unlink()
+    kept = tmp_path / "kept"
+    shutil.copytree(repo, kept)
+    states = json.loads(cli("verify", "--json", repo=kept).stdout)
+    assert states["ok"] and states["copies_recorded"] >= 1, states
+    assert restore_matches(kept, image, src, tmp_path)
+    done = cli_json("compact", repo=repo)        # no verify first: nothing recorded the missing copies
+    assert not any("no usable copy" in w for w in done["warnings"]), done["warnings"]
+    assert orphan.exists() or doomed == orphan
+    assert all(verify_states(repo).values())
+    assert restore_matches(repo, image, src, tmp_path)

@@ -58,6 +58,8 @@ class CollectionPlan:
     damage: DamageLog
     needed: set[bytes] | None
     entries_before: int = 0                  # entries in the index files now
+    found: list[DamagedCopy] = field(default_factory=list)   # copies in packs that are gone, not yet recorded
+    packs: set[str] = field(default_factory=set)             # the pack listing the plan was made from
     rewrite_index: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -143,37 +145,33 @@ def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[
     ``strict``: every damage record must be readable (a collection that acts must know every bad copy)."""
     storage, envelope = repo.storage, repo.envelope
     damage = DamageLog.load(storage, envelope, strict=strict)
-    index = ChunkIndex.load(storage, envelope, damage)
+    sizes = pack_sizes(repo)
+    index = ChunkIndex.load(storage, envelope, damage, set(sizes))   # copies in packs that are gone: excluded
     plan = CollectionPlan(list(index.files), {}, [], [], incomplete_writes(repo), damage, needed,
-                          len(index.locations) + len(index.spare) + len(index.bad_copies), warnings=list(warnings or []))
+                          len(index.locations) + len(index.spare) + len(index.bad_copies), found=index.unrecorded(),
+                          packs=set(sizes), warnings=list(warnings or []))
     if needed is None:
         return plan
-    uses = {name: PackUse(name, bytes.fromhex(name.rsplit("/", 1)[1]), size) for name, size in pack_sizes(repo).items()}
+    uses = {name: PackUse(name, bytes.fromhex(name.rsplit("/", 1)[1]), size) for name, size in sizes.items()}
     blobs: dict[bytes, dict[int, int]] = defaultdict(dict)    # pack id -> offset -> length of each known blob
     for _cid, loc in [*index.locations.items(), *index.spare]:
         blobs[loc.pack_id][loc.offset] = loc.length
     for bad in [*index.bad_copies, *damage.copies.values()]:
         blobs[bad.pack_id][bad.offset] = bad.length
-    gone = 0
     for cid in needed:
         loc = index.locations.get(cid)
-        if loc is None:
-            continue
-        use = uses.get(pack_name(loc.pack_id))
-        if use is None:       # its pack is gone: the entry stays for its message; repair deals with it
-            plan.rows[cid] = loc
-            gone += 1
-        else:
-            use.live.append((cid, loc))
-    if gone:
-        plan.warnings.append(f"{gone} chunk(s) that images need are listed in packs that no longer exist; "
-                             "'imgbackup repair' reports which images and byte ranges that affects")
+        if loc is not None:
+            uses[pack_name(loc.pack_id)].live.append((cid, loc))
+    _measure(uses.values(), blobs)
     absent = needed - index.locations.keys()
-    if absent:
-        _adopt(repo, [u for u in uses.values() if not u.live], absent, damage, blobs, plan)
+    if absent:   # before a pack goes, make sure it holds no needed chunk that no index entry names
+        _adopt(repo, [u for u in uses.values() if not u.live or u.dead_bytes], absent, damage, blobs, plan)
+        _measure(uses.values(), blobs)
+    lost = needed - index.locations.keys() - {cid for u in uses.values() for cid, _ in u.live}
+    if lost:
+        plan.warnings.append(f"{len(lost)} chunk(s) that images need have no usable copy in any pack; "
+                             "'imgbackup repair' reports which images and byte ranges that affects")
     for use in uses.values():
-        live = {loc.offset for _, loc in use.live}
-        use.dead_bytes = sum(length for offset, length in blobs[use.pack_id].items() if offset not in live)
         if use.kept:
             continue
         if not use.live:
@@ -184,6 +182,12 @@ def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[
             plan.rows.update(use.live)
     plan.rewrite_index = bool(plan.rewrite) or len(index.files) > 1 or plan.entries_before != len(plan.rows)
     return plan
+
+
+def _measure(uses, blobs: dict[bytes, dict[int, int]]) -> None:
+    for use in uses:
+        live = {loc.offset for _, loc in use.live}
+        use.dead_bytes = sum(length for offset, length in blobs[use.pack_id].items() if offset not in live)
 
 
 def _adopt(repo: Repository, candidates: list[PackUse], absent: set[bytes], damage: DamageLog,
@@ -343,10 +347,12 @@ def _consolidate_damage(repo: Repository, plan: CollectionPlan, gone: set[str], 
     """Keep a damaged copy on record while its pack exists, or while an image needs its chunk and
     no usable copy exists; write the kept ones as one new record, then delete the old records."""
     needed = plan.needed or set()
-    copies = [*plan.damage.copies.values(), *lost]
-    keep = [c for c in copies if (pack_name(c.pack_id) not in gone and c not in lost)
+    lost_keys = {c.key for c in lost}
+    copies = {c.key: c for c in [*lost, *plan.found, *plan.damage.copies.values()]}   # older records win
+    keep = [c for c in copies.values()
+            if (pack_name(c.pack_id) in plan.packs - gone and c.key not in lost_keys)
             or (c.chunk_id in needed and c.chunk_id not in indexed)]
-    if len(keep) == len(plan.damage.copies) and not lost:
+    if {c.key for c in keep} == set(plan.damage.copies):
         return
     try:
         name = write_record(repo.storage, repo.envelope, keep, "compact")

@@ -48,6 +48,7 @@ class ChunkReader:
         self.envelope = repo.envelope
         self.id_key = repo.keys.id_key
         self._reload_lock = threading.Lock()
+        self.found: list[DamagedCopy] = []     # bad copies this reader met (recorded by its caller)
 
     def locate(self, chunk_id: bytes) -> BlobLocation:
         loc = self.index.get(chunk_id)
@@ -90,8 +91,22 @@ class ChunkReader:
         return open_chunk(self.envelope, self.id_key, chunk_id, blob, loc or self.locate(chunk_id))
 
     def read(self, chunk_id: bytes) -> bytes:
-        blob = self.read_blob(chunk_id)
-        return self.open_blob(chunk_id, blob, self.locate(chunk_id))
+        """The chunk's plaintext; a copy that turns out bad is dropped and the next copy tried."""
+        while True:
+            try:
+                blob = self.read_blob(chunk_id)
+                return self.open_blob(chunk_id, blob, self.locate(chunk_id))
+            except ChunkDamaged as exc:
+                if exc.copy is None or exc.known or not self._next_copy(exc.copy):
+                    raise
+
+    def _next_copy(self, bad: DamagedCopy) -> bool:
+        """Stop handing out ``bad``; True when another copy of its chunk takes over."""
+        with self._reload_lock:
+            if all(c.key != bad.key for c in self.found):
+                self.found.append(bad)
+            self.index.exclude(bad)
+            return bad.chunk_id in self.index
 
     def blob_ranges(self, chunk_ids: Iterable[bytes]) -> Iterator[tuple[str, int, list[tuple[bytes, BlobLocation]]]]:
         """Group blobs by pack into large sorted ranges: (pack name, start, [(id, location)])."""

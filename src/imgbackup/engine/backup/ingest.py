@@ -129,10 +129,9 @@ class ParentMatch:
             return None
         try:
             masked = bytearray(self.reader.read(old_id))
-        except ChunkDamaged as exc:
+        except ChunkDamaged as exc:   # the reader dropped the bad copies from the index already
             if exc.copy is not None:
                 with self._lock:
-                    self.index.exclude(exc.copy)
                     self.damaged.append(exc.copy)
             return None
         self.plan.mask_unused(slot * self.chunk, memoryview(masked))

@@ -67,7 +67,6 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
         return VerifyReport([], 0, 0, 0.0)
     reader = ChunkReader(repo)
     results: dict[bytes, str | None] = {}
-    found: list[DamagedCopy] = []
     checks = []
     total_bytes = 0
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-verify") as pool:
@@ -90,8 +89,6 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
 
             for cid, err, size in pool.map(one, todo):
                 results[cid] = err.args[0] if err else None
-                if err is not None and err.copy is not None and not err.known:
-                    found.append(err.copy)
                 total_bytes += size
                 if progress:
                     progress(size)
@@ -102,7 +99,7 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
                     if len(check.errors) < MAX_ERRORS_PER_IMAGE:
                         check.errors.append(results[cid])
     report = VerifyReport(checks, len(results), total_bytes, round(time.monotonic() - started, 3))
-    _record(repo, found, report)
+    _record(repo, reader.found, report)
     return report
 
 
