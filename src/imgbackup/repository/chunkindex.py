@@ -27,7 +27,7 @@ from imgbackup.format.layout import (
     OBJ_CHUNK_INDEX,
 )
 from imgbackup.repository.damage import DamagedCopy, DamageLog
-from imgbackup.repository.packs import BlobLocation, pack_name
+from imgbackup.repository.packs import BlobLocation
 from imgbackup.repository.storage import Storage
 
 ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("raw", "<u4")])
@@ -106,6 +106,7 @@ class ChunkIndex:
         """The union of all index files, without the copies ``damage`` names and (when ``packs``, the
         listing of packs/, is given) without copies in packs that listing lacks."""
         index = cls()
+        present = None if packs is None else {name.rsplit("/", 1)[1] for name in packs}
         for name in storage.list(INDEX_FOLDER):
             try:
                 rows = read_index_file(storage, envelope, name)
@@ -114,7 +115,7 @@ class ChunkIndex:
                                      "from the packs") from None
             for cid, loc in rows:
                 bad = damage.lookup(cid, loc.pack_id, loc.offset) if damage else None
-                if bad is None and packs is not None and pack_name(loc.pack_id) not in packs:
+                if bad is None and present is not None and loc.pack_id.hex() not in present:
                     bad = DamagedCopy(cid, loc.pack_id, loc.offset, loc.length, "missing",
                                       f"pack {loc.pack_id.hex()[:16]} is not in the repository")
                 if bad is not None:
