@@ -38,6 +38,7 @@ COMMAND_MODULES = {
     "images_cmd": ("delete", "diff"),
     "devices_cmd": ("devices",),
     "mount_cmd": ("mount", "umount", "restore-files"),
+    "rescue_cmd": ("rescue",),
     "maintain_cmd": ("repair", "compact"),
 }
 
@@ -81,7 +82,11 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(1)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=argv, standalone_mode=False)
+        # typer >= 0.26 returns (not raises) a command's typer.Exit code, and turns a command's
+        # KeyboardInterrupt into a returned 130
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
     except ImgBackupError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -96,7 +101,7 @@ def run(argv: list[str] | None = None) -> None:
     except _CLICK_EXCEPTION as exc:  # usage errors: click's own message, exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _fail(exc: ImgBackupError) -> None:

@@ -24,10 +24,12 @@ from imgbackup.device.source import Source, open_source
 from imgbackup.engine.backup.changelist import read_change_list
 from imgbackup.engine.backup.ingest import ChunkStore, Ingest, ParentMatch
 from imgbackup.engine.backup.plan import ReadPlan, plan_reads
+from imgbackup.engine.backup.snapshot import Snapshot, check_still_valid, snapshot_of
 from imgbackup.errors import (
     ImgBackupError,
     IntegrityError,
     Interrupted,
+    RepositoryFull,
     SourceError,
     StorageError,
     UsageError,
@@ -52,6 +54,7 @@ class BackupRequest:
     changed_blocks: str | None = None
     change_granularity: int | None = None
     verify_unchanged: float = 0.0
+    snapshot: str | None = None      # lvm | reflink | auto: image a snapshot, removed afterwards
 
 
 @dataclass
@@ -105,10 +108,12 @@ def _choose_parent(repo: Repository, name: str, backup_type: str) -> tuple[str, 
     return ("incremental" if backup_type == "auto" else backup_type), parent
 
 
-def _source_meta(path: str, source: Source) -> dict:
+def _source_meta(path: str, source: Source, snap: Snapshot | None = None) -> dict:
     meta = {"path": path, "size": source.size, "logical_sector_size": source.logical_sector_size,
             "physical_sector_size": source.physical_sector_size,
             "kind": "block" if source.is_block_device else "file"}
+    if snap is not None:
+        meta["snapshot"] = snap.to_meta()
     try:
         ident = identify(path)
         meta.update(model=ident.model, serial=ident.serial, vendor=ident.vendor, device_kind=ident.kind,
@@ -119,16 +124,27 @@ def _source_meta(path: str, source: Source) -> dict:
 
 
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
+    """Back up ``req.source``, or with ``req.snapshot`` a snapshot of it taken now."""
+    if not req.snapshot:
+        return _run_backup(repo, req, req.source, None)
+    notes: list[str] = []
+    with snapshot_of(req.source, req.snapshot, notes) as snap:
+        result = _run_backup(repo, req, snap.path, snap)
+    result.warnings = notes + result.warnings
+    return result
+
+
+def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snapshot | None) -> BackupResult:
     started = time.monotonic()
     name = req.name or default_name(req.source)
-    warnings = check_source_not_live(req.source, req.allow_mounted)
-    with open_source(req.source) as source, repo.lock(f"backup {req.source}"):
+    warnings = check_source_not_live(read_path, req.allow_mounted)
+    with open_source(read_path) as source, repo.lock(f"backup {req.source}"):
         repo.remove_temp_files()
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
         known = repo.chunk_index(for_backup=True)
         chunk = repo.chunk_size
-        plan = plan_reads(source, req.source, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
+        plan = plan_reads(source, read_path, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
@@ -146,18 +162,15 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
                     bytes_read += _store_unavailable(ingest, store, kinds, ids)
                 stored = store.finish(repo)
                 changed = _changed_slots(kinds, ids, parent)
-                meta = repo.new_image_meta(
-                    type=btype, parent=parent.id if parent else None, name=name,
-                    source=_source_meta(req.source, source), slots=len(kinds),
-                    used_map={"enabled": not req.all_blocks, "regions": plan.regions},
-                    changed_blocks=req.changed_blocks)
-                index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(),
-                                   np.packbits(changed, bitorder="little"))
+                index = _image_index(repo, req, btype, parent, name, source, snap, plan, changed)
+                if snap is not None:
+                    check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
                 stored += repo.images.write(index)
             except BaseException as exc:
                 store.abort()
                 _fail_cleanly(repo, store, exc)
         warnings += _record_damage(repo, known, match, parent)
+        meta = index.meta
     return BackupResult(
         id=meta["id"], type=btype, parent=meta["parent"], name=name, source=req.source,
         source_size=source.size, bytes_read=bytes_read, bytes_stored=stored,
@@ -166,6 +179,17 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         chunks_unused=int(np.count_nonzero(kinds == SLOT_UNUSED)),
         chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), warnings=warnings,
     )
+
+
+def _image_index(repo: Repository, req: BackupRequest, btype: str, parent: ImageIndex | None, name: str,
+                 source: Source, snap: Snapshot | None, plan: ReadPlan, changed: np.ndarray) -> ImageIndex:
+    meta = repo.new_image_meta(
+        type=btype, parent=parent.id if parent else None, name=name,
+        source=_source_meta(req.source, source, snap), slots=len(plan.kinds),
+        used_map={"enabled": not req.all_blocks, "regions": plan.regions},
+        changed_blocks=req.changed_blocks)
+    kinds, ids = plan.kinds, plan.ids
+    return ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
 
 
 MAX_REREADS = 3   # each pass re-reads only slots whose chunk turned out unusable in the pass before
@@ -196,7 +220,7 @@ def _fail_cleanly(repo: Repository, store: ChunkStore, exc: BaseException) -> No
                  "'imgbackup compact' removes them")
     if isinstance(exc, KeyboardInterrupt):
         raise Interrupted(f"backup interrupted: nothing was added to the repository ({note})") from None
-    if isinstance(exc, ImgBackupError) and exc.args:
+    if isinstance(exc, ImgBackupError) and exc.args and (freed or problems or isinstance(exc, RepositoryFull)):
         exc.args = (f"{exc.args[0]}; {note}", *exc.args[1:])
     raise exc
 
