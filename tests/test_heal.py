@@ -402,3 +402,30 @@ def test_with_two_copies_of_a_chunk_readers_and_compact_use_the_one_that_exists(
     assert orphan.exists() or doomed == orphan
     assert all(verify_states(repo).values())
     assert restore_matches(repo, image, src, tmp_path)
+
+
+def test_heal_repair_and_compact_in_a_bucket(s3_server, s3_bucket, tmp_path: Path) -> None:
+    """The same mechanisms over S3 (SeaweedFS): a pack deleted from the bucket is noticed by the next
+    backup, repair rebuilds the index from the packs, compact removes what no image needs."""
+    env = s3_server.env(IMGBACKUP_S3_PROBE_CACHE="0")
+    url = f"s3://{s3_bucket}/heal"
+    src = random_image(tmp_path / "disk.img", 24 * MIB, seed=95)
+    assert cli("init", repo=url, **env).returncode == 0
+    first = cli_json("backup", src, "--name", "d", repo=url, **env)
+    client = s3_server.client()
+    packs = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="heal/packs/")["Contents"])
+    client.delete_object(Bucket=s3_bucket, Key=packs[0])
+    repaired = json.loads(cli("repair", "--json", repo=url, **env).stdout)
+    assert [i["id"] for i in repaired["images_affected"]] == [first["id"]]
+    again = cli_json("backup", src, "--name", "d", repo=url, **env)
+    assert again["chunks_new"] >= 1 and any("no longer exist" in w for w in again["warnings"])
+    assert cli("repair", "--yes", repo=url, **env).returncode == 0
+    assert cli_json("delete", first["id"], "--yes", repo=url, **env)["deleted"] == [first["id"]]
+    assert cli_json("compact", repo=url, **env)["bytes_freed"] >= 0
+    verify = cli("verify", "--json", repo=url, **env)
+    assert verify.returncode == 0 and "Traceback" not in verify.stderr, verify.stderr
+    out = tmp_path / "out.img"
+    assert cli("restore", again["id"], out, "--yes", repo=url, **env).returncode == 0
+    assert sha256_file(out) == sha256_file(src)
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="heal/")["Contents"])
+    assert not [k for k in keys if k.startswith("heal/locks/")], keys

@@ -34,7 +34,7 @@ def backup(
     json_out: JsonOption = False,
 ) -> None:
     """Back up a disk, partition or image file into the repository."""
-    r = open_repo(repo)
+    r = open_repo(repo, for_writing=True)
     with open_source(source) as src:
         size = src.size
     update, close = progress_bar(size, "backup", not json_out)

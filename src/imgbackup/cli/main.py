@@ -72,9 +72,21 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+def _log_storage_warnings() -> None:
+    """Storage retries are warnings a person or a job log should see: one line each on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("imgbackup: warning: %(message)s"))
+    logger = logging.getLogger("imgbackup.storage")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+
 def run(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every expected failure into one line and an exit code."""
     _limit_malloc_arenas()
+    _log_storage_warnings()
     try:
         _register(sys.argv[1:] if argv is None else argv)
     except ImportError as exc:  # a missing compiled core or dependency: one line, not a traceback

@@ -125,8 +125,7 @@ def needed_chunks(repo: Repository) -> tuple[set[bytes] | None, list[str]]:
 
 
 def incomplete_writes(repo: Repository) -> list[tuple[str, int]]:
-    lister = getattr(repo.storage, "incomplete_writes", None)
-    return lister() if lister else []
+    return repo.storage.incomplete_writes()
 
 
 def pack_sizes(repo: Repository) -> dict[str, int]:

@@ -28,7 +28,7 @@ from imgbackup.format.layout import (
 )
 from imgbackup.repository.damage import DamagedCopy, DamageLog
 from imgbackup.repository.packs import BlobLocation
-from imgbackup.repository.storage import Storage
+from imgbackup.repository.storage import Storage, confirm_stored
 
 ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("raw", "<u4")])
 assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size
@@ -85,6 +85,7 @@ def write_index_files(storage: Storage, envelope: Envelope, rows: list[tuple[byt
         sealed = envelope.seal(OBJ_CHUNK_INDEX, file_id, encode_chunk_index(rows[start : start + MAX_ENTRIES_PER_FILE]))
         names.append(name)
         storage.put(name, sealed)
+        confirm_stored(storage, name, len(sealed))
         written += len(sealed)
     return names[first:], written
 

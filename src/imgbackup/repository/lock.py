@@ -164,7 +164,10 @@ class RepositoryLock:
 
 
 def put_reserve(storage: Storage) -> None:
-    """(Re)create the reserve object if it is missing and there is room; never fails."""
+    """(Re)create the reserve object if it is missing and there is room; never fails. Only on a
+    storage that can run full (a bucket has no such limit)."""
+    if not storage.fills_up:
+        return
     try:
         if not storage.exists(RESERVE_NAME):
             storage.put(RESERVE_NAME, bytes(RESERVE_BYTES))

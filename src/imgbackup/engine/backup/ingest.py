@@ -27,7 +27,7 @@ from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import ID_SIZE, OBJ_CHUNK, SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.damage import ChunkDamaged, DamagedCopy
-from imgbackup.repository.packs import PackWriter, pack_name
+from imgbackup.repository.packs import pack_name
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
 
@@ -46,7 +46,7 @@ class ChunkStore:
         self.known = repo.chunk_index(for_backup=True)
         self.claimed: set[bytes] = set()
         self._lock = threading.Lock()
-        self.packs = PackWriter(repo.storage, repo.envelope)
+        self.packs = repo.pack_writer()
         self.index_files: list[str] = []   # named before each is written: a failure may leave one
 
     def is_new(self, chunk_id: bytes) -> bool:
@@ -75,18 +75,19 @@ class ChunkStore:
     def finish(self, repo: Repository) -> int:
         """Commit the last pack, then the chunk-index file naming the new packs; bytes written."""
         self.packs.flush()
-        return self.packs.bytes_written + self.known.store(repo.storage, repo.envelope, self.packs.written,
-                                                           names=self.index_files)
+        return self.packs.bytes_written + repo.store_chunk_index(self.packs.written, self.index_files)
 
     def abort(self) -> None:
         self.packs.abort()
 
-    def remove_written(self, repo: Repository) -> tuple[int, list[str]]:
-        """After a failed run: delete what it stored — its index file first, then its packs (nothing
-        else refers to them: the lock kept every other writer out). Returns (bytes freed, problems)."""
-        freed, problems = 0, []
+    def remove_written(self, repo: Repository, image: str | None = None) -> tuple[int, list[str]]:
+        """After a failed run: delete what it stored, each before what it refers to — the image index
+        if its write was begun (a failed write may still have stored it), the index file, the packs.
+        Nothing else refers to them: the lock kept every other writer out. The first deletion that
+        fails stops the rest, so what stays is consistent (compact collects it). (bytes freed, problems)."""
+        freed = 0
         packs = sorted({loc.pack_id for loc in self.packs.written.values()})
-        for name in [*self.index_files, *map(pack_name, packs)]:
+        for name in [*([image] if image else []), *self.index_files, *map(pack_name, packs)]:
             try:
                 size = repo.storage.size(name)
                 repo.storage.delete(name)
@@ -94,8 +95,8 @@ class ChunkStore:
             except ObjectMissing:
                 continue
             except ImgBackupError as exc:
-                problems.append(f"{name}: {exc}")
-        return freed, problems
+                return freed, [f"{name}: {exc}"]
+        return freed, []
 
 
 class ParentMatch:
@@ -112,7 +113,7 @@ class ParentMatch:
     def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None) -> None:
         self.plan = plan
         self.key = repo.keys.id_key
-        self.chunk = repo.chunk_size
+        self.chunk = plan.chunk
         usable = parent is not None and plan.used_bits is not None and parent.slots == len(plan.kinds)
         self.parent_ids = parent.ids_by_slot() if usable else None
         self.parent_kinds = parent.kinds if usable else None
@@ -159,7 +160,7 @@ class Ingest:
         self.store = store
         self.parent = parent
         self.pool = pool
-        self.chunk = repo.chunk_size
+        self.chunk = plan.chunk
 
     def _digest(self, seg: Segment) -> _Digest:
         chunk, data = self.chunk, seg.data

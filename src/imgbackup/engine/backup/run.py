@@ -37,6 +37,7 @@ from imgbackup.errors import (
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
 from imgbackup.repository.damage import write_record
+from imgbackup.repository.images import image_name
 from imgbackup.repository.repo import Repository
 from imgbackup.units import iec
 
@@ -147,6 +148,7 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
         plan = plan_reads(source, read_path, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
+        writing = None      # the image index's name once its write has begun
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
             store = ChunkStore(repo)
             match = ParentMatch(repo, plan, parent)
@@ -165,10 +167,11 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
                 index = _image_index(repo, req, btype, parent, name, source, snap, plan, changed)
                 if snap is not None:
                     check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
+                writing = image_name(index.id)
                 stored += repo.images.write(index)
             except BaseException as exc:
                 store.abort()
-                _fail_cleanly(repo, store, exc)
+                _fail_cleanly(repo, store, exc, writing)
         warnings += _record_damage(repo, known, match, parent)
         meta = index.meta
     return BackupResult(
@@ -210,10 +213,10 @@ def _store_unavailable(ingest: Ingest, store: ChunkStore, kinds: np.ndarray, ids
                          "run 'imgbackup verify' and 'imgbackup repair'")
 
 
-def _fail_cleanly(repo: Repository, store: ChunkStore, exc: BaseException) -> NoReturn:
+def _fail_cleanly(repo: Repository, store: ChunkStore, exc: BaseException, image: str | None) -> NoReturn:
     """Remove what this run stored, then raise ``exc`` saying so (Ctrl-C: exit 130, never 0)."""
     with _signals_held():
-        freed, problems = store.remove_written(repo)
+        freed, problems = store.remove_written(repo, image)
     note = f"the backup removed the {iec(freed)} it had written" if freed else "it had stored nothing yet"
     if problems:
         note += (f"; {len(problems)} object(s) could not be removed ({problems[0]}): "
