@@ -151,6 +151,7 @@ def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[
                           packs=set(sizes), warnings=list(warnings or []))
     if needed is None:
         return plan
+    needed = plan.needed = needed | index.bases_of(needed)   # a needed delta keeps its base
     uses = {name: PackUse(name, bytes.fromhex(name.rsplit("/", 1)[1]), size) for name, size in sizes.items()}
     blobs: dict[bytes, dict[int, int]] = defaultdict(dict)    # pack id -> offset -> length of each known blob
     for _cid, loc in [*index.locations.items(), *index.spare]:
@@ -294,8 +295,8 @@ def _rounds(rewrite: list[PackUse]) -> list[list[PackUse]]:
 def copy_live_blobs(repo: Repository, batch: list[PackUse],
                     lost: list[DamagedCopy]) -> tuple[dict[bytes, BlobLocation], int]:
     """Copy the needed blobs of ``batch`` into new packs, authenticating each (a blob that fails is
-    not copied: it goes to ``lost``). Sealed blobs move as they are: their seal binds the chunk id,
-    not the pack. On failure the new packs are removed again."""
+    not copied: it goes to ``lost``). Sealed blobs move as they are: their seal binds the chunk id
+    (and a delta's base id), not the pack. On failure the new packs are removed again."""
     writer = PackWriter(repo.storage, repo.envelope)
     try:
         for use in batch:
@@ -307,11 +308,11 @@ def copy_live_blobs(repo: Repository, batch: list[PackUse],
                     try:
                         if len(blob) != loc.length:
                             raise IntegrityError(f"pack {use.name} is truncated")
-                        repo.envelope.authenticate(OBJ_CHUNK, cid, blob, f"chunk {cid.hex()[:16]}")
+                        repo.envelope.authenticate(OBJ_CHUNK, cid, blob, f"chunk {cid.hex()[:16]}", loc.base)
                     except IntegrityError as exc:
                         lost.append(DamagedCopy(cid, loc.pack_id, loc.offset, loc.length, "damaged", exc.args[0]))
                         continue
-                    writer.add(cid, blob, loc.raw_length)
+                    writer.add(cid, blob, loc.raw_length, loc.base)
         writer.flush()
     except BaseException:
         writer.abort()

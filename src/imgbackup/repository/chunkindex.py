@@ -5,9 +5,10 @@ image index. Chunks in packs that no index file names (a backup killed in betwee
 so they are simply stored again by the next backup.
 
 A chunk may have several copies (stored twice, or listed again by a repair): all are valid, one
-is handed out, the others are ``spare``. Copies named by a damage record, and (when the caller
-lists the packs) copies in packs that no longer exist, are never handed out: a chunk all of whose
-copies are bad is ``excluded`` — absent, with the reason kept for messages.
+is handed out (a whole copy before a delta: a base must be whole), the others are ``spare``.
+Copies named by a damage record, and (when the caller lists the packs) copies in packs that no
+longer exist, are never handed out: a chunk all of whose copies are bad is ``excluded`` — absent,
+with the reason kept for messages. A delta whose base has no usable copy is unusable too.
 """
 
 from __future__ import annotations
@@ -20,50 +21,56 @@ import numpy as np
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import (
+    BASE_ENTRY,
     CHUNK_INDEX_ENTRY,
     CHUNK_INDEX_HEAD,
     CHUNK_INDEX_MAGIC,
     FORMAT_VERSION,
+    INFO_LENGTH_MASK,
     OBJ_CHUNK_INDEX,
 )
 from imgbackup.repository.damage import DamagedCopy, DamageLog
-from imgbackup.repository.packs import BlobLocation
+from imgbackup.repository.packs import BlobLocation, decode_bases, encode_entries
 from imgbackup.repository.storage import Storage, confirm_stored
 
-ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("raw", "<u4")])
-assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size
+ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u4"), ("length", "<u4"), ("info", "<u4")])
+assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size == 48
 INDEX_FOLDER = "index"
 MAX_ENTRIES_PER_FILE = 1 << 20   # ~52 MiB per file: a rewritten index of a huge repository stays in pieces
 
 
 def encode_chunk_index(locations: dict[bytes, BlobLocation] | Iterable[tuple[bytes, BlobLocation]]) -> bytes:
     """One file's plaintext; ``locations`` may name a chunk more than once (copies, each valid)."""
-    rows = sorted(locations.items() if isinstance(locations, dict) else locations,
-                  key=lambda row: (row[0], row[1].pack_id, row[1].offset))
-    packs = sorted({loc.pack_id for _, loc in rows})
+    items = sorted(locations.items() if isinstance(locations, dict) else locations,
+                   key=lambda row: (row[0], row[1].pack_id, row[1].offset))
+    packs = sorted({loc.pack_id for _, loc in items})
     number = {p: i for i, p in enumerate(packs)}
-    entries = np.zeros(len(rows), ENTRY_DTYPE)
-    for i, (cid, loc) in enumerate(rows):
-        entries[i] = (cid, number[loc.pack_id], loc.offset, loc.length, loc.raw_length)
-    head = CHUNK_INDEX_HEAD.pack(CHUNK_INDEX_MAGIC, FORMAT_VERSION, len(packs), len(entries))
-    return head + b"".join(packs) + entries.tobytes()
+    rows = [(cid, number[loc.pack_id], loc.offset, loc.length, loc.raw_length, loc.base) for cid, loc in items]
+    entries, bases, deltas = encode_entries(rows, CHUNK_INDEX_ENTRY)
+    head = CHUNK_INDEX_HEAD.pack(CHUNK_INDEX_MAGIC, FORMAT_VERSION, len(packs), len(rows), deltas)
+    return head + b"".join(packs) + entries + bases
 
 
 def decode_chunk_index(plain: bytes, name: str) -> list[tuple[bytes, BlobLocation]]:
+    what = f"chunk index {name}"
     if len(plain) < CHUNK_INDEX_HEAD.size:
-        raise IntegrityError(f"chunk index {name} is truncated")
-    magic, version, n_packs, n_entries = CHUNK_INDEX_HEAD.unpack_from(plain)
+        raise IntegrityError(f"{what} is truncated")
+    magic, version, n_packs, n_entries, n_deltas = CHUNK_INDEX_HEAD.unpack_from(plain)
     pos = CHUNK_INDEX_HEAD.size
     if magic != CHUNK_INDEX_MAGIC or version != FORMAT_VERSION:
-        raise IntegrityError(f"chunk index {name} has a bad header")
-    if len(plain) != pos + 32 * n_packs + ENTRY_DTYPE.itemsize * n_entries:
-        raise IntegrityError(f"chunk index {name} has the wrong length")
+        raise IntegrityError(f"{what} has a bad header")
+    if len(plain) != pos + 32 * n_packs + ENTRY_DTYPE.itemsize * n_entries + BASE_ENTRY.size * n_deltas:
+        raise IntegrityError(f"{what} has the wrong length")
     packs = [plain[pos + 32 * i : pos + 32 * (i + 1)] for i in range(n_packs)]
-    entries = np.frombuffer(plain, ENTRY_DTYPE, n_entries, pos + 32 * n_packs)
+    pos += 32 * n_packs
+    entries = np.frombuffer(plain, ENTRY_DTYPE, n_entries, pos)
     if n_entries and int(entries["pack"].max()) >= n_packs:
-        raise IntegrityError(f"chunk index {name} names a pack it does not list")
-    return [(bytes(e["id"]), BlobLocation(packs[int(e["pack"])], int(e["offset"]), int(e["length"]), int(e["raw"])))
-            for e in entries]
+        raise IntegrityError(f"{what} names a pack it does not list")
+    infos = entries["info"].tolist()
+    bases = decode_bases(plain, pos + ENTRY_DTYPE.itemsize * n_entries, n_deltas, infos, what)
+    return [(bytes(e["id"]), BlobLocation(packs[int(e["pack"])], int(e["offset"]), int(e["length"]),
+                                          infos[i] & INFO_LENGTH_MASK, bases.get(i)))
+            for i, e in enumerate(entries)]
 
 
 def read_index_file(storage: Storage, envelope: Envelope, name: str) -> list[tuple[bytes, BlobLocation]]:
@@ -100,6 +107,7 @@ class ChunkIndex:
         self.excluded: dict[bytes, DamagedCopy] = {}             # chunks with no usable copy: why
         self.bad_copies: list[DamagedCopy] = []                  # every listed copy not handed out as bad
         self.packs_checked = False                               # copies in absent packs were excluded
+        self._dependents: dict[bytes, list[bytes]] | None = None  # base -> deltas naming it (built on need)
 
     @classmethod
     def load(cls, storage: Storage, envelope: Envelope, damage: DamageLog | None = None,
@@ -129,6 +137,7 @@ class ChunkIndex:
         for bad in (damage.copies.values() if damage else ()):   # recorded, and no longer listed
             if bad.chunk_id not in index.locations:
                 index.excluded.setdefault(bad.chunk_id, bad)
+        index._drop_deltas_without_base()
         index.packs_checked = packs is not None
         return index
 
@@ -137,7 +146,37 @@ class ChunkIndex:
         if old is None:
             self.locations[cid] = loc
         elif old != loc:
+            if old.base is not None and loc.base is None:   # a whole copy is handed out before a delta
+                self.locations[cid], loc = loc, old
             self.spare.append((cid, loc))
+
+    def _drop_deltas_without_base(self, bases: set[bytes] | None = None) -> None:
+        """A delta whose base has no usable copy cannot be read: stop handing it out (a spare copy
+        may take over). Not recorded: the delta's own bytes are fine, and come back with its base.
+        ``bases``: only deltas of these (after one exclusion), found through a map built once."""
+        if bases is None:
+            todo = [(cid, loc) for cid, loc in self.locations.items() if loc.base is not None]
+        else:
+            if self._dependents is None:
+                self._dependents = {}
+                for cid, loc in [*self.locations.items(), *self.spare]:
+                    if loc.base is not None:
+                        self._dependents.setdefault(loc.base, []).append(cid)
+            todo = [(cid, self.locations[cid]) for base in bases for cid in self._dependents.get(base, ())
+                    if cid in self.locations]
+        for cid, loc in todo:
+            if loc.base is not None and loc.base not in self.locations and self.locations.get(cid) == loc:
+                self.exclude(DamagedCopy(cid, loc.pack_id, loc.offset, loc.length, "damaged",
+                                         f"its base chunk {loc.base.hex()[:16]} has no usable copy"), record=False)
+
+    def bases_of(self, chunk_ids) -> set[bytes]:
+        """The base chunks the deltas among ``chunk_ids`` need (GC keeps them, restore reads them)."""
+        out = set()
+        for cid in chunk_ids:
+            loc = self.locations.get(cid)
+            if loc is not None and loc.base is not None:
+                out.add(loc.base)
+        return out
 
     def __contains__(self, chunk_id: bytes) -> bool:
         return chunk_id in self.locations
@@ -156,19 +195,24 @@ class ChunkIndex:
                 seen.setdefault(bad.key, bad)
         return list(seen.values())
 
-    def exclude(self, bad: DamagedCopy) -> None:
-        """Stop handing out the copy ``bad`` (found damaged during this run); a spare copy takes over."""
+    def exclude(self, bad: DamagedCopy, record: bool = True) -> None:
+        """Stop handing out the copy ``bad`` (found damaged during this run; ``record``: to be put on
+        record); a spare copy takes over, a whole one first. Deltas based on a chunk left without a
+        usable copy go too."""
         loc = self.locations.get(bad.chunk_id)
         if loc is None or (loc.pack_id, loc.offset) != (bad.pack_id, bad.offset):
             return
-        self.bad_copies.append(bad)
-        spare = next((row for row in self.spare if row[0] == bad.chunk_id), None)
-        if spare is not None:
+        if record:
+            self.bad_copies.append(bad)
+        spares = [row for row in self.spare if row[0] == bad.chunk_id]
+        if spares:
+            spare = min(spares, key=lambda row: row[1].base is not None)
             self.spare.remove(spare)
             self.locations[bad.chunk_id] = spare[1]
         else:
             del self.locations[bad.chunk_id]
             self.excluded[bad.chunk_id] = bad
+            self._drop_deltas_without_base({bad.chunk_id})
 
     def store(self, storage: Storage, envelope: Envelope, new: dict[bytes, BlobLocation],
               names: list[str] | None = None) -> int:
@@ -176,6 +220,7 @@ class ChunkIndex:
         if not new:
             return 0
         names, written = write_index_files(storage, envelope, list(new.items()), names)
+        self._dependents = None
         for cid, loc in new.items():
             self._add(cid, loc)
             self.excluded.pop(cid, None)

@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from imgbackup import __version__
 from imgbackup.crypto.envelope import Envelope
@@ -17,7 +18,6 @@ from imgbackup.errors import (
     RepositoryNotFound,
     UsageError,
 )
-from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.damage import DamageLog
 from imgbackup.repository.images import ImageStore
@@ -28,6 +28,9 @@ from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
 FOLDERS = ("packs", "index", "images", "locks", "damage")
+
+if TYPE_CHECKING:
+    from imgbackup.repository.chunkindex import ChunkIndex
 
 PassphraseSource = Callable[[], bytes]
 
@@ -120,6 +123,8 @@ class Repository:
         ``for_backup``: a backup dedups against this index, so every damage record must be readable,
         and copies in packs that no longer exist are excluded too (one LIST of packs/: one request
         per 1,000 packs on a bucket, ~16 GiB of data each; a directory walk here)."""
+        from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
+
         if self._chunks is None or (for_backup and not self._chunks.packs_checked):
             damage = DamageLog.load(self.storage, self.envelope, strict=for_backup)
             packs = set(self.storage.list("packs")) if for_backup else None

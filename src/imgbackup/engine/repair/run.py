@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from imgbackup.engine.collect import PackUse, copy_live_blobs
 from imgbackup.engine.repair.images import AffectedImage, affected_images
 from imgbackup.errors import IntegrityError, RepositoryFull
+from imgbackup.format.layout import OBJ_CHUNK
 from imgbackup.repository.chunkindex import (
     INDEX_FOLDER,
     MAX_ENTRIES_PER_FILE,
@@ -55,6 +56,7 @@ class PackScan:
     checked: int = 0
     checked_bytes: int = 0
     problem: str | None = None     # the trailer could not be read: its entries came from the old index
+    deltas: list[Row] = field(default_factory=list)   # checked deltas: their content against the base later
 
 
 @dataclass
@@ -130,8 +132,13 @@ def plan_repair(repo: Repository, quick: bool = False, progress: Callable[[int],
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-repair") as pool:
         scans = [s for s in pool.map(scan, packs.items()) if s is not None]
-    rows = [row for s in scans for row in s.good]
-    bad = [c for s in scans for c in s.bad]
+        rows = [row for s in scans for row in s.good]
+        bad = [c for s in scans for c in s.bad]
+        wrong = _check_deltas(repo, rows, [d for s in scans for d in s.deltas], pool)
+    if wrong:
+        keys = {c.key for c in wrong}
+        rows = [(cid, loc) for cid, loc in rows if (cid, loc.pack_id, loc.offset) not in keys]
+        bad += wrong
     present = {packs[s.name] for s in scans}
     seen = set()
     for pack_id, entries in old_by_pack.items():
@@ -142,8 +149,10 @@ def plan_repair(repo: Repository, quick: bool = False, progress: Callable[[int],
                 seen.add((cid, loc.offset))
                 bad.append(DamagedCopy(cid, pack_id, loc.offset, loc.length, "missing",
                                        f"pack {pack_id.hex()[:16]} does not exist"))
-    good_ids = {cid for cid, _ in rows}
+    whole_ids = {cid for cid, loc in rows if loc.base is None}
+    good_ids = whole_ids | {cid for cid, loc in rows if loc.base in whole_ids}   # a delta needs its base
     images, unreadable_images, images_ok, needed = affected_images(repo, good_ids, bad)
+    needed |= {loc.base for cid, loc in rows if cid in needed and loc.base is not None}
     plan = RepairPlan(
         quick, rows, bad, [], [], files, unreadable_files, damage, len(scans),
         [(s.name, s.problem) for s in scans if s.problem], sum(s.checked for s in scans),
@@ -212,12 +221,48 @@ def _scan_pack(repo: Repository, name: str, pack_id: bytes, old: list[Row], dama
             out.checked += 1
             out.checked_bytes += loc.length
             try:
-                open_chunk(repo.envelope, repo.keys.id_key, cid, blob, loc)
-            except ChunkDamaged as exc:
-                out.bad.append(exc.copy)
+                if loc.base is None:
+                    open_chunk(repo.envelope, repo.keys.id_key, cid, blob, loc)
+                else:         # intact bytes now; its content is checked against its base afterwards
+                    repo.envelope.authenticate(OBJ_CHUNK, cid, blob, f"chunk {cid.hex()[:16]}", loc.base)
+                    out.deltas.append((cid, loc))
+            except (ChunkDamaged, IntegrityError) as exc:
+                out.bad.append(exc.copy if isinstance(exc, ChunkDamaged) else
+                               DamagedCopy(cid, pack_id, loc.offset, loc.length, "damaged", exc.args[0]))
                 continue
             out.good.append((cid, loc))
     return out
+
+
+def _check_deltas(repo: Repository, rows: list[Row], deltas: list[Row], pool: ThreadPoolExecutor
+                  ) -> list[DamagedCopy]:
+    """Open each delta that was checked against its base (a good whole copy of it); the bad ones.
+    A delta whose base has no good copy stays listed: its bytes are intact, and it reads again
+    once a backup stores its base anew (readers leave it out meanwhile)."""
+    whole = {cid: loc for cid, loc in rows if loc.base is None}
+    by_base: dict[bytes, list[Row]] = defaultdict(list)
+    for cid, loc in deltas:
+        if loc.base in whole:
+            by_base[loc.base].append((cid, loc))
+
+    def blob(cid: bytes, loc: BlobLocation) -> bytes:
+        return repo.storage.get_range(pack_name(loc.pack_id), loc.offset, loc.length)
+
+    def check(item: tuple[bytes, list[Row]]) -> list[DamagedCopy]:
+        base_id, group = item
+        try:
+            base = open_chunk(repo.envelope, repo.keys.id_key, base_id, blob(base_id, whole[base_id]), whole[base_id])
+        except ChunkDamaged as exc:   # a base trusted unread (quick mode) that is bad after all
+            return [exc.copy]
+        bad = []
+        for cid, loc in group:
+            try:
+                open_chunk(repo.envelope, repo.keys.id_key, cid, blob(cid, loc), loc, base)
+            except ChunkDamaged as exc:
+                bad.append(exc.copy)
+        return bad
+
+    return [copy for found in pool.map(check, by_base.items()) for copy in found]
 
 
 def _ranges(entries: list[Row]):
