@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from imgbackup.errors import ImageNotFound, IntegrityError, StorageError, UnsupportedFormat
+from imgbackup.format.imageindex import bad_ranges
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.damage import ChunkDamaged, DamagedCopy, write_record
 from imgbackup.repository.repo import Repository
@@ -25,6 +26,7 @@ class ImageCheck:
     chunks: int = 0
     bad_chunks: int = 0
     errors: list[str] = field(default_factory=list)
+    bad_ranges: list[list[int]] = field(default_factory=list)   # source sectors unreadable at backup (--rescue)
 
     @property
     def ok(self) -> bool:
@@ -51,7 +53,8 @@ class VerifyReport:
             "duration_s": self.duration_s, "damage_record": self.damage_record,
             "copies_recorded": self.copies_recorded, "warnings": self.warnings,
             "images": [{"id": i.id, "name": i.name, "ok": i.ok, "chunks": i.chunks, "bad_chunks": i.bad_chunks,
-                        "errors": i.errors} for i in self.images],
+                        "errors": i.errors, "bad_ranges": i.bad_ranges,
+                        "unreadable_bytes": sum(n for _, n in i.bad_ranges)} for i in self.images],
         }
 
 
@@ -79,6 +82,7 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
                 check.errors.append(exc.args[0])
                 continue
             check.name = index.meta.get("name")
+            check.bad_ranges = [list(r) for r in bad_ranges(index.meta)]
             todo = [cid for cid in index.unique_ids() if cid not in results]
 
             def one(cid: bytes) -> tuple[bytes, ChunkDamaged | None, int]:
