@@ -91,6 +91,10 @@ class CountingStorage:
         self._count("abort", removed)
         return removed
 
+    def incomplete_writes(self) -> list[tuple[str, int]]:
+        self._count("list")
+        return self.inner.incomplete_writes()
+
     def prepare(self, folders: tuple[str, ...]) -> None:
         self.inner.prepare(folders)
 

@@ -114,7 +114,7 @@ class _Copier:
         self.src, self.dst, self.result, self.progress = src, dst, result, progress
         self.raw = result.mode == "raw"
         self.reader = ChunkReader(src)
-        self.index = dst.chunk_index()
+        self.index = dst.chunk_index(for_backup=True)   # dedup like a backup: no damaged or vanished copies
         self.writer = dst.pack_writer()
         self.pool = ThreadPoolExecutor(max(os.cpu_count() or 2, self.reader.parallelism),
                                        thread_name_prefix="imgbackup-copy")

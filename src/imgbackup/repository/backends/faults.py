@@ -39,6 +39,7 @@ class _Counted:
         self.write_parallelism = inner.write_parallelism
         self.read_parallelism = inner.read_parallelism
         self.remote = inner.remote
+        self.fills_up = inner.fills_up
         self.applies = applies
         self.at = at
         self.times = times
@@ -59,6 +60,9 @@ class _Counted:
 
     def remove_incomplete_writes(self) -> int:
         return self.inner.remove_incomplete_writes()
+
+    def incomplete_writes(self) -> list[tuple[str, int]]:
+        return self.inner.incomplete_writes()
 
     def prepare(self, folders: tuple[str, ...]) -> None:
         self.inner.prepare(folders)
