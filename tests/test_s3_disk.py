@@ -108,6 +108,6 @@ def test_mount_restore_files_and_verify_work_from_a_bucket_copy(s3_server, s3_bu
     proc = run_cli("restore-files", "latest", "-p", "2", "/docs/hello.txt", "--to", out / "fat", repo=url,
                    passphrase="bucket-pass", **env)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "fat" / "hello.txt").read_text() == "hello from FAT\n"
+    assert (out / "fat" / "docs" / "hello.txt").read_text() == "hello from FAT\n"   # keeps its place
     proc = run_cli("verify", "latest", "--filesystems", repo=url, passphrase="bucket-pass", **env)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -327,20 +327,32 @@ class ChunkReader:
         out = []
         for cid, loc in group[2]:
             try:
+                if loc.offset - group[1] + loc.length > len(data):
+                    raise self._bad(cid, loc, "truncated", f"pack {loc.pack_id.hex()[:16]} is truncated "
+                                    f"(chunk {cid.hex()[:16]})")
                 blob = self.blob_in(group, data, cid, loc)
                 if decode:
                     base = bases.get(loc.base) if loc.base is not None else None
                     out.append((cid, None, len(self.open_blob(cid, blob, base, loc))))
                 else:
-                    self.envelope.authenticate(OBJ_CHUNK, cid, blob, f"chunk {cid.hex()[:16]}", loc.base)
+                    try:
+                        self.envelope.authenticate(OBJ_CHUNK, cid, blob, f"chunk {cid.hex()[:16]}", loc.base)
+                    except IntegrityError as exc:
+                        raise self._bad(cid, loc, "damaged", exc.args[0]) from None
                     out.append((cid, None, loc.raw_length))
+            except ChunkDamaged as exc:
+                if exc.copy is not None and exc.copy.chunk_id == cid and not exc.known:
+                    # this copy's bytes are bad (as a single read would find): on record, next copy
+                    out.append(self._check_alone(cid) if self._next_copy(exc.copy) else (cid, exc.args[0], 0))
+                else:
+                    out.append(self._check_alone(cid))
             except IntegrityError:
                 out.append(self._check_alone(cid))
         return out
 
     def _check_alone(self, chunk_id: bytes) -> tuple[bytes, str | None, int]:
-        """A chunk whose group read failed, read on its own: its bad copy goes on record (``found``)
-        and the next copy is tried; the error when none is usable."""
+        """A chunk read on its own (``read``: a bad copy goes on record in ``found`` and the next copy
+        is tried); the error when none is usable."""
         try:
             return chunk_id, None, len(self.read(chunk_id))
         except IntegrityError as exc:
