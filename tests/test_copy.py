@@ -7,6 +7,7 @@ idempotent, selection, refusals, damaged sources, never deleting at the destinat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,11 @@ def stored_chunk_copies(repo: Repository) -> tuple[int, int]:
     return len(entries), len(set(entries))
 
 
-@pytest.fixture
-def source(tmp_path: Path) -> dict:
-    """A repository with three images of two sources: disk a (full, incremental) and disk b."""
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> dict:
+    """A repository with three images of two sources: disk a (full, incremental) and disk b. Shared
+    by the module's tests, which only read it (the damage test damages a copy of its own)."""
+    tmp_path = tmp_path_factory.mktemp("source")
     repo = tmp_path / "src"
     cli_json("init", repo=repo, passphrase=PASS1)
     a = random_image(tmp_path / "a.img", 24 * MIB, seed=1, data_fraction=0.7)
@@ -162,6 +165,8 @@ def test_refusals_write_nothing(source, tmp_path: Path) -> None:
 
 
 def test_a_damaged_source_chunk_stops_the_copy_and_the_destination_stays_valid(source, tmp_path: Path) -> None:
+    shutil.copytree(source["repo"], tmp_path / "src")
+    source = {**source, "repo": tmp_path / "src"}   # a copy of the shared source, damaged below
     dst = tmp_path / "dst"
     cli_json("init", "--related-to", source["repo"], repo=dst, passphrase=PASS2, IMGBACKUP_PASSPHRASE2=PASS1)
     src_repo = Repository.open(str(source["repo"]), lambda: PASS1.encode())
