@@ -67,6 +67,7 @@ class SourceError(ImgBackupError):
 
 class TargetRefused(ImgBackupError):
     exit_code = 8
+    audit_refusal = True
 
 
 class ImageNotFound(ImgBackupError):
@@ -96,6 +97,29 @@ class ToolMissing(ImgBackupError):
     exit_code = 12
 
 
+class PartialSuccess(ImgBackupError):
+    """A job stored its backup, but a later step (prune, copy, verify, drill) failed."""
+
+    exit_code = 15
+
+
+class RpoBreached(ImgBackupError):
+    """``status``: some job's newest image is older than its RPO."""
+
+    exit_code = 16
+
+
+class SourceIdentityChanged(ImgBackupError):
+    """The disk at a job's source name is not the disk the job recorded: never imaged into its history."""
+
+    exit_code = 17
+    audit_refusal = True
+
+
+class JobConfigError(UsageError):
+    """A job file is missing or invalid; the message names the file and line."""
+
+
 class Interrupted(ImgBackupError):
     exit_code = 130
 
@@ -114,5 +138,8 @@ EXIT_CODES: list[tuple[int, str]] = [
     (10, "storage error: disk full, I/O error, permission denied"),
     (11, "verification found problems"),
     (12, "a required outside program is missing (the message names it and its apt package)"),
+    (15, "partial success: a job stored its backup, but a later step (prune, copy, verify, drill) failed"),
+    (16, "status: a job's RPO is breached (its newest image is older than its RPO)"),
+    (17, "refused: the source's identity (serial, size, partition table) is not the one the job recorded"),
     (130, "interrupted (Ctrl-C / SIGTERM)"),
 ]

@@ -1,0 +1,120 @@
+"""Audit events reach a real systemd-journald, a syslog socket and a JSON-lines file, and read back whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+
+import pytest
+from tests.logdaemons import JOURNALD, running_journald, syslog_socket
+from tests.support import need, need_root, need_tool
+
+from imgbackup import audit
+from imgbackup.audit.sinks import parse_sinks
+from imgbackup.device.tools import wait_until
+from imgbackup.errors import TargetRefused, UsageError
+
+
+@pytest.fixture(autouse=True)
+def _reset_audit():
+    yield
+    audit.configure(None)
+
+
+def test_event_has_every_common_field():
+    audit.set_command(["backup", "/dev/sdb"])
+    ev = audit.make_event("backup", repository="ab" * 16, image="cd" * 16, bytes=5, duration_s=1.5)
+    d = ev.to_dict()
+    assert d["event"] == "backup" and d["result"] == "ok"
+    assert d["host"] == socket.gethostname() and d["uid"] == os.getuid() and d["user"]
+    assert d["command"] == "imgbackup backup /dev/sdb"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", d["time"])
+    assert d["repository"] == "ab" * 16 and d["image"] == "cd" * 16 and d["bytes"] == 5
+
+
+@pytest.mark.parametrize("field", ["passphrase", "secret_key", "aws_token", "Password", "bad-name"])
+def test_fields_that_could_hold_a_secret_are_refused(field):
+    with pytest.raises(ValueError):
+        audit.make_event("backup", **{field: "x"})
+
+
+def test_unknown_event_and_sink_are_refused():
+    with pytest.raises(ValueError):
+        audit.make_event("frobnicate")
+    for bad in ("journal", "file:relative/path", "syslog2"):
+        with pytest.raises(UsageError):
+            parse_sinks(bad)
+    assert [s.name for s in parse_sinks("journald, syslog:/tmp/x,file:/a/b")] == ["journald", "syslog:/tmp/x",
+                                                                                   "file:/a/b"]
+
+
+def test_file_sink_appends_json_lines(tmp_path):
+    path = tmp_path / "sub" / "audit.jsonl"
+    audit.configure([f"file:{path}"])
+    audit.emit("delete", image="ee" * 16, bytes=10)
+    audit.emit("hold", image="ff" * 16, reason="legal")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["event"] for e in lines] == ["delete", "hold"]
+    assert lines[1]["reason"] == "legal" and lines[0]["bytes"] == 10
+    assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_audited_records_failures_and_refusals(tmp_path):
+    path = tmp_path / "a.jsonl"
+    audit.configure([f"file:{path}"])
+    with pytest.raises(TargetRefused), audit.audited("restore", image="aa" * 16):
+        raise TargetRefused("target is mounted")
+    with audit.audited("backup", name="sdb") as more:
+        more["bytes"] = 42
+    first, second = (json.loads(x) for x in path.read_text().splitlines())
+    assert first["result"] == "refused" and first["exit_code"] == 8 and "mounted" in first["error"]
+    assert second["result"] == "ok" and second["bytes"] == 42 and second["duration_s"] >= 0
+
+
+def test_undeliverable_event_warns_and_never_raises(tmp_path, capsys):
+    audit.configure([f"syslog:{tmp_path}/nobody-listens"])
+    audit.emit("backup")
+    assert "not delivered to syslog" in capsys.readouterr().err
+    assert any("nobody-listens" in f for f in audit.delivery_failures())
+
+
+def test_syslog_sink_speaks_rfc5424(tmp_path):
+    with syslog_socket(tmp_path) as listener:
+        audit.configure([f"syslog:{listener.path}"])
+        audit.emit("verify_failed", "failed", image="ab" * 16, error='chunk "x" ] bad')
+        (raw,) = listener.messages()
+    m = re.fullmatch(rb'<(\d+)>1 (\S+) (\S+) imgbackup (\d+) verify_failed \[imgbackup@32473 (.*)\] '
+                     rb'\xef\xbb\xbf(.*)', raw, re.S)
+    assert m, raw
+    assert int(m.group(1)) == 13 * 8 + 3          # facility log audit, severity error
+    assert m.group(3).decode() == socket.gethostname() and int(m.group(4)) == os.getpid()
+    params = dict(re.findall(r'(\w+)="((?:[^"\\\]]|\\.)*)"', m.group(5).decode()))
+    assert params["image"] == "ab" * 16 and params["result"] == "failed"
+    assert params["error"] == 'chunk \\"x\\" \\] bad'
+    assert b"verify_failed failed" in m.group(6)
+
+
+@pytest.mark.root
+def test_journald_receives_fields_and_message_ids(tmp_path):
+    need_root()
+    need(os.path.exists(JOURNALD), "needs systemd-journald (apt systemd)")
+    need_tool("journalctl")
+    with running_journald() as journal:
+        audit.configure([f"journald:{journal.namespace}"])
+        audit.emit("backup", repository="12" * 16, image="34" * 16, bytes=1234, duration_s=2.5,
+                   note="two\nlines")
+        audit.emit("lock_takeover", repository="12" * 16, holder="pid 1 on h")
+        audit.emit("drill", image="56" * 16, rto_s=3.25, big="x" * 300_000)   # too large for one datagram
+        assert wait_until(lambda: len(journal.entries("SYSLOG_IDENTIFIER=imgbackup")) == 3, 20)
+        backup, = journal.entries(f"MESSAGE_ID={audit.EVENT_TYPES['backup'][0]}")
+        takeover, = journal.entries(f"MESSAGE_ID={audit.EVENT_TYPES['lock_takeover'][0]}")
+        drill, = journal.entries(f"MESSAGE_ID={audit.EVENT_TYPES['drill'][0]}")
+    assert backup["IMGBACKUP_IMAGE"] == "34" * 16 and backup["IMGBACKUP_BYTES"] == "1234"
+    assert backup["IMGBACKUP_REPOSITORY"] == "12" * 16 and backup["IMGBACKUP_DURATION_S"] == "2.5"
+    assert backup["IMGBACKUP_NOTE"] == "two\nlines" and backup["PRIORITY"] == "6"
+    assert backup["IMGBACKUP_HOST"] == socket.gethostname() and backup["IMGBACKUP_USER"]
+    assert "backup ok" in backup["MESSAGE"] and backup["_NAMESPACE"] == journal.namespace
+    assert takeover["IMGBACKUP_HOLDER"] == "pid 1 on h"
+    assert drill["IMGBACKUP_RTO_S"] == "3.25" and len(drill["IMGBACKUP_BIG"]) == 300_000
