@@ -35,6 +35,7 @@ PACKAGES = {
     "mcopy": "mtools",
     "cp": "coreutils",
     "qemu-system-x86_64": "qemu-system-x86",
+    "systemd-inhibit": "systemd", "systemd-analyze": "systemd", "systemctl": "systemd",
 }
 
 TOOL_TIMEOUT = 3600.0     # e2fsck, resize2fs or xfs_repair on a multi-TiB filesystem may run for most of an hour

@@ -21,6 +21,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from imgbackup import audit
 from imgbackup.errors import RepositoryLocked
 from imgbackup.repository.storage import ObjectMissing, Storage
 
@@ -124,6 +125,7 @@ class RepositoryLock:
         try:
             if self.storage.get(LOCK_NAME) == stale:
                 self.storage.delete(LOCK_NAME)
+                audit.emit("lock_takeover", holder=_parse(stale).describe(), command_locked=self.command)
         except ObjectMissing:
             pass
         finally:

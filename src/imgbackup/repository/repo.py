@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imgbackup import __version__
+from imgbackup import __version__, audit
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
 from imgbackup.errors import (
@@ -17,6 +17,7 @@ from imgbackup.errors import (
     RepositoryExists,
     RepositoryNotFound,
     UsageError,
+    WrongPassphrase,
 )
 from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
@@ -92,6 +93,9 @@ class Repository:
         try:
             secret = None if keydoc.get("kdf") is None else passphrase()
             keys = unwrap_keys(keydoc, secret, repo_id)
+        except WrongPassphrase as exc:
+            audit.emit("passphrase_failed", "failed", repository=config.id, location=str(root), error=str(exc))
+            raise
         except (KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"repository key file is damaged ({exc})") from None
         config.check_mac(mac, keys.mac_key)

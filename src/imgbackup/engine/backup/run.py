@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imgbackup import audit
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
 from imgbackup.device.source import Source, open_source
@@ -39,6 +40,7 @@ class BackupRequest:
     changed_blocks: str | None = None
     change_granularity: int | None = None
     verify_unchanged: float = 0.0
+    extra_meta: dict = field(default_factory=dict)   # more image header fields (a job's name, fingerprint)
 
 
 @dataclass
@@ -106,8 +108,18 @@ def _source_meta(path: str, source: Source) -> dict:
 
 
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
-    started = time.monotonic()
+    """Back up ``req.source``; a ``backup`` audit event records the outcome either way."""
     name = req.name or default_name(req.source)
+    with audit.audited("backup", repository=repo.config.id, location=repo.location, name=name,
+                       source=req.source, job=req.extra_meta.get("job")) as event:
+        result = _backup(repo, req, name)
+        event.update(image=result.id, type=result.type, parent=result.parent, bytes=result.bytes_stored,
+                     bytes_read=result.bytes_read, source_size=result.source_size)
+    return result
+
+
+def _backup(repo: Repository, req: BackupRequest, name: str) -> BackupResult:
+    started = time.monotonic()
     warnings = check_source_not_live(req.source, req.allow_mounted)
     with open_source(req.source) as source, repo.lock(f"backup {req.source}"):
         repo.remove_temp_files()
@@ -141,7 +153,7 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
             type=btype, parent=parent.id if parent else None, name=name,
             source=_source_meta(req.source, source), slots=len(kinds),
             used_map={"enabled": not req.all_blocks, "regions": plan.regions},
-            changed_blocks=req.changed_blocks)
+            changed_blocks=req.changed_blocks, **req.extra_meta)
         index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
         stored += repo.images.write(index)
     return BackupResult(
