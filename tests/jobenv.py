@@ -7,10 +7,11 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import cli, cli_json
+from tests.support import cli_env, cli_json
 
 PASSPHRASE = "job-test-passphrase"
 # What systemd 252 gives a system service before Environment= and EnvironmentFile= (systemd.exec(5)).
@@ -40,12 +41,12 @@ class JobEnv:
                         f'inhibit_sleep = false\n{extra}')
         return path
 
-    def run(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        """``job run NAME --json`` (never raises)."""
-        return cli("job", "run", self.name, *self.dirs, "--json", *args, repo=None, passphrase=None, **kw)
+    def run(self, *args: str, fake_time: str | None = None) -> subprocess.CompletedProcess:
+        """``job run NAME --json`` (never raises), under ``faketime`` when ``fake_time`` is given."""
+        return imgbackup("job", "run", self.name, *self.dirs, "--json", *args, fake_time=fake_time)
 
-    def summary(self, *args: str, **kw) -> tuple[int, dict]:
-        proc = self.run(*args, **kw)
+    def summary(self, *args: str, fake_time: str | None = None) -> tuple[int, dict]:
+        proc = self.run(*args, fake_time=fake_time)
         assert proc.stdout, proc.stderr
         return proc.returncode, json.loads(proc.stdout)
 
@@ -59,6 +60,18 @@ class JobEnv:
 
     def state(self) -> dict:
         return json.loads((self.state_dir / f"{self.name}.json").read_text())
+
+
+def imgbackup(*args: str | os.PathLike, fake_time: str | None = None, timeout: float = 600,
+              **extra: str) -> subprocess.CompletedProcess:
+    """The CLI without repository or passphrase in the environment (jobs bring their own), optionally
+    with the clock of ``faketime -f @TIME``. (Monotonic time is faked too: with
+    FAKETIME_DONT_FAKE_MONOTONIC, libfaketime 0.9.10 makes Python's time.sleep fail with EINVAL.)"""
+    env = cli_env(None, None, **extra)
+    argv = [sys.executable, "-m", "imgbackup", *map(str, args)]
+    if fake_time:
+        argv = ["faketime", "-f", f"@{fake_time}", *argv]
+    return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
 def make_env(tmp_path: Path, name: str = "host") -> JobEnv:
@@ -116,7 +129,6 @@ def run_exec_start(unit: Path, fake_time: str | None = None, timeout: float = 60
     nice = int(unit_values(unit, "Nice")[0])
     if fake_time:
         argv = ["faketime", "-f", f"@{fake_time}", *argv]
-        env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
 
     def as_systemd() -> None:
         os.umask(umask)
