@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+from pathlib import Path
 
 import pytest
 from tests.logdaemons import JOURNALD, running_journald, syslog_socket
@@ -118,3 +119,54 @@ def test_journald_receives_fields_and_message_ids(tmp_path):
     assert "backup ok" in backup["MESSAGE"] and backup["_NAMESPACE"] == journal.namespace
     assert takeover["IMGBACKUP_HOLDER"] == "pid 1 on h"
     assert drill["IMGBACKUP_RTO_S"] == "3.25" and len(drill["IMGBACKUP_BIG"]) == 300_000
+
+
+def test_commands_leave_one_event_each_and_no_secret(tmp_path):
+    from tests.disks import random_image
+    from tests.support import MIB, cli, cli_json
+
+    log = tmp_path / "audit.jsonl"
+    repo = tmp_path / "repo"
+    secret = "audit-test-passphrase"
+    env = {"IMGBACKUP_AUDIT": f"file:{log}"}
+    cli_json("init", repo=repo, passphrase=secret, **env)
+    repo_id = json.loads((repo / "config").read_text())["id"]
+    src = random_image(tmp_path / "src.img", 3 * MIB, seed=2)
+    image = cli_json("backup", src, repo=repo, passphrase=secret, **env)
+    cli_json("restore", image["id"], tmp_path / "out.img", repo=repo, passphrase=secret, **env)
+    assert cli("list", repo=repo, passphrase="wrong passphrase", **env).returncode == 4
+    # a stale lock of a process that is gone: the next writer takes it over
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    (repo / "locks" / "exclusive").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": dead.pid, "since": 1.0, "start_time": "1", "boot_id": boot_id,
+         "command": "backup"}))
+    second = cli_json("backup", src, repo=repo, passphrase=secret, **env)
+    cli_json("delete", second["id"], "--yes", repo=repo, passphrase=secret, **env)
+    pack = next(p for p in (repo / "packs").rglob("*") if p.is_file())
+    data = bytearray(pack.read_bytes())
+    data[40] ^= 0x04
+    pack.write_bytes(bytes(data))
+    other = tmp_path / "other.jsonl"
+    assert cli("--audit", f"file:{other}", "verify", repo=repo, passphrase=secret, **env).returncode == 11
+    text = log.read_text()
+    assert secret not in text and secret not in other.read_text()
+    events = [json.loads(line) for line in text.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["backup", "restore", "passphrase_failed", "lock_takeover", "backup", "delete"], kinds
+    for e in events:
+        for key in ("time", "host", "user", "command", "result"):
+            assert e[key] is not None
+    backup, restore, wrong, takeover, _, delete = events
+    assert backup["image"] == image["id"] and backup["repository"] == repo_id
+    assert backup["bytes"] == image["bytes_stored"] and backup["duration_s"] > 0
+    assert backup["command"].startswith("imgbackup backup ") and backup["result"] == "ok"
+    assert restore["image"] == image["id"] and restore["target"] == str(tmp_path / "out.img")
+    assert wrong["result"] == "failed" and wrong["repository"] == repo_id
+    assert str(dead.pid) in takeover["holder"]
+    assert delete["image"] == second["id"] and delete["bytes"] >= 0
+    (failed,) = [json.loads(line) for line in other.read_text().splitlines()]   # --audit replaced the env's sinks
+    assert failed["event"] == "verify_failed" and failed["bad_chunks"] >= 1 and failed["result"] == "failed"
