@@ -32,10 +32,11 @@ class Journal:
     socket: Path
 
     def entries(self, *matches: str) -> list[dict]:
-        """Entries written so far (``journalctl --directory``), optionally filtered (``KEY=VALUE``)."""
+        """Entries written so far (``journalctl --file``), optionally filtered (``KEY=VALUE``)."""
         if not self.directory.exists():
             return []
-        res = subprocess.run(["journalctl", "--directory", str(self.directory), "-o", "json", "--all", "--no-pager",
+        res = subprocess.run(["journalctl", "--file", str(self.directory / "*.journal"), "-o", "json", "--all",
+                              "--no-pager",
                               *matches], capture_output=True, text=True, timeout=30)
         return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 

@@ -164,6 +164,9 @@ def test_failed_backup_is_its_own_exit_code(env, tmp_path):
     (env.config_dir / f"{env.name}.toml").write_text(
         (env.config_dir / f"{env.name}.toml").read_text().replace(str(env.repo), str(tmp_path / "nowhere")))
     assert env.summary()[0] == 3
+    other = tmp_path / "textfile"
+    assert env.run("--metrics-dir", str(other)).returncode == 3
+    assert "imgbackup_last_run_exit_code" in (other / f"imgbackup-job-{env.name}.prom").read_text()
     assert (env.metrics_dir / f"imgbackup-job-{env.name}.prom").read_text().count("last_run_exit_code{") == 1
     assert 'imgbackup_last_run_exit_code{job="host"' in (env.metrics_dir / "imgbackup-job-host.prom").read_text()
 
@@ -202,3 +205,38 @@ def test_job_restore_only_onto_the_same_disk(env, tmp_path):
     res = cli("job", "restore", env.name, *env.dirs, "--yes", repo=None, passphrase=None)
     assert res.returncode == 17 and "refusing to restore over" in res.stderr
     assert os.path.getsize(disk) == SMALL + MIB
+
+
+def test_sigterm_mid_backup_is_130_with_summary_metrics_and_no_image(env, tmp_path):
+    import json
+    import signal
+    import sys
+    import time
+
+    from tests.support import cli_env
+
+    from imgbackup.device.tools import wait_until
+
+    random_image(tmp_path / "big.img", 768 * MIB, seed=3)
+    env.write_job(tmp_path / "big.img")
+    proc = subprocess.Popen([sys.executable, "-m", "imgbackup", "job", "run", env.name, *env.dirs, "--json"],
+                            env=cli_env(None, None), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: (env.repo / "locks" / "exclusive").exists() or proc.poll() is not None, 60)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)             # what systemctl stop sends
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    summary = json.loads(out)
+    assert summary["result"] == "interrupted" and step(summary, "backup")["exit_code"] == 130
+    assert env.images() == [] and not (env.repo / "locks" / "exclusive").exists()
+    assert env.state()["runs"][-1]["exit_code"] == 130
+    assert 'imgbackup_last_run_exit_code{job="host"' in (env.metrics_dir / "imgbackup-job-host.prom").read_text()
+    assert "} 130" in (env.metrics_dir / "imgbackup-job-host.prom").read_text()
+    backup = [e for e in env.events() if e["event"] == "backup"]
+    assert backup and backup[-1]["result"] == "failed" and backup[-1]["exit_code"] == 130

@@ -32,6 +32,8 @@ def run(
     accept_source_change: Annotated[bool, typer.Option(
         help="The source disk was replaced or re-partitioned on purpose: record its new identity and start "
              "its history with a full backup.")] = False,
+    metrics_dir: Annotated[str | None, typer.Option(
+        help="Write the node_exporter textfile here (instead of the job file's metrics_dir).")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Run a job once: backup, prune, copy, verify sample, drill when due; one summary.
@@ -41,6 +43,8 @@ def run(
     from imgbackup.engine.job.run import run_job
 
     cfg = load_job(config_dir, name)
+    if metrics_dir:
+        cfg.metrics_dir = os.path.abspath(metrics_dir)
     summary = run_job(cfg, state_dir, accept_source_change=accept_source_change)
     doc = summary.to_dict()
     _save_last(state_dir, name, doc)
