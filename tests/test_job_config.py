@@ -110,6 +110,7 @@ def test_defaults(tmp_path):
     ('nice = 20\n', 4, "from -20 to 19"),
     ('randomized_delay = "5m"\n', 4, "write minutes as 'min'"),
     ('[backup]\ntype = "full"\n', 5, "one of incremental, differential"),
+    ('[drill]\nevery = "weekly"\nrestore_to = "/dev/sdc"\n', 6, "scratch device must be named"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, extra, line, words):
     path = job(tmp_path, MINIMAL + extra)

@@ -54,6 +54,7 @@ def test_units_pass_systemd_analyze_and_say_what_they_must(env):
     assert f'"{env.config_dir}"' in exec_start                      # the folder with a space, quoted
     assert unit_values(timer, "OnCalendar") == ["Mon..Fri *-*-* 02:30"]
     assert unit_values(timer, "Persistent") == ["true"] and unit_values(timer, "RandomizedDelaySec") == ["1200"]
+    assert unit_values(timer, "FixedRandomDelay") == ["true"]
     assert unit_values(timer, "Unit") == [service.name] and unit_values(timer, "WantedBy") == ["timers.target"]
     state = json.loads((env.state_dir / f"{env.name}.json").read_text())
     assert state["installed"] > 0 and state["identity"] is None

@@ -220,9 +220,19 @@ RETENTION: dict[str, Check] = {**{k: _int_range(0, 1_000_000) for k in KEEP_KEYS
                                "keep_within": _match(KEEP_WITHIN, "must be a duration like '1y2m3d4h'"),
                                "timezone": _ZONE}
 VERIFY: dict[str, Check] = {"sample_percent": _percent, "filesystems": _PERIOD}
+def _scratch(v: object) -> str | None:
+    """A drill's scratch target: a file, or a device by a stable name (a kernel name could be the
+    data disk after the next boot, and the drill overwrites it)."""
+    if problem := _abs_path(v):
+        return problem
+    if str(v).startswith("/dev/") and (problem := check_stable(str(v))):
+        return f"{problem}; a scratch device must be named by /dev/disk/by-id/… or similar"
+    return None
+
+
 DRILL: dict[str, Check] = {"every": _PERIOD, "boot": _BOOL, "expect": _STR,
                            "timeout": _type(int, float, what="seconds"), "firmware": _choice("bios", "uefi"),
-                           "restore_to": _abs_path, "filesystems": _BOOL}
+                           "restore_to": _scratch, "filesystems": _BOOL}
 COPY: dict[str, Check] = {"repository": _repository, "passphrase_file": _abs_path}
 REQUIRED = ("source", "repository", "rpo")
 SCHEMA = {"": TOP, "backup": BACKUP, "retention": RETENTION, "verify": VERIFY, "drill": DRILL, "copy_to": COPY}

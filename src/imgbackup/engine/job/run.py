@@ -93,7 +93,7 @@ class _Run:
         self.summary = JobSummary(cfg.name, cfg.path, cfg.source, cfg.repository, _iso(self.started))
         self.repo: Repository | None = None
         self.resolved: ResolvedSource | None = None
-        self.print_fp: dict | None = None
+        self.current_fp: dict | None = None
         self.image_id: str | None = None
 
     def step(self, name: str, fn: Callable[[StepResult], None]) -> StepResult:
@@ -117,7 +117,7 @@ class _Run:
         self.resolved = resolve_source(cfg.source)
         self.summary.device = self.resolved.path
         current = fingerprint(self.resolved.path)
-        self.print_fp = current
+        self.current_fp = current
         res.result = {"device": self.resolved.path, "fingerprint": current}
         recorded = self.state.identity
         if recorded is None:
@@ -142,13 +142,13 @@ class _Run:
         self.repo = steps.open_repository(self.cfg.repository, read_passphrase_file(self.cfg.passphrase_file))
         self.summary.repository_id = self.repo.config.id
         if self.state.identity is None and not self.accept_change:
-            steps.check_history(self.repo, self.cfg, self.print_fp or {})
+            steps.check_history(self.repo, self.cfg, self.current_fp or {})
         btype = "full" if self.accept_change else steps.backup_type(self.repo, self.cfg, self.now())
-        result = steps.backup(self.repo, self.cfg, self.resolved, btype, self.print_fp or {})
+        result = steps.backup(self.repo, self.cfg, self.resolved, btype, self.current_fp or {})
         self.image_id = self.summary.image = result["id"]
         res.result = result
         if self.state.identity is None or self.accept_change:
-            self.state.identity, self.state.identity_recorded = self.print_fp, self.now()
+            self.state.identity, self.state.identity_recorded = self.current_fp, self.now()
         self.state.last_success = {"time": self.now(), "image": result["id"], "bytes_read": result["bytes_read"],
                                    "bytes_stored": result["bytes_stored"]}
 

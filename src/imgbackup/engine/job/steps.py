@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable
 from dataclasses import asdict
 
+from imgbackup import audit
 from imgbackup.device.stable import ResolvedSource, fingerprint_differences
 from imgbackup.engine.backup.run import BackupRequest, run_backup
 from imgbackup.engine.drill.run import DrillRequest, run_drill
@@ -44,6 +45,8 @@ def check_history(repo: Repository, cfg: JobConfig, current: dict) -> None:
             continue
         differences = fingerprint_differences(recorded, current)
         if differences:
+            audit.emit("source_refused", "refused", job=cfg.name, name=cfg.image_name, source=cfg.source,
+                       image=meta["id"], differences="; ".join(differences))
             raise SourceIdentityChanged(
                 f"job {cfg.name}: {cfg.source} is not the disk image {meta['id'][:12]} of {cfg.image_name!r} "
                 "came from: " + "; ".join(differences),

@@ -8,7 +8,8 @@ what verification needs (loop devices, /dev/fuse). Sleep is inhibited by the job
 (``inhibit.py``), so ``ExecStart`` is exactly ``imgbackup job run NAME``: the passphrase stays in
 its file, never on a command line. The timer is ``Persistent=`` (a run missed while the machine
 was off happens at the next boot) with a ``RandomizedDelaySec=`` so that many hosts do not start
-at the same second.
+at the same second; ``FixedRandomDelay=`` keeps each host's delay the same every day, so the gap
+between two runs stays the schedule's and does not drift towards the RPO.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def timer_unit(cfg: JobConfig) -> str:
         f"OnCalendar={cfg.schedule}",
         "Persistent=true",
         f"RandomizedDelaySec={int(cfg.randomized_delay)}",
+        "FixedRandomDelay=true",
         f"Unit={service}",
         "",
         "[Install]",
