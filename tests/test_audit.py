@@ -166,7 +166,7 @@ def test_commands_leave_one_event_each_and_no_secret(tmp_path):
     assert backup["command"].startswith("imgbackup backup ") and backup["result"] == "ok"
     assert restore["image"] == image["id"] and restore["target"] == str(tmp_path / "out.img")
     assert wrong["result"] == "failed" and wrong["repository"] == repo_id
-    assert str(dead.pid) in takeover["holder"]
+    assert str(dead.pid) in takeover["holder"] and takeover["repository"] == repo_id
     assert delete["image"] == second["id"] and delete["bytes"] >= 0
     (failed,) = [json.loads(line) for line in other.read_text().splitlines()]   # --audit replaced the env's sinks
     assert failed["event"] == "verify_failed" and failed["bad_chunks"] >= 1 and failed["result"] == "failed"

@@ -72,9 +72,11 @@ class LockInfo:
 class RepositoryLock:
     """Context manager holding the exclusive lock of one repository."""
 
-    def __init__(self, storage: Storage, command: str = "") -> None:
+    def __init__(self, storage: Storage, command: str = "", repository: str | None = None,
+                 location: str | None = None) -> None:
         self.storage = storage
         self.command = command
+        self.audit_fields = {"repository": repository, "location": location}   # for the takeover event
         self.held = False
 
     def _mine(self) -> LockInfo:
@@ -125,7 +127,8 @@ class RepositoryLock:
         try:
             if self.storage.get(LOCK_NAME) == stale:
                 self.storage.delete(LOCK_NAME)
-                audit.emit("lock_takeover", holder=_parse(stale).describe(), command_locked=self.command)
+                audit.emit("lock_takeover", **self.audit_fields, holder=_parse(stale).describe(),
+                           taken_for=self.command)
         except ObjectMissing:
             pass
         finally:

@@ -102,7 +102,7 @@ class Repository:
         return cls(storage, config, keys, str(root))
 
     def lock(self, command: str = "") -> RepositoryLock:
-        return RepositoryLock(self.storage, command)
+        return RepositoryLock(self.storage, command, self.config.id, self.location)
 
     def chunk_index(self) -> ChunkIndex:
         if self._chunks is None:
