@@ -174,8 +174,8 @@ def test_device_without_yes_and_no_terminal_exit_2(repo: Path, target: Path) -> 
 HOLDER = """
 import sys, time
 from imgbackup.repository.lock import RepositoryLock
-from imgbackup.repository.storage import LocalStorage
-with RepositoryLock(LocalStorage(sys.argv[1]), "test holder"):
+from imgbackup.repository.backends.directory import DirectoryStorage
+with RepositoryLock(DirectoryStorage(sys.argv[1]), "test holder"):
     print("locked", flush=True)
     time.sleep(120)
 """

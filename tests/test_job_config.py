@@ -40,6 +40,7 @@ full = "monthly"
 type = "differential"
 all_blocks = true
 allow_mounted = true
+snapshot = "lvm"
 
 [retention]
 keep_last = 3
@@ -77,6 +78,7 @@ def test_every_key_is_read(tmp_path):
     assert [c.repository for c in cfg.copy_to] == ["/srv/second", "s3://b/p"]
     assert cfg.copy_to[1].passphrase_file == "/etc/imgbackup/pass2"
     assert cfg.full == "monthly" and cfg.backup_type == "differential" and cfg.all_blocks and cfg.allow_mounted
+    assert cfg.snapshot == "lvm"
     assert cfg.retention["keep_within"] == "1y2m3d4h" and cfg.prune_policy()["timezone"] == "Europe/Berlin"
     assert cfg.sample_percent == 2.5 and cfg.verify_filesystems == "weekly"
     d = cfg.drill

@@ -240,3 +240,24 @@ def test_sigterm_mid_backup_is_130_with_summary_metrics_and_no_image(env, tmp_pa
     assert "} 130" in (env.metrics_dir / "imgbackup-job-host.prom").read_text()
     backup = [e for e in env.events() if e["event"] == "backup"]
     assert backup and backup[-1]["result"] == "failed" and backup[-1]["exit_code"] == 130
+
+
+@pytest.mark.root
+def test_snapshot_job_images_a_live_file_through_a_reflink(env, tmp_path):
+    from tests.disks import mounted
+
+    need_root()
+    need_tool("mkfs.xfs")
+    img = tmp_path / "xfs.img"
+    img.write_bytes(b"")
+    os.truncate(img, 320 * MIB)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
+    with loop_device(img) as dev, mounted(dev, tmp_path / "mnt", "rw") as mnt:
+        vm = random_image(mnt / "vm.img", SMALL, seed=21)
+        env.write_job(vm, '[backup]\nsnapshot = "reflink"\n')
+        code, summary = env.summary()
+        assert code == 0, summary
+        assert not list(mnt.glob(".vm.img.*"))                       # the clone is gone
+        restored = tmp_path / "back.img"
+        cli_json("restore", summary["image"], restored, repo=env.repo, passphrase=PASSPHRASE)
+        assert sha256_file(restored) == sha256_file(vm)

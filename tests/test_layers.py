@@ -21,7 +21,7 @@ RANK = {"errors": 0, "audit": 0, "_core": 0, "device": 1, "disklabel": 1, "fsmap
 FORBIDDEN = {("crypto", "repository"), ("format", "repository"), ("format", "crypto"), ("disklabel", "fsmap"),
              ("device", "fsmap")}
 # engine/ rooms: which other command packages each may import ("" = the shared modules beside them).
-ENGINE_ROOMS = {"backup": set(), "restore": set(), "mount": set(), "verify": {"mount"},
+ENGINE_ROOMS = {"backup": set(), "restore": set(), "mount": set(), "verify": {"mount"}, "rescue": set(),
                 "drill": {"verify", "restore", "mount"}, "job": {"backup", "verify", "drill", "restore"}, "": set()}
 # Running a program, or replacing or forking this process, outside device/tools.py.
 PROCESS_CALLS = {"system", "popen", "fork", "forkpty", "execv", "execve", "execvp", "execvpe", "execl",

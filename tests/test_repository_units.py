@@ -24,16 +24,17 @@ from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
 from imgbackup.errors import (
     IntegrityError,
+    ObjectMissing,
     RepositoryLocked,
     StorageError,
     UnsupportedFormat,
     WrongPassphrase,
 )
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
+from imgbackup.repository.backends.directory import DirectoryStorage
 from imgbackup.repository.config import RepoConfig
 from imgbackup.repository.lock import CLAIM_PREFIX, LOCK_NAME, LockInfo, RepositoryLock, break_lock
 from imgbackup.repository.packs import PackWriter, pack_name, read_pack_trailer
-from imgbackup.repository.storage import LocalStorage, ObjectMissing
 
 KEY = bytes(range(32))
 OID = hashlib.sha256(b"object id").digest()
@@ -151,13 +152,13 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _plant(storage: LocalStorage, **fields) -> None:
+def _plant(storage: DirectoryStorage, **fields) -> None:
     me = RepositoryLock(storage)._mine()
     storage.put(LOCK_NAME, json.dumps({**me.__dict__, **fields}).encode())
 
 
 def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     with RepositoryLock(storage, "first"):
         with pytest.raises(RepositoryLocked) as err:
             RepositoryLock(storage, "second").acquire()
@@ -168,7 +169,7 @@ def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", ["dead pid", "reused pid", "rebooted"])
 def test_stale_lock_on_this_host_is_taken_over(tmp_path: Path, case: str) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     fields = {"dead pid": {"pid": _dead_pid(), "start_time": "1"},
               "reused pid": {"start_time": "1"},                       # our pid, another process start
               "rebooted": {"boot_id": "00000000-0000-0000-0000-000000000000"}}[case]
@@ -179,7 +180,7 @@ def test_stale_lock_on_this_host_is_taken_over(tmp_path: Path, case: str) -> Non
 
 
 def test_lock_of_another_host_or_unreadable_is_not_broken(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     _plant(storage, host="elsewhere.example", pid=_dead_pid())
     with pytest.raises(RepositoryLocked, match="elsewhere.example"):
         RepositoryLock(storage).acquire()
@@ -194,7 +195,7 @@ def test_lock_of_another_host_or_unreadable_is_not_broken(tmp_path: Path) -> Non
 # --- storage ----------------------------------------------------------------------------------
 
 def test_storage_put_replaces_create_does_not(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     storage.put("images/a", b"one")
     storage.put("images/a", b"two")
     assert storage.get("images/a") == b"two"
@@ -210,7 +211,7 @@ def test_storage_put_replaces_create_does_not(tmp_path: Path) -> None:
 
 
 def test_storage_lists_without_temp_files_and_sweeps_them(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     storage.put("packs/ab/ab01", b"x")
     (tmp_path / "packs" / "ab" / "ab02.tmp-1-ff").write_bytes(b"half")
     assert list(storage.list("packs")) == ["packs/ab/ab01"]
@@ -220,7 +221,7 @@ def test_storage_lists_without_temp_files_and_sweeps_them(tmp_path: Path) -> Non
 
 def test_storage_put_on_full_disk_keeps_old_object(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "tiny", "1m") as mnt:
-        storage = LocalStorage(mnt)
+        storage = DirectoryStorage(mnt)
         storage.put("images/a", b"old")
         with pytest.raises(StorageError, match="full"):
             storage.put("images/a", os.urandom(2 << 20))
@@ -232,7 +233,7 @@ def test_storage_put_on_full_disk_keeps_old_object(tmp_path: Path) -> None:
 
 
 def test_object_writer_is_invisible_until_commit_and_abort_leaves_nothing(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     out = storage.open_writer("packs/cd/cd01")
     out.write(b"first ")
     out.write(memoryview(b"second"))
@@ -248,7 +249,7 @@ def test_object_writer_is_invisible_until_commit_and_abort_leaves_nothing(tmp_pa
 
 def test_object_writer_on_full_disk_says_so_and_leaves_nothing(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "tiny", "1m") as mnt:
-        storage = LocalStorage(mnt)
+        storage = DirectoryStorage(mnt)
         out = storage.open_writer("packs/ef/ef01")
         with pytest.raises(StorageError, match="full while writing packs/ef/ef01"):
             out.write(os.urandom(2 << 20))
@@ -259,7 +260,7 @@ def test_object_writer_on_full_disk_says_so_and_leaves_nothing(tmp_path: Path) -
 # --- packs ------------------------------------------------------------------------------------
 
 def test_pack_writer_commits_packs_in_background_and_counts_them_only_once_stored(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     envelope = Envelope(KEY)
     writer = PackWriter(storage, envelope, target_size=3000)
     blobs = {hashlib.sha256(bytes([i])).digest(): envelope.seal(OBJ_CHUNK, hashlib.sha256(bytes([i])).digest(),
@@ -279,7 +280,7 @@ def test_pack_writer_commits_packs_in_background_and_counts_them_only_once_store
 
 
 def test_pack_writer_abort_drops_the_open_pack(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     writer = PackWriter(storage, Envelope(KEY))
     writer.add(OID, Envelope(KEY).seal(OBJ_CHUNK, OID, b"x" * 100), 100)
     assert [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
@@ -290,7 +291,7 @@ def test_pack_writer_abort_drops_the_open_pack(tmp_path: Path) -> None:
 
 def _hold_lock_once(root: str, log: str, barrier) -> None:
     """Child: take the lock (retrying while a live process holds it), log the hold, release."""
-    storage = LocalStorage(root)
+    storage = DirectoryStorage(root)
     barrier.wait()
     deadline = time.monotonic() + 60
     while True:
@@ -314,7 +315,7 @@ def _hold_lock_once(root: str, log: str, barrier) -> None:
 def test_many_processes_taking_over_one_stale_lock_never_hold_it_together(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     for round_ in range(5):
-        storage = LocalStorage(tmp_path / f"r{round_}")
+        storage = DirectoryStorage(tmp_path / f"r{round_}")
         _plant(storage, pid=_dead_pid(), start_time="1")
         log = tmp_path / f"holds{round_}.log"
         barrier = ctx.Barrier(8)
@@ -334,7 +335,7 @@ def test_many_processes_taking_over_one_stale_lock_never_hold_it_together(tmp_pa
 
 
 def test_interrupted_takeover_is_reported_and_break_lock_clears_it(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+    storage = DirectoryStorage(tmp_path)
     _plant(storage, pid=_dead_pid(), start_time="1")
     stale = storage.get(LOCK_NAME)
     claim = CLAIM_PREFIX + hashlib.sha256(stale).hexdigest()[:32]

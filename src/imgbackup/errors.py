@@ -76,9 +76,17 @@ class ImageNotFound(ImgBackupError):
 
 
 class StorageError(ImgBackupError):
-    """The repository's storage failed (full disk, I/O error, permissions)."""
+    """The repository's storage failed (full disk, I/O error, permissions, a server unreachable after
+    retries, credentials the server rejects). Backends raise only this and ObjectMissing."""
 
     exit_code = 10
+
+
+class ObjectMissing(ImgBackupError):
+    """A named repository object does not exist (callers that expect it turn this into their own error)."""
+
+    exit_code = 6
+    hint = "run 'imgbackup verify' to see what is damaged"
 
 
 class VerificationFailed(ImgBackupError):
@@ -128,14 +136,15 @@ EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
     (1, "unexpected internal error (a bug: please report it)"),
     (2, "usage error: bad option, missing argument, refused without --yes"),
-    (3, "repository missing, already existing, or of an unknown format version"),
+    (3, "repository (or its S3 bucket) missing, already existing, or of an unknown format version"),
     (4, "wrong or missing passphrase"),
     (5, "repository locked by another process"),
     (6, "stored data is corrupted or was tampered with"),
     (7, "source cannot be read, or is mounted read-write without --allow-mounted"),
     (8, "target refused: mounted, too small, or not confirmed"),
     (9, "image not found or name ambiguous"),
-    (10, "storage error: disk full, I/O error, permission denied"),
+    (10, "storage error: disk full, I/O error, permission denied, server unreachable after retries, "
+         "credentials rejected by the server"),
     (11, "verification found problems"),
     (12, "a required outside program is missing (the message names it and its apt package)"),
     (15, "partial success: a job stored its backup, but a later step (prune, copy, verify, drill) failed"),

@@ -18,7 +18,7 @@ from imgbackup.repository.repo import Repository
 RepoOption = Annotated[
     str | None,
     typer.Option("-r", "--repo", envvar="IMGBACKUP_REPO", show_envvar=True,
-                 help="Repository directory."),
+                 help="Repository: a directory, file://PATH, or s3://BUCKET/PREFIX (see docs/S3.md)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 NameOption = Annotated[str | None, typer.Option(help="Source name for 'latest'.")]
@@ -51,8 +51,9 @@ def read_passphrase(confirm: bool = False) -> bytes:
     return first.encode()
 
 
-def open_repo(repo: str | None) -> Repository:
-    return Repository.open(repo_path(repo), read_passphrase)
+def open_repo(repo: str | None, for_writing: bool = False) -> Repository:
+    """Open the repository; commands that write pass ``for_writing`` (S3: the create-if-absent probe)."""
+    return Repository.open(repo_path(repo), read_passphrase, for_writing=for_writing)
 
 
 def emit_json(doc) -> None:

@@ -38,6 +38,7 @@ COMMAND_MODULES = {
     "images_cmd": ("delete", "diff"),
     "devices_cmd": ("devices",),
     "mount_cmd": ("mount", "umount", "restore-files"),
+    "rescue_cmd": ("rescue",),
     "job_cmd": ("job",),
     "status_cmd": ("status",),
     "drill_cmd": ("drill",),
@@ -79,9 +80,21 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+def _log_storage_warnings() -> None:
+    """Storage retries are warnings a person or a job log should see: one line each on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("imgbackup: warning: %(message)s"))
+    logger = logging.getLogger("imgbackup.storage")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+
 def run(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every expected failure into one line and an exit code."""
     _limit_malloc_arenas()
+    _log_storage_warnings()
     try:
         _register(sys.argv[1:] if argv is None else argv)
     except ImportError as exc:  # a missing compiled core or dependency: one line, not a traceback
@@ -91,7 +104,11 @@ def run(argv: list[str] | None = None) -> None:
     audit.set_command(sys.argv[1:] if argv is None else argv)
     code = 0
     try:
+        # typer >= 0.26 returns (not raises) a command's typer.Exit code, and turns a command's
+        # KeyboardInterrupt into a returned 130
         code = app(args=argv, standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
     except ImgBackupError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -106,7 +123,7 @@ def run(argv: list[str] | None = None) -> None:
     except _CLICK_EXCEPTION as exc:  # usage errors: click's own message, exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)   # typer >= 0.26 returns a command's typer.Exit code
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _fail(exc: ImgBackupError) -> None:

@@ -19,7 +19,7 @@ from imgbackup.cli.common import (
 )
 from imgbackup.repository.lock import break_lock
 from imgbackup.repository.repo import DEFAULT_CHUNK_SIZE, Repository
-from imgbackup.repository.storage import LocalStorage
+from imgbackup.repository.storage import open_storage
 
 
 def init(
@@ -86,7 +86,7 @@ def info(
 
 def break_lock_cmd(repo: RepoOption = None, json_out: JsonOption = False) -> None:
     """Remove a repository lock left behind by a process that is gone."""
-    held = break_lock(LocalStorage(repo_path(repo)))
+    held = break_lock(open_storage(repo_path(repo), for_writing=True))
     if json_out:
         emit_json({"removed": held.__dict__ if held else None})
     else:

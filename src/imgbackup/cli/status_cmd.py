@@ -74,7 +74,7 @@ def _job_rows(names: list[str], config_dir: str, state_dir: str, now: float) -> 
         repo, error = repos.get(cfg.repository, (None, None))
         if repo is None and error is None:
             try:
-                repo = open_repository(cfg.repository, read_passphrase_file(cfg.passphrase_file))
+                repo = open_repository(cfg.repository, read_passphrase_file(cfg.passphrase_file), for_writing=False)
             except ImgBackupError as exc:
                 error = str(exc)
             repos[cfg.repository] = (repo, error)

@@ -21,7 +21,7 @@ from imgbackup.format.layout import (
     OBJ_CHUNK_INDEX,
 )
 from imgbackup.repository.packs import BlobLocation
-from imgbackup.repository.storage import Storage
+from imgbackup.repository.storage import Storage, confirm_stored
 
 ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("raw", "<u4")])
 assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size
@@ -90,6 +90,7 @@ class ChunkIndex:
         name = f"index/{file_id.hex()}"
         sealed = envelope.seal(OBJ_CHUNK_INDEX, file_id, encode_chunk_index(new))
         storage.put(name, sealed)
+        confirm_stored(storage, name, len(sealed))
         self.locations.update(new)
         self.files.append(name)
         return len(sealed)

@@ -18,7 +18,7 @@ from imgbackup.format.layout import (
     OBJ_IMAGE_BODY,
     OBJ_IMAGE_HEADER,
 )
-from imgbackup.repository.storage import ObjectMissing, Storage
+from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
 
 def image_name(image_id: str) -> str:
@@ -47,6 +47,7 @@ class ImageStore:
         sealed_body = self.envelope.seal(OBJ_IMAGE_BODY, oid, body)
         data = IMAGE_HEAD.pack(IMAGE_MAGIC, FORMAT_VERSION, len(sealed_header)) + sealed_header + sealed_body
         self.storage.put(image_name(index.id), data)
+        confirm_stored(self.storage, image_name(index.id), len(data))
         return len(data)
 
     def ids(self) -> list[str]:

@@ -23,7 +23,7 @@ from imgbackup.format.layout import (
     PACK_TRAILER_HEAD,
     PACK_TRAILER_MAGIC,
 )
-from imgbackup.repository.storage import ObjectWriter, Storage
+from imgbackup.repository.storage import ObjectWriter, Storage, confirm_stored
 
 PACK_TARGET_SIZE = 16 << 20   # few enough files per TiB for any filesystem or bucket, small enough to stream
 
@@ -83,7 +83,8 @@ class PackWriter:
         out.write(sealed + PACK_FOOTER.pack(self._used, len(sealed), PACK_FOOTER_MAGIC))
         self._wait()
         locations = {cid: BlobLocation(self._pack_id, off, length, raw) for cid, off, length, raw in self._entries}
-        self._commit = _Commit(out, locations, self._used + len(sealed) + PACK_FOOTER.size)
+        size = self._used + len(sealed) + PACK_FOOTER.size
+        self._commit = _Commit(self.storage, pack_name(self._pack_id), out, locations, size)
 
     def _wait(self) -> None:
         commit, self._commit = self._commit, None
@@ -108,9 +109,13 @@ class PackWriter:
 
 
 class _Commit:
-    """One pack's commit running on its own thread; ``join`` re-raises its error."""
+    """One pack's commit running on its own thread; ``join`` re-raises its error. The pack counts as
+    written only once the storage holds all of it (a dropped commit fails the backup here)."""
 
-    def __init__(self, out: ObjectWriter, locations: dict[bytes, BlobLocation], size: int) -> None:
+    def __init__(self, storage: Storage, name: str, out: ObjectWriter, locations: dict[bytes, BlobLocation],
+                 size: int) -> None:
+        self.storage = storage
+        self.name = name
         self.locations = locations
         self.size = size
         self._error: BaseException | None = None
@@ -120,6 +125,7 @@ class _Commit:
     def _run(self, out: ObjectWriter) -> None:
         try:
             out.commit()
+            confirm_stored(self.storage, self.name, self.size)
         except BaseException as exc:
             self._error = exc
 

@@ -26,7 +26,6 @@ from imgbackup.errors import IntegrityError, SourceError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import OBJ_CHUNK, SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
-from imgbackup.repository.packs import PackWriter
 from imgbackup.repository.repo import Repository
 
 SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
@@ -41,7 +40,7 @@ class ChunkStore:
         self.known = repo.chunk_index()
         self.claimed: set[bytes] = set()
         self._lock = threading.Lock()
-        self.packs = PackWriter(repo.storage, repo.envelope)
+        self.packs = repo.pack_writer()
 
     def is_new(self, chunk_id: bytes) -> bool:
         return chunk_id not in self.known and chunk_id not in self.claimed
@@ -57,7 +56,7 @@ class ChunkStore:
     def finish(self, repo: Repository) -> int:
         """Commit the last pack, then the chunk-index file naming the new packs; bytes written."""
         self.packs.flush()
-        return self.packs.bytes_written + self.known.store(repo.storage, repo.envelope, self.packs.written)
+        return self.packs.bytes_written + repo.store_chunk_index(self.packs.written)
 
     def abort(self) -> None:
         self.packs.abort()
@@ -76,7 +75,7 @@ class ParentMatch:
     def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None) -> None:
         self.plan = plan
         self.key = repo.keys.id_key
-        self.chunk = repo.chunk_size
+        self.chunk = plan.chunk
         usable = parent is not None and plan.used_bits is not None and parent.slots == len(plan.kinds)
         self.parent_ids = parent.ids_by_slot() if usable else None
         self.parent_kinds = parent.kinds if usable else None
@@ -121,7 +120,7 @@ class Ingest:
         self.store = store
         self.parent = parent
         self.pool = pool
-        self.chunk = repo.chunk_size
+        self.chunk = plan.chunk
 
     def _digest(self, seg: Segment) -> _Digest:
         chunk, data = self.chunk, seg.data

@@ -28,6 +28,7 @@ class ReadPlan:
     used_bits: np.ndarray | None = None   # packed per 4 KiB block, 1 = used (None: all used)
     warnings: list[str] = field(default_factory=list)
     regions: list[dict] = field(default_factory=list)
+    chunk: int = 0                    # slot size in bytes: the repository's chunk size (set by plan_reads)
 
     def ranges(self, chunk: int, size: int) -> list[tuple[int, int]]:
         """Byte ranges of the slots to read, merged."""
@@ -92,7 +93,7 @@ def plan_reads(source: Source, path: str, chunk: int, parent: ImageIndex | None,
     size = source.size
     slots = (size + chunk - 1) // chunk
     plan = ReadPlan(np.ones(slots, bool), np.zeros(slots, np.uint8), np.zeros((slots, ID_SIZE), np.uint8),
-                    np.zeros(slots, bool))
+                    np.zeros(slots, bool), chunk=chunk)
     holes = _hole_slots(path, size, chunk, slots)
     if holes is not None:
         plan.read &= ~holes

@@ -97,6 +97,7 @@ class JobConfig:
     backup_type: str = "incremental"
     all_blocks: bool = False
     allow_mounted: bool = False
+    snapshot: str | None = None
     retention: dict = field(default_factory=dict)
     sample_percent: float = 5.0
     verify_filesystems: str = "never"
@@ -215,7 +216,7 @@ TOP: dict[str, Check] = {
     "verify": _type(dict, what="a table"),
 }
 BACKUP: dict[str, Check] = {"full": _PERIOD, "type": _choice("incremental", "differential"), "all_blocks": _BOOL,
-                            "allow_mounted": _BOOL}
+                            "allow_mounted": _BOOL, "snapshot": _choice("lvm", "reflink", "auto")}
 RETENTION: dict[str, Check] = {**{k: _int_range(0, 1_000_000) for k in KEEP_KEYS},
                                "keep_within": _match(KEEP_WITHIN, "must be a duration like '1y2m3d4h'"),
                                "timezone": _ZONE}
@@ -321,6 +322,7 @@ def load_job_file(path: str, name: str | None = None) -> JobConfig:
         timeout=parse_duration(doc["timeout"]) if "timeout" in doc else None,
         full=backup.get("full", "never"), backup_type=backup.get("type", "incremental"),
         all_blocks=backup.get("all_blocks", False), allow_mounted=backup.get("allow_mounted", False),
+        snapshot=backup.get("snapshot"),
         retention=dict(retention or {}), sample_percent=float(verify.get("sample_percent", 5.0)),
         verify_filesystems=verify.get("filesystems", "never"), drill=drill,
     )

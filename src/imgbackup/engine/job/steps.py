@@ -27,8 +27,9 @@ class DrillFailed(VerificationFailed):
     """A scheduled drill ran and found the image does not restore (or boot) as it should."""
 
 
-def open_repository(location: str, passphrase: Callable[[], bytes]) -> Repository:
-    return Repository.open(location, passphrase)
+def open_repository(location: str, passphrase: Callable[[], bytes], for_writing: bool = True) -> Repository:
+    """The job's repository (a path, file:// or s3:// URL); a job writes, so S3 servers are probed."""
+    return Repository.open(location, passphrase, for_writing=for_writing)
 
 
 def _images_of(repo: Repository, name: str) -> list[dict]:
@@ -69,7 +70,7 @@ def backup_type(repo: Repository, cfg: JobConfig, now: float) -> str:
 
 def backup(repo: Repository, cfg: JobConfig, source: ResolvedSource, btype: str, fp: dict) -> dict:
     result = run_backup(repo, BackupRequest(
-        source.path, cfg.image_name, btype, cfg.allow_mounted, all_blocks=cfg.all_blocks,
+        source.path, cfg.image_name, btype, cfg.allow_mounted, all_blocks=cfg.all_blocks, snapshot=cfg.snapshot,
         extra_meta={"job": cfg.name, "source_spec": cfg.source, "source_fingerprint": fp}))
     return asdict(result)
 

@@ -82,6 +82,8 @@ def _devices(cfg: JobConfig) -> list[str]:
     lines += ["block-loop rw", "/dev/loop-control rw", "/dev/fuse rw"]
     if cfg.drill.restore_to and cfg.drill.restore_to.startswith("/dev/"):
         lines.append(f"{cfg.drill.restore_to} rw")
+    if cfg.snapshot in ("lvm", "auto"):   # lvcreate makes and removes a device-mapper snapshot
+        lines += ["block-device-mapper rw", "/dev/mapper/control rw"]
     return list(dict.fromkeys(lines))
 
 
@@ -95,6 +97,10 @@ def _writable(cfg: JobConfig, state_dir: str) -> list[str]:
     paths += [os.path.dirname(a[len("file:"):]) for a in cfg.audit if a.startswith("file:")]
     if cfg.drill.restore_to and not cfg.drill.restore_to.startswith("/dev/"):
         paths.append(os.path.dirname(cfg.drill.restore_to))
+    if cfg.snapshot in ("reflink", "auto") and not cfg.source.startswith("/dev/") and "=" not in cfg.source:
+        paths.append(os.path.dirname(cfg.source))      # the reflink clone is made beside the image file
+    if cfg.snapshot in ("lvm", "auto"):
+        paths += ["/run/lvm", "/etc/lvm/archive", "/etc/lvm/backup"]
     return list(dict.fromkeys(paths))
 
 
