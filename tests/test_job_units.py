@@ -109,3 +109,29 @@ def test_foreign_units_are_never_overwritten_or_removed(env):
 def test_systemd_quoting_round_trips():
     words = ["/usr/bin/imgbackup", "a b", 'q"uote', "back\\slash", "100%", "$HOME", "plain-word_1.2"]
     assert exec_start_argv(" ".join(systemd_quote(w) for w in words)) == words
+
+
+def test_job_into_a_bucket_runs_from_its_unit_with_the_env_file(s3_server, s3_bucket, tmp_path):
+    """An S3 repository: network allowed in the unit, credentials only in CONFIG_DIR/NAME.env."""
+    need_tool("systemd-analyze")
+    e = make_env(tmp_path, "cloudy")
+    url = f"s3://{s3_bucket}/hosts/cloudy"
+    aws = s3_server.env(IMGBACKUP_S3_PROBE_CACHE="0")
+    cli_json("init", repo=url, passphrase=PASSPHRASE, **aws)
+    random_image(tmp_path / "disk.img", 4 * MIB, seed=12)
+    job = e.write_job(tmp_path / "disk.img")
+    job.write_text(job.read_text().replace(f'repository = "{e.repo}"', f'repository = "{url}"'))
+    (e.config_dir / "cloudy.env").write_text("".join(f"{k}={v}\n" for k, v in aws.items()))
+    (e.config_dir / "cloudy.env").chmod(0o600)
+    installed = cli_json("job", "install", "cloudy", "--unit-dir", e.unit_dir, *e.dirs, repo=None)
+    service = Path(installed["units"][0])
+    assert unit_values(service, "PrivateNetwork") == [] and "AF_INET" in unit_values(service,
+                                                                                     "RestrictAddressFamilies")[0]
+    assert unit_values(service, "Wants") == ["network-online.target"]
+    assert aws["AWS_SECRET_ACCESS_KEY"] not in service.read_text()
+    res = run_exec_start(service)
+    assert res.returncode == 0, res.stdout + res.stderr
+    images = cli_json("list", repo=url, passphrase=PASSPHRASE, **aws)["images"]
+    assert len(images) == 1 and images[0]["name"] == "cloudy"
+    status = cli_json("status", *e.dirs, repo=None, passphrase=None, **aws)["sources"][0]
+    assert status["rpo"]["state"] == "OK" and status["repository_bytes"] > 0
