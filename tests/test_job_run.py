@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import secrets
+import signal
 import subprocess
+import sys
+import time
 import uuid as uuidlib
 from pathlib import Path
 
 import pytest
-from tests.disks import loop_device, random_image
+from tests.disks import loop_device, mounted, random_image
 from tests.jobenv import PASSPHRASE, make_env
-from tests.support import MIB, cli, cli_json, need_root, need_tool, sha256_file
+from tests.support import MIB, cli, cli_env, cli_json, need_root, need_tool, sha256_file
+
+from imgbackup.device.tools import wait_until
 
 SMALL = 6 * MIB
 
@@ -130,8 +136,10 @@ def test_later_step_failing_is_partial_success(env, tmp_path):
     """prune and copy are not in this imgbackup yet (issues 14, 12): asking for them fails those
     steps honestly, and a stored backup with a failed later step is exit 15."""
     env.write_job(tmp_path / "disk.img", f'copy_to = ["{tmp_path / "second"}"]\n[retention]\nkeep_last = 2\n')
-    code, summary = env.summary()
+    proc = env.run()
+    code, summary = proc.returncode, json.loads(proc.stdout)
     assert code == 15 and summary["result"] == "partial"
+    assert f"job host: image {summary['image'][:12]} stored, but prune:" in proc.stderr
     assert statuses(summary) == {"source": "ok", "backup": "ok", "prune": "failed", "copy": "failed",
                                  "verify": "ok", "drill": "skipped"}
     assert "prune" in step(summary, "prune")["error"] and len(env.images()) == 1
@@ -208,15 +216,6 @@ def test_job_restore_only_onto_the_same_disk(env, tmp_path):
 
 
 def test_sigterm_mid_backup_is_130_with_summary_metrics_and_no_image(env, tmp_path):
-    import json
-    import signal
-    import sys
-    import time
-
-    from tests.support import cli_env
-
-    from imgbackup.device.tools import wait_until
-
     random_image(tmp_path / "big.img", 768 * MIB, seed=3)
     env.write_job(tmp_path / "big.img")
     proc = subprocess.Popen([sys.executable, "-m", "imgbackup", "job", "run", env.name, *env.dirs, "--json"],
@@ -232,6 +231,7 @@ def test_sigterm_mid_backup_is_130_with_summary_metrics_and_no_image(env, tmp_pa
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err
+    assert "imgbackup: error: job host interrupted (backup: interrupted" in err
     summary = json.loads(out)
     assert summary["result"] == "interrupted" and step(summary, "backup")["exit_code"] == 130
     assert env.images() == [] and not (env.repo / "locks" / "exclusive").exists()
@@ -244,8 +244,6 @@ def test_sigterm_mid_backup_is_130_with_summary_metrics_and_no_image(env, tmp_pa
 
 @pytest.mark.root
 def test_snapshot_job_images_a_live_file_through_a_reflink(env, tmp_path):
-    from tests.disks import mounted
-
     need_root()
     need_tool("mkfs.xfs")
     img = tmp_path / "xfs.img"

@@ -53,7 +53,24 @@ def run(
     else:
         _print_summary(doc)
     if summary.exit_code:
-        raise typer.Exit(summary.exit_code)
+        raise _failure(summary)
+
+
+def _failure(summary) -> ImgBackupError:
+    """The one error line of a run that did not fully succeed, with the run's exit code."""
+    from imgbackup.errors import Interrupted, PartialSuccess
+
+    failed = [s for s in summary.steps if s.status == "failed"]
+    what = "; ".join(f"{s.step}: {s.error}" for s in failed) or summary.result
+    if summary.exit_code == Interrupted.exit_code:
+        done = [s.step for s in summary.steps if s.status == "ok"]
+        return Interrupted(f"job {summary.job} interrupted ({what}); steps done: {', '.join(done) or 'none'}"
+                           + (f"; image {summary.image[:12]} was stored" if summary.image else ""))
+    if summary.exit_code == PartialSuccess.exit_code:
+        return PartialSuccess(f"job {summary.job}: image {summary.image[:12]} stored, but {what}")
+    err = ImgBackupError(f"job {summary.job} failed: {what}")
+    err.exit_code = summary.exit_code
+    return err
 
 
 def _save_last(state_dir: str, name: str, doc: dict) -> None:
