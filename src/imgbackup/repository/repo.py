@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from imgbackup import __version__, audit
 from imgbackup.crypto.envelope import Envelope
@@ -18,7 +19,6 @@ from imgbackup.errors import (
     UsageError,
     WrongPassphrase,
 )
-from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.images import ImageStore
 from imgbackup.repository.lock import RepositoryLock
@@ -28,6 +28,9 @@ from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
 FOLDERS = ("packs", "index", "images", "locks")
+
+if TYPE_CHECKING:
+    from imgbackup.repository.chunkindex import ChunkIndex
 
 PassphraseSource = Callable[[], bytes]
 
@@ -116,6 +119,8 @@ class Repository:
         return RepositoryLock(self.storage, command, self.config.id, self.location)
 
     def chunk_index(self) -> ChunkIndex:
+        from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
+
         if self._chunks is None:
             self._chunks = ChunkIndex.load(self.storage, self.envelope)
         return self._chunks
