@@ -23,6 +23,7 @@ from imgbackup._core import scan
 from imgbackup.device.source import Source
 from imgbackup.engine.backup.plan import ReadPlan
 from imgbackup.engine.backup.reader import Segment, SegmentReader
+from imgbackup.engine.backup.rescue import Rescue
 from imgbackup.errors import IntegrityError, SourceError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA
@@ -151,8 +152,9 @@ class Ingest:
     """Reads slots of a source and fills ``kinds``/``ids``, storing what the repository lacks."""
 
     def __init__(self, repo: Repository, source: Source, plan: ReadPlan, store: ChunkStore,
-                 parent: ParentMatch, pool: ThreadPoolExecutor) -> None:
+                 parent: ParentMatch, pool: ThreadPoolExecutor, rescue: Rescue | None = None) -> None:
         self.repo = repo
+        self.rescue = rescue
         self.source = source
         self.plan = plan
         self.store = store
@@ -189,7 +191,8 @@ class Ingest:
         expected = sum(length for _, length in ranges)
         bytes_read = 0
         pending: deque[tuple[Segment, Future]] = deque()
-        reader = SegmentReader(self.source, ranges, segment, buffers=TASKS_IN_FLIGHT + READ_AHEAD)
+        reader = SegmentReader(self.source, ranges, segment, buffers=TASKS_IN_FLIGHT + READ_AHEAD,
+                               rescue=self.rescue)
 
         def settle() -> None:
             nonlocal bytes_read

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
+from imgbackup.format.imageindex import bad_ranges
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.repo import Repository
 
@@ -23,6 +24,7 @@ class ImageCheck:
     checked: int = 0
     bad_chunks: int = 0
     errors: list[str] = field(default_factory=list)
+    bad_ranges: list[list[int]] = field(default_factory=list)   # source sectors unreadable at backup (--rescue)
 
     @property
     def ok(self) -> bool:
@@ -46,7 +48,8 @@ class VerifyReport:
             "ok": self.ok, "chunks_checked": self.chunks_checked, "bytes_checked": self.bytes_checked,
             "duration_s": self.duration_s, "sample_percent": self.sample_percent,
             "images": [{"id": i.id, "name": i.name, "ok": i.ok, "chunks": i.chunks, "checked": i.checked,
-                        "bad_chunks": i.bad_chunks, "errors": i.errors} for i in self.images],
+                        "bad_chunks": i.bad_chunks, "errors": i.errors, "bad_ranges": i.bad_ranges,
+                        "unreadable_bytes": sum(n for _, n in i.bad_ranges)} for i in self.images],
         }
 
 
@@ -89,6 +92,7 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
                 check.errors.append(exc.args[0])
                 continue
             check.name = index.meta.get("name")
+            check.bad_ranges = [list(r) for r in bad_ranges(index.meta)]
             chosen = _sample(index.unique_ids(), sample_percent, rng)
             todo = [cid for cid in chosen if cid not in results]
 
