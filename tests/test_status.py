@@ -12,9 +12,11 @@ from tests.support import MIB, cli_json, need_tool
 RUN_AT = "2026-06-01 02:00:00"
 
 
-@pytest.fixture
-def env(tmp_path):
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One job run shared by the module's tests (each test leaves the job's files as it found them)."""
     need_tool("faketime")
+    tmp_path = tmp_path_factory.mktemp("status")
     e = make_env(tmp_path)
     random_image(tmp_path / "disk.img", 4 * MIB, seed=8)
     e.write_job(tmp_path / "disk.img", 'drill = "always"\n', rpo="24h")
@@ -54,6 +56,7 @@ def test_status_shows_image_verify_drill_repository_and_last_run(env):
     assert src["last_drill"]["ok"] is True and src["last_drill"]["images"] == [image["id"]]
     assert src["last_drill"]["rto_s"] is None                     # this drill did not restore: no RTO
     assert src["repository_bytes"] == sum(p.stat().st_size for p in env.repo.rglob("*") if p.is_file())
+    assert src["reclaimable_bytes"] == 0
     assert src["last_run"]["exit_code"] == 0 and src["rpo"]["target_s"] == 86400
 
 
@@ -64,14 +67,31 @@ def test_text_output_and_nagios_exit(env):
     assert "RPO(s) breached" in proc.stderr
 
 
+def test_reclaimable_bytes_are_what_compact_would_free(env):
+    """A pack no index names (left by a killed run) is reclaimable: status says so, in bytes."""
+    pack = next(env.repo.glob("packs/*/*"))
+    orphan = env.repo / "packs" / "00" / ("00" * 32)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(pack.read_bytes())
+    try:
+        src = status_at(env, "2026-06-01 03:00:00")[1]["sources"][0]
+        assert src["reclaimable_bytes"] == orphan.stat().st_size and src["errors"] == []
+    finally:
+        orphan.unlink()
+
+
 def test_unreadable_repository_falls_back_on_the_job_state(env):
     env.passphrase_file.write_text("not the passphrase\n")
-    code, doc = status_at(env, "2026-06-01 12:00:00")
-    (src,) = doc["sources"]
-    assert code == 0 and src["rpo"]["state"] == "OK" and src["last_image"]["from"] == "job state"
-    assert any("wrong passphrase" in e for e in src["errors"])
-    code, doc = status_at(env, "2026-06-05 12:00:00")
-    assert code == 16 and doc["sources"][0]["rpo"]["state"] == "MISSED"
+    try:
+        code, doc = status_at(env, "2026-06-01 12:00:00")
+        (src,) = doc["sources"]
+        assert code == 0 and src["rpo"]["state"] == "OK" and src["last_image"]["from"] == "job state"
+        assert any("wrong passphrase" in e for e in src["errors"])
+        assert src["reclaimable_bytes"] is None
+        code, doc = status_at(env, "2026-06-05 12:00:00")
+        assert code == 16 and doc["sources"][0]["rpo"]["state"] == "MISSED"
+    finally:
+        env.passphrase_file.write_text(PASSPHRASE + "\n")
 
 
 def test_status_of_a_repository_without_jobs(env):

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from imgbackup.engine.job.config import JobConfig
 from imgbackup.engine.job.state import JobState
+from imgbackup.engine.stats import repository_stats
 from imgbackup.errors import ImgBackupError
 from imgbackup.repository.records import latest_record
 from imgbackup.repository.repo import Repository
@@ -73,8 +74,16 @@ class SourceStatus:
         return doc
 
 
-def repository_size(repo: Repository) -> tuple[int, int | None]:
-    """(bytes the repository's objects take, reclaimable bytes or None when not known)."""
+def repository_size(repo: Repository, errors: list[str] | None = None) -> tuple[int, int | None]:
+    """(bytes the repository's objects take, bytes 'imgbackup compact' would free) from
+    ``repository_stats``; when that cannot be worked out (a damaged index), the objects' total and None,
+    with the reason in ``errors``."""
+    try:
+        stats = repository_stats(repo)
+        return stats.repository_bytes, stats.reclaimable_bytes
+    except ImgBackupError as exc:
+        if errors is not None:
+            errors.append(f"reclaimable bytes not known: {exc}")
     total = 0
     for name in repo.storage.list(""):
         try:
@@ -114,7 +123,7 @@ def source_status(repo: Repository, name: str, rpo: float | None, now: float, si
     st.errors += errors
     key = repo.config.id
     if sizes is None or key not in sizes:
-        value = repository_size(repo)
+        value = repository_size(repo, st.errors)
         if sizes is not None:
             sizes[key] = value
     else:
