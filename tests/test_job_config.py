@@ -49,6 +49,7 @@ keep_weekly = 4
 keep_monthly = 12
 keep_yearly = 2
 keep_within = "1y2m3d4h"
+keep_within_daily = "14d"
 
 [verify]
 sample_percent = 2.5
@@ -79,7 +80,7 @@ def test_every_key_is_read(tmp_path):
     assert cfg.copy_to[1].passphrase_file == "/etc/imgbackup/pass2"
     assert cfg.full == "monthly" and cfg.backup_type == "differential" and cfg.all_blocks and cfg.allow_mounted
     assert cfg.snapshot == "lvm"
-    assert cfg.retention["keep_within"] == "1y2m3d4h" and cfg.prune_policy()["timezone"] == "Europe/Berlin"
+    assert cfg.retention["keep_within"] == "1y2m3d4h" and cfg.retention["keep_within_daily"] == "14d" and cfg.prune_policy()["timezone"] == "Europe/Berlin"
     assert cfg.sample_percent == 2.5 and cfg.verify_filesystems == "weekly"
     d = cfg.drill
     assert (d.every, d.boot, d.expect, d.timeout, d.firmware, d.restore_to, d.filesystems) == (

@@ -19,6 +19,7 @@ from tests.jobenv import PASSPHRASE, make_env
 from tests.support import MIB, cli, cli_env, cli_json, need_root, need_tool, sha256_file
 
 from imgbackup.device.tools import wait_until
+from imgbackup.engine.job import steps
 
 SMALL = 6 * MIB
 
@@ -132,17 +133,46 @@ def test_filesystem_uuid_source_follows_the_filesystem(env, tmp_path):
     assert code == 7 and f"no device has UUID={uuid}" in step(summary, "source")["error"]
 
 
-def test_later_step_failing_is_partial_success(env, tmp_path):
-    """prune and copy are not in this imgbackup yet (issues 14, 12): asking for them fails those
-    steps honestly, and a stored backup with a failed later step is exit 15."""
-    env.write_job(tmp_path / "disk.img", f'copy_to = ["{tmp_path / "second"}"]\n[retention]\nkeep_last = 2\n')
-    proc = env.run()
-    code, summary = proc.returncode, json.loads(proc.stdout)
-    assert code == 15 and summary["result"] == "partial"
-    assert f"job host: image {summary['image'][:12]} stored, but prune:" in proc.stderr
-    assert statuses(summary) == {"source": "ok", "backup": "ok", "prune": "failed", "copy": "failed",
-                                 "verify": "ok", "drill": "skipped"}
-    assert "prune" in step(summary, "prune")["error"] and len(env.images()) == 1
+def test_prune_and_copy_steps(env, tmp_path):
+    """[retention] runs prune for the job's source, copy_to copies its images to each target (with the
+    target's own passphrase_file), every target is tried, and a stored backup with a failed later step
+    is exit 15. In a build without the prune/copy engines (issues 14, 12) those steps fail honestly as
+    "not available" instead; this test checks whichever this build is."""
+    second, missing = tmp_path / "second", tmp_path / "missing"
+    other_pass = tmp_path / "pass2"
+    other_pass.write_text("second-repo-passphrase\n")
+    both = (f'copy_to = [{{repository = "{second}", passphrase_file = "{other_pass}"}}, "{missing}"]\n'
+            "[retention]\nkeep_last = 2\n")
+    env.write_job(tmp_path / "disk.img", both)
+    have_prune, have_copy = (steps.has_engine(m) for m in (steps.PRUNE_ENGINE, steps.COPY_ENGINE))
+    if not (have_prune and have_copy):
+        assert not (have_prune or have_copy), "wire and test prune and copy together"
+        proc = env.run()
+        code, summary = proc.returncode, json.loads(proc.stdout)
+        assert code == 15 and summary["result"] == "partial"
+        assert f"job host: image {summary['image'][:12]} stored, but prune:" in proc.stderr
+        assert statuses(summary) == {"source": "ok", "backup": "ok", "prune": "failed", "copy": "failed",
+                                     "verify": "ok", "drill": "skipped"}
+        assert "'imgbackup prune' (issue 14)" in step(summary, "prune")["error"]
+        assert "'imgbackup copy' (issue 12)" in step(summary, "copy")["error"] and len(env.images()) == 1
+        return
+    cli_json("init", repo=second, passphrase="second-repo-passphrase")
+    code, summary = env.summary()                    # the missing target fails; the first still gets its copy
+    copied = step(summary, "copy")
+    assert code == 15 and copied["status"] == "failed" and copied["exit_code"] == 3
+    first, gone = copied["result"]["targets"]
+    assert first["ok"] and first["copied"] == [summary["image"]] and gone["ok"] is False and gone["exit_code"] == 3
+    env.write_job(tmp_path / "disk.img", both.replace(f', "{missing}"', ""))
+    made = [summary["image"]]
+    for _ in range(2):
+        code, summary = env.summary()
+        assert code == 0 and statuses(summary)["prune"] == statuses(summary)["copy"] == "ok", summary
+        made.append(summary["image"])
+    assert step(summary, "prune")["result"]["removed"] == [made[0]]
+    assert [i["id"] for i in env.images()] == made[1:]                       # keep_last = 2
+    there = cli_json("list", repo=second, passphrase="second-repo-passphrase")["images"]
+    assert [i["id"] for i in there] == made                                  # copies are never pruned here
+    assert step(summary, "copy")["result"]["targets"][0]["copied"] == [made[2]]
 
 
 def test_damaged_chunk_fails_verify_after_a_stored_backup(env, tmp_path):

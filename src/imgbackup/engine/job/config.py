@@ -22,6 +22,7 @@ from imgbackup.errors import JobConfigError
 DEFAULT_CONFIG_DIR = "/etc/imgbackup/jobs"
 JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 KEEP_KEYS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+WITHIN_KEYS = ("keep_within", *(f"keep_within_{p}" for p in ("hourly", "daily", "weekly", "monthly", "yearly")))
 KEEP_WITHIN = re.compile(r"(?=\d)(\d+y)?(\d+m)?(\d+d)?(\d+h)?")   # prune's DURATION (issue 14): 1y2m3d4h
 IO_CLASSES = ("idle", "best-effort")
 
@@ -218,7 +219,7 @@ TOP: dict[str, Check] = {
 BACKUP: dict[str, Check] = {"full": _PERIOD, "type": _choice("incremental", "differential"), "all_blocks": _BOOL,
                             "allow_mounted": _BOOL, "snapshot": _choice("lvm", "reflink", "auto")}
 RETENTION: dict[str, Check] = {**{k: _int_range(0, 1_000_000) for k in KEEP_KEYS},
-                               "keep_within": _match(KEEP_WITHIN, "must be a duration like '1y2m3d4h'"),
+                               **{k: _match(KEEP_WITHIN, "must be a duration like '1y2m3d4h'") for k in WITHIN_KEYS},
                                "timezone": _ZONE}
 VERIFY: dict[str, Check] = {"sample_percent": _percent, "filesystems": _PERIOD}
 def _scratch(v: object) -> str | None:
@@ -296,7 +297,7 @@ def load_job_file(path: str, name: str | None = None) -> JobConfig:
     for section in ("backup", "retention", "verify"):
         check.table(doc.get(section, {}), SCHEMA[section], (section,))
     retention = doc.get("retention")
-    if retention is not None and not any(k in retention for k in (*KEEP_KEYS, "keep_within")):
+    if retention is not None and not any(k in retention for k in (*KEEP_KEYS, *WITHIN_KEYS)):
         raise check.fail(("retention",), "keeps nothing: give at least one keep_* rule, or remove [retention]")
     copies = []
     for i, item in enumerate(doc.get("copy_to", [])):

@@ -162,7 +162,8 @@ class _Run:
         if not self.cfg.copy_to:
             res.status, res.note = "skipped", "no copy_to in the job file"
             return
-        res.result = steps.copy(self.repo, self.cfg, self.image_id)
+        res.result = {}
+        steps.copy(self.repo, self.cfg, read_passphrase_file, res.result)
 
     def verify(self, res: StepResult) -> None:
         res.result = steps.verify(self.repo, self.cfg, self.now())

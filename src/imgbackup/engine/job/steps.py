@@ -6,6 +6,7 @@ work and returns what the summary shows.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,7 +19,7 @@ from imgbackup.engine.job.config import JobConfig
 from imgbackup.engine.job.periods import is_due
 from imgbackup.engine.verify.chunks import run_verify
 from imgbackup.engine.verify.record import record_verify
-from imgbackup.errors import SourceIdentityChanged, UsageError, VerificationFailed
+from imgbackup.errors import ImgBackupError, SourceIdentityChanged, UsageError, VerificationFailed
 from imgbackup.repository.records import latest_record
 from imgbackup.repository.repo import Repository
 
@@ -75,14 +76,59 @@ def backup(repo: Repository, cfg: JobConfig, source: ResolvedSource, btype: str,
     return asdict(result)
 
 
+def has_engine(module: str) -> bool:
+    """Whether this build has the engine module (prune and copy arrive from their own issues): a
+    missing one makes its step fail as "not available", a present one is called as below."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:     # its package is missing too
+        return False
+
+
+PRUNE_ENGINE, COPY_ENGINE = "imgbackup.engine.prune", "imgbackup.engine.copy.run"
+
+
 def prune(repo: Repository, cfg: JobConfig) -> dict:
-    raise UsageError("[retention] needs 'imgbackup prune' (issue 14), which this imgbackup does not have yet",
-                     "remove [retention] from the job file, or update imgbackup")
+    """``imgbackup prune`` with the job's [retention] rules, for this job's source name only."""
+    if not has_engine(PRUNE_ENGINE):
+        raise UsageError("[retention] needs 'imgbackup prune' (issue 14), which this imgbackup does not have yet",
+                         "remove [retention] from the job file, or update imgbackup")
+    from imgbackup.engine.prune import run_prune
+    from imgbackup.engine.retention import RetentionPolicy
+
+    result = run_prune(repo, RetentionPolicy.from_mapping(cfg.prune_policy()), name=cfg.image_name)
+    return {"removed": result.removed, "kept": len(result.images) - len(result.removed),
+            "bytes_freed": result.bytes_freed, "warnings": result.warnings}
 
 
-def copy(repo: Repository, cfg: JobConfig, image_id: str | None) -> dict:
-    raise UsageError("copy_to needs 'imgbackup copy' (issue 12), which this imgbackup does not have yet",
-                     "remove copy_to from the job file, or update imgbackup")
+def copy(repo: Repository, cfg: JobConfig, passphrase_of: Callable[[str | None], Callable[[], bytes]],
+         out: dict) -> None:
+    """``imgbackup copy --name NAME --to TARGET`` for each ``copy_to`` target: every image of the job's
+    source the target lacks (images already there are skipped by id), so a run after a missed copy
+    catches up. Every target is tried, each one's outcome put into ``out["targets"]``; the first
+    failure is raised after the others ran."""
+    if not has_engine(COPY_ENGINE):
+        raise UsageError("copy_to needs 'imgbackup copy' (issue 12), which this imgbackup does not have yet",
+                         "remove copy_to from the job file, or update imgbackup")
+    from imgbackup.engine.copy.run import copy_images
+
+    metas = _images_of(repo, cfg.image_name)
+    out["targets"] = []
+    failure: Exception | None = None
+    for target in cfg.copy_to:
+        doc: dict = {"repository": target.repository}
+        try:
+            dst = Repository.open(target.repository, passphrase_of(target.passphrase_file or cfg.passphrase_file),
+                                  for_writing=True)
+            result = copy_images(repo, dst, metas)
+            doc.update(ok=True, copied=result.images_copied, skipped=len(result.images_skipped),
+                       bytes_sent=result.bytes_sent, warnings=result.warnings)
+        except ImgBackupError as exc:
+            doc.update(ok=False, error=str(exc), exit_code=exc.exit_code)
+            failure = failure or exc
+        out["targets"].append(doc)
+    if failure is not None:
+        raise failure
 
 
 def verify(repo: Repository, cfg: JobConfig, now: float, rng: random.Random | None = None) -> dict:
