@@ -152,15 +152,19 @@ def test_commands_leave_one_event_each_and_no_secret(tmp_path):
     pack.write_bytes(bytes(data))
     other = tmp_path / "other.jsonl"
     assert cli("--audit", f"file:{other}", "verify", repo=repo, passphrase=secret, **env).returncode == 11
+    assert cli("repair", repo=repo, passphrase=secret, **env).returncode in (0, 11)     # a dry run: no event
+    cli("repair", "--yes", repo=repo, passphrase=secret, **env)
+    cli_json("compact", repo=repo, passphrase=secret, **env)
     text = log.read_text()
     assert secret not in text and secret not in other.read_text()
     events = [json.loads(line) for line in text.splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds == ["backup", "restore", "passphrase_failed", "lock_takeover", "backup", "delete"], kinds
+    assert kinds == ["backup", "restore", "passphrase_failed", "lock_takeover", "backup", "delete", "repair",
+                     "compact"], kinds
     for e in events:
         for key in ("time", "host", "user", "command", "result"):
             assert e[key] is not None
-    backup, restore, wrong, takeover, _, delete = events
+    backup, restore, wrong, takeover, _, delete, repair, compact = events
     assert backup["image"] == image["id"] and backup["repository"] == repo_id
     assert backup["bytes"] == image["bytes_stored"] and backup["duration_s"] > 0
     assert backup["command"].startswith("imgbackup backup ") and backup["result"] == "ok"
@@ -168,5 +172,7 @@ def test_commands_leave_one_event_each_and_no_secret(tmp_path):
     assert wrong["result"] == "failed" and wrong["repository"] == repo_id
     assert str(dead.pid) in takeover["holder"] and takeover["repository"] == repo_id
     assert delete["image"] == second["id"] and delete["bytes"] >= 0
+    assert repair["repository"] == compact["repository"] == repo_id and repair["changed"] is True
+    assert compact["bytes"] > 0 and compact["packs_deleted"] >= 1
     (failed,) = [json.loads(line) for line in other.read_text().splitlines()]   # --audit replaced the env's sinks
     assert failed["event"] == "verify_failed" and failed["bad_chunks"] >= 1 and failed["result"] == "failed"

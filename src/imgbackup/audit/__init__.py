@@ -43,6 +43,8 @@ EVENT_TYPES: dict[str, tuple[str, int]] = {
     "verify_failed": ("9f320ec691d74adc8735caa7bf48becc", 3),
     "drill": ("caa3eaeb492d44bfa596ee3093498f70", 6),
     "source_refused": ("ad65604d4d9344f3b7498eabb01a345c", 3),
+    "compact": ("073df10852174cd5bc2d75595cc7b0ef", 6),
+    "repair": ("48ec391751a04b1eacef8c2a3cd97292", 5),
 }
 RESULTS = ("ok", "failed", "refused")
 FIELDS = ("time", "event", "result", "host", "user", "uid", "pid", "command", "repository", "location",
