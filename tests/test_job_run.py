@@ -202,6 +202,11 @@ def test_damaged_chunk_fails_verify_after_a_stored_backup(env, tmp_path):
     assert failed and failed[-1]["bad_chunks"] >= 1
     status = cli_json("status", *env.dirs, repo=None, passphrase=None)["sources"][0]
     assert status["last_verify"]["ok"] is False
+    # verify recorded the damaged copy: the next run's backup stores that chunk again from the disk, so
+    # every image reads whole again and the job is back to 0 without anyone touching it
+    code, summary = env.summary()
+    assert code == 0 and step(summary, "verify")["result"]["bad_chunks"] == 0, summary
+    assert step(summary, "backup")["result"]["chunks_new"] >= 1
 
 
 def test_failed_backup_is_its_own_exit_code(env, tmp_path):
