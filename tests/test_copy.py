@@ -75,8 +75,13 @@ def test_raw_copy_into_a_related_repository_moves_sealed_bytes(source, tmp_path:
     init = cli_json("init", "--related-to", source["repo"], repo=dst, passphrase=PASS2,
                     IMGBACKUP_PASSPHRASE2=PASS1)
     assert init["related_to"] == str(source["repo"])
-    doc = cli_json("copy", "--all", "--to", dst, "--verify", repo=source["repo"], **_two())
+    log = tmp_path / "audit.jsonl"
+    doc = cli_json("copy", "--all", "--to", dst, "--verify", repo=source["repo"], **_two(IMGBACKUP_AUDIT=f"file:{log}"))
     assert doc["mode"] == "raw" and doc["verified"] is True
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["event"], e["result"]) for e in events] == [("copy", "ok")]
+    assert events[0]["bytes"] == doc["bytes_sent"] and events[0]["images_copied"] == 3
+    assert events[0]["destination_location"] == str(dst) and PASS1 not in log.read_text() and PASS2 not in log.read_text()
     assert sorted(doc["images_copied"]) == sorted(source["ids"]) and doc["images_skipped"] == []
     assert doc["chunks_sent"] > 0 and doc["bytes_sent"] > 0 and doc["duration_s"] >= 0
     assert doc["requests"]["total"] == doc["source_requests"]["total"] + doc["destination_requests"]["total"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imgbackup import audit
 from imgbackup._core import scan
 from imgbackup.errors import ImgBackupError, IntegrityError, TargetRefused, VerificationFailed
 from imgbackup.format.imageindex import ImageIndex
@@ -76,7 +77,19 @@ class _Pending:
 
 def copy_images(src: Repository, dst: Repository, metas: list[dict], verify: bool = False,
                 progress: Callable[[int], None] | None = None) -> CopyResult:
-    """Copy the images ``metas`` (oldest first) from ``src`` into ``dst``."""
+    """Copy the images ``metas`` (oldest first) from ``src`` into ``dst``; a ``copy`` audit event
+    records it (ok, failed or refused), naming both repositories."""
+    with audit.audited("copy", repository=src.config.id, location=src.location,
+                       destination=dst.config.id, destination_location=dst.location) as event:
+        result = _copy_images(src, dst, metas, verify, progress)
+        event.update(bytes=result.bytes_sent, mode=result.mode, images_copied=len(result.images_copied),
+                     images_skipped=len(result.images_skipped), chunks_sent=result.chunks_sent,
+                     chunks_reused=result.chunks_reused, verified=result.verified)
+    return result
+
+
+def _copy_images(src: Repository, dst: Repository, metas: list[dict], verify: bool,
+                 progress: Callable[[int], None] | None) -> CopyResult:
     started = time.monotonic()
     if src.chunk_size != dst.chunk_size:
         raise TargetRefused(f"{dst.location} has chunk size {dst.chunk_size} and {src.location} {src.chunk_size}: "
