@@ -23,6 +23,8 @@ from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_ZERO
 from imgbackup.repository.repo import Repository
 
+pytestmark = pytest.mark.slow   # each test 20-85 s on 2 shared cores (a real server, real round trips)
+
 
 def _env(server: S3Server, **extra: str) -> dict[str, str]:
     return server.env(IMGBACKUP_S3_PROBE_CACHE="0", **extra)

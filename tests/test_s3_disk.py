@@ -20,6 +20,8 @@ from tests.test_roundtrip_disk import _change_files, _check_filesystems
 from imgbackup.repository.packs import read_pack_trailer
 from imgbackup.repository.repo import Repository
 
+pytestmark = pytest.mark.slow   # each test 20-85 s on 2 shared cores (a real server, real round trips)
+
 
 def _env(server: S3Server, **extra: str) -> dict[str, str]:
     return server.env(IMGBACKUP_S3_PROBE_CACHE="0", **extra)
