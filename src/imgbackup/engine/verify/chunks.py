@@ -124,6 +124,11 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
                         check.errors.append(results[cid])
     report = VerifyReport(checks, len(results), total_bytes, round(time.monotonic() - started, 3), sample_percent)
     _record(repo, reader.found, report)
+    if reader.transient:
+        first = reader.transient[0]
+        report.warnings.append(f"{len(reader.transient)} read(s) came back wrong and were right when read again "
+                               f"(first: chunk {first.chunk_id.hex()[:16]}: {first.detail}): the stored data is "
+                               "intact, but the path to it (network, controller, RAM) corrupted data in flight")
     return report
 
 
