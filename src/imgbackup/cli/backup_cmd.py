@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, RepoOption, emit_json, human, open_repo, progress_bar
+from imgbackup.cli.common import JsonOption, ProgressBar, RepoOption, emit_json, human, open_repo
 from imgbackup.device.source import open_source
 from imgbackup.engine.backup import BackupRequest, run_backup
 
@@ -34,14 +34,14 @@ def backup(
     r = open_repo(repo)
     with open_source(source) as src:
         size = src.size
-    update, close = progress_bar(size, "backup", not json_out)
+    bar = ProgressBar("backup", not json_out, size)
     try:
         result = run_backup(r, BackupRequest(
-            source, name, backup_type, allow_mounted, update, all_blocks=all_blocks,
+            source, name, backup_type, allow_mounted, bar.update, all_blocks=all_blocks,
             changed_blocks=changed_blocks, change_granularity=change_granularity,
             verify_unchanged=verify_unchanged))
     finally:
-        close()
+        bar.close()
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from typing import Annotated
 
@@ -24,11 +25,10 @@ def delete(
     r = open_repo(repo)
     ids = [r.images.resolve(spec, name) for spec in images]
     if not yes:
-        import sys
-
         if not sys.stdin.isatty():
             raise UsageError("refusing to delete images without --yes (no terminal to ask on)")
-        typer.confirm(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}?", abort=True)
+        if not typer.confirm(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}?"):
+            raise UsageError("not confirmed; nothing was deleted")
     result = delete_images(r, ids)
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)

@@ -26,6 +26,7 @@ from imgbackup.repository.storage import LocalStorage, ObjectMissing, Storage
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
 
 PassphraseSource = Callable[[], bytes]
 
@@ -54,7 +55,7 @@ class Repository:
 
     @classmethod
     def init(cls, path: str | os.PathLike, passphrase: PassphraseSource | None, encryption: str = "aes-256-gcm",
-             chunk_size: int = DEFAULT_CHUNK_SIZE, zstd_level: int = 3) -> Repository:
+             chunk_size: int = DEFAULT_CHUNK_SIZE, zstd_level: int = 3, weak_passphrase: bool = False) -> Repository:
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
@@ -70,6 +71,9 @@ class Repository:
         keys = KeySet.generate()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
         secret = passphrase() if encryption != "none" else None
+        if secret is not None and not weak_passphrase and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
+            raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
+                             "choose a longer one, or pass --weak-passphrase to accept it")
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
         storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
         for folder in ("packs", "index", "images", "locks"):
@@ -80,6 +84,8 @@ class Repository:
     @classmethod
     def open(cls, path: str | os.PathLike, passphrase: PassphraseSource) -> Repository:
         root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise RepositoryNotFound(f"{root} is a file, not a repository directory")
         storage = LocalStorage(root)
         try:
             raw = storage.get(CONFIG_NAME)
