@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built {args.path} ({args.kind}, {args.size_mib} MiB, marker {args.marker})")
     if not args.boot:
         return 0
-    from imgbackup.engine.boot import boot_check
+    from imgbackup.engine.verify.qemu import boot_check
 
     firmware = "uefi" if args.kind == "uefi" else "bios"
     result = boot_check(str(args.path), args.marker, timeout=args.timeout, firmware=firmware)

@@ -230,7 +230,7 @@ def root_range_n(disk: Path, number: int) -> tuple[int, int]:
 
 def test_shrink_refusal_names_resize2fs_minimum(tmp_path: Path) -> None:
     """When the used-map estimate passes but resize2fs -P says no, the refusal names its minimum."""
-    from imgbackup.engine.baremetal_fs import shrink_ext_file
+    from imgbackup.engine.restore.resize import shrink_ext_file
     from imgbackup.errors import TargetRefused
 
     need_tool("mkfs.ext4", "resize2fs", "e2fsck")

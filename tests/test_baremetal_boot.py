@@ -13,8 +13,8 @@ import pytest
 
 from bootdisk import build_boot_disk, partitions
 from diskimages import cli, cli_json
-from imgbackup.engine import boot
-from imgbackup.engine.boot import boot_check
+from imgbackup.engine.verify import qemu as boot
+from imgbackup.engine.verify.qemu import boot_check
 from support import loop_device, need, need_root, need_tool, run, sha256_file
 from test_bootdisk import qemu_holding
 

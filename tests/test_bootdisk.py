@@ -20,8 +20,8 @@ import pytest
 
 from bootdisk import DEFAULT_CACHE, ROOT_LABEL, build_boot_disk, partitions
 from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize
-from imgbackup.engine import boot
-from imgbackup.engine.boot import boot_check
+from imgbackup.engine.verify import qemu as boot
+from imgbackup.engine.verify.qemu import boot_check
 from support import loop_device, need, need_root, need_tool, run
 
 KINDS = ["bios-mbr", "bios-gpt", "uefi"]
@@ -175,7 +175,7 @@ def test_qemu_dies_with_a_killed_caller(disks) -> None:
     """SIGKILL of the process running boot_check must not leave its qemu behind."""
     disk, _ = disks("uefi")
     need_qemu("uefi")
-    code = ("import sys; from imgbackup.engine.boot import boot_check; "
+    code = ("import sys; from imgbackup.engine.verify.qemu import boot_check; "
             "boot_check(sys.argv[1], 'NEVER-PRINTED', timeout=120, firmware='uefi')")
     caller = subprocess.Popen([sys.executable, "-c", code, str(disk)])
     try:

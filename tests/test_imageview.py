@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imgbackup.engine.backup import BackupRequest, run_backup
-from imgbackup.engine.chunks import ChunkReader
+from imgbackup.engine.backup.run import BackupRequest, run_backup
 from imgbackup.engine.imageview import ImageView
 from imgbackup.errors import IntegrityError
+from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.packs import pack_name
 from imgbackup.repository.repo import Repository
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.diskimages import MIB, cli_json
 
-from imgbackup.engine.ingest import ChunkStore
+from imgbackup.engine.backup.ingest import ChunkStore
 from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.repo import Repository
 

@@ -31,9 +31,9 @@ from tests.test_mount_helpers import (
     tree_hashes,
 )
 
-from imgbackup.engine.chunks import ChunkReader
 from imgbackup.engine.imageview import ImageView
-from imgbackup.engine.mountstate import log_path
+from imgbackup.engine.mount.state import log_path
+from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.packs import pack_name
 from imgbackup.repository.repo import Repository
 

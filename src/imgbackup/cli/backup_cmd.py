@@ -9,7 +9,7 @@ import typer
 
 from imgbackup.cli.common import JsonOption, ProgressBar, RepoOption, emit_json, human, open_repo
 from imgbackup.device.source import open_source
-from imgbackup.engine.backup import BackupRequest, run_backup
+from imgbackup.engine.backup.run import BackupRequest, run_backup
 
 
 def backup(

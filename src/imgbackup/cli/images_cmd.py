@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from imgbackup.cli.common import JsonOption, NameOption, RepoOption, YesOption, emit_json, human, open_repo
+from imgbackup.engine.delete import delete_images
 from imgbackup.engine.diff import diff_images
-from imgbackup.engine.prune import delete_images
 from imgbackup.errors import UsageError
 
 

@@ -22,8 +22,8 @@ def mount(
     json_out: JsonOption = False,
 ) -> None:
     """Serve an image read-only through FUSE; returns when the mount is ready unless --foreground."""
-    from imgbackup.engine.mount import MountSession, run_daemon
-    from imgbackup.engine.mountstate import setup_logging
+    from imgbackup.engine.mount.session import MountSession, run_daemon
+    from imgbackup.engine.mount.state import setup_logging
 
     r = open_repo(repo)
     session = MountSession(r, r.images.resolve(image, name), directory, filesystems)
@@ -63,7 +63,7 @@ def _describe(session) -> None:
 def umount(directory: Annotated[str, typer.Argument(help="Directory an image is mounted at.")],
            json_out: JsonOption = False) -> None:
     """Unmount an image: filesystems, loop devices, the FUSE mount and its server process."""
-    from imgbackup.engine.mountstate import unmount
+    from imgbackup.engine.mount.state import unmount
 
     problems = unmount(directory)
     if problems:
@@ -83,7 +83,7 @@ def restore_files(
     json_out: JsonOption = False,
 ) -> None:
     """Copy files and directories out of an image, keeping owners, modes, times, symlinks and xattrs."""
-    from imgbackup.engine.filerestore import restore_files as run
+    from imgbackup.engine.mount.files import restore_files as run
 
     r = open_repo(repo)
     result = run(r, r.images.resolve(image, name), partition, paths, to)

@@ -18,7 +18,8 @@ from imgbackup.cli.common import (
     human,
     open_repo,
 )
-from imgbackup.engine.baremetal import DiskPlan, plan_disk_restore, plan_partition_restore, run_disk_restore
+from imgbackup.engine.restore.plan import DiskPlan, plan_disk_restore, plan_partition_restore
+from imgbackup.engine.restore.run import run_disk_restore
 
 
 def restore(

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from imgbackup.cli.common import JsonOption, NameOption, RepoOption, emit_json, human, open_repo
-from imgbackup.engine.verify import run_verify
+from imgbackup.engine.verify.chunks import run_verify
 from imgbackup.errors import UsageError, VerificationFailed
 
 
@@ -56,7 +56,7 @@ def verify(
 
 def _verify_boot(r, image: str | None, name: str | None, expect: str | None, timeout: float, firmware: str,
                  json_out: bool) -> None:
-    from imgbackup.engine.bootverify import boot_verify
+    from imgbackup.engine.verify.boot import boot_verify
 
     if not image or not expect:
         raise UsageError("--boot needs an IMAGE and --expect TEXT")
@@ -74,7 +74,7 @@ def _verify_boot(r, image: str | None, name: str | None, expect: str | None, tim
 
 
 def _check_filesystems(r, image_id: str):
-    from imgbackup.engine.fscheck import check_filesystems
+    from imgbackup.engine.verify.filesystems import check_filesystems
 
     return check_filesystems(r, image_id)
 

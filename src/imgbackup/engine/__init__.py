@@ -1,1 +1,1 @@
-"""Engines: the pipelines that tie source, repository and target together (backup, restore, verify, mount)."""
+"""Engines: one package per command (backup, restore, mount, verify); what several share sits beside them."""

@@ -19,10 +19,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from imgbackup.engine.chunks import ChunkReader
 from imgbackup.errors import IntegrityError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA
+from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.repo import Repository
 
 DEFAULT_CACHE_BYTES = 64 << 20

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-from imgbackup.engine.mount import FS_MOUNT_OPTIONS, MountSession, Volume, probe_fstype
+from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession, Volume, probe_fstype
 from imgbackup.repository.repo import Repository
 
 CHECKERS = {

@@ -2,45 +2,21 @@
 
 The plan is made (and every refusal raised) before the target is opened: the image's partition
 table is rewritten in memory for the new disk (``relocate_gpt`` / ``resize_mbr``), which proves it
-fits and gives the resulting table for ``--dry-run``. The run then writes, in this order:
-
-1. pre-flight, when the target holds anything (a device or an existing file): every chunk the image
-   needs is authenticated before the target is opened, so a damaged repository cannot leave a
-   half-overwritten disk. A new file has nothing to lose: it skips the pre-flight (saving a full
-   read of the image's packs) and is removed if the restore fails; its chunks are still checked
-   one by one as they are written;
-2. shrink only: the last partition is restored into a sparse temporary file, checked with
-   ``e2fsck -f`` and shrunk with ``resize2fs`` (a refusal naming the bytes needed comes from here,
-   still before the target is opened). Chosen over ``resize2fs`` on the target because the blocks
-   past the new end must be readable while resize2fs moves them, and the target has no room;
-3. the image bytes that stay where they were (all of them, or those before the last partition),
-   zero/unused ranges cleared on devices; with ``delta`` only chunks whose keyed id differs from
-   the target's current chunk are written;
-4. the shrunk filesystem at the last partition's start;
-5. the partition table fitted to the disk (GPT backup header and last usable LBA at the new end,
-   CRCs recomputed; MBR only when a partition changes);
-6. ``grow``: the last partition's filesystem grown by its own tool over a loop device.
+fits and gives the resulting table for ``--dry-run``. ``run.py`` carries the plan out.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from imgbackup.device.identity import identify
 from imgbackup.disklabel import Partition, PartitionTable, read_partition_table
-from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize, relocate_gpt, resize_mbr
-from imgbackup.engine.baremetal_fs import grow_filesystem, shrink_ext_file
-from imgbackup.engine.chunks import ChunkReader
+from imgbackup.disklabel.relocate import relocate_gpt, resize_mbr
 from imgbackup.engine.imageview import ImageView
-from imgbackup.engine.restore import check_digest, clear_unwritten, write_delta, write_slots, zero_nonzero
-from imgbackup.engine.target import Target, inspect_target, logical_sector_size, open_for_writing
-from imgbackup.errors import StorageError, TargetRefused
+from imgbackup.engine.restore.target import Target, inspect_target, logical_sector_size
+from imgbackup.errors import TargetRefused
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.repository.repo import Repository
 
@@ -82,19 +58,6 @@ class DiskPlan:
                 "table": self.table_kind, "partitions": self.partitions, "writes": self.writes,
                 "bytes_to_write": self.bytes_to_write, "warnings": self.warnings}
 
-
-@dataclass
-class BareMetalResult:
-    image: str
-    target: str
-    disk_size: int
-    bytes_read: int
-    bytes_written: int
-    bytes_zeroed: int
-    duration_s: float
-    verified: bool
-    partitions: list[dict]
-    notes: list[str]
 
 
 def _identity(target: Target) -> dict:
@@ -328,100 +291,3 @@ def plan_partition_restore(repo: Repository, image_id: str, number: int, target_
     plan.partitions = [_part_dict(Partition(number, 0, min(size, part.size), part.type_id, part.name), ss)]
     _describe_writes(plan)
     return plan
-
-
-def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, progress=None) -> BareMetalResult:
-    """Carry out a plan (see the module docstring for the order)."""
-    started = time.monotonic()
-    image, target = plan.image, plan.target
-    reader = ChunkReader(repo)
-    notes: list[str] = list(plan.warnings)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
-            tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
-        if target.exists:
-            reader.authenticate_all((bytes(row) for row in image.ids), pool)
-        shrunk = _shrink_in_temp(plan, reader, pool, tmp) if plan.fs_shrink else None
-        fd = open_for_writing(target, plan.disk_size, keep=plan.delta)
-        try:
-            try:
-                read, written, zeroed, verified = _write_target(fd, repo, plan, reader, pool, shrunk, discard,
-                                                                progress, notes)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if plan.window == (0, image.size) and not plan.fs_shrink:
-                check_digest(image, verified, target.path)
-        except BaseException as exc:
-            if not target.exists:  # a file this restore created holds nothing worth keeping
-                os.unlink(target.path)
-            if isinstance(exc, OSError):
-                raise StorageError(f"writing {target.path} failed: {exc.strerror or exc}") from None
-            raise
-    if plan.grow_range:
-        notes.append(grow_filesystem(target.path, *plan.grow_range))
-    return BareMetalResult(image.id, target.path, plan.disk_size, read, written, zeroed,
-                           round(time.monotonic() - started, 3), True, plan.partitions, notes)
-
-
-def _write_target(fd: int, repo: Repository, plan: DiskPlan, reader: ChunkReader, pool: ThreadPoolExecutor,
-                  shrunk: str | None, discard: bool, progress, notes: list[str]) -> tuple[int, int, int, np.ndarray]:
-    """Steps 3-5 of the module docstring; (bytes read, written, zeroed, the verified ids)."""
-    image = plan.image
-    read = zeroed = 0
-    if plan.delta:
-        read, written, zeroed, verified = write_delta(fd, image, repo.keys.id_key, reader, pool, progress)
-    else:
-        written, verified = write_slots(fd, image, reader, pool, window=plan.window, shift=plan.shift,
-                                        progress=progress)
-        if plan.target.is_block_device:
-            zeroed = clear_unwritten(fd, image, discard, plan.window, plan.shift)
-    if shrunk:
-        w, z = _copy_file_into(fd, shrunk, plan.fs_shrink[0] - plan.shift)
-        written, zeroed = written + w, zeroed + z
-        notes.append(f"filesystem shrunk by resize2fs to {plan.fs_shrink[2]} bytes")
-    _fit_table(fd, plan)
-    return read, written, zeroed, verified
-
-
-def _shrink_in_temp(plan: DiskPlan, reader: ChunkReader, pool: ThreadPoolExecutor, tmp: str) -> str:
-    start, length, new_len = plan.fs_shrink
-    path = os.path.join(tmp, "partition.img")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.ftruncate(fd, length)
-        write_slots(fd, plan.image, reader, pool, window=(start, start + length), shift=start)
-    finally:
-        os.close(fd)
-    shrink_ext_file(path, new_len, start - plan.shift + (GPT_TAIL_SECTORS * plan.sector_size
-                                                         if plan.table_kind == "gpt" else 0))
-    return path
-
-
-def _copy_file_into(fd: int, path: str, offset: int) -> tuple[int, int]:
-    """Copy a (sparse) file to ``offset``: data written, all-zero blocks zeroed only where not zero."""
-    written = zeroed = 0
-    with open(path, "rb") as f:
-        pos = 0
-        while block := f.read(4 * MIB):
-            if block.count(0) == len(block):
-                zeroed += zero_nonzero(fd, offset + pos, offset + pos + len(block))
-            else:
-                os.pwrite(fd, block, offset + pos)
-                written += len(block)
-            pos += len(block)
-    return written, zeroed
-
-
-def _fit_table(fd: int, plan: DiskPlan) -> None:
-    if not plan.relocate or plan.mode != "disk":
-        return
-    ss = plan.sector_size
-    old, new = plan.image.size // ss, plan.disk_size // ss
-    grow = plan.grow_range is not None
-    try:
-        if plan.table_kind == "gpt":
-            apply_gpt_relocation(fd, old, new, ss, grow, plan.last_end_lba)
-        elif grow or plan.last_end_lba is not None:
-            apply_mbr_resize(fd, old, new, ss, grow, plan.last_end_lba)
-    except ValueError as exc:  # the same rewrite succeeded in memory during planning
-        raise StorageError(f"fitting the partition table failed: {exc}") from None

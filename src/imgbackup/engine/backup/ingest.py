@@ -20,12 +20,12 @@ import numpy as np
 
 from imgbackup._core import scan
 from imgbackup.device.source import Source
-from imgbackup.engine.chunks import ChunkReader
-from imgbackup.engine.reader import Segment, SegmentReader
-from imgbackup.engine.readplan import ReadPlan
+from imgbackup.engine.backup.plan import ReadPlan
+from imgbackup.engine.backup.reader import Segment, SegmentReader
 from imgbackup.errors import IntegrityError, SourceError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import OBJ_CHUNK, SLOT_DATA
+from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.packs import PackWriter
 from imgbackup.repository.repo import Repository
 

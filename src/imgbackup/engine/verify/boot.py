@@ -13,8 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Literal
 
-from imgbackup.engine.boot import boot_check
-from imgbackup.engine.mount import MountSession
+from imgbackup.engine.mount.session import MountSession
+from imgbackup.engine.verify.qemu import boot_check
 from imgbackup.repository.repo import Repository
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from imgbackup.disklabel import read_partition_table
 from imgbackup.disklabel.mbr import is_extended
 from imgbackup.engine.imageview import ImageView
-from imgbackup.engine.mountstate import (
+from imgbackup.engine.mount.state import (
     MountState,
     ProcessRef,
     drop_log,

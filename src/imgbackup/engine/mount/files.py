@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from imgbackup.engine.mount import FS_MOUNT_OPTIONS, MountSession, probe_fstype
+from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession, probe_fstype
 from imgbackup.errors import IntegrityError, TargetRefused, UsageError
 from imgbackup.repository.repo import Repository
 

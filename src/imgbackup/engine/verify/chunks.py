@@ -8,8 +8,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from imgbackup.engine.chunks import ChunkReader
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
+from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.repo import Repository
 
 

@@ -17,9 +17,9 @@ import numpy as np
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
 from imgbackup.device.source import Source, open_source
-from imgbackup.engine.changelist import read_change_list
-from imgbackup.engine.ingest import ChunkStore, Ingest, ParentMatch
-from imgbackup.engine.readplan import ReadPlan, plan_reads
+from imgbackup.engine.backup.changelist import read_change_list
+from imgbackup.engine.backup.ingest import ChunkStore, Ingest, ParentMatch
+from imgbackup.engine.backup.plan import ReadPlan, plan_reads
 from imgbackup.errors import SourceError, UsageError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO

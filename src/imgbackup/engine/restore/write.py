@@ -2,7 +2,7 @@
 
 Each chunk is decrypted, decompressed and checked against its keyed id before it is written; the
 written ids together must give the index digest. The disk-level order (pre-flight, table) is
-baremetal.py's.
+run.py's.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from imgbackup._core import scan
-from imgbackup.engine.chunks import ChunkReader
+from imgbackup.engine.restore.target import zero_out
 from imgbackup.engine.slots import byte_extents, slot_runs
-from imgbackup.engine.target import zero_out
 from imgbackup.errors import VerificationFailed
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA
+from imgbackup.repository.chunkreader import ChunkReader
 
 LOOKAHEAD_CHUNKS = 32
 WRITEBACK_BYTES = 64 << 20

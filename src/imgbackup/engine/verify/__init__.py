@@ -1,0 +1,1 @@
+"""``imgbackup verify``: chunks authenticated, filesystems checked by their own tools, and a QEMU boot."""
