@@ -7,12 +7,15 @@ typing Ctrl-C (``\\x03``) makes the kernel send SIGINT to it, exactly as at a re
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import re
 import select
 import signal
+import struct
 import sys
+import termios
 import time
 
 from tests.diskimages import cli_env
@@ -31,6 +34,7 @@ class Terminal:
                 os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
         self.output = b""
         self.returncode: int | None = None
         self._seen = 0      # expect() searches the text after its last match

@@ -258,3 +258,61 @@ def test_unknown_partitions_are_imaged_in_full_with_a_warning(tmp_path: Path, ki
     assert any(expected in w for w in info["warnings"])
     listed = cli("list", repo=repo).stdout
     assert "in full: 2" in listed
+
+
+def test_backup_progress_total_is_what_will_be_read(tmp_path: Path) -> None:
+    disk = make_gpt_disk(tmp_path / "disk.img", 64)
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    with Terminal("backup", disk["path"], repo=repo) as term:
+        assert term.wait() == 0
+    read = re.search(r"read ([\d.]+) MiB of 64.0 MiB", term.text)
+    assert read and float(read[1]) < 32, term.text         # used blocks only: far less than the disk
+    bars = re.findall(r"backup: +(\d+)%\|[^|]*\| *([\d.]+)M/([\d.]+)M ", term.text)
+    assert bars, term.text
+    percent, done, total = bars[-1]
+    assert (percent, done, total) == ("100", read[1], read[1])   # it ends at 100 %, not at 23 %
+
+
+def test_dirty_journal_fall_back_is_recorded_shown_and_marked(tmp_path: Path) -> None:
+    disk = make_gpt_disk(tmp_path / "disk.img", 64)
+    ext = disk["partitions"][0]
+    with open(disk["path"], "r+b") as f:   # set needs_recovery (incompat 0x4), as a crash mid-journal leaves it
+        f.seek(ext["offset"] + 1024 + 96)
+        incompat = int.from_bytes(f.read(4), "little")
+        f.seek(ext["offset"] + 1024 + 96)
+        f.write((incompat | 0x4).to_bytes(4, "little"))
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    backup = cli("backup", disk["path"], repo=repo)
+    assert backup.returncode == 0 and "partition 1: ext journal needs recovery" in backup.stderr
+    info = cli_json("info", "latest", repo=repo)
+    assert any("partition 1: ext journal needs recovery" in w for w in info["warnings"])
+    region = next(r for r in info["used_map"]["regions"] if r["partition"] == 1)
+    assert region["mode"] == "full" and "journal needs recovery" in region["warning"]
+    text = cli("info", "latest", repo=repo).stdout
+    assert re.search(r"^warning +partition 1: ext journal needs recovery", text, re.M)
+    header = next(line for line in text.splitlines() if line.split()[:2] == ["START", "SIZE"])
+    row = next(_columns(header, line) for line in text.splitlines() if _columns(header, line).get("PART") == "1")
+    assert row["IMAGED"] == "in full" and "journal needs recovery" in row["WHY IN FULL"]
+    listed = cli("list", repo=repo).stdout
+    assert "in full: 1" in listed and "'imgbackup info ID' says why" in listed
+    assert cli_json("list", repo=repo)["images"][0]["imaged_in_full"][0]["partition"] == 1
+
+
+def test_mount_refuses_a_non_empty_mount_point(tmp_path: Path) -> None:
+    need_root()
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    cli_json("backup", random_image(tmp_path / "s.img", MIB), repo=repo)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "precious.txt").write_text("do not hide me")
+    proc = cli("mount", "latest", mnt, repo=repo)
+    assert proc.returncode == 2 and "is not empty" in proc.stderr, proc.stderr
+    assert str(mnt) not in Path("/proc/mounts").read_text()
+    doc = json.loads(cli("mount", "latest", mnt, "--json", repo=repo).stdout)["error"]
+    assert doc["kind"] == "usage_error" and doc["exit_code"] == 2
+    foreground = cli("mount", "latest", mnt, "--foreground", repo=repo)
+    assert foreground.returncode == 2 and "is not empty" in foreground.stderr
+    assert (mnt / "precious.txt").read_text() == "do not hide me"

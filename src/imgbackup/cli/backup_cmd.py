@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from imgbackup.cli.common import JsonOption, ProgressBar, RepoOption, emit_json, human, open_repo
-from imgbackup.device.source import open_source
 from imgbackup.engine.backup.run import BackupRequest, run_backup
 
 
@@ -32,12 +31,10 @@ def backup(
 ) -> None:
     """Back up a disk, partition or image file into the repository."""
     r = open_repo(repo)
-    with open_source(source) as src:
-        size = src.size
-    bar = ProgressBar("backup", not json_out, size)
+    bar = ProgressBar("backup", not json_out)   # its total is what the plan will read, not the source size
     try:
         result = run_backup(r, BackupRequest(
-            source, name, backup_type, allow_mounted, bar.update, all_blocks=all_blocks,
+            source, name, backup_type, allow_mounted, bar.update, bar.start, all_blocks=all_blocks,
             changed_blocks=changed_blocks, change_granularity=change_granularity,
             verify_unchanged=verify_unchanged))
     finally:

@@ -98,8 +98,13 @@ class ProgressBar:
             return
         from tqdm import tqdm
 
+        try:   # a serial console reports a 0x0 size, and tqdm then draws nothing at all
+            sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
+        except OSError:
+            sized = False
         self._bar = tqdm(total=total, desc=self.desc, unit="B", unit_scale=True, unit_divisor=1024,
-                         file=sys.stderr, dynamic_ncols=True)
+                         file=sys.stderr, dynamic_ncols=sized, ncols=None if sized else 80,
+                         nrows=None if sized else 24)
 
     def update(self, n: int) -> None:
         if self._bar is not None:

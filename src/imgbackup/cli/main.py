@@ -51,7 +51,8 @@ app = typer.Typer(
 
 # What is true when a command is interrupted before its own code says more (interrupts.set_status).
 INITIAL_STATUS = {"init": "no repository was created", "backup": "nothing was added to the repository",
-                  "delete": "nothing was deleted", "restore": "nothing was written"}
+                  "delete": "nothing was deleted", "restore": "nothing was written",
+                  "restore-files": "nothing was copied"}
 
 
 # Which module defines which commands: a run imports only its command's module (and what that
@@ -81,7 +82,9 @@ def _guarded(name: str, callback):
         interrupts.set_status(INITIAL_STATUS.get(name, "nothing was changed"))
         try:
             return callback(*args, **kwargs)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, typer.Abort) as exc:   # click's prompts turn Ctrl-C into Abort
+            if isinstance(exc, typer.Abort) and interrupts.received() is None:
+                raise
             raise Interrupted(f"{name} interrupted: {interrupts.status()}") from None
 
     return run_command

@@ -39,7 +39,6 @@ def init(
     """Create a new repository."""
     r = Repository.init(repo_path(repo), lambda: read_passphrase(confirm=True), encryption, chunk_size, zstd_level,
                         weak_passphrase=weak_passphrase)
-    interrupts.set_status(f"the repository {r.location} was created")
     keep_safe = ("keep the passphrase safe, apart from the repository: without it no image can ever be read"
                  if r.encrypted else "this repository is not encrypted: anyone who can read it can read the images")
     doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
@@ -190,7 +189,9 @@ def _print_info(meta: dict, stats: ImageStats) -> None:
 
 def break_lock_cmd(repo: RepoOption = None, json_out: JsonOption = False) -> None:
     """Remove a repository lock left behind by a process that is gone."""
-    held = break_lock(LocalStorage(repo_path(repo)))
+    with interrupts.deferred():   # one delete: the lock is gone or still there, and the status says which
+        held = break_lock(LocalStorage(repo_path(repo)))
+        interrupts.set_status(f"the lock held by {held.describe()} was removed" if held else "it was not locked")
     if json_out:
         emit_json({"removed": held.__dict__ if held else None})
     else:

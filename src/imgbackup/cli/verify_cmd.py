@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, NameOption, RepoOption, emit_json, human, open_repo
+from imgbackup.cli.common import JsonOption, NameOption, ProgressBar, RepoOption, emit_json, human, open_repo
 from imgbackup.engine.verify.chunks import run_verify
 from imgbackup.errors import UsageError, VerificationFailed
 
@@ -33,7 +33,11 @@ def verify(
     if filesystems and not image:
         raise UsageError("--filesystems needs an IMAGE (an id prefix or 'latest')")
     ids = [r.images.resolve(image, name)] if image else None
-    report = run_verify(r, ids)
+    bar = ProgressBar("verify", not json_out)
+    try:
+        report = run_verify(r, ids, progress=bar.update, progress_total=bar.start)
+    finally:
+        bar.close()
     fs = _check_filesystems(r, ids[0]) if filesystems else None
     if json_out:
         emit_json(report.to_dict() | ({"filesystems": fs.to_dict()} if fs else {}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from imgbackup import interrupts
 from imgbackup.errors import IntegrityError, UnsupportedFormat
 from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name
@@ -42,17 +43,30 @@ def _referenced(repo: Repository) -> set[bytes] | None:
 def delete_images(repo: Repository, image_ids: list[str]) -> DeleteResult:
     started = time.monotonic()
     result = DeleteResult(deleted=list(image_ids))
+    deleted: list[str] = []
     with repo.lock("delete"):
         repo.remove_temp_files()
+        interrupts.set_status(lambda: _interrupted_state(deleted, image_ids))
         for image_id in image_ids:
-            repo.images.delete(image_id)
+            with interrupts.deferred():   # deleted, and the status says so
+                repo.images.delete(image_id)
+                deleted.append(image_id)
         live = _referenced(repo)
         if live is None:
             result.warnings.append("an image index is damaged, so no chunks were collected; run 'imgbackup verify'")
         else:
             _collect(repo, live, result)
+        interrupts.set_status(f"{len(deleted)} image(s) deleted and the space only they used freed")
     result.duration_s = round(time.monotonic() - started, 3)
     return result
+
+
+def _interrupted_state(deleted: list[str], wanted: list[str]) -> str:
+    if not deleted:
+        return "nothing was deleted"
+    names = ", ".join(i[:12] for i in deleted)
+    done = f"{len(deleted)} of {len(wanted)} image(s) deleted ({names})"
+    return f"{done}; the space they used is not all freed yet (a later 'imgbackup delete' frees it)"
 
 
 def _collect(repo: Repository, live: set[bytes], result: DeleteResult) -> None:

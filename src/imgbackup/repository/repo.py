@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imgbackup import __version__
+from imgbackup import __version__, interrupts
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
 from imgbackup.errors import (
@@ -75,10 +75,12 @@ class Repository:
             raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
                              "choose a longer one, or pass --weak-passphrase to accept it")
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
-        storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
-        for folder in ("packs", "index", "images", "locks"):
-            (root / folder).mkdir(parents=True, exist_ok=True)
-        storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))
+        with interrupts.deferred():   # a few small writes: a repository is made whole or not begun
+            storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
+            for folder in ("packs", "index", "images", "locks"):
+                (root / folder).mkdir(parents=True, exist_ok=True)
+            storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))
+            interrupts.set_status(f"the repository {root} was created")
         return cls(storage, config, keys, str(root))
 
     @classmethod

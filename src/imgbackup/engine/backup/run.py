@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imgbackup import interrupts
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
 from imgbackup.device.source import Source, open_source
@@ -24,6 +25,7 @@ from imgbackup.errors import SourceError, UsageError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
 from imgbackup.repository.repo import Repository
+from imgbackup.units import iec
 
 BACKUP_TYPES = ("auto", "full", "incremental", "differential")
 
@@ -35,6 +37,7 @@ class BackupRequest:
     backup_type: str = "auto"
     allow_mounted: bool = False
     progress: Callable[[int], None] | None = None
+    progress_total: Callable[[int], None] | None = None   # told the bytes to read, once planned
     all_blocks: bool = False
     changed_blocks: str | None = None
     change_granularity: int | None = None
@@ -117,8 +120,11 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         plan = plan_reads(source, req.source, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
+        if req.progress_total:
+            req.progress_total(sum(length for _, length in plan.ranges(chunk, source.size)))
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
             store = ChunkStore(repo)
+            interrupts.set_status(lambda: _nothing_added(store))
             match = ParentMatch(repo, plan, parent)
             ingest = Ingest(repo, source, plan, store, match, pool)
             try:
@@ -141,9 +147,11 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
             type=btype, parent=parent.id if parent else None, name=name,
             source=_source_meta(req.source, source), slots=len(kinds),
             used_map={"enabled": not req.all_blocks, "regions": plan.regions},
-            changed_blocks=req.changed_blocks)
+            changed_blocks=req.changed_blocks, warnings=warnings)
         index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
-        stored += repo.images.write(index)
+        with interrupts.deferred():   # the image exists or not, and the status says which
+            stored += repo.images.write(index)
+            interrupts.set_status(f"image {meta['id']} was stored complete")
     return BackupResult(
         id=meta["id"], type=btype, parent=meta["parent"], name=name, source=req.source,
         source_size=source.size, bytes_read=bytes_read, bytes_stored=stored,
@@ -152,6 +160,16 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         chunks_unused=int(np.count_nonzero(kinds == SLOT_UNUSED)),
         chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), warnings=warnings,
     )
+
+
+def _nothing_added(store: ChunkStore) -> str:
+    """The state of an interrupted backup: no image; packs it committed are garbage until collected."""
+    written = store.packs.written
+    if not written:
+        return "nothing was added to the repository"
+    packs = len({loc.pack_id for loc in written.values()})
+    return (f"nothing was added to the repository; the {packs} pack(s) ({iec(store.packs.bytes_written)}) "
+            "it had written are referenced by no image and reclaimable")
 
 
 def _change_mask(req: BackupRequest, source: Source, chunk: int, parent: ImageIndex | None) -> np.ndarray | None:

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+from imgbackup import interrupts
 from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession, probe_fstype
 from imgbackup.errors import IntegrityError, TargetRefused, UsageError
 from imgbackup.repository.repo import Repository
@@ -71,17 +72,27 @@ def restore_files(repo: Repository, image_id: str, partition: int, paths: list[s
                     raise IntegrityError(f"partition {partition} ({fstype}) cannot be mounted: {vol.note}")
                 root = Path(tmp, "fs", vol.name)
                 for rel in rels:
+                    _copying(result, rel, len(rels))
                     _copy(["cp", "-a", "--", str(_inside(root, rel)), str(dest / rel.name)], rel)
                     result.copied.append(f"/{rel}")
             elif fstype == "vfat":
                 for rel in rels:
+                    _copying(result, rel, len(rels))
                     _copy(["mcopy", "-s", "-p", "-m", "-n", "-i", session.volume_file(vol), f"::/{rel}",
                            str(dest / rel.name)], rel)
                     result.copied.append(f"/{rel}")
             else:
                 raise UsageError(f"partition {partition} holds {fstype or 'no known filesystem'}; "
                                  "files can be restored from ext2/3/4, xfs, btrfs and FAT")
+    interrupts.set_status(f"all {len(rels)} copied to {dest}")
     return result
+
+
+def _copying(result: FileRestoreResult, rel: PurePosixPath, wanted: int) -> None:
+    """What an interrupt leaves: the items copied so far, and the one under way partial."""
+    done = f"{len(result.copied)} of {wanted} copied to {result.to}"
+    done += f" ({', '.join(result.copied)})" if result.copied else ""
+    interrupts.set_status(f"{done}; /{rel}, being copied, is incomplete there")
 
 
 def _copy(cmd: list[str], rel: PurePosixPath) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imgbackup import interrupts
 from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize
 from imgbackup.engine.restore.plan import GPT_TAIL_SECTORS, MIB, DiskPlan
 from imgbackup.engine.restore.resize import grow_filesystem, shrink_ext_file
@@ -64,11 +65,13 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, pr
     image, target = plan.image, plan.target
     reader = ChunkReader(repo)
     notes: list[str] = list(plan.warnings)
+    interrupts.set_status(f"{target.path} was not changed" if target.exists else f"{target.path} was not created")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
             tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
         if target.exists:
             reader.authenticate_all((bytes(row) for row in image.ids), pool)
         shrunk = _shrink_in_temp(plan, reader, pool, tmp) if plan.fs_shrink else None
+        interrupts.set_status(f"{target.path} is partly written and not usable")
         fd = open_for_writing(target, plan.disk_size, keep=plan.delta)
         try:
             try:
@@ -82,11 +85,15 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, pr
         except BaseException as exc:
             if not target.exists:  # a file this restore created holds nothing worth keeping
                 os.unlink(target.path)
+                interrupts.set_status(f"{target.path}, the new file it was writing, was removed")
             if isinstance(exc, OSError):
                 raise StorageError(f"writing {target.path} failed: {exc.strerror or exc}") from None
             raise
     if plan.grow_range:
+        interrupts.set_status(f"{target.path} holds the image; growing its last filesystem did not finish "
+                              "(check it with its fsck)")
         notes.append(grow_filesystem(target.path, *plan.grow_range))
+    interrupts.set_status(f"{target.path} was fully restored")
     return BareMetalResult(image.id, target.path, plan.disk_size, read, written, zeroed,
                            round(time.monotonic() - started, 3), True, plan.partitions, notes)
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from imgbackup import interrupts
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.repo import Repository
@@ -49,44 +50,82 @@ class VerifyReport:
 MAX_ERRORS_PER_IMAGE = 50
 
 
+class _Tally:
+    """How far a verify got: the line an interrupted run ends with."""
+
+    def __init__(self, total: int, unreadable: int) -> None:
+        self.total, self.unreadable = total, unreadable
+        self.checked = self.bad = 0
+
+    def describe(self) -> str:
+        found = []
+        if self.bad:
+            found.append(f"{self.bad} damaged chunk(s)")
+        if self.unreadable:
+            found.append(f"{self.unreadable} unreadable image index(es)")
+        so_far = " and ".join(found) + " so far" if found else "no problems so far"
+        return f"{self.checked} of {self.total} chunks checked, {so_far}"
+
+
+def _load(repo: Repository, ids: list[str]) -> list[tuple[ImageCheck, set[bytes] | None]]:
+    out = []
+    for image_id in ids:
+        check = ImageCheck(image_id, None)
+        try:
+            index = repo.images.load(image_id)
+        except (IntegrityError, UnsupportedFormat, ImageNotFound) as exc:
+            check.errors.append(exc.args[0])
+            out.append((check, None))
+            continue
+        check.name = index.meta.get("name")
+        out.append((check, index.unique_ids()))
+    return out
+
+
 def run_verify(repo: Repository, image_ids: list[str] | None = None,
-               progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Check the given images (all when None); each chunk shared by several images is read once."""
+               progress: Callable[[int], None] | None = None,
+               progress_total: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check the given images (all when None); each chunk shared by several images is read once.
+
+    ``progress_total`` is told the bytes to check (plaintext) before the first chunk is read.
+    """
     started = time.monotonic()
     ids = image_ids if image_ids is not None else repo.images.ids()
     if image_ids is None and not ids:
         return VerifyReport([], 0, 0, 0.0)
     reader = ChunkReader(repo)
+    loaded = _load(repo, ids)
+    everything = set().union(*(wanted for _, wanted in loaded if wanted is not None))
+    tally = _Tally(len(everything), sum(wanted is None for _, wanted in loaded))
+    interrupts.set_status(tally.describe)
+    if progress_total:
+        progress_total(sum(loc.raw_length for cid in everything if (loc := reader.index.get(cid))))
     results: dict[bytes, str | None] = {}
-    checks = []
     total_bytes = 0
+
+    def one(cid: bytes) -> tuple[bytes, str | None, int]:
+        try:
+            return cid, None, len(reader.read(cid))
+        except IntegrityError as exc:
+            return cid, exc.args[0], 0
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-verify") as pool:
-        for image_id in ids:
-            check = ImageCheck(image_id, None)
-            checks.append(check)
-            try:
-                index = repo.images.load(image_id)
-            except (IntegrityError, UnsupportedFormat, ImageNotFound) as exc:
-                check.errors.append(exc.args[0])
+        for check, wanted in loaded:
+            if wanted is None:
                 continue
-            check.name = index.meta.get("name")
-            todo = [cid for cid in index.unique_ids() if cid not in results]
-
-            def one(cid: bytes) -> tuple[bytes, str | None, int]:
-                try:
-                    return cid, None, len(reader.read(cid))
-                except IntegrityError as exc:
-                    return cid, exc.args[0], 0
-
-            for cid, err, size in pool.map(one, todo):
+            for cid, err, size in pool.map(one, [cid for cid in wanted if cid not in results]):
                 results[cid] = err
                 total_bytes += size
+                tally.checked += 1
+                tally.bad += err is not None
                 if progress:
                     progress(size)
-            check.chunks = len(index.unique_ids())
-            for cid in index.unique_ids():
+            check.chunks = len(wanted)
+            for cid in wanted:
                 if results[cid] is not None:
                     check.bad_chunks += 1
                     if len(check.errors) < MAX_ERRORS_PER_IMAGE:
                         check.errors.append(results[cid])
-    return VerifyReport(checks, len(results), total_bytes, round(time.monotonic() - started, 3))
+    interrupts.set_status("nothing was changed")
+    return VerifyReport([check for check, _ in loaded], len(results), total_bytes,
+                        round(time.monotonic() - started, 3))
