@@ -14,7 +14,7 @@ from imgbackup import interrupts
 from imgbackup.cli.output import emit_json  # noqa: F401  (the commands' one way to print JSON)
 from imgbackup.errors import PassphraseMissing, UsageError, WrongPassphrase
 from imgbackup.repository.repo import Repository
-from imgbackup.units import iec, local_time  # noqa: F401
+from imgbackup.units import iec
 
 RepoOption = Annotated[
     str | None,

@@ -73,6 +73,8 @@ def umount(directory: Annotated[str, typer.Argument(help="Directory an image is 
     """Unmount an image: filesystems, loop devices, the FUSE mount and its server process."""
     from imgbackup.engine.mount.state import unmount
 
+    interrupts.set_status(f"the mount at {directory} may be partly taken down ('imgbackup umount {directory}' "
+                          "again finishes it)")
     problems = unmount(directory)
     if problems:
         raise StorageError("; ".join(problems))

@@ -13,7 +13,6 @@ from imgbackup.cli.common import (
     RepoOption,
     emit_json,
     human,
-    local_time,
     open_repo,
     print_table,
     read_passphrase,
@@ -24,6 +23,7 @@ from imgbackup.repository.lock import break_lock
 from imgbackup.repository.repo import DEFAULT_CHUNK_SIZE, MIN_PASSPHRASE_LENGTH, Repository
 from imgbackup.repository.stats import ImageStats, image_stats
 from imgbackup.repository.storage import LocalStorage
+from imgbackup.units import local_time
 
 
 def init(
@@ -55,10 +55,6 @@ def _fallbacks(meta: dict) -> list[dict]:
     """Regions a backup imaged in full because it could not trust (or did not know) their content."""
     regions = (meta.get("used_map") or {}).get("regions") or []
     return [r for r in regions if isinstance(r, dict) and r.get("warning")]
-
-
-def _where(region: dict) -> str:
-    return f"partition {region['partition']}" if region.get("partition") is not None else "the whole source"
 
 
 def _row(meta: dict, stats: ImageStats | None) -> dict:
