@@ -18,6 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE / "tests"))
 sys.path.insert(0, str(HERE / "src"))
+sys.path.insert(0, str(HERE))          # bootdisk uses tests.disks for its loop device and mount
 
 import bootdisk  # noqa: E402  (lives in tests/, found through the path set above)
 

@@ -24,9 +24,10 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.disks import loop_device, mounted
 
 DEFAULT_CACHE = Path(os.environ.get("IMGBACKUP_TEST_CACHE", "/var/cache/imgbackup-test"))
 ROOT_LABEL = "ibroot"
@@ -246,28 +247,6 @@ def _mkfs_root(disk: Path, start: int, sectors: int, stage: Path) -> None:
          "-E", f"offset={start * SECTOR},nodiscard", "-d", stage, disk, f"{sectors * SECTOR // 1024}k")
 
 
-@contextlib.contextmanager
-def _loop_mounted(disk: Path, start: int, sectors: int, mnt: Path) -> Iterator[Path]:
-    """Mount one partition of ``disk`` through its own loop device; always detach it."""
-    dev = _run("losetup", "--find", "--show", "--offset", str(start * SECTOR),
-               "--sizelimit", str(sectors * SECTOR), disk, text=True).stdout.strip()
-    try:
-        mnt.mkdir(parents=True, exist_ok=True)
-        _run("mount", "-t", "ext4", dev, mnt)
-        try:
-            yield mnt
-        finally:
-            for _ in range(50):
-                if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
-                    break
-                time.sleep(0.1)
-    finally:
-        for _ in range(50):
-            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-
-
 def _syslinux_file(name: str) -> Path:
     for d in ("/usr/lib/syslinux/mbr", "/usr/lib/syslinux", "/usr/share/syslinux"):
         if (Path(d) / name).exists():
@@ -287,7 +266,8 @@ def _install_bios(disk: Path, kind: str, root: dict, kdir: Path, initrd: Path, t
     The kernel is copied through a mount with ``--sparse=never``: ``mkfs -d`` would leave
     holes for zero blocks, and syslinux fails on sparse files ("I/O error").
     """
-    with _loop_mounted(disk, root["start"], root["size"], tmp / "mnt") as mnt:
+    with loop_device(disk, offset=root["start"] * SECTOR, sizelimit=root["size"] * SECTOR) as dev, \
+            mounted(dev, tmp / "mnt", "rw") as mnt:
         (mnt / "boot/syslinux").mkdir(parents=True)
         for src, dst in ((kdir / "vmlinuz", "vmlinuz"), (initrd, "initrd.img")):
             _run("cp", "--sparse=never", src, mnt / "boot" / dst)

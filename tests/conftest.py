@@ -1,5 +1,4 @@
 import os
-import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -12,16 +11,27 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 # Cheap KDF parameters for repositories created by tests; recorded in each key file.
 os.environ.setdefault("IMGBACKUP_TEST_CHEAP_KDF", "1")
 
+# The engine tests that run every kernel (scan, bitmap) through backup, fsmap, mount and restore:
+# ``-m core_reference`` with IMGBACKUP_CORE=reference runs them on the pure-Python references
+# (scripts/test.sh does, ~2 minutes). test_core_kernels compares the two and stays out.
+CORE_REFERENCE_MODULES = {"test_core_reference", "test_ingest", "test_imageview", "test_fsmap_disk",
+                          "test_fsmap_ext", "test_fsmap_fat", "test_roundtrip_disk", "test_baremetal"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in CORE_REFERENCE_MODULES:
+            item.add_marker(pytest.mark.core_reference)
+
 
 @pytest.fixture
 def no_leaks():
     """Fails the test if it leaves a loop device or mount of this session behind."""
-    from tests.test_mount_helpers import system_state
+    from tests.disks import system_state
+
+    from imgbackup.device.tools import wait_until
 
     before = system_state()
     yield
-    for _ in range(20):
-        if system_state() == before:
-            break
-        time.sleep(0.1)
+    wait_until(lambda: system_state() == before, 2, 0.1)   # a just-closed loop is released within ~1 s
     assert system_state() == before, "a loop device or mount was left behind"

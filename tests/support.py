@@ -1,21 +1,22 @@
-"""Shared test helpers: real loop devices and disk images, cleaned up by their own names.
+"""Shared test helpers: requirements, running tools, and the CLI as a user runs it.
 
 ``need(cond, why)`` skips a test on a developer machine that lacks a part, but fails it
-under CI=true, where every real part must be present.
+under CI=true, where every real part must be present. Disks, loop devices and mounts are in
+``tests/disks.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
+import sys
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+MIB = 1 << 20
 
 
 def need(condition: bool, why: str) -> None:
@@ -39,69 +40,6 @@ def run(*args: str | os.PathLike, check: bool = True, **kw) -> subprocess.Comple
     return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kw)
 
 
-@contextlib.contextmanager
-def loop_device(image: Path, partitions: bool = False, read_only: bool = False,
-                offset: int | None = None, sizelimit: int | None = None,
-                sector_size: int | None = None) -> Iterator[str]:
-    """Attach ``image`` to a new loop device; with ``partitions`` add pN nodes via partx.
-
-    Always detaches the device it created (partx -d first), even when the body fails.
-    """
-    need_root()
-    need(Path("/dev/loop-control").exists(), "needs loop devices")
-    cmd = ["losetup", "--find", "--show"]
-    if read_only:
-        cmd.append("--read-only")
-    if offset is not None:
-        cmd += ["--offset", str(offset)]
-    if sizelimit is not None:
-        cmd += ["--sizelimit", str(sizelimit)]
-    if sector_size is not None:
-        cmd += ["--sector-size", str(sector_size)]
-    dev = run(*cmd, str(image)).stdout.strip()
-    try:
-        if partitions:
-            run("partx", "-a", dev, check=False)
-        yield dev
-    finally:
-        if partitions:
-            run("partx", "-d", dev, check=False)
-        for _ in range(20):
-            if run("losetup", "-d", dev, check=False).returncode == 0:
-                break
-            import time
-
-            time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def mounted(device: str, mountpoint: Path, options: str = "ro") -> Iterator[Path]:
-    """Mount ``device`` at ``mountpoint`` for the body; always unmounts it."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    run("mount", "-o", options, device, mountpoint)
-    try:
-        yield mountpoint
-    finally:
-        for _ in range(20):
-            if run("umount", mountpoint, check=False).returncode == 0:
-                break
-            import time
-
-            time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def small_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` (``1m``…) at ``mountpoint``: a disk that fills up; always unmounted."""
-    need_root()
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mountpoint)
-    try:
-        yield mountpoint
-    finally:
-        run("umount", mountpoint, check=False)
-
-
 def sha256_file(path: str | os.PathLike, size: int | None = None) -> str:
     import hashlib
 
@@ -119,3 +57,29 @@ def sha256_file(path: str | os.PathLike, size: int | None = None) -> str:
             if remaining is not None:
                 remaining -= len(block)
     return h.hexdigest()
+
+
+def cli_env(repo: str | os.PathLike | None = None, passphrase: str | None = "test-pass", **extra: str) -> dict:
+    """The environment for one CLI run: repository, passphrase and the cheap test KDF."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGBACKUP_") or k == "IMGBACKUP_CORE"}
+    env["IMGBACKUP_TEST_CHEAP_KDF"] = "1"
+    if repo is not None:
+        env["IMGBACKUP_REPO"] = str(repo)
+    if passphrase is not None:
+        env["IMGBACKUP_PASSPHRASE"] = passphrase
+    env.update(extra)
+    return env
+
+
+def cli(*args: str | os.PathLike, repo: str | os.PathLike | None = None, passphrase: str | None = "test-pass",
+        timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
+    """Run ``python -m imgbackup ARGS`` as a user would, without a terminal; never raises on failure."""
+    return subprocess.run([sys.executable, "-m", "imgbackup", *map(str, args)], env=cli_env(repo, passphrase, **extra),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_json(*args: str | os.PathLike, repo: str | os.PathLike | None = None, **kw) -> dict:
+    """Run a command with --json that must succeed; its parsed document."""
+    proc = cli(*args, "--json", repo=repo, **kw)
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}: {proc.stderr}"
+    return json.loads(proc.stdout)

@@ -18,7 +18,7 @@ import sys
 import termios
 import time
 
-from tests.diskimages import cli_env
+from tests.support import cli_env
 
 CTRL_C = b"\x03"
 

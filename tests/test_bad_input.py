@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_json, random_image
-from tests.support import loop_device, mounted, need, need_tool, run, sha256_file, small_tmpfs
+from tests.disks import loop_device, mounted, random_image, small_tmpfs
+from tests.support import MIB, cli, cli_json, need, need_tool, run, sha256_file
 
 from imgbackup.format.layout import IMAGE_HEAD
 

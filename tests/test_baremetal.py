@@ -12,32 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from diskimages import cli, cli_json
-from support import loop_device, mounted, need_root, need_tool, run, sha256_file
+from tests.disks import ROOT_START, blank, build_root_disk, loop_device, mounted
+from tests.support import cli, cli_json, need_root, need_tool, run, sha256_file
 
 MIB = 1 << 20
 SS = 512
-ROOT_START = 6 * MIB
-
-
-def build_disk(path: Path, size_mib: int, payload: int, seed: int = 3) -> Path:
-    """GPT: partition 1 (4 MiB, random bytes), partition 2 ext4 to the end with ``payload`` random bytes."""
-    need_tool("sgdisk", "mkfs.ext4", "e2fsck", "debugfs", "resize2fs")
-    with open(path, "wb") as f:
-        f.truncate(size_mib * MIB)
-    run("sgdisk", "-o", "-n1:2048:+4M", "-n2:12288:0", "-c2:root", path)
-    rng = random.Random(seed)
-    with open(path, "r+b") as f:
-        f.seek(MIB)
-        f.write(rng.randbytes(4 * MIB))
-    stage = path.parent / f"stage-{path.stem}"
-    shutil.copytree(Path("/usr/share/doc/python3"), stage / "doc", dirs_exist_ok=True)
-    (stage / "payload.bin").write_bytes(rng.randbytes(payload))
-    root_bytes = size_mib * MIB - ROOT_START - MIB  # sgdisk leaves the last MiB-ish free for the backup GPT
-    run("mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "bmroot", "-d", stage, "-E", f"offset={ROOT_START}",
-        path, f"{root_bytes // 1024}k")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +25,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("baremetal")
     repo = base / "repo"
     cli_json("init", repo=repo)
-    disk = build_disk(base / "disk.img", 64, 3 * MIB)
+    disk = build_root_disk(base / "disk.img", 64, 3 * MIB)
     image = cli_json("backup", disk, "--name", "disk", repo=repo)["id"]
     return {"base": base, "repo": repo, "disk": disk, "image": image}
-
-
-def blank(path: Path, size_mib: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size_mib * MIB)
-    return path
 
 
 def root_range(disk: Path) -> tuple[int, int]:
@@ -66,9 +39,9 @@ def root_range(disk: Path) -> tuple[int, int]:
 
 
 def test_smaller_disk_with_data_past_the_end_is_refused(env: dict, tmp_path: Path) -> None:
-    big = build_disk(tmp_path / "full.img", 64, 40 * MIB, seed=9)
+    big = build_root_disk(tmp_path / "full.img", 64, 40 * MIB, seed=9)
     image = cli_json("backup", big, "--name", "full", repo=env["repo"])["id"]
-    target = blank(tmp_path / "t.img", 32)
+    target = blank(tmp_path / "t.img", 32 * MIB)
     before = sha256_file(target)
     proc = cli("restore", image, target, "--yes", repo=env["repo"])
     assert proc.returncode == 8, proc.stderr
@@ -87,14 +60,14 @@ def test_shrink_refused_for_a_filesystem_that_cannot_shrink(env: dict, tmp_path:
         f.seek(start)
         f.write(random.Random(5).randbytes(2 * MIB))
     image = cli_json("backup", disk, "--name", "noext", repo=env["repo"])["id"]
-    target = blank(tmp_path / "t.img", 48)
+    target = blank(tmp_path / "t.img", 48 * MIB)
     proc = cli("restore", image, target, "--yes", repo=env["repo"])
     assert proc.returncode == 8 and "only ext2/3/4 can be shrunk" in proc.stderr, proc.stderr
     assert target.read_bytes() == bytes(48 * MIB)
 
 
 def test_dry_run_shows_the_plan_and_writes_nothing(env: dict, tmp_path: Path) -> None:
-    target = blank(tmp_path / "t.img", 128)
+    target = blank(tmp_path / "t.img", 128 * MIB)
     plan = cli_json("restore", env["image"], target, "--grow", "--dry-run", repo=env["repo"])
     assert plan["disk_size"] == 128 * MIB and plan["table"] == "gpt"
     assert plan["target"]["path"] == str(target) and "existing file" in plan["target"]["description"]
@@ -110,7 +83,7 @@ def test_dry_run_shows_the_plan_and_writes_nothing(env: dict, tmp_path: Path) ->
 
 def test_mounted_target_is_refused(env: dict, tmp_path: Path) -> None:
     need_root()
-    disk = blank(tmp_path / "m.img", 64)
+    disk = blank(tmp_path / "m.img", 64 * MIB)
     run("mkfs.ext4", "-q", "-F", disk)
     with loop_device(disk) as dev, mounted(dev, tmp_path / "mnt", "ro"):
         before = sha256_file(dev)
@@ -121,7 +94,7 @@ def test_mounted_target_is_refused(env: dict, tmp_path: Path) -> None:
 
 def test_grow_onto_larger_loop_device(env: dict, tmp_path: Path) -> None:
     need_root()
-    target = blank(tmp_path / "big.img", 128)
+    target = blank(tmp_path / "big.img", 128 * MIB)
     with loop_device(target) as dev:
         doc = cli_json("restore", env["image"], dev, "--grow", "--yes", repo=env["repo"])
     assert "resize2fs" in " ".join(doc["notes"])
@@ -176,7 +149,7 @@ def test_partition_restore_to_file(env: dict, tmp_path: Path) -> None:
 
 
 def test_partition_restore_onto_smaller_file_shrinks_ext(env: dict, tmp_path: Path) -> None:
-    out = blank(tmp_path / "p2small.img", 24)
+    out = blank(tmp_path / "p2small.img", 24 * MIB)
     cli_json("restore", env["image"], out, "--partition", "2", "--yes", repo=env["repo"])
     assert out.stat().st_size == 24 * MIB
     assert run("e2fsck", "-fn", out, check=False).returncode == 0
@@ -203,13 +176,13 @@ def test_grow_xfs_with_xfs_growfs(env: dict, tmp_path: Path) -> None:
     """XFS grows only while mounted: the restore mounts it on a temp dir, grows it, unmounts it."""
     need_root()
     need_tool("mkfs.xfs", "xfs_repair", "xfs_db")
-    disk = blank(tmp_path / "xfs.img", 322)        # mkfs.xfs wants at least 300 MiB
+    disk = blank(tmp_path / "xfs.img", 322 * MIB)        # mkfs.xfs wants at least 300 MiB
     run("sgdisk", "-o", "-n1:2048:0", disk)
     start, length = root_range_n(disk, 1)
     with loop_device(disk, offset=start, sizelimit=length) as dev:
         run("mkfs.xfs", "-q", "-f", "-L", "bmxfs", dev)
     image = cli_json("backup", disk, "--name", "xfs", repo=env["repo"])["id"]
-    target = blank(tmp_path / "big.img", 400)
+    target = blank(tmp_path / "big.img", 400 * MIB)
     doc = cli_json("restore", image, target, "--grow", "--yes", repo=env["repo"])
     assert any("xfs_growfs" in n for n in doc["notes"]), doc["notes"]
     new_start, new_length = root_range_n(target, 1)
@@ -254,7 +227,7 @@ def test_shrink_refusal_names_resize2fs_minimum(tmp_path: Path) -> None:
 
 def test_dry_run_on_a_device_names_it_and_4kn_is_refused(env: dict, tmp_path: Path) -> None:
     need_root()
-    target = blank(tmp_path / "dev.img", 96)
+    target = blank(tmp_path / "dev.img", 96 * MIB)
     with loop_device(target) as dev:
         plan = cli_json("restore", env["image"], dev, "--dry-run", repo=env["repo"])
         assert plan["identity"]["kind"] == "loop" and plan["identity"]["size"] == 96 * MIB

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tests.disks import blank, loop_device
+from tests.support import cli, cli_json, need, need_root, need_tool, run, sha256_file
 
 from bootdisk import build_boot_disk, partitions
-from diskimages import cli, cli_json
 from imgbackup.engine.verify import qemu as boot
 from imgbackup.engine.verify.qemu import boot_check
-from support import loop_device, need, need_root, need_tool, run, sha256_file
 from test_bootdisk import qemu_holding
 
 MIB = 1 << 20
@@ -50,12 +50,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"base": base, "repo": repo, "disk": disk}
 
 
-def blank(path: Path, size_mib: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size_mib * MIB)
-    return path
-
-
 def boots(drive: Path, marker: str, kind: str, timeout: float = BOOT_TIMEOUT) -> boot.BootResult:
     result = boot_check(str(drive), marker, timeout=timeout, firmware=FIRMWARE[kind])
     assert qemu_holding(drive) == [], "qemu left running"
@@ -74,7 +68,7 @@ def root_fsck(disk: Path) -> None:
 @pytest.mark.slow
 def test_grow_onto_twice_the_disk_boots(env: dict, tmp_path: Path) -> None:
     src, marker, image = env["disk"]("bios-gpt")
-    target = blank(tmp_path / "big.img", 192)
+    target = blank(tmp_path / "big.img", 192 * MIB)
     with loop_device(target) as dev:
         doc = cli_json("restore", image, dev, "--grow", "--yes", repo=env["repo"])
     assert any("resize2fs" in n for n in doc["notes"])
@@ -90,10 +84,10 @@ def test_grow_onto_twice_the_disk_boots(env: dict, tmp_path: Path) -> None:
 def test_mbr_disk_grown_boots(env: dict, tmp_path: Path) -> None:
     """bios-mbr: the MBR's last partition is extended only because of --grow; its ext4 grown too."""
     src, marker, image = env["disk"]("bios-mbr", 48)
-    plain = blank(tmp_path / "plain.img", 96)
+    plain = blank(tmp_path / "plain.img", 96 * MIB)
     cli_json("restore", image, plain, "--yes", repo=env["repo"])
     assert plain.read_bytes()[:512] == src.read_bytes()[:512]   # without --grow the MBR is untouched
-    target = blank(tmp_path / "big.img", 96)
+    target = blank(tmp_path / "big.img", 96 * MIB)
     cli_json("restore", image, target, "--grow", "--yes", repo=env["repo"])
     assert "No errors detected" in run("sfdisk", "--verify", target).stdout
     root = partitions(target)[-1]
@@ -117,7 +111,7 @@ def test_same_size_restore_boots_and_is_byte_exact(env: dict, tmp_path: Path) ->
 def test_smaller_disk_restore_boots(env: dict, tmp_path: Path) -> None:
     """uefi: the ext4 root is shrunk by resize2fs (kernel and loader live on the ESP)."""
     src, marker, image = env["disk"]("uefi")
-    target = blank(tmp_path / "small.img", 64)
+    target = blank(tmp_path / "small.img", 64 * MIB)
     with loop_device(target) as dev:
         doc = cli_json("restore", image, dev, "--yes", repo=env["repo"])
     assert any("shrunk" in n for n in doc["notes"])
@@ -132,7 +126,7 @@ def test_smaller_disk_restore_boots(env: dict, tmp_path: Path) -> None:
 def test_smaller_disk_refused_when_extlinux_would_move(env: dict, tmp_path: Path) -> None:
     """bios-gpt's ldlinux.sys lies past 64 MiB: resize2fs would move it and break the boot sector."""
     src, marker, image = env["disk"]("bios-gpt")
-    target = blank(tmp_path / "small.img", 64)
+    target = blank(tmp_path / "small.img", 64 * MIB)
     proc = cli("restore", image, target, "--yes", repo=env["repo"])
     assert proc.returncode == 8 and "ldlinux.sys" in proc.stderr and "bytes" in proc.stderr, proc.stderr
     assert target.read_bytes() == bytes(64 * MIB)

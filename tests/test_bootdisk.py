@@ -12,17 +12,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.disks import loop_device
+from tests.support import need, need_root, need_tool, run
 
 from bootdisk import DEFAULT_CACHE, ROOT_LABEL, build_boot_disk, partitions
+from imgbackup.device.tools import wait_until
 from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize
 from imgbackup.engine.verify import qemu as boot
 from imgbackup.engine.verify.qemu import boot_check
-from support import loop_device, need, need_root, need_tool, run
 
 KINDS = ["bios-mbr", "bios-gpt", "uefi"]
 FIRMWARE = {"bios-mbr": "bios", "bios-gpt": "bios", "uefi": "uefi"}
@@ -107,12 +108,18 @@ def test_built_disk_layout(kind: str, disks, tmp_path: Path) -> None:
         assert "syslinux" in run("debugfs", "-R", "ls -l /boot/syslinux", fs).stdout.lower()
 
 
+def _cached_parts() -> dict[Path, tuple[int, int]]:
+    """Inode and mtime of each cached kernel and initramfs: a rebuild replaces the file."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for pattern in ("linux-image-*/vmlinuz", "linux-image-*/initrd-*.img") for p in DEFAULT_CACHE.glob(pattern)}
+
+
 def test_second_build_is_cached(disks, tmp_path: Path) -> None:
     disks("uefi")  # the first build fills the cache
-    start = time.monotonic()
+    before = _cached_parts()
+    assert any(p.name == "vmlinuz" for p in before) and any(p.name.startswith("initrd-") for p in before)
     build_boot_disk(tmp_path / "again.img", "uefi", marker="AGAIN-OK")
-    assert time.monotonic() - start < 10
-    assert list(DEFAULT_CACHE.glob("linux-image-*/vmlinuz"))
+    assert _cached_parts() == before   # nothing fetched or rebuilt: the same files, untouched
 
 
 def test_bad_arguments_refused(tmp_path: Path) -> None:
@@ -167,7 +174,7 @@ def test_boot_check_timeout_kills_qemu(disks) -> None:
     need_qemu("uefi")
     result = check_boot(disk, "NEVER-PRINTED", "uefi", timeout=2)
     assert not result.booted and result.reason == "timeout"
-    assert result.seconds < 8
+    assert result.seconds >= 2          # it waited its timeout (check_boot: and left no qemu behind)
     assert result.command[0] == "qemu-system-x86_64" and "-snapshot" in result.command
 
 
@@ -179,16 +186,11 @@ def test_qemu_dies_with_a_killed_caller(disks) -> None:
             "boot_check(sys.argv[1], 'NEVER-PRINTED', timeout=120, firmware='uefi')")
     caller = subprocess.Popen([sys.executable, "-c", code, str(disk)])
     try:
-        deadline = time.monotonic() + 30
-        while not qemu_holding(disk) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert qemu_holding(disk), "qemu never started"
+        assert wait_until(lambda: bool(qemu_holding(disk)), 30, 0.2), "qemu never started"
     finally:
         caller.kill()
         caller.wait()
-    deadline = time.monotonic() + 10
-    while qemu_holding(disk) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: not qemu_holding(disk), 10, 0.2)
     leftovers = qemu_holding(disk)
     for pid in leftovers:  # clean up our own orphan before failing
         os.kill(pid, signal.SIGKILL)
@@ -214,7 +216,6 @@ def test_zeroed_boot_code_does_not_boot(disks, tmp_path: Path) -> None:
     assert not result.booted, result.console_tail
     assert "SeaBIOS" in result.console_tail  # the firmware ran ...
     assert "SYSLINUX" not in result.console_tail  # ... but no boot loader, however long we wait
-    assert result.seconds < 20
 
 
 @pytest.mark.slow

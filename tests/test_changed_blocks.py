@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_json
-from tests.support import loop_device, mounted, need_root, need_tool, run, sha256_file
+from tests.disks import loop_device, mounted
+from tests.support import MIB, cli, cli_json, need_root, need_tool, run, sha256_file
 
 FS_SIZE = 96 * MIB
 BLOCK = 4096

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.diskimages import MIB, cli, cli_json, random_image
-from tests.support import loop_device, mounted, need, need_root, run
+from tests.disks import loop_device, mounted, random_image
+from tests.support import MIB, cli, cli_json, need, need_root, run
 
 BACKUP_FIELDS = {"id", "type", "parent", "source_size", "bytes_read", "bytes_stored", "duration_s"}
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_json, make_gpt_disk, random_image
-from tests.support import loop_device, mounted, need_root, run
+from tests.disks import loop_device, make_gpt_disk, mounted, random_image
+from tests.support import MIB, cli, cli_json, need_root, run
 from tests.terminal import Terminal
 
 from imgbackup.errors import EXIT_CODES

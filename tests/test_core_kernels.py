@@ -208,21 +208,6 @@ def test_coarsen_matches_reference(case: tuple[np.ndarray, int], factor: int) ->
     assert got.tobytes() == reference.coarsen(bits, nbits, factor).tobytes()
 
 
-@given(bitmaps(), st.integers(1, 20))
-def test_refine_matches_reference(case: tuple[np.ndarray, int], factor: int) -> None:
-    bits, nbits = case
-    got = bitmap.refine(bits, nbits, factor)
-    assert got.dtype == np.uint8
-    assert got.tobytes() == reference.refine(bits, nbits, factor).tobytes()
-
-
-@given(bitmaps(), FACTORS)
-def test_coarsen_of_refine_is_identity(case: tuple[np.ndarray, int], factor: int) -> None:
-    bits, nbits = case
-    back = bitmap.coarsen(bitmap.refine(bits, nbits, factor), nbits * factor, factor)
-    assert back.tobytes() == reference.coarsen(bits, nbits, 1).tobytes()
-
-
 @given(bitmaps())
 def test_runs_matches_reference(case: tuple[np.ndarray, int]) -> None:
     bits, nbits = case
@@ -249,27 +234,14 @@ def test_set_and_clear_range_match_reference(case: tuple[np.ndarray, int], start
     assert native.tobytes() == ref.tobytes()
 
 
-@given(bitmaps(), st.data())
-def test_bitwise_or_and_match_reference(case: tuple[np.ndarray, int], data: st.DataObject) -> None:
-    a, _ = case
-    b = np.frombuffer(data.draw(st.binary(min_size=len(a), max_size=len(a))), dtype=np.uint8)
-    assert bitmap.bitwise_or(a, b).tobytes() == reference.bitwise_or(a, b).tobytes()
-    assert bitmap.bitwise_and(a, b).tobytes() == reference.bitwise_and(a, b).tobytes()
-
-
 def test_bitmap_bad_arguments() -> None:
     bits = np.zeros(4, np.uint8)
-    for fn in (bitmap.bitwise_or, bitmap.bitwise_and):
-        with pytest.raises(ValueError):
-            fn(bits, np.zeros(5, np.uint8))
     with pytest.raises(IndexError):
         bitmap.count(bits, 33)
     with pytest.raises(IndexError):
         bitmap.runs(bits, 40)
     with pytest.raises(ValueError):
         bitmap.coarsen(bits, 32, 0)
-    with pytest.raises(ValueError):
-        bitmap.refine(bits, 32, 0)
     with pytest.raises(ValueError):
         bitmap.count(bits, -1)
     with pytest.raises(ValueError):

@@ -1,12 +1,13 @@
 """kill -9 at chosen points of real backups: the repository stays usable every time.
 
 Kill points are picked by watching the repository from outside (a pack temp file appears, the
-chunk-index file appears) and by time. After each kill: ``list`` shows only whole images,
+chunk-index file appears, the packs reach a fraction of a whole backup's bytes). After each kill: ``list`` shows only whole images,
 ``verify`` exits 0, the dead process's lock is taken over, and a new backup restores byte-exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -15,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_env, cli_json, random_image
-from tests.support import sha256_file
+from tests.disks import random_image
+from tests.support import MIB, cli, cli_env, cli_json, sha256_file
 
 SOURCE_SIZE = 160 * MIB      # mostly random: five packs of 32 MiB, a few seconds of work
 
@@ -97,22 +98,34 @@ def test_kill_9_at_chosen_points_leaves_repository_usable(source: Path, tmp_path
     assert doc["id"] in _assert_usable(repo)
 
 
-def test_kill_9_at_growing_delays(source: Path, tmp_path: Path) -> None:
-    """Kills at fractions of a measured backup time, so at least one lands late in the run."""
-    timing = tmp_path / "timing"
-    cli_json("init", repo=timing)
-    started = time.monotonic()
-    cli_json("backup", source, repo=timing)
-    full = time.monotonic() - started
+def _pack_bytes(repo: Path, ignore: frozenset[Path] = frozenset()) -> int:
+    """Bytes in the repository's packs, committed or still being written (a temp name), but for ``ignore``."""
+    total = 0
+    for p in (repo / "packs").rglob("*"):
+        with contextlib.suppress(FileNotFoundError):   # a temp pack renamed while we looked
+            total += p.stat().st_size if p.is_file() and p not in ignore else 0
+    return total
+
+
+def test_kill_9_at_growing_progress(source: Path, tmp_path: Path) -> None:
+    """Kills at fractions of a whole backup's pack bytes, watched from outside, so some land late.
+
+    Chunks in packs no chunk-index file names are stored again, so every run writes the same
+    amount and a fraction of it is a point in that run, whatever the machine's speed.
+    """
+    whole = tmp_path / "whole"
+    cli_json("init", repo=whole)
+    cli_json("backup", source, repo=whole)
+    full = _pack_bytes(whole)
     repo = tmp_path / "repo"
     cli_json("init", repo=repo)
     killed = 0
     for fraction in (0.4, 0.7, 0.9, 0.98):
+        earlier = frozenset((repo / "packs").rglob("*"))   # other runs' packs (a new run may sweep some)
         proc = _start_backup(repo, source)
-        time.sleep(full * fraction)
-        killed += _kill_when(proc, lambda: True)
+        killed += _kill_when(proc, lambda f=fraction, e=earlier: _pack_bytes(repo, e) >= f * full)
         _assert_usable(repo)
-    assert killed >= 2, "the backups ended before most kills: timing too loose"
+    assert killed >= 3, "the backups ended before most kill points"
     doc = cli_json("backup", source, "--name", "src", repo=repo)
     out = tmp_path / "out.img"
     cli_json("restore", doc["id"], out, repo=repo)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.support import loop_device, mounted, need, need_tool, run
+from tests.disks import loop_device, mounted
+from tests.support import need, need_tool, run
 
 from imgbackup.device.discovery import list_devices
 from imgbackup.device.identity import human_size, identify

@@ -10,7 +10,8 @@ import zlib
 from pathlib import Path
 
 import pytest
-from tests.support import loop_device, need_tool, run
+from tests.disks import loop_device
+from tests.support import need_tool, run
 
 from imgbackup.disklabel import GptHeader, read_partition_table
 from imgbackup.disklabel.gpt import parse_entries

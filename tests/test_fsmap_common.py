@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.disks import blank
 from tests.support import need_tool, run
 
 from imgbackup.fsmap import UsedMap, read_used_map
@@ -86,12 +87,6 @@ def make_tree(root: Path, files: dict[str, int], seed: int = 1) -> Path:
     return root
 
 
-def blank(path: Path, size: int) -> Path:
-    path.write_bytes(b"")
-    os.truncate(path, size)
-    return path
-
-
 # ---- the bitmap helpers themselves, against an unpacked model ----
 
 ops = st.lists(st.tuples(st.booleans(), st.integers(0, 199), st.integers(0, 60)), max_size=30)
@@ -159,3 +154,15 @@ def test_corrupted_metadata_never_crashes(small_images, kind: str, flips) -> Non
     for r in m.regions:
         if r.mode == "full":
             assert unpack(m)[r.start // m.block_size: (r.start + r.size) // m.block_size].all()
+
+
+@pytest.mark.parametrize("kind", ["ext", "fat"])
+def test_short_read_in_metadata_images_the_region_in_full(small_images, kind: str) -> None:
+    """A source that ends early under the metadata (read_exact's ShortRead) fails closed, naming the read."""
+    data = small_images[kind]
+    cut = 8192     # past the superblock / boot sector, before the bitmaps and FATs
+    m = read_used_map(lambda offset, length: data[offset:min(offset + length, cut)] if offset < cut else b"",
+                      len(data))
+    (region,) = m.regions
+    assert region.mode == "full" and region.warning.startswith("short read at byte"), region
+    assert unpack(m).all()

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.support import loop_device, need_tool, run
+from tests.disks import blank, loop_device
+from tests.support import need_tool, run
 from tests.test_fsmap_common import (
     MIB,
     assert_covers,
-    blank,
     image_reader,
     make_tree,
     map_of,

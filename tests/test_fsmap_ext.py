@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.support import loop_device, mounted, need_tool, run
+from tests.disks import blank, loop_device, mounted
+from tests.support import need_tool, run
 from tests.test_fsmap_common import (
     MIB,
     assert_covers,
-    blank,
     image_reader,
     judged_blocks,
     make_tree,

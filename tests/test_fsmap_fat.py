@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.disks import blank
 from tests.support import need_tool, run
-from tests.test_fsmap_common import MIB, assert_covers, blank, image_reader, make_tree, map_of, partclone_used
+from tests.test_fsmap_common import MIB, assert_covers, image_reader, make_tree, map_of, partclone_used
 
 from imgbackup.fsmap import fat
 

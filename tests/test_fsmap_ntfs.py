@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.disks import blank
 from tests.support import need, need_root, need_tool, run
-from tests.test_fsmap_common import MIB, assert_covers, blank, image_reader, map_of, partclone_used
+from tests.test_fsmap_common import MIB, assert_covers, image_reader, map_of, partclone_used
 
 from imgbackup.fsmap import ntfs, read_used_map
 

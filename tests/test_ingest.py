@@ -8,7 +8,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.diskimages import MIB, cli_json
+from tests.support import MIB, cli_json
 
 from imgbackup.engine.backup.ingest import ChunkStore
 from imgbackup.repository.chunkindex import ChunkIndex

@@ -13,14 +13,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.diskimages import MIB, cli, cli_env, cli_json
-from tests.support import need, need_root
+from tests.support import MIB, cli, cli_env, cli_json, need, need_root
 from tests.terminal import CTRL_C, Terminal
+
+from imgbackup.device.tools import wait_until
 
 SOURCE_MIB = 640   # big enough that a run is seconds long on 2 cores, so a signal lands mid-way
 
@@ -52,10 +52,7 @@ def _error_line(text: str) -> str:
 
 
 def _wait_for(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    assert wait_until(condition, timeout, interval=0.02), f"timed out waiting for {what}"
 
 
 def _committed_packs(repo: Path) -> list[Path]:

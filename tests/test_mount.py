@@ -16,21 +16,15 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from tests.support import loop_device, mounted, need_root
-from tests.test_mount_helpers import (
-    ENV,
-    MIB,
-    PART1_START,
-    build_disk,
-    cli,
-    file_block,
-    tree_hashes,
-)
+from tests.disks import MOUNT_PART1_START as PART1_START
+from tests.disks import loop_device, mounted
+from tests.support import MIB, need_root
+from tests.test_mount_helpers import ENV, build_disk, cli, file_block, tree_hashes
 
+from imgbackup.device.tools import wait_until
 from imgbackup.engine.imageview import ImageView
 from imgbackup.engine.mount.state import log_path
 from imgbackup.repository.chunkreader import ChunkReader
@@ -81,9 +75,7 @@ def _pids_of_mount(d_mnt: Path) -> list[int]:
 def test_mount_serves_disk_partitions_and_files(disk, tmp_path, no_leaks):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    started = time.monotonic()
     cli("mount", "-r", disk.repo, disk.image_id[:8], mnt, "--filesystems")
-    ready = time.monotonic() - started
     try:
         pids = _pids_of_mount(mnt)
         assert sorted(os.listdir(mnt)) == ["disk.img", "fs", "part1.img", "part2.img"]
@@ -99,7 +91,6 @@ def test_mount_serves_disk_partitions_and_files(disk, tmp_path, no_leaks):
         assert os.listdir(mnt / "fs" / "part2") == []          # FAT: not mountable by this kernel
     finally:
         cli("umount", mnt)
-    assert ready < 15
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     assert os.listdir(mnt) == []
@@ -113,10 +104,7 @@ def test_foreground_mount_tears_down_on_sigterm(disk, tmp_path, no_leaks):
                              "--filesystems", "--foreground"], env=dict(os.environ, **ENV),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(150):
-            if (mnt / "fs" / "part1" / "big.bin").exists():
-                break
-            time.sleep(0.1)
+        assert wait_until(lambda: (mnt / "fs" / "part1" / "big.bin").exists(), 15, 0.1), "never mounted"
         assert (mnt / "fs" / "part1" / "tree" / "sub" / "data.txt").read_text() == "data\n" * 1000
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
@@ -130,13 +118,21 @@ def test_foreground_mount_tears_down_on_sigterm(disk, tmp_path, no_leaks):
     assert os.listdir(mnt) == []
 
 
+def _gone(pid: int) -> bool:
+    """The process no longer runs (exited, or a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 def test_umount_cleans_up_after_a_killed_supervisor(disk, tmp_path, no_leaks):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cli("mount", "-r", disk.repo, "latest", mnt, "--filesystems")
     supervisor, server = _pids_of_mount(mnt)
     os.kill(supervisor, signal.SIGKILL)
-    time.sleep(0.2)
+    assert wait_until(lambda: _gone(supervisor), 10), "the killed supervisor is still there"
     assert (mnt / "fs" / "part1" / "big.bin").exists()      # everything still mounted, owner gone
     cli("umount", mnt)
     assert os.listdir(mnt) == []

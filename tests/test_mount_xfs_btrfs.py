@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.support import loop_device, mounted, need_root, need_tool, run
-from tests.test_mount_helpers import MIB, cli, tree_hashes
+from tests.disks import loop_device, mounted
+from tests.support import MIB, need_root, need_tool, run
+from tests.test_mount_helpers import cli, tree_hashes
 
 XFS_START, XFS_SIZE = 1 * MIB, 320 * MIB      # mkfs.xfs refuses filesystems under 300 MiB
 BTRFS_START, BTRFS_SIZE = XFS_START + XFS_SIZE, 160 * MIB

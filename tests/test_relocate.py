@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.disks import loop_device
+from tests.support import need_tool, run
 
 from imgbackup.disklabel.gpt import GptEntry, GptHeader, read_gpt
 from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize, relocate_gpt, resize_mbr
-from support import loop_device, need_tool, run
 
 MIB = 1 << 20
 SS = 512

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.diskimages import MIB, cli, cli_json, make_gpt_disk
-from tests.support import loop_device, mounted, need_root, need_tool, run, sha256_file
+from tests.disks import loop_device, make_gpt_disk, mounted
+from tests.support import MIB, cli, cli_json, need_root, need_tool, run, sha256_file
 
 JUNK = b"\x5a"  # targets start full of this, so zero ranges must really be cleared
 

@@ -104,6 +104,16 @@ class VerificationFailed(ImgBackupError):
     exit_code = 11
 
 
+class ToolTimeout(StorageError):
+    """An outside program (resize2fs, e2fsck, losetup…) did not finish within its time limit."""
+
+
+class ToolMissing(ImgBackupError):
+    """A required outside program is not installed; the hint names the Debian package."""
+
+    exit_code = 12
+
+
 class Interrupted(ImgBackupError):
     """Ctrl-C or SIGTERM; the message says what state the run left behind."""
 
@@ -123,6 +133,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (9, "image not found or name ambiguous"),
     (10, "storage error: disk full, I/O error, permission denied"),
     (11, "verification found problems"),
+    (12, "a required outside program is missing (the message names it and its apt package)"),
     (130, "interrupted (Ctrl-C / SIGTERM)"),
 ]
 

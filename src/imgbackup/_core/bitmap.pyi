@@ -10,9 +10,6 @@ def count(bits: Buffer, nbits: int) -> int:
 def coarsen(bits: Buffer, nbits: int, factor: int) -> npt.NDArray[np.uint8]:
     """OR-reduce groups of ``factor`` bits (a partial last group counts): fine -> coarse blocks."""
 
-def refine(bits: Buffer, nbits: int, factor: int) -> npt.NDArray[np.uint8]:
-    """Repeat each bit ``factor`` times: coarse -> fine blocks."""
-
 def runs(bits: Buffer, nbits: int) -> npt.NDArray[np.int64]:
     """Runs of set bits as an int64 array of shape (k, 2): (first bit, length)."""
 
@@ -21,9 +18,3 @@ def set_range(bits: npt.NDArray[np.uint8] | bytearray, start: int, length: int) 
 
 def clear_range(bits: npt.NDArray[np.uint8] | bytearray, start: int, length: int) -> None:
     """Clear bits [start, start+length) in place; IndexError (nothing changed) past the end."""
-
-def bitwise_or(a: Buffer, b: Buffer) -> npt.NDArray[np.uint8]:
-    """Byte-wise OR of two equal-length bitmaps, as a new array (ValueError on length mismatch)."""
-
-def bitwise_and(a: Buffer, b: Buffer) -> npt.NDArray[np.uint8]:
-    """Byte-wise AND of two equal-length bitmaps, as a new array (ValueError on length mismatch)."""

@@ -1,7 +1,7 @@
 """Pure-Python references for every native kernel: slow, obvious, and the definition.
 
 Tests (hypothesis) check that ``imgbackup._core.scan`` / ``imgbackup._core.bitmap`` return
-exactly what these return. Bitmaps are packed little-endian by bit: bit ``i`` lives in byte
+exactly what these return; with ``IMGBACKUP_CORE=reference`` this module stands in for both. Bitmaps are packed little-endian by bit: bit ``i`` lives in byte
 ``i >> 3`` at position ``i & 7``.
 """
 
@@ -22,11 +22,14 @@ def chunk_id(key: bytes, data: bytes | memoryview) -> bytes:
     return hmac.digest(key, data, hashlib.sha256)
 
 
-def scan_chunks(buf, chunk_size: int, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def scan_chunks(buf, chunk_size: int, key: bytes, *, nthreads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split ``buf`` into chunks of ``chunk_size`` (last may be short): kind and id per chunk.
 
-    kind is ZERO for an all-zero chunk (its id stays 32 zero bytes), DATA otherwise.
+    kind is ZERO for an all-zero chunk (its id stays 32 zero bytes), DATA otherwise. ``nthreads``
+    is accepted for the native signature and ignored: the reference is one plain loop.
     """
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
     mv = memoryview(buf).cast("B")
     n = (len(mv) + chunk_size - 1) // chunk_size
     kinds = np.zeros(n, dtype=np.uint8)
@@ -71,11 +74,6 @@ def coarsen(bits: np.ndarray, nbits: int, factor: int) -> np.ndarray:
     return _pack([int(any(vals[i : i + factor])) for i in range(0, nbits, factor)])
 
 
-def refine(bits: np.ndarray, nbits: int, factor: int) -> np.ndarray:
-    """Repeat each bit ``factor`` times: coarse blocks -> fine blocks."""
-    return _pack([v for v in _bits(bits, nbits) for _ in range(factor)])
-
-
 def runs(bits: np.ndarray, nbits: int) -> np.ndarray:
     """Runs of set bits as an int64 array of shape (k, 2): (first bit, length)."""
     vals = _bits(bits, nbits)
@@ -103,11 +101,3 @@ def clear_range(bits: np.ndarray, start: int, length: int) -> None:
     """Clear bits [start, start+length) in place."""
     for i in range(start, start + length):
         bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-
-
-def bitwise_or(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.frombuffer(bytes(x | y for x, y in zip(bytes(a), bytes(b), strict=True)), dtype=np.uint8).copy()
-
-
-def bitwise_and(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.frombuffer(bytes(x & y for x, y in zip(bytes(a), bytes(b), strict=True)), dtype=np.uint8).copy()

@@ -81,12 +81,12 @@ def _print_plan(plan: DiskPlan) -> None:
     typer.echo(f"image {plan.image.id[:12]} ({human(plan.image.size)}) -> {plan.target.description}")
     typer.echo(f"target size {plan.disk_size} bytes ({human(plan.disk_size)}), "
                f"{plan.sector_size}-byte sectors, table {plan.table_kind or 'none'}")
-    for p in plan.partitions:
+    for p in plan.fit.partitions:
         typer.echo(f"  partition {p['number']}: sectors {p['start_lba']}-{p['end_lba']} "
                    f"({human(p['size'])}) type {p['type']} {p['name']}")
     for w in plan.writes:
         typer.echo(f"  write {w['what']}: at byte {w['offset']}, {human(w['length'])}")
-    for warning in plan.warnings:
+    for warning in plan.fit.warnings:
         typer.echo(f"  warning: {warning}")
     typer.echo(f"would write {plan.bytes_to_write} bytes ({human(plan.bytes_to_write)}) of data; nothing written")
 

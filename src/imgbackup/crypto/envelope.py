@@ -25,7 +25,7 @@ from imgbackup.format.layout import (
     TAG_SIZE,
 )
 
-MAX_OBJECT = 1 << 31
+MAX_OBJECT = 1 << 31   # refuse to decompress past 2 GiB: a bomb or a damaged length, never a real object
 
 
 class Envelope:

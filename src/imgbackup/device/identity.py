@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from imgbackup.device import sysfs
-from imgbackup.errors import SourceError
+from imgbackup.device.tools import blkid
+from imgbackup.errors import SourceError, ToolMissing, ToolTimeout
 
 
 @dataclass
@@ -126,27 +126,6 @@ def _hardware(disk: str) -> tuple[str | None, str | None, str | None]:
     )
 
 
-def probe_filesystem(path: str) -> dict[str, str]:
-    """``blkid -p -o export`` of a device or image: TYPE, LABEL, UUID… (empty if nothing found).
-
-    Low-level probing (-p) reads the device itself, so it needs no udev and no blkid cache,
-    but it needs read access (root for disks).
-    """
-    try:
-        out = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True,
-                             text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    if out.returncode != 0:
-        return {}
-    result = {}
-    for line in out.stdout.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            result[key] = value
-    return result
-
-
 def _sector_size(name: str) -> int:
     text = sysfs.read_attr(sysfs.SYS_BLOCK / name / "queue" / "logical_block_size")
     if text is None and sysfs.is_partition(name):
@@ -155,7 +134,10 @@ def _sector_size(name: str) -> int:
 
 
 def _fs_fields(path: str, name: str | None) -> tuple[str | None, str | None, str | None]:
-    probed = probe_filesystem(path)
+    try:
+        probed = blkid(path)
+    except (ToolMissing, ToolTimeout):   # identity is best effort: udev may still know
+        probed = {}
     if not probed and name:
         props = _udev_properties(name)
         probed = {"TYPE": props.get("ID_FS_TYPE", ""), "LABEL": _udev_text(props, "ID_FS_LABEL") or "",

@@ -140,8 +140,8 @@ class UsageState:
         return f"{self.path} is not in use"
 
 
-def _devices_of(path: str | os.PathLike, st: os.stat_result) -> list[str]:
-    """Kernel names whose use counts for ``path``: the disk itself, or the loops behind a file."""
+def _devices_of(st: os.stat_result) -> list[str]:
+    """Kernel names whose use counts for a path of this stat: the disk itself, or the loops behind a file."""
     if stat.S_ISBLK(st.st_mode):
         name = sysfs.name_of_devnum(st.st_rdev)
         return [name] if name else []
@@ -162,7 +162,7 @@ def usage_of(path: str | os.PathLike) -> UsageState:
     if st is None:
         return state
     table = read_mount_table()
-    names = _devices_of(path, st)
+    names = _devices_of(st)
     if stat.S_ISBLK(st.st_mode):
         state.mounts = mounts_of_devnum(st.st_rdev, table)
     for name in names:

@@ -39,7 +39,7 @@ BLKSSZGET = 0x1268
 BLKPBSZGET = 0x127B
 PAGE_SIZE = mmap.PAGESIZE
 DIRECT_DEFAULT = False
-_BOUNCE_SIZE = 1 << 20
+_BOUNCE_SIZE = 1 << 20   # O_DIRECT bounce buffer for unaligned reads: one chunk at a time
 
 
 def alloc_buffer(n: int) -> mmap.mmap:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from imgbackup.disklabel.gpt import GptEntry, GptHeader, read_gpt
 from imgbackup.disklabel.mbr import PROTECTIVE_TYPE, is_extended, parse_sector, read_mbr
-from imgbackup.disklabel.types import Partition, PartitionTable, Reader, read_exact
+from imgbackup.disklabel.types import Partition, PartitionTable, Reader, ShortRead, read_exact
 
 __all__ = ["GptEntry", "GptHeader", "Partition", "PartitionTable", "Reader", "is_extended",
            "read_partition_table"]
@@ -20,8 +20,10 @@ def read_partition_table(read: Reader, disk_size: int, sector_size: int = 512) -
     A protective MBR whose GPT copies are both damaged gives None (not the MBR), so callers
     treat the disk as unknown and image it in full rather than trust a stub table.
     """
-    raw = read_exact(read, 0, sector_size)
-    slots = parse_sector(raw) if raw else None
+    try:
+        slots = parse_sector(read_exact(read, 0, sector_size))
+    except ShortRead:
+        slots = None
     if slots is not None and any(s.type == PROTECTIVE_TYPE for s in slots):
         return read_gpt(read, disk_size, sector_size)
     if slots is None:

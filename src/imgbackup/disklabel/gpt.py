@@ -13,7 +13,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 
-from imgbackup.disklabel.types import Partition, PartitionTable, Reader, read_exact
+from imgbackup.disklabel.types import Partition, PartitionTable, Reader, ShortRead, read_exact
 
 SIGNATURE = b"EFI PART"
 REVISION_1_0 = 0x00010000
@@ -127,17 +127,19 @@ def parse_entries(raw: bytes, header: GptHeader) -> list[GptEntry]:
 def _read_copy(read: Reader, lba: int, sector_size: int,
                disk_size: int) -> tuple[GptHeader, bytes]:
     """Read and verify one header + its entry array; raises ValueError naming the damage."""
-    raw = read_exact(read, lba * sector_size, sector_size)
-    if raw is None:
-        raise ValueError(f"cannot read LBA {lba}")
+    try:
+        raw = read_exact(read, lba * sector_size, sector_size)
+    except ShortRead:
+        raise ValueError(f"cannot read LBA {lba}") from None
     hdr = GptHeader.parse(raw)
     if hdr.my_lba != lba:
         raise ValueError(f"header at LBA {lba} says it is at LBA {hdr.my_lba}")
     if hdr.entry_size < ENTRY_MIN or hdr.entry_size % 8 or not 0 < hdr.entries_bytes <= MAX_ENTRY_ARRAY:
         raise ValueError("implausible entry array geometry")
-    entries = read_exact(read, hdr.partition_entry_lba * sector_size, hdr.entries_bytes)
-    if entries is None:
-        raise ValueError("entry array outside the disk")
+    try:
+        entries = read_exact(read, hdr.partition_entry_lba * sector_size, hdr.entries_bytes)
+    except ShortRead:
+        raise ValueError("entry array outside the disk") from None
     if zlib.crc32(entries) != hdr.entries_crc32:
         raise ValueError("entry array CRC mismatch")
     if hdr.first_usable_lba > hdr.last_usable_lba or (hdr.last_usable_lba + 1) * sector_size > disk_size:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from imgbackup.disklabel.types import Partition, PartitionTable, Reader, read_exact
+from imgbackup.disklabel.types import Partition, PartitionTable, Reader, ShortRead, read_exact
 
 BOOT_SIGNATURE = b"\x55\xaa"
 ENTRIES_OFFSET = 446
 DISK_ID_OFFSET = 440
 EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
 PROTECTIVE_TYPE = 0xEE
-MAX_LOGICAL = 256
+MAX_LOGICAL = 256   # far beyond any real EBR chain: a longer one is a loop in damaged data
 
 
 @dataclass
@@ -60,8 +60,11 @@ def _plausible(entries: list[MbrEntry]) -> bool:
 
 def read_mbr(read: Reader, disk_size: int, sector_size: int = 512) -> PartitionTable | None:
     """Read an MBR table with its logical partitions; None when sector 0 holds no table."""
-    raw = read_exact(read, 0, sector_size)
-    entries = parse_sector(raw) if raw else None
+    try:
+        raw = read_exact(read, 0, sector_size)
+    except ShortRead:
+        return None
+    entries = parse_sector(raw)
     if entries is None or not _plausible(entries):
         return None
     disk_id = struct.unpack_from("<I", raw, DISK_ID_OFFSET)[0]
@@ -97,8 +100,10 @@ def _read_logicals(read: Reader, table: PartitionTable, ext_lba: int, ext_sector
             table.warnings.append(f"EBR at LBA {ebr_lba} lies outside the extended partition; stopped")
             return
         seen.add(ebr_lba)
-        raw = read_exact(read, ebr_lba * ss, ss)
-        slots = parse_sector(raw) if raw else None
+        try:
+            slots = parse_sector(read_exact(read, ebr_lba * ss, ss))
+        except ShortRead:
+            slots = None
         if slots is None:
             table.warnings.append(f"EBR at LBA {ebr_lba} has no signature; chain ends there")
             return

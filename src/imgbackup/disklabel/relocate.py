@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from imgbackup.disklabel.gpt import GptHeader, parse_entries
 from imgbackup.disklabel.mbr import ENTRIES_OFFSET, EXTENDED_TYPES, PROTECTIVE_TYPE, parse_sector
 
-ALIGN_BYTES = 1 << 20
+ALIGN_BYTES = 1 << 20  # partitions end on a MiB, as parted and sgdisk align them (4K sectors, SSD pages)
 MBR_MAX = 0xFFFFFFFF
 MAX_PRIMARY_REGION = 64 << 20  # refuse absurd first_usable_lba values from a damaged header
 

@@ -52,9 +52,15 @@ class PartitionTable:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_exact(read: Reader, offset: int, length: int) -> bytes | None:
-    """``read`` that returns None for a short read or a range outside the source."""
+class ShortRead(ValueError):
+    """A read returned fewer bytes than asked for (a truncated source), or its range is outside it."""
+
+
+def read_exact(read: Reader, offset: int, length: int) -> bytes:
+    """Exactly ``length`` bytes at ``offset``, or ShortRead: the one reader contract of disklabel and fsmap."""
     if offset < 0 or length < 0:
-        return None
+        raise ShortRead(f"no bytes at {offset} (length {length})")
     data = read(offset, length)
-    return bytes(data) if len(data) == length else None
+    if len(data) != length:
+        raise ShortRead(f"short read at byte {offset} ({len(data)} of {length})")
+    return bytes(data)

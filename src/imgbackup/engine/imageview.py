@@ -25,10 +25,10 @@ from imgbackup.format.layout import SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.repo import Repository
 
-DEFAULT_CACHE_BYTES = 64 << 20
-DEFAULT_READAHEAD_CHUNKS = 8
-DEFAULT_WORKERS = 2
-_RECENT_ENDS = 16
+DEFAULT_CACHE_BYTES = 64 << 20   # decoded chunks kept: a filesystem's metadata hot set while it is walked
+DEFAULT_READAHEAD_CHUNKS = 8     # fetched ahead of a sequential reader (dd, a checker's pass)
+DEFAULT_WORKERS = 2              # read-ahead threads; a reader that misses fetches on its own thread
+_RECENT_ENDS = 16                # read ends remembered to tell sequential streams from random reads
 
 
 class ImageView:

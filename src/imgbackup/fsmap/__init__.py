@@ -22,6 +22,7 @@ from imgbackup.fsmap.base import (
     FsMapUnsure,
     FsUsage,
     Reader,
+    ShortRead,
     all_used,
     clear_range,
     popcount,
@@ -188,7 +189,7 @@ def map_region(read: Reader, bits: np.ndarray, bs: int, start: int, size: int,
         usage = FILESYSTEMS[fstype].used_blocks(read, start, size)
         if usage.nblocks * usage.block_size > size:
             raise FsMapUnsure("filesystem is larger than its region")
-    except FsMapUnsure as exc:
+    except (FsMapUnsure, ShortRead) as exc:   # before PARSE_ERRORS: ShortRead is a ValueError
         return RegionReport(start, size, partition, fstype, "full", size, str(exc))
     except PARSE_ERRORS as exc:
         return RegionReport(start, size, partition, fstype, "full", size, f"cannot parse {fstype}: {exc}")

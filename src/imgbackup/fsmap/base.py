@@ -2,21 +2,26 @@
 
 A filesystem module exposes ``probe(read, offset, length) -> bool`` and
 ``used_blocks(read, offset, length) -> FsUsage``. ``used_blocks`` raises ``FsMapUnsure``
-whenever it cannot vouch for a block being free: the caller then images the whole region.
+whenever it cannot vouch for a block being free, or ``ShortRead`` (from ``read_exact``) on a
+truncated source: the caller then images the whole region.
 Bitmaps are packed LSB-first (bit i in byte i >> 3 at position i & 7), 1 = used, the
 same layout as ``imgbackup._core.bitmap``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from imgbackup._core import bitmap
+from imgbackup._core.bitmap import clear_range, set_range
+from imgbackup.disklabel.types import Reader, ShortRead, read_exact
 
-Reader = Callable[[int, int], bytes]
+__all__ = ["FsMapUnsure", "FsUsage", "Reader", "ShortRead", "all_used", "clear_range", "popcount", "read_exact",
+           "set_range", "shift_up", "zero_runs"]
+
 RUN_CHUNK_BITS = 1 << 26  # 64 Mi bits per pass: 64 MiB of unpacked bytes at most
 
 
@@ -37,53 +42,12 @@ class FsUsage:
         return popcount(self.bits, self.nblocks)
 
 
-def read_exact(read: Reader, offset: int, length: int) -> bytes:
-    """Read exactly ``length`` bytes or raise FsMapUnsure (a short read means a truncated source)."""
-    data = read(offset, length)
-    if len(data) != length:
-        raise FsMapUnsure(f"short read at byte {offset} ({len(data)} of {length})")
-    return bytes(data)
-
-
 def all_used(nbits: int) -> np.ndarray:
     """A packed bitmap of ``nbits`` set bits (padding bits past ``nbits`` are zero)."""
     bits = np.full((nbits + 7) // 8, 0xFF, dtype=np.uint8)
     if nbits % 8:
         bits[-1] = (1 << (nbits % 8)) - 1
     return bits
-
-
-def _edge_masks(start: int, end: int) -> tuple[int, int, int, int]:
-    first, last = start >> 3, (end - 1) >> 3
-    lo = (0xFF << (start & 7)) & 0xFF
-    hi = 0xFF >> (7 - ((end - 1) & 7))
-    return first, last, lo, hi
-
-
-def set_range(bits: np.ndarray, start: int, count: int) -> None:
-    """Set bits [start, start + count) in place."""
-    if count <= 0:
-        return
-    first, last, lo, hi = _edge_masks(start, start + count)
-    if first == last:
-        bits[first] |= lo & hi
-        return
-    bits[first] |= lo
-    bits[first + 1:last] = 0xFF
-    bits[last] |= hi
-
-
-def clear_range(bits: np.ndarray, start: int, count: int) -> None:
-    """Clear bits [start, start + count) in place."""
-    if count <= 0:
-        return
-    first, last, lo, hi = _edge_masks(start, start + count)
-    if first == last:
-        bits[first] &= ~(lo & hi) & 0xFF
-        return
-    bits[first] &= ~lo & 0xFF
-    bits[first + 1:last] = 0
-    bits[last] &= ~hi & 0xFF
 
 
 def popcount(bits: np.ndarray, nbits: int) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 
 from imgbackup.fsmap.base import FsMapUnsure, FsUsage, Reader, all_used, clear_range, read_exact
 
-MAX_FAT_BYTES = 512 << 20
+MAX_FAT_BYTES = 512 << 20   # each FAT is read whole: 2^27 FAT32 entries (2 TiB at 16 KiB clusters); past that, image in full
 
 
 @dataclass

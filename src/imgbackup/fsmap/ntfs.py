@@ -163,7 +163,7 @@ def parse_record(raw: bytes, number: int, record_size: int) -> list[Attr]:
         pos += length
 
 
-def decode_runs(raw: bytes, first_vcn: int = 0) -> list[Run]:
+def decode_runs(raw: bytes) -> list[Run]:
     """Mapping pairs to (length, LCN | None) runs; LCN deltas are signed."""
     runs: list[Run] = []
     pos, lcn = 0, 0

@@ -21,7 +21,7 @@ INCOMPAT_KNOWN = 0x1 | 0x2 | 0x4 | 0x8 | 0x20
 BB = 512
 LOG_WINDOW = 4096  # 8 in-core log buffers of up to 256 KiB: how far unordered writes can reach
 UNMOUNT_TRANS = 0x20
-MAX_BTREE_BLOCKS = 1 << 22
+MAX_BTREE_BLOCKS = 1 << 22   # far more free-space btree blocks than a 1 TiB AG needs: a walk this long is a loop
 
 
 @dataclass

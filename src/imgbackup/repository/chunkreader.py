@@ -17,8 +17,8 @@ from imgbackup.repository.packs import BlobLocation, pack_name
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
 
-COALESCE_GAP = 64 << 10
-MAX_RANGE = 64 << 20
+COALESCE_GAP = 64 << 10   # reading over a gap this small is cheaper than a second request
+MAX_RANGE = 64 << 20      # one merged read stays this size at most: bounded memory per request
 
 
 class ChunkReader:

@@ -13,8 +13,8 @@ from imgbackup.format.layout import FORMAT_VERSION
 
 CONFIG_NAME = "config"
 FORMAT_NAME = "imgbackup-repository"
-MIN_CHUNK = 64 << 10
-MAX_CHUNK = 16 << 20
+MIN_CHUNK = 64 << 10   # below this the per-chunk index entry and envelope outweigh the dedup gained
+MAX_CHUNK = 16 << 20   # above this one changed byte stores too much again, and restore buffers grow large
 
 
 @dataclass

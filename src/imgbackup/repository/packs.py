@@ -25,7 +25,7 @@ from imgbackup.format.layout import (
 )
 from imgbackup.repository.storage import ObjectWriter, Storage
 
-PACK_TARGET_SIZE = 16 << 20
+PACK_TARGET_SIZE = 16 << 20   # few enough files per TiB for any filesystem or bucket, small enough to stream
 
 
 def pack_name(pack_id: bytes) -> str:

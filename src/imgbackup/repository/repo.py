@@ -49,10 +49,6 @@ class Repository:
     def chunk_size(self) -> int:
         return self.config.chunk_size
 
-    @property
-    def encrypted(self) -> bool:
-        return self.config.encryption != "none"
-
     @classmethod
     def init(cls, path: str | os.PathLike, passphrase: PassphraseSource | None, encryption: str = "aes-256-gcm",
              chunk_size: int = DEFAULT_CHUNK_SIZE, zstd_level: int = 3, weak_passphrase: bool = False) -> Repository:

@@ -16,7 +16,7 @@ from imgbackup.engine.slots import byte_extents
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import ID_SIZE, SLOT_UNUSED, SLOT_ZERO
 
-FS_BLOCK = 4096
+FS_BLOCK = 4096   # the used map's block: the page size, and the smallest block ext, xfs and NTFS use by default
 
 
 @dataclass

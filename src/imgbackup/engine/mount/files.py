@@ -9,13 +9,13 @@ A damaged chunk under a file makes the copy fail with an error naming it, never 
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from imgbackup import interrupts
-from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession, probe_fstype
+from imgbackup.device.tools import probe_fstype, run
+from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession
 from imgbackup.errors import IntegrityError, TargetRefused, UsageError
 from imgbackup.repository.repo import Repository
 
@@ -97,7 +97,7 @@ def _copying(result: FileRestoreResult, rel: PurePosixPath, wanted: int) -> None
 
 def _copy(cmd: list[str], rel: PurePosixPath) -> None:
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    res = run(cmd, env=env, timeout=None)   # a copy takes as long as its data
     if res.returncode != 0:
         detail = res.stderr.strip().splitlines()
         raise IntegrityError(f"copying /{rel} failed (the copy may be partial): "

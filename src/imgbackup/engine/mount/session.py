@@ -27,11 +27,11 @@ import os
 import select
 import signal
 import stat
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgbackup import interrupts
+from imgbackup.device.tools import attach_loop, probe_fstype, run, wait_until
 from imgbackup.disklabel import read_partition_table
 from imgbackup.disklabel.mbr import is_extended
 from imgbackup.engine.imageview import ImageView
@@ -41,7 +41,6 @@ from imgbackup.engine.mount.state import (
     drop_log,
     fuse_mounted,
     log_path,
-    run_cmd,
     state_path,
     teardown,
 )
@@ -52,7 +51,8 @@ log = logging.getLogger("imgbackup.mount")
 
 FS_MOUNT_OPTIONS = {"ext2": "ro,noload", "ext3": "ro,noload", "ext4": "ro,noload",
                     "xfs": "ro,norecovery", "btrfs": "ro,rescue=nologreplay"}
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 30.0      # libfuse mounts in well under a second; 30 s covers a machine under heavy load
+SERVER_REAP_WAIT = 10.0   # the server exits as soon as its mount is gone; one still there after 10 s is killed
 
 
 @dataclass
@@ -249,15 +249,15 @@ class MountSession:
             vol.note = ("FAT cannot be mounted by this kernel; use restore-files" if vol.fstype == "vfat"
                         else f"not mounted: {vol.fstype or 'no known filesystem'}")
             return
-        loop = run_cmd("losetup", "-r", "-f", "--show", part_file)
-        if loop.returncode != 0:
-            vol.note = f"losetup failed: {loop.stderr.strip()}"
+        try:
+            dev = attach_loop(part_file, read_only=True)
+        except StorageError as exc:
+            vol.note = str(exc)
             return
-        dev = loop.stdout.strip()
         self.state.loops.append({"device": dev, "file": part_file})
         self.state.save()
         target = os.path.join(self.mountpoint, "fs", vol.name)
-        res = run_cmd("mount", "-t", vol.fstype, "-o", options, dev, target)
+        res = run(["mount", "-t", vol.fstype, "-o", options, dev, target])
         if res.returncode != 0:
             vol.note = f"mount failed: {res.stderr.strip()}"
             log.warning("%s: %s", vol.name, vol.note)
@@ -302,21 +302,10 @@ class MountSession:
         self.stop()
 
 
-def _reap(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-
-
-def probe_fstype(path: str) -> str | None:
-    """The filesystem type blkid finds in a file (low-level probe), or None."""
-    res = run_cmd("blkid", "-p", "-o", "value", "-s", "TYPE", path)
-    return res.stdout.strip() or None if res.returncode == 0 else None
+def _reap(pid: int, timeout: float = SERVER_REAP_WAIT) -> None:
+    if not wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] != 0, timeout):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 class _Stop(Exception):

@@ -13,18 +13,16 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from imgbackup.device.mounts import read_mount_table
 from imgbackup.device.sysfs import backing_file
+from imgbackup.device.tools import detach_loop, retry, run, wait_until
 
 log = logging.getLogger("imgbackup.mount")
 
-RETRIES = 30
-RETRY_DELAY = 0.1
+SERVER_EXIT_WAIT = 5.0   # libfuse's server leaves within ~1 s of the unmount; after that it is stuck: SIGTERM
 
 
 def run_dir() -> Path:
@@ -41,10 +39,6 @@ def state_path(mountpoint: str) -> Path:
 
 def log_path(mountpoint: str) -> Path:
     return run_dir() / f"mount-{_key(mountpoint)}.log"
-
-
-def run_cmd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, check=False)
 
 
 def mountpoints() -> dict[str, str]:
@@ -138,23 +132,13 @@ def drop_log(mountpoint: str, unless_troubled: bool = True) -> None:
     path.unlink(missing_ok=True)
 
 
-def _retry(*cmd: str) -> subprocess.CompletedProcess:
-    res = run_cmd(*cmd)
-    for _ in range(RETRIES):
-        if res.returncode == 0:
-            break
-        time.sleep(RETRY_DELAY)
-        res = run_cmd(*cmd)
-    return res
-
-
 def _umount(target: str, problems: list[str]) -> None:
     if target not in mountpoints():
         return
-    res = _retry("umount", target)
+    res = retry(["umount", target])
     if res.returncode != 0:
         problems.append(f"{target} is busy; detached lazily ({res.stderr.strip()})")
-        run_cmd("umount", "-l", target)
+        run(["umount", "-l", target])
 
 
 def _detach(loop: dict, problems: list[str]) -> None:
@@ -162,18 +146,14 @@ def _detach(loop: dict, problems: list[str]) -> None:
     name = os.path.basename(dev)
     if backing_file(name) != loop["file"]:
         return   # gone already, or reused for something else
-    res = _retry("losetup", "-d", dev)
-    if res.returncode != 0:
-        problems.append(f"cannot detach {dev}: {res.stderr.strip()}")
+    problem = detach_loop(dev)
+    if problem:
+        problems.append(problem)
 
 
 def _stop_server(ref: ProcessRef | None) -> None:
-    if ref is None or not ref.alive():
+    if ref is None or wait_until(lambda: not ref.alive(), SERVER_EXIT_WAIT):
         return
-    for _ in range(50):
-        if not ref.alive():
-            return
-        time.sleep(0.1)
     log.warning("FUSE server %d still running after unmount; sending SIGTERM", ref.pid)
     os.kill(ref.pid, signal.SIGTERM)
 
@@ -188,10 +168,10 @@ def teardown(state: MountState, fuse: bool = True) -> list[str]:
     if not fuse:
         return problems
     if fuse_mounted(state.mountpoint):
-        res = _retry("fusermount3", "-u", state.mountpoint)
+        res = retry(["fusermount3", "-u", state.mountpoint])
         if res.returncode != 0:
             problems.append(f"{state.mountpoint} is busy; detached lazily ({res.stderr.strip()})")
-            run_cmd("fusermount3", "-u", "-z", state.mountpoint)
+            run(["fusermount3", "-u", "-z", state.mountpoint])
     _stop_server(state.server)
     return problems
 
@@ -209,9 +189,7 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> list[str]:
     sup = state.supervisor
     if sup is not None and sup.alive() and sup.pid != os.getpid():
         os.kill(sup.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while sup.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not sup.alive(), timeout)
         state = MountState.load(mountpoint) or MountState(mountpoint, state.image)
     problems = teardown(state)
     if not problems:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ from imgbackup.errors import StorageError
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.repo import Repository
 
+COPY_BLOCK = 4 * MIB   # the shrunk filesystem is copied in blocks this size: all-zero ones are skipped or zeroed
+
 
 @dataclass
 class BareMetalResult:
@@ -59,28 +62,55 @@ class BareMetalResult:
     notes: list[str]
 
 
-def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, progress=None) -> BareMetalResult:
+def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False,
+                     progress: Callable[[int], None] | None = None) -> BareMetalResult:
     """Carry out a plan (see the module docstring for the order)."""
     started = time.monotonic()
-    image, target = plan.image, plan.target
-    reader = ChunkReader(repo)
-    notes: list[str] = list(plan.warnings)
-    interrupts.set_status(f"{target.path} was not changed" if target.exists else f"{target.path} was not created")
+    target = plan.target.path
+    interrupts.set_status(f"{target} was not changed" if plan.target.exists else f"{target} was not created")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
             tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
+        job = _Restore(repo, plan, ChunkReader(repo), pool, discard, progress, list(plan.fit.warnings))
+        job.write(tmp)
+    if plan.fit.grow_range:
+        interrupts.set_status(f"{target} holds the image; growing its last filesystem did not finish "
+                              "(check it with its fsck)")
+        job.notes.append(grow_filesystem(plan.target.path, *plan.fit.grow_range))
+    interrupts.set_status(f"{target} was fully restored")
+    return BareMetalResult(plan.image.id, plan.target.path, plan.disk_size, job.read, job.written, job.zeroed,
+                           round(time.monotonic() - started, 3), True, plan.fit.partitions, job.notes)
+
+
+@dataclass
+class _Restore:
+    """One restore under way: what its steps share, and the byte counts they add up."""
+
+    repo: Repository
+    plan: DiskPlan
+    reader: ChunkReader
+    pool: ThreadPoolExecutor
+    discard: bool
+    progress: Callable[[int], None] | None
+    notes: list[str]
+    read: int = 0
+    written: int = 0
+    zeroed: int = 0
+
+    def write(self, tmp: str) -> None:
+        """Steps 1-5 of the module docstring; a new target file is removed when one fails."""
+        plan, image, target = self.plan, self.plan.image, self.plan.target
         if target.exists:
-            reader.authenticate_all((bytes(row) for row in image.ids), pool)
-        shrunk = _shrink_in_temp(plan, reader, pool, tmp) if plan.fs_shrink else None
+            self.reader.authenticate_all((bytes(row) for row in image.ids), self.pool)
+        shrunk = self._shrink_in_temp(tmp) if plan.fit.fs_shrink else None
         interrupts.set_status(f"{target.path} is partly written and not usable")
         fd = open_for_writing(target, plan.disk_size, keep=plan.delta)
         try:
             try:
-                read, written, zeroed, verified = _write_target(fd, repo, plan, reader, pool, shrunk, discard,
-                                                                progress, notes)
+                verified = self._write_target(fd, shrunk)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if plan.window == (0, image.size) and not plan.fs_shrink:
+            if plan.fit.window == (0, image.size) and not plan.fit.fs_shrink:
                 check_digest(image, verified, target.path)
         except BaseException as exc:
             if not target.exists:  # a file this restore created holds nothing worth keeping
@@ -89,47 +119,39 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False, pr
             if isinstance(exc, OSError):
                 raise StorageError(f"writing {target.path} failed: {exc.strerror or exc}") from None
             raise
-    if plan.grow_range:
-        interrupts.set_status(f"{target.path} holds the image; growing its last filesystem did not finish "
-                              "(check it with its fsck)")
-        notes.append(grow_filesystem(target.path, *plan.grow_range))
-    interrupts.set_status(f"{target.path} was fully restored")
-    return BareMetalResult(image.id, target.path, plan.disk_size, read, written, zeroed,
-                           round(time.monotonic() - started, 3), True, plan.partitions, notes)
 
+    def _write_target(self, fd: int, shrunk: str | None) -> np.ndarray:
+        """Steps 3-5: the image bytes, the shrunk filesystem, the fitted table; the verified ids."""
+        plan, fit, image = self.plan, self.plan.fit, self.plan.image
+        if plan.delta:
+            self.read, self.written, self.zeroed, verified = write_delta(fd, image, self.repo.keys.id_key,
+                                                                         self.reader, self.pool, self.progress)
+        else:
+            self.written, verified = write_slots(fd, image, self.reader, self.pool, window=fit.window,
+                                                 shift=fit.shift, progress=self.progress)
+            if plan.target.is_block_device:
+                self.zeroed = clear_unwritten(fd, image, self.discard, fit.window, fit.shift)
+        if shrunk:
+            written, zeroed = _copy_file_into(fd, shrunk, fit.fs_shrink[0] - fit.shift)
+            self.written, self.zeroed = self.written + written, self.zeroed + zeroed
+            self.notes.append(f"filesystem shrunk by resize2fs to {fit.fs_shrink[2]} bytes")
+        _fit_table(fd, plan)
+        return verified
 
-def _write_target(fd: int, repo: Repository, plan: DiskPlan, reader: ChunkReader, pool: ThreadPoolExecutor,
-                  shrunk: str | None, discard: bool, progress, notes: list[str]) -> tuple[int, int, int, np.ndarray]:
-    """Steps 3-5 of the module docstring; (bytes read, written, zeroed, the verified ids)."""
-    image = plan.image
-    read = zeroed = 0
-    if plan.delta:
-        read, written, zeroed, verified = write_delta(fd, image, repo.keys.id_key, reader, pool, progress)
-    else:
-        written, verified = write_slots(fd, image, reader, pool, window=plan.window, shift=plan.shift,
-                                        progress=progress)
-        if plan.target.is_block_device:
-            zeroed = clear_unwritten(fd, image, discard, plan.window, plan.shift)
-    if shrunk:
-        w, z = _copy_file_into(fd, shrunk, plan.fs_shrink[0] - plan.shift)
-        written, zeroed = written + w, zeroed + z
-        notes.append(f"filesystem shrunk by resize2fs to {plan.fs_shrink[2]} bytes")
-    _fit_table(fd, plan)
-    return read, written, zeroed, verified
-
-
-def _shrink_in_temp(plan: DiskPlan, reader: ChunkReader, pool: ThreadPoolExecutor, tmp: str) -> str:
-    start, length, new_len = plan.fs_shrink
-    path = os.path.join(tmp, "partition.img")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.ftruncate(fd, length)
-        write_slots(fd, plan.image, reader, pool, window=(start, start + length), shift=start)
-    finally:
-        os.close(fd)
-    shrink_ext_file(path, new_len, start - plan.shift + (GPT_TAIL_SECTORS * plan.sector_size
-                                                         if plan.table_kind == "gpt" else 0))
-    return path
+    def _shrink_in_temp(self, tmp: str) -> str:
+        """Step 2: the last partition restored into a sparse file in ``tmp`` and shrunk there."""
+        plan, fit = self.plan, self.plan.fit
+        start, length, new_len = fit.fs_shrink
+        path = os.path.join(tmp, "partition.img")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, length)
+            write_slots(fd, plan.image, self.reader, self.pool, window=(start, start + length), shift=start)
+        finally:
+            os.close(fd)
+        tail = GPT_TAIL_SECTORS * plan.sector_size if plan.table_kind == "gpt" else 0
+        shrink_ext_file(path, new_len, start - fit.shift + tail)
+        return path
 
 
 def _copy_file_into(fd: int, path: str, offset: int) -> tuple[int, int]:
@@ -137,7 +159,7 @@ def _copy_file_into(fd: int, path: str, offset: int) -> tuple[int, int]:
     written = zeroed = 0
     with open(path, "rb") as f:
         pos = 0
-        while block := f.read(4 * MIB):
+        while block := f.read(COPY_BLOCK):
             if block.count(0) == len(block):
                 zeroed += zero_nonzero(fd, offset + pos, offset + pos + len(block))
             else:
@@ -148,15 +170,17 @@ def _copy_file_into(fd: int, path: str, offset: int) -> tuple[int, int]:
 
 
 def _fit_table(fd: int, plan: DiskPlan) -> None:
-    if not plan.relocate or plan.mode != "disk":
+    """Step 5: the same table rewrite planning made in memory, now on the target."""
+    fit = plan.fit
+    if not fit.relocate or plan.mode != "disk":
         return
     ss = plan.sector_size
     old, new = plan.image.size // ss, plan.disk_size // ss
-    grow = plan.grow_range is not None
+    grow = fit.grow_range is not None
     try:
         if plan.table_kind == "gpt":
-            apply_gpt_relocation(fd, old, new, ss, grow, plan.last_end_lba)
-        elif grow or plan.last_end_lba is not None:
-            apply_mbr_resize(fd, old, new, ss, grow, plan.last_end_lba)
+            apply_gpt_relocation(fd, old, new, ss, grow, fit.last_end_lba)
+        elif grow or fit.last_end_lba is not None:
+            apply_mbr_resize(fd, old, new, ss, grow, fit.last_end_lba)
     except ValueError as exc:  # the same rewrite succeeded in memory during planning
         raise StorageError(f"fitting the partition table failed: {exc}") from None

@@ -23,10 +23,10 @@ from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
 
-LOOKAHEAD_CHUNKS = 32
-WRITEBACK_BYTES = 64 << 20
-ZERO_SCAN_BYTES = 16 << 20
-DELTA_BATCH_CHUNKS = 16
+LOOKAHEAD_CHUNKS = 32            # chunks fetched ahead of the writer: keeps every core decrypting
+WRITEBACK_BYTES = 64 << 20       # start writeback this often, so the final fsync has little left (measured)
+ZERO_SCAN_BYTES = 16 << 20       # target bytes read per pass when clearing what must be zero
+DELTA_BATCH_CHUNKS = 16          # --delta reads and hashes the target this many chunks at a time
 
 
 def clear_unwritten(fd: int, image: ImageIndex, discard: bool, window: tuple[int, int] | None = None,

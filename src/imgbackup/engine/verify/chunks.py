@@ -47,7 +47,7 @@ class VerifyReport:
         }
 
 
-MAX_ERRORS_PER_IMAGE = 50
+MAX_ERRORS_PER_IMAGE = 50   # enough to see what is damaged; a wholly damaged image still gives a short report
 
 
 class _Tally:

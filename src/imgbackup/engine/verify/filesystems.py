@@ -10,11 +10,12 @@ not look at (directory blocks it trusts, unreadable inodes).
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession, Volume, probe_fstype
+from imgbackup.device.tools import probe_fstype, run
+from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession, Volume
+from imgbackup.errors import ToolTimeout
 from imgbackup.repository.repo import Repository
 
 CHECKERS = {
@@ -22,8 +23,8 @@ CHECKERS = {
     "xfs": ["xfs_repair", "-n", "-f"], "vfat": ["fsck.vfat", "-n"], "btrfs": ["btrfs", "check", "--readonly"],
 }
 NOT_FILESYSTEMS = {"swap", "linux_raid_member", "LVM2_member", "crypto_LUKS"}
-CHECK_TIMEOUT = 1800
-OUTPUT_TAIL = 20
+CHECK_TIMEOUT = 1800      # a checker reading a large filesystem through FUSE; longer means it hangs
+OUTPUT_TAIL = 20          # lines of checker output kept in the report: enough to see what it found
 
 
 @dataclass
@@ -106,11 +107,8 @@ def _run_checker(check: PartitionCheck, path: str) -> None:
         return
     check.checker = " ".join(cmd)
     try:
-        res = subprocess.run([*cmd, path], capture_output=True, text=True, timeout=CHECK_TIMEOUT, check=False)
-    except FileNotFoundError:
-        check.errors.append(f"{cmd[0]} is not installed")
-        return
-    except subprocess.TimeoutExpired:
+        res = run([*cmd, path], timeout=CHECK_TIMEOUT)   # ToolMissing (exit 12) when not installed
+    except ToolTimeout:
         check.errors.append(f"{check.checker} did not finish within {CHECK_TIMEOUT} s")
         return
     check.checker_exit = res.returncode

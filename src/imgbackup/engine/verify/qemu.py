@@ -13,24 +13,22 @@ writes go to a throwaway overlay, so a read-only (e.g. FUSE-served) image can be
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import select
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from imgbackup.device.tools import Process, kill_group, spawn
+
 QEMU = "qemu-system-x86_64"
 OVMF_DIRS = ("/usr/share/OVMF", "/usr/share/ovmf", "/usr/share/qemu", "/usr/share/edk2/ovmf")
 OVMF_CODE_NAMES = ("OVMF_CODE_4M.fd", "OVMF_CODE.fd")
-TAIL_CHARS = 8000
+TAIL_CHARS = 8000     # console kept for the report: a kernel's last screens, enough to see why it stopped
 # Console text after which a guest can no longer reach the marker on its own: a kernel panic,
 # OVMF dropping to its shell, SeaBIOS finding nothing to boot, syslinux's prompt after a
 # failed load. Seeing one ends the check early with reason "gave-up" instead of a timeout.
@@ -86,33 +84,7 @@ def qemu_command(drives: list[str], firmware: str, snapshot: bool, memory_mib: i
     return cmd
 
 
-def _child_setup() -> Callable[[], None] | None:
-    """A preexec hook making qemu die with its parent (PR_SET_PDEATHSIG) on Linux."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def setup() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-    return setup
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill qemu's own process group (it was started in a new session) and reap it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-    if proc.poll() is None:  # should not happen: SIGKILL cannot be caught
-        proc.kill()
-        proc.wait()
-
-
-def _watch(proc: subprocess.Popen, expect: bytes, give_up: list[bytes],
+def _watch(proc: Process, expect: bytes, give_up: list[bytes],
            deadline: float) -> tuple[str, bytes]:
     """Read the console until ``expect`` shows, qemu exits, or ``deadline``; return why + tail."""
     buf = b""
@@ -168,14 +140,12 @@ def boot_check(drives: list[str] | str, expect: str, timeout: float = 60,
             shutil.copyfile(found[1], vars_copy)
             ovmf = (found[0], vars_copy)
         cmd = qemu_command(drive_list, firmware, snapshot, memory_mib, ovmf)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
-                                preexec_fn=_child_setup())
+        proc = spawn(cmd, cwd=tmp)
         try:
             reason, buf = _watch(proc, expect.encode(), [g.encode() for g in give_up if g],
                                  start + timeout)
         finally:
-            _kill_group(proc)
+            kill_group(proc)
             proc.stdout.close()
     tail = buf.decode(errors="replace").replace("\r\n", "\n")[-TAIL_CHARS:]
     return BootResult(reason == "found", time.monotonic() - start, tail, cmd, reason)
