@@ -10,10 +10,16 @@ pessimistic status *before* a step that changes something and the reassuring one
 CLI prints ``<command> interrupted: <status>`` once the unwind is over, so clean-up code may
 update it too. ``deferred()`` holds a signal back over a few lines that must not be split (an
 object committed and the status saying so), then raises it.
+
+A signal that lands just before a blocking read begins would only be handled once the read
+returns (Python runs handlers between bytecodes), so a Ctrl-C typed as a prompt appears could be
+lost. ``wait_readable`` closes that gap with the signal module's wakeup pipe.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -25,12 +31,34 @@ _received: int | None = None
 _pending = False
 _depth = 0
 _status: Status = "nothing was changed"
+_wakeup: int | None = None   # read end of the pipe the C-level handler writes each signal to
 
 
 def install() -> None:
     """Route SIGINT and SIGTERM to the one-shot handler (main thread only, as Python requires)."""
+    global _wakeup
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _handler)
+    if _wakeup is None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        _wakeup = r
+
+
+def wait_readable(fd: int) -> None:
+    """Block until ``fd`` can be read; a signal at any moment, even just before, interrupts the wait."""
+    while True:
+        waiting = [fd] if _wakeup is None else [fd, _wakeup]
+        ready, _, _ = select.select(waiting, [], [])
+        if _wakeup in ready:   # the handler runs at the next bytecode, and raises unless ignored
+            while True:
+                try:
+                    if not os.read(_wakeup, 64):
+                        break
+                except BlockingIOError:
+                    break
+        if fd in ready:
+            return
 
 
 def _handler(signum: int, frame) -> None:

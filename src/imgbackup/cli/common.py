@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 import sys
+import termios
 from pathlib import Path
 from typing import Annotated
 
@@ -39,10 +39,47 @@ def _from_environment() -> bool:
     return "IMGBACKUP_PASSPHRASE" in os.environ or bool(os.environ.get("IMGBACKUP_PASSPHRASE_FILE"))
 
 
+def _to_terminal(text: str) -> None:
+    """Prompts go to the terminal itself (as getpass does), never stdout: that is the JSON document's."""
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(text)
+    except OSError:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def ask(prompt: str, echo: bool = True) -> str:
+    """One line typed at the terminal on stdin.
+
+    Unlike input() and getpass, a Ctrl-C typed the moment the prompt appears is never lost.
+    """
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    if not echo:
+        quiet = termios.tcgetattr(fd)
+        quiet[3] &= ~termios.ECHO
+        termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)
+    try:
+        _to_terminal(prompt)
+        line = b""
+        while not line.endswith(b"\n"):
+            interrupts.wait_readable(fd)
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise UsageError("no answer at the prompt (end of input)", "nothing was changed")
+            line += chunk
+    finally:
+        if not echo:
+            termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+            _to_terminal("\n")
+    return line.decode(errors="replace").rstrip("\r\n")
+
+
 def _prompt(text: str) -> str:
     before = interrupts.status()
     interrupts.set_status(f"{before} (stopped at the passphrase prompt)")
-    answer = getpass.getpass(text)
+    answer = ask(text, echo=False)
     interrupts.set_status(before)
     return answer
 
@@ -123,7 +160,7 @@ def confirm_overwrite(description: str, expected: str, yes: bool) -> None:
     if not sys.stdin.isatty():
         raise UsageError(f"refusing to overwrite {description} without --yes (no terminal to ask on)")
     typer.echo(f"This will OVERWRITE {description}", err=True)
-    answer = input(f"Type '{expected}' to continue: ")
+    answer = ask(f"Type '{expected}' to continue: ")
     if answer.strip() != expected:
         raise UsageError("not confirmed; nothing was written")
 

@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, NameOption, RepoOption, YesOption, emit_json, human, open_repo
+from imgbackup.cli.common import (
+    JsonOption,
+    NameOption,
+    RepoOption,
+    YesOption,
+    ask,
+    emit_json,
+    human,
+    open_repo,
+)
 from imgbackup.engine.delete import delete_images
 from imgbackup.engine.diff import diff_images
 from imgbackup.errors import UsageError
@@ -27,7 +36,8 @@ def delete(
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError("refusing to delete images without --yes (no terminal to ask on)")
-        if not typer.confirm(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}?"):
+        answer = ask(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}? [y/N]: ")
+        if answer.strip().lower() not in ("y", "yes"):
             raise UsageError("not confirmed; nothing was deleted")
     result = delete_images(r, ids)
     for warning in result.warnings:

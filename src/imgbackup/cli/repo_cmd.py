@@ -40,7 +40,8 @@ def init(
     r = Repository.init(repo_path(repo), lambda: read_passphrase(confirm=True), encryption, chunk_size, zstd_level,
                         weak_passphrase=weak_passphrase)
     keep_safe = ("keep the passphrase safe, apart from the repository: without it no image can ever be read"
-                 if r.encrypted else "this repository is not encrypted: anyone who can read it can read the images")
+                 if r.config.encryption != "none"
+                 else "this repository is not encrypted: anyone who can read it can read the images")
     doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
            "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level, "note": keep_safe}
     if json_out:
