@@ -27,6 +27,9 @@ def backup(
     verify_unchanged: Annotated[float, typer.Option(
         help="Re-read this percentage of the slots a change list skips; any difference re-reads them all.")]
     = 0.0,
+    snapshot: Annotated[str | None, typer.Option(
+        help="Image a snapshot of a live source, removed afterwards: lvm (an LVM logical volume), reflink "
+             "(an image file on XFS or btrfs) or auto.")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Back up a disk, partition or image file into the repository."""
@@ -36,7 +39,7 @@ def backup(
         result = run_backup(r, BackupRequest(
             source, name, backup_type, allow_mounted, bar.update, bar.start, all_blocks=all_blocks,
             changed_blocks=changed_blocks, change_granularity=change_granularity,
-            verify_unchanged=verify_unchanged))
+            verify_unchanged=verify_unchanged, snapshot=snapshot))
     finally:
         bar.close()
     for warning in result.warnings:

@@ -65,14 +65,8 @@ COMMAND_MODULES = {
     "images_cmd": ("delete", "diff"),
     "devices_cmd": ("devices",),
     "mount_cmd": ("mount", "umount", "restore-files"),
+    "rescue_cmd": ("rescue",),
 }
-
-
-def _register(argv: list[str]) -> None:
-    command = next((arg for arg in argv if not arg.startswith("-")), None)
-    wanted = [m for m, names in COMMAND_MODULES.items() if command in names] or list(COMMAND_MODULES)
-    for module in wanted:
-        importlib.import_module(f"imgbackup.cli.{module}").register(app)
 
 
 def _guarded(name: str, callback):
@@ -87,7 +81,21 @@ def _guarded(name: str, callback):
                 raise
             raise Interrupted(f"{name} interrupted: {interrupts.status()}") from None
 
+    run_command.guarded = True
     return run_command
+
+
+def _prepare(commands: typer.Typer, prefix: str = "") -> None:
+    """Whole one-line summaries in --help, and every command (in groups too) guarded once."""
+    for info in commands.registered_commands:
+        if getattr(info.callback, "guarded", False):
+            continue
+        if info.short_help is None and info.callback.__doc__:   # the whole first paragraph, never cut
+            info.short_help = " ".join(inspect.cleandoc(info.callback.__doc__).split("\n\n")[0].split())
+        name = info.name or info.callback.__name__.replace("_", "-")
+        info.callback = _guarded(f"{prefix}{name}", info.callback)
+    for group in commands.registered_groups:
+        _prepare(group.typer_instance, f"{prefix}{group.name} ")
 
 
 def _register(argv: list[str]) -> None:
@@ -95,10 +103,7 @@ def _register(argv: list[str]) -> None:
     wanted = [m for m, names in COMMAND_MODULES.items() if command in names] or list(COMMAND_MODULES)
     for module in wanted:
         importlib.import_module(f"imgbackup.cli.{module}").register(app)
-    for info in app.registered_commands:
-        if info.short_help is None and info.callback.__doc__:   # the whole first paragraph, never cut
-            info.short_help = " ".join(inspect.cleandoc(info.callback.__doc__).split("\n\n")[0].split())
-        info.callback = _guarded(info.name, info.callback)
+    _prepare(app)
 
 
 @app.callback(invoke_without_command=True)

@@ -35,6 +35,7 @@ class DeviceIdentity:
     label: str | None
     uuid: str | None
     parent: str | None
+    wwn: str | None = None      # World Wide Name (SAS/SATA/NVMe/FC), the most stable name a disk has
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +49,8 @@ class DeviceIdentity:
             parts.append(f"model '{self.model}'")
         if self.serial:
             parts.append(f"serial '{self.serial}'")
+        if self.wwn:
+            parts.append(f"WWN {self.wwn}")
         if self.backing_file:
             parts.append(f"loop device backed by '{self.backing_file}'")
         if self.kind == "part" and self.parent:
@@ -116,13 +119,23 @@ def _sysfs_hardware(disk: str) -> tuple[str | None, str | None, str | None]:
     return model, serial, vendor
 
 
-def _hardware(disk: str) -> tuple[str | None, str | None, str | None]:
+def _sysfs_wwn(disk: str) -> str | None:
+    """A WWN from sysfs ``wwid`` ('naa.5000c500…' on SCSI/SATA, 'eui.…' on NVMe) as 0x…, else None."""
+    for base in (sysfs.SYS_BLOCK / disk / "device", sysfs.SYS_BLOCK / disk):
+        text = sysfs.read_attr(base / "wwid")
+        if text and text.startswith("naa."):
+            return "0x" + text[4:].lower()
+    return None
+
+
+def _hardware(disk: str) -> tuple[str | None, str | None, str | None, str | None]:
     props = _udev_properties(disk)
     model, serial, vendor = _sysfs_hardware(disk)
     return (
         _udev_text(props, "ID_MODEL") or model,
         props.get("ID_SERIAL_SHORT") or props.get("ID_SERIAL") or serial,
         _udev_text(props, "ID_VENDOR") or vendor,
+        props.get("ID_WWN_WITH_EXTENSION") or props.get("ID_WWN") or _sysfs_wwn(disk),
     )
 
 
@@ -152,16 +165,16 @@ def identify_name(name: str) -> DeviceIdentity:
     is_part = disk != name
     backing = sysfs.backing_file(disk)
     if disk.startswith("loop"):
-        model = serial = vendor = None
+        model = serial = vendor = wwn = None
     else:
-        model, serial, vendor = _hardware(disk)
+        model, serial, vendor, wwn = _hardware(disk)
     fstype, label, uuid = _fs_fields(path, name)
     return DeviceIdentity(
         path=path, name=name, size=sysfs.size_bytes(name), model=model, serial=serial,
         vendor=vendor, logical_sector_size=_sector_size(name),
         kind="part" if is_part else ("loop" if disk.startswith("loop") else "disk"),
         backing_file=backing, fstype=fstype, label=label, uuid=uuid,
-        parent=f"/dev/{disk}" if is_part else None,
+        parent=f"/dev/{disk}" if is_part else None, wwn=wwn,
     )
 
 

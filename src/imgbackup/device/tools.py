@@ -35,6 +35,10 @@ PACKAGES = {
     "mcopy": "mtools",
     "cp": "coreutils",
     "qemu-system-x86_64": "qemu-system-x86",
+    "lvcreate": "lvm2", "lvremove": "lvm2", "lvs": "lvm2",
+    "mmdebstrap": "mmdebstrap", "mksquashfs": "squashfs-tools", "grub-mkrescue": "grub-common",
+    "xorriso": "xorriso", "depmod": "kmod", "apt-cache": "apt",
+    "udevadm": "udev", "systemctl": "systemd",
 }
 
 TOOL_TIMEOUT = 3600.0     # e2fsck, resize2fs or xfs_repair on a multi-TiB filesystem may run for most of an hour
@@ -93,6 +97,15 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
 def output_tail(res: subprocess.CompletedProcess[str], chars: int = 300) -> str:
     """The end of a tool's stdout and stderr together: what an error message quotes."""
     return (res.stdout + res.stderr).strip()[-chars:]
+
+
+def run_on_terminal(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> int:
+    """Run an interactive step (a restore showing its progress) on this process's own terminal;
+    its exit status."""
+    try:
+        return subprocess.run(list(cmd), env=env, check=False).returncode
+    except FileNotFoundError:
+        raise missing(cmd[0]) from None
 
 
 # ---- loop devices ----

@@ -21,6 +21,7 @@ from imgbackup.device.source import Source, open_source
 from imgbackup.engine.backup.changelist import read_change_list
 from imgbackup.engine.backup.ingest import ChunkStore, Ingest, ParentMatch
 from imgbackup.engine.backup.plan import ReadPlan, plan_reads
+from imgbackup.engine.backup.snapshot import Snapshot, check_still_valid, snapshot_of
 from imgbackup.errors import SourceError, UsageError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
@@ -42,6 +43,7 @@ class BackupRequest:
     changed_blocks: str | None = None
     change_granularity: int | None = None
     verify_unchanged: float = 0.0
+    snapshot: str | None = None      # lvm | reflink | auto: image a snapshot, removed afterwards
 
 
 @dataclass
@@ -95,10 +97,12 @@ def _choose_parent(repo: Repository, name: str, backup_type: str) -> tuple[str, 
     return ("incremental" if backup_type == "auto" else backup_type), parent
 
 
-def _source_meta(path: str, source: Source) -> dict:
+def _source_meta(path: str, source: Source, snap: Snapshot | None = None) -> dict:
     meta = {"path": path, "size": source.size, "logical_sector_size": source.logical_sector_size,
             "physical_sector_size": source.physical_sector_size,
             "kind": "block" if source.is_block_device else "file"}
+    if snap is not None:
+        meta["snapshot"] = snap.to_meta()
     try:
         ident = identify(path)
         meta.update(model=ident.model, serial=ident.serial, vendor=ident.vendor, device_kind=ident.kind,
@@ -109,15 +113,26 @@ def _source_meta(path: str, source: Source) -> dict:
 
 
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
+    """Back up ``req.source``, or with ``req.snapshot`` a snapshot of it taken now."""
+    if not req.snapshot:
+        return _run_backup(repo, req, req.source, None)
+    notes: list[str] = []
+    with snapshot_of(req.source, req.snapshot, notes) as snap:
+        result = _run_backup(repo, req, snap.path, snap)
+    result.warnings = notes + result.warnings
+    return result
+
+
+def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snapshot | None) -> BackupResult:
     started = time.monotonic()
     name = req.name or default_name(req.source)
-    warnings = check_source_not_live(req.source, req.allow_mounted)
-    with open_source(req.source) as source, repo.lock(f"backup {req.source}"):
+    warnings = check_source_not_live(read_path, req.allow_mounted)
+    with open_source(read_path) as source, repo.lock(f"backup {req.source}"):
         repo.remove_temp_files()
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
         chunk = repo.chunk_size
-        plan = plan_reads(source, req.source, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
+        plan = plan_reads(source, read_path, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
         if req.progress_total:
@@ -145,10 +160,12 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         changed = _changed_slots(kinds, ids, parent)
         meta = repo.new_image_meta(
             type=btype, parent=parent.id if parent else None, name=name,
-            source=_source_meta(req.source, source), slots=len(kinds),
+            source=_source_meta(req.source, source, snap), slots=len(kinds),
             used_map={"enabled": not req.all_blocks, "regions": plan.regions},
             changed_blocks=req.changed_blocks, warnings=warnings)
         index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
+        if snap is not None:
+            check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
         with interrupts.deferred():   # the image exists or not, and the status says which
             stored += repo.images.write(index)
             interrupts.set_status(f"image {meta['id']} was stored complete")

@@ -1,0 +1,195 @@
+"""``imgbackup.action=restore``: restore a dead machine's disk from kernel parameters alone.
+
+Steps, each logged to every console and to a log on the repository's device:
+parameters checked → repository device found and mounted → passphrase file read → target disk
+found by its stable identity and shown (model, serial, size) → ``imgbackup restore`` → sync,
+unmount → ``imgbackup.after``. A failure at any step stops the run with its reason, before the
+target is written when it can be known beforehand (wrong identity, too small, wrong passphrase),
+and then leaves a shell or powers off (``imgbackup.on-failure``).
+
+The restore itself runs as ``imgbackup restore … --json`` in a child process: exactly what a
+sysadmin would type, with its own refusals and exit codes, and its stderr in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgbackup.device import tools
+from imgbackup.device.identity import identify
+from imgbackup.engine.rescue.console import RescueLog
+from imgbackup.engine.rescue.locate import RUN_DIR, Mounts, find_target, medium_device, whole_disk_of
+from imgbackup.engine.rescue.params import ON_FAILURE, Location, RescueParams, parse_params, raw_params
+from imgbackup.errors import ImgBackupError, TargetRefused, UsageError
+
+STATUS_FILE = RUN_DIR / "rescue-status.json"
+LOG_DIR = "imgbackup-rescue-logs"
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    reason: str
+    exit_code: int
+    log_path: str | None
+    seconds: float
+
+
+def _log_location(params: RescueParams) -> Location | None:
+    if params.log is not None:
+        return params.log
+    if params.repo is not None and params.repo.device not in (None, "MEDIA"):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        return Location(params.repo.device, f"/{LOG_DIR}/{stamp}-{params.name or 'restore'}.log")
+    return None
+
+
+def _embedded_repo(path: Path) -> Path:
+    """A repository on the (read-only) medium, under a RAM overlay so the restore can take its lock."""
+    base = RUN_DIR / "embedded"
+    for d in ("upper", "work", "repo"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    res = tools.run(["mount", "-t", "overlay", "overlay", "-o",
+                     f"lowerdir={path},upperdir={base}/upper,workdir={base}/work", str(base / "repo")],
+                    timeout=tools.PROBE_TIMEOUT)
+    if res.returncode != 0:
+        raise _Failed(f"cannot mount the embedded repository: {tools.output_tail(res)}", 10)
+    return base / "repo"
+
+
+def _restore_command(params: RescueParams, target: str) -> list[str]:
+    cmd = [sys.executable, "-m", "imgbackup", "restore", params.image, target, "--yes", "--json"]
+    if params.name:
+        cmd += ["--name", params.name]
+    if params.grow:
+        cmd.append("--grow")
+    if params.partition is not None:
+        cmd += ["--partition", str(params.partition)]
+    return cmd
+
+
+def _run_restore(cmd: list[str], env: dict[str, str], log: RescueLog) -> dict:
+    log("running: " + " ".join(["imgbackup", *cmd[3:]]))
+    proc = tools.run(cmd, timeout=None, env=env)
+    out, err = proc.stdout, proc.stderr
+    for line in err.splitlines():
+        log(f"  {line}")
+    if proc.returncode != 0:
+        last = next((line for line in reversed(err.splitlines()) if line.strip()), "no message")
+        raise _Failed(last.removeprefix("imgbackup: error: "), proc.returncode)
+    try:
+        return json.loads(out)
+    except ValueError:
+        raise _Failed("imgbackup restore printed no JSON result", 1) from None
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str, code: int) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def _restore(params: RescueParams, log: RescueLog, mounts: Mounts) -> str:
+    """Everything from finding the repository to a finished restore; returns the summary line."""
+    wait = params.wait_s
+    log(f"repository {params.repo}: waiting up to {wait} s for its device")
+    repo_path, repo_dev = mounts.path_of(params.repo, wait, read_only=False)
+    where = _log_location(params)
+    if where is not None:
+        log_path, _ = mounts.path_of(where, wait, read_only=False)
+        log.attach(log_path)
+        log(f"log: {where} (on the repository's device)")
+    if params.repo.device == "MEDIA":
+        repo_path = _embedded_repo(repo_path)
+    if not (repo_path / "config").exists():
+        raise _Failed(f"no imgbackup repository at {params.repo}", 3)
+    env = dict(os.environ, IMGBACKUP_REPO=str(repo_path))
+    env.pop("IMGBACKUP_PASSPHRASE", None)
+    if params.passphrase_file is not None:
+        pass_path, _ = mounts.path_of(params.passphrase_file, wait, read_only=True)
+        if not pass_path.is_file():
+            raise _Failed(f"passphrase file {params.passphrase_file} does not exist", 4)
+        env["IMGBACKUP_PASSPHRASE_FILE"] = str(pass_path)
+        log(f"passphrase: from {params.passphrase_file}")
+    log(f"target {params.target}: waiting up to {wait} s for it")
+    node = find_target(params.target, wait)
+    disk = whole_disk_of(node)
+    for other, what in ((repo_dev, "the repository"), (medium_device(), "the rescue medium")):
+        if other and whole_disk_of(other) == disk:
+            raise TargetRefused(f"target {params.target} is {disk}, which holds {what}; nothing was written")
+    log(f"target: {identify(node).describe()}")
+    what = f"image {params.image}" + (f" of {params.name}" if params.name else "")
+    log(f"restoring {what}" + (" (growing the last partition)" if params.grow else ""))
+    result = _run_restore(_restore_command(params, params.target.value if params.target.kind == "by-id"
+                                           else node), env, log)
+    for note in result.get("notes", []):
+        log(f"  {note}")
+    return (f"restored image {str(result.get('image', '?'))[:12]} onto {params.target}: "
+            f"{result.get('bytes_written', 0)} bytes written in {result.get('duration_s', 0):.1f} s")
+
+
+def _write_status(outcome: Outcome) -> None:
+    try:
+        STATUS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        STATUS_FILE.write_text(json.dumps(outcome.__dict__) + "\n")
+    except OSError:
+        pass
+
+
+def _finish(action: str, log: RescueLog) -> None:
+    if action == "shell":
+        log("a root shell is open on every console (imgbackup is on PATH)")
+        return
+    log(f"{action} now")
+    tools.run(["systemctl", "--no-block", action], timeout=60)
+
+
+def run(params: RescueParams, log: RescueLog) -> Outcome:
+    start = time.monotonic()
+    mounts = Mounts()
+    try:
+        summary = _restore(params, log, mounts)
+        ok, reason, code = True, summary, 0
+    except _Failed as exc:
+        ok, reason, code = False, str(exc), exc.code
+    except ImgBackupError as exc:
+        ok, reason, code = False, str(exc), exc.exit_code
+    except OSError as exc:
+        ok, reason, code = False, f"{type(exc).__name__}: {exc}", 10
+    seconds = time.monotonic() - start
+    log(("SUCCESS: " if ok else "FAILED: ") + reason + f" ({seconds:.0f} s)")
+    if log.path is not None:
+        log(f"this log: {log.path.name} in {LOG_DIR}/ on the repository's device")
+    log.detach()
+    for problem in mounts.close():
+        log(f"warning: {problem}")
+    return Outcome(ok, reason, code, str(log.path) if log.path else None, seconds)
+
+
+def run_from_cmdline(cmdline: str, log: RescueLog | None = None) -> int:
+    """Entry point of ``imgbackup rescue run``: the exit code of the whole action."""
+    log = log or RescueLog()
+    try:
+        params = parse_params(cmdline)
+    except UsageError as exc:
+        log(f"FAILED: {exc}")
+        log("fix the imgbackup.* parameters at the boot menu (press e) or rebuild the media")
+        _write_status(Outcome(False, str(exc), exc.exit_code, None, 0.0))
+        if raw_params(cmdline).get("action") == "restore":   # the unattended run did not happen
+            on_failure = raw_params(cmdline).get("on-failure", "shell")
+            _finish(on_failure if on_failure in ON_FAILURE else "shell", log)
+        return exc.exit_code
+    if params.unknown:
+        log(f"warning: unknown parameters ignored: {', '.join('imgbackup.' + k for k in params.unknown)}")
+    if params.action != "restore":
+        return 0
+    log(f"unattended restore: {' '.join(w for w in cmdline.split() if w.startswith('imgbackup.'))}")
+    outcome = run(params, log)
+    _write_status(outcome)
+    _finish(params.after if outcome.ok else params.on_failure, log)
+    return outcome.exit_code

@@ -1,0 +1,97 @@
+"""The rescue media's host-side parts that need no build: boot menu, payload, checks, the run's log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imgbackup.engine.rescue import media, payload, rootfs
+from imgbackup.engine.rescue.console import RescueLog
+from imgbackup.engine.rescue.unattended import run_from_cmdline
+from imgbackup.errors import UsageError
+from rescue_fixtures import UNATTENDED
+
+
+def test_baked_parameters_go_into_the_default_entry_only() -> None:
+    cfg = media.grub_cfg("0123456789abcdef", media._check_cmdline(UNATTENDED), 3)
+    entries = cfg.split("menuentry ")[1:]
+    assert len(entries) == 3
+    assert UNATTENDED in entries[0] and "imgbackup.action=menu" in entries[1] and "action=shell" in entries[2]
+    assert all("imgbackup.media=0123456789abcdef" in e and "console=ttyS0,115200n8" in e for e in entries)
+    assert "set timeout=3" in cfg and "terminal_output serial console" in cfg
+
+
+@pytest.mark.parametrize(("cmdline", "message"), [
+    ("imgbackup.action=restore imgbackup.repo=LABEL=B:/r imgbackup.name=x imgbackup.target=/dev/sda", "stable"),
+    ("imgbackup.media=abc", "must not set"),
+    ("console=ttyS1", "must not set"),
+    ('imgbackup.action=shell quiet"', "quotes"),
+    ("imgbackup.action=shell; reboot", "quotes"),
+])
+def test_bad_baked_parameters_are_refused_at_build_time(cmdline: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        media.build_media("/nonexistent/out.iso", cmdline=cmdline)
+
+
+def test_payload_holds_the_compiled_core_and_every_dependency() -> None:
+    dests = {f.dest for f in payload.payload_files()}
+    assert any(d.startswith("imgbackup/_core/scan.") and d.endswith(".so") for d in dests)
+    assert "imgbackup/engine/rescue/data/initramfs/init" in dests
+    tops = {d.split("/")[0] for d in dests}
+    for dep in ("numpy", "zstandard", "cryptography", "typer", "tqdm", "pyudev"):
+        assert dep in tops, dep
+    assert not any(d.endswith((".pyc", ".c")) or "__pycache__" in d for d in dests)
+
+
+def test_module_closure_follows_dependencies(tmp_path: Path) -> None:
+    (tmp_path / "modules.dep").write_text(
+        "kernel/drivers/ata/ahci.ko: kernel/drivers/ata/libahci.ko kernel/drivers/ata/libata.ko\n"
+        "kernel/drivers/ata/libahci.ko: kernel/drivers/ata/libata.ko\n"
+        "kernel/drivers/ata/libata.ko:\nkernel/fs/isofs/isofs.ko:\nkernel/drivers/usb/storage/usb-storage.ko:\n")
+    (tmp_path / "modules.builtin").write_text("kernel/fs/squashfs/squashfs.ko\n")
+    got = rootfs._module_closure(tmp_path, ["ahci", "usb_storage", "squashfs"])
+    assert got == ["kernel/drivers/ata/ahci.ko", "kernel/drivers/ata/libahci.ko", "kernel/drivers/ata/libata.ko",
+                   "kernel/drivers/usb/storage/usb-storage.ko"]
+    assert rootfs._module_closure(tmp_path, ["isofs", "nvme"]) == ["kernel/fs/isofs/isofs.ko"]  # gone: skipped
+    with pytest.raises(rootfs.BuildFailed, match="nvme, sr_mod"):
+        rootfs._module_closure(tmp_path, ["isofs", "nvme", "sr_mod"])
+
+
+def test_missing_build_tools_are_named_with_their_package(tmp_path: Path) -> None:
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent))     # python, nothing of Debian's
+    proc = subprocess.run([sys.executable, "-m", "imgbackup", "rescue", "build", str(tmp_path / "x.iso")],
+                          env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 12, proc.stderr
+    assert "mmdebstrap" in proc.stderr and "apt install" in proc.stderr and "squashfs-tools" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.iso").exists()
+
+
+def test_a_bad_parameter_stops_the_run_with_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgbackup.engine.rescue import unattended
+
+    monkeypatch.setattr(unattended, "STATUS_FILE", tmp_path / "status.json")
+    console = tmp_path / "console"
+    console.touch()
+    log = RescueLog([str(console)], echo=lambda line: None)
+    cmdline = UNATTENDED.replace("/dev/disk/by-id/virtio-IBTARGET01", "/dev/sda").replace(
+        "on-failure=poweroff", "on-failure=shell")
+    code = run_from_cmdline(cmdline, log)
+    assert code == 2
+    text = console.read_bytes().decode()
+    assert "FAILED: imgbackup.target=/dev/sda is not a stable identity" in text and "\r\n" in text
+    assert "root shell is open" in text
+    assert '"ok": false' in (tmp_path / "status.json").read_text()
+
+
+def test_log_lines_before_the_file_exists_are_written_to_it_first(tmp_path: Path) -> None:
+    log = RescueLog([], echo=lambda line: None)
+    log("first")
+    log.attach(tmp_path / "logs" / "run.log")
+    log("second")
+    log.detach()
+    lines = (tmp_path / "logs" / "run.log").read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == ["first", "second"]
