@@ -92,10 +92,24 @@ class ImageNotFound(ImgBackupError):
     hint = "'imgbackup list' shows the images"
 
 
+class PathNotFound(ImgBackupError):
+    """A file or directory asked for is not in the image (restore-files)."""
+
+    exit_code = 9
+
+
 class StorageError(ImgBackupError):
-    """The repository's storage failed (full disk, I/O error, permissions)."""
+    """The repository's storage failed (full disk, I/O error, permissions, a server unreachable after
+    retries, credentials the server rejects). Backends raise only this and ObjectMissing."""
 
     exit_code = 10
+
+
+class ObjectMissing(ImgBackupError):
+    """A named repository object does not exist (callers that expect it turn this into their own error)."""
+
+    exit_code = 6
+    hint = "run 'imgbackup verify' to see what is damaged"
 
 
 class VerificationFailed(ImgBackupError):
@@ -114,6 +128,12 @@ class ToolMissing(ImgBackupError):
     exit_code = 12
 
 
+class PartlyUnreadable(ImgBackupError):
+    """``backup --rescue`` stored a complete image, but some sectors of the source could not be read."""
+
+    exit_code = 13
+
+
 class Interrupted(ImgBackupError):
     """Ctrl-C or SIGTERM; the message says what state the run left behind."""
 
@@ -124,16 +144,18 @@ EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
     (1, "unexpected internal error (a bug: please report it)"),
     (2, "usage error, or not confirmed (no --yes without a terminal, or a wrong answer)"),
-    (3, "repository missing, already existing, or of an unknown format version"),
+    (3, "repository (or its S3 bucket) missing, already existing, or of an unknown format version"),
     (4, "wrong or missing passphrase"),
     (5, "repository locked by another process"),
     (6, "stored data is corrupted or was tampered with (also: 'list' showed DAMAGED images)"),
     (7, "source cannot be read, or is mounted read-write without --allow-mounted"),
     (8, "target refused: mounted, in use, the running system's disk, or too small"),
-    (9, "image not found or name ambiguous"),
-    (10, "storage error: disk full, I/O error, permission denied"),
+    (9, "image not found or name ambiguous, or a path not found in the image"),
+    (10, "storage error: disk full, I/O error, permission denied, server unreachable after retries, "
+         "credentials rejected by the server"),
     (11, "verification found problems"),
     (12, "a required outside program is missing (the message names it and its apt package)"),
+    (13, "backup stored, but N bytes of the source were unreadable (backup --rescue)"),
     (130, "interrupted (Ctrl-C / SIGTERM)"),
 ]
 

@@ -19,7 +19,7 @@ from imgbackup.units import iec
 RepoOption = Annotated[
     str | None,
     typer.Option("-r", "--repo", envvar="IMGBACKUP_REPO", show_envvar=True,
-                 help="Repository directory."),
+                 help="Repository: a directory, file://PATH, or s3://BUCKET/PREFIX (see docs/S3.md)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 NameOption = Annotated[str | None, typer.Option(help="Source name for 'latest'.")]
@@ -104,14 +104,15 @@ def read_passphrase(confirm: bool = False) -> bytes:
     return first.encode()
 
 
-def open_repo(repo: str | None) -> Repository:
-    """Open the repository; a passphrase typed at the prompt gets PROMPT_TRIES tries."""
+def open_repo(repo: str | None, for_writing: bool = False) -> Repository:
+    """Open the repository; a passphrase typed at the prompt gets PROMPT_TRIES tries. Commands
+    that write pass ``for_writing`` (S3: the create-if-absent probe)."""
     path = repo_path(repo)
     if _from_environment():
-        return Repository.open(path, read_passphrase)
+        return Repository.open(path, read_passphrase, for_writing=for_writing)
     for attempt in range(1, PROMPT_TRIES + 1):
         try:
-            return Repository.open(path, read_passphrase)
+            return Repository.open(path, read_passphrase, for_writing=for_writing)
         except WrongPassphrase:
             if attempt == PROMPT_TRIES:
                 raise WrongPassphrase(f"wrong passphrase ({PROMPT_TRIES} tries)",

@@ -128,12 +128,24 @@ def _wants_json(argv: list[str]) -> bool:
     return "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
 
 
+def _log_storage_warnings() -> None:
+    """Storage retries are warnings a person or a job log should see: one line each on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("imgbackup: warning: %(message)s"))
+    logger = logging.getLogger("imgbackup.storage")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+
 def run(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every expected failure into one line and an exit code."""
     interrupts.install()
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = _wants_json(args)
     _limit_malloc_arenas()
+    _log_storage_warnings()
     try:
         _register(args)
     except ImportError as exc:  # a missing compiled core or dependency: one line, not a traceback

@@ -22,7 +22,7 @@ from imgbackup.errors import IntegrityError
 from imgbackup.repository.lock import break_lock
 from imgbackup.repository.repo import DEFAULT_CHUNK_SIZE, MIN_PASSPHRASE_LENGTH, Repository
 from imgbackup.repository.stats import ImageStats, image_stats
-from imgbackup.repository.storage import LocalStorage
+from imgbackup.repository.storage import open_storage
 from imgbackup.units import local_time
 
 
@@ -187,7 +187,7 @@ def _print_info(meta: dict, stats: ImageStats) -> None:
 def break_lock_cmd(repo: RepoOption = None, json_out: JsonOption = False) -> None:
     """Remove a repository lock left behind by a process that is gone."""
     with interrupts.deferred():   # one delete: the lock is gone or still there, and the status says which
-        held = break_lock(LocalStorage(repo_path(repo)))
+        held = break_lock(open_storage(repo_path(repo), for_writing=True))
         interrupts.set_status(f"the lock held by {held.describe()} was removed" if held else "it was not locked")
     if json_out:
         emit_json({"removed": held.__dict__ if held else None})

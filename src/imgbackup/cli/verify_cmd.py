@@ -45,6 +45,9 @@ def verify(
         for check in report.images:
             state = "ok" if check.ok else f"DAMAGED ({check.bad_chunks} bad chunks)"
             typer.echo(f"{check.id[:12]}  {check.name or '?':<20} {check.chunks} chunks  {state}")
+            if check.bad_ranges:
+                typer.echo(f"    warning: made with --rescue: {sum(n for _, n in check.bad_ranges)} bytes of the source "
+                           f"were unreadable ({len(check.bad_ranges)} ranges), stored as zeros")
             for err in check.errors[:10]:
                 typer.echo(f"    {err}")
             if len(check.errors) > 10:

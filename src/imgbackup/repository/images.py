@@ -7,10 +7,10 @@ indexed, so a half-written image never exists.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
-from imgbackup.format.imageindex import ImageIndex, parse_body, parse_header
+from imgbackup.format.imageheader import parse_header
 from imgbackup.format.layout import (
     FORMAT_VERSION,
     IMAGE_HEAD,
@@ -18,7 +18,11 @@ from imgbackup.format.layout import (
     OBJ_IMAGE_BODY,
     OBJ_IMAGE_HEADER,
 )
-from imgbackup.repository.storage import ObjectMissing, Storage
+from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
+
+if TYPE_CHECKING:   # numpy (through imageindex) and the crypto stack load only when used
+    from imgbackup.crypto.envelope import Envelope
+    from imgbackup.format.imageindex import ImageIndex
 
 
 def image_name(image_id: str) -> str:
@@ -47,6 +51,7 @@ class ImageStore:
         sealed_body = self.envelope.seal(OBJ_IMAGE_BODY, oid, body)
         data = IMAGE_HEAD.pack(IMAGE_MAGIC, FORMAT_VERSION, len(sealed_header)) + sealed_header + sealed_body
         self.storage.put(image_name(index.id), data)
+        confirm_stored(self.storage, image_name(index.id), len(data))
         return len(data)
 
     def ids(self) -> list[str]:
@@ -73,6 +78,8 @@ class ImageStore:
         return parse_header(plain, image_id)
 
     def load(self, image_id: str) -> ImageIndex:
+        from imgbackup.format.imageindex import parse_body
+
         try:
             raw = self.storage.get(image_name(image_id))
         except ObjectMissing:

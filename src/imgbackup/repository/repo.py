@@ -7,7 +7,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgbackup import __version__, interrupts
 from imgbackup.crypto.envelope import Envelope
@@ -18,21 +18,32 @@ from imgbackup.errors import (
     RepositoryNotFound,
     UsageError,
 )
-from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.images import ImageStore
 from imgbackup.repository.lock import RepositoryLock
-from imgbackup.repository.storage import LocalStorage, ObjectMissing, Storage
+from imgbackup.repository.packs import BlobLocation, PackWriter
+from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
+FOLDERS = ("packs", "index", "images", "locks")
+
+if TYPE_CHECKING:
+    from imgbackup.repository.chunkindex import ChunkIndex
 
 PassphraseSource = Callable[[], bytes]
 
 
 def _keyfile_name(repo_id: str) -> str:
     return f"keys/{repo_id[:16]}"
+
+
+def _storage(where: str | os.PathLike | Storage, for_writing: bool) -> Storage:
+    """A location (path or URL, through the one factory) or a ready backend (tests' stand-ins)."""
+    if isinstance(where, str | os.PathLike):
+        return open_storage(os.fspath(where), for_writing=for_writing)
+    return where
 
 
 class Repository:
@@ -50,20 +61,22 @@ class Repository:
         return self.config.chunk_size
 
     @classmethod
-    def init(cls, path: str | os.PathLike, passphrase: PassphraseSource | None, encryption: str = "aes-256-gcm",
-             chunk_size: int = DEFAULT_CHUNK_SIZE, zstd_level: int = 3, weak_passphrase: bool = False) -> Repository:
+    def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
+             encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
+             zstd_level: int = 3, weak_passphrase: bool = False) -> Repository:
+        """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
             raise UsageError(f"chunk size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}")
         if not 1 <= zstd_level <= 22:
             raise UsageError("zstd level must be 1..22")
-        root = Path(path)
-        if root.exists() and any(root.iterdir()):
-            if (root / CONFIG_NAME).exists():
-                raise RepositoryExists(f"{root} already holds a repository")
-            raise RepositoryExists(f"{root} exists and is not empty", "choose a new or empty directory")
-        storage = LocalStorage(root)
+        storage = _storage(where, for_writing=True)
+        if storage.exists(CONFIG_NAME):
+            raise RepositoryExists(f"{storage.location} already holds a repository")
+        if next(iter(storage.list("")), None) is not None:
+            raise RepositoryExists(f"{storage.location} exists and is not empty",
+                                   "choose a new or empty directory or prefix")
         keys = KeySet.generate()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
         secret = passphrase() if encryption != "none" else None
@@ -72,23 +85,25 @@ class Repository:
                              "choose a longer one, or pass --weak-passphrase to accept it")
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
         with interrupts.deferred():   # a few small writes: a repository is made whole or not begun
+            storage.prepare(FOLDERS)
             storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
-            for folder in ("packs", "index", "images", "locks"):
-                (root / folder).mkdir(parents=True, exist_ok=True)
-            storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))
-            interrupts.set_status(f"the repository {root} was created")
-        return cls(storage, config, keys, str(root))
+            storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
+            interrupts.set_status(f"the repository {storage.location} was created")
+        return cls(storage, config, keys, storage.location)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, passphrase: PassphraseSource) -> Repository:
-        root = Path(path)
-        if root.exists() and not root.is_dir():
+    def open(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource,
+             for_writing: bool = False) -> Repository:
+        """Open the repository at ``where``; ``for_writing`` lets the backend check, once, that it can
+        keep the repository's promises (S3: that the server honours create-if-absent)."""
+        storage = _storage(where, for_writing)
+        root = getattr(storage, "root", None)   # a local directory: naming a file is "no repository" (3)
+        if root is not None and root.exists() and not root.is_dir():
             raise RepositoryNotFound(f"{root} is a file, not a repository directory")
-        storage = LocalStorage(root)
         try:
             raw = storage.get(CONFIG_NAME)
         except ObjectMissing:
-            raise RepositoryNotFound(f"no imgbackup repository at {root}") from None
+            raise RepositoryNotFound(f"no imgbackup repository at {storage.location}") from None
         config, mac = RepoConfig.peek(raw)
         repo_id = bytes.fromhex(config.id)
         try:
@@ -103,19 +118,29 @@ class Repository:
         except (KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"repository key file is damaged ({exc})") from None
         config.check_mac(mac, keys.mac_key)
-        return cls(storage, config, keys, str(root))
+        return cls(storage, config, keys, storage.location)
 
     def lock(self, command: str = "") -> RepositoryLock:
         return RepositoryLock(self.storage, command)
 
     def chunk_index(self) -> ChunkIndex:
+        from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
+
         if self._chunks is None:
             self._chunks = ChunkIndex.load(self.storage, self.envelope)
         return self._chunks
 
+    def pack_writer(self) -> PackWriter:
+        """A writer streaming sealed chunks into new packs of this repository."""
+        return PackWriter(self.storage, self.envelope)
+
+    def store_chunk_index(self, locations: dict[bytes, BlobLocation]) -> int:
+        """Record where new chunks live (after their packs are stored); returns the bytes written."""
+        return self.chunk_index().store(self.storage, self.envelope, locations)
+
     def remove_temp_files(self) -> int:
-        remover = getattr(self.storage, "remove_temp_files", None)
-        return remover() if remover else 0
+        """Remove what killed writers left (temp files, multipart uploads); only under the lock."""
+        return self.storage.remove_incomplete_writes()
 
     def new_image_meta(self, **fields) -> dict:
         from imgbackup.format.layout import FORMAT_VERSION

@@ -1,27 +1,30 @@
-"""Storage backends deal in whole named objects only, so a directory and a bucket are interchangeable.
+"""Storage: whole named objects only, so a directory, a bucket and a test stand-in are interchangeable.
 
-Operations: put (atomic replace), create (create-if-absent), get, get_range, size, list, delete,
-and open_writer: an object written piece by piece that appears whole on commit or not at all (a
-bucket backend buffers or uploads in parts; nothing is visible before commit).
-Object names are relative paths with '/' separators (``packs/ab/ab12...``).
+Operations (the conformance suite, tests/test_storage_conformance.py, pins each one down):
+- ``put`` atomic replace; ``create`` create-if-absent (False when the name exists, exactly one of
+  racing creators wins);
+- ``open_writer``: an object written piece by piece that appears whole on ``commit`` or not at all
+  (``abort`` leaves nothing);
+- ``get``; ``get_range`` (short at the end of the object, empty past it); ``size``; ``exists``;
+- ``list(prefix)``: every name under the folder ``prefix`` (all names for ``""``), sorted;
+- ``delete`` (a missing object is fine); ``remove_incomplete_writes`` (leftovers of killed writers:
+  temp files, multipart uploads; call only while holding the repository lock);
+- ``prepare(folders)`` at init: a directory creates its folders; a bucket has none to create.
+
+Object names are relative paths with '/' separators (``packs/ab/ab12...``). Backends raise only
+the project's errors: ``ObjectMissing`` for a missing name, ``StorageError`` (exit 10) for the rest.
+
+``open_storage(url)`` is the one place a location becomes a backend.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import secrets
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from imgbackup.errors import StorageError
+from imgbackup.errors import ObjectMissing, StorageError, UsageError
 
-TEMP_MARK = ".tmp-"
-
-
-class ObjectMissing(KeyError):
-    """The named object does not exist."""
+__all__ = ["ObjectMissing", "ObjectWriter", "Storage", "StorageError", "confirm_stored", "open_storage"]
 
 
 class ObjectWriter(Protocol):
@@ -30,7 +33,10 @@ class ObjectWriter(Protocol):
     def abort(self) -> None: ...
 
 
+@runtime_checkable
 class Storage(Protocol):
+    location: str  # for messages and --json: never holds a secret
+
     def open_writer(self, name: str) -> ObjectWriter: ...
     def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
     def create(self, name: str, data: bytes) -> bool: ...
@@ -40,172 +46,58 @@ class Storage(Protocol):
     def list(self, prefix: str) -> Iterator[str]: ...
     def delete(self, name: str) -> None: ...
     def exists(self, name: str) -> bool: ...
+    def remove_incomplete_writes(self) -> int: ...
+    def prepare(self, folders: tuple[str, ...]) -> None: ...
 
 
-def _storage_error(exc: OSError, what: str) -> StorageError:
-    if exc.errno == errno.ENOSPC:
-        return StorageError(f"repository disk is full while writing {what}",
-                            "free space or use another repository; nothing was committed")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return StorageError(f"no permission to write {what}: {exc.strerror}")
-    return StorageError(f"storage error on {what}: {exc.strerror or exc}")
+def check_name(name: str) -> str:
+    """Refuse names that could escape a directory or that a bucket would rewrite (``a//b``, ``a/``)."""
+    parts = name.split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad object name {name!r}")
+    return name
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def confirm_stored(storage: Storage, name: str, size: int) -> None:
+    """After a commit: the storage must hold ``size`` bytes under ``name``. A store that acknowledges a
+    write it then does not keep (a lying server or cache) fails here, before anything refers to it."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        held = storage.size(name)
+    except ObjectMissing:
+        held = -1
+    if held != size:
+        what = "does not hold it" if held < 0 else f"holds {held} bytes instead of {size}"
+        raise StorageError(f"storage acknowledged writing {name} but {what}",
+                           "the storage loses acknowledged writes; do not use it for backups")
 
 
-class LocalStorage:
-    """A repository in a local directory: temp file, fsync, rename, fsync directory."""
+def open_storage(url: str, *, for_writing: bool = False) -> Storage:
+    """The backend for a repository location: a path or ``file://PATH`` (directory),
+    ``s3://BUCKET/PREFIX`` (S3-compatible bucket), ``memory://NAME`` (in-process, for tests).
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).absolute()  # a later chdir (FUSE daemons do one) must not move it
+    ``for_writing`` lets a backend check, once, that it can keep the repository's promises
+    (S3: the server honours create-if-absent)."""
+    if not url:
+        raise UsageError("no repository given", "use -r/--repo or set IMGBACKUP_REPO")
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        from imgbackup.repository.backends.directory import DirectoryStorage
 
-    def _path(self, name: str) -> Path:
-        if name.startswith("/") or ".." in name.split("/"):
-            raise ValueError(f"bad object name {name!r}")
-        return self.root / name
+        return DirectoryStorage(url)
+    scheme = scheme.lower()
+    if scheme == "file":
+        from imgbackup.repository.backends.directory import DirectoryStorage
 
-    def _make_dirs(self, directory: Path) -> list[Path]:
-        """Create ``directory`` and missing parents; the folders whose entries changed (to fsync)."""
-        if directory.is_dir():
-            return []
-        changed = self._make_dirs(directory.parent)
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            return changed
-        return [*changed, directory.parent]
+        if not rest.startswith("/"):
+            raise UsageError(f"file:// needs an absolute path: {url!r}", "write file:///srv/backup")
+        return DirectoryStorage(rest)
+    if scheme == "memory":
+        from imgbackup.repository.backends.memory import MemoryStorage
 
-    def open_writer(self, name: str) -> _LocalObjectWriter:
-        path = self._path(name)
-        try:
-            return _LocalObjectWriter(self, path, name)
-        except OSError as exc:
-            raise _storage_error(exc, name) from None
+        return MemoryStorage.named(rest)
+    if scheme == "s3":
+        from imgbackup.repository.backends.s3 import S3Storage
 
-    def _written(self, name: str, data) -> _LocalObjectWriter:
-        writer = self.open_writer(name)
-        try:
-            writer.write(data)
-        except BaseException:
-            writer.abort()
-            raise
-        return writer
-
-    def put(self, name: str, data) -> None:
-        self._written(name, data).commit()
-
-    def create(self, name: str, data: bytes) -> bool:
-        """Create-if-absent; False when the object already exists."""
-        return self._written(name, data).commit(replace=False)
-
-    def get(self, name: str) -> bytes:
-        try:
-            return self._path(name).read_bytes()
-        except FileNotFoundError:
-            raise ObjectMissing(name) from None
-        except OSError as exc:
-            raise _storage_error(exc, name) from None
-
-    def get_range(self, name: str, offset: int, length: int) -> bytes:
-        try:
-            with open(self._path(name), "rb", buffering=0) as f:
-                return os.pread(f.fileno(), length, offset)
-        except FileNotFoundError:
-            raise ObjectMissing(name) from None
-        except OSError as exc:
-            raise _storage_error(exc, name) from None
-
-    def size(self, name: str) -> int:
-        try:
-            return self._path(name).stat().st_size
-        except FileNotFoundError:
-            raise ObjectMissing(name) from None
-
-    def exists(self, name: str) -> bool:
-        return self._path(name).exists()
-
-    def list(self, prefix: str) -> Iterator[str]:
-        """Names under the folder ``prefix`` (recursively), temp files excluded, sorted."""
-        base = self._path(prefix.rstrip("/"))
-        if not base.is_dir():
-            return iter(())
-        names = []
-        for dirpath, _dirs, files in os.walk(base):
-            for f in files:
-                if TEMP_MARK not in f:
-                    names.append(os.path.relpath(os.path.join(dirpath, f), self.root).replace(os.sep, "/"))
-        return iter(sorted(names))
-
-    def delete(self, name: str) -> None:
-        path = self._path(name)
-        try:
-            path.unlink()
-            _fsync_dir(path.parent)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise _storage_error(exc, name) from None
-
-    def remove_temp_files(self, folders: tuple[str, ...] = ("packs", "index", "images")) -> int:
-        """Delete leftovers of interrupted writes; call only while holding the repository lock."""
-        removed = 0
-        for dirpath, _dirs, files in (w for folder in folders for w in os.walk(self.root / folder)):
-            for f in files:
-                if TEMP_MARK in f:
-                    os.unlink(os.path.join(dirpath, f))
-                    removed += 1
-        return removed
-
-
-class _LocalObjectWriter:
-    """A temp file beside the object: written in pieces, then fsync, rename, fsync directory."""
-
-    def __init__(self, storage: LocalStorage, path: Path, name: str) -> None:
-        self._new_dirs = storage._make_dirs(path.parent)  # fsynced at commit, off the writer's thread
-        self.path = path
-        self.name = name
-        self.tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-
-    def write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except OSError as exc:
-            raise _storage_error(exc, self.name) from None
-
-    def commit(self, replace: bool = True) -> bool:
-        """Make the object durable under its name; with ``replace=False`` only if the name is
-        free (a hard link, atomic): False when it exists."""
-        try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            if replace:
-                os.replace(self.tmp, self.path)
-            else:
-                try:
-                    os.link(self.tmp, self.path)
-                except FileExistsError:
-                    self.abort()
-                    return False
-                self.tmp.unlink()
-            for directory in [self.path.parent, *reversed(self._new_dirs)]:
-                _fsync_dir(directory)
-            return True
-        except OSError as exc:
-            self.abort()
-            raise _storage_error(exc, self.name) from None
-
-    def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.tmp.unlink(missing_ok=True)
+        return S3Storage.from_url(url, for_writing=for_writing)
+    raise UsageError(f"unknown repository scheme {scheme!r} in {url!r}",
+                     "use a directory path, file://PATH or s3://BUCKET/PREFIX")

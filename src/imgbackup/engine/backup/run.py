@@ -6,9 +6,10 @@ them, then the image index. Until the image index exists, nothing refers to the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -17,10 +18,11 @@ import numpy as np
 from imgbackup import interrupts
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
-from imgbackup.device.source import Source, open_source
+from imgbackup.device.source import Source, SourceReadError, open_source
 from imgbackup.engine.backup.changelist import read_change_list
 from imgbackup.engine.backup.ingest import ChunkStore, Ingest, ParentMatch
-from imgbackup.engine.backup.plan import ReadPlan, plan_reads
+from imgbackup.engine.backup.plan import FS_BLOCK, ReadPlan, plan_reads
+from imgbackup.engine.backup.rescue import DEFAULT_RETRIES, Rescue
 from imgbackup.engine.backup.snapshot import Snapshot, check_still_valid, snapshot_of
 from imgbackup.errors import SourceError, UsageError
 from imgbackup.format.imageindex import ImageIndex
@@ -43,6 +45,8 @@ class BackupRequest:
     changed_blocks: str | None = None
     change_granularity: int | None = None
     verify_unchanged: float = 0.0
+    rescue: bool = False
+    retries: int = DEFAULT_RETRIES
     snapshot: str | None = None      # lvm | reflink | auto: image a snapshot, removed afterwards
 
 
@@ -63,7 +67,10 @@ class BackupResult:
     chunks_unused: int
     chunks_new: int
     chunks_changed: int
+    chunks_delta: int = 0          # new chunks stored as a delta against the parent's chunk
     warnings: list[str] = field(default_factory=list)
+    bad_ranges: list[list[int]] = field(default_factory=list)   # --rescue: [offset, length] not readable
+    unreadable_bytes: int = 0
 
 
 def default_name(source: str) -> str:
@@ -112,6 +119,17 @@ def _source_meta(path: str, source: Source, snap: Snapshot | None = None) -> dic
     return meta
 
 
+def _open_nonempty(path: str) -> Source:
+    """The source, opened; a 0-byte one (a loop node with nothing attached, an empty drive) is refused."""
+    source = open_source(path)
+    if source.size == 0:
+        source.close()
+        hint = ("a loop device with nothing attached, or a drive without a medium?" if source.is_block_device
+                else "is this the file you meant?")
+        raise SourceError(f"{path} is empty (0 bytes): there is nothing to back up", hint)
+    return source
+
+
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
     """Back up ``req.source``, or with ``req.snapshot`` a snapshot of it taken now."""
     if not req.snapshot:
@@ -127,12 +145,14 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
     started = time.monotonic()
     name = req.name or default_name(req.source)
     warnings = check_source_not_live(read_path, req.allow_mounted)
-    with open_source(read_path) as source, repo.lock(f"backup {req.source}"):
+    rescue = Rescue(req.retries) if req.rescue else None
+    with _open_nonempty(read_path) as source, _suggest_rescue(not req.rescue), repo.lock(f"backup {req.source}"):
         repo.remove_temp_files()
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
         chunk = repo.chunk_size
-        plan = plan_reads(source, read_path, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
+        plan = plan_reads(source, read_path, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent),
+                          rescue=req.rescue)
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
         if req.progress_total:
@@ -141,7 +161,7 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
             store = ChunkStore(repo)
             interrupts.set_status(lambda: _nothing_added(store))
             match = ParentMatch(repo, plan, parent)
-            ingest = Ingest(repo, source, plan, store, match, pool)
+            ingest = Ingest(repo, source, plan, store, match, pool, rescue)
             try:
                 bytes_read = ingest.run(plan.read, kinds, ids, req.progress)
                 if req.verify_unchanged > 0 and plan.from_parent.any():
@@ -153,16 +173,19 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
             except BaseException:
                 store.abort()
                 raise
+            finally:
+                match.close()
         if match.damaged:
             warnings.append(f"{len(match.damaged)} chunk(s) of the parent image {parent.id[:12]} are damaged "
                             f"(first: {match.damaged[0].hex()[:16]}); those slots were stored anew; "
                             "run 'imgbackup verify' to see which images they affect")
         changed = _changed_slots(kinds, ids, parent)
+        bad = _bad_map(rescue, plan, warnings)
         meta = repo.new_image_meta(
             type=btype, parent=parent.id if parent else None, name=name,
             source=_source_meta(req.source, source, snap), slots=len(kinds),
             used_map={"enabled": not req.all_blocks, "regions": plan.regions},
-            changed_blocks=req.changed_blocks, warnings=warnings)
+            changed_blocks=req.changed_blocks, bad_ranges=bad, warnings=warnings)
         index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
         if snap is not None:
             check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
@@ -175,7 +198,8 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
         duration_s=round(time.monotonic() - started, 3), chunks=len(kinds),
         chunks_data=int(np.count_nonzero(kinds == SLOT_DATA)), chunks_zero=int(np.count_nonzero(kinds == SLOT_ZERO)),
         chunks_unused=int(np.count_nonzero(kinds == SLOT_UNUSED)),
-        chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), warnings=warnings,
+        chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), chunks_delta=match.deltas, warnings=warnings,
+        bad_ranges=bad, unreadable_bytes=sum(n for _, n in bad),
     )
 
 
@@ -187,6 +211,28 @@ def _nothing_added(store: ChunkStore) -> str:
     packs = len({loc.pack_id for loc in written.values()})
     return (f"nothing was added to the repository; the {packs} pack(s) ({iec(store.packs.bytes_written)}) "
             "it had written are referenced by no image and reclaimable")
+
+
+@contextlib.contextmanager
+def _suggest_rescue(enabled: bool) -> Iterator[None]:
+    """A read error of the medium ends a normal backup; the error says how to image the rest."""
+    try:
+        yield
+    except SourceReadError as exc:
+        if enabled and exc.media_error:
+            exc.hint = ("the disk has unreadable sectors: 'imgbackup backup --rescue' images all it can read "
+                        "and records the bad ranges in the image")
+        raise
+
+
+def _bad_map(rescue: Rescue | None, plan: ReadPlan, warnings: list[str]) -> list[list[int]]:
+    """The image's ``bad_ranges``: unreadable sectors in blocks the image needs."""
+    if rescue is None:
+        return []
+    bad, unneeded = rescue.needed(plan.used_bits, FS_BLOCK)
+    if unneeded:
+        warnings.append(f"{unneeded} unreadable bytes lie in blocks no filesystem uses: not needed, not in the map")
+    return [[off, length] for off, length in bad]
 
 
 def _change_mask(req: BackupRequest, source: Source, chunk: int, parent: ImageIndex | None) -> np.ndarray | None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from imgbackup import interrupts
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
+from imgbackup.format.imageindex import bad_ranges
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.repo import Repository
 
@@ -21,6 +22,7 @@ class ImageCheck:
     chunks: int = 0
     bad_chunks: int = 0
     errors: list[str] = field(default_factory=list)
+    bad_ranges: list[list[int]] = field(default_factory=list)   # source sectors unreadable at backup (--rescue)
 
     @property
     def ok(self) -> bool:
@@ -43,7 +45,8 @@ class VerifyReport:
             "ok": self.ok, "chunks_checked": self.chunks_checked, "bytes_checked": self.bytes_checked,
             "duration_s": self.duration_s,
             "images": [{"id": i.id, "name": i.name, "ok": i.ok, "chunks": i.chunks, "bad_chunks": i.bad_chunks,
-                        "errors": i.errors} for i in self.images],
+                        "errors": i.errors, "bad_ranges": i.bad_ranges,
+                        "unreadable_bytes": sum(n for _, n in i.bad_ranges)} for i in self.images],
         }
 
 
@@ -78,6 +81,7 @@ def _load(repo: Repository, ids: list[str]) -> list[tuple[ImageCheck, set[bytes]
             out.append((check, None))
             continue
         check.name = index.meta.get("name")
+        check.bad_ranges = [list(r) for r in bad_ranges(index.meta)]
         out.append((check, index.unique_ids()))
     return out
 

@@ -1,0 +1,1 @@
+"""Storage backends, one module each; ``repository.storage.open_storage`` picks one from a URL."""

@@ -1,0 +1,210 @@
+"""A repository in a local directory: temp file, fsync, rename (or link), fsync directory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from imgbackup.errors import ObjectMissing, StorageError
+from imgbackup.repository.storage import check_name
+
+TEMP_MARK = ".tmp-"
+LEFTOVER_FOLDERS = ("packs", "index", "images")  # not locks/: a racing lock creator owns its temp file
+
+
+def _storage_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"repository disk is full while writing {what}",
+                            "free space or use another repository; nothing was committed")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(f"no permission to write {what}: {exc.strerror}")
+    return StorageError(f"storage error on {what}: {exc.strerror or exc}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DirectoryStorage:
+    """Objects are files under ``root``; each name's folders are created when first written."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).absolute()  # a later chdir (FUSE daemons do one) must not move it
+        self.location = str(self.root)
+
+    def _path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def _make_dirs(self, directory: Path) -> list[Path]:
+        """Create ``directory`` and missing parents; the folders whose entries changed (to fsync)."""
+        if directory.is_dir():
+            return []
+        changed = self._make_dirs(directory.parent)
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            return changed
+        return [*changed, directory.parent]
+
+    def prepare(self, folders: tuple[str, ...]) -> None:
+        """Create the repository's folders, so the layout is there to see from the start."""
+        try:
+            for folder in folders:
+                (self.root / check_name(folder)).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _storage_error(exc, f"the repository folders in {self.root}") from None
+
+    def open_writer(self, name: str) -> _DirectoryObjectWriter:
+        path = self._path(name)
+        try:
+            return _DirectoryObjectWriter(self, path, name)
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def _written(self, name: str, data) -> _DirectoryObjectWriter:
+        writer = self.open_writer(name)
+        try:
+            writer.write(data)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer
+
+    def put(self, name: str, data) -> None:
+        self._written(name, data).commit()
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Create-if-absent; False when the object already exists."""
+        return self._written(name, data).commit(replace=False)
+
+    def get(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {name} is missing") from None
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError("negative range")
+        try:
+            with open(self._path(name), "rb", buffering=0) as f:
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {name} is missing") from None
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def size(self, name: str) -> int:
+        try:
+            return self._path(name).stat().st_size
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {name} is missing") from None
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.size(name)
+        except ObjectMissing:
+            return False
+        return True
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Names under the folder ``prefix`` (recursively; everything for ""), temp files excluded, sorted."""
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if not base.is_dir():
+            return iter(())
+
+        def fail(exc: OSError) -> None:
+            raise _storage_error(exc, f"the listing of {prefix or 'the repository'}")
+
+        names = []
+        for dirpath, _dirs, files in os.walk(base, onerror=fail):
+            for f in files:
+                if TEMP_MARK not in f:
+                    names.append(os.path.relpath(os.path.join(dirpath, f), self.root).replace(os.sep, "/"))
+        return iter(sorted(names))
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+            _fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def remove_incomplete_writes(self, folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> int:
+        """Delete temp files of interrupted writes; call only while holding the repository lock."""
+        removed = 0
+        try:
+            for dirpath, _dirs, files in (w for folder in folders for w in os.walk(self.root / folder)):
+                for f in files:
+                    if TEMP_MARK in f:
+                        os.unlink(os.path.join(dirpath, f))
+                        removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _storage_error(exc, "the removal of interrupted writes") from None
+        return removed
+
+    remove_temp_files = remove_incomplete_writes
+
+
+class _DirectoryObjectWriter:
+    """A temp file beside the object: written in pieces, then fsync, rename, fsync directory."""
+
+    def __init__(self, storage: DirectoryStorage, path: Path, name: str) -> None:
+        self._new_dirs = storage._make_dirs(path.parent)  # fsynced at commit, off the writer's thread
+        self.path = path
+        self.name = name
+        self.tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise _storage_error(exc, self.name) from None
+
+    def commit(self, replace: bool = True) -> bool:
+        """Make the object durable under its name; with ``replace=False`` only if the name is
+        free (a hard link, atomic): False when it exists."""
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            if replace:
+                os.replace(self.tmp, self.path)
+            else:
+                try:
+                    os.link(self.tmp, self.path)
+                except FileExistsError:
+                    self.abort()
+                    return False
+                self.tmp.unlink()
+            for directory in [self.path.parent, *reversed(self._new_dirs)]:
+                _fsync_dir(directory)
+            return True
+        except OSError as exc:
+            self.abort()
+            raise _storage_error(exc, self.name) from None
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.tmp.unlink(missing_ok=True)
