@@ -131,7 +131,7 @@ class ProgressBar:
         if total is not None:
             self.start(total)
 
-    def start(self, total: int) -> None:
+    def start(self, total: int | None) -> None:
         if not self.enabled or self._bar is not None:
             return
         from tqdm import tqdm

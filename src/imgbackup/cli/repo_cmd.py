@@ -127,13 +127,18 @@ def _print_list(rows: list[dict]) -> None:
 
 
 def info(
-    image: Annotated[str, typer.Argument(help="Image id prefix, or 'latest'.")],
+    image: Annotated[str | None, typer.Argument(help="Image id prefix, or 'latest'; none: the repository.")]
+    = None,
     repo: RepoOption = None,
     name: NameOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Show one image: source, time, type, what it stores, and how each region of the disk was imaged."""
+    """Show one image: source, time, type, what it stores, and how each region of the disk was imaged;
+    without IMAGE, the repository: sizes, space used and reclaimable."""
     r = open_repo(repo)
+    if image is None:
+        _repository_info(r, json_out)
+        return
     image_id = r.images.resolve(image, name)
     index = r.images.load(image_id)
     stats = image_stats(r, [image_id]).images[image_id]
@@ -166,6 +171,12 @@ def _print_info(meta: dict, stats: ImageStats) -> None:
     used_map = meta.get("used_map") or {}
     fields.append(("blocks", "used blocks only (filesystem maps)" if used_map.get("enabled")
                    else "every sector (--all-blocks)"))
+    bad = meta.get("bad_ranges") or []
+    if bad:
+        unreadable = sum(n for _, n in bad)
+        shown = ", ".join(f"{off}+{n}" for off, n in bad[:10]) + (f", … ({len(bad)} in all)" if len(bad) > 10 else "")
+        fields.append(("unreadable", f"{human(unreadable)} ({unreadable} bytes) of the source could not be read "
+                                     f"(backup --rescue): zeros in the image; bad_ranges (offset+length): {shown}"))
     if meta.get("changed_blocks"):
         fields.append(("change list", str(meta["changed_blocks"])))
     fields.append(("digest", str(meta.get("content_digest"))))
@@ -182,6 +193,26 @@ def _print_info(meta: dict, stats: ImageStats) -> None:
                  human(reg.get("used_bytes", 0)), reg.get("warning") or ""] for reg in regions]
         print_table(["START", "SIZE", "PART", "FS", "IMAGED", "USED", "WHY IN FULL"], rows,
                     frozenset({"START", "SIZE", "USED"}))
+
+
+def _repository_info(r: Repository, json_out: bool) -> None:
+    from imgbackup.engine.stats import repository_stats
+
+    stats = repository_stats(r)
+    doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
+           "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level, "created": r.config.created,
+           **stats.to_dict()}
+    doc["image_stats"] = doc.pop("images")      # per image: stored_bytes, unique_bytes
+    doc["images"] = len(stats.images) + len(stats.unreadable_images)
+    if json_out:
+        emit_json(doc)
+        return
+    typer.echo(f"repository {r.location} (id {r.config.id}, {r.config.encryption}, chunk size {human(r.chunk_size)})")
+    typer.echo(f"  images: {doc['images']}, packs: {stats.packs}, index files: {stats.index_files}")
+    typer.echo(f"  repository bytes: {human(stats.repository_bytes)}; unique data images need: "
+               f"{human(stats.unique_bytes)}; reclaimable by 'imgbackup compact': {human(stats.reclaimable_bytes)}")
+    if stats.damaged_copies:
+        typer.echo(f"  {stats.damaged_copies} damaged chunk copies on record ('imgbackup repair' reports them)")
 
 
 def break_lock_cmd(repo: RepoOption = None, json_out: JsonOption = False) -> None:

@@ -40,9 +40,11 @@ class ImageStats:
 
 
 @dataclass
-class RepositoryStats:
-    images: dict[str, ImageStats]       # per readable image
+class ImagesStats:
+    images: dict[str, ImageStats]       # per readable image asked for
     errors: dict[str, str]              # image id -> why its index could not be read
+    referenced: set[bytes]              # every chunk id a readable image names
+    referenced_bytes: int               # their stored bytes, each chunk once (after dedup)
 
 
 def _distinct_ids(index: ImageIndex) -> np.ndarray:
@@ -63,7 +65,7 @@ def _chunk_table(chunks: ChunkIndex) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], lengths[order]
 
 
-def image_stats(repo: Repository, image_ids: list[str] | None = None) -> RepositoryStats:
+def image_stats(repo: Repository, image_ids: list[str] | None = None) -> ImagesStats:
     """Stats of ``image_ids`` (default: all); sharing is counted against every image in the repository."""
     distinct: dict[str, np.ndarray] = {}
     kinds: dict[str, dict[str, int]] = {}
@@ -91,4 +93,7 @@ def image_stats(repo: Repository, image_ids: list[str] | None = None) -> Reposit
             chunks=len(ids), stored_bytes=int(sizes.sum()) + index_bytes,
             unique_chunks=int(only_here.sum()), unique_bytes=int(sizes[only_here].sum()) + index_bytes,
             index_bytes=index_bytes, missing_chunks=int((~found).sum()), **kinds[image_id])
-    return RepositoryStats(out, errors)
+    listed = np.searchsorted(known, shared_ids).clip(0, max(len(known) - 1, 0))
+    present = known[listed] == shared_ids if len(known) else np.zeros(len(shared_ids), bool)
+    referenced_bytes = int(lengths[listed][present].sum()) if len(known) else 0
+    return ImagesStats(out, errors, {cid.tobytes() for cid in shared_ids}, referenced_bytes)

@@ -1,4 +1,8 @@
-"""Verify: read and authenticate every chunk the chosen images reference, and report what is damaged."""
+"""Verify: read and authenticate every chunk the chosen images reference, and report what is damaged.
+
+What it finds damaged or missing it records (a damage record): from then on no command uses those
+copies, and the next backup of a source that still holds the content stores it again.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from imgbackup import interrupts
-from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
+from imgbackup.errors import ImageNotFound, IntegrityError, StorageError, UnsupportedFormat
 from imgbackup.format.imageindex import bad_ranges
 from imgbackup.repository.chunkreader import ChunkReader
+from imgbackup.repository.damage import ChunkDamaged, DamagedCopy, write_record
 from imgbackup.repository.repo import Repository
 
 
@@ -35,6 +40,9 @@ class VerifyReport:
     chunks_checked: int
     bytes_checked: int
     duration_s: float
+    damage_record: str | None = None          # the record this run wrote, naming what it found
+    copies_recorded: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -43,7 +51,8 @@ class VerifyReport:
     def to_dict(self) -> dict:
         return {
             "ok": self.ok, "chunks_checked": self.chunks_checked, "bytes_checked": self.bytes_checked,
-            "duration_s": self.duration_s,
+            "duration_s": self.duration_s, "damage_record": self.damage_record,
+            "copies_recorded": self.copies_recorded, "warnings": self.warnings,
             "images": [{"id": i.id, "name": i.name, "ok": i.ok, "chunks": i.chunks, "bad_chunks": i.bad_chunks,
                         "errors": i.errors, "bad_ranges": i.bad_ranges,
                         "unreadable_bytes": sum(n for _, n in i.bad_ranges)} for i in self.images],
@@ -110,26 +119,56 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
     def one(cid: bytes) -> tuple[bytes, str | None, int]:
         try:
             return cid, None, len(reader.read(cid))
-        except IntegrityError as exc:
+        except ChunkDamaged as exc:
             return cid, exc.args[0], 0
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-verify") as pool:
-        for check, wanted in loaded:
-            if wanted is None:
-                continue
-            for cid, err, size in pool.map(one, [cid for cid in wanted if cid not in results]):
-                results[cid] = err
-                total_bytes += size
-                tally.checked += 1
-                tally.bad += err is not None
-                if progress:
-                    progress(size)
-            check.chunks = len(wanted)
-            for cid in wanted:
-                if results[cid] is not None:
-                    check.bad_chunks += 1
-                    if len(check.errors) < MAX_ERRORS_PER_IMAGE:
-                        check.errors.append(results[cid])
-    interrupts.set_status("nothing was changed")
-    return VerifyReport([check for check, _ in loaded], len(results), total_bytes,
-                        round(time.monotonic() - started, 3))
+    try:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-verify") as pool:
+            for check, wanted in loaded:
+                if wanted is None:
+                    continue
+                for cid, err, size in pool.map(one, [cid for cid in wanted if cid not in results]):
+                    results[cid] = err
+                    total_bytes += size
+                    tally.checked += 1
+                    tally.bad += err is not None
+                    if progress:
+                        progress(size)
+                check.chunks = len(wanted)
+                for cid in wanted:
+                    if results[cid] is not None:
+                        check.bad_chunks += 1
+                        if len(check.errors) < MAX_ERRORS_PER_IMAGE:
+                            check.errors.append(results[cid])
+    except KeyboardInterrupt:
+        _record_interrupted(repo, reader, tally)
+        raise
+    report = VerifyReport([check for check, _ in loaded], len(results), total_bytes,
+                          round(time.monotonic() - started, 3))
+    _record(repo, reader.found, report)
+    interrupts.set_status("nothing was changed" if not report.damage_record
+                          else f"what it found damaged was recorded ({report.damage_record})")
+    return report
+
+
+def _record_interrupted(repo: Repository, reader: ChunkReader, tally: _Tally) -> None:
+    """An interrupted verify still records the damage it found (later signals are ignored meanwhile)."""
+    if not reader.found:
+        return
+    report = VerifyReport([], 0, 0, 0.0)
+    _record(repo, reader.found, report)
+    line = tally.describe()
+    interrupts.set_status(f"{line}; recorded ({report.damage_record})" if report.damage_record
+                          else f"{line}; not recorded ({report.warnings[0]})")
+
+
+def _record(repo: Repository, found: list[DamagedCopy], report: VerifyReport) -> None:
+    """Store what this run found damaged; a repository that cannot be written to only loses the note."""
+    if not found:
+        return
+    try:
+        report.damage_record = write_record(repo.storage, repo.envelope, found, "verify")
+        report.copies_recorded = len(found)
+    except StorageError as exc:
+        report.warnings.append(f"could not record the damage found ({exc}); the next backup may still "
+                               "reference those chunks: run verify again where the repository is writable")
