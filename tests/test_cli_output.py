@@ -86,6 +86,12 @@ def test_every_error_with_json_is_one_error_document(tmp_path: Path) -> None:
     wrong = cli("list", "--json", repo=repo, passphrase="not-the-passphrase")
     assert wrong.returncode == 4 and json.loads(wrong.stdout)["error"]["kind"] == "wrong_passphrase"
     assert wrong.stderr.startswith("imgbackup: error: wrong passphrase")
+    for args, code, kind in ((("repair", "--yes"), 4, "wrong_passphrase"), (("compact",), 4, "wrong_passphrase"),
+                             (("backup", "x.img", "--retries", "1"), 2, "usage_error"),
+                             (("restore-files", "ffff", "/etc", "--to", str(tmp_path / "out")), 9, "image_not_found")):
+        proc = cli(*args, "--json", repo=repo, passphrase="test-pass" if code != 4 else "not-the-passphrase")
+        assert proc.returncode == code, (args, proc.stderr)
+        assert json.loads(proc.stdout)["error"]["kind"] == kind, args
 
 
 def test_repo_option_naming_a_file_is_exit_3(tmp_path: Path) -> None:

@@ -78,9 +78,9 @@ def test_sigterm_during_backup_adds_nothing_and_says_so_in_json(big, tmp_path: P
         proc.kill()
     assert proc.returncode == 130, err
     line = _error_line(err)
-    packs = len(_committed_packs(repo))
-    assert line.startswith("backup interrupted: nothing was added to the repository; ")
-    assert f"the {packs} pack(s) (" in line and "referenced by no image and reclaimable" in line
+    assert re.fullmatch(r"backup interrupted: nothing was added to the repository "
+                        r"\(the backup removed the [\d.]+ [KMG]iB it had written\)", line), line
+    assert _committed_packs(repo) == []                      # and true: the packs it wrote are gone
     assert json.loads(out) == {"error": {"kind": "interrupted", "exit_code": 130, "message": line, "hint": ""}}
     assert list((repo / "images").iterdir()) == []          # and true: no image, half or whole
     assert not (repo / "locks" / "exclusive").exists()       # the lock was released
@@ -201,3 +201,16 @@ def test_interrupted_foreground_mount_unmounts(big, tmp_path: Path) -> None:
     assert _error_line(term.text) == f"mount interrupted: nothing is left mounted at {mnt}"
     assert str(mnt) not in Path("/proc/mounts").read_text()
     assert os.listdir(mnt) == []
+
+
+def test_interrupted_repair_changes_nothing_and_says_so(big) -> None:
+    """repair reads every chunk before it writes: a Ctrl-C in that phase leaves everything as it was."""
+    index_files = sorted(p.name for p in (big["repo"] / "index").rglob("*") if p.is_file())
+    with Terminal("repair", "--yes", repo=big["repo"]) as term:
+        term.expect(r"repair: [1-9][\d.]*[kKMG]i?B \[")      # a pack checked; more to go
+        term.send(CTRL_C)
+        assert term.wait() == 130
+    assert _error_line(term.text) == "repair interrupted: nothing was changed"
+    assert sorted(p.name for p in (big["repo"] / "index").rglob("*") if p.is_file()) == index_files
+    assert not (big["repo"] / "locks" / "exclusive").exists()
+    assert [i["id"] for i in cli_json("list", repo=big["repo"])["images"]] == [big["image"]]
