@@ -204,6 +204,7 @@ def test_list_exits_6_when_it_shows_damaged_images(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     cli_json("init", repo=repo)
     good = cli_json("backup", random_image(tmp_path / "a.img", 2 * MIB), repo=repo)
+    good_packs = sorted((repo / "packs").rglob("*"))
     bad = cli_json("backup", random_image(tmp_path / "b.img", 2 * MIB, seed=3), repo=repo)
     path = repo / "images" / bad["id"]
     data = bytearray(path.read_bytes())
@@ -217,6 +218,17 @@ def test_list_exits_6_when_it_shows_damaged_images(tmp_path: Path) -> None:
     assert listed.returncode == 6
     doc = json.loads(listed.stdout)          # the listing itself, not a second (error) document
     assert doc["damaged"] == 1 and [i["id"] for i in doc["images"] if "error" in i] == [bad["id"]]
+
+    pack = next(p for p in good_packs if p.is_file())        # then a chunk of the other image, found by verify
+    data = bytearray(pack.read_bytes())
+    data[100] ^= 0x01
+    pack.write_bytes(bytes(data))
+    assert cli("verify", good["id"], repo=repo).returncode == 11
+    out = cli("list", repo=repo)
+    assert out.returncode == 6 and "2 of 2 images are DAMAGED" in out.stderr
+    doc = json.loads(cli("list", "--json", repo=repo).stdout)
+    assert "no usable copy (in no pack, or recorded damaged)" in next(i for i in doc["images"]
+                                                                       if i["id"] == good["id"])["error"]
 
 
 def test_devices_columns_align_with_label_and_ro_rw(tmp_path: Path) -> None:

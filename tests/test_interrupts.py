@@ -167,7 +167,7 @@ def test_interrupted_verify_says_how_far_it_got(big) -> None:
     assert 0 < int(found[1]) < int(found[2]) == SOURCE_MIB
 
 
-def test_sigterm_during_verify_json(big) -> None:
+def test_sigterm_during_verify(big) -> None:
     with Terminal("verify", repo=big["repo"]) as term:
         _bar_moving(term, "verify")
         term.signal(signal.SIGTERM)

@@ -80,7 +80,7 @@ def list_images(
     for e in entries:
         error = e.error or stats.errors.get(e.id)
         if error is None and e.id in stats.images and stats.images[e.id].missing_chunks:
-            error = f"{stats.images[e.id].missing_chunks} referenced chunks are in no pack"
+            error = f"{stats.images[e.id].missing_chunks} referenced chunks have no usable copy (in no pack, or recorded damaged)"
         row = _row(e.meta, stats.images.get(e.id)) if e.meta else {"id": e.id}
         if error:
             row["error"] = error
@@ -167,7 +167,7 @@ def _print_info(meta: dict, stats: ImageStats) -> None:
     fields.append(("stored", f"{human(stats.stored_bytes)} ({stats.chunks} distinct chunks and the index); "
                              f"only this image: {human(stats.unique_bytes)}"))
     if stats.missing_chunks:
-        fields.append(("DAMAGED", f"{stats.missing_chunks} referenced chunks are in no pack"))
+        fields.append(("DAMAGED", f"{stats.missing_chunks} referenced chunks have no usable copy (in no pack, or recorded damaged)"))
     used_map = meta.get("used_map") or {}
     fields.append(("blocks", "used blocks only (filesystem maps)" if used_map.get("enabled")
                    else "every sector (--all-blocks)"))
