@@ -214,3 +214,33 @@ def test_interrupted_repair_changes_nothing_and_says_so(big) -> None:
     assert sorted(p.name for p in (big["repo"] / "index").rglob("*") if p.is_file()) == index_files
     assert not (big["repo"] / "locks" / "exclusive").exists()
     assert [i["id"] for i in cli_json("list", repo=big["repo"])["images"]] == [big["image"]]
+
+
+def test_interrupted_collection_leaves_a_consistent_repository_that_compact_finishes(big, tmp_path: Path) -> None:
+    """Ctrl-C while delete rewrites half-dead packs: the line says what was deleted and freed, the
+    other image still verifies, and compact frees the rest."""
+    repo = tmp_path / "repo"
+    subprocess.run(["cp", "-a", str(big["repo"]), str(repo)], check=True)
+    half = tmp_path / "half.img"             # every other MiB of the big source, holes between
+    with open(big["source"], "rb") as src, open(half, "wb") as out:
+        for mib in range(0, SOURCE_MIB, 2):
+            src.seek(mib * MIB)
+            out.seek(mib * MIB)
+            out.write(src.read(MIB))
+        out.truncate(SOURCE_MIB * MIB)
+    kept = cli_json("backup", half, "--name", "half", repo=repo)
+    assert kept["chunks_new"] == 0             # all shared: every pack of the big image becomes half dead
+    before = set(_committed_packs(repo))
+    with Terminal("delete", big["image"], "--yes", repo=repo) as term:
+        _wait_for(lambda: set(_committed_packs(repo)) - before, "a pack of copied chunks")
+        term.send(CTRL_C)
+        assert term.wait() == 130
+    line = _error_line(term.text)
+    assert re.fullmatch(rf"delete interrupted: 1 of 1 image\(s\) deleted \({big['image'][:12]}\); "
+                        r"(no space freed yet|[\d.]+ [KMG]iB freed so far); the repository is consistent, "
+                        r"'imgbackup compact' frees the rest", line), line
+    assert [i["id"] for i in cli_json("list", repo=repo)["images"]] == [kept["id"]]
+    assert cli("verify", repo=repo).returncode == 0
+    freed = cli_json("compact", repo=repo)
+    assert freed["bytes_freed"] > 0 and freed["packs_deleted"] > 0
+    assert cli("verify", repo=repo).returncode == 0
