@@ -100,7 +100,7 @@ class Repository:
         keep the repository's promises (S3: that the server honours create-if-absent)."""
         storage = _storage(where, for_writing)
         root = getattr(storage, "root", None)   # a local directory: naming a file is "no repository" (3)
-        if root is not None and root.exists() and not root.is_dir():
+        if isinstance(root, os.PathLike) and os.path.exists(root) and not os.path.isdir(root):
             raise RepositoryNotFound(f"{root} is a file, not a repository directory")
         try:
             raw = storage.get(CONFIG_NAME)
