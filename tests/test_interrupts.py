@@ -244,3 +244,25 @@ def test_interrupted_collection_leaves_a_consistent_repository_that_compact_fini
     freed = cli_json("compact", repo=repo)
     assert freed["bytes_freed"] > 0 and freed["packs_deleted"] > 0
     assert cli("verify", repo=repo).returncode == 0
+
+
+def test_interrupted_verify_still_records_the_damage_it_found(big, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    subprocess.run(["cp", "-a", str(big["repo"]), str(repo)], check=True)
+    for pack in sorted(_committed_packs(repo))[::2]:      # every chunk of every other pack gets a flipped bit
+        data = bytearray(pack.read_bytes())
+        for offset in range(4096, len(data), 256 * 1024):
+            data[offset] ^= 0x10
+        pack.write_bytes(bytes(data))
+    with Terminal("verify", repo=repo) as term:
+        term.expect(r"verify:\s+([1-9]\d)%\|")            # 10 % of the good half: damaged ones met too
+        term.send(CTRL_C)
+        assert term.wait() == 130
+    line = _error_line(term.text)
+    found = re.fullmatch(r"verify interrupted: (\d+) of 640 chunks checked, (\d+) damaged chunk\(s\) so far; "
+                         r"recorded \((damage/\S+)\)", line)
+    assert found, line
+    assert 0 < int(found[2]) < int(found[1]) < SOURCE_MIB
+    assert (repo / found[3]).is_file()
+    listed = cli("list", repo=repo)                        # the record is used: the image shows DAMAGED
+    assert listed.returncode == 6 and "DAMAGED" in listed.stdout
