@@ -16,7 +16,7 @@ import traceback
 
 import typer
 
-from imgbackup import __version__, interrupts
+from imgbackup import __version__, audit, interrupts
 from imgbackup.cli.output import emit_json, emitted
 from imgbackup.errors import (
     EXIT_CODES,
@@ -34,7 +34,8 @@ ENVIRONMENT = ("\b\nEnvironment:\n"
                "  IMGBACKUP_REPO             the repository (instead of -r/--repo)\n"
                "  IMGBACKUP_PASSPHRASE       the repository passphrase\n"
                "  IMGBACKUP_PASSPHRASE_FILE  a file holding it (one line); without either, a prompt asks\n"
-               "  IMGBACKUP_RUN_DIR          where mount state and logs live (default /run/imgbackup)")
+               "  IMGBACKUP_RUN_DIR          where mount state and logs live (default /run/imgbackup)\n"
+               "  IMGBACKUP_AUDIT            audit event sinks (as --audit)")
 EXIT_STATUS = "\b\nExit status:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES)
 
 app = typer.Typer(
@@ -67,6 +68,9 @@ COMMAND_MODULES = {
     "mount_cmd": ("mount", "umount", "restore-files"),
     "rescue_cmd": ("rescue",),
     "maintain_cmd": ("repair", "compact"),
+    "job_cmd": ("job",),
+    "status_cmd": ("status",),
+    "drill_cmd": ("drill",),
 }
 
 
@@ -108,7 +112,13 @@ def _register(argv: list[str]) -> None:
 
 
 @app.callback(invoke_without_command=True)
-def _main(version: bool = typer.Option(False, "--version", help="Show the version and exit.")) -> None:
+def _main(version: bool = typer.Option(False, "--version", help="Show the version and exit."),
+          audit_sinks: str | None = typer.Option(
+              None, "--audit", metavar="SINKS",
+              help="Send audit events to these sinks (journald, journald:NAMESPACE, syslog, syslog:SOCKET, "
+                   "file:PATH; comma-separated), instead of those in IMGBACKUP_AUDIT.")) -> None:
+    if audit_sinks is not None:
+        audit.configure(audit_sinks)
     if version:
         typer.echo(f"imgbackup {__version__}")
         raise typer.Exit(0)
@@ -151,6 +161,8 @@ def run(argv: list[str] | None = None) -> None:
         _register(args)
     except ImportError as exc:  # a missing compiled core or dependency: one line, not a traceback
         _fail(ImgBackupError(str(exc)), as_json)
+    audit.set_command(args)
+    code = 0
     try:
         code = app(args=args, standalone_mode=False, prog_name="imgbackup")
     except ImgBackupError as exc:
