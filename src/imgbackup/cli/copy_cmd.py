@@ -10,11 +10,11 @@ import typer
 from imgbackup.cli.common import (
     JsonOption,
     NameOption,
+    ProgressBar,
     RepoOption,
     emit_json,
     human,
     open_repo,
-    progress_bar,
     read_other_passphrase,
 )
 from imgbackup.engine.copy.run import copy_images
@@ -47,11 +47,12 @@ def copy(
     src = open_repo(repo)
     metas = select_images(src, list(images or []), every, name, last)
     dst = Repository.open(to, read_other_passphrase, for_writing=True)
-    update, close = progress_bar(None, "copy: sent", not json_out)
+    bar = ProgressBar("copy: sent", not json_out, total=None)
+    bar.start(None)
     try:
-        result = copy_images(src, dst, metas, verify=verify, progress=update)
+        result = copy_images(src, dst, metas, verify=verify, progress=bar.update)
     finally:
-        close()
+        bar.close()
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:
