@@ -135,8 +135,15 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
     if progress_total:
         progress_total(sum(loc.raw_length for cid in everything if (loc := reader.index.get(cid))))
     results: dict[bytes, str | None] = {}
+
+    def one(cid: bytes) -> tuple[bytes, str | None, int]:
+        try:
+            return cid, None, len(reader.read(cid))
+        except ChunkDamaged as exc:
+            return cid, exc.args[0], 0
+
     try:
-        total_bytes = _check_all(loaded, reader, results, tally, progress)
+        total_bytes = _check_all(loaded, one, results, tally, progress)
     except KeyboardInterrupt:
         _record_interrupted(repo, reader, tally)
         raise
@@ -153,33 +160,19 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
     return report
 
 
-def _check_all(loaded: list[tuple[ImageCheck, list[bytes] | None]], reader: ChunkReader,
-               results: dict[bytes, str | None], tally: _Tally, progress: Callable[[int], None] | None) -> int:
-    """Read each chosen chunk once, filling ``results`` and each check; returns bytes read. Chunks go
-    by groups (ChunkReader.check_all: neighbours in one ranged read, several in flight, the bases of
-    deltas too); a blob bad in a group is handled as a single read would (re-read, then on record)."""
+def _check_all(loaded: list[tuple[ImageCheck, list[bytes] | None]], one, results: dict[bytes, str | None],
+               tally: _Tally, progress: Callable[[int], None] | None) -> int:
+    """Read each chosen chunk once (``one``), filling ``results`` and each check; returns bytes read."""
     total_bytes = 0
-    workers = max(os.cpu_count() or 2, reader.parallelism)   # every core opening, every read in flight
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgbackup-verify") as pool:
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-verify") as pool:
         for check, wanted in loaded:
             if wanted is None:
                 continue
-            chosen = set(wanted)
-            todo = [cid for cid in wanted if cid not in results]
-            found: list[tuple[bytes, str | None, int]] = []
-            for cid in todo:
-                if reader.index.get(cid) is None:   # no usable copy: say why (never stored, or on record)
-                    try:
-                        reader.locate(cid)
-                    except ChunkDamaged as exc:
-                        found.append((cid, exc.args[0], 0))
-            missing = {cid for cid, _, _ in found}
-            for cid, err, size in [*found, *reader.check_all((c for c in todo if c not in missing), pool)]:
+            for cid, err, size in pool.map(one, [cid for cid in wanted if cid not in results]):
                 results[cid] = err
                 total_bytes += size
-                if cid in chosen:   # a delta's base is checked too, but is not one of the chosen
-                    tally.checked += 1
-                    tally.bad += err is not None
+                tally.checked += 1
+                tally.bad += err is not None
                 if progress:
                     progress(size)
             check.checked = len(wanted)
