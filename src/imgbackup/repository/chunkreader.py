@@ -5,7 +5,7 @@ and the keyed hash of the plaintext must equal that id again. A delta is opened 
 which is read (and checked against its own id) first; a base must be a whole chunk (depth one).
 A copy that turns out bad is dropped from the index and the next copy of the chunk is tried.
 
-Reading many chunks (restore, verify, mount's read-ahead) goes by **groups**: blobs of one pack
+Reading many chunks (restore and its pre-flight, mount's read-ahead, copy) goes by **groups**: blobs of one pack
 that lie close together are fetched with one ranged read (``COALESCE_GAP``, at most ``MAX_RANGE``),
 and several groups are fetched and opened at once on a pool — as many as the storage's
 ``read_parallelism`` — with the bytes in flight bounded (``READ_WINDOW``), so memory does not grow
