@@ -19,8 +19,8 @@ STEP="scripts/dev-setup.sh (apt packages, .venv)"
 step "ruff check src tests benchmarks scripts"
 .venv/bin/ruff check src tests benchmarks scripts
 
-# Two workers measured best here (README "Development"); groups are handed out in collection order.
-XDIST_ARGS=(-n 2 --dist loadgroup --no-loadscope-reorder)
+# Two workers (README "Development"); loadgroup: tests/conftest.py's groups, guest tests first.
+XDIST_ARGS=(-n 2 --dist loadgroup)
 
 # run_pytest ARGS... — pytest from .venv; its exit 5 (nothing collected) is a failure, not a pass.
 run_pytest() {

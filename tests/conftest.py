@@ -52,9 +52,35 @@ def pytest_configure(config) -> None:
 # and booted guests (session/module fixtures), so they stay together on one worker; they go first, as
 # the longest group, while the other worker takes the rest test by test. Modules whose module-scoped
 # fixture builds something costly stay on one worker each, so it is built once per run, not per worker.
+# The scheduler below applies these groups itself: xdist 3.8's own ``xdist_group`` marks do nothing
+# with pytest 9.2 (pytest-dev/pytest-xdist#1386: its nodeid suffix no longer takes effect).
 GUEST_GROUP = "guest"
+GUEST_MODULES = {"test_guestlab", "test_rescue_media"}   # every module with `guest` tests (checked below)
 MODULE_GROUPS = {"test_mount", "test_mount_xfs_btrfs", "test_baremetal", "test_baremetal_boot",
                  "test_bootdisk", "test_install", "test_relocate", "test_fsmap_ntfs", "test_crash"}
+
+
+def xdist_group_of(nodeid: str) -> str:
+    """The unit of work of a test: the guest group, its module for MODULE_GROUPS, else the test alone."""
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    if module in GUEST_MODULES:
+        return GUEST_GROUP
+    return module if module in MODULE_GROUPS else nodeid
+
+
+@pytest.hookimpl(optionalhook=True)   # a hook of pytest-xdist: pytest without it still runs
+def pytest_xdist_make_scheduler(config, log):
+    """With ``--dist loadgroup``: xdist's scope scheduler over ``xdist_group_of``, in collection order."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid)
+
+    config.option.loadscopereorder = False   # keep the order below: the guest group first
+    return GroupScheduling(config, log)
 
 
 def _module_name(item) -> str:
@@ -66,12 +92,10 @@ def pytest_collection_modifyitems(config, items) -> None:
         module = _module_name(item)
         if module in CORE_REFERENCE_MODULES:
             item.add_marker(pytest.mark.core_reference)
-        if item.get_closest_marker("guest") is not None:
-            item.add_marker(pytest.mark.xdist_group(GUEST_GROUP))
-        elif module in MODULE_GROUPS:
-            item.add_marker(pytest.mark.xdist_group(module))
-    # Guest tests first (a stable sort: the rest keep their order); xdist then hands out groups in
-    # this order (``--no-loadscope-reorder``).
+        if item.get_closest_marker("guest") is not None and module not in GUEST_MODULES:
+            raise pytest.UsageError(f"{module} has guest tests: add it to GUEST_MODULES in tests/conftest.py")
+    # Guest tests first (a stable sort: the rest keep their order); the scheduler hands out groups in
+    # this order.
     items.sort(key=lambda item: item.get_closest_marker("guest") is None)
 
 
