@@ -55,9 +55,10 @@ def pytest_configure(config) -> None:
 # The scheduler below applies these groups itself: xdist 3.8's own ``xdist_group`` marks do nothing
 # with pytest 9.2 (pytest-dev/pytest-xdist#1386: its nodeid suffix no longer takes effect).
 GUEST_GROUP = "guest"
-GUEST_MODULES = {"test_guestlab", "test_rescue_media"}   # every module with `guest` tests (checked below)
+GUEST_MODULES = {"test_guestlab", "test_guestlab_jobs", "test_rescue_media"}   # every module with `guest` tests (checked below)
 MODULE_GROUPS = {"test_mount", "test_mount_xfs_btrfs", "test_baremetal", "test_baremetal_boot",
-                 "test_bootdisk", "test_install", "test_relocate", "test_fsmap_ntfs", "test_crash"}
+                 "test_bootdisk", "test_install", "test_relocate", "test_fsmap_ntfs", "test_crash",
+                 "test_drill", "test_status"}
 
 
 def xdist_group_of(nodeid: str) -> str:
