@@ -92,9 +92,10 @@ def _start(repo: Path, source: Path, name: str) -> subprocess.Popen:
 
 def _signal_after_a_pack(proc: subprocess.Popen, repo: Path, packs_before: set[str], sig: int) -> bool:
     """Send ``sig`` once the run has committed a pack of its own; True if it was still running."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600          # a loaded machine: the first pack may take minutes
     while proc.poll() is None and time.monotonic() < deadline and not objects(repo, "packs") - packs_before:
         time.sleep(0.002)
+    assert objects(repo, "packs") - packs_before or proc.poll() is not None, "no pack within 600 s"
     running = proc.poll() is None
     proc.send_signal(sig)
     return running
