@@ -95,7 +95,10 @@ def _signal_after_a_pack(proc: subprocess.Popen, repo: Path, packs_before: set[s
     deadline = time.monotonic() + 600          # a loaded machine: the first pack may take minutes
     while proc.poll() is None and time.monotonic() < deadline and not objects(repo, "packs") - packs_before:
         time.sleep(0.002)
-    assert objects(repo, "packs") - packs_before or proc.poll() is not None, "no pack within 600 s"
+    if not objects(repo, "packs") - packs_before and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the backup stored no pack within 600 s")
     running = proc.poll() is None
     proc.send_signal(sig)
     return running
