@@ -15,6 +15,9 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 # same machine (or a real mount of the host) neither sees nor disturbs them.
 os.environ.setdefault("IMGBACKUP_RUN_DIR", os.path.join(tempfile.gettempdir(), f"imgbackup-run-{os.getpid()}"))
 
+# What clients remember per repository (the catalog head) stays in this run's temporary directory.
+os.environ["XDG_STATE_HOME"] = os.path.join(tempfile.gettempdir(), f"imgbackup-state-{os.getpid()}")
+
 # Cheap KDF parameters for repositories created by tests; recorded in each key file.
 os.environ.setdefault("IMGBACKUP_TEST_CHEAP_KDF", "1")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # 2: the catalog log, hold records, object-lock and append-only settings (FORMAT.md)
 
 # Slot kinds in an image index.
 SLOT_ZERO = 0      # all-zero chunk: nothing stored
@@ -30,6 +30,8 @@ OBJ_IMAGE_HEADER = 2
 OBJ_IMAGE_BODY = 3
 OBJ_CHUNK_INDEX = 4
 OBJ_PACK_TRAILER = 5
+OBJ_CATALOG_ENTRY = 8   # one entry of the catalog log (6 and 7 are taken by damage and check records)
+OBJ_HOLD_RECORD = 9     # a legal hold placed or released
 
 # Pack file: header, blobs, trailer envelope, footer.
 PACK_MAGIC = b"IMGBPACK"

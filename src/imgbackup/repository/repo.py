@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -12,13 +13,20 @@ from imgbackup import __version__
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
 from imgbackup.errors import (
+    AppendOnly,
+    ImageHeld,
+    ImageNotFound,
     IntegrityError,
+    ObjectRetained,
     RepositoryExists,
     RepositoryNotFound,
+    UnsupportedFormat,
     UsageError,
 )
+from imgbackup.repository.catalog import Catalog, CatalogView
 from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
+from imgbackup.repository.holds import Hold, HoldStore, holds_in_force
 from imgbackup.repository.images import ImageStore
 from imgbackup.repository.lock import RepositoryLock
 from imgbackup.repository.packs import BlobLocation, PackWriter
@@ -26,7 +34,8 @@ from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
-FOLDERS = ("packs", "index", "images", "locks")
+FOLDERS = ("packs", "index", "images", "locks", "catalog", "holds")
+REMOVALS_PER_ENTRY = 2000   # events in one catalog entry (~200 KB): a prune of thousands writes several
 
 PassphraseSource = Callable[[], bytes]
 
@@ -49,7 +58,9 @@ class Repository:
         self.keys = keys
         self.location = location
         self.envelope = Envelope(None if config.encryption == "none" else keys.enc_key, config.zstd_level)
-        self.images = ImageStore(storage, self.envelope)
+        self.catalog = Catalog(storage, self.envelope, config.id)
+        self.images = ImageStore(storage, self.envelope, self.catalog)
+        self.holds = HoldStore(storage, self.envelope)
         self._chunks: ChunkIndex | None = None
 
     @property
@@ -59,7 +70,7 @@ class Repository:
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3) -> Repository:
+             zstd_level: int = 3, append_only: bool = False) -> Repository:
         """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
@@ -75,12 +86,15 @@ class Repository:
                                    "choose a new or empty directory or prefix")
         keys = KeySet.generate()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
+        config.append_only = append_only
         secret = passphrase() if encryption != "none" else None
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
         storage.prepare(FOLDERS)
         storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
+        repo = cls(storage, config, keys, storage.location)
+        repo.catalog.append([{"event": "created"}, {"event": "append_only", "value": append_only}])
         storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
-        return cls(storage, config, keys, storage.location)
+        return repo
 
     @classmethod
     def open(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource,
@@ -127,6 +141,66 @@ class Repository:
     def remove_temp_files(self) -> int:
         """Remove what killed writers left (temp files, multipart uploads); only under the lock."""
         return self.storage.remove_incomplete_writes()
+
+    # --- what may be removed ------------------------------------------------------------------
+
+    def refuse_if_append_only(self, command: str) -> None:
+        if self.config.append_only:
+            raise AppendOnly(f"the repository is append-only: {command} refused")
+
+    def held_images(self, view: CatalogView | None = None) -> dict[str, list[Hold]]:
+        """Images under legal hold, and their holds (from the hold records and the catalog log)."""
+        view = view or self.catalog.view()
+        return holds_in_force(self.holds, view.state.holds)
+
+    def remove_images(self, image_ids: list[str], event: str, view: CatalogView | None = None) -> list[str]:
+        """Remove images for good: refused (nothing removed) when one is held; the catalog records the
+        removal (that is the commit point), then the indexes go. Returns the ids whose index the
+        storage retained (Object Lock): a later prune, delete or compact removes them."""
+        held = self.held_images(view)
+        for image_id in image_ids:
+            if image_id in held:
+                hold = held[image_id][0]
+                by = f", placed by {hold.user} on {hold.host}" if hold.user else ""
+                raise ImageHeld(f"image {image_id[:12]} is under legal hold ({hold.reason}{by}); "
+                                "nothing was removed")
+        events = []
+        for image_id in image_ids:
+            event_doc = {"event": event, "image": image_id}
+            with contextlib.suppress(ImageNotFound, IntegrityError, UnsupportedFormat):
+                event_doc["name"] = str(self.images.read_meta(image_id).get("name"))
+            events.append(event_doc)
+        for start in range(0, len(events), REMOVALS_PER_ENTRY):
+            self.catalog.append(events[start : start + REMOVALS_PER_ENTRY])
+        return self.delete_image_objects(image_ids)
+
+    def delete_image_objects(self, image_ids: list[str]) -> list[str]:
+        """Delete image indexes whose removal the log holds; the ids the storage retained."""
+        retained = []
+        for image_id in image_ids:
+            try:
+                self.images.delete(image_id)
+            except ObjectRetained:
+                retained.append(image_id)
+        return retained
+
+    def pending_removals(self, view: CatalogView) -> list[str]:
+        """Images the log records as removed whose index is still there (a remover was interrupted,
+        or Object Lock retained the index): the next remover deletes them."""
+        removed = {i for i, r in view.state.images.items() if r["status"] == "removed"}
+        return [i for i in self.images.ids() if i in removed]
+
+    def set_append_only(self, value: bool) -> None:
+        """Turn append-only on or off. The order makes an interrupted change harmless: on = the config
+        first, then the log; off = the log first, then the config (verify flags a log that says on
+        beside a config that says off)."""
+        self.config.append_only = value
+        if value:
+            self.storage.put(CONFIG_NAME, self.config.to_bytes(self.keys.mac_key))
+            self.catalog.append([{"event": "append_only", "value": True}])
+        else:
+            self.catalog.append([{"event": "append_only", "value": False}])
+            self.storage.put(CONFIG_NAME, self.config.to_bytes(self.keys.mac_key))
 
     def new_image_meta(self, **fields) -> dict:
         from imgbackup.format.layout import FORMAT_VERSION
