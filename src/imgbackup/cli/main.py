@@ -39,6 +39,7 @@ COMMAND_MODULES = {
     "devices_cmd": ("devices",),
     "mount_cmd": ("mount", "umount", "restore-files"),
     "rescue_cmd": ("rescue",),
+    "lifecycle_cmd": ("hold", "release", "append-only"),
 }
 
 
@@ -91,6 +92,9 @@ def run(argv: list[str] | None = None) -> None:
     except ImportError as exc:  # a missing compiled core or dependency: one line, not a traceback
         sys.stderr.write(f"imgbackup: error: {exc}\n")
         sys.exit(1)
+    from imgbackup.repository.catalog import set_command
+
+    set_command(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         # typer >= 0.26 returns (not raises) a command's typer.Exit code, and turns a command's

@@ -20,6 +20,7 @@ from imgbackup.repository.repo import Repository
 @dataclass
 class DeleteResult:
     deleted: list[str]
+    retained: list[str] = field(default_factory=list)   # indexes Object Lock keeps until their date
     packs_deleted: int = 0
     packs_rewritten: int = 0
     chunks_removed: int = 0
@@ -42,10 +43,12 @@ def _referenced(repo: Repository) -> set[bytes] | None:
 def delete_images(repo: Repository, image_ids: list[str]) -> DeleteResult:
     started = time.monotonic()
     result = DeleteResult(deleted=list(image_ids))
+    repo.refuse_if_append_only("delete")
     with repo.lock("delete"):
         repo.remove_temp_files()
-        for image_id in image_ids:
-            repo.images.delete(image_id)
+        view = repo.catalog.view()
+        repo.delete_image_objects(repo.pending_removals(view))
+        result.retained = repo.remove_images(image_ids, "deleted", view)
         live = _referenced(repo)
         if live is None:
             result.warnings.append("an image index is damaged, so no chunks were collected; run 'imgbackup verify'")

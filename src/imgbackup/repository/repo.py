@@ -20,12 +20,13 @@ from imgbackup.errors import (
     ObjectRetained,
     RepositoryExists,
     RepositoryNotFound,
+    StorageError,
     UnsupportedFormat,
     UsageError,
 )
 from imgbackup.repository.catalog import Catalog, CatalogView
 from imgbackup.repository.chunkindex import ChunkIndex
-from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
+from imgbackup.repository.config import CONFIG_NAME, LOCK_MODES, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.holds import Hold, HoldStore, holds_in_force
 from imgbackup.repository.images import ImageStore
 from imgbackup.repository.lock import RepositoryLock
@@ -35,6 +36,7 @@ from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
 FOLDERS = ("packs", "index", "images", "locks", "catalog", "holds")
+IGNORED_AT_INIT = ("lockprobe/", "locks/")   # an earlier init's lock-probe canaries (retained) do not count
 REMOVALS_PER_ENTRY = 2000   # events in one catalog entry (~200 KB): a prune of thousands writes several
 
 PassphraseSource = Callable[[], bytes]
@@ -49,6 +51,28 @@ def _storage(where: str | os.PathLike | Storage, for_writing: bool) -> Storage:
     if isinstance(where, str | os.PathLike):
         return open_storage(os.fspath(where), for_writing=for_writing)
     return where
+
+
+def _check_object_lock(storage: Storage, lock: tuple[str, int]) -> dict:
+    """Refuse Object Lock where the storage cannot do it or the server does not enforce it; the probe's result."""
+    mode, _seconds = lock
+    if mode not in LOCK_MODES:
+        raise UsageError(f"unknown object lock mode {mode!r}; choose {' or '.join(LOCK_MODES)}")
+    enabled = getattr(storage, "object_lock_enabled", None)
+    if enabled is None:
+        raise UsageError(f"{storage.location} cannot lock objects: Object Lock needs an S3 bucket",
+                         "for a directory, --append-only guards against accidents (not against root)")
+    if not enabled():
+        raise UsageError(f"the bucket of {storage.location} was not created with Object Lock enabled",
+                         "create a bucket with Object Lock (e.g. aws s3api create-bucket "
+                         "--object-lock-enabled-for-bucket) and init there")
+    probe = storage.lock_probe(mode)   # type: ignore[attr-defined]
+    if not probe["passed"]:
+        failed = ", ".join(k for k, ok in probe["checks"].items() if not ok)
+        raise StorageError(f"the S3 server at {storage.location} does not enforce Object Lock ({failed} failed "
+                           "on a test object)", "nothing was written; use a server that enforces it, or init "
+                           "without --object-lock")
+    return probe
 
 
 class Repository:
@@ -70,8 +94,12 @@ class Repository:
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3, append_only: bool = False) -> Repository:
-        """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage."""
+             zstd_level: int = 3, append_only: bool = False,
+             object_lock: tuple[str, int] | None = None) -> Repository:
+        """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage.
+
+        ``object_lock`` = (mode, seconds): S3 Object Lock; the server must pass the lock probe
+        before anything is written, and then every object is written with a retention date."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
@@ -81,18 +109,23 @@ class Repository:
         storage = _storage(where, for_writing=True)
         if storage.exists(CONFIG_NAME):
             raise RepositoryExists(f"{storage.location} already holds a repository")
-        if next(iter(storage.list("")), None) is not None:
+        if next((n for n in storage.list("") if not n.startswith(IGNORED_AT_INIT)), None) is not None:
             raise RepositoryExists(f"{storage.location} exists and is not empty",
                                    "choose a new or empty directory or prefix")
+        probe = _check_object_lock(storage, object_lock) if object_lock else None
         keys = KeySet.generate()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
         config.append_only = append_only
+        if object_lock:
+            config.object_lock = {"mode": object_lock[0], "seconds": int(object_lock[1])}
+            storage.use_object_lock(object_lock[0], int(object_lock[1]))   # type: ignore[attr-defined]
         secret = passphrase() if encryption != "none" else None
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
         storage.prepare(FOLDERS)
         storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
         repo = cls(storage, config, keys, storage.location)
-        repo.catalog.append([{"event": "created"}, {"event": "append_only", "value": append_only}])
+        repo.catalog.append([{"event": "created"}, {"event": "append_only", "value": append_only},
+                             *([{"event": "lock_probe", "result": probe}] if probe else [])])
         storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
         return repo
 
@@ -120,6 +153,13 @@ class Repository:
         except (KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"repository key file is damaged ({exc})") from None
         config.check_mac(mac, keys.mac_key)
+        if config.object_lock:
+            use = getattr(storage, "use_object_lock", None)
+            if use is not None:
+                use(config.object_lock["mode"], config.object_lock["seconds"])
+            elif for_writing:
+                raise UsageError(f"the repository at {storage.location} is kept under S3 Object Lock, which this "
+                                 "storage cannot apply", "write to it only at its S3 bucket")
         return cls(storage, config, keys, storage.location)
 
     def lock(self, command: str = "") -> RepositoryLock:
