@@ -14,46 +14,61 @@ import numpy as np
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import (
+    BASE_ENTRY,
     CHUNK_INDEX_ENTRY,
     CHUNK_INDEX_HEAD,
     CHUNK_INDEX_MAGIC,
     FORMAT_VERSION,
+    INFO_LENGTH_MASK,
     OBJ_CHUNK_INDEX,
 )
-from imgbackup.repository.packs import BlobLocation
+from imgbackup.repository.packs import BlobLocation, decode_bases, encode_entries
 from imgbackup.repository.storage import Storage, confirm_stored
 
-ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("raw", "<u4")])
-assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size
+ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u4"), ("length", "<u4"), ("info", "<u4")])
+assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size == 48
 
 
 def encode_chunk_index(locations: dict[bytes, BlobLocation]) -> bytes:
     packs = sorted({loc.pack_id for loc in locations.values()})
     number = {p: i for i, p in enumerate(packs)}
-    entries = np.zeros(len(locations), ENTRY_DTYPE)
-    for i, (cid, loc) in enumerate(sorted(locations.items())):
-        entries[i] = (cid, number[loc.pack_id], loc.offset, loc.length, loc.raw_length)
-    head = CHUNK_INDEX_HEAD.pack(CHUNK_INDEX_MAGIC, FORMAT_VERSION, len(packs), len(entries))
-    return head + b"".join(packs) + entries.tobytes()
+    rows = [(cid, number[loc.pack_id], loc.offset, loc.length, loc.raw_length, loc.base)
+            for cid, loc in sorted(locations.items())]
+    entries, bases, deltas = encode_entries(rows, CHUNK_INDEX_ENTRY)
+    head = CHUNK_INDEX_HEAD.pack(CHUNK_INDEX_MAGIC, FORMAT_VERSION, len(packs), len(rows), deltas)
+    return head + b"".join(packs) + entries + bases
 
 
 def decode_chunk_index(plain: bytes, name: str) -> dict[bytes, BlobLocation]:
+    what = f"chunk index {name}"
     if len(plain) < CHUNK_INDEX_HEAD.size:
-        raise IntegrityError(f"chunk index {name} is truncated")
-    magic, version, n_packs, n_entries = CHUNK_INDEX_HEAD.unpack_from(plain)
+        raise IntegrityError(f"{what} is truncated")
+    magic, version, n_packs, n_entries, n_deltas = CHUNK_INDEX_HEAD.unpack_from(plain)
     pos = CHUNK_INDEX_HEAD.size
     if magic != CHUNK_INDEX_MAGIC or version != FORMAT_VERSION:
-        raise IntegrityError(f"chunk index {name} has a bad header")
-    if len(plain) != pos + 32 * n_packs + ENTRY_DTYPE.itemsize * n_entries:
-        raise IntegrityError(f"chunk index {name} has the wrong length")
+        raise IntegrityError(f"{what} has a bad header")
+    if len(plain) != pos + 32 * n_packs + ENTRY_DTYPE.itemsize * n_entries + BASE_ENTRY.size * n_deltas:
+        raise IntegrityError(f"{what} has the wrong length")
     packs = [plain[pos + 32 * i : pos + 32 * (i + 1)] for i in range(n_packs)]
-    entries = np.frombuffer(plain, ENTRY_DTYPE, n_entries, pos + 32 * n_packs)
+    pos += 32 * n_packs
+    entries = np.frombuffer(plain, ENTRY_DTYPE, n_entries, pos)
     if n_entries and int(entries["pack"].max()) >= n_packs:
-        raise IntegrityError(f"chunk index {name} names a pack it does not list")
+        raise IntegrityError(f"{what} names a pack it does not list")
+    infos = entries["info"].tolist()
+    bases = decode_bases(plain, pos + ENTRY_DTYPE.itemsize * n_entries, n_deltas, infos, what)
     return {
-        bytes(e["id"]): BlobLocation(packs[int(e["pack"])], int(e["offset"]), int(e["length"]), int(e["raw"]))
-        for e in entries
+        bytes(e["id"]): BlobLocation(packs[int(e["pack"])], int(e["offset"]), int(e["length"]),
+                                     infos[i] & INFO_LENGTH_MASK, bases.get(i))
+        for i, e in enumerate(entries)
     }
+
+
+def merge_locations(into: dict[bytes, BlobLocation], new: dict[bytes, BlobLocation]) -> None:
+    """Add ``new`` to ``into``; a chunk known twice keeps a whole copy over a delta (a base must be whole)."""
+    for cid, loc in new.items():
+        old = into.get(cid)
+        if old is None or old.base is not None or loc.base is None:
+            into[cid] = loc
 
 
 class ChunkIndex:
@@ -69,7 +84,7 @@ class ChunkIndex:
         for name in storage.list("index"):
             file_id = bytes.fromhex(name.rsplit("/", 1)[1])
             plain = envelope.open(OBJ_CHUNK_INDEX, file_id, storage.get(name), f"chunk index {name}")
-            index.locations.update(decode_chunk_index(plain, name))
+            merge_locations(index.locations, decode_chunk_index(plain, name))
             index.files.append(name)
         return index
 
@@ -82,6 +97,15 @@ class ChunkIndex:
     def get(self, chunk_id: bytes) -> BlobLocation | None:
         return self.locations.get(chunk_id)
 
+    def bases_of(self, chunk_ids) -> set[bytes]:
+        """The base chunks the deltas among ``chunk_ids`` need (GC keeps them, restore reads them)."""
+        out = set()
+        for cid in chunk_ids:
+            loc = self.locations.get(cid)
+            if loc is not None and loc.base is not None:
+                out.add(loc.base)
+        return out
+
     def store(self, storage: Storage, envelope: Envelope, new: dict[bytes, BlobLocation]) -> int:
         """Write a chunk-index file for ``new`` and add it; returns the bytes written."""
         if not new:
@@ -91,6 +115,6 @@ class ChunkIndex:
         sealed = envelope.seal(OBJ_CHUNK_INDEX, file_id, encode_chunk_index(new))
         storage.put(name, sealed)
         confirm_stored(storage, name, len(sealed))
-        self.locations.update(new)
+        merge_locations(self.locations, new)
         self.files.append(name)
         return len(sealed)

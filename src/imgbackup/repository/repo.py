@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from imgbackup import __version__
 from imgbackup.crypto.envelope import Envelope
@@ -25,7 +26,6 @@ from imgbackup.errors import (
     UsageError,
 )
 from imgbackup.repository.catalog import Catalog, CatalogView
-from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, LOCK_MODES, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.holds import Hold, HoldStore, holds_in_force
 from imgbackup.repository.images import ImageStore
@@ -38,6 +38,9 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 FOLDERS = ("packs", "index", "images", "locks", "catalog", "holds")
 IGNORED_AT_INIT = ("lockprobe/", "locks/")   # an earlier init's lock-probe canaries (retained) do not count
 REMOVALS_PER_ENTRY = 2000   # events in one catalog entry (~200 KB): a prune of thousands writes several
+
+if TYPE_CHECKING:
+    from imgbackup.repository.chunkindex import ChunkIndex
 
 PassphraseSource = Callable[[], bytes]
 
@@ -166,6 +169,8 @@ class Repository:
         return RepositoryLock(self.storage, command)
 
     def chunk_index(self) -> ChunkIndex:
+        from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
+
         if self._chunks is None:
             self._chunks = ChunkIndex.load(self.storage, self.envelope)
         return self._chunks
