@@ -73,6 +73,17 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture
+def s3_lock_bucket(s3_server):
+    """A fresh bucket with Object Lock enabled; versions still locked at the end stay until the server stops."""
+    if not s3_server.alive():
+        s3_server.restart()
+    bucket = s3_server.new_bucket("lock", object_lock=True)
+    yield bucket
+    if s3_server.alive():
+        s3_server.remove_bucket(bucket)
+
+
+@pytest.fixture
 def s3_repo_url(s3_server, s3_bucket, monkeypatch) -> str:
     """The AWS environment pointing at a fresh bucket, and a repository URL in it."""
     for key, value in s3_server.env().items():

@@ -79,15 +79,20 @@ def list_images(
     """List the images in the repository, oldest first."""
     r = open_repo(repo)
     entries = r.images.entries()
-    held = r.held_images()
+    view = r.catalog.view()
+    held = r.held_images(view)
+    removed = set(r.pending_removals(view))
     rows = [_row(e.meta, held.get(e.id, [])) if e.meta else
             {"id": e.id, "error": e.error, "holds": [h.to_dict() for h in held.get(e.id, [])]}
             for e in entries if not name or (e.meta or {}).get("name") == name]
+    for row in rows:
+        row["removed"] = row["id"] in removed
     if json_out:
         emit_json({"images": rows})
         return
     for row in rows:
         mark = f"  HELD: {row['holds'][0]['reason']}" if row["holds"] else ""
+        mark += "  REMOVED (its index is still there: retained, or an interrupted removal)" if row["removed"] else ""
         if "error" in row:
             typer.echo(f"{row['id'][:12]}  DAMAGED: {row['error']}{mark}")
             continue
