@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.disks import random_image
+from tests.support import MIB, cli, cli_env, cli_json, need_tool
 
 from imgbackup.engine.backup.run import BackupRequest, run_backup
 from imgbackup.engine.verify.catalog import check_catalog
@@ -21,8 +23,6 @@ from imgbackup.format.imageindex import ImageIndex
 from imgbackup.repository.catalog import Catalog, entry_name
 from imgbackup.repository.images import ImageStore
 from imgbackup.repository.repo import Repository
-from tests.disks import random_image
-from tests.support import MIB, cli, cli_env, cli_json, need_tool
 
 PASS = b"test-pass"
 
