@@ -40,6 +40,7 @@ COMMAND_MODULES = {
     "mount_cmd": ("mount", "umount", "restore-files"),
     "rescue_cmd": ("rescue",),
     "lifecycle_cmd": ("hold", "release", "append-only"),
+    "prune_cmd": ("prune",),
 }
 
 
