@@ -11,7 +11,7 @@ first (worked out by hand; 2023-01-01 is a Sunday, so in ISO week 2022-W52):
     C 2023-01-01 18:00 (Sun, 2022-W52)  keep-weekly                        (weekly now spent)
     B 2023-01-01 10:00 (Sun, 2022-W52)  held (a legal hold; no rule keeps it)
     A 2022-12-20 09:00 (Tue, 2022-W51)  remove
-Source ``o`` (one image G, 2023-01-01 12:00) is judged on its own: keep-last keeps it.
+Source ``o`` (one image G, 2023-01-01 12:00) is judged on its own: as its newest image, every rule keeps it.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_dry_run_lists_reasons_and_bytes_and_changes_nothing_then_prune_removes_
     ids = made[1]
     before = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
     doc = cli_json("prune", *POLICY, "--dry-run", repo=repo, **env)
-    assert _verdicts(doc, ids) == EXPECTED | {"G": ["keep-last"]}
+    assert _verdicts(doc, ids) == EXPECTED | {"G": ["keep-last", "keep-daily", "keep-weekly"]}
     assert {row["action"] for row in doc["images"] if row["reasons"]} == {"keep"}
     assert doc["would_remove"] == 2 and doc["kept"] == 5 and doc["bytes_freed"] > 2 * MIB // 2
     assert sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()) == before

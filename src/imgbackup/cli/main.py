@@ -41,6 +41,7 @@ COMMAND_MODULES = {
     "rescue_cmd": ("rescue",),
     "lifecycle_cmd": ("hold", "release", "append-only"),
     "prune_cmd": ("prune",),
+    "maintain_cmd": ("repair", "compact"),
 }
 
 

@@ -101,13 +101,14 @@ def list_images(
 
 
 def info(
-    image: Annotated[str | None, typer.Argument(help="Image id prefix, or 'latest'; none: the repository.")] = None,
+    image: Annotated[str | None, typer.Argument(help="Image id prefix, or 'latest'; none: the repository.")]
+    = None,
     repo: RepoOption = None,
     name: NameOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Show one image's metadata and holds, or (without IMAGE) the repository's settings: append-only,
-    S3 Object Lock and what its last lock probe found, the catalog head."""
+    """Show one image's metadata and holds, or (without IMAGE) the repository's: sizes, space used and
+    reclaimable, append-only, S3 Object Lock and what its last lock probe found, the catalog head."""
     r = open_repo(repo)
     if image is None:
         _repository_info(r, json_out)
@@ -127,31 +128,45 @@ def info(
 
 def _repository_info(r: Repository, json_out: bool) -> None:
     from imgbackup.engine.objectlock import lock_status
+    from imgbackup.engine.stats import repository_stats
 
+    stats = repository_stats(r)
     view = r.catalog.view()
     lock = lock_status(r, view)
     held = r.held_images(view)
     doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
-           "chunk_size": r.chunk_size, "append_only": r.config.append_only, "object_lock": lock,
+           "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level, "created": r.config.created,
+           **stats.to_dict(), "append_only": r.config.append_only, "object_lock": lock,
            "catalog": {"head": view.state.seq, "rollback": view.rollback, "problems": view.problems},
            "held_images": sorted(held)}
+    doc["image_stats"] = doc.pop("images")      # per image: stored_bytes, unique_bytes
+    doc["images"] = len(stats.images) + len(stats.unreadable_images)
     if json_out:
         emit_json(doc)
         return
-    typer.echo(f"repository: {r.location} (id {r.config.id}, {r.config.encryption}, chunk size {human(r.chunk_size)})")
-    typer.echo(f"append-only: {'on' if r.config.append_only else 'off'}")
+    typer.echo(f"repository {r.location} (id {r.config.id}, {r.config.encryption}, chunk size {human(r.chunk_size)})")
+    typer.echo(f"  images: {doc['images']}, packs: {stats.packs}, index files: {stats.index_files}")
+    typer.echo(f"  repository bytes: {human(stats.repository_bytes)}; unique data images need: "
+               f"{human(stats.unique_bytes)}; reclaimable by 'imgbackup compact': {human(stats.reclaimable_bytes)}")
+    if stats.damaged_copies:
+        typer.echo(f"  {stats.damaged_copies} damaged chunk copies on record ('imgbackup repair' reports them)")
+    typer.echo(f"  append-only: {'on' if r.config.append_only else 'off'}")
     if lock is None:
-        typer.echo("S3 Object Lock: none (objects can be deleted by anyone with write access to the storage)")
+        typer.echo("  S3 Object Lock: none (objects can be deleted by anyone with write access to the storage)")
     else:
         probe = lock["last_probe"]
         state = ("enforced by the server" if lock["enforced"] else "NOT enforced by the server: do not rely on it")
-        typer.echo(f"S3 Object Lock: {lock['mode']}, {lock['days']:g} days, {state} (last probe "
+        typer.echo(f"  S3 Object Lock: {lock['mode']}, {_period(lock['seconds'])}, {state} (last probe "
                    f"{when(probe.get('time')) if probe else 'never'})" + (
                        "; governance mode can be bypassed by accounts allowed s3:BypassGovernanceRetention"
                        if lock["bypassable"] else ""))
-    typer.echo(f"catalog: {view.state.seq + 1} entries" + (f"; ROLLBACK: {view.rollback}" if view.rollback else "")
+    typer.echo(f"  catalog: {view.state.seq + 1} entries" + (f"; ROLLBACK: {view.rollback}" if view.rollback else "")
                + ("".join(f"; PROBLEM: {p}" for p in view.problems)))
-    typer.echo(f"held images: {len(held)}")
+    typer.echo(f"  held images: {len(held)}")
+
+
+def _period(seconds: int) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds} s"
 
 
 def break_lock_cmd(repo: RepoOption = None, json_out: JsonOption = False) -> None:

@@ -1,5 +1,6 @@
 """Prune: apply a retention policy (engine/retention.py) to each source's images, remove the images it
-does not keep, then collect what only they needed (engine/collect.py, the one collection mechanism).
+does not keep, then collect what only they needed (engine/collect.py, the one collection mechanism,
+through engine/removal.py as delete and compact).
 
 Order, under the repository lock (a crash anywhere leaves every image whole or gone, and verify
 passes): removals an earlier run left unfinished are completed; one catalog entry records the images
@@ -15,10 +16,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
-from imgbackup.engine.collect import carry_out, needed_chunks, plan_collection
-from imgbackup.engine.objectlock import check_lock_period, extend_locks, sync_legal_holds
+from imgbackup.engine.collect import plan_collection
+from imgbackup.engine.objectlock import check_lock_period
+from imgbackup.engine.removal import collect, needed_now, refuse_missing_held
 from imgbackup.engine.retention import HELD, Candidate, RetentionPolicy, apply_policy
-from imgbackup.errors import ImageHeld, ObjectMissing
+from imgbackup.errors import ObjectMissing
 from imgbackup.repository.images import ImageEntry, image_name
 from imgbackup.repository.repo import Repository
 
@@ -101,16 +103,11 @@ def run_prune(repo: Repository, policy: RetentionPolicy, name: str | None = None
     if not dry_run:
         repo.refuse_if_append_only("prune")
     _, zone_name = policy.zone()
-    with nullcontext() if dry_run else repo.lock("prune"):
+    with nullcontext() if dry_run else repo.lock("prune", may_use_reserve=True):
         view = repo.catalog.view()
+        refuse_missing_held(repo, view, "prune")
         pending = repo.pending_removals(view)
         held = repo.held_images(view)
-        present = set(repo.images.ids())
-        gone = sorted(set(held) - present)
-        if gone:
-            raise ImageHeld(f"image {gone[0][:12]} is under legal hold but its index is missing; prune removes "
-                            "nothing while the chunks it needs cannot be told apart",
-                            "restore the index (e.g. from a copy of the repository); 'imgbackup verify' reports it")
         entries = [e for e in repo.images.entries() if e.id not in pending]
         images = judge(policy, entries, set(held), name)
         result = PruneResult(dry_run, policy.to_dict(), zone_name, name, images)
@@ -123,47 +120,43 @@ def run_prune(repo: Repository, policy: RetentionPolicy, name: str | None = None
     return result
 
 
-def _measure(repo: Repository, result: PruneResult, going: list[str]) -> None:
-    """What removing ``going`` would free: their indexes, and what the collection could then reclaim."""
-    needed, warnings = needed_chunks(repo, exclude=set(going))
-    plan = plan_collection(repo, needed, warnings, strict=False)
-    result.warnings += plan.warnings
-    sizes = 0
-    for image_id in going:
+def _index_sizes(repo: Repository, image_ids: list[str]) -> dict[str, int]:
+    sizes = {}
+    for image_id in image_ids:
         try:
-            sizes += repo.storage.size(image_name(image_id))
+            sizes[image_id] = repo.storage.size(image_name(image_id))
         except ObjectMissing:
             continue
-    result.bytes_freed = sizes + (sum(s for _, s in plan.temp) if plan.blocked else plan.bytes_reclaimable)
+    return sizes
+
+
+def _measure(repo: Repository, result: PruneResult, going: list[str]) -> None:
+    """What removing ``going`` would free: their indexes, and what the collection could then reclaim."""
+    needed, warnings = needed_now(repo, exclude=going)
+    plan = plan_collection(repo, needed, warnings, strict=False)
+    result.warnings += plan.warnings
+    indexes = sum(_index_sizes(repo, going).values())
+    result.bytes_freed = indexes + (sum(s for _, s in plan.temp) if plan.blocked else plan.bytes_reclaimable)
     result.chunks_removed = 0 if plan.blocked else plan.chunks_removed
     result.packs_deleted = 0 if plan.blocked else len(plan.free) + len(plan.rewrite)
     result.packs_rewritten = 0 if plan.blocked else len(plan.rewrite)
 
 
 def _remove(repo: Repository, result: PruneResult, doomed: list[str], pending: list[str], view) -> None:
-    sizes = {}
-    for image_id in doomed + pending:
-        try:
-            sizes[image_id] = repo.storage.size(image_name(image_id))
-        except ObjectMissing:
-            continue
+    """The log entry first (the commit point), the indexes, then the collection (engine/removal.py)."""
+    sizes = _index_sizes(repo, doomed + pending)
     retained = repo.delete_image_objects(pending)
     result.pending_completed = [i for i in pending if i not in retained]
     if doomed:
         retained += repo.remove_images(doomed, "pruned", view)
     result.removed, result.retained = doomed, retained
-    needed, warnings = needed_chunks(repo)
-    plan = plan_collection(repo, needed, warnings)
-    done = carry_out(repo, plan)
+    collected = collect(repo, retained)
+    done = collected.done
     result.bytes_freed = done.bytes_freed + sum(s for i, s in sizes.items() if i not in retained)
     result.packs_deleted, result.packs_rewritten = done.packs_deleted, done.packs_rewritten
     result.chunks_removed = done.chunks_removed
-    result.warnings += done.warnings
+    result.locks_extended = collected.locks_extended
+    result.warnings += collected.warnings
     if retained:
         result.warnings.append(f"{len(retained)} image index(es) are retained by S3 Object Lock until their lock "
                                "date; a later prune, delete or compact removes them")
-    count, notes = sync_legal_holds(repo)
-    result.warnings += notes
-    if needed is not None:
-        result.locks_extended = extend_locks(repo, needed, {image_name(i) for i in retained})
-    del count
