@@ -185,14 +185,15 @@ def test_an_index_put_back_after_its_removal_is_finished_off(tmp_path: Path, sou
     repo_dir = tmp_path / "repo"
     cli_json("init", repo=repo_dir)
     first = cli_json("backup", source, repo=repo_dir)["id"]
-    cli_json("backup", source, repo=repo_dir)
-    saved = (repo_dir / "images" / first).read_bytes()
-    assert cli("delete", first, "--yes", repo=repo_dir).returncode == 0
-    (repo_dir / "images" / first).write_bytes(saved)      # an older copy of the index comes back
+    newest = cli_json("backup", source, repo=repo_dir)["id"]
+    saved = (repo_dir / "images" / newest).read_bytes()
+    assert cli("delete", newest, "--yes", repo=repo_dir).returncode == 0
+    (repo_dir / "images" / newest).write_bytes(saved)      # an older copy of the index comes back
     back = cli_json("verify", repo=repo_dir)
     assert back["catalog"]["ok"] and any("was deleted" in n for n in back["catalog"]["notes"])
     listed = {row["id"]: row for row in cli_json("list", repo=repo_dir)["images"]}
-    assert listed[first]["removed"] is True
+    assert listed[newest]["removed"] is True
+    assert cli_json("info", "latest", repo=repo_dir)["id"] == first      # a removed image is never 'latest'
     assert cli("delete", "latest", "--name", "disk.img", "--yes", repo=repo_dir).returncode == 0
     assert cli_json("list", repo=repo_dir)["images"] == []            # both: the pending one too
 
@@ -265,12 +266,29 @@ def test_deleting_a_hold_record_does_not_release_the_hold(tmp_path: Path, source
     assert cli_json("list", repo=repo_dir)["images"][0]["holds"][0]["source"] == "catalog"
 
 
+def test_a_held_image_whose_index_is_gone_stops_every_collection(tmp_path: Path, source: Path) -> None:
+    """Its chunks can no longer be told from dead ones: compact, prune and delete remove nothing."""
+    repo_dir = tmp_path / "repo"
+    cli_json("init", repo=repo_dir)
+    held = cli_json("backup", source, repo=repo_dir)["id"]
+    other = cli_json("backup", random_image(tmp_path / "other.img", 2 * MIB, seed=5), repo=repo_dir)["id"]
+    cli_json("hold", held, "--reason", "evidence", repo=repo_dir)
+    (repo_dir / "images" / held).unlink()                        # tampering: the held index is deleted
+    packs = sorted(p.name for p in (repo_dir / "packs").rglob("*") if p.is_file())
+    for args in (("compact",), ("prune", "--keep-last", "1"), ("delete", other, "--yes")):
+        proc = cli(*args, repo=repo_dir)
+        assert proc.returncode == 14 and "legal hold" in proc.stderr and "missing" in proc.stderr, args
+    assert sorted(p.name for p in (repo_dir / "packs").rglob("*") if p.is_file()) == packs
+    assert (repo_dir / "images" / other).exists()
+
+
 def test_append_only_refuses_removal_until_turned_off(tmp_path: Path, source: Path) -> None:
     repo_dir = tmp_path / "repo"
     assert cli_json("init", "--append-only", repo=repo_dir)["append_only"] is True
     image = cli_json("backup", source, repo=repo_dir)["id"]           # adding works
     refused = cli("delete", image, "--yes", repo=repo_dir)
     assert refused.returncode == 14 and "append-only" in refused.stderr
+    assert cli("compact", repo=repo_dir).returncode == 14
     assert cli_json("hold", image, "--reason", "x", repo=repo_dir)["holds"]     # holds are additions too
     assert cli("append-only", "off", repo=repo_dir).returncode == 2             # no terminal, no --yes
     assert cli_json("append-only", "off", "--yes", repo=repo_dir) == {"append_only": False}

@@ -112,11 +112,21 @@ class ImageStore:
                 out.append(ImageEntry(image_id, None, str(exc)))
         return sorted(out, key=lambda e: (e.meta or {}).get("created", 0.0))
 
+    def standing(self, entries: list[ImageEntry]) -> list[ImageEntry]:
+        """``entries`` without the images the catalog log records as removed (an index Object Lock
+        retains, or an interrupted removal): they are never ``latest`` nor a parent again."""
+        if self.catalog is None:
+            return entries
+        removed = {i for i, r in self.catalog.view().state.images.items() if r["status"] == "removed"}
+        return [e for e in entries if e.id not in removed]
+
     def resolve(self, spec: str, name: str | None = None) -> str:
-        """An image id from a unique id prefix, or ``latest`` (of source ``name`` if given)."""
+        """An image id from a unique id prefix, or ``latest`` (of source ``name`` if given; never an
+        image the log records as removed)."""
         everything = self.entries()
         entries = [e for e in everything if e.meta is not None]
         if spec == "latest":
+            entries = self.standing(entries)
             if name is not None:
                 entries = [e for e in entries if e.meta.get("name") == name]
             if not entries:
@@ -141,7 +151,7 @@ class ImageStore:
 
     def latest_of(self, name: str, full_only: bool = False) -> dict | None:
         """Newest readable image of a source name (optionally only full images): its metadata."""
-        for entry in reversed(self.entries()):
+        for entry in reversed(self.standing(self.entries())):
             meta = entry.meta
             if meta and meta.get("name") == name and (not full_only or meta.get("type") == "full"):
                 return meta
