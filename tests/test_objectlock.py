@@ -51,6 +51,7 @@ def test_object_lock_protects_then_prune_frees_after_the_lock_date(s3_server, s3
     first = cli_json("backup", first_src, "--name", "d", repo=url, **lock_env)["id"]
     first_locked_until = time.time() + LOCK_SECONDS     # its objects were written before this
     second = cli_json("backup", second_src, "--name", "d", repo=url, **lock_env)["id"]
+    second_until = _head(client, bucket, f"repo/images/{second}")["ObjectLockRetainUntilDate"]
 
     # Every object but the lock folder carries a retention date; the server refuses deleting a version.
     keys = {v["Key"]: v["VersionId"] for v in _versions(client, bucket)}
@@ -66,19 +67,22 @@ def test_object_lock_protects_then_prune_frees_after_the_lock_date(s3_server, s3
     # imgbackup's own delete: the server keeps the locked index, which counts as removed meanwhile.
     deleted = cli_json("delete", first, "--yes", repo=url, **lock_env)
     assert deleted["retained"] == [first]
+    # ... and what the remaining image needs had its lock extended.
+    assert _head(client, bucket, f"repo/images/{second}")["ObjectLockRetainUntilDate"] > second_until
+    out = tmp_path / "restored.img"            # the deleted image still restores while its lock holds
+    restore = cli("restore", first, out, "--yes", repo=url, **lock_env)
+    assert restore.returncode == 0, restore.stderr
+    assert sha256_file(out) == sha256_file(first_src)
+    out.unlink()
 
     # A hold sets the S3 legal hold on the image's index; delete of a held image is refused (exit 14).
-    assert cli("hold", second, "--reason", "case 7", repo=url, **lock_env).returncode == 0
+    placed = cli_json("hold", second, "--reason", "case 7", repo=url, **lock_env)
+    assert placed["s3_legal_holds"] >= 5       # its index, its pack(s), its catalog entries, the hold record
     assert _head(client, bucket, f"repo/images/{second}")["ObjectLockLegalHoldStatus"] == "ON"
     held = cli("delete", second, "--yes", repo=url, **lock_env)
     assert held.returncode == 14 and "legal hold" in held.stderr
     assert cli("release", second, repo=url, **lock_env).returncode == 0
     assert _head(client, bucket, f"repo/images/{second}").get("ObjectLockLegalHoldStatus") != "ON"
-    out = tmp_path / "restored.img"
-    restore = cli("restore", first, out, "--yes", repo=url, **lock_env)
-    assert restore.returncode == 0, restore.stderr
-    assert sha256_file(out) == sha256_file(first_src)
-    out.unlink()
     report = cli_json("verify", repo=url, **lock_env)
     assert report["ok"] and report["catalog"]["ok"] and report["lock_probe"]["passed"], report
 
