@@ -16,7 +16,8 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 os.environ.setdefault("IMGBACKUP_RUN_DIR", os.path.join(tempfile.gettempdir(), f"imgbackup-run-{os.getpid()}"))
 
 # What clients remember per repository (the catalog head) stays in this run's temporary directory.
-os.environ["XDG_STATE_HOME"] = os.path.join(tempfile.gettempdir(), f"imgbackup-state-{os.getpid()}")
+CLIENT_STATE = os.path.join(tempfile.gettempdir(), f"imgbackup-state-{os.getpid()}")
+os.environ["XDG_STATE_HOME"] = CLIENT_STATE     # module and session fixtures; each test gets its own below
 
 # Cheap KDF parameters for repositories created by tests; recorded in each key file.
 os.environ.setdefault("IMGBACKUP_TEST_CHEAP_KDF", "1")
@@ -32,6 +33,16 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in CORE_REFERENCE_MODULES:
             item.add_marker(pytest.mark.core_reference)
+
+
+@pytest.fixture(autouse=True)
+def _own_client_state(request, monkeypatch):
+    """Each test is its own client with its own remembered catalog heads: tests copy repositories (same
+    id), and writing to one copy after another is, to a client that saw both, a rollback."""
+    import hashlib
+
+    test = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    monkeypatch.setenv("XDG_STATE_HOME", os.path.join(CLIENT_STATE, test))
 
 
 @pytest.fixture
