@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from imgbackup import audit
 from imgbackup.engine.collect import plan_collection
 from imgbackup.engine.removal import begin, collect, needed_now
 from imgbackup.repository.repo import Repository
@@ -44,10 +45,13 @@ def run_compact(repo: Repository, dry_run: bool = False) -> CompactResult:
             len(plan.index_files), plan.index_files_after,
             round(time.monotonic() - started, 3), plan.warnings)
     repo.refuse_if_append_only("compact")
-    with repo.lock("compact", may_use_reserve=True):
+    with audit.audited("compact", repository=repo.config.id, location=repo.location) as event, \
+            repo.lock("compact", may_use_reserve=True):
         _view, retained = begin(repo, "compact")
         collected = collect(repo, retained)
-    done = collected.done
+        done = collected.done
+        event.update(bytes=done.bytes_freed, packs_deleted=done.packs_deleted, packs_rewritten=done.packs_rewritten,
+                     chunks_removed=done.chunks_removed)
     return CompactResult(False, done.bytes_freed, done.bytes_deleted, done.bytes_written, done.packs_deleted,
                          done.packs_rewritten, done.temp_files_removed, done.chunks_removed,
                          collected.index_files_before, done.index_files, round(time.monotonic() - started, 3),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from imgbackup import audit
 from imgbackup.engine.removal import begin, collect
 from imgbackup.repository.repo import Repository
 
@@ -30,6 +31,15 @@ class DeleteResult:
 
 
 def delete_images(repo: Repository, image_ids: list[str]) -> DeleteResult:
+    """Delete the images and collect their chunks; a ``delete`` audit event records it."""
+    with audit.audited("delete", repository=repo.config.id, location=repo.location,
+                       image=",".join(image_ids)) as event:
+        result = _delete(repo, image_ids)
+        event.update(bytes=result.bytes_freed, chunks_removed=result.chunks_removed, images=len(image_ids))
+    return result
+
+
+def _delete(repo: Repository, image_ids: list[str]) -> DeleteResult:
     started = time.monotonic()
     result = DeleteResult(deleted=list(image_ids))
     repo.refuse_if_append_only("delete")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from imgbackup import audit
 from imgbackup.engine.objectlock import sync_legal_holds
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat, UsageError
 from imgbackup.repository.holds import MAX_REASON, Hold
@@ -40,7 +41,16 @@ def _check_reason(reason: str, required: bool) -> str:
 
 
 def place_holds(repo: Repository, image_ids: list[str], reason: str) -> HoldResult:
+    """Hold each image (a ``hold`` audit event records it)."""
     reason = _check_reason(reason, required=True)
+    with audit.audited("hold", repository=repo.config.id, location=repo.location, image=",".join(image_ids),
+                       reason=reason) as event:
+        result = _place(repo, image_ids, reason)
+        event.update(holds=sum(len(h) for h in result.holds.values()))
+    return result
+
+
+def _place(repo: Repository, image_ids: list[str], reason: str) -> HoldResult:
     result = HoldResult(list(image_ids))
     with repo.lock("hold"):
         view = repo.catalog.view()
@@ -63,7 +73,16 @@ def place_holds(repo: Repository, image_ids: list[str], reason: str) -> HoldResu
 
 
 def release_holds(repo: Repository, image_ids: list[str], reason: str = "") -> HoldResult:
+    """End the holds of each image (a ``release`` audit event records it)."""
     reason = _check_reason(reason, required=False)
+    with audit.audited("release", repository=repo.config.id, location=repo.location, image=",".join(image_ids),
+                       reason=reason) as event:
+        result = _release(repo, image_ids, reason)
+        event.update(holds=sum(len(h) for h in result.holds.values()), not_held=len(result.not_held))
+    return result
+
+
+def _release(repo: Repository, image_ids: list[str], reason: str) -> HoldResult:
     result = HoldResult(list(image_ids))
     with repo.lock("release"):
         view = repo.catalog.view()

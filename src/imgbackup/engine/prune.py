@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
+from imgbackup import audit
 from imgbackup.engine.collect import plan_collection
 from imgbackup.engine.objectlock import check_lock_period
 from imgbackup.engine.removal import collect, needed_now, refuse_missing_held
@@ -97,7 +98,19 @@ def judge(policy: RetentionPolicy, entries: list[ImageEntry], held: set[str], na
 
 
 def run_prune(repo: Repository, policy: RetentionPolicy, name: str | None = None, dry_run: bool = False) -> PruneResult:
-    """Prune the images of every source (or of ``name``); a dry run decides and measures, changing nothing."""
+    """Prune the images of every source (or of ``name``); a dry run decides and measures, changing nothing.
+    A real run emits a ``prune`` audit event (ok, refused or failed)."""
+    if dry_run:
+        return _prune(repo, policy, name, True)
+    with audit.audited("prune", repository=repo.config.id, location=repo.location,
+                       **({"name": name} if name else {})) as event:
+        result = _prune(repo, policy, name, False)
+        event.update(bytes=result.bytes_freed, images=len(result.removed), image=",".join(result.removed),
+                     kept=result.kept, retained=len(result.retained))
+    return result
+
+
+def _prune(repo: Repository, policy: RetentionPolicy, name: str | None, dry_run: bool) -> PruneResult:
     started = time.monotonic()
     check_lock_period(repo, policy)
     if not dry_run:

@@ -34,8 +34,9 @@ OBJ_IMAGE_BODY = 3
 OBJ_CHUNK_INDEX = 4
 OBJ_PACK_TRAILER = 5
 OBJ_DAMAGE_RECORD = 6
-OBJ_CATALOG_ENTRY = 8   # one entry of the catalog log (6 and 7 are taken by damage and check records)
-OBJ_HOLD_RECORD = 9     # a legal hold placed or released
+OBJ_CHECK_RECORD = 7     # a verify or drill result
+OBJ_CATALOG_ENTRY = 8    # one entry of the catalog log
+OBJ_HOLD_RECORD = 9      # a legal hold placed or released
 
 # Pack file: header, blobs, trailer envelope, footer.
 PACK_MAGIC = b"IMGBPACK"

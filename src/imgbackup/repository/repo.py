@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from imgbackup import __version__
+from imgbackup import __version__, audit
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
 from imgbackup.errors import (
@@ -24,6 +24,7 @@ from imgbackup.errors import (
     StorageError,
     UnsupportedFormat,
     UsageError,
+    WrongPassphrase,
 )
 from imgbackup.repository.catalog import Catalog, CatalogView
 from imgbackup.repository.config import CONFIG_NAME, LOCK_MODES, MAX_CHUNK, MIN_CHUNK, RepoConfig
@@ -155,6 +156,9 @@ class Repository:
         try:
             secret = None if keydoc.get("kdf") is None else passphrase()
             keys = unwrap_keys(keydoc, secret, repo_id)
+        except WrongPassphrase as exc:
+            audit.emit("passphrase_failed", "failed", repository=config.id, location=storage.location, error=str(exc))
+            raise
         except (KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"repository key file is damaged ({exc})") from None
         config.check_mac(mac, keys.mac_key)
@@ -169,7 +173,7 @@ class Repository:
 
     def lock(self, command: str = "", may_use_reserve: bool = False) -> RepositoryLock:
         """The writer lock; ``may_use_reserve`` for commands that free space (delete, compact, repair)."""
-        return RepositoryLock(self.storage, command, may_use_reserve)
+        return RepositoryLock(self.storage, command, may_use_reserve, self.config.id, self.location)
 
     def chunk_index(self, for_backup: bool = False) -> ChunkIndex:
         """The chunk index without the copies damage records name (loaded once, then cached).
