@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from imgbackup import audit
+from imgbackup import audit, interrupts
 from imgbackup.engine.removal import begin, collect
 from imgbackup.repository.repo import Repository
 
@@ -44,12 +44,24 @@ def _delete(repo: Repository, image_ids: list[str]) -> DeleteResult:
     result = DeleteResult(deleted=list(image_ids))
     repo.refuse_if_append_only("delete")
     with repo.lock("delete", may_use_reserve=True):
+        interrupts.set_status("nothing was deleted")
         view, retained = begin(repo, "delete")
-        result.retained = repo.remove_images(image_ids, "deleted", view) + retained
-        collected = collect(repo, result.retained)
+        with interrupts.deferred():   # the catalog entry is the commit point: the status must match it
+            result.retained = repo.remove_images(image_ids, "deleted", view) + retained
+            interrupts.set_status(f"{len(image_ids)} image(s) deleted; the space they used is not freed yet "
+                                  "('imgbackup compact' frees it)")
+        collected = collect(repo, result.retained, f"{len(image_ids)} image(s) deleted")
+        interrupts.set_status(f"{len(image_ids)} image(s) deleted and the space only they used freed")
     done = collected.done
     result.packs_deleted, result.packs_rewritten = done.packs_deleted, done.packs_rewritten
     result.chunks_removed, result.bytes_freed = done.chunks_removed, done.bytes_freed
     result.warnings = collected.warnings
     result.duration_s = round(time.monotonic() - started, 3)
     return result
+
+
+def _interrupted_state(deleted: list[str], wanted: list[str], freeing_left: bool = True) -> str:
+    if not deleted:
+        return "nothing was deleted"
+    done = f"{len(deleted)} of {len(wanted)} image(s) deleted ({', '.join(i[:12] for i in deleted)})"
+    return f"{done}; the space they used is not freed yet ('imgbackup compact' frees it)" if freeing_left else done

@@ -57,12 +57,12 @@ def needed_now(repo: Repository, exclude: Collection[str] = ()) -> tuple[set[byt
     return needed_chunks(repo, removed_in_log(repo.catalog.view()) | set(exclude))
 
 
-def collect(repo: Repository, retained_images: Collection[str] = ()) -> Collected:
+def collect(repo: Repository, retained_images: Collection[str] = (), done_before: str = "") -> Collected:
     """The collection, then (Object Lock) the S3 legal holds of held images and the lock extension of
     what the images need — never of what is being removed."""
     needed, warnings = needed_now(repo)
     plan = plan_collection(repo, needed, warnings)
-    done = carry_out(repo, plan)
+    done = carry_out(repo, plan, done_before)
     out = Collected(done, needed, len(plan.index_files), warnings=list(done.warnings))
     if done.retained:
         out.warnings.append(f"{len(done.retained)} object(s) no image needs are retained by S3 Object Lock until "

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from imgbackup import __version__, audit
+from imgbackup import __version__, audit, interrupts
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
 from imgbackup.errors import (
@@ -37,6 +37,7 @@ from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
 FOLDERS = ("packs", "index", "images", "locks", "damage", "catalog", "holds")
 IGNORED_AT_INIT = ("lockprobe/", "locks/")   # an earlier init's lock-probe canaries (retained) do not count
 REMOVALS_PER_ENTRY = 2000   # events in one catalog entry (~200 KB): a prune of thousands writes several
@@ -99,7 +100,7 @@ class Repository:
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3, append_only: bool = False,
+             zstd_level: int = 3, weak_passphrase: bool = False, append_only: bool = False,
              object_lock: tuple[str, int] | None = None) -> Repository:
         """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage.
 
@@ -125,14 +126,19 @@ class Repository:
             config.object_lock = {"mode": object_lock[0], "seconds": int(object_lock[1])}
             storage.use_object_lock(object_lock[0], int(object_lock[1]))   # type: ignore[attr-defined]
         secret = passphrase() if encryption != "none" else None
+        if secret is not None and not weak_passphrase and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
+            raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
+                             "choose a longer one, or pass --weak-passphrase to accept it")
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
-        storage.prepare(FOLDERS)
-        storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
-        put_reserve(storage)
-        repo = cls(storage, config, keys, storage.location)
-        repo.catalog.append([{"event": "created"}, {"event": "append_only", "value": append_only},
-                             *([{"event": "lock_probe", "result": probe}] if probe else [])])
-        storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
+        with interrupts.deferred():   # a few small writes: a repository is made whole or not begun
+            storage.prepare(FOLDERS)
+            storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
+            put_reserve(storage)
+            repo = cls(storage, config, keys, storage.location)
+            repo.catalog.append([{"event": "created"}, {"event": "append_only", "value": append_only},
+                                 *([{"event": "lock_probe", "result": probe}] if probe else [])])
+            storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
+            interrupts.set_status(f"the repository {storage.location} was created")
         return repo
 
     @classmethod
@@ -141,6 +147,9 @@ class Repository:
         """Open the repository at ``where``; ``for_writing`` lets the backend check, once, that it can
         keep the repository's promises (S3: that the server honours create-if-absent)."""
         storage = _storage(where, for_writing)
+        root = getattr(storage, "root", None)   # a local directory: naming a file is "no repository" (3)
+        if isinstance(root, os.PathLike) and os.path.exists(root) and not os.path.isdir(root):
+            raise RepositoryNotFound(f"{root} is a file, not a repository directory")
         try:
             raw = storage.get(CONFIG_NAME)
         except ObjectMissing:
