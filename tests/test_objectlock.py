@@ -91,11 +91,13 @@ def test_object_lock_protects_then_prune_frees_after_the_lock_date(s3_server, s3
     assert too_long.returncode == 2 and "lock period" in too_long.stderr
 
     # After the lock date, prune deletes the retained index and the packs only it needed: space is freed.
-    versions_before = len(_versions(client, bucket))
+    stored_before = sum(v["Size"] for v in _versions(client, bucket))
     time.sleep(max(0.0, first_locked_until + 1 - time.time()))
     pruned = cli_json("prune", "--keep-last", "1", repo=url, **lock_env)
     assert pruned["pending_completed"] == [first] and pruned["bytes_freed"] > 2 * MIB, pruned
-    assert len(_versions(client, bucket)) < versions_before
+    left = _versions(client, bucket)
+    assert not [v for v in left if v["Key"] == image_key]               # every version of the index is gone
+    assert sum(v["Size"] for v in left) < stored_before - 2 * MIB       # the bucket really holds less
     assert [row["id"] for row in cli_json("list", repo=url, **lock_env)["images"]] == [second]
     final = cli_json("verify", repo=url, **lock_env)
     assert final["ok"] and final["catalog"]["ok"] and not final["catalog"]["notes"], final["catalog"]
