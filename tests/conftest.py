@@ -14,6 +14,10 @@ settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
+# What clients remember per repository (the catalog head) stays in this run's temporary directory.
+CLIENT_STATE = os.path.join(tempfile.gettempdir(), f"imgbackup-state-{os.getpid()}")
+os.environ["XDG_STATE_HOME"] = CLIENT_STATE     # module and session fixtures; each test gets its own below
+
 # Cheap KDF parameters for repositories created by tests; recorded in each key file.
 os.environ.setdefault("IMGBACKUP_TEST_CHEAP_KDF", "1")
 
@@ -100,6 +104,16 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: item.get_closest_marker("guest") is None)
 
 
+@pytest.fixture(autouse=True)
+def _own_client_state(request, monkeypatch):
+    """Each test is its own client with its own remembered catalog heads: tests copy repositories (same
+    id), and writing to one copy after another is, to a client that saw both, a rollback."""
+    import hashlib
+
+    test = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    monkeypatch.setenv("XDG_STATE_HOME", os.path.join(CLIENT_STATE, test))
+
+
 @pytest.fixture
 def no_leaks():
     """Fails the test if it leaves a loop device or mount of this session behind."""
@@ -133,6 +147,17 @@ def s3_bucket(s3_server):
     if not s3_server.alive():
         s3_server.restart()
     bucket = s3_server.new_bucket()
+    yield bucket
+    if s3_server.alive():
+        s3_server.remove_bucket(bucket)
+
+
+@pytest.fixture
+def s3_lock_bucket(s3_server):
+    """A fresh bucket with Object Lock enabled; versions still locked at the end stay until the server stops."""
+    if not s3_server.alive():
+        s3_server.restart()
+    bucket = s3_server.new_bucket("lock", object_lock=True)
     yield bucket
     if s3_server.alive():
         s3_server.remove_bucket(bucket)
