@@ -91,6 +91,9 @@ def run(argv: list[str] | None = None) -> None:
     except ImportError as exc:  # a missing compiled core or dependency: one line, not a traceback
         sys.stderr.write(f"imgbackup: error: {exc}\n")
         sys.exit(1)
+    # Both, whatever this process inherited: a background job of a non-interactive shell starts with
+    # SIGINT ignored, and a sysadmin's 'kill -INT' must still end a backup (130, snapshot removed).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         # typer >= 0.26 returns (not raises) a command's typer.Exit code, and turns a command's
