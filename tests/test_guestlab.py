@@ -19,7 +19,7 @@ import json
 import pytest
 
 from disks import blank
-from guestlab import Disk, Guest, lab
+from guestlab import Disk, Guest, LabPool
 from test_bootdisk import qemu_holding
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
@@ -28,18 +28,31 @@ WWN = "0x5000c50012345678"
 ENV = "export IMGBACKUP_REPO=/root/repo IMGBACKUP_PASSPHRASE=lab-pass IMGBACKUP_TEST_CHEAP_KDF=1"
 
 
+def _init_repo(g: Guest) -> None:
+    g.run(f"{ENV}; imgbackup init --json >/dev/null", 120).check()
+
+
 @pytest.fixture(scope="module")
-def guest(rescue_media, tmp_path_factory: pytest.TempPathFactory) -> Guest:
+def lab_pool(rescue_media, tmp_path_factory: pytest.TempPathFactory) -> LabPool:
     base = tmp_path_factory.mktemp("lab")
     disks = [Disk(blank(base / "lvm.img", 192 * MIB), serial="LABLVM"),
              Disk(blank(base / "era.img", 96 * MIB), serial="LABERA"),
              Disk(blank(base / "scsi.img", 32 * MIB), serial="LABSERIAL01", model="LabModel9000", vendor="IMGB",
                   wwn=WWN, bus="scsi")]
-    with lab(rescue_media.plain, base / "guest", disks) as g:
-        g.run(f"{ENV}; imgbackup init --json >/dev/null", 120).check()
-        yield g
+    pool = LabPool(rescue_media.plain, base / "guest", disks, setup=_init_repo)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        print(f"lab guest boots (s): {[round(b) for b in pool.boots]}")
     for d in disks:
         assert qemu_holding(d.path) == [], "qemu left running"
+
+
+@pytest.fixture
+def guest(lab_pool: LabPool) -> Guest:
+    """The module's booted guest; a fresh one if an earlier test left a command hanging in it."""
+    return lab_pool.get()
 
 
 def _json(g: Guest, command: str, timeout: float = 120) -> dict:
@@ -92,6 +105,7 @@ def test_lvm_snapshot_backup_while_a_writer_runs(guest: Guest) -> None:
                   f"kill -{sig} $pid; wait $pid; echo rc=$?", 300).check()
         assert "rc=130" in r.output and "snaps=1" in r.output, r.output      # it existed, then it went
         assert _snapshots(g) == [], sig
+        assert g.run("pgrep -x -f 'sleep 600'").rc == 1, sig                 # and the hook died with it
     g.run("kill $(cat /root/writer.pid); umount /mnt/data /mnt/full").check()
 
 
