@@ -30,6 +30,7 @@ from imgbackup.engine.verify.qemu import find_ovmf
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 120       # kernel + initramfs + systemd to a shell: ~20-40 s under TCG here
+SETTLE_TIMEOUT = 180     # udev's coldplug queue, drained after the shell is up (see boot_lab)
 MEMORY_MIB = 1536        # python3 + numpy + a restore's buffers, plus the RAM overlay root
 
 
@@ -312,7 +313,9 @@ def boot_lab(iso: Path, workdir: Path, disks: list[Disk] = (), append: str = "")
     try:
         guest.start()
         guest.wait_shell()
-        guest.run("dmesg -n 1; udevadm settle --timeout=30").check()
+        # coldplug (module loads for every device) can outlast the shell's start by a minute under TCG on a
+        # loaded host: a 30 s settle failed here
+        guest.run(f"dmesg -n 1; udevadm settle --timeout={SETTLE_TIMEOUT}", SETTLE_TIMEOUT + 30).check()
     except BaseException:
         guest.close()
         raise
