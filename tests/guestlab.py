@@ -29,7 +29,7 @@ from imgbackup.engine.rescue.media import BASE_CMDLINE
 from imgbackup.engine.verify.qemu import find_ovmf
 
 QEMU = "qemu-system-x86_64"
-BOOT_TIMEOUT = 120       # kernel + initramfs + systemd to a shell: ~20-40 s under TCG here
+BOOT_TIMEOUT = 300       # kernel + initramfs + systemd to a shell: 40-60 s under TCG here, >120 s at load ~13
 SETTLE_TIMEOUT = 180     # udev's coldplug queue, drained after the shell is up (see boot_lab)
 MEMORY_MIB = 1536        # python3 + numpy + a restore's buffers, plus the RAM overlay root
 
