@@ -14,11 +14,11 @@ away media this run is about to boot.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,12 +36,29 @@ UNATTENDED = (f"imgbackup.action=restore imgbackup.repo=LABEL={BACKUP_LABEL}:/re
               "imgbackup.after=poweroff imgbackup.on-failure=poweroff imgbackup.wait=20")
 
 
-@dataclass
 class RescueMedia:
-    plain: Path            # boot menu (5 s), default entry: the guided menu
-    unattended: Path       # UNATTENDED baked into the default entry, 1 s menu
-    build_seconds: float
-    built: list[str]
+    """The session's two test media, each built (or taken from the cache) when a test first needs it:
+    a run of the guest lab alone does not pay for the unattended ISO."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.built, self.build_seconds = run_dir, [], 0.0
+
+    def _get(self, name: str, cmdline: str, timeout: int) -> Path:
+        start = time.monotonic()
+        path = _iso(name, cmdline, timeout, self.run_dir, self.built)
+        self.build_seconds += time.monotonic() - start
+        print(f"rescue media {name} ready in {time.monotonic() - start:.0f} s: {'; '.join(self.built)}")
+        return path
+
+    @functools.cached_property
+    def plain(self) -> Path:
+        """Boot menu (5 s), default entry: the guided menu."""
+        return self._get("plain", "", 5)
+
+    @functools.cached_property
+    def unattended(self) -> Path:
+        """UNATTENDED baked into the default entry, 1 s menu."""
+        return self._get("unattended", UNATTENDED, 1)
 
 
 KEEP_TEST_ISOS = 4        # per kind: room for a few worktrees' runs at once (~200 MB each)
@@ -84,11 +101,4 @@ def rescue_media(tmp_path_factory: pytest.TempPathFactory) -> RescueMedia:
         media.check_tools()
     except Exception as exc:  # noqa: BLE001 - turned into need()'s skip/fail
         need(False, str(exc))
-    start = time.monotonic()
-    log: list[str] = []
-    run_dir = tmp_path_factory.mktemp("rescue-media")
-    plain = _iso("plain", "", 5, run_dir, log)
-    unattended = _iso("unattended", UNATTENDED, 1, run_dir, log)
-    seconds = time.monotonic() - start
-    print(f"rescue media ready in {seconds:.0f} s: {'; '.join(log)}")
-    return RescueMedia(plain, unattended, seconds, log)
+    return RescueMedia(tmp_path_factory.mktemp("rescue-media"))

@@ -153,6 +153,8 @@ def test_interactive_restore_over_the_serial_console(rescue_media, sources: dict
     src, b, c = _case(sources, "bios", tmp_path)
     disks = [Disk(b, serial="IBBACKUPDISK"), Disk(c, serial=TARGET_SERIAL)]
     with Guest(rescue_media.plain, tmp_path / "guest", disks) as guest:
+        guest.expect(r"executed automatically in", MENU_TIMEOUT)
+        guest.send("\r")                                          # the default entry now, not in 5 s
         guest.expect(r"choose \[1\]: ", LOGIN_TIMEOUT)
         guest.send("1\n")
         guest.expect(r"repository \(LABEL=.*\[LABEL=BACKUP:/repo\]: ", 60)
