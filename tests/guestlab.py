@@ -289,13 +289,14 @@ class Guest:
         then boots a fresh one for the next test instead of typing into a shell that is still busy)."""
         assert self.broken is None, f"lab guest unusable: {self.broken}"
         token = f"LAB-END-{secrets.token_hex(6)}"
+        start = time.monotonic()
         script = f"{{ {command}\n}} </dev/null 2>&1; printf '\\n{token} %d\\n' $?\n"
         self._sock.sendall(script.encode())
         head = self._recv_until(token.encode(), time.monotonic() + timeout)
         rest = self._recv_until(b"\n", time.monotonic() + 10)
         out = head.decode(errors="replace").replace("\r\n", "\n")
         with open(self.workdir / "shell.log", "a") as transcript:   # what a failed test's reader needs
-            transcript.write(f"$ {command}\n{out}\n[rc {rest.strip().decode()}]\n")
+            transcript.write(f"$ {command}\n{out}\n[rc {rest.strip().decode()}, {time.monotonic() - start:.1f} s]\n")
         return Result(out[:-1] if out.endswith("\n") else out, int(rest.strip()))
 
     def put_file(self, path: str, data: bytes, mode: str = "644") -> None:

@@ -106,7 +106,9 @@ def test_lvm_snapshot_backup_while_a_writer_runs(guest: Guest) -> None:
         assert "rc=130" in r.output and "snaps=1" in r.output, r.output      # it existed, then it went
         assert _snapshots(g) == [], sig
         assert g.run("pgrep -x -f 'sleep 600'").rc == 1, sig                 # and the hook died with it
-    g.run("kill $(cat /root/writer.pid); umount /mnt/data /mnt/full").check()
+    # the writer's whole session (its dd too, or /mnt/data stays busy), then wait until it is gone
+    g.run("sid=$(cat /root/writer.pid); pkill -s $sid; while pgrep -s $sid >/dev/null; do sleep 0.2; done; "
+          "umount /mnt/data /mnt/full", 120).check()
 
 
 def test_dm_era_incremental_reads_only_the_changed_blocks(guest: Guest) -> None:
