@@ -93,9 +93,9 @@ def test_lvm_snapshot_backup_while_a_writer_runs(guest: Guest) -> None:
 
     # a failed backup (repository disk full) and interrupted ones leave no snapshot behind
     g.run("mkdir -p /mnt/full && mount -t tmpfs -o size=1m tmpfs /mnt/full && "
-          "IMGBACKUP_REPO=/mnt/full/repo IMGBACKUP_PASSPHRASE=x IMGBACKUP_TEST_CHEAP_KDF=1 imgbackup init "
+          "IMGBACKUP_REPO=/mnt/full/repo IMGBACKUP_PASSPHRASE=full-disk-pass IMGBACKUP_TEST_CHEAP_KDF=1 imgbackup init "
           ">/dev/null").check()
-    full = g.run("IMGBACKUP_REPO=/mnt/full/repo IMGBACKUP_PASSPHRASE=x imgbackup backup /dev/labvg/data "
+    full = g.run("IMGBACKUP_REPO=/mnt/full/repo IMGBACKUP_PASSPHRASE=full-disk-pass imgbackup backup /dev/labvg/data "
                  "--snapshot lvm --all-blocks", 300)
     assert full.rc == 10, full.output
     assert _snapshots(g) == []
