@@ -17,10 +17,18 @@ two-phase collection (candidates marked, deleted after a grace period) can sit b
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from imgbackup import interrupts
-from imgbackup.errors import ImageNotFound, IntegrityError, RepositoryFull, StorageError, UnsupportedFormat
+from imgbackup.errors import (
+    ImageNotFound,
+    IntegrityError,
+    ObjectRetained,
+    RepositoryFull,
+    StorageError,
+    UnsupportedFormat,
+)
 from imgbackup.format.layout import OBJ_CHUNK
 from imgbackup.repository.chunkindex import MAX_ENTRIES_PER_FILE, ChunkIndex, write_index_files
 from imgbackup.repository.damage import DamagedCopy, DamageLog, write_record
@@ -103,6 +111,7 @@ class CollectionResult:
     bytes_deleted: int = 0
     bytes_written: int = 0
     index_files: int = 0
+    retained: list[str] = field(default_factory=list)   # objects S3 Object Lock keeps until their date
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -110,10 +119,13 @@ class CollectionResult:
         return self.bytes_deleted - self.bytes_written
 
 
-def needed_chunks(repo: Repository) -> tuple[set[bytes] | None, list[str]]:
-    """Every chunk id some image names; None (and why) when an image index cannot be read."""
+def needed_chunks(repo: Repository, exclude: Collection[str] = ()) -> tuple[set[bytes] | None, list[str]]:
+    """Every chunk id some image names (but the ``exclude``d ones: removed, or about to be); None (and
+    why) when an image index cannot be read."""
     ids: set[bytes] = set()
     for image_id in repo.images.ids():
+        if image_id in exclude:
+            continue
         try:
             ids |= repo.images.load(image_id).unique_ids()
         except ImageNotFound:
@@ -264,7 +276,11 @@ def _collecting(done_before: str, result: CollectionResult) -> str:
 
 def _delete_packs(repo: Repository, uses: list[PackUse], gone: set[str], result: CollectionResult) -> None:
     for use in uses:
-        repo.storage.delete(use.name)
+        try:
+            repo.storage.delete(use.name)
+        except ObjectRetained:       # locked until its date: no longer indexed, a later collection deletes it
+            result.retained.append(use.name)
+            continue
         gone.add(use.name)
         result.bytes_deleted += use.size
         result.packs_deleted += 1
@@ -349,7 +365,10 @@ def _delete(repo: Repository, name: str) -> int:
         size = repo.storage.size(name)
     except ObjectMissing:
         return 0
-    repo.storage.delete(name)
+    try:
+        repo.storage.delete(name)
+    except ObjectRetained:
+        return 0
     return size
 
 
