@@ -169,6 +169,10 @@ class ChunkIndex:
                 self.exclude(DamagedCopy(cid, loc.pack_id, loc.offset, loc.length, "damaged",
                                          f"its base chunk {loc.base.hex()[:16]} has no usable copy"), record=False)
 
+    def packs(self) -> set[bytes]:
+        """Ids of the packs some chunk-index file names."""
+        return {loc.pack_id for loc in self.locations.values()}
+
     def bases_of(self, chunk_ids) -> set[bytes]:
         """The base chunks the deltas among ``chunk_ids`` need (GC keeps them, restore reads them)."""
         out = set()

@@ -9,6 +9,7 @@ import contextlib
 import os
 import struct
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from imgbackup.crypto.envelope import Envelope
@@ -83,19 +84,24 @@ def decode_bases(plain: bytes, pos: int, count: int, infos: list[int], what: str
 class PackWriter:
     """Streams sealed chunks into packs of about ``target_size`` bytes.
 
-    A full pack is committed (fsync, rename, fsync directory) on a background thread while the
-    next one fills, so a backup never waits for the disk between packs; at most one commit is
-    outstanding. Chunks count as ``written`` only once their pack is committed.
+    A full pack is committed on a background thread while the next one fills, so a backup never
+    waits for the storage between packs. Up to ``in_flight`` commits are outstanding (default: the
+    storage's ``write_parallelism`` — 1 for a directory, several for a bucket, where a PUT is a
+    round trip); each holds its pack's bytes until it lands, so memory stays at ``in_flight + 1``
+    packs. Chunks count as ``written`` only once their pack is committed.
     """
 
-    def __init__(self, storage: Storage, envelope: Envelope, target_size: int = PACK_TARGET_SIZE) -> None:
+    def __init__(self, storage: Storage, envelope: Envelope, target_size: int = PACK_TARGET_SIZE,
+                 in_flight: int | None = None) -> None:
         self.storage = storage
         self.envelope = envelope
         self.target_size = target_size
+        self.in_flight = max(1, in_flight or getattr(storage, "write_parallelism", 1))
         self.written: dict[bytes, BlobLocation] = {}
         self.bytes_written = 0
+        self.packs_written = 0
         self._out: ObjectWriter | None = None
-        self._commit: _Commit | None = None
+        self._commits: deque[_Commit] = deque()
 
     def _start(self) -> None:
         self._pack_id = os.urandom(32)
@@ -117,38 +123,57 @@ class PackWriter:
         if self._used >= self.target_size:
             self._seal()
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes in the pack being filled (not yet on its way)."""
+        return self._used if self._out is not None else 0
+
     def _seal(self) -> None:
         rows, bases, deltas = encode_entries(self._entries, PACK_TRAILER_ENTRY)
         trailer = PACK_TRAILER_HEAD.pack(PACK_TRAILER_MAGIC, FORMAT_VERSION, len(self._entries), deltas) + rows + bases
         sealed = self.envelope.seal(OBJ_PACK_TRAILER, self._pack_id, trailer)
         out, self._out = self._out, None
         out.write(sealed + PACK_FOOTER.pack(self._used, len(sealed), PACK_FOOTER_MAGIC))
-        self._wait()
+        self.collect(self.in_flight - 1)
         locations = {cid: BlobLocation(self._pack_id, off, length, raw, base)
                      for cid, off, length, raw, base in self._entries}
         size = self._used + len(sealed) + PACK_FOOTER.size
-        self._commit = _Commit(self.storage, pack_name(self._pack_id), out, locations, size)
+        self._commits.append(_Commit(self.storage, pack_name(self._pack_id), out, locations, size))
 
-    def _wait(self) -> None:
-        commit, self._commit = self._commit, None
-        if commit is not None:
-            commit.join()
-            self.written.update(commit.locations)
-            self.bytes_written += commit.size
+    def collect(self, outstanding: int = 0) -> None:
+        """Take in every finished commit, then wait until at most ``outstanding`` are left; a failed
+        commit raises here."""
+        for commit in [c for c in self._commits if c.done()]:
+            self._commits.remove(commit)
+            self._finish(commit)
+        while len(self._commits) > outstanding:
+            self._finish(self._commits.popleft())
+
+    def _finish(self, commit: _Commit) -> None:
+        commit.join()
+        self.written.update(commit.locations)
+        self.bytes_written += commit.size
+        self.packs_written += 1
+
+    def take_written(self) -> dict[bytes, BlobLocation]:
+        """The chunks committed since the last call (taken out of ``written``)."""
+        done, self.written = self.written, {}
+        return done
 
     def flush(self) -> None:
         """Commit the current pack (if it holds anything) and wait until every pack is stored."""
         if self._out is not None:
             self._seal()
-        self._wait()
+        self.collect(0)
 
     def abort(self) -> None:
         """Drop the pack being filled (its temp object) after a failure; committed packs stay."""
         if self._out is not None:
             self._out.abort()
             self._out = None
-        with contextlib.suppress(Exception):
-            self._wait()
+        while self._commits:
+            with contextlib.suppress(Exception):
+                self._finish(self._commits.popleft())
 
 
 class _Commit:
@@ -171,6 +196,9 @@ class _Commit:
             confirm_stored(self.storage, self.name, self.size)
         except BaseException as exc:
             self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
 
     def join(self) -> None:
         self._thread.join()

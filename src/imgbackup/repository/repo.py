@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
 import socket
@@ -31,6 +32,7 @@ from imgbackup.repository.config import CONFIG_NAME, LOCK_MODES, MAX_CHUNK, MIN_
 from imgbackup.repository.damage import DamageLog
 from imgbackup.repository.holds import Hold, HoldStore, holds_in_force
 from imgbackup.repository.images import ImageStore
+from imgbackup.repository.localcache import HeaderCache
 from imgbackup.repository.lock import RepositoryLock, put_reserve
 from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
@@ -89,7 +91,8 @@ class Repository:
         self.location = location
         self.envelope = Envelope(None if config.encryption == "none" else keys.enc_key, config.zstd_level)
         self.catalog = Catalog(storage, self.envelope, config.id)
-        self.images = ImageStore(storage, self.envelope, self.catalog)
+        cache = HeaderCache.for_repository(config.id) if getattr(storage, "remote", False) else None
+        self.images = ImageStore(storage, self.envelope, self.catalog, cache)
         self.holds = HoldStore(storage, self.envelope)
         self._chunks: ChunkIndex | None = None
 
@@ -100,12 +103,20 @@ class Repository:
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3, weak_passphrase: bool = False, append_only: bool = False,
-             object_lock: tuple[str, int] | None = None) -> Repository:
+             zstd_level: int = 3, related_to: Repository | None = None, weak_passphrase: bool = False,
+             append_only: bool = False, object_lock: tuple[str, int] | None = None) -> Repository:
         """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage.
 
+        ``related_to``: the new repository shares that one's key material (chunk-id key, data keys,
+        mac key) and chunk size, under an id and a key file of its own, so ``copy`` can move sealed
+        chunks and image indexes between the two verbatim (FORMAT.md §2.1).
         ``object_lock`` = (mode, seconds): S3 Object Lock; the server must pass the lock probe
         before anything is written, and then every object is written with a retention date."""
+        if related_to is not None and (chunk_size != related_to.chunk_size
+                                       or encryption != related_to.config.encryption):
+            raise UsageError("a related repository has the chunk size and encryption of the one it is "
+                             f"related to ({related_to.chunk_size} bytes, {related_to.config.encryption})",
+                             "leave out --chunk-size and --encryption with --related-to")
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
@@ -119,7 +130,7 @@ class Repository:
             raise RepositoryExists(f"{storage.location} exists and is not empty",
                                    "choose a new or empty directory or prefix")
         probe = _check_object_lock(storage, object_lock) if object_lock else None
-        keys = KeySet.generate()
+        keys = related_to.keys if related_to is not None else KeySet.generate()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
         config.append_only = append_only
         if object_lock:
@@ -179,6 +190,12 @@ class Repository:
                 raise UsageError(f"the repository at {storage.location} is kept under S3 Object Lock, which this "
                                  "storage cannot apply", "write to it only at its S3 bucket")
         return cls(storage, config, keys, storage.location)
+
+    def is_related(self, other: Repository) -> bool:
+        """Whether ``other`` holds the same key material and chunk size (``init --related-to``): its
+        sealed chunks and image indexes then authenticate here unchanged."""
+        return (self.chunk_size == other.chunk_size and self.config.encryption == other.config.encryption
+                and hmac.compare_digest(self.keys.to_bytes(), other.keys.to_bytes()))
 
     def lock(self, command: str = "", may_use_reserve: bool = False) -> RepositoryLock:
         """The writer lock; ``may_use_reserve`` for commands that free space (delete, compact, repair)."""

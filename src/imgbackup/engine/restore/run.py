@@ -79,9 +79,11 @@ def _restore(repo: Repository, plan: DiskPlan, discard: bool,
     started = time.monotonic()
     target = plan.target.path
     interrupts.set_status(f"{target} was not changed" if plan.target.exists else f"{target} was not created")
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
+    reader = ChunkReader(repo)
+    workers = max(os.cpu_count() or 2, reader.parallelism)   # every core opening, every read in flight
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgbackup-restore") as pool, \
             tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
-        job = _Restore(repo, plan, ChunkReader(repo), pool, discard, progress, list(plan.fit.warnings))
+        job = _Restore(repo, plan, reader, pool, discard, progress, list(plan.fit.warnings))
         job.write(tmp)
     if plan.fit.grow_range:
         interrupts.set_status(f"{target} holds the image; growing its last filesystem did not finish "
