@@ -20,9 +20,19 @@ from imgbackup.format.layout import (
     CHUNK_INDEX_MAGIC,
     FORMAT_VERSION,
     INFO_LENGTH_MASK,
+    MAX_PACK_SIZE,
     OBJ_CHUNK_INDEX,
+    PACK_HEADER,
 )
-from imgbackup.repository.packs import BlobLocation, decode_bases, encode_entries
+from imgbackup.format.validate import damaged, is_hex
+from imgbackup.repository.packs import (
+    MAX_RAW_LENGTH,
+    MIN_SEALED,
+    BlobLocation,
+    check_entry,
+    decode_bases,
+    encode_entries,
+)
 from imgbackup.repository.storage import Storage, confirm_stored
 
 ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u4"), ("length", "<u4"), ("info", "<u4")])
@@ -56,11 +66,34 @@ def decode_chunk_index(plain: bytes, name: str) -> dict[bytes, BlobLocation]:
         raise IntegrityError(f"{what} names a pack it does not list")
     infos = entries["info"].tolist()
     bases = decode_bases(plain, pos + ENTRY_DTYPE.itemsize * n_entries, n_deltas, infos, what)
+    ids = [bytes(e) for e in entries["id"]]
+    if any(a >= b for a, b in zip(ids, ids[1:], strict=False)):
+        raise damaged(what, "its entries are not sorted by chunk id, or repeat one")
+    _check_entries(entries, what)
     return {
-        bytes(e["id"]): BlobLocation(packs[int(e["pack"])], int(e["offset"]), int(e["length"]),
-                                     infos[i] & INFO_LENGTH_MASK, bases.get(i))
-        for i, e in enumerate(entries)
+        cid: BlobLocation(packs[int(e["pack"])], int(e["offset"]), int(e["length"]),
+                          infos[i] & INFO_LENGTH_MASK, bases.get(i))
+        for i, (cid, e) in enumerate(zip(ids, entries, strict=True))
     }
+
+
+def _check_entries(entries: np.ndarray, what: str) -> None:
+    """Every entry's blob inside a pack and its chunk 1 B .. 16 MiB (vectorised ``check_entry``)."""
+    offset, length = entries["offset"].astype(np.int64), entries["length"].astype(np.int64)
+    raw = entries["info"] & INFO_LENGTH_MASK
+    bad = ((offset < PACK_HEADER.size) | (length < MIN_SEALED) | (offset + length > MAX_PACK_SIZE)
+           | (raw < 1) | (raw > MAX_RAW_LENGTH))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        check_entry(what, row, int(offset[row]), int(length[row]), int(raw[row]))
+
+
+def index_file_id(name: str) -> bytes:
+    """The 32-byte file id an ``index/<64 hex>`` name carries (anything else there is damage)."""
+    hexid = name.rsplit("/", 1)[1]
+    if not is_hex(hexid, 32):
+        raise IntegrityError(f"{name[:80]} is not a chunk-index file (its name is not 64 hex digits)")
+    return bytes.fromhex(hexid)
 
 
 def merge_locations(into: dict[bytes, BlobLocation], new: dict[bytes, BlobLocation]) -> None:
@@ -82,7 +115,7 @@ class ChunkIndex:
     def load(cls, storage: Storage, envelope: Envelope) -> ChunkIndex:
         index = cls()
         for name in storage.list("index"):
-            file_id = bytes.fromhex(name.rsplit("/", 1)[1])
+            file_id = index_file_id(name)
             plain = envelope.open(OBJ_CHUNK_INDEX, file_id, storage.get(name), f"chunk index {name}")
             merge_locations(index.locations, decode_chunk_index(plain, name))
             index.files.append(name)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
-from imgbackup.format.imageheader import parse_header
+from imgbackup.format.imageheader import MAX_HEADER_SIZE, parse_header
 from imgbackup.format.layout import (
     FORMAT_VERSION,
     IMAGE_HEAD,
@@ -18,6 +18,7 @@ from imgbackup.format.layout import (
     OBJ_IMAGE_BODY,
     OBJ_IMAGE_HEADER,
 )
+from imgbackup.format.validate import is_hex
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
 if TYPE_CHECKING:   # numpy (through imageindex) and the crypto stack load only when used
@@ -55,7 +56,14 @@ class ImageStore:
         return len(data)
 
     def ids(self) -> list[str]:
+        """Every image id stored; a name that is not one (32 lowercase hex) is listed too, and reads
+        as damaged, so that nothing under images/ goes unnoticed."""
         return [n.rsplit("/", 1)[1] for n in self.storage.list("images")]
+
+    def _check_id(self, image_id: str) -> bytes:
+        if not is_hex(image_id, 16):
+            raise IntegrityError(f"images/{image_id[:40]} is not an image index (its name is not 32 hex digits)")
+        return bytes.fromhex(image_id)
 
     def _head(self, image_id: str, raw: bytes) -> int:
         if len(raw) < IMAGE_HEAD.size:
@@ -69,27 +77,30 @@ class ImageStore:
 
     def read_meta(self, image_id: str) -> dict:
         name = image_name(image_id)
+        oid = self._check_id(image_id)
         try:
             header_len = self._head(image_id, self.storage.get_range(name, 0, IMAGE_HEAD.size))
             sealed = self.storage.get_range(name, IMAGE_HEAD.size, header_len)
         except ObjectMissing:
             raise ImageNotFound(f"image {image_id} does not exist") from None
-        plain = self.envelope.open(OBJ_IMAGE_HEADER, bytes.fromhex(image_id), sealed, f"image {image_id} header")
+        plain = self.envelope.open(OBJ_IMAGE_HEADER, oid, sealed, f"image {image_id} header",
+                                   max_size=MAX_HEADER_SIZE)
         return parse_header(plain, image_id)
 
     def load(self, image_id: str) -> ImageIndex:
-        from imgbackup.format.imageindex import parse_body
+        from imgbackup.format.imageindex import body_size_limit, parse_body
 
         try:
             raw = self.storage.get(image_name(image_id))
         except ObjectMissing:
             raise ImageNotFound(f"image {image_id} does not exist") from None
+        oid = self._check_id(image_id)
         header_len = self._head(image_id, raw)
-        oid = bytes.fromhex(image_id)
         split = IMAGE_HEAD.size + header_len
         meta = parse_header(self.envelope.open(OBJ_IMAGE_HEADER, oid, raw[IMAGE_HEAD.size:split],
-                                               f"image {image_id} header"), image_id)
-        body = self.envelope.open(OBJ_IMAGE_BODY, oid, raw[split:], f"image {image_id} index")
+                                               f"image {image_id} header", max_size=MAX_HEADER_SIZE), image_id)
+        body = self.envelope.open(OBJ_IMAGE_BODY, oid, raw[split:], f"image {image_id} index",
+                                  max_size=body_size_limit(meta))
         return parse_body(meta, body)
 
     def entries(self) -> list[ImageEntry]:
