@@ -33,8 +33,9 @@ from imgbackup.repository.packs import (
     decode_bases,
     encode_entries,
 )
-from imgbackup.repository.storage import Storage, confirm_stored
+from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
+LOAD_ATTEMPTS = 3   # a delete replaces the index files once per run; three lists outlast any real race
 ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u4"), ("length", "<u4"), ("info", "<u4")])
 assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size == 48
 
@@ -113,6 +114,17 @@ class ChunkIndex:
 
     @classmethod
     def load(cls, storage: Storage, envelope: Envelope) -> ChunkIndex:
+        """Every chunk-index file; one that vanishes between list and read (a concurrent ``delete``
+        replaced it, FORMAT.md section 9) means a new one exists: list and load again."""
+        for _attempt in range(LOAD_ATTEMPTS - 1):
+            try:
+                return cls._load_once(storage, envelope)
+            except ObjectMissing:
+                continue
+        return cls._load_once(storage, envelope)
+
+    @classmethod
+    def _load_once(cls, storage: Storage, envelope: Envelope) -> ChunkIndex:
         index = cls()
         for name in storage.list("index"):
             file_id = index_file_id(name)

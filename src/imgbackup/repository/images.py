@@ -109,6 +109,8 @@ class ImageStore:
         for image_id in self.ids():
             try:
                 out.append(ImageEntry(image_id, self.read_meta(image_id)))
+            except ImageNotFound:
+                continue     # deleted between list and read by a concurrent delete
             except (IntegrityError, UnsupportedFormat) as exc:
                 out.append(ImageEntry(image_id, None, str(exc)))
         return sorted(out, key=lambda e: (e.meta or {}).get("created", 0.0))
