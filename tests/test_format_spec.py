@@ -10,12 +10,13 @@ import base64
 import hashlib
 import hmac
 import json
+import random
 from pathlib import Path
 
 import pytest
 from tests.forge import seal
 from tests.malformed import build_base, copy_repo, run_cli
-from tests.support import cli
+from tests.support import MIB, cli, need_tool, run
 
 from imgbackup.format.layout import IMAGE_HEAD, OBJ_CHUNK_INDEX, OBJ_IMAGE_BODY, OBJ_IMAGE_HEADER
 
@@ -155,3 +156,47 @@ def test_forged_algorithm_0_chunk_index_is_refused(bases, tmp_path: Path) -> Non
     outcome = run_cli(["restore", base["full"], tmp_path / "out.img"], repo, passphrase="test-pass")
     outcome.check(outcome.args)
     assert outcome.code == 6 and file_id.hex() in outcome.stderr and "envelope" in outcome.stderr
+
+
+def _free_blocks(image: Path) -> set[int]:
+    """The filesystem's free blocks, from dumpe2fs's per-group "Free blocks:" lists."""
+    out = run("dumpe2fs", image).stdout
+    free: set[int] = set()
+    for line in out.splitlines():
+        line = line.strip()
+        if not line.startswith("Free blocks: "):
+            continue
+        for part in filter(None, (p.strip() for p in line[len("Free blocks: "):].split(","))):
+            first, _, last = part.partition("-")
+            free.update(range(int(first), int(last or first) + 1))
+    return free
+
+
+def test_used_block_zeroing_is_at_4_kib_on_a_1_kib_ext4(tmp_path: Path) -> None:
+    """FORMAT.md section 4: whole free 4 KiB blocks restore as zeros; free 1 KiB blocks that share a
+    4 KiB block with a used one keep what the disk held (here a 'deleted data' marker)."""
+    need_tool("mkfs.ext4", "dumpe2fs")
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a").write_bytes(random.Random(1).randbytes(5000))
+    (files / "b").write_bytes(random.Random(2).randbytes(1500))
+    image = tmp_path / "fs.img"
+    marker = b"DELETED!"
+    image.write_bytes(marker * (8 * MIB // len(marker)))     # what earlier, deleted files left behind
+    run("mkfs.ext4", "-q", "-F", "-b", "1024", "-E", "nodiscard", "-d", files, image)
+    free = _free_blocks(image)
+    repo = tmp_path / "repo"
+    assert cli("init", "--encryption", "none", repo=repo).returncode == 0
+    assert cli("backup", image, repo=repo).returncode == 0
+    restored = tmp_path / "restored.img"
+    assert cli("restore", "latest", restored, repo=repo).returncode == 0
+    source, out = image.read_bytes(), restored.read_bytes()
+    kept = 0
+    for block4 in range(len(source) // 4096):
+        subs = range(4 * block4, 4 * block4 + 4)
+        if all(b in free for b in subs):
+            assert out[4096 * block4:4096 * (block4 + 1)] == bytes(4096), f"free 4 KiB block {block4} not zeroed"
+            continue
+        assert out[4096 * block4:4096 * (block4 + 1)] == source[4096 * block4:4096 * (block4 + 1)]
+        kept += sum(1 for b in subs if b in free and marker in out[1024 * b:1024 * (b + 1)])
+    assert kept > 0, "expected free 1 KiB blocks beside used ones to keep their old contents, as documented"

@@ -87,6 +87,12 @@ class StorageError(ImgBackupError):
     exit_code = 10
 
 
+class RepositoryFull(StorageError):
+    """The repository's disk (or quota) is full."""
+
+    hint = "run 'imgbackup compact' to reclaim space that interrupted runs left, or delete old images"
+
+
 class ObjectMissing(ImgBackupError):
     """A named repository object does not exist (callers that expect it turn this into their own error)."""
 

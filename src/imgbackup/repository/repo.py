@@ -27,13 +27,14 @@ from imgbackup.repository.config import (
     check_config_mac,
     peek_config,
 )
+from imgbackup.repository.damage import DamageLog
 from imgbackup.repository.images import ImageStore
-from imgbackup.repository.lock import RepositoryLock
+from imgbackup.repository.lock import RepositoryLock, put_reserve
 from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
 DEFAULT_CHUNK_SIZE = 1 << 20
-FOLDERS = ("packs", "index", "images", "locks")
+FOLDERS = ("packs", "index", "images", "locks", "damage")
 
 if TYPE_CHECKING:
     from imgbackup.repository.chunkindex import ChunkIndex
@@ -89,6 +90,7 @@ class Repository:
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
         storage.prepare(FOLDERS)
         storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
+        put_reserve(storage)
         storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
         return cls(storage, config, keys, storage.location)
 
@@ -118,23 +120,38 @@ class Repository:
                                  f"encryption {config.encryption!r} (replaced or tampered with)")
         return cls(storage, config, keys, storage.location)
 
-    def lock(self, command: str = "") -> RepositoryLock:
-        return RepositoryLock(self.storage, command)
+    def lock(self, command: str = "", may_use_reserve: bool = False) -> RepositoryLock:
+        """The writer lock; ``may_use_reserve`` for commands that free space (delete, compact, repair)."""
+        return RepositoryLock(self.storage, command, may_use_reserve)
 
-    def chunk_index(self) -> ChunkIndex:
+    def chunk_index(self, for_backup: bool = False) -> ChunkIndex:
+        """The chunk index without the copies damage records name (loaded once, then cached).
+
+        ``for_backup``: a backup dedups against this index, so every damage record must be readable,
+        and copies in packs that no longer exist are excluded too (one LIST of packs/: one request
+        per 1,000 packs on a bucket, ~16 GiB of data each; a directory walk here)."""
         from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
 
-        if self._chunks is None:
-            self._chunks = ChunkIndex.load(self.storage, self.envelope)
+        if self._chunks is None or (for_backup and not self._chunks.packs_checked):
+            damage = DamageLog.load(self.storage, self.envelope, strict=for_backup)
+            packs = set(self.storage.list("packs")) if for_backup else None
+            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs)
         return self._chunks
+
+    def reload_chunk_index(self) -> ChunkIndex:
+        """Load the index afresh (after another process changed it); keeps the pack check if made."""
+        checked = self._chunks is not None and self._chunks.packs_checked
+        self._chunks = None
+        return self.chunk_index(for_backup=checked)
 
     def pack_writer(self) -> PackWriter:
         """A writer streaming sealed chunks into new packs of this repository."""
         return PackWriter(self.storage, self.envelope)
 
-    def store_chunk_index(self, locations: dict[bytes, BlobLocation]) -> int:
-        """Record where new chunks live (after their packs are stored); returns the bytes written."""
-        return self.chunk_index().store(self.storage, self.envelope, locations)
+    def store_chunk_index(self, locations: dict[bytes, BlobLocation], names: list[str] | None = None) -> int:
+        """Record where new chunks live (after their packs are stored); returns the bytes written.
+        Each new file's name is appended to ``names`` before it is written (for a clean-up)."""
+        return self.chunk_index().store(self.storage, self.envelope, locations, names)
 
     def remove_temp_files(self) -> int:
         """Remove what killed writers left (temp files, multipart uploads); only under the lock."""

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 
@@ -23,10 +26,21 @@ from imgbackup.engine.backup.ingest import ChunkStore, Ingest, ParentMatch
 from imgbackup.engine.backup.plan import FS_BLOCK, ReadPlan, plan_reads
 from imgbackup.engine.backup.rescue import DEFAULT_RETRIES, Rescue
 from imgbackup.engine.backup.snapshot import Snapshot, check_still_valid, snapshot_of
-from imgbackup.errors import SourceError, UsageError
+from imgbackup.errors import (
+    ImgBackupError,
+    IntegrityError,
+    Interrupted,
+    RepositoryFull,
+    SourceError,
+    StorageError,
+    UsageError,
+)
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
+from imgbackup.repository.damage import write_record
+from imgbackup.repository.images import image_name
 from imgbackup.repository.repo import Repository
+from imgbackup.units import iec
 
 BACKUP_TYPES = ("auto", "full", "incremental", "differential")
 
@@ -147,11 +161,13 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
         repo.remove_temp_files()
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
+        known = repo.chunk_index(for_backup=True)
         chunk = repo.chunk_size
         plan = plan_reads(source, read_path, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent),
                           rescue=req.rescue)
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
+        writing = None      # the image index's name once its write has begun
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
             store = ChunkStore(repo)
             match = ParentMatch(repo, plan, parent)
@@ -163,27 +179,23 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
                     bytes_read += extra
                     if note:
                         warnings.append(note)
+                if match.damaged or plan.from_parent.any():
+                    bytes_read += _store_unavailable(ingest, store, kinds, ids)
                 stored = store.finish(repo)
-            except BaseException:
+                changed = _changed_slots(kinds, ids, parent)
+                bad = _bad_map(rescue, plan, warnings)
+                index = _image_index(repo, req, btype, parent, name, source, snap, plan, changed, bad)
+                if snap is not None:
+                    check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
+                writing = image_name(index.id)
+                stored += repo.images.write(index)
+            except BaseException as exc:
                 store.abort()
-                raise
+                _fail_cleanly(repo, store, exc, writing)
             finally:
                 match.close()
-        if match.damaged:
-            warnings.append(f"{len(match.damaged)} chunk(s) of the parent image {parent.id[:12]} are damaged "
-                            f"(first: {match.damaged[0].hex()[:16]}); those slots were stored anew; "
-                            "run 'imgbackup verify' to see which images they affect")
-        changed = _changed_slots(kinds, ids, parent)
-        bad = _bad_map(rescue, plan, warnings)
-        meta = repo.new_image_meta(
-            type=btype, parent=parent.id if parent else None, name=name,
-            source=_source_meta(req.source, source, snap), slots=len(kinds),
-            used_map={"enabled": not req.all_blocks, "regions": plan.regions},
-            changed_blocks=req.changed_blocks, bad_ranges=bad)
-        index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
-        if snap is not None:
-            check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
-        stored += repo.images.write(index)
+        warnings += _record_damage(repo, known, match, parent)
+        meta = index.meta
     return BackupResult(
         id=meta["id"], type=btype, parent=meta["parent"], name=name, source=req.source,
         source_size=source.size, bytes_read=bytes_read, bytes_stored=stored,
@@ -195,6 +207,87 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
     )
 
 
+def _image_index(repo: Repository, req: BackupRequest, btype: str, parent: ImageIndex | None, name: str,
+                 source: Source, snap: Snapshot | None, plan: ReadPlan, changed: np.ndarray,
+                 bad: list[list[int]]) -> ImageIndex:
+    meta = repo.new_image_meta(
+        type=btype, parent=parent.id if parent else None, name=name,
+        source=_source_meta(req.source, source, snap), slots=len(plan.kinds),
+        used_map={"enabled": not req.all_blocks, "regions": plan.regions},
+        changed_blocks=req.changed_blocks, bad_ranges=bad)
+    kinds, ids = plan.kinds, plan.ids
+    return ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
+
+
+MAX_REREADS = 3   # each pass re-reads only slots whose chunk turned out unusable in the pass before
+
+
+def _store_unavailable(ingest: Ingest, store: ChunkStore, kinds: np.ndarray, ids: np.ndarray) -> int:
+    """Re-read from the source every slot whose chunk has no usable copy after all, so the image
+    never names a chunk known to be damaged: a copy found bad after other slots had already
+    matched it, or a slot a change list took from the parent unread (only those two cases can
+    leave one, so the caller skips this otherwise). Returns bytes read."""
+    read = 0
+    for _ in range(MAX_REREADS):
+        redo = store.unavailable(kinds, ids)
+        if not redo.any():
+            return read
+        read += ingest.run(redo, kinds, ids)
+    raise IntegrityError("chunks of this backup keep turning out damaged while it re-reads them",
+                         "run 'imgbackup verify' and 'imgbackup repair'")
+
+
+def _fail_cleanly(repo: Repository, store: ChunkStore, exc: BaseException, image: str | None) -> NoReturn:
+    """Remove what this run stored, then raise ``exc`` saying so (Ctrl-C: exit 130, never 0)."""
+    with _signals_held():
+        freed, problems = store.remove_written(repo, image)
+    note = f"the backup removed the {iec(freed)} it had written" if freed else "it had stored nothing yet"
+    if problems:
+        note += (f"; {len(problems)} object(s) could not be removed ({problems[0]}): "
+                 "'imgbackup compact' removes them")
+    if isinstance(exc, KeyboardInterrupt):
+        raise Interrupted(f"backup interrupted: nothing was added to the repository ({note})") from None
+    if isinstance(exc, ImgBackupError) and exc.args and (freed or problems or isinstance(exc, RepositoryFull)):
+        exc.args = (f"{exc.args[0]}; {note}", *exc.args[1:])
+    raise exc
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Defer SIGINT/SIGTERM while the clean-up runs (a second Ctrl-C must not cut it short)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _record_damage(repo: Repository, known, match: ParentMatch, parent: ImageIndex | None) -> list[str]:
+    """Record the bad copies this run met (pack gone, parent chunk failing authentication)."""
+    found = known.unrecorded()
+    if not found:
+        return []
+    notes = []
+    if match.damaged:
+        notes.append(f"{len(match.damaged)} chunk(s) of the parent image {parent.id[:12]} are damaged "
+                     f"(first: {match.damaged[0].chunk_id.hex()[:16]}); those slots were stored anew; "
+                     "run 'imgbackup verify' to see which images they affect")
+    missing = [c for c in found if c.reason == "missing"]
+    if missing:
+        notes.append(f"{len(missing)} chunk(s) the index lists are in packs that no longer exist (first: pack "
+                     f"{missing[0].pack_id.hex()[:16]}); this image stored them anew where the source holds "
+                     "them; 'imgbackup repair' shows which older images are affected")
+    try:
+        write_record(repo.storage, repo.envelope, found, "backup")
+    except StorageError as exc:
+        notes.append(f"could not record the damaged chunk copies found ({exc})")
+    return notes
 @contextlib.contextmanager
 def _suggest_rescue(enabled: bool) -> Iterator[None]:
     """A read error of the medium ends a normal backup; the error says how to image the rest."""

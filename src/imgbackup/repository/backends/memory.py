@@ -21,6 +21,7 @@ class MemoryStorage:
 
     def __init__(self, location: str = "memory://") -> None:
         self.location = location
+        self.fills_up = False
         self.objects: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -86,6 +87,9 @@ class MemoryStorage:
 
     def remove_incomplete_writes(self) -> int:
         return 0  # an uncommitted writer holds its bytes in itself: nothing is left behind
+
+    def incomplete_writes(self) -> list[tuple[str, int]]:
+        return []
 
 
 class _MemoryObjectWriter:
