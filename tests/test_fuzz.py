@@ -1,7 +1,7 @@
 """A seeded fault sweep over the repository's metadata (issue 9 §8): raw bit flips, truncations and
 garbage in every metadata object of an encrypted and an unencrypted repository, and structurally
 wrong but correctly sealed objects in the unencrypted one (checksums recomputed, as an attacker
-would). Each damaged repository gets real CLI commands (list, info, verify, restore; in this process,
+would). Each damaged repository gets real CLI commands (list, info, verify, restore, repair's dry run; in this process,
 tests/malformed.py): never a traceback, only documented exit codes, never wrong bytes restored with
 exit 0. The quick sweep runs in CI (about 120 cases); ``slow`` runs a long one. Reproduce a failure
 with IMGBACKUP_FUZZ_SEED and the case number in its message.
@@ -18,14 +18,16 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.forge import ForgedImage, forge_chunk_index, forge_pack_trailer, zstd_frame_claiming
+from tests.forge import ForgedImage, forge_chunk_index, forge_pack_trailer, seal, unseal, zstd_frame_claiming
 from tests.malformed import COMMANDS, build_base, run_all
 
 SEED = int(os.environ.get("IMGBACKUP_FUZZ_SEED", "20261201"))
 QUICK_CASES = 120
 QUICK_BUDGET_S = 90      # the CI sweep stops here even on a loaded machine (it reports how far it got)
 SLOW_CASES = 1500
-TARGETS = ("config", "keyfile", "image", "index", "pack")
+TARGETS = ("config", "keyfile", "image", "index", "pack", "damage")
+# Damage records (FORMAT.md section 11) exist only after damage was found: the sweep forges one (in the
+# unencrypted repository) naming a copy of a real chunk, then damages it like the rest.
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,20 @@ def bases(tmp_path_factory) -> dict:
     return {enc: build_base(root, enc) for enc in ("none", "aes-256-gcm")}
 
 
+def _forge_damage_record(repo: Path, rng: random.Random) -> Path:
+    entry = {"chunk": rng.randbytes(32).hex(), "pack": rng.randbytes(32).hex(), "offset": 16, "length": 100,
+             "reason": "damaged", "detail": "found by the sweep"}
+    doc = {"version": 1, "created": 1.0, "host": "h", "command": "verify", "entries": [entry]}
+    record_id = rng.randbytes(16)
+    path = repo / "damage" / record_id.hex()
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(seal(6, record_id, json.dumps(doc).encode()))
+    return path
+
+
 def _files(repo: Path, target: str) -> list[Path]:
-    folder = {"config": None, "keyfile": "keys", "image": "images", "index": "index", "pack": "packs"}[target]
+    folder = {"config": None, "keyfile": "keys", "image": "images", "index": "index", "pack": "packs",
+              "damage": "damage"}[target]
     if folder is None:
         return [repo / "config"]
     return sorted(p for p in (repo / folder).rglob("*") if p.is_file())
@@ -126,13 +140,18 @@ def _structural(rng: random.Random, repo: Path, target: str, image_ids: list[str
             image.save(fix_digests=False)
             return "header json"
         if rng.random() < 0.1:
-            from tests.forge import OBJ_IMAGE_BODY, seal
+            from tests.forge import OBJ_IMAGE_BODY
             image.save(body_sealed=seal(OBJ_IMAGE_BODY, image.oid, zstd_frame_claiming(rng.choice((1 << 40, 1 << 30))),
                                         comp=1))
             return "body bomb"
         image.body = _mutate_binary(rng, image.body, (12, -8))
         image.save()
         return "body binary"
+    if target == "damage":
+        path = _forge_damage_record(repo, rng)
+        doc = json.loads(unseal(path.read_bytes())[2])
+        path.write_bytes(seal(6, bytes.fromhex(path.name), json.dumps(_mutate_json(rng, doc)).encode()))
+        return "damage record json"
     if target == "index":
         forge_chunk_index(repo, lambda p: _mutate_binary(rng, p, (12, 16, 20)))
         return "chunk index binary"
@@ -151,15 +170,17 @@ def _sweep(bases: dict, tmp: Path, cases: int, budget_s: float) -> int:
         encryption = rng.choice(("none", "none", "aes-256-gcm"))
         base = bases[encryption]
         repo = Path(shutil.copytree(base["repo"], tmp / f"case-{case}"))
-        target = rng.choice(TARGETS)
+        target = rng.choice(TARGETS if encryption == "none" else TARGETS[:-1])
         structural = encryption == "none" and rng.random() < 0.6
+        if target == "damage" and not structural:
+            _forge_damage_record(repo, rng)
         image_ids = [base["full"], base["incremental"]]
         if structural:
             label = _structural(rng, repo, target, image_ids)
         else:
             label = _raw(rng, rng.choice(_files(repo, target)))
         image_id = rng.choice(image_ids)
-        commands = rng.sample(COMMANDS, 2)     # two of list/info/verify/restore per case keeps it cheap
+        commands = rng.sample(COMMANDS + (("repair",),), 2)   # two commands per case keeps it cheap
         try:
             run_all(repo, image_id, tmp, passphrase="test-pass", expect=base["bytes"], commands=commands)
         except AssertionError as exc:

@@ -19,7 +19,7 @@ from tests.forge import (
     seal,
     zstd_frame_claiming,
 )
-from tests.malformed import build_base, copy_repo, run_all, run_cli
+from tests.malformed import COMMANDS, build_base, copy_repo, run_all, run_cli
 from tests.support import cli
 
 from imgbackup.format.layout import OBJ_IMAGE_BODY, OBJ_IMAGE_HEADER
@@ -309,3 +309,68 @@ def test_in_process_runner_sees_a_healthy_repository(base, repo: Path, tmp_path:
     outcomes = run_all(repo, base["incremental"], tmp_path, expect=base["bytes"])
     assert [o.code for o in outcomes] == [0, 0, 0, 0]
     assert run_cli(["verify"], repo).code == 0
+
+
+# ---- damage records (heal), correctly sealed --------------------------------------------------------
+
+def _record(entries) -> bytes:
+    return json.dumps({"version": 1, "created": 1.0, "host": "h", "command": "verify", "entries": entries}).encode()
+
+
+GOOD_ENTRY = {"chunk": "ab" * 32, "pack": "cd" * 32, "offset": 16, "length": 100, "reason": "damaged", "detail": "x"}
+DAMAGE_CASES = {
+    "not-json": b"{",
+    "a-list": b"[]",
+    "deep-nesting": b"[" * 100000 + b"]" * 100000,
+    "nan-created": _record([]).replace(b"1.0", b"NaN"),
+    "entries-string": json.dumps({"version": 1, "created": 1.0, "host": "h", "command": "c", "entries": "x"}).encode(),
+    "offset-string": _record([{**GOOD_ENTRY, "offset": "16"}]),
+    "chunk-short": _record([{**GOOD_ENTRY, "chunk": "ab"}]),
+    "reason-unknown": _record([{**GOOD_ENTRY, "reason": "cosmic"}]),
+    "bomb": None,
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE_CASES))
+def test_forged_damage_record_readers_go_on_and_backup_refuses(base, repo: Path, tmp_path: Path, case: str) -> None:
+    """FORMAT.md section 11: a damaged record is ignored by readers (they authenticate every chunk
+    anyway) and stops a backup (exit 6, naming the record), never a traceback."""
+    record_id = bytes(range(16))
+    content, comp = (zstd_frame_claiming(1 << 40), 1) if case == "bomb" else (DAMAGE_CASES[case], 0)
+    (repo / "damage").mkdir(exist_ok=True)
+    (repo / "damage" / record_id.hex()).write_bytes(seal(6, record_id, content, comp=comp))
+    outcomes = run_all(repo, base["incremental"], tmp_path, expect=base["bytes"],
+                       commands=(*COMMANDS, ("repair",), ("backup", "--type", "full", str(base["source"]))))
+    assert [o.code for o in outcomes[:4]] == [0, 0, 0, 0], [o.stderr for o in outcomes]
+    assert outcomes[5].code == 6 and record_id.hex() in outcomes[5].stderr, outcomes[5].stderr
+
+
+# ---- an index entry whose length lies (a writer's bug, or a forger holding the id key) ---------------
+
+@pytest.mark.parametrize("length", [1000, 2 * 65536])
+def test_chunk_of_the_wrong_length_is_refused_before_writing(base, repo: Path, tmp_path: Path, length: int) -> None:
+    """A data slot names a genuine, authentic chunk of the wrong length (in an --encryption none
+    repository anyone can make one: the id key is in the key file). Restore refuses before writing a
+    byte: no write past the slot, no stale bytes left in it."""
+    import numpy as np
+
+    from imgbackup._core import scan
+    from imgbackup.repository.repo import Repository
+
+    opened = Repository.open(repo, lambda: b"")
+    plain = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    cid = scan.chunk_id(opened.keys.id_key, plain)
+    writer = opened.pack_writer()
+    writer.add(cid, opened.envelope.seal_chunk(cid, plain)[0], len(plain))
+    writer.flush()
+    opened.store_chunk_index(writer.written)
+    index = opened.images.load(base["full"])
+    index.ids[len(index.ids) // 2] = np.frombuffer(cid, np.uint8)    # not slot 0: the plan reads that one
+    opened.images.write(index)                   # digests recomputed: the image itself is consistent
+    target = tmp_path / "target.img"
+    target.write_bytes(b"\xee" * len(base["full_bytes"]))
+    outcome = run_cli(["restore", "--yes", base["full"], target], repo)
+    outcome.check(outcome.args)
+    assert outcome.code == 6 and cid.hex()[:16] in outcome.stderr and "bytes" in outcome.stderr, outcome.stderr
+    unchanged = target.read_bytes() == b"\xee" * len(base["full_bytes"])   # a bool: no megabyte diff on failure
+    assert unchanged, "the target was written"
