@@ -67,6 +67,7 @@ class SourceError(ImgBackupError):
 
 class TargetRefused(ImgBackupError):
     exit_code = 8
+    audit_refusal = True
 
 
 class ImageNotFound(ImgBackupError):
@@ -122,6 +123,29 @@ class PartlyUnreadable(ImgBackupError):
     exit_code = 13
 
 
+class PartialSuccess(ImgBackupError):
+    """A job stored its backup, but a later step (prune, copy, verify, drill) failed."""
+
+    exit_code = 15
+
+
+class RpoBreached(ImgBackupError):
+    """``status``: some job's newest image is older than its RPO."""
+
+    exit_code = 16
+
+
+class SourceIdentityChanged(ImgBackupError):
+    """The disk at a job's source name is not the disk the job recorded: never imaged into its history."""
+
+    exit_code = 17
+    audit_refusal = True
+
+
+class JobConfigError(UsageError):
+    """A job file is missing or invalid; the message names the file and line."""
+
+
 class Interrupted(ImgBackupError):
     exit_code = 130
 
@@ -142,5 +166,8 @@ EXIT_CODES: list[tuple[int, str]] = [
     (11, "verification found problems"),
     (12, "a required outside program is missing (the message names it and its apt package)"),
     (13, "backup stored, but N bytes of the source were unreadable (backup --rescue)"),
+    (15, "partial success: a job stored its backup, but a later step (prune, copy, verify, drill) failed"),
+    (16, "status: a job's RPO is breached (its newest image is older than its RPO)"),
+    (17, "refused: the source's identity (serial, size, partition table) is not the one the job recorded"),
     (130, "interrupted (Ctrl-C / SIGTERM)"),
 ]

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from imgbackup import __version__
+from imgbackup import __version__, audit
 from imgbackup.errors import EXIT_CODES, ImgBackupError, Interrupted, StorageError
 
 # Typer raises click's exceptions, from click itself or (typer >= 0.26) from its vendored copy.
@@ -40,6 +40,9 @@ COMMAND_MODULES = {
     "mount_cmd": ("mount", "umount", "restore-files"),
     "rescue_cmd": ("rescue",),
     "maintain_cmd": ("repair", "compact"),
+    "job_cmd": ("job",),
+    "status_cmd": ("status",),
+    "drill_cmd": ("drill",),
 }
 
 
@@ -51,7 +54,13 @@ def _register(argv: list[str]) -> None:
 
 
 @app.callback(invoke_without_command=True)
-def _main(version: bool = typer.Option(False, "--version", help="Show the version and exit.")) -> None:
+def _main(version: bool = typer.Option(False, "--version", help="Show the version and exit."),
+          audit_sinks: str | None = typer.Option(
+              None, "--audit", metavar="SINKS",
+              help="Send audit events to these sinks (journald, journald:NAMESPACE, syslog, syslog:SOCKET, "
+                   "file:PATH; comma-separated), instead of those in IMGBACKUP_AUDIT.")) -> None:
+    if audit_sinks is not None:
+        audit.configure(audit_sinks)
     if version:
         typer.echo(f"imgbackup {__version__}")
         raise typer.Exit(0)
@@ -93,6 +102,8 @@ def run(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"imgbackup: error: {exc}\n")
         sys.exit(1)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    audit.set_command(sys.argv[1:] if argv is None else argv)
+    code = 0
     try:
         # typer >= 0.26 returns (not raises) a command's typer.Exit code, and turns a command's
         # KeyboardInterrupt into a returned 130

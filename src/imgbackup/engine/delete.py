@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from imgbackup import audit
 from imgbackup.engine.collect import carry_out, needed_chunks, plan_collection
 from imgbackup.repository.repo import Repository
 
@@ -26,6 +27,15 @@ class DeleteResult:
 
 
 def delete_images(repo: Repository, image_ids: list[str]) -> DeleteResult:
+    """Delete the images and collect their chunks; a ``delete`` audit event records it."""
+    with audit.audited("delete", repository=repo.config.id, location=repo.location,
+                       image=",".join(image_ids)) as event:
+        result = _delete(repo, image_ids)
+        event.update(bytes=result.bytes_freed, chunks_removed=result.chunks_removed, images=len(image_ids))
+    return result
+
+
+def _delete(repo: Repository, image_ids: list[str]) -> DeleteResult:
     started = time.monotonic()
     result = DeleteResult(deleted=list(image_ids))
     with repo.lock("delete", may_use_reserve=True):

@@ -42,6 +42,7 @@ IMAGE_TYPES = ("full", "incremental", "differential")
 MIN_CHUNK, MAX_CHUNK = 64 << 10, 16 << 20    # as the repository config allows (FORMAT.md 2.2)
 MAX_SOURCE_SIZE = 1 << 62                    # 4 EiB: no real disk; keeps every offset in an i64
 MAX_HEADER_SIZE = 64 << 20   # a header is kilobytes; a dying disk's bad-range list stays far below this
+FINGERPRINT_TEXT = ("kind", "model", "serial", "wwn", "backing_file", "table", "table_id", "fs_uuid", "partuuid")
 OPTIONAL_SOURCE_TEXT = ("model", "serial", "vendor", "device_kind", "fstype", "identity_error")
 
 
@@ -71,6 +72,13 @@ def parse_header(raw: bytes, image_id: str) -> dict:
     v.text(meta, "changed_blocks", what, optional=True, nullable=True)
     v.hex_id(meta, "body_sha256", what, 32)
     v.hex_id(meta, "content_digest", what, 32)
+    v.text(meta, "job", what, optional=True, nullable=True)
+    v.text(meta, "source_spec", what, optional=True, nullable=True)
+    fingerprint = v.child(meta, "source_fingerprint", what, dict, optional=True, nullable=True)
+    for name in FINGERPRINT_TEXT if fingerprint is not None else ():
+        v.text(fingerprint, name, f"{what} (source_fingerprint)", optional=True, nullable=True)
+    if fingerprint is not None and fingerprint.get("size") is not None:
+        v.number(fingerprint, "size", f"{what} (source_fingerprint)")
     bad_ranges(meta)
     return meta
 

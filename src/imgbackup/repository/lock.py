@@ -21,6 +21,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from imgbackup import audit
 from imgbackup.errors import IntegrityError, RepositoryFull, RepositoryLocked, StorageError
 from imgbackup.format import validate as v
 from imgbackup.repository.storage import ObjectMissing, Storage
@@ -81,9 +82,11 @@ class RepositoryLock:
     delete the reserve object first — it holds no data, so anyone may — and create it again on
     release, once space was freed."""
 
-    def __init__(self, storage: Storage, command: str = "", may_use_reserve: bool = False) -> None:
+    def __init__(self, storage: Storage, command: str = "", may_use_reserve: bool = False,
+                 repository: str | None = None, location: str | None = None) -> None:
         self.storage = storage
         self.command = command
+        self.audit_fields = {"repository": repository, "location": location}   # for the takeover event
         self.held = False
         self.may_use_reserve = may_use_reserve
 
@@ -144,6 +147,8 @@ class RepositoryLock:
         try:
             if self.storage.get(LOCK_NAME) == stale:
                 self.storage.delete(LOCK_NAME)
+                audit.emit("lock_takeover", **self.audit_fields, holder=_parse(stale).describe(),
+                           taken_for=self.command)
         except ObjectMissing:
             pass
         finally:

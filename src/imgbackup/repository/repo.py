@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from imgbackup import __version__
+from imgbackup import __version__, audit
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, parse_key_file, unwrap_keys, wrap_keys
 from imgbackup.errors import (
@@ -17,6 +17,7 @@ from imgbackup.errors import (
     RepositoryExists,
     RepositoryNotFound,
     UsageError,
+    WrongPassphrase,
 )
 from imgbackup.repository.config import (
     CONFIG_NAME,
@@ -111,8 +112,12 @@ class Repository:
         except ObjectMissing:
             raise IntegrityError(f"repository key file {_keyfile_name(doc['id'])} is missing") from None
         keydoc = parse_key_file(raw_keys, f"key file {_keyfile_name(doc['id'])}")
-        secret = None if keydoc["kdf"] is None else passphrase()
-        keys = unwrap_keys(keydoc, secret, repo_id)
+        try:
+            secret = None if keydoc["kdf"] is None else passphrase()
+            keys = unwrap_keys(keydoc, secret, repo_id)
+        except WrongPassphrase as exc:
+            audit.emit("passphrase_failed", "failed", repository=doc["id"], location=storage.location, error=str(exc))
+            raise
         check_config_mac(doc, mac, keys.mac_key)      # before any other field of the config is used
         config = RepoConfig.from_document(doc)
         if (config.encryption == "none") != (keydoc["kdf"] is None):
@@ -122,7 +127,7 @@ class Repository:
 
     def lock(self, command: str = "", may_use_reserve: bool = False) -> RepositoryLock:
         """The writer lock; ``may_use_reserve`` for commands that free space (delete, compact, repair)."""
-        return RepositoryLock(self.storage, command, may_use_reserve)
+        return RepositoryLock(self.storage, command, may_use_reserve, self.config.id, self.location)
 
     def chunk_index(self, for_backup: bool = False) -> ChunkIndex:
         """The chunk index without the copies damage records name (loaded once, then cached).

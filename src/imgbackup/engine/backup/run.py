@@ -18,6 +18,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from imgbackup import audit
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
 from imgbackup.device.source import Source, SourceReadError, open_source
@@ -59,6 +60,7 @@ class BackupRequest:
     rescue: bool = False
     retries: int = DEFAULT_RETRIES
     snapshot: str | None = None      # lvm | reflink | auto: image a snapshot, removed afterwards
+    extra_meta: dict = field(default_factory=dict)   # more image header fields (a job's name, fingerprint)
 
 
 @dataclass
@@ -142,7 +144,19 @@ def _open_nonempty(path: str) -> Source:
 
 
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
-    """Back up ``req.source``, or with ``req.snapshot`` a snapshot of it taken now."""
+    """Back up ``req.source`` (with ``req.snapshot``, a snapshot of it taken now); a ``backup`` audit
+    event records the outcome either way."""
+    name = req.name or default_name(req.source)
+    with audit.audited("backup", repository=repo.config.id, location=repo.location, name=name,
+                       source=req.source, job=req.extra_meta.get("job")) as event:
+        result = _snapshot_and_backup(repo, req)
+        event.update(image=result.id, type=result.type, parent=result.parent, bytes=result.bytes_stored,
+                     bytes_read=result.bytes_read, source_size=result.source_size,
+                     unreadable_bytes=result.unreadable_bytes)
+    return result
+
+
+def _snapshot_and_backup(repo: Repository, req: BackupRequest) -> BackupResult:
     if not req.snapshot:
         return _run_backup(repo, req, req.source, None)
     notes: list[str] = []
@@ -214,7 +228,7 @@ def _image_index(repo: Repository, req: BackupRequest, btype: str, parent: Image
         type=btype, parent=parent.id if parent else None, name=name,
         source=_source_meta(req.source, source, snap), slots=len(plan.kinds),
         used_map={"enabled": not req.all_blocks, "regions": plan.regions},
-        changed_blocks=req.changed_blocks, bad_ranges=bad)
+        changed_blocks=req.changed_blocks, bad_ranges=bad, **req.extra_meta)
     kinds, ids = plan.kinds, plan.ids
     return ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
 

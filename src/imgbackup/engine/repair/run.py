@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from imgbackup import audit
 from imgbackup.engine.collect import PackUse, copy_live_blobs
 from imgbackup.engine.repair.images import AffectedImage, affected_images
 from imgbackup.errors import IntegrityError, RepositoryFull
@@ -368,7 +369,11 @@ def run_repair(repo: Repository, act: bool, quick: bool = False,
     """A dry run plans without the lock; acting plans again under the lock, then writes."""
     if not act:
         return plan_repair(repo, quick, progress), None
-    with repo.lock("repair", may_use_reserve=True):
+    with audit.audited("repair", repository=repo.config.id, location=repo.location) as event, \
+            repo.lock("repair", may_use_reserve=True):
         plan = plan_repair(repo, quick, progress)
-        return plan, carry_out_repair(repo, plan) if plan.changes else None
+        done = carry_out_repair(repo, plan) if plan.changes else None
+        event.update(changed=done is not None, damage_record=done.damage_record if done else None,
+                     index_files_written=len(done.index_files_written) if done else 0)
+        return plan, done
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imgbackup import audit
 from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize
 from imgbackup.engine.restore.plan import GPT_TAIL_SECTORS, MIB, DiskPlan
 from imgbackup.engine.restore.resize import grow_filesystem, shrink_ext_file
@@ -66,7 +67,16 @@ class BareMetalResult:
 
 def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False,
                      progress: Callable[[int], None] | None = None) -> BareMetalResult:
-    """Carry out a plan (see the module docstring for the order)."""
+    """Carry out a plan (see the module docstring for the order); a ``restore`` audit event records it."""
+    with audit.audited("restore", repository=repo.config.id, location=repo.location, image=plan.image.id,
+                       name=plan.image.meta.get("name"), target=plan.target.path, mode=plan.mode) as event:
+        result = _restore(repo, plan, discard, progress)
+        event.update(bytes=result.bytes_written, duration_s=result.duration_s)
+    return result
+
+
+def _restore(repo: Repository, plan: DiskPlan, discard: bool,
+             progress: Callable[[int], None] | None) -> BareMetalResult:
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
             tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
