@@ -200,3 +200,26 @@ def test_used_block_zeroing_is_at_4_kib_on_a_1_kib_ext4(tmp_path: Path) -> None:
         assert out[4096 * block4:4096 * (block4 + 1)] == source[4096 * block4:4096 * (block4 + 1)]
         kept += sum(1 for b in subs if b in free and marker in out[1024 * b:1024 * (b + 1)])
     assert kept > 0, "expected free 1 KiB blocks beside used ones to keep their old contents, as documented"
+
+
+def test_decompression_is_bounded_before_and_while_decompressing() -> None:
+    """format/validate.decompress: a declared size over the limit is refused before anything is
+    allocated; a large honest frame decompresses in pieces; a frame without a declared size stops at
+    the limit."""
+    import zstandard
+
+    from imgbackup.errors import IntegrityError
+    from imgbackup.format.validate import EAGER_DECOMPRESS_LIMIT, decompress
+
+    dec = zstandard.ZstdDecompressor()
+    content = bytes(EAGER_DECOMPRESS_LIMIT + 4096)
+    frame = zstandard.ZstdCompressor(level=1).compress(content)
+    assert decompress(dec, frame, len(content), "big") == content          # the piecewise path
+    with pytest.raises(IntegrityError, match="declares"):
+        decompress(dec, frame, len(content) - 1, "big")
+    unsized = zstandard.ZstdCompressor(level=1, write_content_size=False).compressobj()
+    frame = unsized.compress(bytes(3 << 20)) + unsized.flush()
+    assert zstandard.frame_content_size(frame) == -1
+    assert len(decompress(dec, frame, 3 << 20, "unsized")) == 3 << 20
+    with pytest.raises(IntegrityError, match="unsized"):
+        decompress(dec, frame, 1 << 20, "unsized")
