@@ -25,7 +25,7 @@ from tests.malformed import COMMANDS, build_base, run_all
 SEED = int(os.environ.get("IMGBACKUP_FUZZ_SEED", "20261201"))
 QUICK_CASES = 120
 QUICK_BUDGET_S = 90      # the CI sweep stops here even on a loaded machine (it reports how far it got)
-SLOW_CASES = 1500
+SLOW_CASES = int(os.environ.get("IMGBACKUP_FUZZ_CASES", "1500"))
 TARGETS = ("config", "keyfile", "image", "index", "pack", "damage")
 # Damage records (FORMAT.md section 11) exist only after damage was found: the sweep forges one (in the
 # unencrypted repository) naming a copy of a real chunk, then damages it like the rest.
