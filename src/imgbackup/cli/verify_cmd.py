@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from imgbackup import audit
-from imgbackup.cli.common import JsonOption, NameOption, RepoOption, emit_json, human, open_repo
+from imgbackup.cli.common import JsonOption, NameOption, ProgressBar, RepoOption, emit_json, human, open_repo
 from imgbackup.engine.verify.chunks import run_verify
 from imgbackup.engine.verify.record import record_verify
 from imgbackup.errors import UsageError, VerificationFailed
@@ -39,7 +39,11 @@ def verify(
     if not 0 < sample <= 100:
         raise UsageError("--sample must be a percentage above 0 and at most 100")
     ids = [r.images.resolve(image, name)] if image else None
-    report = run_verify(r, ids, sample_percent=sample)
+    bar = ProgressBar("verify", not json_out)
+    try:
+        report = run_verify(r, ids, progress=bar.update, progress_total=bar.start, sample_percent=sample)
+    finally:
+        bar.close()
     fs = _check_filesystems(r, ids[0]) if filesystems else None
     records, warnings = record_verify(r, report, fs)
     for warning in report.warnings + warnings:

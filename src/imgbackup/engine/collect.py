@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from imgbackup import interrupts
 from imgbackup.errors import ImageNotFound, IntegrityError, RepositoryFull, StorageError, UnsupportedFormat
 from imgbackup.format.layout import OBJ_CHUNK
 from imgbackup.repository.chunkindex import MAX_ENTRIES_PER_FILE, ChunkIndex, write_index_files
@@ -210,9 +211,12 @@ def _adopt(repo: Repository, candidates: list[PackUse], absent: set[bytes], dama
                 absent.discard(cid)
 
 
-def carry_out(repo: Repository, plan: CollectionPlan) -> CollectionResult:
-    """Remove what ``plan`` says, freeing before writing; call under the repository lock."""
+def carry_out(repo: Repository, plan: CollectionPlan, done_before: str = "") -> CollectionResult:
+    """Remove what ``plan`` says, freeing before writing; call under the repository lock.
+
+    ``done_before`` (what the caller already did) starts the line an interrupted run ends with."""
     result = CollectionResult(index_files=len(plan.index_files))
+    interrupts.set_status(lambda: _collecting(done_before, result))
     result.temp_files_removed = repo.remove_temp_files()
     result.bytes_deleted += sum(size for _, size in plan.temp)
     result.warnings += plan.warnings
@@ -249,6 +253,13 @@ def carry_out(repo: Repository, plan: CollectionPlan) -> CollectionResult:
                                "that still holds them stores them again; 'imgbackup repair' lists the images")
     _consolidate_damage(repo, plan, gone, set(indexed), lost, result)
     return result
+
+
+def _collecting(done_before: str, result: CollectionResult) -> str:
+    """The state of an interrupted collection: consistent at every step, part of the space freed."""
+    freed = f"{iec(result.bytes_deleted)} freed so far" if result.bytes_deleted else "no space freed yet"
+    return (f"{done_before + '; ' if done_before else ''}{freed}; the repository is consistent, "
+            "'imgbackup compact' frees the rest")
 
 
 def _delete_packs(repo: Repository, uses: list[PackUse], gone: set[str], result: CollectionResult) -> None:

@@ -72,6 +72,9 @@ def parse_header(raw: bytes, image_id: str) -> dict:
     v.text(meta, "changed_blocks", what, optional=True, nullable=True)
     v.hex_id(meta, "body_sha256", what, 32)
     v.hex_id(meta, "content_digest", what, 32)
+    warnings = v.child(meta, "warnings", what, list, optional=True) or []
+    if not all(isinstance(w, str) for w in warnings):
+        raise v.damaged(what, "field 'warnings' is not a list of strings")
     v.text(meta, "job", what, optional=True, nullable=True)
     v.text(meta, "source_spec", what, optional=True, nullable=True)
     fingerprint = v.child(meta, "source_fingerprint", what, dict, optional=True, nullable=True)

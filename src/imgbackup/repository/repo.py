@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from imgbackup import __version__, audit
+from imgbackup import __version__, audit, interrupts
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, parse_key_file, unwrap_keys, wrap_keys
 from imgbackup.errors import (
@@ -35,6 +35,7 @@ from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
 FOLDERS = ("packs", "index", "images", "locks", "damage")
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class Repository:
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3) -> Repository:
+             zstd_level: int = 3, weak_passphrase: bool = False) -> Repository:
         """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
@@ -88,11 +89,16 @@ class Repository:
         keys = KeySet.generate()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
         secret = passphrase() if encryption != "none" else None
+        if secret is not None and not weak_passphrase and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
+            raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
+                             "choose a longer one, or pass --weak-passphrase to accept it")
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
-        storage.prepare(FOLDERS)
-        storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
-        put_reserve(storage)
-        storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
+        with interrupts.deferred():   # a few small writes: a repository is made whole or not begun
+            storage.prepare(FOLDERS)
+            storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
+            put_reserve(storage)
+            storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
+            interrupts.set_status(f"the repository {storage.location} was created")
         return cls(storage, config, keys, storage.location)
 
     @classmethod
@@ -101,6 +107,9 @@ class Repository:
         """Open the repository at ``where``; ``for_writing`` lets the backend check, once, that it can
         keep the repository's promises (S3: that the server honours create-if-absent)."""
         storage = _storage(where, for_writing)
+        root = getattr(storage, "root", None)   # a local directory: naming a file is "no repository" (3)
+        if isinstance(root, os.PathLike) and os.path.exists(root) and not os.path.isdir(root):
+            raise RepositoryNotFound(f"{root} is a file, not a repository directory")
         try:
             raw = storage.get(CONFIG_NAME)
         except ObjectMissing:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from imgbackup import audit
+from imgbackup import audit, interrupts
 from imgbackup.engine.collect import PackUse, copy_live_blobs
 from imgbackup.engine.repair.images import AffectedImage, affected_images
 from imgbackup.errors import IntegrityError, RepositoryFull
@@ -330,6 +330,8 @@ def carry_out_repair(repo: Repository, plan: RepairPlan) -> RepairResult:
     old records. Call under the lock, with a plan made there."""
     storage = repo.storage
     result = RepairResult(None, [], 0, 0)
+    interrupts.set_status("the repair is not finished, but the repository is usable as before (each step "
+                          "is whole or not done); run 'imgbackup repair --yes' again to finish it")
     _copy_trailerless(repo, plan, result)
     if plan.record_changes and plan.records_kept:
         result.damage_record = write_record(storage, repo.envelope, plan.records_kept, "repair")
@@ -375,5 +377,6 @@ def run_repair(repo: Repository, act: bool, quick: bool = False,
         done = carry_out_repair(repo, plan) if plan.changes else None
         event.update(changed=done is not None, damage_record=done.damage_record if done else None,
                      index_files_written=len(done.index_files_written) if done else 0)
+        interrupts.set_status("the repair was finished" if done else "nothing was changed")
         return plan, done
 
