@@ -35,7 +35,7 @@ from imgbackup.errors import (
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
 from imgbackup.repository.backends.directory import DirectoryStorage
 from imgbackup.repository.chunkindex import ChunkIndex, decode_chunk_index, encode_chunk_index
-from imgbackup.repository.config import RepoConfig
+from imgbackup.repository.config import RepoConfig, check_config_mac, peek_config
 from imgbackup.repository.lock import CLAIM_PREFIX, LOCK_NAME, LockInfo, RepositoryLock, break_lock
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
 
@@ -177,21 +177,22 @@ def test_unencrypted_key_file_needs_no_passphrase() -> None:
 def test_config_mac_detects_tampering() -> None:
     mac_key = os.urandom(32)
     raw = RepoConfig.new("ab" * 16, 1 << 20, "aes-256-gcm", 3).to_bytes(mac_key)
-    cfg, mac = RepoConfig.peek(raw)
-    cfg.check_mac(mac, mac_key)
+    doc, mac = peek_config(raw)
+    check_config_mac(doc, mac, mac_key)
+    assert RepoConfig.from_document(doc).chunk_size == 1 << 20
     with pytest.raises(IntegrityError):
-        cfg.check_mac(mac, os.urandom(32))
-    doc = json.loads(raw)
-    for field, value in (("chunk_size", 1 << 16), ("encryption", "none"), ("zstd_level", 1)):
-        forged, forged_mac = RepoConfig.peek(json.dumps({**doc, field: value}).encode())
+        check_config_mac(doc, mac, os.urandom(32))
+    stored = json.loads(raw)
+    for field, value in (("chunk_size", 1 << 16), ("encryption", "none"), ("zstd_level", 1), ("extra", 1)):
+        forged, forged_mac = peek_config(json.dumps({**stored, field: value}).encode())
         with pytest.raises(IntegrityError):
-            forged.check_mac(forged_mac, mac_key)
+            check_config_mac(forged, forged_mac, mac_key)
     with pytest.raises(UnsupportedFormat):
-        RepoConfig.peek(json.dumps({**doc, "version": 99}).encode())
+        peek_config(json.dumps({**stored, "version": 99}).encode())
     with pytest.raises(IntegrityError):
-        RepoConfig.peek(raw[:-10])
+        peek_config(raw[:-10])
     with pytest.raises(IntegrityError):
-        RepoConfig.peek(json.dumps({**doc, "chunk_size": 3 << 20}).encode())
+        RepoConfig.from_document({**doc, "chunk_size": 3 << 20})
 
 
 # --- lock -------------------------------------------------------------------------------------

@@ -27,12 +27,23 @@ from imgbackup.format.layout import (
     CHUNK_INDEX_MAGIC,
     FORMAT_VERSION,
     INFO_LENGTH_MASK,
+    MAX_PACK_SIZE,
     OBJ_CHUNK_INDEX,
+    PACK_HEADER,
 )
+from imgbackup.format.validate import damaged, is_hex
 from imgbackup.repository.damage import DamagedCopy, DamageLog
-from imgbackup.repository.packs import BlobLocation, decode_bases, encode_entries
-from imgbackup.repository.storage import Storage, confirm_stored
+from imgbackup.repository.packs import (
+    MAX_RAW_LENGTH,
+    MIN_SEALED,
+    BlobLocation,
+    check_entry,
+    decode_bases,
+    encode_entries,
+)
+from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
+LOAD_ATTEMPTS = 3   # a delete replaces the index files once per run; three lists outlast any real race
 ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u4"), ("length", "<u4"), ("info", "<u4")])
 assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size == 48
 INDEX_FOLDER = "index"
@@ -68,13 +79,36 @@ def decode_chunk_index(plain: bytes, name: str) -> list[tuple[bytes, BlobLocatio
         raise IntegrityError(f"{what} names a pack it does not list")
     infos = entries["info"].tolist()
     bases = decode_bases(plain, pos + ENTRY_DTYPE.itemsize * n_entries, n_deltas, infos, what)
-    return [(bytes(e["id"]), BlobLocation(packs[int(e["pack"])], int(e["offset"]), int(e["length"]),
-                                          infos[i] & INFO_LENGTH_MASK, bases.get(i)))
-            for i, e in enumerate(entries)]
+    ids = [bytes(e) for e in entries["id"]]
+    if any(a > b for a, b in zip(ids, ids[1:], strict=False)):
+        raise damaged(what, "its entries are not sorted by chunk id")
+    _check_entries(entries, what)
+    return [(cid, BlobLocation(packs[int(e["pack"])], int(e["offset"]), int(e["length"]),
+                               infos[i] & INFO_LENGTH_MASK, bases.get(i)))
+            for i, (cid, e) in enumerate(zip(ids, entries, strict=True))]
+
+
+def _check_entries(entries: np.ndarray, what: str) -> None:
+    """Every entry's blob inside a pack and its chunk 1 B .. 16 MiB (vectorised ``check_entry``)."""
+    offset, length = entries["offset"].astype(np.int64), entries["length"].astype(np.int64)
+    raw = entries["info"] & INFO_LENGTH_MASK
+    bad = ((offset < PACK_HEADER.size) | (length < MIN_SEALED) | (offset + length > MAX_PACK_SIZE)
+           | (raw < 1) | (raw > MAX_RAW_LENGTH))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        check_entry(what, row, int(offset[row]), int(length[row]), int(raw[row]))
+
+
+def index_file_id(name: str) -> bytes:
+    """The 32-byte file id an ``index/<64 hex>`` name carries (anything else there is damage)."""
+    hexid = name.rsplit("/", 1)[1]
+    if not is_hex(hexid, 32):
+        raise IntegrityError(f"{name[:80]} is not a chunk-index file (its name is not 64 hex digits)")
+    return bytes.fromhex(hexid)
 
 
 def read_index_file(storage: Storage, envelope: Envelope, name: str) -> list[tuple[bytes, BlobLocation]]:
-    file_id = bytes.fromhex(name.rsplit("/", 1)[1])
+    file_id = index_file_id(name)
     plain = envelope.open(OBJ_CHUNK_INDEX, file_id, storage.get(name), f"chunk index {name}")
     return decode_chunk_index(plain, name)
 
@@ -113,7 +147,19 @@ class ChunkIndex:
     def load(cls, storage: Storage, envelope: Envelope, damage: DamageLog | None = None,
              packs: set[str] | None = None) -> ChunkIndex:
         """The union of all index files, without the copies ``damage`` names and (when ``packs``, the
-        listing of packs/, is given) without copies in packs that listing lacks."""
+        listing of packs/, is given) without copies in packs that listing lacks. A file that vanishes
+        between list and read (a concurrent delete or repair replaced it, FORMAT.md section 9) means a
+        new one exists: list and load again."""
+        for _attempt in range(LOAD_ATTEMPTS - 1):
+            try:
+                return cls._load_once(storage, envelope, damage, packs)
+            except ObjectMissing:
+                continue
+        return cls._load_once(storage, envelope, damage, packs)
+
+    @classmethod
+    def _load_once(cls, storage: Storage, envelope: Envelope, damage: DamageLog | None,
+                   packs: set[str] | None) -> ChunkIndex:
         index = cls()
         present = None if packs is None else {name.rsplit("/", 1)[1] for name in packs}
         for name in storage.list(INDEX_FOLDER):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
-from imgbackup.format.imageheader import parse_header
+from imgbackup.format.imageheader import MAX_HEADER_SIZE, parse_header
 from imgbackup.format.layout import (
     FORMAT_VERSION,
     IMAGE_HEAD,
@@ -21,6 +21,7 @@ from imgbackup.format.layout import (
     OBJ_IMAGE_BODY,
     OBJ_IMAGE_HEADER,
 )
+from imgbackup.format.validate import is_hex
 from imgbackup.repository.catalog import Catalog
 from imgbackup.repository.localcache import HeaderCache
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
@@ -77,7 +78,14 @@ class ImageStore:
         return len(data)
 
     def ids(self) -> list[str]:
+        """Every image id stored; a name that is not one (32 lowercase hex) is listed too, and reads
+        as damaged, so that nothing under images/ goes unnoticed."""
         return [n.rsplit("/", 1)[1] for n in self.storage.list("images")]
+
+    def _check_id(self, image_id: str) -> bytes:
+        if not is_hex(image_id, 16):
+            raise IntegrityError(f"images/{image_id[:40]} is not an image index (its name is not 32 hex digits)")
+        return bytes.fromhex(image_id)
 
     def _head(self, image_id: str, raw: bytes) -> int:
         if len(raw) < IMAGE_HEAD.size:
@@ -92,6 +100,7 @@ class ImageStore:
     def _fetch_sealed_header(self, image_id: str) -> bytes:
         """The sealed header from the repository: one ranged read, two for a header past HEADER_READ."""
         name = image_name(image_id)
+        self._check_id(image_id)
         try:
             first = self.storage.get_range(name, 0, HEADER_READ)
             header_len = self._head(image_id, first)
@@ -103,7 +112,8 @@ class ImageStore:
             raise ImageNotFound(f"image {image_id} does not exist") from None
 
     def _open_header(self, image_id: str, sealed: bytes) -> dict:
-        plain = self.envelope.open(OBJ_IMAGE_HEADER, bytes.fromhex(image_id), sealed, f"image {image_id} header")
+        plain = self.envelope.open(OBJ_IMAGE_HEADER, self._check_id(image_id), sealed, f"image {image_id} header",
+                                   max_size=MAX_HEADER_SIZE)
         return parse_header(plain, image_id)
 
     def read_meta(self, image_id: str) -> dict:
@@ -125,28 +135,31 @@ class ImageStore:
 
     def load_raw(self, image_id: str) -> tuple[bytes, ImageIndex]:
         """The image object's exact bytes and its parsed, authenticated index."""
-        from imgbackup.format.imageindex import parse_body
+        from imgbackup.format.imageindex import body_size_limit, parse_body
 
         try:
             raw = self.storage.get(image_name(image_id))
         except ObjectMissing:
             raise ImageNotFound(f"image {image_id} does not exist") from None
+        oid = self._check_id(image_id)
         header_len = self._head(image_id, raw)
-        oid = bytes.fromhex(image_id)
         split = IMAGE_HEAD.size + header_len
         meta = parse_header(self.envelope.open(OBJ_IMAGE_HEADER, oid, raw[IMAGE_HEAD.size:split],
-                                               f"image {image_id} header"), image_id)
-        body = self.envelope.open(OBJ_IMAGE_BODY, oid, raw[split:], f"image {image_id} index")
+                                               f"image {image_id} header", max_size=MAX_HEADER_SIZE), image_id)
+        body = self.envelope.open(OBJ_IMAGE_BODY, oid, raw[split:], f"image {image_id} index",
+                                  max_size=body_size_limit(meta))
         return raw, parse_body(meta, body)
 
     def put_raw(self, image_id: str, raw: bytes) -> int:
         """Store an image object as it is (a copy into a related repository: it authenticates here,
         since the keys are the same); it must open here, or nothing is written."""
+        from imgbackup.format.imageindex import body_size_limit
+
         header_len = self._head(image_id, raw)
         sealed_header = raw[IMAGE_HEAD.size:IMAGE_HEAD.size + header_len]
         meta = self._open_header(image_id, sealed_header)
-        self.envelope.open(OBJ_IMAGE_BODY, bytes.fromhex(image_id), raw[IMAGE_HEAD.size + header_len:],
-                           f"image {image_id} index")
+        self.envelope.open(OBJ_IMAGE_BODY, self._check_id(image_id), raw[IMAGE_HEAD.size + header_len:],
+                           f"image {image_id} index", max_size=body_size_limit(meta))
         name = str(meta.get("name"))
         if self.catalog is not None:   # the destination's own catalog records it, as write() does
             self.catalog.append([{"event": "adding", "image": image_id, "name": name}])
@@ -172,7 +185,7 @@ class ImageStore:
             try:
                 return ImageEntry(image_id, self.read_meta(image_id))
             except ImageNotFound:
-                return None   # deleted since the listing
+                return None   # deleted between list and read by a concurrent delete
             except (IntegrityError, UnsupportedFormat) as exc:
                 return ImageEntry(image_id, None, str(exc))
 

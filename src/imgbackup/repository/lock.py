@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 
 from imgbackup import audit
-from imgbackup.errors import RepositoryFull, RepositoryLocked, StorageError
+from imgbackup.errors import IntegrityError, RepositoryFull, RepositoryLocked, StorageError
+from imgbackup.format import validate as v
 from imgbackup.repository.storage import ObjectMissing, Storage
 
 LOCK_NAME = "locks/exclusive"
@@ -181,9 +182,15 @@ def put_reserve(storage: Storage) -> None:
 
 
 def _parse(raw: bytes) -> LockInfo:
+    """The lock's JSON with every field's type checked (it is not sealed: anything may be in it); an
+    unreadable one is held by "unknown" (never stale, so only break-lock removes it)."""
+    what = LOCK_NAME
     try:
-        return LockInfo(**json.loads(raw))
-    except (ValueError, TypeError):
+        doc = v.obj(v.parse_json(raw, what), what)
+        return LockInfo(v.text(doc, "host", what), v.integer(doc, "pid", what, 0, 1 << 31),
+                        v.number(doc, "since", what), v.text(doc, "start_time", what),
+                        v.text(doc, "boot_id", what), v.text(doc, "command", what, optional=True) or "")
+    except IntegrityError:
         return LockInfo("unknown", 0, 0.0, "", "", "unreadable lock file")
 
 

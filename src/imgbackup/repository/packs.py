@@ -16,6 +16,7 @@ from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import (
     BASE_ENTRY,
+    ENVELOPE_HEADER,
     FORMAT_VERSION,
     INFO_DELTA,
     INFO_LENGTH_MASK,
@@ -29,7 +30,9 @@ from imgbackup.format.layout import (
     PACK_TRAILER_ENTRY,
     PACK_TRAILER_HEAD,
     PACK_TRAILER_MAGIC,
+    TAG_SIZE,
 )
+from imgbackup.format.validate import damaged
 from imgbackup.repository.storage import ObjectWriter, Storage, confirm_stored
 
 PACK_TARGET_SIZE = 16 << 20   # few enough files per TiB for any filesystem or bucket, small enough to stream
@@ -79,6 +82,19 @@ def decode_bases(plain: bytes, pos: int, count: int, infos: list[int], what: str
     if any(info & INFO_RESERVED for info in infos) or sum(1 for i in infos if i & INFO_DELTA) != count:
         raise IntegrityError(f"{what} has damaged entry flags")
     return bases
+
+
+MIN_SEALED = ENVELOPE_HEADER.size + min(TAG_SIZE.values())   # the smallest envelope there is
+MAX_RAW_LENGTH = 1 << 24     # a chunk is at most 16 MiB (the config's largest chunk size)
+
+
+def check_entry(what: str, row: int, offset: int, length: int, raw_length: int, end: int = MAX_PACK_SIZE) -> None:
+    """One pack-trailer or chunk-index entry: the blob lies after the pack header and before ``end``
+    (the trailer, or the format's 4 GiB), holds at least an envelope, and a 1 B .. 16 MiB chunk."""
+    if offset < PACK_HEADER.size or length < MIN_SEALED or offset + length > end:
+        raise damaged(what, f"entry {row} points outside the pack ({length} bytes at {offset})")
+    if not 1 <= raw_length <= MAX_RAW_LENGTH:
+        raise damaged(what, f"entry {row} gives a chunk of {raw_length} bytes")
 
 
 class PackWriter:
@@ -215,9 +231,12 @@ def read_pack_trailer(storage: Storage, envelope: Envelope, pack_id: bytes) -> l
     t_off, t_len, magic = PACK_FOOTER.unpack(storage.get_range(name, size - PACK_FOOTER.size, PACK_FOOTER.size))
     if magic != PACK_FOOTER_MAGIC or t_off + t_len + PACK_FOOTER.size != size:
         raise IntegrityError(f"pack {pack_id.hex()} has a damaged footer")
-    plain = envelope.open(OBJ_PACK_TRAILER, pack_id, storage.get_range(name, t_off, t_len),
-                          f"trailer of pack {pack_id.hex()}")
+    if t_off < PACK_HEADER.size:
+        raise IntegrityError(f"pack {pack_id.hex()} has a damaged footer")
     what = f"trailer of pack {pack_id.hex()}"
+    # each entry names a blob of at least MIN_SEALED bytes before the trailer: that bounds the plaintext
+    limit = PACK_TRAILER_HEAD.size + (t_off // MIN_SEALED + 1) * (PACK_TRAILER_ENTRY.size + BASE_ENTRY.size)
+    plain = envelope.open(OBJ_PACK_TRAILER, pack_id, storage.get_range(name, t_off, t_len), what, max_size=limit)
     if len(plain) < PACK_TRAILER_HEAD.size:
         raise IntegrityError(f"{what} is truncated")
     magic, version, count, deltas = PACK_TRAILER_HEAD.unpack_from(plain)
@@ -229,7 +248,6 @@ def read_pack_trailer(storage: Storage, envelope: Envelope, pack_id: bytes) -> l
     bases = decode_bases(plain, pos + count * PACK_TRAILER_ENTRY.size, deltas, [r[3] for r in rows], what)
     out = []
     for i, (cid, off, length, info) in enumerate(rows):
-        if off < PACK_HEADER.size or off + length > t_off:
-            raise IntegrityError(f"{what} points outside the pack")
+        check_entry(what, i, off, length, info & INFO_LENGTH_MASK, t_off)
         out.append((cid, BlobLocation(pack_id, off, length, info & INFO_LENGTH_MASK, bases.get(i))))
     return out

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from imgbackup import __version__, audit, interrupts
 from imgbackup.crypto.envelope import Envelope
-from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
+from imgbackup.crypto.keys import KeySet, parse_key_file, unwrap_keys, wrap_keys
 from imgbackup.errors import (
     AppendOnly,
     ImageHeld,
@@ -28,7 +28,16 @@ from imgbackup.errors import (
     WrongPassphrase,
 )
 from imgbackup.repository.catalog import Catalog, CatalogView
-from imgbackup.repository.config import CONFIG_NAME, LOCK_MODES, MAX_CHUNK, MIN_CHUNK, RepoConfig
+from imgbackup.repository.config import (
+    CONFIG_NAME,
+    ENCRYPTIONS,
+    LOCK_MODES,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    RepoConfig,
+    check_config_mac,
+    peek_config,
+)
 from imgbackup.repository.damage import DamageLog
 from imgbackup.repository.holds import Hold, HoldStore, holds_in_force
 from imgbackup.repository.images import ImageStore
@@ -37,7 +46,6 @@ from imgbackup.repository.lock import RepositoryLock, put_reserve
 from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
-ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
 FOLDERS = ("packs", "index", "images", "locks", "damage", "catalog", "holds")
@@ -165,23 +173,24 @@ class Repository:
             raw = storage.get(CONFIG_NAME)
         except ObjectMissing:
             raise RepositoryNotFound(f"no imgbackup repository at {storage.location}") from None
-        config, mac = RepoConfig.peek(raw)
-        repo_id = bytes.fromhex(config.id)
+        doc, mac = peek_config(raw)
+        repo_id = bytes.fromhex(doc["id"])
         try:
-            keydoc = json.loads(storage.get(_keyfile_name(config.id)))
+            raw_keys = storage.get(_keyfile_name(doc["id"]))
         except ObjectMissing:
-            raise IntegrityError(f"repository key file {_keyfile_name(config.id)} is missing") from None
-        except ValueError:
-            raise IntegrityError("repository key file is damaged (not JSON)") from None
+            raise IntegrityError(f"repository key file {_keyfile_name(doc['id'])} is missing") from None
+        keydoc = parse_key_file(raw_keys, f"key file {_keyfile_name(doc['id'])}")
         try:
-            secret = None if keydoc.get("kdf") is None else passphrase()
+            secret = None if keydoc["kdf"] is None else passphrase()
             keys = unwrap_keys(keydoc, secret, repo_id)
         except WrongPassphrase as exc:
-            audit.emit("passphrase_failed", "failed", repository=config.id, location=storage.location, error=str(exc))
+            audit.emit("passphrase_failed", "failed", repository=doc["id"], location=storage.location, error=str(exc))
             raise
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(f"repository key file is damaged ({exc})") from None
-        config.check_mac(mac, keys.mac_key)
+        check_config_mac(doc, mac, keys.mac_key)      # before any other field of the config is used
+        config = RepoConfig.from_document(doc)
+        if (config.encryption == "none") != (keydoc["kdf"] is None):
+            raise IntegrityError(f"repository key file {_keyfile_name(doc['id'])} does not match the config's "
+                                 f"encryption {config.encryption!r} (replaced or tampered with)")
         if config.object_lock:
             use = getattr(storage, "use_object_lock", None)
             if use is not None:

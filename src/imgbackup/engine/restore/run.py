@@ -37,6 +37,7 @@ from imgbackup.engine.restore.resize import grow_filesystem, shrink_ext_file
 from imgbackup.engine.restore.target import open_for_writing
 from imgbackup.engine.restore.write import (
     check_digest,
+    check_lengths,
     clear_unwritten,
     write_delta,
     write_slots,
@@ -113,6 +114,7 @@ class _Restore:
     def write(self, tmp: str) -> None:
         """Steps 1-5 of the module docstring; a new target file is removed when one fails."""
         plan, image, target = self.plan, self.plan.image, self.plan.target
+        check_lengths(self.reader, image)
         if target.exists:
             self.reader.authenticate_all((bytes(row) for row in image.ids), self.pool)
         shrunk = self._shrink_in_temp(tmp) if plan.fit.fs_shrink else None
