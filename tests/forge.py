@@ -25,6 +25,11 @@ from imgbackup.format.layout import (
 )
 
 
+def _version_of(head: bytes) -> int:
+    """The image head's version field, kept as the repository wrote it."""
+    return IMAGE_HEAD.unpack_from(head)[1]
+
+
 def unseal(blob: bytes) -> tuple[int, int, bytes]:
     """(object type, compression, plaintext) of an algorithm-0 envelope (decompressed if zstd)."""
     _version, otype, alg, comp, _key_id, _nonce = ENVELOPE_HEADER.unpack_from(blob)
@@ -70,7 +75,7 @@ class ForgedImage:
             header = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
         sealed_header = seal(OBJ_IMAGE_HEADER, self.oid, header)
         sealed_body = body_sealed if body_sealed is not None else seal(OBJ_IMAGE_BODY, self.oid, self.body)
-        self.path.write_bytes(struct.pack("<8sHxxI", self.head[:8], 2, len(sealed_header))
+        self.path.write_bytes(struct.pack("<8sHxxI", self.head[:8], _version_of(self.head), len(sealed_header))
                               + sealed_header + sealed_body)
 
 

@@ -18,7 +18,13 @@ from tests.forge import seal
 from tests.malformed import build_base, copy_repo, run_cli
 from tests.support import MIB, cli, need_tool, run
 
-from imgbackup.format.layout import IMAGE_HEAD, OBJ_CHUNK_INDEX, OBJ_IMAGE_BODY, OBJ_IMAGE_HEADER
+from imgbackup.format.layout import (
+    FORMAT_VERSION,
+    IMAGE_HEAD,
+    OBJ_CHUNK_INDEX,
+    OBJ_IMAGE_BODY,
+    OBJ_IMAGE_HEADER,
+)
 
 SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -134,7 +140,7 @@ def test_forged_algorithm_0_image_is_refused_in_an_encrypted_repository(bases, t
     header = opened.envelope.open(OBJ_IMAGE_HEADER, oid, raw[IMAGE_HEAD.size:IMAGE_HEAD.size + hlen], "header")
     body = opened.envelope.open(OBJ_IMAGE_BODY, oid, raw[IMAGE_HEAD.size + hlen:], "body")
     forged_header = seal(OBJ_IMAGE_HEADER, oid, header)
-    path.write_bytes(IMAGE_HEAD.pack(b"IMGBIMG1", 2, len(forged_header)) + forged_header
+    path.write_bytes(IMAGE_HEAD.pack(b"IMGBIMG1", FORMAT_VERSION, len(forged_header)) + forged_header
                      + seal(OBJ_IMAGE_BODY, oid, body))
     for args in (["info", image_id], ["restore", image_id, tmp_path / "out.img"]):
         proc = cli(*args, repo=repo)

@@ -22,7 +22,7 @@ from tests.forge import (
 from tests.malformed import COMMANDS, build_base, copy_repo, run_all, run_cli
 from tests.support import cli
 
-from imgbackup.format.layout import OBJ_IMAGE_BODY, OBJ_IMAGE_HEADER
+from imgbackup.format.layout import FORMAT_VERSION, OBJ_IMAGE_BODY, OBJ_IMAGE_HEADER
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_zstd_frame_declaring_a_huge_size_is_not_allocated(base, repo: Path, tmp
         image.save(header=None, body_sealed=sealed_body)
         raw = image.path.read_bytes()
         head = seal(OBJ_IMAGE_HEADER, image.oid, bomb, comp=1)
-        image.path.write_bytes(raw[:8] + struct.pack("<HxxI", 2, len(head)) + head + sealed_body)
+        image.path.write_bytes(raw[:8] + struct.pack("<HxxI", FORMAT_VERSION, len(head)) + head + sealed_body)
     else:
         image.save(body_sealed=seal(OBJ_IMAGE_BODY, image.oid, bomb, comp=1))
     outcomes = run_all(repo, base["full"], tmp_path)
