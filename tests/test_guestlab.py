@@ -71,10 +71,13 @@ def test_lvm_snapshot_backup_while_a_writer_runs(guest: Guest) -> None:
           "lvcreate -qq -L 64M -n data labvg && mkfs.ext4 -q /dev/labvg/data && mkdir -p /mnt/data && "
           "mount /dev/labvg/data /mnt/data", 120).check()
     g.put_file("/root/writer.sh", b"i=0\nwhile :; do dd if=/dev/urandom of=/mnt/data/f$((i % 6)) bs=64k "
-               b"count=8 conv=fsync 2>/dev/null; i=$((i + 1)); echo $i > /root/writes; done\n")
+               b"count=8 conv=fsync 2>/dev/null; i=$((i + 1)); echo $i > /root/writes.new; "
+               b"mv /root/writes.new /root/writes; done\n")   # renamed: a reader never sees it empty
     g.put_file("/root/hook.sh", b'#!/bin/sh\nsha256sum "$1" | cut -d" " -f1 > /root/snap.sha\n'
                b'cat /root/writes > /root/writes-at-snap\n', mode="755")
-    g.run("setsid sh /root/writer.sh >/dev/null 2>&1 & echo $! > /root/writer.pid; sleep 2").check()
+    # the backup starts once the writer has finished a write (under TCG the first one can take seconds)
+    g.run("setsid sh /root/writer.sh >/dev/null 2>&1 & echo $! > /root/writer.pid; "
+          "until [ -s /root/writes ]; do sleep 0.2; done; sleep 1", 120).check()
     doc = _json(g, "IMGBACKUP_SNAPSHOT_HOOK=/root/hook.sh imgbackup backup /dev/labvg/data --snapshot lvm "
                    "--all-blocks --json", 300)
     assert doc["name"] == "data" and _snapshots(g) == []

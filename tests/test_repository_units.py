@@ -11,9 +11,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -328,6 +330,52 @@ def test_pack_writer_commits_packs_in_background_and_counts_them_only_once_store
     for pack_id in {loc.pack_id for loc in writer.written.values()}:
         assert {cid for cid, _ in read_pack_trailer(storage, envelope, pack_id)} <= set(blobs)
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+class _GatedStorage(DirectoryStorage):
+    """A directory whose commits wait at a gate: holds a pack commit open while a real signal lands."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = threading.Event()
+        self.committing = threading.Event()
+
+    def open_writer(self, name: str):
+        inner, storage = super().open_writer(name), self
+
+        class Gated:
+            def write(self, data) -> None:
+                inner.write(data)
+
+            def commit(self) -> None:
+                storage.committing.set()
+                storage.gate.wait(30)
+                inner.commit()
+
+            def abort(self) -> None:
+                inner.abort()
+        return Gated()
+
+
+def test_a_ctrl_c_while_waiting_for_a_pack_commit_never_loses_track_of_that_pack(tmp_path: Path) -> None:
+    """A SIGINT that interrupts the wait for a commit leaves the commit listed: abort() waits for it
+    and reports its pack as written, so a failed backup's clean-up removes it (CI saw one left)."""
+    storage = _GatedStorage(tmp_path)
+    envelope = Envelope(KEY)
+    writer = PackWriter(storage, envelope, target_size=1 << 20)
+    cid = hashlib.sha256(b"one").digest()
+    writer.add(cid, envelope.seal(OBJ_CHUNK, cid, os.urandom(1000)), 1000)
+    main = threading.main_thread().ident
+    signaller = threading.Thread(target=lambda: (storage.committing.wait(30), time.sleep(0.2),
+                                                 signal.pthread_kill(main, signal.SIGINT)))
+    signaller.start()
+    with pytest.raises(KeyboardInterrupt):
+        writer.flush()                          # interrupted inside the join of the running commit
+    signaller.join()
+    storage.gate.set()
+    writer.abort()                              # waits for the commit, which then lands
+    assert set(writer.written) == {cid}
+    assert [pack_name(loc.pack_id) for loc in writer.written.values()] == list(storage.list("packs"))
 
 
 def test_delta_bases_survive_pack_trailers_and_chunk_index_files(tmp_path: Path) -> None:

@@ -154,19 +154,23 @@ class PackWriter:
         locations = {cid: BlobLocation(self._pack_id, off, length, raw, base)
                      for cid, off, length, raw, base in self._entries}
         size = self._used + len(sealed) + PACK_FOOTER.size
-        self._commits.append(_Commit(self.storage, pack_name(self._pack_id), out, locations, size))
+        commit = _Commit(self.storage, pack_name(self._pack_id), out, locations, size)
+        self._commits.append(commit)   # listed before it starts: an interrupt can never lose track of it
+        commit.start()
 
     def collect(self, outstanding: int = 0) -> None:
         """Take in every finished commit, then wait until at most ``outstanding`` are left; a failed
         commit raises here."""
         for commit in [c for c in self._commits if c.done()]:
-            self._commits.remove(commit)
             self._finish(commit)
         while len(self._commits) > outstanding:
-            self._finish(self._commits.popleft())
+            self._finish(self._commits[0])
 
     def _finish(self, commit: _Commit) -> None:
+        # Taken off the list only once joined: a Ctrl-C that interrupts the join leaves it listed,
+        # so abort() still waits for it and the caller's clean-up learns of its pack.
         commit.join()
+        self._commits.remove(commit)
         self.written.update(commit.locations)
         self.bytes_written += commit.size
         self.packs_written += 1
@@ -188,8 +192,12 @@ class PackWriter:
             self._out.abort()
             self._out = None
         while self._commits:
+            commit = self._commits.popleft()
             with contextlib.suppress(Exception):
-                self._finish(self._commits.popleft())
+                commit.join()
+            # even a failed commit may have stored its pack (e.g. its size check failed): the
+            # caller's clean-up removes it, and an absent one is skipped there
+            self.written.update(commit.locations)
 
 
 class _Commit:
@@ -202,8 +210,14 @@ class _Commit:
         self.name = name
         self.locations = locations
         self.size = size
+        self._out = out
         self._error: BaseException | None = None
+        # Its own flag, not Thread.join: Python 3.11 marks a thread stopped when a signal interrupts
+        # a join of it (threading's bpo-45274 clean-up), though it still runs.
+        self._finished = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(out,), name="imgbackup-pack-commit", daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def _run(self, out: ObjectWriter) -> None:
@@ -212,12 +226,17 @@ class _Commit:
             confirm_stored(self.storage, self.name, self.size)
         except BaseException as exc:
             self._error = exc
+        finally:
+            self._finished.set()
 
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self._finished.is_set()
 
     def join(self) -> None:
-        self._thread.join()
+        if self._thread.ident is None:       # interrupted before it started: nothing was stored
+            self._out.abort()
+            raise RuntimeError(f"the commit of {self.name} never started")
+        self._finished.wait()
         if self._error is not None:
             raise self._error
 
