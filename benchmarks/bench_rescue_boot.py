@@ -13,6 +13,7 @@ commands take to start there. Prints a Markdown table on stdout and writes the r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -74,6 +75,14 @@ def measure(iso: Path, work: Path, results: dict, key: str, ready: threading.Bar
     """One lab boot of ``iso``: every probe and boot step into ``results[key]``. The command probes
     start when every guest is booted and settled (``ready``), so no guest times a start while
     another is still booting beside it."""
+    try:
+        _measure(iso, work, results, key, ready)
+    except BaseException:
+        ready.abort()           # the other guests do not wait for this one
+        raise
+
+
+def _measure(iso: Path, work: Path, results: dict, key: str, ready: threading.Barrier) -> None:
     work.mkdir(parents=True, exist_ok=True)
     disk = work / "disk.img"
     with open(disk, "wb") as f:
@@ -87,7 +96,8 @@ def measure(iso: Path, work: Path, results: dict, key: str, ready: threading.Bar
             for name, command in PROBES[:2]:
                 row[name] = _number(g.run(command, 600).output)
         finally:
-            ready.wait()
+            with contextlib.suppress(threading.BrokenBarrierError):
+                ready.wait()
         for name, command in PROBES[2:]:
             row[name] = _number(g.run(command, 600).output)
         row.update(_boot_steps(g))
