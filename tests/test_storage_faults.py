@@ -45,6 +45,7 @@ def _source(path: Path, seed: int, changed: tuple[int, ...] = ()) -> Path:
 def _snapshot(storage: MemoryStorage) -> MemoryStorage:
     copy = MemoryStorage()
     copy.objects = dict(storage.objects)
+    copy.times = dict(storage.times)
     return copy
 
 

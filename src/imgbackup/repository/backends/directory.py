@@ -111,6 +111,30 @@ class DirectoryStorage:
         except OSError as exc:
             raise _storage_error(exc, name) from None
 
+    def modified(self, name: str) -> float:
+        """The file's mtime: set by the kernel (or an NFS server) from the storage's own clock."""
+        try:
+            return self._path(name).stat().st_mtime
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {name} is missing") from None
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def now(self) -> float:
+        """The clock the directory's mtimes come from: the mtime of a file created for the purpose
+        (on NFS the server's clock, not this host's; a faked process clock does not change it)."""
+        probe = self.root / f".clock{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self._make_dirs(self.root)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                return os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+                probe.unlink()
+        except OSError as exc:
+            raise _storage_error(exc, "the storage clock probe") from None
+
     def exists(self, name: str) -> bool:
         try:
             self.size(name)
@@ -144,17 +168,25 @@ class DirectoryStorage:
         except OSError as exc:
             raise _storage_error(exc, name) from None
 
-    def remove_incomplete_writes(self, folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> int:
-        """Delete temp files of interrupted writes; call only while holding the repository lock."""
+    def remove_incomplete_writes(self, older_than: float = 0.0,
+                                 folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> int:
+        """Delete temp files of interrupted writes not written to for ``older_than`` seconds (a live
+        writer's temp file is touched by every write); only under the exclusive lease."""
         removed = 0
+        cutoff = self.now() - older_than if older_than > 0 else None
         try:
             for dirpath, _dirs, files in (w for folder in folders for w in os.walk(self.root / folder)):
                 for f in files:
-                    if TEMP_MARK in f:
-                        os.unlink(os.path.join(dirpath, f))
-                        removed += 1
-        except FileNotFoundError:
-            pass
+                    if TEMP_MARK not in f:
+                        continue
+                    path = os.path.join(dirpath, f)
+                    try:
+                        if cutoff is not None and os.lstat(path).st_mtime > cutoff:
+                            continue
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        continue
+                    removed += 1
         except OSError as exc:
             raise _storage_error(exc, "the removal of interrupted writes") from None
         return removed
