@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, NameOption, RepoOption, YesOption, emit_json, human, open_repo
+from imgbackup.cli.common import (
+    JsonOption,
+    LockWaitOption,
+    NameOption,
+    RepoOption,
+    YesOption,
+    emit_json,
+    human,
+    open_repo,
+)
 from imgbackup.engine.delete import delete_images
 from imgbackup.engine.diff import diff_images
 from imgbackup.errors import UsageError
@@ -18,6 +27,7 @@ def delete(
     repo: RepoOption = None,
     name: NameOption = None,
     yes: YesOption = False,
+    lock_wait: LockWaitOption = 0.0,
     json_out: JsonOption = False,
 ) -> None:
     """Delete images and every chunk that only they referenced."""
@@ -29,7 +39,7 @@ def delete(
         if not sys.stdin.isatty():
             raise UsageError("refusing to delete images without --yes (no terminal to ask on)")
         typer.confirm(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}?", abort=True)
-    result = delete_images(r, ids)
+    result = delete_images(r, ids, lock_wait)
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:

@@ -84,13 +84,24 @@ def info(
         typer.echo(f"{key}: {meta[key]}")
 
 
-def break_lock_cmd(repo: RepoOption = None, json_out: JsonOption = False) -> None:
-    """Remove a repository lock left behind by a process that is gone."""
-    held = break_lock(open_storage(repo_path(repo), for_writing=True))
+def break_lock_cmd(
+    repo: RepoOption = None,
+    sessions: Annotated[bool, typer.Option("--sessions", help="Also remove every backup's lease (a live "
+                                           "backup then stops without committing).")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Remove the exclusive lease of delete/compact/repair (and takeover claims), whoever holds it.
+
+    Not needed after a crash: a lease nobody refreshes clears itself once it expires."""
+    removed = break_lock(open_storage(repo_path(repo), for_writing=True), sessions=sessions)
     if json_out:
-        emit_json({"removed": held.__dict__ if held else None})
-    else:
-        typer.echo(f"removed lock held by {held.describe()}" if held else "repository was not locked")
+        emit_json({"removed": [{"name": s.name, "age_s": round(s.age, 1), **(s.info.__dict__ if s.info else {})}
+                               for s in removed]})
+        return
+    for state in removed:
+        typer.echo(f"removed {state.name}: {state.describe()}")
+    if not removed:
+        typer.echo("repository was not locked")
 
 
 def register(app: typer.Typer) -> None:

@@ -39,11 +39,10 @@ def _referenced(repo: Repository) -> set[bytes] | None:
     return ids
 
 
-def delete_images(repo: Repository, image_ids: list[str]) -> DeleteResult:
+def delete_images(repo: Repository, image_ids: list[str], lock_wait: float = 0.0) -> DeleteResult:
     started = time.monotonic()
     result = DeleteResult(deleted=list(image_ids))
-    with repo.lock("delete"):
-        repo.remove_temp_files()
+    with repo.lock("delete", lock_wait):
         for image_id in image_ids:
             repo.images.delete(image_id)
         live = _referenced(repo)

@@ -20,7 +20,8 @@ from imgbackup.errors import (
 from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.images import ImageStore
-from imgbackup.repository.lock import RepositoryLock
+from imgbackup.repository.lease import Lease
+from imgbackup.repository.lock import open_session, take_exclusive
 from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
@@ -108,8 +109,13 @@ class Repository:
         config.check_mac(mac, keys.mac_key)
         return cls(storage, config, keys, storage.location)
 
-    def lock(self, command: str = "") -> RepositoryLock:
-        return RepositoryLock(self.storage, command)
+    def session(self, command: str) -> Lease:
+        """A backup's lease: shared with every other backup, never waits (lock.py)."""
+        return open_session(self.storage, command)
+
+    def lock(self, command: str = "", wait: float = 0.0) -> Lease:
+        """The exclusive lease of the commands that remove data; waits up to ``wait`` seconds."""
+        return take_exclusive(self.storage, command, wait)
 
     def chunk_index(self) -> ChunkIndex:
         if self._chunks is None:
@@ -124,9 +130,10 @@ class Repository:
         """Record where new chunks live (after their packs are stored); returns the bytes written."""
         return self.chunk_index().store(self.storage, self.envelope, locations)
 
-    def remove_temp_files(self) -> int:
-        """Remove what killed writers left (temp files, multipart uploads); only under the lock."""
-        return self.storage.remove_incomplete_writes()
+    def remove_temp_files(self, older_than: float) -> int:
+        """Remove what killed writers left (temp files, multipart uploads) untouched for ``older_than``
+        seconds by the storage's clock; only under the exclusive lease."""
+        return self.storage.remove_incomplete_writes(older_than)
 
     def new_image_meta(self, **fields) -> dict:
         from imgbackup.format.layout import FORMAT_VERSION

@@ -26,6 +26,7 @@ from imgbackup.errors import IntegrityError, SourceError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import OBJ_CHUNK, SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
+from imgbackup.repository.lease import Lease
 from imgbackup.repository.repo import Repository
 
 SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
@@ -36,11 +37,17 @@ READ_AHEAD = 2               # segments read and waiting for a worker
 class ChunkStore:
     """Stores each chunk new to the repository once, however many segments or tasks hold it."""
 
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: Repository, lease: Lease | None = None) -> None:
         self.known = repo.chunk_index()
         self.claimed: set[bytes] = set()
         self._lock = threading.Lock()
         self.packs = repo.pack_writer()
+        self.lease = lease
+
+    def check(self) -> None:
+        """Stop early when the backup's lease is lost: nothing it writes could be committed."""
+        if self.lease is not None and self.lease.lost:
+            self.lease.check()
 
     def is_new(self, chunk_id: bytes) -> bool:
         return chunk_id not in self.known and chunk_id not in self.claimed
@@ -56,6 +63,8 @@ class ChunkStore:
     def finish(self, repo: Repository) -> int:
         """Commit the last pack, then the chunk-index file naming the new packs; bytes written."""
         self.packs.flush()
+        if self.lease is not None:
+            self.lease.check()
         return self.packs.bytes_written + repo.store_chunk_index(self.packs.written)
 
     def abort(self) -> None:
@@ -164,6 +173,7 @@ class Ingest:
                 self.store.packs.add(cid, blob, raw_length)
             bytes_read += len(seg.data)
             reader.release(seg)
+            self.store.check()
             if progress:
                 progress(len(seg.data))
 

@@ -24,6 +24,7 @@ from imgbackup.engine.backup.snapshot import Snapshot, check_still_valid, snapsh
 from imgbackup.errors import SourceError, UsageError
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
+from imgbackup.repository.lease import Lease, LeaseLost
 from imgbackup.repository.repo import Repository
 
 BACKUP_TYPES = ("auto", "full", "incremental", "differential")
@@ -124,8 +125,8 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
     started = time.monotonic()
     name = req.name or default_name(req.source)
     warnings = check_source_not_live(read_path, req.allow_mounted)
-    with open_source(read_path) as source, repo.lock(f"backup {req.source}"):
-        repo.remove_temp_files()
+    with open_source(read_path) as source, repo.session(f"backup {req.source}") as lease:
+        warnings += lease.warnings
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
         chunk = repo.chunk_size
@@ -133,7 +134,7 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
-            store = ChunkStore(repo)
+            store = ChunkStore(repo, lease)
             match = ParentMatch(repo, plan, parent)
             ingest = Ingest(repo, source, plan, store, match, pool)
             try:
@@ -160,7 +161,7 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
         index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
         if snap is not None:
             check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
-        stored += repo.images.write(index)
+        stored += _commit_image(repo, lease, index)
     return BackupResult(
         id=meta["id"], type=btype, parent=meta["parent"], name=name, source=req.source,
         source_size=source.size, bytes_read=bytes_read, bytes_stored=stored,
@@ -169,6 +170,19 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
         chunks_unused=int(np.count_nonzero(kinds == SLOT_UNUSED)),
         chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), warnings=warnings,
     )
+
+
+def _commit_image(repo: Repository, lease: Lease, index: ImageIndex) -> int:
+    """Write the image index only while the lease lives, and withdraw it unless the lease lived until
+    after the write: a lease lost in between may have let a collection remove chunks it names."""
+    lease.check()
+    written = repo.images.write(index)
+    try:
+        lease.confirm()
+    except LeaseLost:
+        repo.images.delete(index.meta["id"])
+        raise
+    return written
 
 
 def _change_mask(req: BackupRequest, source: Source, chunk: int, parent: ImageIndex | None) -> np.ndarray | None:
