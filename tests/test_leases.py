@@ -92,9 +92,8 @@ def test_backups_share_the_repository_and_never_wait_for_a_remover(store) -> Non
         for s in sessions:
             s.release()
     assert list(store.list("locks")) == []
-    with open_session(store, "backup", ttl=TTL):
-        with take_exclusive(store, "delete", ttl=TTL):   # a remover does not wait for backups either
-            pass
+    with open_session(store, "backup", ttl=TTL), take_exclusive(store, "delete", ttl=TTL):
+        pass                                         # a remover does not wait for backups either
 
 
 @pytest.mark.parametrize("case", ["dead pid", "reused pid", "rebooted"])
