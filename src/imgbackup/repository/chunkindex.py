@@ -1,13 +1,23 @@
-"""ChunkIndex: where each stored chunk lives (pack, offset, length), from the chunk-index files.
+"""ChunkIndex: where each stored chunk lives, from the chunk-index files, as a sorted native table.
 
 Each backup writes one chunk-index file for the packs it stored, after those packs and before its
-image index. Chunks in packs that no index file names (a backup killed in between) are unknown,
-so they are simply stored again by the next backup.
+image index. Chunks in packs that no index file names (a backup killed in between) are unknown, so
+the next backup simply stores them again.
+
+The union of the files is held as a ``ChunkTable`` (chunktable.py: 48 bytes per chunk, lookups of a
+whole segment of ids in one native call) and kept in a local cache (indexcache.py) that is used
+only while the listing of ``index/`` matches it, plus the files added since. A chunk may have
+several copies (stored twice by two hosts at once, or again after an interrupted backup): all are
+valid; one is handed out, the others are spare. ``exclude`` takes copies out of what is handed out
+(damage records, packs that are gone, a collection's marks): a chunk whose copies are all excluded
+is unknown to a backup, which stores it again.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -20,24 +30,44 @@ from imgbackup.format.layout import (
     FORMAT_VERSION,
     OBJ_CHUNK_INDEX,
 )
+from imgbackup.repository.chunktable import (
+    BASE_ROW_SIZE,
+    INFO_LENGTH_MASK,
+    ROW_DTYPE,
+    ChunkTable,
+    RowBuffer,
+    empty_rows,
+)
+from imgbackup.repository.indexcache import IndexCache
 from imgbackup.repository.packs import BlobLocation
-from imgbackup.repository.storage import Storage, confirm_stored
+from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
 ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("raw", "<u4")])
 assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size
+INDEX_FOLDER = "index"
+READ_THREADS = 8             # index files fetched at once: a bucket answers each GET in ~10 ms
+MAX_ENTRIES_PER_FILE = 1 << 20   # ~50 MiB per file: a merged index of a huge repository stays in pieces
 
 
-def encode_chunk_index(locations: dict[bytes, BlobLocation]) -> bytes:
-    packs = sorted({loc.pack_id for loc in locations.values()})
+def file_id_of(name: str) -> bytes:
+    return bytes.fromhex(name.rsplit("/", 1)[1])
+
+
+def encode_chunk_index(locations: dict[bytes, BlobLocation] | Iterable[tuple[bytes, BlobLocation]]) -> bytes:
+    """One file's plaintext; ``locations`` may name a chunk more than once (copies, each valid)."""
+    rows = sorted(locations.items() if isinstance(locations, dict) else locations,
+                  key=lambda row: (row[0], row[1].pack_id, row[1].offset))
+    packs = sorted({loc.pack_id for _, loc in rows})
     number = {p: i for i, p in enumerate(packs)}
-    entries = np.zeros(len(locations), ENTRY_DTYPE)
-    for i, (cid, loc) in enumerate(sorted(locations.items())):
+    entries = np.zeros(len(rows), ENTRY_DTYPE)
+    for i, (cid, loc) in enumerate(rows):
         entries[i] = (cid, number[loc.pack_id], loc.offset, loc.length, loc.raw_length)
     head = CHUNK_INDEX_HEAD.pack(CHUNK_INDEX_MAGIC, FORMAT_VERSION, len(packs), len(entries))
     return head + b"".join(packs) + entries.tobytes()
 
 
-def decode_chunk_index(plain: bytes, name: str) -> dict[bytes, BlobLocation]:
+def decode_rows(plain: bytes, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One file's plaintext as (rows with the file's own pack numbers, pack ids (P, 32), base rows)."""
     if len(plain) < CHUNK_INDEX_HEAD.size:
         raise IntegrityError(f"chunk index {name} is truncated")
     magic, version, n_packs, n_entries = CHUNK_INDEX_HEAD.unpack_from(plain)
@@ -46,51 +76,176 @@ def decode_chunk_index(plain: bytes, name: str) -> dict[bytes, BlobLocation]:
         raise IntegrityError(f"chunk index {name} has a bad header")
     if len(plain) != pos + 32 * n_packs + ENTRY_DTYPE.itemsize * n_entries:
         raise IntegrityError(f"chunk index {name} has the wrong length")
-    packs = [plain[pos + 32 * i : pos + 32 * (i + 1)] for i in range(n_packs)]
+    packs = np.frombuffer(plain, np.uint8, 32 * n_packs, pos).reshape(n_packs, 32)
     entries = np.frombuffer(plain, ENTRY_DTYPE, n_entries, pos + 32 * n_packs)
     if n_entries and int(entries["pack"].max()) >= n_packs:
         raise IntegrityError(f"chunk index {name} names a pack it does not list")
-    return {
-        bytes(e["id"]): BlobLocation(packs[int(e["pack"])], int(e["offset"]), int(e["length"]), int(e["raw"]))
-        for e in entries
-    }
+    if n_entries and (int(entries["offset"].max()) >= 1 << 32 or int(entries["raw"].max()) > INFO_LENGTH_MASK):
+        raise IntegrityError(f"chunk index {name} has an entry out of range")
+    rows = empty_rows(n_entries)
+    view = rows.view(ROW_DTYPE)[:, 0]
+    view["id"], view["pack"], view["offset"] = entries["id"], entries["pack"], entries["offset"]
+    view["length"], view["info"] = entries["length"], entries["raw"]
+    return rows, packs.copy(), np.zeros((0, BASE_ROW_SIZE), np.uint8)
+
+
+def decode_chunk_index(plain: bytes, name: str) -> list[tuple[bytes, BlobLocation]]:
+    """One file's entries as objects (for repair and tests; loading goes through decode_rows)."""
+    rows, packs, _bases = decode_rows(plain, name)
+    table = ChunkTable(rows, packs=packs)
+    return [*table.iter_rows(), *table.iter_rows("spare")]
+
+
+def read_index_file(storage: Storage, envelope: Envelope, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    plain = envelope.open(OBJ_CHUNK_INDEX, file_id_of(name), storage.get(name), f"chunk index {name}")
+    return decode_rows(plain, name)
+
+
+def write_index_files(storage: Storage, envelope: Envelope, rows: list[tuple[bytes, BlobLocation]],
+                      names: list[str] | None = None) -> tuple[list[str], int]:
+    """Store ``rows`` as new chunk-index file(s) of at most MAX_ENTRIES_PER_FILE; (names, bytes).
+    Each name is appended to ``names`` before its file is written (for a clean-up after a failure)."""
+    names = [] if names is None else names
+    first, written = len(names), 0
+    rows = sorted(rows, key=lambda row: row[0])
+    for start in range(0, len(rows), MAX_ENTRIES_PER_FILE):
+        file_id = os.urandom(32)
+        name = f"{INDEX_FOLDER}/{file_id.hex()}"
+        sealed = envelope.seal(OBJ_CHUNK_INDEX, file_id, encode_chunk_index(rows[start : start + MAX_ENTRIES_PER_FILE]))
+        names.append(name)
+        storage.put(name, sealed)
+        confirm_stored(storage, name, len(sealed))
+        written += len(sealed)
+    return names[first:], written
+
+
+def load_table(storage: Storage, envelope: Envelope, names: list[str], into: ChunkTable | None = None) -> ChunkTable:
+    """The union of the index files ``names`` (added to ``into``), fetched and opened on threads."""
+    buffer, packs, bases = RowBuffer(), [into.packs] if into is not None else [], []
+    pack_count = len(into.packs) if into is not None else 0
+
+    def fetch(name: str):
+        try:
+            return read_index_file(storage, envelope, name)
+        except IntegrityError as exc:
+            raise IntegrityError(exc.args[0], "run 'imgbackup repair --yes': it rebuilds the chunk index "
+                                 "from the packs") from None
+
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="imgbackup-index") as pool:
+        for rows, file_packs, file_bases in pool.map(fetch, names):
+            rows.view(ROW_DTYPE)[:, 0]["pack"] += pack_count
+            buffer.append(rows)
+            packs.append(file_packs)
+            bases.append(file_bases)
+            pack_count += len(file_packs)
+    all_packs = np.concatenate(packs) if packs else np.zeros((0, 32), np.uint8)
+    all_bases = np.concatenate(bases) if bases else np.zeros((0, BASE_ROW_SIZE), np.uint8)
+    if into is None:
+        return ChunkTable(buffer.take(), packs=all_packs, bases=all_bases)
+    into.packs = all_packs
+    into._pack_numbers = None
+    into.add(buffer.take(), all_bases)
+    return into
+
+
+class Locations(Mapping):
+    """``index.locations``: the handed-out copy of each chunk as a read-only mapping (id -> location)."""
+
+    def __init__(self, index: ChunkIndex) -> None:
+        self._index = index
+
+    def __getitem__(self, chunk_id: bytes) -> BlobLocation:
+        loc = self._index.get(chunk_id)
+        if loc is None:
+            raise KeyError(chunk_id)
+        return loc
+
+    def __contains__(self, chunk_id) -> bool:
+        return self._index.get(chunk_id) is not None
+
+    def __iter__(self) -> Iterator[bytes]:
+        for cid, _ in self.items():
+            yield cid
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def items(self):
+        yield from self._index.table.iter_rows()
+        yield from self._index.recent.items()
 
 
 class ChunkIndex:
-    """All known chunks of a repository. Loaded once per command; grows as a backup stores packs."""
+    """All known chunks of a repository: loaded once per command, grows as a backup stores packs."""
 
-    def __init__(self) -> None:
-        self.locations: dict[bytes, BlobLocation] = {}
-        self.files: list[str] = []
+    def __init__(self, table: ChunkTable | None = None, files: list[str] | None = None) -> None:
+        self.table = table if table is not None else ChunkTable()
+        self.files: list[str] = list(files or [])
+        self.recent: dict[bytes, BlobLocation] = {}     # stored by this process since the load
+        self.excluded_count = 0
 
     @classmethod
-    def load(cls, storage: Storage, envelope: Envelope) -> ChunkIndex:
-        index = cls()
-        for name in storage.list("index"):
-            file_id = bytes.fromhex(name.rsplit("/", 1)[1])
-            plain = envelope.open(OBJ_CHUNK_INDEX, file_id, storage.get(name), f"chunk index {name}")
-            index.locations.update(decode_chunk_index(plain, name))
-            index.files.append(name)
-        return index
+    def load(cls, storage: Storage, envelope: Envelope, cache: IndexCache | None = None) -> ChunkIndex:
+        """The union of all index files: from ``cache`` when it matches the listing (plus the files
+        added since), else read whole (and the cache rewritten)."""
+        names = sorted(storage.list(INDEX_FOLDER))
+        table = cache.load(names) if cache is not None else None
+        if table is not None:
+            added = [n for n in names if n not in cache.names]
+            if added:
+                load_table(storage, envelope, added, table)
+                if cache.worth_saving(len(added)):
+                    cache.save(table, names)
+        else:
+            table = _load_retrying(storage, envelope, names)
+            if cache is not None:
+                cache.save(table, names)
+        return cls(table, names)
 
     def __contains__(self, chunk_id: bytes) -> bool:
-        return chunk_id in self.locations
+        return chunk_id in self.recent or self.table.get(chunk_id) is not None
 
     def __len__(self) -> int:
-        return len(self.locations)
+        return len(self.table) + sum(1 for cid in self.recent if self.table.get(cid) is None)
+
+    @property
+    def locations(self) -> Locations:
+        return Locations(self)
 
     def get(self, chunk_id: bytes) -> BlobLocation | None:
-        return self.locations.get(chunk_id)
+        return self.recent.get(chunk_id) or self.table.get(chunk_id)
 
-    def store(self, storage: Storage, envelope: Envelope, new: dict[bytes, BlobLocation]) -> int:
+    def known(self, ids: np.ndarray) -> np.ndarray:
+        """For an (m, 32) array of ids: which are known (one native lookup, plus this run's own)."""
+        found = self.table.contains(ids)
+        if self.recent:
+            for i in np.flatnonzero(~found).tolist():
+                found[i] = ids[i].tobytes() in self.recent
+        return found
+
+    def exclude(self, keep_rows: np.ndarray, keep_spare: np.ndarray | None = None) -> int:
+        """Stop handing out the copies whose flag is False (a spare copy takes over); their count."""
+        dropped = int((~keep_rows).sum()) + (0 if keep_spare is None else int((~keep_spare).sum()))
+        self.table.remove(keep_rows, keep_spare)
+        self.excluded_count += dropped
+        return dropped
+
+    def store(self, storage: Storage, envelope: Envelope, new: dict[bytes, BlobLocation],
+              names: list[str] | None = None) -> int:
         """Write a chunk-index file for ``new`` and add it; returns the bytes written."""
         if not new:
             return 0
-        file_id = os.urandom(32)
-        name = f"index/{file_id.hex()}"
-        sealed = envelope.seal(OBJ_CHUNK_INDEX, file_id, encode_chunk_index(new))
-        storage.put(name, sealed)
-        confirm_stored(storage, name, len(sealed))
-        self.locations.update(new)
-        self.files.append(name)
-        return len(sealed)
+        names, written = write_index_files(storage, envelope, list(new.items()), names)
+        self.recent.update(new)
+        self.files.extend(names)
+        return written
+
+
+def _load_retrying(storage: Storage, envelope: Envelope, names: list[str]) -> ChunkTable:
+    """Read the files; one that vanished in between (a compaction replaced it) means list again."""
+    for _ in range(5):
+        try:
+            return load_table(storage, envelope, names)
+        except ObjectMissing:
+            names[:] = sorted(storage.list(INDEX_FOLDER))
+    return load_table(storage, envelope, names)

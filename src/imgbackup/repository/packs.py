@@ -39,6 +39,7 @@ class BlobLocation:
     offset: int
     length: int
     raw_length: int
+    base: bytes | None = None     # a delta's base chunk id (always a plain chunk); None: stored whole
 
 
 class PackWriter:

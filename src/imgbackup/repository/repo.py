@@ -20,6 +20,7 @@ from imgbackup.errors import (
 from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.images import ImageStore
+from imgbackup.repository.indexcache import IndexCache
 from imgbackup.repository.lease import Lease
 from imgbackup.repository.lock import open_session, take_exclusive
 from imgbackup.repository.packs import BlobLocation, PackWriter
@@ -117,9 +118,13 @@ class Repository:
         """The exclusive lease of the commands that remove data; waits up to ``wait`` seconds."""
         return take_exclusive(self.storage, command, wait)
 
+    def index_cache(self) -> IndexCache | None:
+        """The local cache of this repository's chunk index (None with IMGBACKUP_INDEX_CACHE=0)."""
+        return IndexCache(self.config.id, self.keys.mac_key) if IndexCache.enabled() else None
+
     def chunk_index(self) -> ChunkIndex:
         if self._chunks is None:
-            self._chunks = ChunkIndex.load(self.storage, self.envelope)
+            self._chunks = ChunkIndex.load(self.storage, self.envelope, self.index_cache())
         return self._chunks
 
     def pack_writer(self) -> PackWriter:

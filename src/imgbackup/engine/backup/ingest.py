@@ -138,9 +138,11 @@ class Ingest:
         first = seg.offset // chunk
         sealed: list[tuple[bytes, bytes, int]] = []
         reused: list[tuple[int, bytes]] = []
-        for i in np.flatnonzero(kinds == SLOT_DATA).tolist():
+        data_slots = np.flatnonzero(kinds == SLOT_DATA)
+        known = self.store.known.known(ids[data_slots]) if len(data_slots) else ()   # one native lookup
+        for i, seen in zip(data_slots.tolist(), list(known), strict=True):
             cid = ids[i].tobytes()
-            if not self.store.is_new(cid):
+            if seen or cid in self.store.claimed:
                 continue
             if (same := self.parent.match(first + i, cid)) is not None:
                 reused.append((i, same))
