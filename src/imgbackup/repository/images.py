@@ -6,6 +6,8 @@ indexed, so a half-written image never exists.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 
 from imgbackup.crypto.envelope import Envelope
@@ -23,6 +25,14 @@ from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
 def image_name(image_id: str) -> str:
     return f"images/{image_id}"
+
+
+def series_tag(id_key: bytes, hostname: str, name: str) -> str:
+    """The last 8 hex digits of the ids of one host's images of one source name: a keyed hash, so
+    the listing of images/ shows a backup its own series without reading another host's image (and
+    shows no one else which images belong together)."""
+    msg = b"imgbackup-series\0" + hostname.encode() + b"\0" + name.encode()
+    return hmac.digest(id_key, msg, hashlib.sha256)[:4].hex()
 
 
 @dataclass
@@ -123,13 +133,22 @@ class ImageStore:
                                 "give more characters of the id")
         return matches[0]
 
-    def latest_of(self, name: str, full_only: bool = False) -> dict | None:
-        """Newest readable image of a source name (optionally only full images): its metadata."""
-        for entry in reversed(self.entries()):
-            meta = entry.meta
-            if meta and meta.get("name") == name and (not full_only or meta.get("type") == "full"):
-                return meta
-        return None
+    def latest_of(self, name: str, full_only: bool = False, hostname: str | None = None,
+                  tag: str | None = None) -> dict | None:
+        """Newest readable image of a source name (of ``hostname`` only, if given; optionally only
+        full images): its metadata. With ``tag`` (series_tag) only the headers of images whose id
+        ends with it are read: a backup's work does not grow with other hosts' images."""
+        ids = [i for i in self.ids() if tag is None or i.endswith(tag)]
+        found = []
+        for image_id in ids:
+            try:
+                meta = self.read_meta(image_id)
+            except (IntegrityError, UnsupportedFormat, ImageNotFound):
+                continue
+            if (meta.get("name") == name and (hostname is None or meta.get("hostname") == hostname)
+                    and (not full_only or meta.get("type") == "full")):
+                found.append(meta)
+        return max(found, key=lambda m: m.get("created", 0.0)) if found else None
 
     def delete(self, image_id: str) -> None:
         self.storage.delete(image_name(image_id))

@@ -19,7 +19,7 @@ from imgbackup.errors import (
 )
 from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
-from imgbackup.repository.images import ImageStore
+from imgbackup.repository.images import ImageStore, series_tag
 from imgbackup.repository.indexcache import IndexCache
 from imgbackup.repository.lease import Lease
 from imgbackup.repository.lock import open_session, take_exclusive
@@ -140,14 +140,19 @@ class Repository:
         seconds by the storage's clock; only under the exclusive lease."""
         return self.storage.remove_incomplete_writes(older_than)
 
+    def series_tag(self, name: str) -> str:
+        """The id suffix of this host's images of source ``name`` (images.series_tag)."""
+        return series_tag(self.keys.id_key, socket.gethostname(), name)
+
     def new_image_meta(self, **fields) -> dict:
         from imgbackup.format.layout import FORMAT_VERSION
 
+        hostname = socket.gethostname()
         return {
             "version": FORMAT_VERSION,
-            "id": os.urandom(16).hex(),
+            "id": os.urandom(12).hex() + self.series_tag(str(fields.get("name", ""))),
             "created": time.time(),
-            "hostname": socket.gethostname(),
+            "hostname": hostname,
             "tool_version": __version__,
             "chunk_size": self.chunk_size,
             **fields,

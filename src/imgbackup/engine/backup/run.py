@@ -7,6 +7,7 @@ them, then the image index. Until the image index exists, nothing refers to the 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -86,7 +87,8 @@ def _choose_parent(repo: Repository, name: str, backup_type: str) -> tuple[str, 
         raise UsageError(f"unknown backup type {backup_type!r}; choose one of {', '.join(BACKUP_TYPES)}")
     if backup_type == "full":
         return "full", None
-    parent = repo.images.latest_of(name, full_only=backup_type == "differential")
+    parent = repo.images.latest_of(name, full_only=backup_type == "differential", hostname=socket.gethostname(),
+                                   tag=repo.series_tag(name))   # this host's own disk, never another's
     if parent is None:
         if backup_type == "auto":
             return "full", None
