@@ -66,6 +66,18 @@ def encode_chunk_index(locations: dict[bytes, BlobLocation] | Iterable[tuple[byt
     return head + b"".join(packs) + entries.tobytes()
 
 
+def encode_rows(rows: np.ndarray, packs: np.ndarray) -> bytes:
+    """One file's plaintext from table rows (sorted by id) whose pack numbers index ``packs``:
+    vectorized, for indexes of millions of entries (compaction, benchmarks)."""
+    view = rows.view(ROW_DTYPE)[:, 0] if len(rows) else np.zeros(0, ROW_DTYPE)
+    used, local = np.unique(view["pack"], return_inverse=True)
+    entries = np.zeros(len(rows), ENTRY_DTYPE)
+    entries["id"], entries["pack"], entries["offset"] = view["id"], local, view["offset"]
+    entries["length"], entries["raw"] = view["length"], view["info"] & INFO_LENGTH_MASK
+    head = CHUNK_INDEX_HEAD.pack(CHUNK_INDEX_MAGIC, FORMAT_VERSION, len(used), len(entries))
+    return head + packs[used.astype(np.int64)].tobytes() + entries.tobytes()
+
+
 def decode_rows(plain: bytes, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One file's plaintext as (rows with the file's own pack numbers, pack ids (P, 32), base rows)."""
     if len(plain) < CHUNK_INDEX_HEAD.size:
