@@ -28,6 +28,7 @@ JSON (--json-out, default benchmarks/results/index-TIMESTAMP.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -49,10 +50,8 @@ DUPLICATES = 0.01             # share of entries that are a second copy of anoth
 
 def drop_caches() -> None:
     os.sync()
-    try:
+    with contextlib.suppress(OSError):     # not root: the steps then run with a warm page cache
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
 
 
 # --- building the synthetic repository -----------------------------------------------------------
@@ -91,7 +90,10 @@ def build(repo_dir: Path, chunks: int, files: int, hosts: int) -> None:
         repo.storage.put(name, repo.envelope.seal(OBJ_CHUNK_INDEX, file_id, encode_rows(rows, packs)))
         if f % 200 == 0:
             print(f"  index object {f + 1}/{files} (host {f % hosts})", file=sys.stderr)
-    (repo_dir / ".bench-params").write_text(json.dumps({"chunks": chunks, "files": files, "hosts": hosts}))
+    from imgbackup.format.layout import FORMAT_VERSION
+
+    (repo_dir / ".bench-params").write_text(json.dumps({"chunks": chunks, "files": files, "hosts": hosts,
+                                                        "format": FORMAT_VERSION}))
 
 
 def add_one_file(repo_dir: Path, n: int) -> str:
@@ -119,7 +121,7 @@ def add_one_file(repo_dir: Path, n: int) -> str:
 def child_open(repo_dir: str, lookups: bool) -> dict:
     from imgbackup.repository.repo import Repository
 
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     repo = Repository.open(repo_dir, lambda: PASSPHRASE)
     t1, c1 = time.perf_counter(), time.process_time()
     index = repo.chunk_index()
@@ -236,7 +238,9 @@ def main() -> None:
         return
     work = Path(args.work) / f"index-{args.chunks}-{args.files}-{args.hosts}"
     repo_dir = work / "repo"
-    params = {"chunks": args.chunks, "files": args.files, "hosts": args.hosts}
+    from imgbackup.format.layout import FORMAT_VERSION
+
+    params = {"chunks": args.chunks, "files": args.files, "hosts": args.hosts, "format": FORMAT_VERSION}
     marker = repo_dir / ".bench-params"
     if not marker.exists() or json.loads(marker.read_text()) != params:
         print(f"building {repo_dir} ({args.chunks} entries in {args.files} index objects) ...", file=sys.stderr)

@@ -73,6 +73,51 @@ class Cat(Tool):
         return None
 
 
+HERE = Path(__file__).resolve().parent
+
+
+def imgbackup_python() -> str:
+    """The interpreter of the imgbackup on PATH (its venv), for the helpers that import imgbackup."""
+    import shutil
+    import sys
+
+    exe = shutil.which("imgbackup")
+    if exe:
+        with open(exe, "rb") as f:
+            first = f.readline().decode(errors="replace")
+        if first.startswith("#!") and "python" in first:
+            return first[2:].strip().split()[0]
+    return sys.executable
+
+
+class ReadUsed(Tool):
+    """The read ceiling of an incremental by hash: the used blocks imgbackup must read, cold."""
+    name = "read used blocks (ceiling)"
+    reads_all = False
+
+    def backup(self, ctx: Ctx, second: bool) -> str:
+        return f"{q(imgbackup_python())} {q(str(HERE / 'read_used.py'))} {q(str(ctx.disk))}"
+
+    def restore(self, ctx: Ctx) -> str | None:
+        return None
+
+
+class TrueChange(Tool):
+    """What the second state really changed: zstd -3 of the changed 4 KiB blocks (the change list)."""
+    name = "true change (zstd -3 of changed blocks)"
+    reads_all = False
+    needs_changes = True
+
+    def backup(self, ctx: Ctx, second: bool) -> str:
+        if not second:
+            return "true"
+        return (f"python3 {q(str(HERE / 'changed_blocks.py'))} {q(str(ctx.disk))} {q(str(ctx.changes))} "
+                f"| zstd -3 -q -c > {q(str(ctx.repo / 'true-change.zst'))}")
+
+    def restore(self, ctx: Ctx) -> str | None:
+        return None
+
+
 class Zstd(Tool):
     name = "zstd -T0 -3"
 
@@ -204,5 +249,5 @@ class ImgbackupFast(Imgbackup):
         return "imgbackup init --zstd-level 1 --json > /dev/null"
 
 
-ALL_TOOLS: list[Tool] = [Cat(), Zstd(), Borg(), Restic(), Partclone(), QemuImg(), Imgbackup(), ImgbackupChanges(),
+ALL_TOOLS: list[Tool] = [Cat(), ReadUsed(), TrueChange(), Zstd(), Borg(), Restic(), Partclone(), QemuImg(), Imgbackup(), ImgbackupChanges(),
                          ImgbackupFast()]

@@ -6,11 +6,24 @@ import statistics
 from collections import defaultdict
 
 IMGB, IMGB_CBT = "imgbackup", "imgbackup --changed-blocks"
+CEILINGS = ("cat (ceiling)", "read used blocks (ceiling)", "true change (zstd -3 of changed blocks)")
 MiB = 1 << 20
 
 
 def summarize(records: list[dict]) -> dict:
-    """Medians per (disk, tool, step), ratios on every disk, and the targets on the 4 GiB disk."""
+    """Medians per (disk, tool, step), ratios on every disk, and the targets on the 4 GiB disk.
+
+    Records of the command-level measurements (``disk`` = "mount" / "list") give their medians as extras.
+    """
+    extra = {}
+    for key, disk, field in (("mount_ratio", "mount", "ratio"), ("list_above_kdf_s", "list", "above_kdf_s"),
+                             ("list_above_kdf_wall_s", "list", "above_kdf_wall_s")):
+        vals = [r[field] for r in records if r.get("disk") == disk and r.get("ok") and field in r
+                and (disk != "list" or "kdf_cpu_s" in r)]   # earlier list records were wall-based
+        if vals:
+            extra[key] = statistics.median(vals)
+            extra[key + "_runs"] = [round(v, 3) for v in vals]
+    records = [r for r in records if r.get("disk") not in ("mount", "list")]
     groups: dict = defaultdict(list)
     for r in records:
         groups[(r["disk"], r["tool"], r["step"])].append(r)
@@ -27,7 +40,7 @@ def summarize(records: list[dict]) -> dict:
             m["check"] = ", ".join(checks)
         med[disk][tool][step] = m
     med = {d: dict(t) for d, t in med.items()}
-    return {"medians": med, "ratios": ratios(med), "targets": targets(med)}
+    return {"medians": med, "ratios": ratios(med), "targets": targets(med, extra), "extra": extra}
 
 
 def _get(med: dict, disk: str, tool: str, step: str, key: str = "wall_s") -> float | None:
@@ -39,7 +52,7 @@ def ratios(med: dict) -> dict:
     out: dict = {}
     for disk, tools in med.items():
         for peer in tools:
-            if peer.startswith(IMGB):
+            if peer.startswith(IMGB) or peer in CEILINGS[1:]:
                 continue
             for key, mine_tool, step in (("full", IMGB, "full"), ("second", IMGB, "second"),
                                          ("second_changes", IMGB_CBT, "second"), ("restore", IMGB, "restore")):
@@ -60,14 +73,45 @@ def _div(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def targets(med: dict) -> list[dict]:
-    """The issue's targets on the 4 GiB disk (and RSS on the 1 TiB one), each with PASS/FAIL."""
+READ_USED, TRUE_CHANGE = "read used blocks (ceiling)", "true change (zstd -3 of changed blocks)"
+
+
+def targets(med: dict, extra: dict | None = None) -> list[dict]:
+    """Issue 11's targets, then issue 4's, on the 4 GiB disk (RSS also on the 1 TiB one), PASS/FAIL."""
+    return targets11(med, extra or {}) + targets4(med)
+
+
+def targets11(med: dict, extra: dict) -> list[dict]:
     d = "disk4g"
     g = lambda tool, step, key="wall_s": _get(med, d, tool, step, key)  # noqa: E731
-    peers = [t for t in med.get(d, {}) if not t.startswith(IMGB) and not t.startswith("cat")]
-    restores = [g(p, "restore") for p in peers if g(p, "restore")]
     rss = [s.get("rss_mib", 0) for t in (IMGB, IMGB_CBT) for s in med.get(d, {}).get(t, {}).values()]
     rss1t = [s.get("rss_mib", 0) for s in med.get("sparse1t", {}).get(IMGB, {}).values()]
+    out = [
+        _target("full: imgbackup / cat of the whole disk, wall <= 1.5", _div(g(IMGB, "full"), g("cat (ceiling)", "full")),
+                1.5, False),
+        _target("full: partclone|zstd / imgbackup wall >= 3x", _div(g("partclone|zstd", "full"), g(IMGB, "full")), 3),
+        _target("full: stored imgbackup / partclone|zstd <= 1", _div(g(IMGB, "full", "stored"),
+                g("partclone|zstd", "full", "stored")), 1, False),
+        _target("second: added imgbackup / true change <= 1.3", _div(g(IMGB, "second", "added"),
+                g(TRUE_CHANGE, "second", "added")), 1.3, False),
+        _target("second by hash: imgbackup / read of the used blocks, wall <= 1.2",
+                _div(g(IMGB, "second"), g(READ_USED, "second")), 1.2, False),
+        _target("mount: hashing every file, mounted / original <= 1.5", extra.get("mount_ratio"), 1.5, False),
+        _target("list on a small repository, CPU-s above the KDF <= 0.15", extra.get("list_above_kdf_s"), 0.15, False),
+        _target("peak RSS on 4 GiB disk (MiB) <= 150", max(rss) if rss else None, 150, False),
+        _target("peak RSS on 1 TiB sparse disk (MiB) <= 300", max(rss1t) if rss1t else None, 300, False),
+    ]
+    for t in out:
+        t["issue"] = 11
+    return out
+
+
+def targets4(med: dict) -> list[dict]:
+    """Issue 4's targets (kept for comparison with earlier runs)."""
+    d = "disk4g"
+    g = lambda tool, step, key="wall_s": _get(med, d, tool, step, key)  # noqa: E731
+    peers = [t for t in med.get(d, {}) if not t.startswith(IMGB) and t not in CEILINGS]
+    restores = [g(p, "restore") for p in peers if g(p, "restore")]
     out = [
         _target("full: borg / imgbackup wall >= 4x", _div(g("borg", "full"), g(IMGB, "full")), 4),
         _target("full: partclone|zstd / imgbackup wall >= 3x", _div(g("partclone|zstd", "full"), g(IMGB, "full")), 3),
@@ -82,9 +126,9 @@ def targets(med: dict) -> list[dict]:
         _target("restore: restic / imgbackup wall >= 3x", _div(g("restic --stdin", "restore"), g(IMGB, "restore")), 3),
         _target("restore: fastest peer / imgbackup wall >= 1", _div(min(restores) if restores else None,
                 g(IMGB, "restore")), 1),
-        _target("peak RSS on 4 GiB disk (MiB) <= 150", max(rss) if rss else None, 150, False),
-        _target("peak RSS on 1 TiB sparse disk (MiB) <= 300", max(rss1t) if rss1t else None, 300, False),
     ]
+    for t in out:
+        t["issue"] = 4
     return out
 
 
@@ -128,7 +172,15 @@ def markdown(summary: dict, meta: dict) -> str:
                 lines.append(f"| {_md(peer)} | {x.get('full', '')} | {x.get('second', '')} | {x.get('second_changes', '')} "
                              f"| {x.get('restore', '')} |")
         lines.append("")
-    lines += ["### Targets (issue 4)", "", "| target | measured | result |", "|---|---:|---|"]
-    for t in summary["targets"]:
-        lines.append(f"| {_md(t['target'])} | {'' if t['value'] is None else t['value']} | {t['result']} |")
+    extra = summary.get("extra", {})
+    if extra:
+        lines += ["Command-level (medians): "
+                  + "; ".join(f"{k} {v}" for k, v in extra.items() if not k.endswith("_runs"))
+                  + " — runs: " + "; ".join(f"{k} {v}" for k, v in extra.items() if k.endswith("_runs")), ""]
+    for issue in (11, 4):
+        lines += [f"### Targets (issue {issue})", "", "| target | measured | result |", "|---|---:|---|"]
+        for t in summary["targets"]:
+            if t.get("issue", 4) == issue:
+                lines.append(f"| {_md(t['target'])} | {'' if t['value'] is None else t['value']} | {t['result']} |")
+        lines.append("")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -9,6 +10,10 @@ settings.register_profile("ci", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# Mount state and logs of this test run stay in its own temporary directory, so a second run on the
+# same machine (or a real mount of the host) neither sees nor disturbs them.
+os.environ.setdefault("IMGBACKUP_RUN_DIR", os.path.join(tempfile.gettempdir(), f"imgbackup-run-{os.getpid()}"))
 
 # Cheap KDF parameters for repositories created by tests; recorded in each key file.
 os.environ.setdefault("IMGBACKUP_TEST_CHEAP_KDF", "1")

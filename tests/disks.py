@@ -99,13 +99,14 @@ def small_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
 def system_state() -> tuple[list[str], list[str]]:
     """Loop devices and mounts of this test session right now: compared before/after each test.
 
-    Only what points into the session's temporary directories counts, so another process's loop
-    devices (a benchmark running beside the tests) cannot fail a test.
+    Only what points into the session's temporary directory counts (FUSE mounts included: tests mount
+    under it), so another process's loop devices or mounts (a benchmark or a second test run beside
+    this one) cannot fail a test.
     """
     mine = tempfile.gettempdir()
     loops = sorted(line for line in run("losetup", "-a", check=False).stdout.splitlines() if mine in line)
     mounts = sorted(line for line in Path("/proc/mounts").read_text().splitlines()
-                    if mine in line or "fuse" in line)
+                    if mine in line)
     return loops, mounts
 
 

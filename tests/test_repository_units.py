@@ -7,12 +7,14 @@ Each tamper test changes one field and expects a refusal; known answers are chec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
+import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.disks import small_tmpfs
 
@@ -27,8 +29,9 @@ from imgbackup.errors import (
 )
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
 from imgbackup.repository.backends.directory import DirectoryStorage
+from imgbackup.repository.chunkindex import decode_chunk_index, encode_chunk_index, merge_locations
 from imgbackup.repository.config import RepoConfig
-from imgbackup.repository.packs import PackWriter, pack_name, read_pack_trailer
+from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
 
 KEY = bytes(range(32))
 OID = hashlib.sha256(b"object id").digest()
@@ -38,11 +41,13 @@ H = ENVELOPE_HEADER.size
 # --- envelope ---------------------------------------------------------------------------------
 
 def test_envelope_aes_layout_known_answer() -> None:
-    """header(version 1, type, alg 1, comp 0, nonce) + AES-GCM(nonce, body, aad=header+id)."""
+    """header(version 2, type, alg 1, comp 0, key id 0, nonce) + AES-GCM(nonce, body, aad=header+id)."""
     plain = os.urandom(5000)                                # incompressible: stored raw
     blob = Envelope(KEY).seal(OBJ_CHUNK, OID, plain)
-    version, otype, alg, comp, nonce = ENVELOPE_HEADER.unpack_from(blob)
-    assert (version, otype, alg, comp) == (1, OBJ_CHUNK, 1, 0)
+    assert H == 24
+    version, otype, alg, comp, key_id, nonce = ENVELOPE_HEADER.unpack_from(blob)
+    assert (version, otype, alg, comp, key_id) == (2, OBJ_CHUNK, 1, 0, 0)
+    assert blob[4:12] == bytes(8) and blob[12:24] == nonce
     assert AESGCM(KEY).decrypt(nonce, blob[H:], blob[:H] + OID) == plain
     assert Envelope(KEY).open(OBJ_CHUNK, OID, blob, "x") == plain
 
@@ -51,8 +56,53 @@ def test_envelope_none_layout_known_answer() -> None:
     """Without encryption: header + plaintext + SHA-256(header + id + plaintext)."""
     plain = b"hello, imgbackup"
     blob = Envelope(None).seal(OBJ_CHUNK, OID, plain, compress=False)
-    header = ENVELOPE_HEADER.pack(1, OBJ_CHUNK, 0, 0, bytes(12))
+    header = bytes([2, OBJ_CHUNK, 0, 0]) + bytes(8) + bytes(12)
+    assert ENVELOPE_HEADER.pack(2, OBJ_CHUNK, 0, 0, 0, bytes(12)) == header
     assert blob == header + plain + hashlib.sha256(header + OID + plain).digest()
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["aes", "none"])
+def test_delta_chunk_is_a_zstd_frame_against_its_base_bound_to_the_base_id(key) -> None:
+    """A changed chunk sealed against its parent: compression 2, AD = header + id + base id; the
+    payload is a plain zstd frame that zstd opens with the base as raw-content dictionary."""
+    env = Envelope(key)
+    base = os.urandom(1 << 16)
+    new = bytearray(base)
+    new[1000:1100] = os.urandom(100)
+    base_id, cid = hashlib.sha256(base).digest(), hashlib.sha256(new).digest()
+    blob, used = env.seal_chunk(cid, bytes(new), (base_id, base))
+    assert used == base_id and ENVELOPE_HEADER.unpack_from(blob)[3] == 2 and len(blob) < 2000
+    assert env.open(OBJ_CHUNK, cid, blob, "x", base=(base_id, base)) == new
+    if key is not None:
+        payload = AESGCM(key).decrypt(blob[12:24], blob[H:], blob[:H] + cid + base_id)
+        raw = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        assert zstandard.ZstdDecompressor(dict_data=raw).decompress(payload) == new
+    with pytest.raises(IntegrityError):                       # another base id: AD differs
+        env.open(OBJ_CHUNK, cid, blob, "x", base=(cid, base))
+    with pytest.raises(IntegrityError):                       # the index forgot it is a delta
+        env.open(OBJ_CHUNK, cid, blob, "x")
+    with contextlib.suppress(IntegrityError):   # the right id, wrong base bytes: caught by the id check
+        assert env.open(OBJ_CHUNK, cid, blob, "x", base=(base_id, os.urandom(1 << 16))) != new
+    plain_blob, none = env.seal_chunk(cid, bytes(new))
+    assert none is None and ENVELOPE_HEADER.unpack_from(plain_blob)[3] == 0
+    with pytest.raises(IntegrityError):                       # a plain chunk the index calls a delta
+        env.open(OBJ_CHUNK, cid, plain_blob, "x", base=(base_id, base))
+
+
+def test_delta_that_does_not_pay_is_stored_whole() -> None:
+    env = Envelope(KEY)
+    base, new = os.urandom(50_000), os.urandom(25_000).hex().encode()   # nothing in common
+    blob, used = env.seal_chunk(OID, new, (OID, base))
+    assert used is None and ENVELOPE_HEADER.unpack_from(blob)[3] == 1
+    assert env.open(OBJ_CHUNK, OID, blob, "x") == new
+
+
+def test_envelope_key_id_is_authenticated_and_foreign_key_ids_refused() -> None:
+    env = Envelope(KEY)
+    blob = bytearray(env.seal(OBJ_CHUNK, OID, b"payload"))
+    blob[4] = 7                                               # key id 7: not ours
+    with pytest.raises(IntegrityError, match="data key 7"):
+        env.open(OBJ_CHUNK, OID, bytes(blob), "x")
 
 
 @pytest.mark.parametrize("key", [KEY, None], ids=["aes", "none"])
@@ -64,8 +114,8 @@ def test_envelope_compresses_and_round_trips(key) -> None:
     assert env.open(OBJ_CHUNK, OID, blob, "x") == plain
 
 
-# Offsets into a sealed blob: version, type, alg, comp, nonce, payload, tag (last byte).
-FIELDS = {"version": 0, "type": 1, "alg": 2, "comp": 3, "nonce": 8, "payload": H + 10, "tag": -1}
+# Offsets into a sealed blob: version, type, alg, comp, key id, nonce, payload, tag (last byte).
+FIELDS = {"version": 0, "type": 1, "alg": 2, "comp": 3, "key_id": 9, "nonce": 16, "payload": H + 10, "tag": -1}
 
 
 @pytest.mark.parametrize("key", [KEY, None], ids=["aes", "none"])
@@ -223,6 +273,40 @@ def test_pack_writer_commits_packs_in_background_and_counts_them_only_once_store
     for pack_id in {loc.pack_id for loc in writer.written.values()}:
         assert {cid for cid, _ in read_pack_trailer(storage, envelope, pack_id)} <= set(blobs)
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_delta_bases_survive_pack_trailers_and_chunk_index_files(tmp_path: Path) -> None:
+    """Flag bit + side table: the bases come back from both, so the index can be rebuilt from packs."""
+    storage = DirectoryStorage(tmp_path)
+    envelope = Envelope(KEY)
+    writer = PackWriter(storage, envelope)
+    ids = [hashlib.sha256(bytes([i])).digest() for i in range(6)]
+    bases = {ids[1]: ids[0], ids[4]: ids[0], ids[5]: ids[2]}
+    for i, cid in enumerate(ids):
+        writer.add(cid, envelope.seal(OBJ_CHUNK, cid, bytes([i]) * 100), 100 + i, bases.get(cid))
+    writer.flush()
+    (pack_id,) = {loc.pack_id for loc in writer.written.values()}
+    from_trailer = dict(read_pack_trailer(storage, envelope, pack_id))
+    assert from_trailer == writer.written
+    assert {cid: loc.base for cid, loc in from_trailer.items() if loc.base} == bases
+    assert [from_trailer[c].raw_length for c in ids] == [100 + i for i in range(6)]
+    plain = encode_chunk_index(writer.written)
+    assert len(plain) == 24 + 32 + 48 * 6 + 36 * 3           # head, pack ids, entries, side table
+    assert decode_chunk_index(plain, "x") == writer.written
+    broken = bytearray(plain)
+    broken[24 + 32 + 44 + 3] ^= 0x80                          # entry 0 claims to be a delta
+    with pytest.raises(IntegrityError):
+        decode_chunk_index(bytes(broken), "x")
+
+
+def test_a_chunk_known_twice_keeps_its_whole_copy() -> None:
+    whole = BlobLocation(b"p" * 32, 16, 10, 100)
+    delta = BlobLocation(b"q" * 32, 16, 5, 100, OID)
+    for order in ([whole, delta], [delta, whole]):
+        into: dict = {}
+        for loc in order:
+            merge_locations(into, {b"c" * 32: loc})
+        assert into[b"c" * 32] == whole
 
 
 def test_pack_writer_abort_drops_the_open_pack(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ elif _CORE == "native":
         detail = "" if "cannot import name" in str(exc) else f" [{exc}]"
         raise ImportError(
             "imgbackup's compiled core is missing or broken: reinstall with 'pip install .' "
-            f"(needs a C compiler, Cython and libssl-dev){detail}"
+            f"(needs a C compiler and Cython){detail}"
         ) from None
 else:
     raise ImportError(f"IMGBACKUP_CORE must be 'native' or 'reference', not {_CORE!r}")

@@ -7,19 +7,27 @@ exactly what these return; with ``IMGBACKUP_CORE=reference`` this module stands 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 import numpy as np
+
+from imgbackup._core import blake3ref
 
 ZERO = 0
 DATA = 1
 ID_SIZE = 32
+KEY_SIZE = 32
 
 
 def chunk_id(key: bytes, data: bytes | memoryview) -> bytes:
-    """The keyed chunk id: HMAC-SHA-256(key, plaintext)."""
-    return hmac.digest(key, data, hashlib.sha256)
+    """The keyed chunk id: BLAKE3 in keyed mode, 32-byte key, 32-byte output."""
+    return blake3ref.keyed_hash_fast(key, data)
+
+
+def classify_chunks(buf, chunk_size: int, *, nthreads: int = 1) -> np.ndarray:
+    """ZERO or DATA per chunk of ``chunk_size`` (last may be short); ``nthreads`` is ignored."""
+    mv = memoryview(buf).cast("B")
+    n = (len(mv) + chunk_size - 1) // chunk_size
+    return np.array([DATA if any(mv[i * chunk_size : (i + 1) * chunk_size]) else ZERO for i in range(n)],
+                    dtype=np.uint8)
 
 
 def scan_chunks(buf, chunk_size: int, key: bytes, *, nthreads: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """Repository keys: random data keys, wrapped by a key derived from the passphrase with Argon2id.
 
 Three independent 32-byte keys make up a ``KeySet``: ``enc_key`` (AES-256-GCM for every object),
-``id_key`` (HMAC-SHA-256 chunk ids, so ids reveal nothing about content to someone without it) and
+``id_key`` (keyed BLAKE3 chunk ids, so ids reveal nothing about content to someone without it) and
 ``mac_key`` (authenticates the repository config). The key file stores them wrapped by AES-256-GCM
 under the Argon2id-derived key, with the repository id as associated data so a key file cannot be
 moved to another repository unnoticed.

@@ -3,7 +3,8 @@
 Order (a crash at any point leaves a valid repository): delete the image index; copy the live
 blobs of partly dead packs into new packs; write one chunk-index file naming every live chunk;
 delete the old chunk-index files; delete dead and copied packs. Sealed blobs are copied as they
-are: their authentication binds the chunk id, not the pack.
+are: their authentication binds the chunk id (and a delta's base id), not the pack. A chunk is
+live when an image names it or when it is the base of a live delta.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def delete_images(repo: Repository, image_ids: list[str], lock_wait: float = 0.0
 def _collect(repo: Repository, live: set[bytes], result: DeleteResult) -> None:
     storage = repo.storage
     index = ChunkIndex.load(storage, repo.envelope)
+    live = live | index.bases_of(live)    # a live delta keeps its base, whichever image named it
     by_pack: dict[bytes, list[tuple[bytes, BlobLocation]]] = {}
     for cid, loc in index.locations.items():
         by_pack.setdefault(loc.pack_id, []).append((cid, loc))
@@ -73,7 +75,7 @@ def _collect(repo: Repository, live: set[bytes], result: DeleteResult) -> None:
             continue
         doomed.append(pack_name(pack_id))
         for cid, loc in alive:
-            writer.add(cid, storage.get_range(pack_name(pack_id), loc.offset, loc.length), loc.raw_length)
+            writer.add(cid, storage.get_range(pack_name(pack_id), loc.offset, loc.length), loc.raw_length, loc.base)
     if not doomed and not orphans and len(index.files) <= 1:
         return
     writer.flush()

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from imgbackup.errors import IntegrityError, UnsupportedFormat
+from imgbackup.errors import IntegrityError
+from imgbackup.format.imageheader import parse_header  # noqa: F401 - re-exported
 from imgbackup.format.layout import (
     FORMAT_VERSION,
     ID_SIZE,
@@ -87,18 +88,6 @@ class ImageIndex:
                     content_digest=self.content_digest())
         self.meta = meta
         return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-
-
-def parse_header(raw: bytes, image_id: str) -> dict:
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise IntegrityError(f"image {image_id}: header is not valid JSON") from None
-    if meta.get("version") != FORMAT_VERSION:
-        raise UnsupportedFormat(f"image {image_id} has unsupported version {meta.get('version')}")
-    if meta.get("id") != image_id:
-        raise IntegrityError(f"image {image_id}: header names another image ({meta.get('id')})")
-    return meta
 
 
 def parse_body(meta: dict, body: bytes) -> ImageIndex:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # 2: keyed BLAKE3 ids, delta chunks, key id in the envelope (FORMAT.md, "Version 2")
 
 # Slot kinds in an image index.
 SLOT_ZERO = 0      # all-zero chunk: nothing stored
@@ -16,13 +16,15 @@ SLOT_UNUSED = 2    # blocks the filesystem does not use: not read, not stored, r
 
 ID_SIZE = 32
 
-# Envelope: version u8, object type u8, algorithm u8, compression u8, nonce 12 bytes.
-ENVELOPE_HEADER = struct.Struct("<BBBB12s")
-ENVELOPE_VERSION = 1
+# Envelope: version u8, object type u8, algorithm u8, compression u8, key id u64, nonce 12 bytes.
+ENVELOPE_HEADER = struct.Struct("<BBBBQ12s")
+ENVELOPE_VERSION = 2
 ALG_NONE = 0           # plaintext + SHA-256 over (header, object id, plaintext)
 ALG_AES256GCM = 1      # ciphertext + 16-byte GCM tag
 COMP_NONE = 0
 COMP_ZSTD = 1
+COMP_ZSTD_DELTA = 2    # a zstd frame compressed against a base chunk's plaintext (raw-content dictionary)
+KEY_ID_REPOSITORY = 0  # the repository's own enc_key; other ids are reserved for per-session data keys
 TAG_SIZE = {ALG_NONE: 32, ALG_AES256GCM: 16}
 
 OBJ_CHUNK = 1
@@ -36,14 +38,21 @@ PACK_MAGIC = b"IMGBPACK"
 PACK_HEADER = struct.Struct("<8sH6x")                  # magic, version, reserved
 PACK_FOOTER = struct.Struct("<QI4s")                   # trailer offset, trailer length, b"PEND"
 PACK_FOOTER_MAGIC = b"PEND"
-PACK_TRAILER_HEAD = struct.Struct("<8sHxxI")           # b"IMGBPTRL", version, count
+PACK_TRAILER_HEAD = struct.Struct("<8sHxxII")          # b"IMGBPTRL", version, count, delta count
 PACK_TRAILER_MAGIC = b"IMGBPTRL"
-PACK_TRAILER_ENTRY = struct.Struct("<32sQII")          # chunk id, offset, stored length, raw length
+PACK_TRAILER_ENTRY = struct.Struct("<32sIII")          # chunk id, offset, stored length, info
+BASE_ENTRY = struct.Struct("<I32s")                    # entry number of a delta, its base chunk id
+
+# The info word of a pack-trailer or chunk-index entry: plaintext length and flags.
+INFO_LENGTH_MASK = (1 << 25) - 1    # plaintext length: chunks are at most 16 MiB = 2**24 bytes
+INFO_DELTA = 1 << 31                # the chunk is a delta: its base is in the side table
+INFO_RESERVED = ~(INFO_LENGTH_MASK | INFO_DELTA) & 0xFFFFFFFF
+MAX_PACK_SIZE = 1 << 32             # offsets are u32
 
 # Chunk-index file: which pack holds which chunk.
 CHUNK_INDEX_MAGIC = b"IMGBCIDX"
-CHUNK_INDEX_HEAD = struct.Struct("<8sHxxII")           # magic, version, pack count, entry count
-CHUNK_INDEX_ENTRY = struct.Struct("<32sIQII")          # chunk id, pack number, offset, length, raw length
+CHUNK_INDEX_HEAD = struct.Struct("<8sHxxIII")          # magic, version, pack count, entry count, delta count
+CHUNK_INDEX_ENTRY = struct.Struct("<32sIIII")          # chunk id, pack number, offset, length, info (48 bytes)
 
 # Image index file: fixed head, header envelope, body envelope.
 IMAGE_MAGIC = b"IMGBIMG1"

@@ -21,29 +21,35 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from imgbackup._core import table as kernels
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import (
+    BASE_ENTRY,
     CHUNK_INDEX_ENTRY,
     CHUNK_INDEX_HEAD,
     CHUNK_INDEX_MAGIC,
     FORMAT_VERSION,
+    INFO_DELTA,
+    INFO_LENGTH_MASK,
+    INFO_RESERVED,
     OBJ_CHUNK_INDEX,
 )
 from imgbackup.repository.chunktable import (
     BASE_ROW_SIZE,
-    INFO_LENGTH_MASK,
     ROW_DTYPE,
     ChunkTable,
     RowBuffer,
     empty_rows,
 )
 from imgbackup.repository.indexcache import IndexCache
-from imgbackup.repository.packs import BlobLocation
+from imgbackup.repository.packs import BlobLocation, encode_entries
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
-ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("raw", "<u4")])
-assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size
+ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u4"), ("length", "<u4"), ("info", "<u4")])
+assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size == 48 and ENTRY_DTYPE == ROW_DTYPE
+BASE_DTYPE = np.dtype([("row", "<u4"), ("base", "V32")])
+assert BASE_DTYPE.itemsize == BASE_ENTRY.size
 INDEX_FOLDER = "index"
 READ_THREADS = 8             # index files fetched at once: a bucket answers each GET in ~10 ms
 MAX_ENTRIES_PER_FILE = 1 << 20   # ~50 MiB per file: a merged index of a huge repository stays in pieces
@@ -55,57 +61,91 @@ def file_id_of(name: str) -> bytes:
 
 def encode_chunk_index(locations: dict[bytes, BlobLocation] | Iterable[tuple[bytes, BlobLocation]]) -> bytes:
     """One file's plaintext; ``locations`` may name a chunk more than once (copies, each valid)."""
-    rows = sorted(locations.items() if isinstance(locations, dict) else locations,
-                  key=lambda row: (row[0], row[1].pack_id, row[1].offset))
-    packs = sorted({loc.pack_id for _, loc in rows})
+    items = sorted(locations.items() if isinstance(locations, dict) else locations,
+                   key=lambda row: (row[0], row[1].pack_id, row[1].offset))
+    packs = sorted({loc.pack_id for _, loc in items})
     number = {p: i for i, p in enumerate(packs)}
-    entries = np.zeros(len(rows), ENTRY_DTYPE)
-    for i, (cid, loc) in enumerate(rows):
-        entries[i] = (cid, number[loc.pack_id], loc.offset, loc.length, loc.raw_length)
-    head = CHUNK_INDEX_HEAD.pack(CHUNK_INDEX_MAGIC, FORMAT_VERSION, len(packs), len(entries))
-    return head + b"".join(packs) + entries.tobytes()
+    rows = [(cid, number[loc.pack_id], loc.offset, loc.length, loc.raw_length, loc.base) for cid, loc in items]
+    entries, bases, deltas = encode_entries(rows, CHUNK_INDEX_ENTRY)
+    head = CHUNK_INDEX_HEAD.pack(CHUNK_INDEX_MAGIC, FORMAT_VERSION, len(packs), len(rows), deltas)
+    return head + b"".join(packs) + entries + bases
 
 
-def encode_rows(rows: np.ndarray, packs: np.ndarray) -> bytes:
-    """One file's plaintext from table rows (sorted by id) whose pack numbers index ``packs``:
-    vectorized, for indexes of millions of entries (compaction, benchmarks)."""
+def decode_chunk_index(plain: bytes, name: str) -> dict[bytes, BlobLocation]:
+    """One file's entries as objects (tests, repair); loading goes through decode_rows."""
+    rows, packs, bases = decode_rows(plain, name)
+    base_of = {b[:32].tobytes(): b[32:].tobytes() for b in bases}
+    out: dict[bytes, BlobLocation] = {}
+    for r in rows.view(ROW_DTYPE)[:, 0]:
+        cid, info = r["id"].tobytes(), int(r["info"])
+        out[cid] = BlobLocation(packs[int(r["pack"])].tobytes(), int(r["offset"]), int(r["length"]),
+                                info & INFO_LENGTH_MASK, base_of.get(cid) if info & INFO_DELTA else None)
+    return out
+
+
+def merge_locations(into: dict[bytes, BlobLocation], new: dict[bytes, BlobLocation]) -> None:
+    """Add ``new`` to ``into``; a chunk known twice keeps a whole copy over a delta (a base must be whole)."""
+    for cid, loc in new.items():
+        old = into.get(cid)
+        if old is None or old.base is not None or loc.base is None:
+            into[cid] = loc
+
+
+def encode_rows(rows: np.ndarray, packs: np.ndarray, bases: np.ndarray | None = None) -> bytes:
+    """One file's plaintext from table rows (sorted by id) whose pack numbers index ``packs``, with
+    the bases of its deltas from the (sorted) base table ``bases``: vectorized, for indexes of
+    millions of entries (compaction, benchmarks)."""
     view = rows.view(ROW_DTYPE)[:, 0] if len(rows) else np.zeros(0, ROW_DTYPE)
     used, local = np.unique(view["pack"], return_inverse=True)
-    entries = np.zeros(len(rows), ENTRY_DTYPE)
-    entries["id"], entries["pack"], entries["offset"] = view["id"], local, view["offset"]
-    entries["length"], entries["raw"] = view["length"], view["info"] & INFO_LENGTH_MASK
-    head = CHUNK_INDEX_HEAD.pack(CHUNK_INDEX_MAGIC, FORMAT_VERSION, len(used), len(entries))
-    return head + packs[used.astype(np.int64)].tobytes() + entries.tobytes()
+    entries = view.copy()
+    entries["pack"] = local
+    delta_rows = np.flatnonzero(view["info"] & INFO_DELTA)
+    side = np.zeros(len(delta_rows), BASE_DTYPE)
+    if len(delta_rows):
+        if bases is None or not len(bases):
+            raise ValueError("delta rows without their bases")
+        at = kernels.table_lookup(bases, kernels.table_directory(bases, kernels.directory_bits(len(bases))),
+                                  np.ascontiguousarray(rows[delta_rows, :32]))
+        if (at < 0).any():
+            raise ValueError("a delta row has no base")
+        side["row"] = delta_rows
+        side["base"] = bases[at, 32:].copy().view("V32")[:, 0]
+    head = CHUNK_INDEX_HEAD.pack(CHUNK_INDEX_MAGIC, FORMAT_VERSION, len(used), len(entries), len(side))
+    return head + packs[used.astype(np.int64)].tobytes() + entries.tobytes() + side.tobytes()
 
 
 def decode_rows(plain: bytes, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One file's plaintext as (rows with the file's own pack numbers, pack ids (P, 32), base rows)."""
+    """One file's plaintext as (rows with the file's own pack numbers, pack ids (P, 32), base rows
+    (chunk id, base id) of its deltas), every field checked."""
+    what = f"chunk index {name}"
     if len(plain) < CHUNK_INDEX_HEAD.size:
-        raise IntegrityError(f"chunk index {name} is truncated")
-    magic, version, n_packs, n_entries = CHUNK_INDEX_HEAD.unpack_from(plain)
+        raise IntegrityError(f"{what} is truncated")
+    magic, version, n_packs, n_entries, n_deltas = CHUNK_INDEX_HEAD.unpack_from(plain)
     pos = CHUNK_INDEX_HEAD.size
     if magic != CHUNK_INDEX_MAGIC or version != FORMAT_VERSION:
-        raise IntegrityError(f"chunk index {name} has a bad header")
-    if len(plain) != pos + 32 * n_packs + ENTRY_DTYPE.itemsize * n_entries:
-        raise IntegrityError(f"chunk index {name} has the wrong length")
-    packs = np.frombuffer(plain, np.uint8, 32 * n_packs, pos).reshape(n_packs, 32)
-    entries = np.frombuffer(plain, ENTRY_DTYPE, n_entries, pos + 32 * n_packs)
+        raise IntegrityError(f"{what} has a bad header")
+    if len(plain) != pos + 32 * n_packs + ENTRY_DTYPE.itemsize * n_entries + BASE_ENTRY.size * n_deltas:
+        raise IntegrityError(f"{what} has the wrong length")
+    packs = np.frombuffer(plain, np.uint8, 32 * n_packs, pos).reshape(n_packs, 32).copy()
+    pos += 32 * n_packs
+    entries = np.frombuffer(plain, ENTRY_DTYPE, n_entries, pos)
     if n_entries and int(entries["pack"].max()) >= n_packs:
-        raise IntegrityError(f"chunk index {name} names a pack it does not list")
-    if n_entries and (int(entries["offset"].max()) >= 1 << 32 or int(entries["raw"].max()) > INFO_LENGTH_MASK):
-        raise IntegrityError(f"chunk index {name} has an entry out of range")
+        raise IntegrityError(f"{what} names a pack it does not list")
+    infos = entries["info"]
+    is_delta = (infos & INFO_DELTA) != 0
+    if (infos & INFO_RESERVED).any() or int(is_delta.sum()) != n_deltas:
+        raise IntegrityError(f"{what} has damaged entry flags")
+    side = np.frombuffer(plain, BASE_DTYPE, n_deltas, pos + ENTRY_DTYPE.itemsize * n_entries)
+    order = side["row"].astype(np.int64)
+    if n_deltas and ((np.diff(order) <= 0).any() or order[-1] >= n_entries or not is_delta[order].all()):
+        raise IntegrityError(f"{what} has a damaged table of delta bases")
     rows = empty_rows(n_entries)
-    view = rows.view(ROW_DTYPE)[:, 0]
-    view["id"], view["pack"], view["offset"] = entries["id"], entries["pack"], entries["offset"]
-    view["length"], view["info"] = entries["length"], entries["raw"]
-    return rows, packs.copy(), np.zeros((0, BASE_ROW_SIZE), np.uint8)
-
-
-def decode_chunk_index(plain: bytes, name: str) -> list[tuple[bytes, BlobLocation]]:
-    """One file's entries as objects (for repair and tests; loading goes through decode_rows)."""
-    rows, packs, _bases = decode_rows(plain, name)
-    table = ChunkTable(rows, packs=packs)
-    return [*table.iter_rows(), *table.iter_rows("spare")]
+    rows.view(ROW_DTYPE)[:, 0] = entries
+    bases = np.zeros((n_deltas, BASE_ROW_SIZE), np.uint8)
+    if n_deltas:
+        bases[:, :32] = rows[order, :32]
+        bases[:, 32:] = np.frombuffer(side["base"].tobytes(), np.uint8).reshape(n_deltas, 32)
+    return rows, packs, bases
 
 
 def read_index_file(storage: Storage, envelope: Envelope, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -234,6 +274,15 @@ class ChunkIndex:
             for i in np.flatnonzero(~found).tolist():
                 found[i] = ids[i].tobytes() in self.recent
         return found
+
+    def bases_of(self, chunk_ids) -> set[bytes]:
+        """The base chunks the deltas among ``chunk_ids`` need (GC keeps them, restore reads them)."""
+        out = set()
+        for cid in chunk_ids:
+            loc = self.get(cid)
+            if loc is not None and loc.base is not None:
+                out.add(loc.base)
+        return out
 
     def exclude(self, keep_rows: np.ndarray, keep_spare: np.ndarray | None = None) -> int:
         """Stop handing out the copies whose flag is False (a spare copy takes over); their count."""

@@ -1,13 +1,14 @@
 """Reading chunks back: locate, authenticate, decompress and check each against its id.
 
-No byte leaves this module unauthenticated: the AEAD binds the chunk id, and the keyed hash of
-the plaintext must equal that id again.
+No byte leaves this module unauthenticated: the AEAD binds the chunk id (and a delta's base id),
+and the keyed hash of the plaintext must equal that id again. A delta is opened against its base,
+which is read (and checked against its own id) first; a base must be a whole chunk (depth one).
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from imgbackup._core import scan
@@ -44,17 +45,51 @@ class ChunkReader:
             raise IntegrityError(f"pack {loc.pack_id.hex()[:16]} is truncated (chunk {chunk_id.hex()[:16]})")
         return blob
 
-    def open_blob(self, chunk_id: bytes, blob: bytes) -> bytes:
-        """Authenticate and decompress one blob and check the plaintext against its id."""
+    def open_blob(self, chunk_id: bytes, blob: bytes, base: bytes | None = None) -> bytes:
+        """Authenticate and decompress one blob and check the plaintext against its id.
+
+        A delta needs its base's plaintext: ``base`` when the caller has it, else it is read here.
+        """
         what = f"chunk {chunk_id.hex()[:16]}"
         loc = self.locate(chunk_id)
-        plain = self.envelope.open(OBJ_CHUNK, chunk_id, blob, what, max_size=max(loc.raw_length, 1))
+        with_base = None
+        if loc.base is not None:
+            with_base = (loc.base, base if base is not None else self.read_whole(loc.base, chunk_id))
+        plain = self.envelope.open(OBJ_CHUNK, chunk_id, blob, what, max_size=max(loc.raw_length, 1),
+                                   base=with_base)
         if len(plain) != loc.raw_length or not hmac.compare_digest(scan.chunk_id(self.id_key, plain), chunk_id):
             raise IntegrityError(f"{what} does not match its id (wrong content)")
         return plain
 
     def read(self, chunk_id: bytes) -> bytes:
         return self.open_blob(chunk_id, self.read_blob(chunk_id))
+
+    def read_whole(self, base_id: bytes, for_id: bytes | None = None, blob: bytes | None = None) -> bytes:
+        """A chunk that must be stored whole: the base of a delta (a base that is a delta is damage)."""
+        if self.locate(base_id).base is not None:
+            raise IntegrityError(f"the base {base_id.hex()[:16]} of chunk {(for_id or base_id).hex()[:16]} "
+                                 "is itself a delta (the format allows depth one)")
+        return self.open_blob(base_id, blob if blob is not None else self.read_blob(base_id))
+
+    def blobs_needed(self, chunk_id: bytes) -> list[bytes]:
+        """The blobs that opening ``chunk_id`` reads: its own, and its base's when it is a delta."""
+        loc = self.locate(chunk_id)
+        return [chunk_id] if loc.base is None else [chunk_id, loc.base]
+
+    def whole_base(self, chunk_id: bytes, blobs: Mapping[bytes, Callable[[], bytes]] | None = None
+                   ) -> tuple[bytes, bytes]:
+        """(id, plaintext) of the whole chunk a new delta of ``chunk_id``'s slot can be based on:
+        the chunk itself, or its base when it is a delta (deltas stay depth one). ``blobs`` may hold
+        blobs fetched ahead (id -> a callable returning the blob)."""
+        loc = self.locate(chunk_id)
+        base_id = chunk_id if loc.base is None else loc.base
+        fetch = (blobs or {}).get(base_id)
+        return base_id, self.read_whole(base_id, chunk_id, fetch() if fetch else None)
+
+    def with_bases(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
+        """The chunks plus the bases their deltas need."""
+        ids = set(chunk_ids)
+        return ids | self.index.bases_of(ids)
 
     def blob_ranges(self, chunk_ids: Iterable[bytes]) -> Iterator[tuple[str, int, list[tuple[bytes, BlobLocation]]]]:
         """Group blobs by pack into large sorted ranges: (pack name, start, [(id, location)])."""
@@ -93,9 +128,9 @@ class ChunkReader:
             view = memoryview(data)
             for cid, loc in group:
                 blob = view[loc.offset - start : loc.offset - start + loc.length]
-                self.envelope.authenticate(OBJ_CHUNK, cid, bytes(blob), f"chunk {cid.hex()[:16]}")
+                self.envelope.authenticate(OBJ_CHUNK, cid, bytes(blob), f"chunk {cid.hex()[:16]}", loc.base)
             return len(data)
 
-        for done in pool.map(check, list(self.blob_ranges(set(chunk_ids)))):
+        for done in pool.map(check, list(self.blob_ranges(self.with_bases(chunk_ids)))):
             if progress:
                 progress(done)

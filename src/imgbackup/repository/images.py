@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
-from imgbackup.format.imageindex import ImageIndex, parse_body, parse_header
+from imgbackup.format.imageheader import parse_header
 from imgbackup.format.layout import (
     FORMAT_VERSION,
     IMAGE_HEAD,
@@ -21,6 +21,10 @@ from imgbackup.format.layout import (
     OBJ_IMAGE_HEADER,
 )
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
+
+if TYPE_CHECKING:   # numpy (through imageindex) and the crypto stack load only when used
+    from imgbackup.crypto.envelope import Envelope
+    from imgbackup.format.imageindex import ImageIndex
 
 
 def image_name(image_id: str) -> str:
@@ -84,6 +88,8 @@ class ImageStore:
         return parse_header(plain, image_id)
 
     def load(self, image_id: str) -> ImageIndex:
+        from imgbackup.format.imageindex import parse_body
+
         try:
             raw = self.storage.get(image_name(image_id))
         except ObjectMissing:

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 from dataclasses import dataclass
 
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import (
+    BASE_ENTRY,
     FORMAT_VERSION,
+    INFO_DELTA,
+    INFO_LENGTH_MASK,
+    INFO_RESERVED,
+    MAX_PACK_SIZE,
     OBJ_PACK_TRAILER,
     PACK_FOOTER,
     PACK_FOOTER_MAGIC,
@@ -42,6 +48,38 @@ class BlobLocation:
     base: bytes | None = None     # a delta's base chunk id (always a plain chunk); None: stored whole
 
 
+def encode_entries(entries: list[tuple[bytes, int, int, int, int, bytes | None]], entry: struct.Struct
+                   ) -> tuple[bytes, bytes, int]:
+    """Fixed entries (id, *fields, info) and the side table of bases: (entries, bases, delta count).
+
+    ``entries`` rows are (chunk id, field…, raw length, base id or None); the last two become the
+    info word (length | delta flag), and each delta adds a (row number, base id) side-table row.
+    """
+    rows, bases = [], []
+    for n, (cid, *fields, raw, base) in enumerate(entries):
+        if raw > INFO_LENGTH_MASK:
+            raise ValueError("chunk longer than the format allows")
+        rows.append(entry.pack(cid, *fields, raw | (INFO_DELTA if base is not None else 0)))
+        if base is not None:
+            bases.append(BASE_ENTRY.pack(n, base))
+    return b"".join(rows), b"".join(bases), len(bases)
+
+
+def decode_bases(plain: bytes, pos: int, count: int, infos: list[int], what: str) -> dict[int, bytes]:
+    """The side table of bases (row number -> base id), checked against the entries' delta flags."""
+    bases: dict[int, bytes] = {}
+    last = -1
+    for i in range(count):
+        row, base = BASE_ENTRY.unpack_from(plain, pos + i * BASE_ENTRY.size)
+        if row <= last or row >= len(infos) or not infos[row] & INFO_DELTA:
+            raise IntegrityError(f"{what} has a damaged table of delta bases")
+        bases[row] = base
+        last = row
+    if any(info & INFO_RESERVED for info in infos) or sum(1 for i in infos if i & INFO_DELTA) != count:
+        raise IntegrityError(f"{what} has damaged entry flags")
+    return bases
+
+
 class PackWriter:
     """Streams sealed chunks into packs of about ``target_size`` bytes.
 
@@ -62,28 +100,32 @@ class PackWriter:
     def _start(self) -> None:
         self._pack_id = os.urandom(32)
         self._out = self.storage.open_writer(pack_name(self._pack_id))
-        self._entries: list[tuple[bytes, int, int, int]] = []
+        self._entries: list[tuple[bytes, int, int, int, bytes | None]] = []
         header = PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION)
         self._out.write(header)
         self._used = len(header)
 
-    def add(self, chunk_id: bytes, blob: bytes, raw_length: int) -> None:
+    def add(self, chunk_id: bytes, blob: bytes, raw_length: int, base: bytes | None = None) -> None:
+        """Append one sealed chunk; ``base`` is the base chunk id of a delta."""
         if self._out is None:
             self._start()
+        if self._used + len(blob) >= MAX_PACK_SIZE:
+            raise ValueError("pack would exceed the format's 4 GiB")
         self._out.write(blob)
-        self._entries.append((chunk_id, self._used, len(blob), raw_length))
+        self._entries.append((chunk_id, self._used, len(blob), raw_length, base))
         self._used += len(blob)
         if self._used >= self.target_size:
             self._seal()
 
     def _seal(self) -> None:
-        trailer = PACK_TRAILER_HEAD.pack(PACK_TRAILER_MAGIC, FORMAT_VERSION, len(self._entries))
-        trailer += b"".join(PACK_TRAILER_ENTRY.pack(*e) for e in self._entries)
+        rows, bases, deltas = encode_entries(self._entries, PACK_TRAILER_ENTRY)
+        trailer = PACK_TRAILER_HEAD.pack(PACK_TRAILER_MAGIC, FORMAT_VERSION, len(self._entries), deltas) + rows + bases
         sealed = self.envelope.seal(OBJ_PACK_TRAILER, self._pack_id, trailer)
         out, self._out = self._out, None
         out.write(sealed + PACK_FOOTER.pack(self._used, len(sealed), PACK_FOOTER_MAGIC))
         self._wait()
-        locations = {cid: BlobLocation(self._pack_id, off, length, raw) for cid, off, length, raw in self._entries}
+        locations = {cid: BlobLocation(self._pack_id, off, length, raw, base)
+                     for cid, off, length, raw, base in self._entries}
         size = self._used + len(sealed) + PACK_FOOTER.size
         self._commit = _Commit(self.storage, pack_name(self._pack_id), out, locations, size)
 
@@ -147,11 +189,19 @@ def read_pack_trailer(storage: Storage, envelope: Envelope, pack_id: bytes) -> l
         raise IntegrityError(f"pack {pack_id.hex()} has a damaged footer")
     plain = envelope.open(OBJ_PACK_TRAILER, pack_id, storage.get_range(name, t_off, t_len),
                           f"trailer of pack {pack_id.hex()}")
-    magic, _version, count = PACK_TRAILER_HEAD.unpack_from(plain)
-    if magic != PACK_TRAILER_MAGIC or len(plain) != PACK_TRAILER_HEAD.size + count * PACK_TRAILER_ENTRY.size:
+    what = f"trailer of pack {pack_id.hex()}"
+    if len(plain) < PACK_TRAILER_HEAD.size:
+        raise IntegrityError(f"{what} is truncated")
+    magic, version, count, deltas = PACK_TRAILER_HEAD.unpack_from(plain)
+    pos = PACK_TRAILER_HEAD.size
+    if (magic != PACK_TRAILER_MAGIC or version != FORMAT_VERSION
+            or len(plain) != pos + count * PACK_TRAILER_ENTRY.size + deltas * BASE_ENTRY.size):
         raise IntegrityError(f"pack {pack_id.hex()} has a damaged trailer")
+    rows = [PACK_TRAILER_ENTRY.unpack_from(plain, pos + i * PACK_TRAILER_ENTRY.size) for i in range(count)]
+    bases = decode_bases(plain, pos + count * PACK_TRAILER_ENTRY.size, deltas, [r[3] for r in rows], what)
     out = []
-    for i in range(count):
-        cid, off, length, raw = PACK_TRAILER_ENTRY.unpack_from(plain, PACK_TRAILER_HEAD.size + i * PACK_TRAILER_ENTRY.size)
-        out.append((cid, BlobLocation(pack_id, off, length, raw)))
+    for i, (cid, off, length, info) in enumerate(rows):
+        if off < PACK_HEADER.size or off + length > t_off:
+            raise IntegrityError(f"{what} points outside the pack")
+        out.append((cid, BlobLocation(pack_id, off, length, info & INFO_LENGTH_MASK, bases.get(i))))
     return out

@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from imgbackup import __version__
 from imgbackup.crypto.envelope import Envelope
@@ -17,7 +18,6 @@ from imgbackup.errors import (
     RepositoryNotFound,
     UsageError,
 )
-from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.images import ImageStore, series_tag
 from imgbackup.repository.indexcache import IndexCache
@@ -29,6 +29,9 @@ from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
 FOLDERS = ("packs", "index", "images", "locks")
+
+if TYPE_CHECKING:
+    from imgbackup.repository.chunkindex import ChunkIndex
 
 PassphraseSource = Callable[[], bytes]
 
@@ -123,6 +126,8 @@ class Repository:
         return IndexCache(self.config.id, self.keys.mac_key) if IndexCache.enabled() else None
 
     def chunk_index(self) -> ChunkIndex:
+        from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
+
         if self._chunks is None:
             self._chunks = ChunkIndex.load(self.storage, self.envelope, self.index_cache())
         return self._chunks

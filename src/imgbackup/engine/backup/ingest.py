@@ -10,6 +10,7 @@ every new chunk and sealed it as a separate task behind the main thread, kept th
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from imgbackup.engine.backup.plan import ReadPlan
 from imgbackup.engine.backup.reader import Segment, SegmentReader
 from imgbackup.errors import IntegrityError, SourceError
 from imgbackup.format.imageindex import ImageIndex
-from imgbackup.format.layout import OBJ_CHUNK, SLOT_DATA
+from imgbackup.format.layout import SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.lease import Lease
 from imgbackup.repository.repo import Repository
@@ -32,6 +33,9 @@ from imgbackup.repository.repo import Repository
 SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
 TASKS_IN_FLIGHT = 3          # segments being digested: one per core plus one queued
 READ_AHEAD = 2               # segments read and waiting for a worker
+# Parent chunks a segment's changed slots need are fetched at once, not one by one inside the
+# digest: each is a cold random read of a pack (~1-6 ms here) that otherwise stalls the pipeline.
+PARENT_READERS = 4
 
 
 class ChunkStore:
@@ -72,49 +76,88 @@ class ChunkStore:
 
 
 class ParentMatch:
-    """Reuses the parent's chunk when a slot differs from it only in blocks no filesystem uses now.
+    """What a changed slot can take from the parent's chunk at the same slot. Thread-safe.
 
-    Deleting a file frees its blocks, which used-block mode zeroes: the chunk's bytes change
-    though nothing in use did. Masking the parent's chunk with today's map tells the two apart,
-    so an incremental after deletes stores only what really changed. Thread-safe. A parent chunk
-    that fails authentication is no match: the slot is stored anew and the chunk listed in
-    ``damaged`` (the backup goes on; ``verify`` tells what else the damage touches).
+    - Reuse: a slot that differs from the parent's chunk only in blocks no filesystem uses now
+      (deleting a file frees its blocks, which used-block mode zeroes) keeps the parent's chunk,
+      proven by masking the parent's chunk with today's map.
+    - A base: any other changed slot is stored as a delta against the parent's chunk (or, when
+      that is a delta itself, against its base: deltas stay depth one). Measured on the
+      benchmark's change set: 0.99x the compressed changed blocks, against 1.62x for whole chunks.
+    A parent chunk that fails authentication is no match and no base: the slot is stored whole
+    and the chunk listed in ``damaged`` (the backup goes on; ``verify`` tells what else it touches).
+    Without a reader (a key that cannot read data) every changed slot is stored whole.
     """
 
-    def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None) -> None:
+    def __init__(self, repo: Repository, plan: ReadPlan, parent: ImageIndex | None,
+                 reader: ChunkReader | None = None) -> None:
         self.plan = plan
         self.key = repo.keys.id_key
         self.chunk = plan.chunk
-        usable = parent is not None and plan.used_bits is not None and parent.slots == len(plan.kinds)
+        usable = parent is not None and parent.slots == len(plan.kinds)
         self.parent_ids = parent.ids_by_slot() if usable else None
         self.parent_kinds = parent.kinds if usable else None
-        self.reader = ChunkReader(repo) if usable else None
+        self.reader = (reader or ChunkReader(repo)) if usable else None
         self.damaged: list[bytes] = []
+        self.deltas = 0
         self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(PARENT_READERS, thread_name_prefix="imgbackup-parent") if usable else None
 
-    def match(self, slot: int, new_id: bytes) -> bytes | None:
-        if self.parent_ids is None or self.parent_kinds[slot] != SLOT_DATA:
+    def _old_id(self, slot: int, new_id: bytes) -> bytes | None:
+        if self.reader is None or self.parent_kinds[slot] != SLOT_DATA:
             return None
         old_id = self.parent_ids[slot].tobytes()
-        if old_id == new_id or not self.plan.has_unused(slot * self.chunk, self.chunk):
+        if old_id == new_id:
             return None
+        loc = self.reader.index.get(old_id)
+        if loc is None or (loc.base is not None and loc.base not in self.reader.index):
+            return None      # marked for collection (or damaged): neither reused nor a base; stored whole
+        return old_id
+
+    def prefetch(self, slots: list[tuple[int, bytes]]) -> dict[bytes, Callable[[], bytes]]:
+        """Start reading the parent blobs that ``match`` will need for these (slot, new id) pairs."""
+        if self._io is None:
+            return {}
+        wanted: set[bytes] = set()
+        for slot, new_id in slots:
+            old_id = self._old_id(slot, new_id)
+            if old_id is not None:
+                with contextlib.suppress(IntegrityError):   # not in the index: match() reports it
+                    wanted.update(self.reader.blobs_needed(old_id))
+        return {cid: self._io.submit(self.reader.read_blob, cid).result for cid in wanted}
+
+    def close(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True, cancel_futures=True)
+
+    def match(self, slot: int, new_id: bytes, blobs: dict[bytes, Callable[[], bytes]] | None = None
+              ) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
+        """(the parent's chunk id to reuse, or None; else the (id, plaintext) base for a delta, or None)."""
+        old_id = self._old_id(slot, new_id)
+        if old_id is None:
+            return None, None
+        blobs = blobs or {}
         try:
-            masked = bytearray(self.reader.read(old_id))
+            base_id, base_plain = self.reader.whole_base(old_id, blobs)
+            if self.plan.has_unused(slot * self.chunk, self.chunk):
+                fetch = blobs.get(old_id, lambda: self.reader.read_blob(old_id))
+                old = base_plain if base_id == old_id else self.reader.open_blob(old_id, fetch(), base=base_plain)
+                masked = bytearray(old)
+                self.plan.mask_unused(slot * self.chunk, memoryview(masked))
+                if scan.chunk_id(self.key, masked) == new_id:
+                    return old_id, None
         except IntegrityError:
             with self._lock:
                 self.damaged.append(old_id)
-            return None
-        self.plan.mask_unused(slot * self.chunk, memoryview(masked))
-        if scan.chunk_id(self.key, masked) != new_id:
-            return None
-        return old_id
+            return None, None
+        return None, (base_id, base_plain)
 
 
 @dataclass
 class _Digest:
     kinds: np.ndarray
     ids: np.ndarray
-    sealed: list[tuple[bytes, bytes, int]]   # (chunk id, sealed blob, plaintext length)
+    sealed: list[tuple[bytes, bytes, int, bytes | None]]   # (chunk id, sealed blob, plaintext length, base)
     reused: list[tuple[int, bytes]]          # (chunk within the segment, the parent's chunk id)
 
 
@@ -136,19 +179,21 @@ class Ingest:
         self.plan.mask_unused(seg.offset, data)
         kinds, ids = scan.scan_chunks(data, chunk, self.repo.keys.id_key, nthreads=1)
         first = seg.offset // chunk
-        sealed: list[tuple[bytes, bytes, int]] = []
+        sealed: list[tuple[bytes, bytes, int, bytes | None]] = []
         reused: list[tuple[int, bytes]] = []
         data_slots = np.flatnonzero(kinds == SLOT_DATA)
         known = self.store.known.known(ids[data_slots]) if len(data_slots) else ()   # one native lookup
-        for i, seen in zip(data_slots.tolist(), list(known), strict=True):
-            cid = ids[i].tobytes()
-            if seen or cid in self.store.claimed:
-                continue
-            if (same := self.parent.match(first + i, cid)) is not None:
+        new = [(i, ids[i].tobytes()) for i, seen in zip(data_slots.tolist(), list(known), strict=True) if not seen]
+        new = [(i, cid) for i, cid in new if cid not in self.store.claimed]
+        blobs = self.parent.prefetch([(first + i, cid) for i, cid in new])
+        for i, cid in new:
+            same, base = self.parent.match(first + i, cid, blobs)
+            if same is not None:
                 reused.append((i, same))
             elif self.store.claim(cid):
                 plain = data[i * chunk : (i + 1) * chunk]
-                sealed.append((cid, self.repo.envelope.seal(OBJ_CHUNK, cid, plain), len(plain)))
+                blob, used = self.repo.envelope.seal_chunk(cid, plain, base)
+                sealed.append((cid, blob, len(plain), used))
         return _Digest(kinds, ids, sealed, reused)
 
     def run(self, which: np.ndarray, kinds: np.ndarray, ids: np.ndarray,
@@ -171,8 +216,9 @@ class Ingest:
             ids[first : first + len(got.kinds)] = got.ids
             for i, same in got.reused:
                 ids[first + i] = np.frombuffer(same, np.uint8)
-            for cid, blob, raw_length in got.sealed:
-                self.store.packs.add(cid, blob, raw_length)
+            for cid, blob, raw_length, base in got.sealed:
+                self.store.packs.add(cid, blob, raw_length, base)
+                self.parent.deltas += base is not None
             bytes_read += len(seg.data)
             reader.release(seg)
             self.store.check()

@@ -62,6 +62,7 @@ class BackupResult:
     chunks_unused: int
     chunks_new: int
     chunks_changed: int
+    chunks_delta: int = 0          # new chunks stored as a delta against the parent's chunk
     warnings: list[str] = field(default_factory=list)
 
 
@@ -150,6 +151,8 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
             except BaseException:
                 store.abort()
                 raise
+            finally:
+                match.close()
         if match.damaged:
             warnings.append(f"{len(match.damaged)} chunk(s) of the parent image {parent.id[:12]} are damaged "
                             f"(first: {match.damaged[0].hex()[:16]}); those slots were stored anew; "
@@ -170,7 +173,7 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
         duration_s=round(time.monotonic() - started, 3), chunks=len(kinds),
         chunks_data=int(np.count_nonzero(kinds == SLOT_DATA)), chunks_zero=int(np.count_nonzero(kinds == SLOT_ZERO)),
         chunks_unused=int(np.count_nonzero(kinds == SLOT_UNUSED)),
-        chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), warnings=warnings,
+        chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), chunks_delta=match.deltas, warnings=warnings,
     )
 
 

@@ -52,6 +52,12 @@ FS_MOUNT_OPTIONS = {"ext2": "ro,noload", "ext3": "ro,noload", "ext4": "ro,noload
                     "xfs": "ro,norecovery", "btrfs": "ro,rescue=nologreplay"}
 READY_TIMEOUT = 30.0      # libfuse mounts in well under a second; 30 s covers a machine under heavy load
 SERVER_REAP_WAIT = 10.0   # the server exits as soon as its mount is gone; one still there after 10 s is killed
+# Kernel read-ahead on the FUSE file and the loop devices over it. The defaults (128 KiB, and with
+# libfuse 2 at most 128 KiB per request) made hashing a 300 MB tree cost ~3,500 round trips into
+# Python; libfuse 3 with 4 MiB read-ahead asks for up to 1 MiB (one chunk) at a time. Medians of 5
+# runs on the bench_mount tree, loaded 2 vCPU: 1.95x the original filesystem -> 1.37x.
+FUSE_READAHEAD = 4 << 20
+LOOP_READAHEAD_KIB = 1024
 
 
 @dataclass
@@ -90,6 +96,10 @@ def volumes_of(view: ImageView) -> list[Volume]:
 
 def _fuse_ops(view: ImageView, volumes: list[Volume], fs_dirs: bool, ready_fd: int):
     """The read-only FUSE operations object (built lazily: importing mfusepy loads libfuse)."""
+    import ctypes.util
+
+    if not {"FUSE_LIBRARY_PATH", "FUSE_LIBRARY_NAME"} & set(os.environ) and ctypes.util.find_library("fuse3"):
+        os.environ["FUSE_LIBRARY_NAME"] = "fuse3"   # mfusepy prefers libfuse 2: 128 KiB reads at most
     import mfusepy
 
     class ImageFS(mfusepy.Operations):
@@ -105,7 +115,9 @@ def _fuse_ops(view: ImageView, volumes: list[Volume], fs_dirs: bool, ready_fd: i
                 self.dirs.update({f"/fs/{v.name}": [] for v in volumes})
             self.time_ns = int(float(view.index.meta.get("created", 0)) * 1e9)
 
-        def init(self, path: str) -> None:
+        def init_with_config(self, conn, config) -> None:
+            if conn is not None:
+                conn.max_readahead = FUSE_READAHEAD
             os.write(ready_fd, b"R")
 
         def getattr(self, path: str, fh=None) -> dict:
@@ -225,6 +237,8 @@ class MountSession:
             raise StorageError(f"the FUSE server for {self.mountpoint} did not start",
                                f"see the log {self.state.log}")
         log.info("serving image %s at %s (server pid %d)", view.image_id, self.mountpoint, pid)
+        dev = os.stat(self.mountpoint).st_dev
+        _set_readahead(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", FUSE_READAHEAD >> 10)
 
     def volume_file(self, vol: Volume) -> str:
         return os.path.join(self.mountpoint, f"{vol.name}.img" if vol.name != "disk" else "disk.img")
@@ -251,6 +265,7 @@ class MountSession:
         except StorageError as exc:
             vol.note = str(exc)
             return
+        _set_readahead(f"/sys/block/{os.path.basename(dev)}/queue/read_ahead_kb", LOOP_READAHEAD_KIB)
         self.state.loops.append({"device": dev, "file": part_file})
         self.state.save()
         target = os.path.join(self.mountpoint, "fs", vol.name)
@@ -297,6 +312,15 @@ class MountSession:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _set_readahead(path: str, kib: int) -> None:
+    """Raise the kernel read-ahead of our own FUSE mount or loop device (a tuning; failure only logs)."""
+    try:
+        with open(path, "w") as f:
+            f.write(f"{kib}\n")
+    except OSError as exc:
+        log.info("could not set read-ahead %s: %s", path, exc)
 
 
 def _reap(pid: int, timeout: float = SERVER_REAP_WAIT) -> None:
