@@ -242,6 +242,8 @@ def _fill_ext4(mnt: Path) -> None:
     os.symlink("sub/data.txt", mnt / "tree" / "link")
     os.symlink("/nonexistent/target", mnt / "tree" / "dangling")
     os.utime(mnt / "tree" / "sub" / "data.txt", ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    (mnt / "docs").mkdir()                      # also in the FAT partition: a path in two partitions
+    (mnt / "docs" / "readme.txt").write_text("ext4 docs\n")
 
 
 def build_mount_disk(root: Path) -> tuple[Path, Path, int]:

@@ -249,4 +249,5 @@ def test_a_damaged_parent_chunk_does_not_stop_the_next_backup(fs_image: Path, tm
     (warning,) = [w for w in second["warnings"] if "damaged" in w and "verify" in w]
     damaged = int(warning.split()[0])
     assert damaged >= 1 and second["chunks_new"] >= damaged  # not proven equal: stored anew
+    assert list((repo / "damage").iterdir()), "the backup recorded the damaged parent chunks"
     assert cli("verify", repo=repo).returncode == 11

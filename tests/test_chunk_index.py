@@ -96,29 +96,29 @@ def _check(index: ChunkIndex, union: dict) -> None:
 def test_an_index_of_many_files_loads_whole_and_then_from_the_cache(tmp_path) -> None:
     storage, envelope, union = _repository(files=40, per_file=200)
     cache = IndexCache(REPO_ID, MAC_KEY, tmp_path)
-    _check(ChunkIndex.load(storage, envelope, cache), union)
+    _check(ChunkIndex.load(storage, envelope, cache=cache), union)
     assert cache.path.exists()
     counting = FaultyStorage(storage, at=None)
-    index = ChunkIndex.load(counting, envelope, IndexCache(REPO_ID, MAC_KEY, tmp_path))
+    index = ChunkIndex.load(counting, envelope, cache=IndexCache(REPO_ID, MAC_KEY, tmp_path))
     _check(index, union)
     assert not [c for c in counting.calls if c.startswith("get ")], "the cache was not used"
 
 
 def test_files_added_since_the_cache_are_merged_and_a_removed_one_means_a_rebuild(tmp_path) -> None:
     storage, envelope, union = _repository(files=30, per_file=50, seed=1)
-    ChunkIndex.load(storage, envelope, IndexCache(REPO_ID, MAC_KEY, tmp_path))
+    ChunkIndex.load(storage, envelope, cache=IndexCache(REPO_ID, MAC_KEY, tmp_path))
     rng = random.Random(9)
     more = [(rng.randbytes(32), _loc(rng, [rng.randbytes(32)])) for _ in range(20)]
     [added] = write_index_files(storage, envelope, more)[0]
     union.update({cid: {loc} for cid, loc in more})
     counting = FaultyStorage(storage, at=None)
-    _check(ChunkIndex.load(counting, envelope, IndexCache(REPO_ID, MAC_KEY, tmp_path)), union)
+    _check(ChunkIndex.load(counting, envelope, cache=IndexCache(REPO_ID, MAC_KEY, tmp_path)), union)
     assert [c for c in counting.calls if c.startswith("get ")] == [f"get {added}"]
     gone = sorted(storage.list("index"))[0]
     removed = {cid for cid, _ in _decoded(storage, envelope, gone)}
     storage.delete(gone)
     counting = FaultyStorage(storage, at=None)
-    index = ChunkIndex.load(counting, envelope, IndexCache(REPO_ID, MAC_KEY, tmp_path))
+    index = ChunkIndex.load(counting, envelope, cache=IndexCache(REPO_ID, MAC_KEY, tmp_path))
     assert len([c for c in counting.calls if c.startswith("get index/")]) == 30   # every file read again
     assert all(index.get(cid) is None for cid in removed)
 
@@ -134,7 +134,7 @@ def _decoded(storage, envelope, name):
 def test_a_damaged_or_foreign_cache_is_never_used(tmp_path, caplog, damage: str) -> None:
     storage, envelope, union = _repository(files=8, per_file=300, seed=2)
     cache = IndexCache(REPO_ID, MAC_KEY, tmp_path)
-    ChunkIndex.load(storage, envelope, cache)
+    ChunkIndex.load(storage, envelope, cache=cache)
     raw = bytearray(cache.path.read_bytes())
     if damage == "flip":
         bit = random.Random(4).randrange(8 * 100, 8 * (len(raw) - 40))   # a row, not the header
@@ -147,7 +147,7 @@ def test_a_damaged_or_foreign_cache_is_never_used(tmp_path, caplog, damage: str)
     reader = IndexCache(REPO_ID, b"\x01" * 32 if damage == "other key" else MAC_KEY, tmp_path)
     counting = FaultyStorage(storage, at=None)
     with caplog.at_level(logging.WARNING, "imgbackup.storage"):
-        _check(ChunkIndex.load(counting, envelope, reader), union)
+        _check(ChunkIndex.load(counting, envelope, cache=reader), union)
     assert len([c for c in counting.calls if c.startswith("get index/")]) == 8
     assert "chunk-index cache" in caplog.text and "rebuilding" in caplog.text
     assert IndexCache(REPO_ID, b"\x01" * 32 if damage == "other key" else MAC_KEY, tmp_path).load(
@@ -162,4 +162,4 @@ def test_the_cache_can_be_switched_off_and_a_read_only_home_is_no_error(tmp_path
     storage, envelope, union = _repository(files=3, per_file=10, seed=5)
     blocked = tmp_path / "file"
     blocked.write_text("a file where the cache directory would go")
-    _check(ChunkIndex.load(storage, envelope, IndexCache(REPO_ID, MAC_KEY, blocked)), union)
+    _check(ChunkIndex.load(storage, envelope, cache=IndexCache(REPO_ID, MAC_KEY, blocked)), union)

@@ -21,7 +21,8 @@ RANK = {"errors": 0, "_core": 0, "device": 1, "disklabel": 1, "fsmap": 2, "forma
 FORBIDDEN = {("crypto", "repository"), ("format", "repository"), ("format", "crypto"), ("disklabel", "fsmap"),
              ("device", "fsmap")}
 # engine/ rooms: which other command packages each may import ("" = the shared modules beside them).
-ENGINE_ROOMS = {"backup": set(), "restore": set(), "mount": set(), "verify": {"mount"}, "rescue": set(), "": set()}
+ENGINE_ROOMS = {"backup": set(), "restore": set(), "mount": set(), "verify": {"mount"}, "rescue": set(),
+                "repair": set(), "": set()}
 # Running a program, or replacing or forking this process, outside device/tools.py.
 PROCESS_CALLS = {"system", "popen", "fork", "forkpty", "execv", "execve", "execvp", "execvpe", "execl",
                  "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl",

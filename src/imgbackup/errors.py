@@ -74,11 +74,23 @@ class ImageNotFound(ImgBackupError):
     hint = "'imgbackup list' shows the images"
 
 
+class PathNotFound(ImgBackupError):
+    """A file or directory asked for is not in the image (restore-files)."""
+
+    exit_code = 9
+
+
 class StorageError(ImgBackupError):
     """The repository's storage failed (full disk, I/O error, permissions, a server unreachable after
     retries, credentials the server rejects). Backends raise only this and ObjectMissing."""
 
     exit_code = 10
+
+
+class RepositoryFull(StorageError):
+    """The repository's disk (or quota) is full."""
+
+    hint = "run 'imgbackup compact' to reclaim space that interrupted runs left, or delete old images"
 
 
 class ObjectMissing(ImgBackupError):
@@ -104,6 +116,12 @@ class ToolMissing(ImgBackupError):
     exit_code = 12
 
 
+class PartlyUnreadable(ImgBackupError):
+    """``backup --rescue`` stored a complete image, but some sectors of the source could not be read."""
+
+    exit_code = 13
+
+
 class Interrupted(ImgBackupError):
     exit_code = 130
 
@@ -118,10 +136,11 @@ EXIT_CODES: list[tuple[int, str]] = [
     (6, "stored data is corrupted or was tampered with"),
     (7, "source cannot be read, or is mounted read-write without --allow-mounted"),
     (8, "target refused: mounted, too small, or not confirmed"),
-    (9, "image not found or name ambiguous"),
+    (9, "image not found or name ambiguous, or a path not found in the image"),
     (10, "storage error: disk full, I/O error, permission denied, server unreachable after retries, "
          "credentials rejected by the server"),
     (11, "verification found problems"),
     (12, "a required outside program is missing (the message names it and its apt package)"),
+    (13, "backup stored, but N bytes of the source were unreadable (backup --rescue)"),
     (130, "interrupted (Ctrl-C / SIGTERM)"),
 ]

@@ -39,6 +39,7 @@ COMMAND_MODULES = {
     "devices_cmd": ("devices",),
     "mount_cmd": ("mount", "umount", "restore-files"),
     "rescue_cmd": ("rescue",),
+    "maintain_cmd": ("repair", "compact"),
 }
 
 

@@ -76,22 +76,29 @@ def restore_files(
     image: Annotated[str, typer.Argument(help="Image id prefix, or 'latest'.")],
     paths: Annotated[list[str], typer.Argument(help="Files or directories inside the partition.")],
     to: Annotated[str, typer.Option("--to", help="Directory to copy them into.")],
-    partition: Annotated[int, typer.Option("--partition", "-p", help="Partition number (0: disk without "
-                                           "a partition table).")] = 1,
+    partition: Annotated[int | None, typer.Option("--partition", "-p", help="Partition number (0: a disk "
+                                                  "without a partition table). Default: the one partition "
+                                                  "whose filesystem holds every path.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files that exist in --to (directories "
+                                            "are merged); without it an existing name is refused.")] = False,
     repo: RepoOption = None,
     name: NameOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Copy files and directories out of an image, keeping owners, modes, times, symlinks and xattrs."""
+    """Copy files and directories out of an image, keeping owners, modes, times, symlinks and xattrs.
+
+    Each path keeps its place below the partition root: /etc/fstab is copied to TO/etc/fstab.
+    """
     from imgbackup.engine.mount.files import restore_files as run
 
     r = open_repo(repo)
-    result = run(r, r.images.resolve(image, name), partition, paths, to)
+    result = run(r, r.images.resolve(image, name), partition, paths, to, overwrite=overwrite)
     if json_out:
         emit_json(result.to_dict())
     else:
-        for item in result.copied:
-            typer.echo(f"restored {item}")
+        where = "the disk" if result.partition == 0 else f"partition {result.partition}"
+        for item, written in zip(result.copied, result.written, strict=True):
+            typer.echo(f"restored {item} from {where} ({result.fstype}) to {written}")
 
 
 def register(app: typer.Typer) -> None:

@@ -69,19 +69,43 @@ def list_images(
 
 
 def info(
-    image: Annotated[str, typer.Argument(help="Image id prefix, or 'latest'.")],
+    image: Annotated[str | None, typer.Argument(help="Image id prefix, or 'latest'; none: the repository.")]
+    = None,
     repo: RepoOption = None,
     name: NameOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Show one image's metadata."""
+    """Show one image's metadata, or (without IMAGE) the repository's: sizes, space used and reclaimable."""
     r = open_repo(repo)
+    if image is None:
+        _repository_info(r, json_out)
+        return
     meta = r.images.read_meta(r.images.resolve(image, name))
     if json_out:
         emit_json(meta)
         return
     for key in sorted(meta):
         typer.echo(f"{key}: {meta[key]}")
+
+
+def _repository_info(r: Repository, json_out: bool) -> None:
+    from imgbackup.engine.stats import repository_stats
+
+    stats = repository_stats(r)
+    doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
+           "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level, "created": r.config.created,
+           **stats.to_dict()}
+    doc["image_stats"] = doc.pop("images")      # per image: stored_bytes, unique_bytes
+    doc["images"] = len(stats.images) + len(stats.unreadable_images)
+    if json_out:
+        emit_json(doc)
+        return
+    typer.echo(f"repository {r.location} (id {r.config.id}, {r.config.encryption}, chunk size {human(r.chunk_size)})")
+    typer.echo(f"  images: {doc['images']}, packs: {stats.packs}, index files: {stats.index_files}")
+    typer.echo(f"  repository bytes: {human(stats.repository_bytes)}; unique data images need: "
+               f"{human(stats.unique_bytes)}; reclaimable by 'imgbackup compact': {human(stats.reclaimable_bytes)}")
+    if stats.damaged_copies:
+        typer.echo(f"  {stats.damaged_copies} damaged chunk copies on record ('imgbackup repair' reports them)")
 
 
 def break_lock_cmd(

@@ -52,6 +52,8 @@ def restore(
         plan = plan_partition_restore(r, image_id, partition, target, grow=grow)
     else:
         plan = plan_disk_restore(r, image_id, target, grow=grow, delta=delta)
+    if plan.bad_ranges:
+        typer.echo(f"imgbackup: warning: {unreadable_note(plan.bad_ranges)}", err=True)
     if dry_run:
         if json_out:
             emit_json(plan.to_dict())
@@ -75,6 +77,12 @@ def restore(
                + f", {result.duration_s:.1f} s")
     for note in result.notes:
         typer.echo(f"  {note}")
+
+
+def unreadable_note(ranges: list[list[int]]) -> str:
+    total = sum(n for _, n in ranges)
+    return (f"the image was made from a failing disk (backup --rescue): {total} bytes of the source were "
+            f"unreadable ({len(ranges)} ranges, first at byte {ranges[0][0]}; --json lists them) and restore as zeros")
 
 
 def _print_plan(plan: DiskPlan) -> None:

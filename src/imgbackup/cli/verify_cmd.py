@@ -35,17 +35,26 @@ def verify(
     ids = [r.images.resolve(image, name)] if image else None
     report = run_verify(r, ids)
     fs = _check_filesystems(r, ids[0]) if filesystems else None
+    for warning in report.warnings:
+        typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:
         emit_json(report.to_dict() | ({"filesystems": fs.to_dict()} if fs else {}))
     else:
         for check in report.images:
             state = "ok" if check.ok else f"DAMAGED ({check.bad_chunks} bad chunks)"
             typer.echo(f"{check.id[:12]}  {check.name or '?':<20} {check.chunks} chunks  {state}")
+            if check.bad_ranges:
+                typer.echo(f"    warning: made with --rescue: {sum(n for _, n in check.bad_ranges)} bytes of the source "
+                           f"were unreadable ({len(check.bad_ranges)} ranges), stored as zeros")
             for err in check.errors[:10]:
                 typer.echo(f"    {err}")
             if len(check.errors) > 10:
                 typer.echo(f"    ... and {len(check.errors) - 10} more (--json lists up to 50)")
         typer.echo(f"checked {report.chunks_checked} chunks, {human(report.bytes_checked)}")
+        if report.copies_recorded:
+            typer.echo(f"recorded {report.copies_recorded} damaged or missing chunk copies: no backup uses them "
+                       "again, and the next backup of a source that still holds their content stores them anew; "
+                       "'imgbackup repair' shows which byte ranges of which images they affect")
         if fs:
             _print_filesystems(fs)
     if not report.ok:

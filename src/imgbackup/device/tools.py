@@ -32,7 +32,7 @@ PACKAGES = {
     "btrfs": "btrfs-progs",
     "ntfs-3g": "ntfs-3g",
     "sgdisk": "gdisk", "sfdisk": "fdisk",
-    "mcopy": "mtools",
+    "mcopy": "mtools", "mdir": "mtools",
     "cp": "coreutils",
     "qemu-system-x86_64": "qemu-system-x86",
     "lvcreate": "lvm2", "lvremove": "lvm2", "lvs": "lvm2",
@@ -56,8 +56,8 @@ def missing(program: str) -> ToolMissing:
                        f"apt install {package}" if package else "install it or add it to PATH")
 
 
-def run(cmd: Sequence[str], *, timeout: float | None = TOOL_TIMEOUT, env: dict[str, str] | None = None
-        ) -> subprocess.CompletedProcess[str]:
+def run(cmd: Sequence[str], *, timeout: float | None = TOOL_TIMEOUT, env: dict[str, str] | None = None,
+        cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` with its output captured as text and no stdin; its exit status is the caller's to judge.
 
     ToolMissing when the program is not installed, ToolTimeout when it runs past ``timeout`` seconds
@@ -65,7 +65,7 @@ def run(cmd: Sequence[str], *, timeout: float | None = TOOL_TIMEOUT, env: dict[s
     """
     try:
         return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False,
-                              stdin=subprocess.DEVNULL, env=env)
+                              stdin=subprocess.DEVNULL, env=env, cwd=cwd)
     except FileNotFoundError:
         raise missing(cmd[0]) from None
     except subprocess.TimeoutExpired:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from imgbackup.errors import IntegrityError
-from imgbackup.format.imageheader import parse_header  # noqa: F401 - re-exported
+from imgbackup.format.imageheader import bad_ranges, parse_header  # noqa: F401 - re-exported
 from imgbackup.format.layout import (
     FORMAT_VERSION,
     ID_SIZE,

@@ -32,6 +32,7 @@ OBJ_IMAGE_HEADER = 2
 OBJ_IMAGE_BODY = 3
 OBJ_CHUNK_INDEX = 4
 OBJ_PACK_TRAILER = 5
+OBJ_DAMAGE_RECORD = 6
 
 # Pack file: header, blobs, trailer envelope, footer.
 PACK_MAGIC = b"IMGBPACK"

@@ -3,17 +3,21 @@
 No byte leaves this module unauthenticated: the AEAD binds the chunk id (and a delta's base id),
 and the keyed hash of the plaintext must equal that id again. A delta is opened against its base,
 which is read (and checked against its own id) first; a base must be a whole chunk (depth one).
+A copy that turns out bad is dropped from the index and the next copy of the chunk is tried.
 """
 
 from __future__ import annotations
 
 import hmac
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from imgbackup._core import scan
+from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import OBJ_CHUNK
+from imgbackup.repository.damage import ChunkDamaged, DamagedCopy
 from imgbackup.repository.packs import BlobLocation, pack_name
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
@@ -22,54 +26,126 @@ COALESCE_GAP = 64 << 10   # reading over a gap this small is cheaper than a seco
 MAX_RANGE = 64 << 20      # one merged read stays this size at most: bounded memory per request
 
 
+def open_chunk(envelope: Envelope, id_key: bytes, chunk_id: bytes, blob: bytes, loc: BlobLocation,
+               base: bytes | None = None) -> bytes:
+    """Authenticate and decompress the blob at ``loc`` and check its plaintext against its id; a delta
+    needs its base's plaintext ``base``. ChunkDamaged (naming the copy) if anything is wrong."""
+    what = f"chunk {chunk_id.hex()[:16]}"
+
+    def bad(message: str) -> ChunkDamaged:
+        return ChunkDamaged(message, DamagedCopy(chunk_id, loc.pack_id, loc.offset, loc.length, "damaged", message))
+
+    if loc.base is not None and base is None:
+        raise ValueError(f"{what} is a delta: its base's plaintext is needed")
+    try:
+        plain = envelope.open(OBJ_CHUNK, chunk_id, blob, what, max_size=max(loc.raw_length, 1),
+                              base=(loc.base, base) if loc.base is not None else None)
+    except IntegrityError as exc:
+        raise bad(exc.args[0]) from None
+    if len(plain) != loc.raw_length or not hmac.compare_digest(scan.chunk_id(id_key, plain), chunk_id):
+        raise bad(f"{what} does not match its id (wrong content)")
+    return plain
+
+
 class ChunkReader:
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
         self.index = repo.chunk_index()
         self.envelope = repo.envelope
         self.id_key = repo.keys.id_key
+        self._reload_lock = threading.Lock()
+        self.found: list[DamagedCopy] = []     # bad copies this reader met (recorded by its caller)
 
     def locate(self, chunk_id: bytes) -> BlobLocation:
         loc = self.index.get(chunk_id)
         if loc is None:
-            raise IntegrityError(f"chunk {chunk_id.hex()[:16]} is referenced but not in any pack")
+            known = self.index.excluded.get(chunk_id)
+            if known is not None:
+                raise ChunkDamaged(f"chunk {chunk_id.hex()[:16]} has no usable copy: {known.describe()}",
+                                   known, known=bool(known.found))
+            raise ChunkDamaged(f"chunk {chunk_id.hex()[:16]} is referenced but not in any pack", None)
         return loc
 
-    def read_blob(self, chunk_id: bytes) -> bytes:
+    def _bad(self, chunk_id: bytes, loc: BlobLocation, reason: str, message: str) -> ChunkDamaged:
+        return ChunkDamaged(message, DamagedCopy(chunk_id, loc.pack_id, loc.offset, loc.length, reason, message))
+
+    def _index_changed(self) -> bool:
+        """Whether another process replaced the index files (a delete or compact moved chunks);
+        if so, reload it. A reader that finds a pack gone asks this once before calling it missing."""
+        with self._reload_lock:
+            if set(self.repo.storage.list("index")) == set(self.index.files):
+                return False
+            self.index = self.repo.reload_chunk_index()
+            return True
+
+    def read_blob(self, chunk_id: bytes, retry: bool = True) -> bytes:
         loc = self.locate(chunk_id)
         try:
             blob = self.repo.storage.get_range(pack_name(loc.pack_id), loc.offset, loc.length)
         except ObjectMissing:
-            raise IntegrityError(f"pack {loc.pack_id.hex()[:16]} holding chunk {chunk_id.hex()[:16]} is missing") from None
+            if retry and self._index_changed():
+                return self.read_blob(chunk_id, retry=False)
+            raise self._bad(chunk_id, loc, "missing", f"pack {loc.pack_id.hex()[:16]} holding chunk "
+                            f"{chunk_id.hex()[:16]} is missing") from None
         if len(blob) != loc.length:
-            raise IntegrityError(f"pack {loc.pack_id.hex()[:16]} is truncated (chunk {chunk_id.hex()[:16]})")
+            raise self._bad(chunk_id, loc, "truncated",
+                            f"pack {loc.pack_id.hex()[:16]} is truncated (chunk {chunk_id.hex()[:16]})")
         return blob
 
-    def open_blob(self, chunk_id: bytes, blob: bytes, base: bytes | None = None) -> bytes:
+    def open_blob(self, chunk_id: bytes, blob: bytes, base: bytes | None = None,
+                  loc: BlobLocation | None = None) -> bytes:
         """Authenticate and decompress one blob and check the plaintext against its id.
 
         A delta needs its base's plaintext: ``base`` when the caller has it, else it is read here.
         """
-        what = f"chunk {chunk_id.hex()[:16]}"
-        loc = self.locate(chunk_id)
-        with_base = None
-        if loc.base is not None:
-            with_base = (loc.base, base if base is not None else self.read_whole(loc.base, chunk_id))
-        plain = self.envelope.open(OBJ_CHUNK, chunk_id, blob, what, max_size=max(loc.raw_length, 1),
-                                   base=with_base)
-        if len(plain) != loc.raw_length or not hmac.compare_digest(scan.chunk_id(self.id_key, plain), chunk_id):
-            raise IntegrityError(f"{what} does not match its id (wrong content)")
-        return plain
+        loc = loc or self.locate(chunk_id)
+        if loc.base is not None and base is None:
+            base = self.read_whole(loc.base, chunk_id)
+        return open_chunk(self.envelope, self.id_key, chunk_id, blob, loc, base)
 
     def read(self, chunk_id: bytes) -> bytes:
-        return self.open_blob(chunk_id, self.read_blob(chunk_id))
+        """The chunk's plaintext; a copy that turns out bad is dropped and the next copy tried (also
+        when a delta's base turns out to have no usable copy)."""
+        while True:
+            loc = self.locate(chunk_id)
+            try:
+                blob = self.read_blob(chunk_id)
+                loc = self.locate(chunk_id)          # the index may have been reloaded meanwhile
+                return self.open_blob(chunk_id, blob, loc=loc)
+            except ChunkDamaged as exc:
+                if exc.copy is None or exc.known:
+                    raise
+                if exc.copy.chunk_id == chunk_id:
+                    bad = exc.copy
+                elif loc.base is not None and loc.base not in self.index:    # its base is gone
+                    bad = DamagedCopy(chunk_id, loc.pack_id, loc.offset, loc.length, "damaged", exc.args[0])
+                else:
+                    raise
+                if not self._next_copy(bad, record=bad is exc.copy):
+                    raise
+
+    def _next_copy(self, bad: DamagedCopy, record: bool = True) -> bool:
+        """Stop handing out ``bad`` (``record``: its own bytes are bad, so it goes on record); True
+        when another copy of its chunk takes over."""
+        with self._reload_lock:
+            if record and all(c.key != bad.key for c in self.found):
+                self.found.append(bad)
+            self.index.exclude(bad, record=record)
+            return bad.chunk_id in self.index
 
     def read_whole(self, base_id: bytes, for_id: bytes | None = None, blob: bytes | None = None) -> bytes:
-        """A chunk that must be stored whole: the base of a delta (a base that is a delta is damage)."""
+        """A chunk that must be stored whole: the base of a delta (a base that is a delta is damage).
+        ``blob``: its blob when the caller fetched it already."""
         if self.locate(base_id).base is not None:
             raise IntegrityError(f"the base {base_id.hex()[:16]} of chunk {(for_id or base_id).hex()[:16]} "
                                  "is itself a delta (the format allows depth one)")
-        return self.open_blob(base_id, blob if blob is not None else self.read_blob(base_id))
+        if blob is not None:
+            try:
+                return self.open_blob(base_id, blob)
+            except ChunkDamaged as exc:
+                if exc.copy is None or exc.known or not self._next_copy(exc.copy):
+                    raise
+        return self.read(base_id)
 
     def blobs_needed(self, chunk_id: bytes) -> list[bytes]:
         """The blobs that opening ``chunk_id`` reads: its own, and its base's when it is a delta."""

@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from imgbackup.errors import RepositoryLocked, StorageError
@@ -186,6 +187,7 @@ class Lease:
         self._io = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.before_release: Callable[[], None] | None = None   # run while still held (the reserve, lock.py)
 
     @property
     def ttl(self) -> float:
@@ -271,6 +273,8 @@ class Lease:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(RELEASE_WAIT)   # a refresh riding out an outage must not hold up an exit
+        if self.before_release is not None and self.lost is None:
+            self.before_release()
         try:
             if self.storage.get(self.name) == self.body:
                 self.storage.delete(self.name)

@@ -19,7 +19,7 @@ import hashlib
 import random
 import time
 
-from imgbackup.errors import RepositoryLocked
+from imgbackup.errors import RepositoryFull, RepositoryLocked, StorageError
 from imgbackup.repository.lease import (
     CLOCK_TOLERANCE,
     Lease,
@@ -37,6 +37,9 @@ EXCLUSIVE_NAME = "locks/exclusive"
 CLAIM_PREFIX = "locks/takeover-"
 LOCK_NAME = EXCLUSIVE_NAME
 MAX_POLL = 5.0           # seconds between looks at a held lease while --lock-wait waits
+RESERVE_NAME = "locks/reserve"
+RESERVE_BYTES = 256 << 10   # held back from the disk so delete/compact can start on a full one: the lease
+                            # itself, a damage record and a small index fit in it
 
 
 def _new(storage: Storage, kind: str, command: str, ttl: float | None) -> Lease:
@@ -82,13 +85,20 @@ def open_session(storage: Storage, command: str, ttl: float | None = None) -> Le
     return lease
 
 
-def take_exclusive(storage: Storage, command: str, wait: float = 0.0, ttl: float | None = None) -> Lease:
-    """Take the exclusive lease, waiting up to ``wait`` seconds while another process holds it."""
+def take_exclusive(storage: Storage, command: str, wait: float = 0.0, ttl: float | None = None,
+                   may_use_reserve: bool = False) -> Lease:
+    """Take the exclusive lease, waiting up to ``wait`` seconds while another process holds it.
+
+    ``may_use_reserve`` (commands that free space): when the disk is too full to create the lease,
+    delete the reserve object first — it holds no data, so anyone may — and create it again on
+    release, once space was freed."""
     deadline = time.monotonic() + max(wait, 0.0)
     attempts = 0
     while True:
         lease = _new(storage, "exclusive", command, ttl)
-        if storage.create(EXCLUSIVE_NAME, lease.body):
+        if _create(storage, lease.body, may_use_reserve):
+            if may_use_reserve:
+                lease.before_release = lambda: put_reserve(storage)
             lease.written()
             try:
                 clear_dead(storage)
@@ -113,6 +123,28 @@ def take_exclusive(storage: Storage, command: str, wait: float = 0.0, ttl: float
                 f"wait for it to finish, or pass --lock-wait SECONDS; if that process is gone, its lease clears "
                 f"itself {expires:.0f} s from now (or run 'imgbackup break-lock')")
         time.sleep(min(left, MAX_POLL, max(state.ttl / 10, 0.2)) * random.uniform(0.5, 1.0))
+
+
+def _create(storage: Storage, body: bytes, may_use_reserve: bool) -> bool:
+    try:
+        return storage.create(EXCLUSIVE_NAME, body)
+    except RepositoryFull:
+        if not may_use_reserve or not storage.exists(RESERVE_NAME):
+            raise
+        storage.delete(RESERVE_NAME)
+        return storage.create(EXCLUSIVE_NAME, body)
+
+
+def put_reserve(storage: Storage) -> None:
+    """(Re)create the reserve object if it is missing and there is room; never fails. Only on a
+    storage that can run full (a bucket has no such limit)."""
+    if not storage.fills_up:
+        return
+    try:
+        if not storage.exists(RESERVE_NAME):
+            storage.put(RESERVE_NAME, bytes(RESERVE_BYTES))
+    except StorageError:
+        pass
 
 
 def _take_over(storage: Storage, dead: LeaseState, mine: bytes) -> None:

@@ -19,16 +19,17 @@ from imgbackup.errors import (
     UsageError,
 )
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
+from imgbackup.repository.damage import DamageLog
 from imgbackup.repository.images import ImageStore, series_tag
 from imgbackup.repository.indexcache import IndexCache
 from imgbackup.repository.lease import Lease
-from imgbackup.repository.lock import open_session, take_exclusive
+from imgbackup.repository.lock import open_session, put_reserve, take_exclusive
 from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
-FOLDERS = ("packs", "index", "images", "locks")
+FOLDERS = ("packs", "index", "images", "locks", "damage", "gc")
 
 if TYPE_CHECKING:
     from imgbackup.repository.chunkindex import ChunkIndex
@@ -84,6 +85,7 @@ class Repository:
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
         storage.prepare(FOLDERS)
         storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
+        put_reserve(storage)
         storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
         return cls(storage, config, keys, storage.location)
 
@@ -117,28 +119,44 @@ class Repository:
         """A backup's lease: shared with every other backup, never waits (lock.py)."""
         return open_session(self.storage, command)
 
-    def lock(self, command: str = "", wait: float = 0.0) -> Lease:
-        """The exclusive lease of the commands that remove data; waits up to ``wait`` seconds."""
-        return take_exclusive(self.storage, command, wait)
+    def lock(self, command: str = "", wait: float = 0.0, may_use_reserve: bool = False) -> Lease:
+        """The exclusive lease of the commands that remove data; waits up to ``wait`` seconds.
+        ``may_use_reserve`` for commands that free space (delete, compact, repair)."""
+        return take_exclusive(self.storage, command, wait, may_use_reserve=may_use_reserve)
 
     def index_cache(self) -> IndexCache | None:
         """The local cache of this repository's chunk index (None with IMGBACKUP_INDEX_CACHE=0)."""
         return IndexCache(self.config.id, self.keys.mac_key) if IndexCache.enabled() else None
 
-    def chunk_index(self) -> ChunkIndex:
+    def chunk_index(self, for_backup: bool = False) -> ChunkIndex:
+        """The chunk index without the copies damage records name (loaded once, then cached).
+
+        ``for_backup``: a backup dedups against this index, so every damage record must be readable,
+        the copies a collection marked as candidates are left out (docs/FORMAT.md section 12: they are
+        read first), and copies in packs that no longer exist are excluded too (one LIST of packs/,
+        taken after the listing of index/: one request per 1,000 packs on a bucket; a directory walk here)."""
         from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
 
-        if self._chunks is None:
-            self._chunks = ChunkIndex.load(self.storage, self.envelope, self.index_cache())
+        if self._chunks is None or (for_backup and not self._chunks.packs_checked):
+            damage = DamageLog.load(self.storage, self.envelope, strict=for_backup)
+            packs = (lambda: set(self.storage.list("packs"))) if for_backup else None
+            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs, self.index_cache())
         return self._chunks
+
+    def reload_chunk_index(self) -> ChunkIndex:
+        """Load the index afresh (after another process changed it); keeps the pack check if made."""
+        checked = self._chunks is not None and self._chunks.packs_checked
+        self._chunks = None
+        return self.chunk_index(for_backup=checked)
 
     def pack_writer(self) -> PackWriter:
         """A writer streaming sealed chunks into new packs of this repository."""
         return PackWriter(self.storage, self.envelope)
 
-    def store_chunk_index(self, locations: dict[bytes, BlobLocation]) -> int:
-        """Record where new chunks live (after their packs are stored); returns the bytes written."""
-        return self.chunk_index().store(self.storage, self.envelope, locations)
+    def store_chunk_index(self, locations: dict[bytes, BlobLocation], names: list[str] | None = None) -> int:
+        """Record where new chunks live (after their packs are stored); returns the bytes written.
+        Each new file's name is appended to ``names`` before it is written (for a clean-up)."""
+        return self.chunk_index().store(self.storage, self.envelope, locations, names)
 
     def remove_temp_files(self, older_than: float) -> int:
         """Remove what killed writers left (temp files, multipart uploads) untouched for ``older_than``

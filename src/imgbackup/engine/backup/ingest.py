@@ -23,12 +23,16 @@ from imgbackup._core import scan
 from imgbackup.device.source import Source
 from imgbackup.engine.backup.plan import ReadPlan
 from imgbackup.engine.backup.reader import Segment, SegmentReader
-from imgbackup.errors import IntegrityError, SourceError
+from imgbackup.engine.backup.rescue import Rescue
+from imgbackup.errors import ImgBackupError, IntegrityError, SourceError
 from imgbackup.format.imageindex import ImageIndex
-from imgbackup.format.layout import SLOT_DATA
+from imgbackup.format.layout import ID_SIZE, SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
+from imgbackup.repository.damage import ChunkDamaged, DamagedCopy
 from imgbackup.repository.lease import Lease
+from imgbackup.repository.packs import pack_name
 from imgbackup.repository.repo import Repository
+from imgbackup.repository.storage import ObjectMissing
 
 SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
 TASKS_IN_FLIGHT = 3          # segments being digested: one per core plus one queued
@@ -39,13 +43,17 @@ PARENT_READERS = 4
 
 
 class ChunkStore:
-    """Stores each chunk new to the repository once, however many segments or tasks hold it."""
+    """Stores each chunk new to the repository once, however many segments or tasks hold it.
+
+    "New" means no usable copy: a chunk whose every copy is known damaged or missing is stored again.
+    """
 
     def __init__(self, repo: Repository, lease: Lease | None = None) -> None:
-        self.known = repo.chunk_index()
+        self.known = repo.chunk_index(for_backup=True)
         self.claimed: set[bytes] = set()
         self._lock = threading.Lock()
         self.packs = repo.pack_writer()
+        self.index_files: list[str] = []   # named before each is written: a failure may leave one
         self.lease = lease
 
     def check(self) -> None:
@@ -64,15 +72,57 @@ class ChunkStore:
             self.claimed.add(chunk_id)
             return True
 
+    def unavailable(self, kinds: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Per slot: a data slot whose chunk has no usable copy and is not being stored by this run
+        (its copy was found damaged after the slot was settled, or a change list took it unread)."""
+        slots = np.flatnonzero(kinds == SLOT_DATA)
+        if not len(slots):
+            return np.zeros(len(kinds), bool)
+        unique, inverse = np.unique(ids[slots].view(np.void(ID_SIZE)).ravel(), return_inverse=True)
+        lacking = np.array([not (u.tobytes() in self.known or u.tobytes() in self.claimed) for u in unique])
+        out = np.zeros(len(kinds), bool)
+        out[slots[lacking[inverse]]] = True
+        return out
+
     def finish(self, repo: Repository) -> int:
         """Commit the last pack, then the chunk-index file naming the new packs; bytes written."""
         self.packs.flush()
         if self.lease is not None:
             self.lease.check()
-        return self.packs.bytes_written + repo.store_chunk_index(self.packs.written)
+        return self.packs.bytes_written + repo.store_chunk_index(self.packs.written, self.index_files)
 
     def abort(self) -> None:
         self.packs.abort()
+
+    def remove_written(self, repo: Repository, image: str | None = None) -> tuple[int, list[str]]:
+        """After a failed run: delete what it stored, each before what it refers to — the image index
+        if its write was begun (a failed write may still have stored it), then the packs, but only
+        while no index file names them: backups run side by side, and one that loaded the index after
+        this run's index file was written may already dedup against its chunks. Such packs (and the
+        index file) are left to garbage collection, whose two phases prove nothing uses them. The
+        first deletion that fails stops the rest, so what stays is consistent. (bytes freed, problems)."""
+        freed = 0
+        packs = sorted({loc.pack_id for loc in self.packs.written.values()})
+        names = [*([image] if image else [])]
+        if not any(_exists(repo, name) for name in self.index_files):
+            names += [*self.index_files, *map(pack_name, packs)]
+        for name in names:
+            try:
+                size = repo.storage.size(name)
+                repo.storage.delete(name)
+                freed += size
+            except ObjectMissing:
+                continue
+            except ImgBackupError as exc:
+                return freed, [f"{name}: {exc}"]
+        return freed, []
+
+
+def _exists(repo: Repository, name: str) -> bool:
+    try:
+        return repo.storage.exists(name)
+    except ImgBackupError:
+        return True      # unknown: assume another backup may know it
 
 
 class ParentMatch:
@@ -84,8 +134,9 @@ class ParentMatch:
     - A base: any other changed slot is stored as a delta against the parent's chunk (or, when
       that is a delta itself, against its base: deltas stay depth one). Measured on the
       benchmark's change set: 0.99x the compressed changed blocks, against 1.62x for whole chunks.
-    A parent chunk that fails authentication is no match and no base: the slot is stored whole
-    and the chunk listed in ``damaged`` (the backup goes on; ``verify`` tells what else it touches).
+    A parent chunk with no usable copy is no match and no base; one whose copy fails authentication
+    now is neither, and its bad copy is dropped from the index for the rest of the run and listed in
+    ``damaged`` (recorded at the end; the backup goes on): the slot is stored whole.
     Without a reader (a key that cannot read data) every changed slot is stored whole.
     """
 
@@ -97,8 +148,9 @@ class ParentMatch:
         usable = parent is not None and parent.slots == len(plan.kinds)
         self.parent_ids = parent.ids_by_slot() if usable else None
         self.parent_kinds = parent.kinds if usable else None
+        self.index = repo.chunk_index(for_backup=True)
         self.reader = (reader or ChunkReader(repo)) if usable else None
-        self.damaged: list[bytes] = []
+        self.damaged: list[DamagedCopy] = []
         self.deltas = 0
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(PARENT_READERS, thread_name_prefix="imgbackup-parent") if usable else None
@@ -109,8 +161,8 @@ class ParentMatch:
         old_id = self.parent_ids[slot].tobytes()
         if old_id == new_id:
             return None
-        loc = self.reader.index.get(old_id)
-        if loc is None or (loc.base is not None and loc.base not in self.reader.index):
+        loc = self.index.get(old_id)
+        if loc is None or (loc.base is not None and loc.base not in self.index):
             return None      # marked for collection (or damaged): neither reused nor a base; stored whole
         return old_id
 
@@ -146,9 +198,11 @@ class ParentMatch:
                 self.plan.mask_unused(slot * self.chunk, memoryview(masked))
                 if scan.chunk_id(self.key, masked) == new_id:
                     return old_id, None
-        except IntegrityError:
-            with self._lock:
-                self.damaged.append(old_id)
+        except IntegrityError as exc:
+            if isinstance(exc, ChunkDamaged) and exc.copy is not None:
+                with self._lock:
+                    self.reader._next_copy(exc.copy)     # no other slot of this run uses that copy
+                    self.damaged.append(exc.copy)
             return None, None
         return None, (base_id, base_plain)
 
@@ -165,8 +219,9 @@ class Ingest:
     """Reads slots of a source and fills ``kinds``/``ids``, storing what the repository lacks."""
 
     def __init__(self, repo: Repository, source: Source, plan: ReadPlan, store: ChunkStore,
-                 parent: ParentMatch, pool: ThreadPoolExecutor) -> None:
+                 parent: ParentMatch, pool: ThreadPoolExecutor, rescue: Rescue | None = None) -> None:
         self.repo = repo
+        self.rescue = rescue
         self.source = source
         self.plan = plan
         self.store = store
@@ -205,7 +260,8 @@ class Ingest:
         expected = sum(length for _, length in ranges)
         bytes_read = 0
         pending: deque[tuple[Segment, Future]] = deque()
-        reader = SegmentReader(self.source, ranges, segment, buffers=TASKS_IN_FLIGHT + READ_AHEAD)
+        reader = SegmentReader(self.source, ranges, segment, buffers=TASKS_IN_FLIGHT + READ_AHEAD,
+                               rescue=self.rescue)
 
         def settle() -> None:
             nonlocal bytes_read

@@ -13,7 +13,8 @@
    zero/unused ranges cleared on devices; with ``delta`` only chunks whose keyed id differs from
    the target's current chunk are written;
 4. the shrunk filesystem at the last partition's start;
-5. the partition table fitted to the disk (GPT backup header and last usable LBA at the new end,
+5. stale signatures of an earlier table or filesystem cleared where nothing else wrote (stale.py);
+   the partition table fitted to the disk (GPT backup header and last usable LBA at the new end,
    CRCs recomputed; MBR only when a partition changes);
 6. ``grow``: the last partition's filesystem grown by its own tool over a loop device.
 """
@@ -25,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -59,6 +60,7 @@ class BareMetalResult:
     verified: bool
     partitions: list[dict]
     notes: list[str]
+    bad_ranges: list[list[int]] = field(default_factory=list)   # restored as zeros: unreadable at backup
 
 
 def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False,
@@ -72,7 +74,8 @@ def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False,
     if plan.fit.grow_range:
         job.notes.append(grow_filesystem(plan.target.path, *plan.fit.grow_range))
     return BareMetalResult(plan.image.id, plan.target.path, plan.disk_size, job.read, job.written, job.zeroed,
-                           round(time.monotonic() - started, 3), True, plan.fit.partitions, job.notes)
+                           round(time.monotonic() - started, 3), True, plan.fit.partitions, job.notes,
+                           plan.bad_ranges)
 
 
 @dataclass
@@ -127,6 +130,8 @@ class _Restore:
             written, zeroed = _copy_file_into(fd, shrunk, fit.fs_shrink[0] - fit.shift)
             self.written, self.zeroed = self.written + written, self.zeroed + zeroed
             self.notes.append(f"filesystem shrunk by resize2fs to {fit.fs_shrink[2]} bytes")
+        for area in plan.stale:
+            self.zeroed += zero_nonzero(fd, area["offset"], area["offset"] + area["length"])
         _fit_table(fd, plan)
         return verified
 

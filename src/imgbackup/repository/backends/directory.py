@@ -8,17 +8,16 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgbackup.errors import ObjectMissing, StorageError
+from imgbackup.errors import ObjectMissing, RepositoryFull, StorageError
 from imgbackup.repository.storage import check_name
 
 TEMP_MARK = ".tmp-"
-LEFTOVER_FOLDERS = ("packs", "index", "images")  # not locks/: a racing lock creator owns its temp file
+LEFTOVER_FOLDERS = ("packs", "index", "images", "damage", "gc")  # not locks/: a racing lock creator owns its temp
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
-    if exc.errno == errno.ENOSPC:
-        return StorageError(f"repository disk is full while writing {what}",
-                            "free space or use another repository; nothing was committed")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RepositoryFull(f"repository disk is full while writing {what}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(f"no permission to write {what}: {exc.strerror}")
     return StorageError(f"storage error on {what}: {exc.strerror or exc}")
@@ -38,6 +37,7 @@ class DirectoryStorage:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).absolute()  # a later chdir (FUSE daemons do one) must not move it
         self.location = str(self.root)
+        self.fills_up = True
 
     def _path(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -168,25 +168,39 @@ class DirectoryStorage:
         except OSError as exc:
             raise _storage_error(exc, name) from None
 
-    def remove_incomplete_writes(self, older_than: float = 0.0,
-                                 folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> int:
-        """Delete temp files of interrupted writes not written to for ``older_than`` seconds (a live
-        writer's temp file is touched by every write); only under the exclusive lease."""
-        removed = 0
+    def incomplete_writes(self, older_than: float = 0.0,
+                          folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> list[tuple[str, int]]:
+        """Temp files of interrupted writes not written to for ``older_than`` seconds (a live writer's
+        temp file is touched by every write): (path relative to the root, bytes)."""
+        found = []
         cutoff = self.now() - older_than if older_than > 0 else None
         try:
             for dirpath, _dirs, files in (w for folder in folders for w in os.walk(self.root / folder)):
                 for f in files:
-                    if TEMP_MARK not in f:
-                        continue
-                    path = os.path.join(dirpath, f)
-                    try:
-                        if cutoff is not None and os.lstat(path).st_mtime > cutoff:
+                    if TEMP_MARK in f:
+                        path = os.path.join(dirpath, f)
+                        try:
+                            st = os.lstat(path)
+                        except FileNotFoundError:
                             continue
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        continue
+                        if cutoff is None or st.st_mtime <= cutoff:
+                            found.append((os.path.relpath(path, self.root), st.st_size))
+        except OSError as exc:
+            raise _storage_error(exc, "the listing of interrupted writes") from None
+        return found
+
+    def remove_incomplete_writes(self, older_than: float = 0.0,
+                                 folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> int:
+        """Delete temp files of interrupted writes older than ``older_than`` seconds (see
+        incomplete_writes); only under the exclusive lease."""
+        removed = 0
+        try:
+            for name, _size in self.incomplete_writes(older_than, folders):
+                try:
+                    os.unlink(self.root / name)
                     removed += 1
+                except FileNotFoundError:
+                    continue
         except OSError as exc:
             raise _storage_error(exc, "the removal of interrupted writes") from None
         return removed

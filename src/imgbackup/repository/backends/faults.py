@@ -36,6 +36,7 @@ class _Counted:
     def __init__(self, inner: Storage, applies: tuple[str, ...], at: int | None, times: int) -> None:
         self.inner = inner
         self.location = inner.location
+        self.fills_up = inner.fills_up
         self.applies = applies
         self.at = at
         self.times = times
@@ -56,6 +57,9 @@ class _Counted:
 
     def remove_incomplete_writes(self, older_than: float = 0.0) -> int:
         return self.inner.remove_incomplete_writes(older_than)
+
+    def incomplete_writes(self, older_than: float = 0.0) -> list[tuple[str, int]]:
+        return self.inner.incomplete_writes(older_than)
 
     def prepare(self, folders: tuple[str, ...]) -> None:
         self.inner.prepare(folders)

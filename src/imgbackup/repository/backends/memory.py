@@ -22,6 +22,7 @@ class MemoryStorage:
 
     def __init__(self, location: str = "memory://", clock: Callable[[], float] = time.time) -> None:
         self.location = location
+        self.fills_up = False
         self.objects: dict[str, bytes] = {}
         self.times: dict[str, float] = {}   # name -> when it was written, by ``clock``
         self.clock = clock                  # the storage's clock: tests set one to move time
@@ -101,6 +102,9 @@ class MemoryStorage:
 
     def remove_incomplete_writes(self, older_than: float = 0.0) -> int:
         return 0  # an uncommitted writer holds its bytes in itself: nothing is left behind
+
+    def incomplete_writes(self, older_than: float = 0.0) -> list[tuple[str, int]]:
+        return []
 
 
 class _MemoryObjectWriter:

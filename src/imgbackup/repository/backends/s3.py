@@ -67,6 +67,7 @@ class S3Storage:
         self.prefix = prefix
         self.endpoint = self.client.meta.endpoint_url
         self.location = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self.fills_up = False
         self.list_page = list_page
         self.multipart_threshold = max(multipart_threshold, part_size)
         self.part_size = part_size
@@ -253,6 +254,11 @@ class S3Storage:
                     raise
 
         self.calls.run("abort upload", self.name_of(key), attempt)
+
+    def incomplete_writes(self, older_than: float = 0.0) -> list[tuple[str, int]]:
+        """Unfinished multipart uploads begun ``older_than`` seconds ago (their size is not counted:
+        it would take a request each)."""
+        return [(self.name_of(key), 0) for key, _upload in self.pending_uploads(older_than)]
 
     def remove_incomplete_writes(self, older_than: float = 0.0) -> int:
         """Abort the multipart uploads killed writers left (they are invisible but cost space), begun

@@ -1,0 +1,49 @@
+"""Compact: reclaim space that nothing references — leftovers of killed or failed runs, packs no
+image needs, and the dead part of partly used packs (engine/collect.py does the work)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from imgbackup.engine.collect import carry_out, needed_chunks, plan_collection
+from imgbackup.repository.repo import Repository
+
+
+@dataclass
+class CompactResult:
+    dry_run: bool
+    bytes_freed: int                 # net: bytes deleted minus the copies written
+    bytes_deleted: int
+    bytes_written: int
+    packs_deleted: int
+    packs_rewritten: int
+    temp_files_removed: int
+    chunks_removed: int
+    index_files_before: int
+    index_files_after: int
+    duration_s: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def run_compact(repo: Repository, dry_run: bool = False) -> CompactResult:
+    """Collect under the lock; a dry run only plans (no lock: a backup running meanwhile may add to it)."""
+    started = time.monotonic()
+    if dry_run:
+        needed, warnings = needed_chunks(repo)
+        plan = plan_collection(repo, needed, warnings)
+        temp = sum(size for _, size in plan.temp)
+        deleted = temp if plan.blocked else plan.bytes_reclaimable + plan.bytes_to_copy
+        copied = 0 if plan.blocked else plan.bytes_to_copy
+        return CompactResult(
+            True, deleted - copied, deleted, copied, 0 if plan.blocked else len(plan.free) + len(plan.rewrite),
+            0 if plan.blocked else len(plan.rewrite), len(plan.temp), 0 if plan.blocked else plan.chunks_removed,
+            len(plan.index_files), plan.index_files_after,
+            round(time.monotonic() - started, 3), plan.warnings)
+    with repo.lock("compact", may_use_reserve=True):
+        needed, warnings = needed_chunks(repo)
+        plan = plan_collection(repo, needed, warnings)
+        done = carry_out(repo, plan)
+    return CompactResult(False, done.bytes_freed, done.bytes_deleted, done.bytes_written, done.packs_deleted,
+                         done.packs_rewritten, done.temp_files_removed, done.chunks_removed, len(plan.index_files),
+                         done.index_files, round(time.monotonic() - started, 3), done.warnings)
