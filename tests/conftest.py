@@ -18,6 +18,10 @@ os.environ.setdefault("IMGBACKUP_RUN_DIR", os.path.join(tempfile.gettempdir(), f
 # Cheap KDF parameters for repositories created by tests; recorded in each key file.
 os.environ.setdefault("IMGBACKUP_TEST_CHEAP_KDF", "1")
 
+# Collections free what they find unneeded in the same run when no backup runs (no grace period); the tests
+# of the grace period set their own (tests/test_fleet.py).
+os.environ.setdefault("IMGBACKUP_GC_GRACE_SECONDS", "0")
+
 # Local caches (chunk index, S3 probe) of this run's repositories in the run's temp dir, not in ~/.cache;
 # subprocesses inherit it.
 if "IMGBACKUP_TEST_KEEP_CACHE_HOME" not in os.environ:

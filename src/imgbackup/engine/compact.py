@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from imgbackup.engine.collect import carry_out, needed_chunks, plan_collection
+from imgbackup.engine.collect import collect, needed_chunks, plan_collection
 from imgbackup.repository.repo import Repository
 
 
@@ -23,15 +23,17 @@ class CompactResult:
     index_files_before: int
     index_files_after: int
     duration_s: float
+    candidates_held: int = 0         # unneeded, marked, kept until a later compact (two-phase rule)
     warnings: list[str] = field(default_factory=list)
 
 
-def run_compact(repo: Repository, dry_run: bool = False) -> CompactResult:
-    """Collect under the lock; a dry run only plans (no lock: a backup running meanwhile may add to it)."""
+def run_compact(repo: Repository, dry_run: bool = False, lock_wait: float = 0.0) -> CompactResult:
+    """Collect under the exclusive lease; a dry run only plans (no lease: a backup running meanwhile may
+    add to it), judging the candidates it finds as if it marked them now."""
     started = time.monotonic()
     if dry_run:
         needed, warnings = needed_chunks(repo)
-        plan = plan_collection(repo, needed, warnings)
+        plan = plan_collection(repo, needed, warnings, provisional=True)
         temp = sum(size for _, size in plan.temp)
         deleted = temp if plan.blocked else plan.bytes_reclaimable + plan.bytes_to_copy
         copied = 0 if plan.blocked else plan.bytes_to_copy
@@ -40,10 +42,9 @@ def run_compact(repo: Repository, dry_run: bool = False) -> CompactResult:
             0 if plan.blocked else len(plan.rewrite), len(plan.temp), 0 if plan.blocked else plan.chunks_removed,
             len(plan.index_files), plan.index_files_after,
             round(time.monotonic() - started, 3), plan.warnings)
-    with repo.lock("compact", may_use_reserve=True):
-        needed, warnings = needed_chunks(repo)
-        plan = plan_collection(repo, needed, warnings)
-        done = carry_out(repo, plan)
+    with repo.lock("compact", lock_wait, may_use_reserve=True):
+        plan, done = collect(repo)
     return CompactResult(False, done.bytes_freed, done.bytes_deleted, done.bytes_written, done.packs_deleted,
                          done.packs_rewritten, done.temp_files_removed, done.chunks_removed, len(plan.index_files),
-                         done.index_files, round(time.monotonic() - started, 3), done.warnings)
+                         done.index_files, round(time.monotonic() - started, 3), done.candidates_held,
+                         done.warnings)

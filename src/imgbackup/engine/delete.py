@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from imgbackup.engine.collect import carry_out, needed_chunks, plan_collection
+from imgbackup.engine.collect import collect
 from imgbackup.repository.repo import Repository
 
 
@@ -31,8 +31,7 @@ def delete_images(repo: Repository, image_ids: list[str], lock_wait: float = 0.0
     with repo.lock("delete", lock_wait, may_use_reserve=True):
         for image_id in image_ids:
             repo.images.delete(image_id)
-        needed, warnings = needed_chunks(repo)
-        done = carry_out(repo, plan_collection(repo, needed, warnings))
+        _plan, done = collect(repo)
     result.packs_deleted, result.packs_rewritten = done.packs_deleted, done.packs_rewritten
     result.chunks_removed, result.bytes_freed, result.warnings = done.chunks_removed, done.bytes_freed, done.warnings
     result.duration_s = round(time.monotonic() - started, 3)

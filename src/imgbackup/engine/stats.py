@@ -63,7 +63,7 @@ def repository_stats(repo: Repository) -> RepositoryStats:
 
     images = {image_id: ImageStats(sum(stored(c) for c in ids), sum(stored(c) for c in ids if refs[c] == 1))
               for image_id, ids in per_image.items()}
-    plan = plan_collection(repo, None if unreadable else set(refs), strict=False)
+    plan = plan_collection(repo, None if unreadable else set(refs), strict=False, provisional=True)
     reclaimable = sum(size for _, size in plan.temp) if plan.blocked else plan.bytes_reclaimable
     return RepositoryStats(total, sum(stored(c) for c in refs), reclaimable, len(list(storage.list("packs"))),
                            len(plan.index_files), len(plan.damage), images, unreadable)

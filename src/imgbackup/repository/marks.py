@@ -24,9 +24,14 @@ import numpy as np
 
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
+from imgbackup.repository.lease import CLOCK_TOLERANCE
+from imgbackup.repository.lock import SESSION_PREFIX, leases
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
 MARKS_FOLDER = "gc"
+GC_GRACE = 3600.0        # seconds a candidate waits after its mark, beyond the session rule: margin for clock
+                         # steps of the storage and for a backup that stalls between its lease and its listing
+LIST_RETRIES = 5         # a mark deleted between listing and reading means a collection replaced it: list again
 OBJ_GC_MARKS = 8
 MARKS_MAGIC = b"IMGBMARK"
 MARKS_VERSION = 1
@@ -101,16 +106,57 @@ def decode_marks(plain: bytes, name: str, written: float) -> tuple[np.ndarray, n
         rows["offset"].astype(np.uint32), times.astype(np.float64), packs
 
 
+def gc_grace() -> float:
+    """The grace period: ``IMGBACKUP_GC_GRACE_SECONDS`` (tests set 0), else GC_GRACE."""
+    try:
+        return max(float(os.environ.get("IMGBACKUP_GC_GRACE_SECONDS", GC_GRACE)), 0.0)
+    except ValueError:
+        return GC_GRACE
+
+
+@dataclass
+class Safety:
+    """When a candidate marked at ``at`` (storage time) may be deleted: the mark is older than the
+    grace period, and every backup session alive now began after the mark (so it read the marks,
+    and never deduplicated against a marked copy). Judged before the images are read."""
+
+    now: float
+    grace: float
+    session_starts: list[float]    # storage time each live session began (-inf: an unreadable lease)
+
+    def mature(self, at: float) -> bool:
+        return at + self.grace <= self.now and all(start >= at + CLOCK_TOLERANCE for start in self.session_starts)
+
+
+def judge_safety(storage: Storage, grace: float | None = None) -> Safety:
+    """The live sessions, then the storage's clock (read after them: a mark is never judged older
+    than it is)."""
+    live = [state for state in leases(storage, SESSION_PREFIX) if state.alive]
+    return Safety(storage.now(), gc_grace() if grace is None else grace,
+                  [state.info.started if state.info else float("-inf") for state in live])
+
+
 def load_marks(storage: Storage, envelope: Envelope) -> Marks:
-    """Every mark object (a mark deleted while we list is skipped: its collection is done with it)."""
+    """Every mark object. A mark deleted between the listing and its read was replaced by a
+    collection (which writes the new one first): then the listing is taken again, so a reader never
+    sees fewer marks than there are."""
+    for _ in range(LIST_RETRIES):
+        marks = _read_marks(storage, envelope)
+        if marks is not None:
+            return marks
+    raise IntegrityError("the collection marks (gc/) keep changing while they are read",
+                         "run the command again once compact, delete or prune has finished")
+
+
+def _read_marks(storage: Storage, envelope: Envelope) -> Marks | None:
     parts = []
     marks = Marks()
-    for name in storage.list(MARKS_FOLDER):
+    for name in sorted(storage.list(MARKS_FOLDER)):
         try:
             written = storage.modified(name)
             sealed = storage.get(name)
         except ObjectMissing:
-            continue
+            return None
         plain = envelope.open(OBJ_GC_MARKS, bytes.fromhex(name.rsplit("/", 1)[1]), sealed, f"collection marks {name}")
         parts.append(decode_marks(plain, name, written))
         marks.names.append(name)
@@ -123,6 +169,12 @@ def load_marks(storage: Storage, envelope: Envelope) -> Marks:
             for pid, at in p[4].items():
                 marks.packs[pid] = min(at, marks.packs.get(pid, at))
     return marks
+
+
+def marked_copies(marks: Marks) -> list[tuple[bytes, bytes, int]]:
+    """(chunk id, pack id, offset) of every marked copy: what a backup must not deduplicate against."""
+    return [(cid.tobytes(), pid.tobytes(), int(off))
+            for cid, pid, off in zip(marks.copy_ids, marks.copy_packs, marks.copy_offsets.tolist(), strict=True)]
 
 
 def write_marks(storage: Storage, envelope: Envelope, copies: list[tuple[bytes, bytes, int, float]],

@@ -136,11 +136,13 @@ class Repository:
         read first), and copies in packs that no longer exist are excluded too (one LIST of packs/,
         taken after the listing of index/: one request per 1,000 packs on a bucket; a directory walk here)."""
         from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
+        from imgbackup.repository.marks import load_marks, marked_copies
 
         if self._chunks is None or (for_backup and not self._chunks.packs_checked):
+            marked = marked_copies(load_marks(self.storage, self.envelope)) if for_backup else None
             damage = DamageLog.load(self.storage, self.envelope, strict=for_backup)
             packs = (lambda: set(self.storage.list("packs"))) if for_backup else None
-            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs, self.index_cache())
+            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs, self.index_cache(), marked)
         return self._chunks
 
     def reload_chunk_index(self) -> ChunkIndex:
