@@ -29,7 +29,7 @@ from imgbackup.errors import (
 )
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
 from imgbackup.repository.backends.directory import DirectoryStorage
-from imgbackup.repository.chunkindex import decode_chunk_index, encode_chunk_index, merge_locations
+from imgbackup.repository.chunkindex import ChunkIndex, decode_chunk_index, encode_chunk_index
 from imgbackup.repository.config import RepoConfig
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
 
@@ -292,7 +292,7 @@ def test_delta_bases_survive_pack_trailers_and_chunk_index_files(tmp_path: Path)
     assert [from_trailer[c].raw_length for c in ids] == [100 + i for i in range(6)]
     plain = encode_chunk_index(writer.written)
     assert len(plain) == 24 + 32 + 48 * 6 + 36 * 3           # head, pack ids, entries, side table
-    assert decode_chunk_index(plain, "x") == writer.written
+    assert dict(decode_chunk_index(plain, "x")) == writer.written
     broken = bytearray(plain)
     broken[24 + 32 + 44 + 3] ^= 0x80                          # entry 0 claims to be a delta
     with pytest.raises(IntegrityError):
@@ -303,10 +303,10 @@ def test_a_chunk_known_twice_keeps_its_whole_copy() -> None:
     whole = BlobLocation(b"p" * 32, 16, 10, 100)
     delta = BlobLocation(b"q" * 32, 16, 5, 100, OID)
     for order in ([whole, delta], [delta, whole]):
-        into: dict = {}
+        index = ChunkIndex()
         for loc in order:
-            merge_locations(into, {b"c" * 32: loc})
-        assert into[b"c" * 32] == whole
+            index._add(b"c" * 32, loc)
+        assert index.get(b"c" * 32) == whole and index.spare == [(b"c" * 32, delta)]
 
 
 def test_pack_writer_abort_drops_the_open_pack(tmp_path: Path) -> None:
