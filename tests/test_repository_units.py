@@ -29,7 +29,13 @@ from imgbackup.errors import (
 )
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
 from imgbackup.repository.backends.directory import DirectoryStorage
-from imgbackup.repository.chunkindex import ChunkIndex, decode_chunk_index, encode_chunk_index
+from imgbackup.repository.backends.memory import MemoryStorage
+from imgbackup.repository.chunkindex import (
+    ChunkIndex,
+    decode_chunk_index,
+    encode_chunk_index,
+    write_index_files,
+)
 from imgbackup.repository.config import RepoConfig
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
 
@@ -303,9 +309,10 @@ def test_a_chunk_known_twice_keeps_its_whole_copy() -> None:
     whole = BlobLocation(b"p" * 32, 16, 10, 100)
     delta = BlobLocation(b"q" * 32, 16, 5, 100, OID)
     for order in ([whole, delta], [delta, whole]):
-        index = ChunkIndex()
-        for loc in order:
-            index._add(b"c" * 32, loc)
+        storage, envelope = MemoryStorage(), Envelope(None)
+        for loc in order:                       # one index file each, as two backups would write them
+            write_index_files(storage, envelope, [(b"c" * 32, loc)])
+        index = ChunkIndex.load(storage, envelope)
         assert index.get(b"c" * 32) == whole and index.spare == [(b"c" * 32, delta)]
 
 
