@@ -190,7 +190,9 @@ def _pack_names(server, bucket: str, prefix: str) -> set[str]:
 @pytest.mark.slow
 def test_four_hosts_back_up_into_one_bucket_at_once_while_compact_runs(s3_server, s3_bucket, tmp_path: Path) -> None:
     need_tool("unshare")
-    extra = {**s3_server.env(), "IMGBACKUP_S3_PROBE_CACHE": "0", "IMGBACKUP_LEASE_SECONDS": "6",
+    # Leases of 30 s: four backups and a compact on two cores can starve a heartbeat for seconds (a lease
+    # not refreshed for its lifetime is lost, and its backup stops). The host killed below has 6 s.
+    extra = {**s3_server.env(), "IMGBACKUP_S3_PROBE_CACHE": "0", "IMGBACKUP_LEASE_SECONDS": "30",
              "IMGBACKUP_GC_GRACE_SECONDS": "0"}
     url = f"s3://{s3_bucket}/fleet"
     env = cli_env(url, **extra)
@@ -248,7 +250,7 @@ def test_four_hosts_back_up_into_one_bucket_at_once_while_compact_runs(s3_server
     # only after the grace period, never before.
     big = random_image(tmp_path / "big.img", 48 * MIB, seed=77)
     before = _pack_names(s3_server, s3_bucket, "fleet")
-    victim = _as_host("crash1", "backup", str(big), "--name", "big", env=env)
+    victim = _as_host("crash1", "backup", str(big), "--name", "big", env={**env, "IMGBACKUP_LEASE_SECONDS": "6"})
     others_ = [_as_host(h, "backup", str(tmp_path / "fleet" / f"host{i}.img"), "--name", "disk", "--json", env=env)
                for i, h in enumerate(HOSTS[:2])]
     deadline = time.monotonic() + 120

@@ -43,7 +43,7 @@ def init(
 
 def _row(meta: dict) -> dict:
     return {"id": meta["id"], "name": meta.get("name"), "type": meta.get("type"), "parent": meta.get("parent"),
-            "created": meta.get("created"), "source": meta.get("source", {}).get("path"),
+            "created": meta.get("created"), "hostname": meta.get("hostname"), "source": meta.get("source", {}).get("path"),
             "source_size": meta.get("source", {}).get("size"), "stats": meta.get("stats", {})}
 
 
@@ -65,7 +65,8 @@ def list_images(
             typer.echo(f"{row['id'][:12]}  DAMAGED: {row['error']}")
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
-        typer.echo(f"{row['id'][:12]}  {when}  {row['type']:<12} {row['name']:<20} {human(row['source_size'])}")
+        typer.echo(f"{row['id'][:12]}  {when}  {row['type']:<12} {row['hostname'] or '?':<16} {row['name']:<20} "
+                   f"{human(row['source_size'])}")
 
 
 def info(
