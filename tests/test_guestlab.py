@@ -9,7 +9,7 @@ that has a serial, a model and a WWN. Commands run in its root shell over a virt
   full hash-compare incremental.
 - disk identity: ``imgbackup devices`` shows serial, model and WWN from udev; a rescue target given
   as WWN=… or SERIAL=… resolves to that disk.
-(That a job naming /dev/disk/by-id/… follows the disk across boots needs the jobs of issue #16.)
+(That a job naming /dev/disk/by-id/… follows its disk across boots: tests/test_guestlab_jobs.py.)
 """
 
 from __future__ import annotations

@@ -351,7 +351,7 @@ def test_index_files_may_list_copies_of_one_chunk_and_a_damaged_copy_is_never_ha
     from imgbackup.repository.damage import DamagedCopy, DamageLog, write_record
     from imgbackup.repository.packs import BlobLocation
 
-    r = Repository.init(tmp_path / "repo", lambda: b"pw")
+    r = Repository.init(tmp_path / "repo", lambda: b"test-pass")
     cid = b"\x07" * 32
     first, second = BlobLocation(b"\x01" * 32, 16, 100, 90), BlobLocation(b"\x02" * 32, 16, 100, 90)
     write_index_files(r.storage, r.envelope, [(cid, first), (cid, second)])

@@ -152,9 +152,11 @@ def test_a_bit_flipped_in_any_read_of_a_restore_is_detected(seed, repo_with_full
             detected += 1
             continue
         assert restored == expected, (n, flips.flipped)
-        # No error: this run read less ahead (fewer reads than n), or the flipped answer was a
-        # read-ahead that failed authentication, was dropped, and the chunk was read again.
+        # No error: this run read less ahead (fewer reads than n), or the flipped answer failed
+        # authentication and the copy was read again (a copy is called damaged only when a fresh
+        # read of it fails too), so the flip was detected.
         assert not flips.flipped or flips.calls.count(flips.flipped[0]) >= 2, (n, flips.flipped)
+        detected += bool(flips.flipped)
         target.unlink()
     assert detected >= counter.count // 2
 
@@ -170,7 +172,8 @@ def test_a_bit_flipped_in_any_read_of_verify_is_reported(repo_with_full) -> None
         except ImgBackupError as exc:
             assert exc.exit_code in (4, 6), (n, exc)
             continue
-        assert not report.ok, (n, flips.calls)
+        # a flip is either reported damage, or a read that was wrong once and right when read again
+        assert not report.ok or (flips.flipped and any("read again" in w for w in report.warnings)), (n, flips.calls)
 
 
 def test_the_memory_repository_works_through_its_url(sources, tmp_path) -> None:

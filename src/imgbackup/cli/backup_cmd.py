@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, RepoOption, emit_json, human, open_repo, progress_bar
-from imgbackup.device.source import open_source
+from imgbackup.cli.common import JsonOption, ProgressBar, RepoOption, emit_json, human, open_repo
 from imgbackup.engine.backup.rescue import DEFAULT_RETRIES
 from imgbackup.engine.backup.run import BackupRequest, run_backup
 from imgbackup.errors import PartlyUnreadable, UsageError
@@ -46,17 +45,15 @@ def backup(
     if retries is not None and not rescue:
         raise UsageError("--retries needs --rescue")
     r = open_repo(repo, for_writing=True)
-    with open_source(source) as src:
-        size = src.size
-    update, close = progress_bar(size, "backup", not json_out)
+    bar = ProgressBar("backup", not json_out)   # its total is what the plan will read, not the source size
     try:
         result = run_backup(r, BackupRequest(
-            source, name, backup_type, allow_mounted, update, all_blocks=all_blocks,
+            source, name, backup_type, allow_mounted, bar.update, bar.start, all_blocks=all_blocks,
             changed_blocks=changed_blocks, change_granularity=change_granularity,
             verify_unchanged=verify_unchanged, rescue=rescue,
             retries=DEFAULT_RETRIES if retries is None else retries, snapshot=snapshot))
     finally:
-        close()
+        bar.close()
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:

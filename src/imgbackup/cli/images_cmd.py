@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from typing import Annotated
 
@@ -13,6 +14,7 @@ from imgbackup.cli.common import (
     NameOption,
     RepoOption,
     YesOption,
+    ask,
     emit_json,
     human,
     open_repo,
@@ -34,11 +36,11 @@ def delete(
     r = open_repo(repo, for_writing=True)
     ids = [r.images.resolve(spec, name) for spec in images]
     if not yes:
-        import sys
-
         if not sys.stdin.isatty():
             raise UsageError("refusing to delete images without --yes (no terminal to ask on)")
-        typer.confirm(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}?", abort=True)
+        answer = ask(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}? [y/N]: ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise UsageError("not confirmed; nothing was deleted")
     result = delete_images(r, ids, lock_wait)
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)

@@ -10,11 +10,11 @@ import typer
 from imgbackup.cli.common import (
     JsonOption,
     LockWaitOption,
+    ProgressBar,
     RepoOption,
     emit_json,
     human,
     open_repo,
-    progress_bar,
 )
 from imgbackup.errors import VerificationFailed
 
@@ -35,11 +35,12 @@ def repair(
     from imgbackup.engine.repair.run import run_repair
 
     r = open_repo(repo)
-    update, close = progress_bar(None, "repair", not json_out)  # type: ignore[arg-type]  # size unknown up front
+    bar = ProgressBar("repair", not json_out)
+    bar.start(None)   # the bytes to check are known only pack by pack
     try:
-        plan, done = run_repair(r, act=yes, quick=quick, progress=update)
+        plan, done = run_repair(r, act=yes, quick=quick, progress=bar.update)
     finally:
-        close()
+        bar.close()
     doc = plan.to_dict() | {"dry_run": not yes, "written": asdict(done) if done else None}
     for warning in done.warnings if done else []:
         typer.echo(f"imgbackup: warning: {warning}", err=True)

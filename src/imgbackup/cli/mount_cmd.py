@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from imgbackup import interrupts
 from imgbackup.cli.common import JsonOption, NameOption, RepoOption, emit_json, open_repo
 from imgbackup.errors import StorageError
 
@@ -38,19 +39,26 @@ def mount(
         typer.echo(f"mounted image {state.image[:12]} at {state.mountpoint} (log: {log_file}); "
                    f"'imgbackup umount {state.mountpoint}' to unmount")
         return
+    problems: list[str] = []
+    interrupts.set_status(lambda: _after_stop(session, problems))
     try:
         session.start()
         _describe(session)
         session.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        problems = session.stop()
+    finally:   # Ctrl-C or SIGTERM (the way to end --foreground) unwinds through here: exit 130
+        problems += session.stop()
     if problems:
         raise StorageError("; ".join(problems))
     if json_out:
         emit_json({"image": session.image_id, "mountpoint": session.mountpoint, "unmounted": True})
     typer.echo("unmounted", err=True)
+
+
+def _after_stop(session, problems: list[str]) -> str:
+    if problems:
+        return (f"unmounting {session.mountpoint} left problems: {'; '.join(problems)} "
+                f"('imgbackup umount {session.mountpoint}' retries)")
+    return f"nothing is left mounted at {session.mountpoint}"
 
 
 def _describe(session) -> None:
@@ -65,6 +73,8 @@ def umount(directory: Annotated[str, typer.Argument(help="Directory an image is 
     """Unmount an image: filesystems, loop devices, the FUSE mount and its server process."""
     from imgbackup.engine.mount.state import unmount
 
+    interrupts.set_status(f"the mount at {directory} may be partly taken down ('imgbackup umount {directory}' "
+                          "again finishes it)")
     problems = unmount(directory)
     if problems:
         raise StorageError("; ".join(problems))

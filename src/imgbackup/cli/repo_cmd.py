@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 import typer
 
+from imgbackup import interrupts
 from imgbackup.cli.common import (
     JsonOption,
     NameOption,
@@ -14,12 +14,16 @@ from imgbackup.cli.common import (
     emit_json,
     human,
     open_repo,
+    print_table,
     read_passphrase,
     repo_path,
 )
+from imgbackup.errors import IntegrityError
 from imgbackup.repository.lock import break_lock
-from imgbackup.repository.repo import DEFAULT_CHUNK_SIZE, Repository
+from imgbackup.repository.repo import DEFAULT_CHUNK_SIZE, MIN_PASSPHRASE_LENGTH, Repository
+from imgbackup.repository.stats import ImageStats, image_stats
 from imgbackup.repository.storage import open_storage
+from imgbackup.units import local_time
 
 
 def init(
@@ -28,23 +32,40 @@ def init(
     chunk_size: Annotated[int, typer.Option(help="Chunk size in bytes (power of two, 64 KiB..16 MiB).")]
     = DEFAULT_CHUNK_SIZE,
     zstd_level: Annotated[int, typer.Option(help="zstd compression level for chunks.")] = 3,
+    weak_passphrase: Annotated[bool, typer.Option(
+        "--weak-passphrase", help=f"Accept a passphrase shorter than {MIN_PASSPHRASE_LENGTH} characters.")] = False,
     json_out: JsonOption = False,
 ) -> None:
     """Create a new repository."""
-    r = Repository.init(repo_path(repo), lambda: read_passphrase(confirm=True), encryption, chunk_size, zstd_level)
+    r = Repository.init(repo_path(repo), lambda: read_passphrase(confirm=True), encryption, chunk_size, zstd_level,
+                        weak_passphrase=weak_passphrase)
+    keep_safe = ("keep the passphrase safe, apart from the repository: without it no image can ever be read"
+                 if r.config.encryption != "none"
+                 else "this repository is not encrypted: anyone who can read it can read the images")
     doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
-           "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level}
+           "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level, "note": keep_safe}
     if json_out:
         emit_json(doc)
     else:
         typer.echo(f"created repository {r.location} (id {r.config.id}, {r.config.encryption}, "
                    f"chunk size {human(r.chunk_size)})")
+        typer.echo(keep_safe[0].upper() + keep_safe[1:] + ".")
 
 
-def _row(meta: dict) -> dict:
+def _fallbacks(meta: dict) -> list[dict]:
+    """Regions a backup imaged in full because it could not trust (or did not know) their content."""
+    regions = (meta.get("used_map") or {}).get("regions") or []
+    return [r for r in regions if isinstance(r, dict) and r.get("warning")]
+
+
+def _row(meta: dict, stats: ImageStats | None) -> dict:
+    source = meta.get("source") or {}
     return {"id": meta["id"], "name": meta.get("name"), "type": meta.get("type"), "parent": meta.get("parent"),
-            "created": meta.get("created"), "hostname": meta.get("hostname"), "source": meta.get("source", {}).get("path"),
-            "source_size": meta.get("source", {}).get("size"), "stats": meta.get("stats", {})}
+            "created": meta.get("created"), "hostname": meta.get("hostname"),
+            "source": source.get("path"), "source_size": source.get("size"),
+            "stats": stats.to_dict() if stats else None,
+            "imaged_in_full": [{"partition": r.get("partition"), "reason": r["warning"]} for r in _fallbacks(meta)],
+            "warnings": meta.get("warnings", [])}
 
 
 def list_images(
@@ -52,21 +73,58 @@ def list_images(
     name: Annotated[str | None, typer.Option(help="Only images of this source name.")] = None,
     json_out: JsonOption = False,
 ) -> None:
-    """List the images in the repository, oldest first."""
+    """List the images in the repository, oldest first, with what each stores; exit 6 if any is DAMAGED."""
     r = open_repo(repo)
-    entries = r.images.entries()
-    rows = [dict(_row(e.meta)) if e.meta else {"id": e.id, "error": e.error} for e in entries
-            if not name or (e.meta or {}).get("name") == name]
+    entries = [e for e in r.images.entries() if not name or (e.meta or {}).get("name") == name]
+    stats = image_stats(r, [e.id for e in entries if e.meta])
+    rows = []
+    for e in entries:
+        error = e.error or stats.errors.get(e.id)
+        if error is None and e.id in stats.images and stats.images[e.id].missing_chunks:
+            error = f"{stats.images[e.id].missing_chunks} referenced chunks have no usable copy (in no pack, or recorded damaged)"
+        row = _row(e.meta, stats.images.get(e.id)) if e.meta else {"id": e.id}
+        if error:
+            row["error"] = error
+        rows.append(row)
+    damaged = [row for row in rows if "error" in row]
     if json_out:
-        emit_json({"images": rows})
-        return
+        emit_json({"images": rows, "damaged": len(damaged)})
+    else:
+        _print_list(rows)
+    if damaged:
+        raise IntegrityError(f"{len(damaged)} of {len(rows)} images are DAMAGED",
+                             "run 'imgbackup verify' for details")
+
+
+def _print_list(rows: list[dict]) -> None:
+    table = []
+    notes = []
     for row in rows:
-        if "error" in row:
-            typer.echo(f"{row['id'][:12]}  DAMAGED: {row['error']}")
+        if "error" in row and "stats" not in row:
+            table.append([row["id"][:12], "-", "-", "-", "-", "-", "-", "-", "DAMAGED"])
+            notes.append(f"{row['id'][:12]}: {row['error']}")
             continue
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
-        typer.echo(f"{row['id'][:12]}  {when}  {row['type']:<12} {row['hostname'] or '?':<16} {row['name']:<20} "
-                   f"{human(row['source_size'])}")
+        st = row["stats"] or {}
+        mark = []
+        if "error" in row:
+            mark.append("DAMAGED")
+            notes.append(f"{row['id'][:12]}: {row['error']}")
+        if row["imaged_in_full"]:
+            parts = ", ".join(str(f["partition"]) if f["partition"] is not None else "all"
+                              for f in row["imaged_in_full"])
+            mark.append(f"in full: {parts}")
+        table.append([row["id"][:12], local_time(row["created"]) if row["created"] else "-", row["type"] or "-",
+                      str(row["name"]), (row["parent"] or "-")[:12], human(row["source_size"] or 0),
+                      human(st["stored_bytes"]) if st else "-", human(st["unique_bytes"]) if st else "-",
+                      "; ".join(mark)])
+    print_table(["ID", "CREATED", "TYPE", "NAME", "PARENT", "SOURCE", "STORED", "UNIQUE", "NOTE"], table,
+                frozenset({"SOURCE", "STORED", "UNIQUE"}))
+    if not rows:
+        typer.echo("(no images)")
+    if any(row.get("imaged_in_full") for row in rows):
+        notes.append("'in full': partitions imaged without a used-block map; 'imgbackup info ID' says why")
+    for note in notes:
+        typer.echo(note)
 
 
 def info(
@@ -76,17 +134,66 @@ def info(
     name: NameOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Show one image's metadata, or (without IMAGE) the repository's: sizes, space used and reclaimable."""
+    """Show one image: source, time, type, what it stores, and how each region of the disk was imaged;
+    without IMAGE, the repository: sizes, space used and reclaimable."""
     r = open_repo(repo)
     if image is None:
         _repository_info(r, json_out)
         return
-    meta = r.images.read_meta(r.images.resolve(image, name))
+    image_id = r.images.resolve(image, name)
+    index = r.images.load(image_id)
+    stats = image_stats(r, [image_id]).images[image_id]
     if json_out:
-        emit_json(meta)
+        emit_json(index.meta | {"stats": stats.to_dict()})
         return
-    for key in sorted(meta):
-        typer.echo(f"{key}: {meta[key]}")
+    _print_info(index.meta, stats)
+
+
+def _print_info(meta: dict, stats: ImageStats) -> None:
+    source = meta.get("source") or {}
+    identity = ", ".join(f"{k} {source[k]}" for k in ("vendor", "model", "serial") if source.get(k))
+    fields = [
+        ("image", meta["id"]),
+        ("name", str(meta.get("name"))),
+        ("type", f"{meta.get('type')}" + (f", parent {meta['parent']}" if meta.get("parent") else "")),
+        ("created", f"{local_time(meta['created'])} on {meta.get('hostname', '?')} "
+                    f"(imgbackup {meta.get('tool_version', '?')})"),
+        ("source", f"{source.get('path')} ({source.get('kind')}, {human(source.get('size', 0))}, "
+                   f"{source.get('size')} bytes, {source.get('logical_sector_size')}-byte sectors)"),
+    ]
+    if identity:
+        fields.append(("device", identity))
+    fields.append(("chunks", f"{meta.get('slots')} of {human(meta.get('chunk_size', 0))}: {stats.data_slots} data, "
+                             f"{stats.zero_slots} zero, {stats.unused_slots} unused by any filesystem"))
+    fields.append(("stored", f"{human(stats.stored_bytes)} ({stats.chunks} distinct chunks and the index); "
+                             f"only this image: {human(stats.unique_bytes)}"))
+    if stats.missing_chunks:
+        fields.append(("DAMAGED", f"{stats.missing_chunks} referenced chunks have no usable copy (in no pack, or recorded damaged)"))
+    used_map = meta.get("used_map") or {}
+    fields.append(("blocks", "used blocks only (filesystem maps)" if used_map.get("enabled")
+                   else "every sector (--all-blocks)"))
+    bad = meta.get("bad_ranges") or []
+    if bad:
+        unreadable = sum(n for _, n in bad)
+        shown = ", ".join(f"{off}+{n}" for off, n in bad[:10]) + (f", … ({len(bad)} in all)" if len(bad) > 10 else "")
+        fields.append(("unreadable", f"{human(unreadable)} ({unreadable} bytes) of the source could not be read "
+                                     f"(backup --rescue): zeros in the image; bad_ranges (offset+length): {shown}"))
+    if meta.get("changed_blocks"):
+        fields.append(("change list", str(meta["changed_blocks"])))
+    fields.append(("digest", str(meta.get("content_digest"))))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        typer.echo(f"{key:<{width}}  {value}")
+    for warning in meta.get("warnings", []):
+        typer.echo(f"{'warning':<{width}}  {warning}")
+    regions = used_map.get("regions") or []
+    if regions:
+        typer.echo("")
+        rows = [[str(reg.get("start")), human(reg.get("size", 0)), str(reg.get("partition") or "-"),
+                 reg.get("fstype") or "-", "used blocks" if reg.get("mode") == "bitmap" else "in full",
+                 human(reg.get("used_bytes", 0)), reg.get("warning") or ""] for reg in regions]
+        print_table(["START", "SIZE", "PART", "FS", "IMAGED", "USED", "WHY IN FULL"], rows,
+                    frozenset({"START", "SIZE", "USED"}))
 
 
 def _repository_info(r: Repository, json_out: bool) -> None:
@@ -118,7 +225,9 @@ def break_lock_cmd(
     """Remove the exclusive lease of delete/compact/repair (and takeover claims), whoever holds it.
 
     Not needed after a crash: a lease nobody refreshes clears itself once it expires."""
-    removed = break_lock(open_storage(repo_path(repo), for_writing=True), sessions=sessions)
+    with interrupts.deferred():   # a few deletes: each lease is gone or still there, and the status says so
+        removed = break_lock(open_storage(repo_path(repo), for_writing=True), sessions=sessions)
+        interrupts.set_status(f"{len(removed)} lease(s) removed" if removed else "it was not locked")
     if json_out:
         emit_json({"removed": [{"name": s.name, "age_s": round(s.age, 1), **(s.info.__dict__ if s.info else {})}
                                for s in removed]})

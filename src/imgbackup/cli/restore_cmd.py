@@ -10,13 +10,13 @@ import typer
 from imgbackup.cli.common import (
     JsonOption,
     NameOption,
+    ProgressBar,
     RepoOption,
     YesOption,
     confirm_overwrite,
     emit_json,
     human,
     open_repo,
-    progress_bar,
 )
 from imgbackup.engine.restore.plan import DiskPlan, plan_disk_restore, plan_partition_restore
 from imgbackup.engine.restore.run import run_disk_restore
@@ -64,11 +64,11 @@ def restore(
         if not json_out:
             typer.echo(f"target: {plan.target.description}", err=True)
         confirm_overwrite(plan.target.description, plan.target.path, yes)
-    update, close = progress_bar(plan.bytes_to_write, "restore", not json_out)
+    bar = ProgressBar("restore", not json_out, plan.bytes_to_write)
     try:
-        result = run_disk_restore(r, plan, discard=discard, progress=update)
+        result = run_disk_restore(r, plan, discard=discard, progress=bar.update)
     finally:
-        close()
+        bar.close()
     if json_out:
         emit_json(asdict(result))
         return

@@ -6,8 +6,10 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, NameOption, RepoOption, emit_json, human, open_repo
+from imgbackup import audit
+from imgbackup.cli.common import JsonOption, NameOption, ProgressBar, RepoOption, emit_json, human, open_repo
 from imgbackup.engine.verify.chunks import run_verify
+from imgbackup.engine.verify.record import record_verify
 from imgbackup.errors import UsageError, VerificationFailed
 
 
@@ -24,6 +26,8 @@ def verify(
     = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for --expect.")] = 120,
     firmware: Annotated[str, typer.Option(help="bios or uefi (OVMF).")] = "bios",
+    sample: Annotated[float, typer.Option(help="Read only this percentage of each image's chunks, chosen at "
+                                          "random anew each run (indexes are always read whole).")] = 100.0,
 ) -> None:
     """Read and authenticate every chunk an image references (or all images)."""
     r = open_repo(repo)
@@ -32,17 +36,26 @@ def verify(
         return
     if filesystems and not image:
         raise UsageError("--filesystems needs an IMAGE (an id prefix or 'latest')")
+    if not 0 < sample <= 100:
+        raise UsageError("--sample must be a percentage above 0 and at most 100")
     ids = [r.images.resolve(image, name)] if image else None
-    report = run_verify(r, ids)
+    bar = ProgressBar("verify", not json_out)
+    try:
+        report = run_verify(r, ids, progress=bar.update, progress_total=bar.start, sample_percent=sample)
+    finally:
+        bar.close()
     fs = _check_filesystems(r, ids[0]) if filesystems else None
-    for warning in report.warnings:
+    records, warnings = record_verify(r, report, fs)
+    for warning in report.warnings + warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:
-        emit_json(report.to_dict() | ({"filesystems": fs.to_dict()} if fs else {}))
+        emit_json(report.to_dict() | ({"filesystems": fs.to_dict()} if fs else {})
+                  | {"records": [rec.id for rec in records]})
     else:
         for check in report.images:
             state = "ok" if check.ok else f"DAMAGED ({check.bad_chunks} bad chunks)"
-            typer.echo(f"{check.id[:12]}  {check.name or '?':<20} {check.chunks} chunks  {state}")
+            checked = f"{check.checked} of {check.chunks}" if check.checked < check.chunks else str(check.chunks)
+            typer.echo(f"{check.id[:12]}  {check.name or '?':<20} {checked} chunks  {state}")
             if check.bad_ranges:
                 typer.echo(f"    warning: made with --rescue: {sum(n for _, n in check.bad_ranges)} bytes of the source "
                            f"were unreadable ({len(check.bad_ranges)} ranges), stored as zeros")
@@ -79,6 +92,8 @@ def _verify_boot(r, image: str | None, name: str | None, expect: str | None, tim
         typer.echo(f"{result.image[:12]}: {state} after {result.seconds:.1f} s ({firmware})")
         typer.echo("console tail:\n" + "\n".join(result.console_tail.splitlines()[-20:]))
     if not result.booted:
+        audit.emit("verify_failed", "failed", repository=r.config.id, location=r.location, image=result.image,
+                   check="boot", error=f"did not boot: {result.reason}")
         raise VerificationFailed(f"image {result.image[:12]} did not boot: {result.reason}")
 
 

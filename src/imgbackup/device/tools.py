@@ -38,7 +38,7 @@ PACKAGES = {
     "lvcreate": "lvm2", "lvremove": "lvm2", "lvs": "lvm2",
     "mmdebstrap": "mmdebstrap", "mksquashfs": "squashfs-tools", "grub-mkrescue": "grub-common",
     "xorriso": "xorriso", "depmod": "kmod", "apt-cache": "apt",
-    "udevadm": "udev", "systemctl": "systemd",
+    "udevadm": "udev", "systemctl": "systemd", "systemd-inhibit": "systemd", "systemd-analyze": "systemd",
 }
 
 TOOL_TIMEOUT = 3600.0     # e2fsck, resize2fs or xfs_repair on a multi-TiB filesystem may run for most of an hour

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from imgbackup import interrupts
 from imgbackup.errors import ImageNotFound, IntegrityError, RepositoryFull, StorageError, UnsupportedFormat
 from imgbackup.format.layout import OBJ_CHUNK
 from imgbackup.repository.chunkindex import MAX_ENTRIES_PER_FILE, ChunkIndex, write_index_files
@@ -275,9 +276,12 @@ def _adopt(repo: Repository, candidates: list[PackUse], absent: set[bytes], dama
                 absent.discard(cid)
 
 
-def carry_out(repo: Repository, plan: CollectionPlan) -> CollectionResult:
-    """Remove what ``plan`` says, freeing before writing; call under the repository lock."""
+def carry_out(repo: Repository, plan: CollectionPlan, done_before: str = "") -> CollectionResult:
+    """Remove what ``plan`` says, freeing before writing; call under the repository lock.
+
+    ``done_before`` (what the caller already did) starts the line an interrupted run ends with."""
     result = CollectionResult(index_files=len(plan.index_files))
+    interrupts.set_status(lambda: _collecting(done_before, result))
     result.temp_files_removed = repo.remove_temp_files(plan.temp_age)
     result.bytes_deleted += sum(size for _, size in plan.temp)
     result.warnings += plan.warnings
@@ -333,7 +337,7 @@ def _rewrite_marks(repo: Repository, plan: CollectionPlan, gone: set[str], resul
     result.candidates_held = len(copies) + len(packs)
 
 
-def collect(repo: Repository) -> tuple[CollectionPlan, CollectionResult]:
+def collect(repo: Repository, done_before: str = "") -> tuple[CollectionPlan, CollectionResult]:
     """One collection under the exclusive lease, in the order the two-phase proof needs: the live
     sessions are judged, then the images are read, then the index and the packs. When a mark
     written now would already let candidates go (no grace period, no session alive), it is written
@@ -348,11 +352,18 @@ def collect(repo: Repository) -> tuple[CollectionPlan, CollectionResult]:
                                             if not at], {pid: 0.0 for pid, at in plan.held_packs.items() if not at})
         except StorageError as exc:      # a full disk: free what is ripe already, mark the rest next time
             plan.warnings.append(f"could not write the collection marks ({exc}); a later compact frees the rest")
-            return plan, carry_out(repo, plan)
+            return plan, carry_out(repo, plan, done_before)
         safety = judge_safety(storage)
         needed, warnings = needed_chunks(repo)
         plan = plan_collection(repo, needed, warnings, safety=safety)
-    return plan, carry_out(repo, plan)
+    return plan, carry_out(repo, plan, done_before)
+
+
+def _collecting(done_before: str, result: CollectionResult) -> str:
+    """The state of an interrupted collection: consistent at every step, part of the space freed."""
+    freed = f"{iec(result.bytes_deleted)} freed so far" if result.bytes_deleted else "no space freed yet"
+    return (f"{done_before + '; ' if done_before else ''}{freed}; the repository is consistent, "
+            "'imgbackup compact' frees the rest")
 
 
 def _delete_packs(repo: Repository, uses: list[PackUse], gone: set[str], result: CollectionResult) -> None:

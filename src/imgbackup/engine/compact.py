@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from imgbackup import audit
 from imgbackup.engine.collect import collect, needed_chunks, plan_collection
 from imgbackup.repository.repo import Repository
 
@@ -42,8 +43,11 @@ def run_compact(repo: Repository, dry_run: bool = False, lock_wait: float = 0.0)
             0 if plan.blocked else len(plan.rewrite), len(plan.temp), 0 if plan.blocked else plan.chunks_removed,
             len(plan.index_files), plan.index_files_after,
             round(time.monotonic() - started, 3), plan.warnings)
-    with repo.lock("compact", lock_wait, may_use_reserve=True):
+    with audit.audited("compact", repository=repo.config.id, location=repo.location) as event, \
+            repo.lock("compact", lock_wait, may_use_reserve=True):
         plan, done = collect(repo)
+        event.update(bytes=done.bytes_freed, packs_deleted=done.packs_deleted, packs_rewritten=done.packs_rewritten,
+                     chunks_removed=done.chunks_removed)
     return CompactResult(False, done.bytes_freed, done.bytes_deleted, done.bytes_written, done.packs_deleted,
                          done.packs_rewritten, done.temp_files_removed, done.chunks_removed, len(plan.index_files),
                          done.index_files, round(time.monotonic() - started, 3), done.candidates_held,

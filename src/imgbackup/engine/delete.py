@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from imgbackup import audit, interrupts
 from imgbackup.engine.collect import collect
 from imgbackup.repository.repo import Repository
 
@@ -26,13 +27,34 @@ class DeleteResult:
 
 
 def delete_images(repo: Repository, image_ids: list[str], lock_wait: float = 0.0) -> DeleteResult:
+    """Delete the images and collect their chunks; a ``delete`` audit event records it."""
+    with audit.audited("delete", repository=repo.config.id, location=repo.location,
+                       image=",".join(image_ids)) as event:
+        result = _delete(repo, image_ids, lock_wait)
+        event.update(bytes=result.bytes_freed, chunks_removed=result.chunks_removed, images=len(image_ids))
+    return result
+
+
+def _delete(repo: Repository, image_ids: list[str], lock_wait: float) -> DeleteResult:
     started = time.monotonic()
     result = DeleteResult(deleted=list(image_ids))
+    deleted: list[str] = []
     with repo.lock("delete", lock_wait, may_use_reserve=True):
+        interrupts.set_status(lambda: _interrupted_state(deleted, image_ids))
         for image_id in image_ids:
-            repo.images.delete(image_id)
-        _plan, done = collect(repo)
+            with interrupts.deferred():   # deleted, and the status says so
+                repo.images.delete(image_id)
+                deleted.append(image_id)
+        _plan, done = collect(repo, _interrupted_state(deleted, image_ids, False))
+        interrupts.set_status(f"{len(deleted)} image(s) deleted and the space only they used freed")
     result.packs_deleted, result.packs_rewritten = done.packs_deleted, done.packs_rewritten
     result.chunks_removed, result.bytes_freed, result.warnings = done.chunks_removed, done.bytes_freed, done.warnings
     result.duration_s = round(time.monotonic() - started, 3)
     return result
+
+
+def _interrupted_state(deleted: list[str], wanted: list[str], freeing_left: bool = True) -> str:
+    if not deleted:
+        return "nothing was deleted"
+    done = f"{len(deleted)} of {len(wanted)} image(s) deleted ({', '.join(i[:12] for i in deleted)})"
+    return f"{done}; the space they used is not freed yet ('imgbackup compact' frees it)" if freeing_left else done

@@ -6,19 +6,12 @@ listing, but no pack data).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from imgbackup.engine.collect import incomplete_writes, plan_collection
-from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
 from imgbackup.repository.repo import Repository
+from imgbackup.repository.stats import ImageStats, image_stats
 from imgbackup.repository.storage import ObjectMissing
-
-
-@dataclass
-class ImageStats:
-    stored_bytes: int    # stored (compressed, sealed) bytes of the distinct chunks it names
-    unique_bytes: int    # of those, chunks no other image names: about what deleting it alone frees
 
 
 @dataclass
@@ -45,25 +38,10 @@ def repository_stats(repo: Repository) -> RepositoryStats:
         except ObjectMissing:
             continue
     total += sum(size for _, size in incomplete_writes(repo))
-    per_image: dict[str, set[bytes]] = {}
-    unreadable = []
-    for image_id in repo.images.ids():
-        try:
-            per_image[image_id] = repo.images.load(image_id).unique_ids()
-        except ImageNotFound:
-            continue
-        except (IntegrityError, UnsupportedFormat):
-            unreadable.append(image_id)
-    refs = Counter(cid for ids in per_image.values() for cid in ids)
-    index = repo.chunk_index()
-
-    def stored(cid: bytes) -> int:
-        loc = index.get(cid)
-        return loc.length if loc else 0
-
-    images = {image_id: ImageStats(sum(stored(c) for c in ids), sum(stored(c) for c in ids if refs[c] == 1))
-              for image_id, ids in per_image.items()}
-    plan = plan_collection(repo, None if unreadable else set(refs), strict=False, provisional=True)
+    per_image = image_stats(repo)
+    unreadable = list(per_image.errors)
+    needed = per_image.referenced
+    plan = plan_collection(repo, None if unreadable else needed, strict=False, provisional=True)
     reclaimable = sum(size for _, size in plan.temp) if plan.blocked else plan.bytes_reclaimable
-    return RepositoryStats(total, sum(stored(c) for c in refs), reclaimable, len(list(storage.list("packs"))),
-                           len(plan.index_files), len(plan.damage), images, unreadable)
+    return RepositoryStats(total, per_image.referenced_bytes, reclaimable, len(list(storage.list("packs"))),
+                           len(plan.index_files), len(plan.damage), per_image.images, unreadable)

@@ -33,6 +33,7 @@ OBJ_IMAGE_BODY = 3
 OBJ_CHUNK_INDEX = 4
 OBJ_PACK_TRAILER = 5
 OBJ_DAMAGE_RECORD = 6
+OBJ_CHECK_RECORD = 7     # a verify or drill result
 
 # Pack file: header, blobs, trailer envelope, footer.
 PACK_MAGIC = b"IMGBPACK"

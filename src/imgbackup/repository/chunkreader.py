@@ -15,12 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from imgbackup._core import scan
 from imgbackup.crypto.envelope import Envelope
-from imgbackup.errors import IntegrityError
+from imgbackup.errors import IntegrityError, ObjectMissing, StorageError
 from imgbackup.format.layout import OBJ_CHUNK
 from imgbackup.repository.damage import ChunkDamaged, DamagedCopy
 from imgbackup.repository.packs import BlobLocation, pack_name
 from imgbackup.repository.repo import Repository
-from imgbackup.repository.storage import ObjectMissing
 
 COALESCE_GAP = 64 << 10   # reading over a gap this small is cheaper than a second request
 MAX_RANGE = 64 << 20      # one merged read stays this size at most: bounded memory per request
@@ -55,6 +54,7 @@ class ChunkReader:
         self.id_key = repo.keys.id_key
         self._reload_lock = threading.Lock()
         self.found: list[DamagedCopy] = []     # bad copies this reader met (recorded by its caller)
+        self.transient: list[DamagedCopy] = [] # copies that read bad once and intact on a second read
 
     def locate(self, chunk_id: bytes) -> BlobLocation:
         loc = self.index.get(chunk_id)
@@ -124,9 +124,31 @@ class ChunkReader:
                 if not self._next_copy(bad, record=bad is exc.copy):
                     raise
 
-    def _next_copy(self, bad: DamagedCopy, record: bool = True) -> bool:
-        """Stop handing out ``bad`` (``record``: its own bytes are bad, so it goes on record); True
-        when another copy of its chunk takes over."""
+    def still_bad(self, bad: DamagedCopy) -> bool:
+        """Whether a second, fresh read of the copy ``bad`` fails too. A short read, a dropped
+        connection or a flipped bit on the wire is not damage: only a copy that fails twice is
+        dropped and put on record (a record is permanent until repair)."""
+        loc = self.index.get(bad.chunk_id)
+        if loc is None or (loc.pack_id, loc.offset) != (bad.pack_id, bad.offset):
+            return True                              # not the copy handed out: nothing to re-check
+        try:
+            blob = self.repo.storage.get_range(pack_name(loc.pack_id), loc.offset, loc.length)
+            if len(blob) != loc.length:
+                return True
+            base = self.read_whole(loc.base, bad.chunk_id) if loc.base is not None else None
+            open_chunk(self.envelope, self.id_key, bad.chunk_id, blob, loc, base)
+        except (IntegrityError, StorageError, ObjectMissing):
+            return True
+        with self._reload_lock:
+            self.transient.append(bad)
+        return False
+
+    def _next_copy(self, bad: DamagedCopy, record: bool = True, confirmed: bool = False) -> bool:
+        """Stop handing out ``bad`` (``record``: its own bytes are bad, so it goes on record) unless
+        a fresh read of it succeeds; True when a copy of its chunk (another, or this one read again)
+        can be tried."""
+        if record and not confirmed and not self.still_bad(bad):
+            return True
         with self._reload_lock:
             if record and all(c.key != bad.key for c in self.found):
                 self.found.append(bad)

@@ -19,6 +19,7 @@ import hashlib
 import random
 import time
 
+from imgbackup import audit
 from imgbackup.errors import RepositoryFull, RepositoryLocked, StorageError
 from imgbackup.repository.lease import (
     CLOCK_TOLERANCE,
@@ -86,7 +87,7 @@ def open_session(storage: Storage, command: str, ttl: float | None = None) -> Le
 
 
 def take_exclusive(storage: Storage, command: str, wait: float = 0.0, ttl: float | None = None,
-                   may_use_reserve: bool = False) -> Lease:
+                   may_use_reserve: bool = False, audit_fields: dict | None = None) -> Lease:
     """Take the exclusive lease, waiting up to ``wait`` seconds while another process holds it.
 
     ``may_use_reserve`` (commands that free space): when the disk is too full to create the lease,
@@ -110,7 +111,7 @@ def take_exclusive(storage: Storage, command: str, wait: float = 0.0, ttl: float
         if state is None:
             continue                      # released in between
         if not state.alive:
-            _take_over(storage, state, lease.body)
+            _take_over(storage, state, lease.body, command, audit_fields or {})
             attempts += 1
             if attempts > 20:
                 raise RepositoryLocked("could not take the repository lock (it changes hands too fast)")
@@ -147,7 +148,8 @@ def put_reserve(storage: Storage) -> None:
         pass
 
 
-def _take_over(storage: Storage, dead: LeaseState, mine: bytes) -> None:
+def _take_over(storage: Storage, dead: LeaseState, mine: bytes, command: str = "",
+               audit_fields: dict | None = None) -> None:
     """Delete the dead lease if this process wins the claim to do so."""
     claim = CLAIM_PREFIX + hashlib.sha256(dead.raw).hexdigest()[:32]
     if not storage.create(claim, mine):
@@ -160,6 +162,7 @@ def _take_over(storage: Storage, dead: LeaseState, mine: bytes) -> None:
     try:
         if storage.get(EXCLUSIVE_NAME) == dead.raw:
             storage.delete(EXCLUSIVE_NAME)
+            audit.emit("lock_takeover", **(audit_fields or {}), holder=dead.describe(), taken_for=command)
     except ObjectMissing:
         pass
     finally:

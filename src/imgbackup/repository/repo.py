@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from imgbackup import __version__
+from imgbackup import __version__, audit, interrupts
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
 from imgbackup.errors import (
@@ -17,6 +17,7 @@ from imgbackup.errors import (
     RepositoryExists,
     RepositoryNotFound,
     UsageError,
+    WrongPassphrase,
 )
 from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.damage import DamageLog
@@ -29,6 +30,7 @@ from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
 FOLDERS = ("packs", "index", "images", "locks", "damage", "gc")
 
 if TYPE_CHECKING:
@@ -65,7 +67,7 @@ class Repository:
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3) -> Repository:
+             zstd_level: int = 3, weak_passphrase: bool = False) -> Repository:
         """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
@@ -82,11 +84,16 @@ class Repository:
         keys = KeySet.generate()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
         secret = passphrase() if encryption != "none" else None
+        if secret is not None and not weak_passphrase and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
+            raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
+                             "choose a longer one, or pass --weak-passphrase to accept it")
         keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
-        storage.prepare(FOLDERS)
-        storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
-        put_reserve(storage)
-        storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
+        with interrupts.deferred():   # a few small writes: a repository is made whole or not begun
+            storage.prepare(FOLDERS)
+            storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
+            put_reserve(storage)
+            storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
+            interrupts.set_status(f"the repository {storage.location} was created")
         return cls(storage, config, keys, storage.location)
 
     @classmethod
@@ -95,6 +102,9 @@ class Repository:
         """Open the repository at ``where``; ``for_writing`` lets the backend check, once, that it can
         keep the repository's promises (S3: that the server honours create-if-absent)."""
         storage = _storage(where, for_writing)
+        root = getattr(storage, "root", None)   # a local directory: naming a file is "no repository" (3)
+        if isinstance(root, os.PathLike) and os.path.exists(root) and not os.path.isdir(root):
+            raise RepositoryNotFound(f"{root} is a file, not a repository directory")
         try:
             raw = storage.get(CONFIG_NAME)
         except ObjectMissing:
@@ -110,6 +120,9 @@ class Repository:
         try:
             secret = None if keydoc.get("kdf") is None else passphrase()
             keys = unwrap_keys(keydoc, secret, repo_id)
+        except WrongPassphrase as exc:
+            audit.emit("passphrase_failed", "failed", repository=config.id, location=storage.location, error=str(exc))
+            raise
         except (KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"repository key file is damaged ({exc})") from None
         config.check_mac(mac, keys.mac_key)
@@ -122,7 +135,8 @@ class Repository:
     def lock(self, command: str = "", wait: float = 0.0, may_use_reserve: bool = False) -> Lease:
         """The exclusive lease of the commands that remove data; waits up to ``wait`` seconds.
         ``may_use_reserve`` for commands that free space (delete, compact, repair)."""
-        return take_exclusive(self.storage, command, wait, may_use_reserve=may_use_reserve)
+        return take_exclusive(self.storage, command, wait, may_use_reserve=may_use_reserve,
+                              audit_fields={"repository": self.config.id, "location": self.location})
 
     def index_cache(self) -> IndexCache | None:
         """The local cache of this repository's chunk index (None with IMGBACKUP_INDEX_CACHE=0)."""
@@ -132,7 +146,7 @@ class Repository:
         """The chunk index without the copies damage records name (loaded once, then cached).
 
         ``for_backup``: a backup dedups against this index, so every damage record must be readable,
-        the copies a collection marked as candidates are left out (docs/FORMAT.md section 12: they are
+        the copies a collection marked as candidates are left out (docs/FORMAT.md section 13: they are
         read first), and copies in packs that no longer exist are excluded too (one LIST of packs/,
         taken after the listing of index/: one request per 1,000 packs on a bucket; a directory walk here)."""
         from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it

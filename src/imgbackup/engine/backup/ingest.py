@@ -199,11 +199,11 @@ class ParentMatch:
                 if scan.chunk_id(self.key, masked) == new_id:
                     return old_id, None
         except IntegrityError as exc:
-            if isinstance(exc, ChunkDamaged) and exc.copy is not None:
+            if isinstance(exc, ChunkDamaged) and exc.copy is not None and self.reader.still_bad(exc.copy):
                 with self._lock:
-                    self.reader._next_copy(exc.copy)     # no other slot of this run uses that copy
+                    self.reader._next_copy(exc.copy, confirmed=True)   # no other slot of this run uses it
                     self.damaged.append(exc.copy)
-            return None, None
+            return None, None                            # either way this slot is stored from the source
         return None, (base_id, base_plain)
 
 

@@ -87,7 +87,7 @@ def _used_map(source: Source, size: int, rescue: bool = False) -> tuple[np.ndarr
         return all_used((size + FS_BLOCK - 1) // FS_BLOCK), [region], [f"(whole source): {region['warning']}"]
     regions = [{"start": r.start, "size": r.size, "partition": r.partition, "fstype": r.fstype,
                 "mode": r.mode, "used_bytes": r.used_bytes, "warning": r.warning} for r in used.regions]
-    warnings = [f"partition {r.partition if r.partition is not None else '(whole source)'}: {r.warning}"
+    warnings = [f"{'partition ' + str(r.partition) if r.partition is not None else 'the whole source'}: {r.warning}"
                 for r in used.regions if r.warning]
     return used.bits, regions, warnings
 

@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from imgbackup import audit, interrupts
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
 from imgbackup.device.source import Source, SourceReadError, open_source
@@ -54,6 +55,7 @@ class BackupRequest:
     backup_type: str = "auto"
     allow_mounted: bool = False
     progress: Callable[[int], None] | None = None
+    progress_total: Callable[[int], None] | None = None   # told the bytes to read, once planned
     all_blocks: bool = False
     changed_blocks: str | None = None
     change_granularity: int | None = None
@@ -61,6 +63,7 @@ class BackupRequest:
     rescue: bool = False
     retries: int = DEFAULT_RETRIES
     snapshot: str | None = None      # lvm | reflink | auto: image a snapshot, removed afterwards
+    extra_meta: dict = field(default_factory=dict)   # more image header fields (a job's name, fingerprint)
 
 
 @dataclass
@@ -145,7 +148,19 @@ def _open_nonempty(path: str) -> Source:
 
 
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
-    """Back up ``req.source``, or with ``req.snapshot`` a snapshot of it taken now."""
+    """Back up ``req.source`` (with ``req.snapshot``, a snapshot of it taken now); a ``backup`` audit
+    event records the outcome either way."""
+    name = req.name or default_name(req.source)
+    with audit.audited("backup", repository=repo.config.id, location=repo.location, name=name,
+                       source=req.source, job=req.extra_meta.get("job")) as event:
+        result = _snapshot_and_backup(repo, req)
+        event.update(image=result.id, type=result.type, parent=result.parent, bytes=result.bytes_stored,
+                     bytes_read=result.bytes_read, source_size=result.source_size,
+                     unreadable_bytes=result.unreadable_bytes)
+    return result
+
+
+def _snapshot_and_backup(repo: Repository, req: BackupRequest) -> BackupResult:
     if not req.snapshot:
         return _run_backup(repo, req, req.source, None)
     notes: list[str] = []
@@ -171,6 +186,8 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
                           rescue=req.rescue)
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
+        if req.progress_total:
+            req.progress_total(sum(length for _, length in plan.ranges(chunk, source.size)))
         writing = None      # the image index's name once its write has begun
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
             store = ChunkStore(repo, lease)
@@ -188,11 +205,12 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
                 stored = store.finish(repo)
                 changed = _changed_slots(kinds, ids, parent)
                 bad = _bad_map(rescue, plan, warnings)
-                index = _image_index(repo, req, btype, parent, name, source, snap, plan, changed, bad)
+                index = _image_index(repo, req, btype, parent, name, source, snap, plan, changed, bad, warnings)
                 if snap is not None:
                     check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
                 writing = image_name(index.id)
                 stored += _commit_image(repo, lease, index)
+                interrupts.set_status(f"image {index.id} was stored complete")
             except BaseException as exc:
                 store.abort()
                 _fail_cleanly(repo, store, exc, writing)
@@ -226,12 +244,12 @@ def _commit_image(repo: Repository, lease: Lease, index: ImageIndex) -> int:
 
 def _image_index(repo: Repository, req: BackupRequest, btype: str, parent: ImageIndex | None, name: str,
                  source: Source, snap: Snapshot | None, plan: ReadPlan, changed: np.ndarray,
-                 bad: list[list[int]]) -> ImageIndex:
+                 bad: list[list[int]], warnings: list[str]) -> ImageIndex:
     meta = repo.new_image_meta(
         type=btype, parent=parent.id if parent else None, name=name,
         source=_source_meta(req.source, source, snap), slots=len(plan.kinds),
         used_map={"enabled": not req.all_blocks, "regions": plan.regions},
-        changed_blocks=req.changed_blocks, bad_ranges=bad)
+        changed_blocks=req.changed_blocks, bad_ranges=bad, warnings=warnings, **req.extra_meta)
     kinds, ids = plan.kinds, plan.ids
     return ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
 
@@ -256,13 +274,13 @@ def _store_unavailable(ingest: Ingest, store: ChunkStore, kinds: np.ndarray, ids
 
 def _fail_cleanly(repo: Repository, store: ChunkStore, exc: BaseException, image: str | None) -> NoReturn:
     """Remove what this run stored, then raise ``exc`` saying so (Ctrl-C: exit 130, never 0)."""
-    with _signals_held():
+    with _signals_held() as caught:
         freed, problems = store.remove_written(repo, image)
     note = f"the backup removed the {iec(freed)} it had written" if freed else "it had stored nothing yet"
     if problems:
         note += (f"; {len(problems)} object(s) could not be removed ({problems[0]}): "
                  "'imgbackup compact' removes them")
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt) or caught:   # a signal during the clean-up ends the run as one
         raise Interrupted(f"backup interrupted: nothing was added to the repository ({note})") from None
     if isinstance(exc, ImgBackupError) and exc.args and (freed or problems or isinstance(exc, RepositoryFull)):
         exc.args = (f"{exc.args[0]}; {note}", *exc.args[1:])
@@ -270,16 +288,17 @@ def _fail_cleanly(repo: Repository, store: ChunkStore, exc: BaseException, image
 
 
 @contextlib.contextmanager
-def _signals_held():
-    """Defer SIGINT/SIGTERM while the clean-up runs (a second Ctrl-C must not cut it short)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _signals_held() -> Iterator[list[int]]:
+    """Hold SIGINT/SIGTERM while the clean-up runs (a second Ctrl-C must not cut it short); yields
+    the signals that came meanwhile."""
     caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
     old = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
            for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield caught
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
@@ -305,6 +324,8 @@ def _record_damage(repo: Repository, known, match: ParentMatch, parent: ImageInd
     except StorageError as exc:
         notes.append(f"could not record the damaged chunk copies found ({exc})")
     return notes
+
+
 @contextlib.contextmanager
 def _suggest_rescue(enabled: bool) -> Iterator[None]:
     """A read error of the medium ends a normal backup; the error says how to image the rest."""

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+from imgbackup import interrupts
 from imgbackup.device.tools import run
 from imgbackup.engine.mount.session import FS_MOUNT_OPTIONS, MountSession, Volume
 from imgbackup.errors import IntegrityError, PathNotFound, StorageError, TargetRefused, UsageError
@@ -171,6 +172,7 @@ def restore_files(repo: Repository, image_id: str, partition: int | None, paths:
             dest.mkdir(parents=True, exist_ok=True)
             result = FileRestoreResult(image_id, vol.number, fstype, str(dest))
             for rel in rels:
+                _copying(result, rel, len(rels))
                 if fstype == "vfat":
                     _copy_fat(session.volume_file(vol), rel, dest)
                 else:
@@ -178,7 +180,15 @@ def restore_files(repo: Repository, image_id: str, partition: int | None, paths:
                            str(rel), str(dest.resolve())], rel, cwd=Path(tmp, "fs", vol.name))
                 result.copied.append(f"/{rel}")
                 result.written.append(str(dest / rel))
+    interrupts.set_status(f"all {len(rels)} copied to {dest}")
     return result
+
+
+def _copying(result: FileRestoreResult, rel: PurePosixPath, wanted: int) -> None:
+    """What an interrupt leaves: the items copied so far, and the one under way partial."""
+    done = f"{len(result.copied)} of {wanted} copied to {result.to}"
+    done += f" ({', '.join(result.copied)})" if result.copied else ""
+    interrupts.set_status(f"{done}; /{rel}, being copied, is incomplete there")
 
 
 def _copy_fat(image_file: str, rel: PurePosixPath, dest: Path) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from imgbackup import audit, interrupts
 from imgbackup.engine.collect import PackUse, copy_live_blobs
 from imgbackup.engine.repair.images import AffectedImage, affected_images
 from imgbackup.errors import IntegrityError, RepositoryFull
@@ -329,6 +330,8 @@ def carry_out_repair(repo: Repository, plan: RepairPlan) -> RepairResult:
     old records. Call under the lock, with a plan made there."""
     storage = repo.storage
     result = RepairResult(None, [], 0, 0)
+    interrupts.set_status("the repair is not finished, but the repository is usable as before (each step "
+                          "is whole or not done); run 'imgbackup repair --yes' again to finish it")
     _copy_trailerless(repo, plan, result)
     if plan.record_changes and plan.records_kept:
         result.damage_record = write_record(storage, repo.envelope, plan.records_kept, "repair")
@@ -368,7 +371,12 @@ def run_repair(repo: Repository, act: bool, quick: bool = False,
     """A dry run plans without the lock; acting plans again under the lock, then writes."""
     if not act:
         return plan_repair(repo, quick, progress), None
-    with repo.lock("repair", may_use_reserve=True):
+    with audit.audited("repair", repository=repo.config.id, location=repo.location) as event, \
+            repo.lock("repair", may_use_reserve=True):
         plan = plan_repair(repo, quick, progress)
-        return plan, carry_out_repair(repo, plan) if plan.changes else None
+        done = carry_out_repair(repo, plan) if plan.changes else None
+        event.update(changed=done is not None, damage_record=done.damage_record if done else None,
+                     index_files_written=len(done.index_files_written) if done else 0)
+        interrupts.set_status("the repair was finished" if done else "nothing was changed")
+        return plan, done
 

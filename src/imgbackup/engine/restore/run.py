@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imgbackup import audit, interrupts
 from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize
 from imgbackup.engine.restore.plan import GPT_TAIL_SECTORS, MIB, DiskPlan
 from imgbackup.engine.restore.resize import grow_filesystem, shrink_ext_file
@@ -65,14 +66,28 @@ class BareMetalResult:
 
 def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False,
                      progress: Callable[[int], None] | None = None) -> BareMetalResult:
-    """Carry out a plan (see the module docstring for the order)."""
+    """Carry out a plan (see the module docstring for the order); a ``restore`` audit event records it."""
+    with audit.audited("restore", repository=repo.config.id, location=repo.location, image=plan.image.id,
+                       name=plan.image.meta.get("name"), target=plan.target.path, mode=plan.mode) as event:
+        result = _restore(repo, plan, discard, progress)
+        event.update(bytes=result.bytes_written, duration_s=result.duration_s)
+    return result
+
+
+def _restore(repo: Repository, plan: DiskPlan, discard: bool,
+             progress: Callable[[int], None] | None) -> BareMetalResult:
     started = time.monotonic()
+    target = plan.target.path
+    interrupts.set_status(f"{target} was not changed" if plan.target.exists else f"{target} was not created")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
             tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
         job = _Restore(repo, plan, ChunkReader(repo), pool, discard, progress, list(plan.fit.warnings))
         job.write(tmp)
     if plan.fit.grow_range:
+        interrupts.set_status(f"{target} holds the image; growing its last filesystem did not finish "
+                              "(check it with its fsck)")
         job.notes.append(grow_filesystem(plan.target.path, *plan.fit.grow_range))
+    interrupts.set_status(f"{target} was fully restored")
     return BareMetalResult(plan.image.id, plan.target.path, plan.disk_size, job.read, job.written, job.zeroed,
                            round(time.monotonic() - started, 3), True, plan.fit.partitions, job.notes,
                            plan.bad_ranges)
@@ -99,6 +114,7 @@ class _Restore:
         if target.exists:
             self.reader.authenticate_all((bytes(row) for row in image.ids), self.pool)
         shrunk = self._shrink_in_temp(tmp) if plan.fit.fs_shrink else None
+        interrupts.set_status(f"{target.path} is partly written and not usable")
         fd = open_for_writing(target, plan.disk_size, keep=plan.delta)
         try:
             try:
@@ -111,6 +127,7 @@ class _Restore:
         except BaseException as exc:
             if not target.exists:  # a file this restore created holds nothing worth keeping
                 os.unlink(target.path)
+                interrupts.set_status(f"{target.path}, the new file it was writing, was removed")
             if isinstance(exc, OSError):
                 raise StorageError(f"writing {target.path} failed: {exc.strerror or exc}") from None
             raise

@@ -1,0 +1,21 @@
+"""What a command prints on stdout with --json: exactly one document, a result or an error."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+_emitted = False
+
+
+def emit_json(doc) -> None:
+    """Print the command's one JSON document."""
+    global _emitted
+    _emitted = True
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def emitted() -> bool:
+    """Whether the document was printed already (an error after it then adds none)."""
+    return _emitted
