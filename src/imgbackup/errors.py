@@ -125,6 +125,31 @@ class VerificationFailed(ImgBackupError):
     exit_code = 11
 
 
+class ObjectRetained(StorageError):
+    """The storage refused to delete an object that S3 Object Lock (a retention date or a legal hold)
+    still protects. Removers treat it as "retained, removed by a later prune or compact"."""
+
+    def __init__(self, message: str, name: str, until: float | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.until = until
+
+
+class Refused(ImgBackupError):
+    """Refused on purpose: the image is under legal hold, or the repository is append-only."""
+
+    exit_code = 14
+    audit_refusal = True
+
+
+class ImageHeld(Refused):
+    hint = "'imgbackup release IMAGE' ends the hold, if that is decided"
+
+
+class AppendOnly(Refused):
+    hint = "the repository is append-only: 'imgbackup append-only off' allows removing again"
+
+
 class ToolTimeout(StorageError):
     """An outside program (resize2fs, e2fsck, losetup…) did not finish within its time limit."""
 
@@ -186,6 +211,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (11, "verification found problems"),
     (12, "a required outside program is missing (the message names it and its apt package)"),
     (13, "backup stored, but N bytes of the source were unreadable ('backup --rescue')"),
+    (14, "refused: the image is under legal hold, or the repository is append-only"),
     (15, "partial success: a job stored its backup, but a later step (prune, copy, verify, drill) failed"),
     (16, "status: a job's RPO is breached (its newest image is older than its RPO)"),
     (17, "refused: the source's identity (serial, size, partition table) is not the one the job recorded"),

@@ -47,8 +47,11 @@ def delete(
     if json_out:
         emit_json(asdict(result))
     else:
-        typer.echo(f"deleted {len(ids)} image(s); removed {result.chunks_removed} chunks, "
+        typer.echo(f"deleted {len(ids) - len(result.retained)} image(s); removed {result.chunks_removed} chunks, "
                    f"freed {human(result.bytes_freed)}")
+        if result.retained:
+            typer.echo(f"{len(result.retained)} image(s) are retained by S3 Object Lock until their lock date: "
+                       "they count as deleted, and a later delete, prune or compact removes them")
 
 
 def diff(

@@ -67,6 +67,8 @@ COMMAND_MODULES = {
     "devices_cmd": ("devices",),
     "mount_cmd": ("mount", "umount", "restore-files"),
     "rescue_cmd": ("rescue",),
+    "lifecycle_cmd": ("hold", "release", "append-only"),
+    "prune_cmd": ("prune",),
     "maintain_cmd": ("repair", "compact"),
     "job_cmd": ("job",),
     "status_cmd": ("status",),
@@ -162,6 +164,9 @@ def run(argv: list[str] | None = None) -> None:
     except ImportError as exc:  # a missing compiled core or dependency: one line, not a traceback
         _fail(ImgBackupError(str(exc)), as_json)
     audit.set_command(args)
+    from imgbackup.repository.catalog import set_command
+
+    set_command(args)
     code = 0
     try:
         code = app(args=args, standalone_mode=False, prog_name="imgbackup")

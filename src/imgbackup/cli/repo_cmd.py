@@ -18,7 +18,8 @@ from imgbackup.cli.common import (
     read_passphrase,
     repo_path,
 )
-from imgbackup.errors import IntegrityError
+from imgbackup.cli.lifecycle_cmd import when
+from imgbackup.errors import IntegrityError, UsageError
 from imgbackup.repository.lock import break_lock
 from imgbackup.repository.repo import DEFAULT_CHUNK_SIZE, MIN_PASSPHRASE_LENGTH, Repository
 from imgbackup.repository.stats import ImageStats, image_stats
@@ -34,22 +35,42 @@ def init(
     zstd_level: Annotated[int, typer.Option(help="zstd compression level for chunks.")] = 3,
     weak_passphrase: Annotated[bool, typer.Option(
         "--weak-passphrase", help=f"Accept a passphrase shorter than {MIN_PASSPHRASE_LENGTH} characters.")] = False,
+    append_only: Annotated[bool, typer.Option(
+        "--append-only", help="delete, prune and compact refuse (exit 14) until 'imgbackup append-only off': a "
+                              "guard against accidents, not against root.")] = False,
+    object_lock: Annotated[str | None, typer.Option(
+        "--object-lock", metavar="MODE", help="S3 only: compliance or governance. Every object is written with a "
+                                              "retention date; the server must pass a lock probe first.")] = None,
+    lock_days: Annotated[int | None, typer.Option(
+        help="With --object-lock: how long each object stays locked (prune and compact extend it for what "
+             "the images still need).")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Create a new repository."""
+    from imgbackup.engine.objectlock import lock_seconds
+
+    if (object_lock is None) != (lock_days is None):
+        raise UsageError("--object-lock and --lock-days go together", "e.g. --object-lock compliance --lock-days 30")
+    lock = (object_lock.lower(), lock_seconds(lock_days)) if object_lock and lock_days is not None else None
     r = Repository.init(repo_path(repo), lambda: read_passphrase(confirm=True), encryption, chunk_size, zstd_level,
-                        weak_passphrase=weak_passphrase)
+                        weak_passphrase=weak_passphrase, append_only=append_only, object_lock=lock)
     keep_safe = ("keep the passphrase safe, apart from the repository: without it no image can ever be read"
                  if r.config.encryption != "none"
                  else "this repository is not encrypted: anyone who can read it can read the images")
     doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
-           "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level, "note": keep_safe}
+           "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level, "note": keep_safe,
+           "append_only": r.config.append_only, "object_lock": r.config.object_lock}
     if json_out:
         emit_json(doc)
     else:
         typer.echo(f"created repository {r.location} (id {r.config.id}, {r.config.encryption}, "
                    f"chunk size {human(r.chunk_size)})")
         typer.echo(keep_safe[0].upper() + keep_safe[1:] + ".")
+        if r.config.object_lock:
+            typer.echo(f"S3 Object Lock: {r.config.object_lock['mode']}, every object locked for "
+                       f"{_period(r.config.object_lock['seconds'])}; the lock probe passed")
+        if append_only:
+            typer.echo("append-only: delete, prune and compact refuse until 'imgbackup append-only off'")
 
 
 def _fallbacks(meta: dict) -> list[dict]:
@@ -76,6 +97,9 @@ def list_images(
     """List the images in the repository, oldest first, with what each stores; exit 6 if any is DAMAGED."""
     r = open_repo(repo)
     entries = [e for e in r.images.entries() if not name or (e.meta or {}).get("name") == name]
+    view = r.catalog.view()
+    held = r.held_images(view)
+    removed = set(r.pending_removals(view))
     stats = image_stats(r, [e.id for e in entries if e.meta])
     rows = []
     for e in entries:
@@ -85,6 +109,8 @@ def list_images(
         row = _row(e.meta, stats.images.get(e.id)) if e.meta else {"id": e.id}
         if error:
             row["error"] = error
+        row["holds"] = [h.to_dict() for h in held.get(e.id, [])]
+        row["removed"] = e.id in removed
         rows.append(row)
     damaged = [row for row in rows if "error" in row]
     if json_out:
@@ -105,7 +131,9 @@ def _print_list(rows: list[dict]) -> None:
             notes.append(f"{row['id'][:12]}: {row['error']}")
             continue
         st = row["stats"] or {}
-        mark = []
+        mark = [f"HELD: {row['holds'][0]['reason']}"] if row["holds"] else []
+        if row["removed"]:
+            mark.append("REMOVED (its index is still there: retained, or an interrupted removal)")
         if "error" in row:
             mark.append("DAMAGED")
             notes.append(f"{row['id'][:12]}: {row['error']}")
@@ -134,8 +162,9 @@ def info(
     name: NameOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Show one image: source, time, type, what it stores, and how each region of the disk was imaged;
-    without IMAGE, the repository: sizes, space used and reclaimable."""
+    """Show one image: source, time, type, what it stores, how each region of the disk was imaged, and its
+    holds; without IMAGE, the repository: sizes, space used and reclaimable, append-only, S3 Object Lock
+    and what its last lock probe found, the catalog head."""
     r = open_repo(repo)
     if image is None:
         _repository_info(r, json_out)
@@ -143,10 +172,14 @@ def info(
     image_id = r.images.resolve(image, name)
     index = r.images.load(image_id)
     stats = image_stats(r, [image_id]).images[image_id]
+    holds = [h.to_dict() for h in r.held_images().get(image_id, [])]
     if json_out:
-        emit_json(index.meta | {"stats": stats.to_dict()})
+        emit_json(index.meta | {"stats": stats.to_dict(), "holds": holds})
         return
     _print_info(index.meta, stats)
+    for h in holds:
+        typer.echo(f"hold: {h['reason']} (placed by {h['user'] or '?'} on {h['host'] or '?'}, {when(h['time'])}; "
+                   f"record {h['id'][:12]}{', known from the catalog only' if h['source'] != 'record' else ''})")
 
 
 def _print_info(meta: dict, stats: ImageStats) -> None:
@@ -197,12 +230,18 @@ def _print_info(meta: dict, stats: ImageStats) -> None:
 
 
 def _repository_info(r: Repository, json_out: bool) -> None:
+    from imgbackup.engine.objectlock import lock_status
     from imgbackup.engine.stats import repository_stats
 
     stats = repository_stats(r)
+    view = r.catalog.view()
+    lock = lock_status(r, view)
+    held = r.held_images(view)
     doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
            "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level, "created": r.config.created,
-           **stats.to_dict()}
+           **stats.to_dict(), "append_only": r.config.append_only, "object_lock": lock,
+           "catalog": {"head": view.state.seq, "rollback": view.rollback, "problems": view.problems},
+           "held_images": sorted(held)}
     doc["image_stats"] = doc.pop("images")      # per image: stored_bytes, unique_bytes
     doc["images"] = len(stats.images) + len(stats.unreadable_images)
     if json_out:
@@ -214,6 +253,23 @@ def _repository_info(r: Repository, json_out: bool) -> None:
                f"{human(stats.unique_bytes)}; reclaimable by 'imgbackup compact': {human(stats.reclaimable_bytes)}")
     if stats.damaged_copies:
         typer.echo(f"  {stats.damaged_copies} damaged chunk copies on record ('imgbackup repair' reports them)")
+    typer.echo(f"  append-only: {'on' if r.config.append_only else 'off'}")
+    if lock is None:
+        typer.echo("  S3 Object Lock: none (objects can be deleted by anyone with write access to the storage)")
+    else:
+        probe = lock["last_probe"]
+        state = ("enforced by the server" if lock["enforced"] else "NOT enforced by the server: do not rely on it")
+        typer.echo(f"  S3 Object Lock: {lock['mode']}, {_period(lock['seconds'])}, {state} (last probe "
+                   f"{when(probe.get('time')) if probe else 'never'})" + (
+                       "; governance mode can be bypassed by accounts allowed s3:BypassGovernanceRetention"
+                       if lock["bypassable"] else ""))
+    typer.echo(f"  catalog: {view.state.seq + 1} entries" + (f"; ROLLBACK: {view.rollback}" if view.rollback else "")
+               + ("".join(f"; PROBLEM: {p}" for p in view.problems)))
+    typer.echo(f"  held images: {len(held)}")
+
+
+def _period(seconds: int) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds} s"
 
 
 def break_lock_cmd(

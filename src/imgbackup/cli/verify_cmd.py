@@ -28,8 +28,13 @@ def verify(
     firmware: Annotated[str, typer.Option(help="bios or uefi (OVMF).")] = "bios",
     sample: Annotated[float, typer.Option(help="Read only this percentage of each image's chunks, chosen at "
                                           "random anew each run (indexes are always read whole).")] = 100.0,
+    accept_rollback: Annotated[bool, typer.Option(
+        "--accept-rollback", help="Take the repository's catalog as it is now as the newest seen (after "
+                                  "restoring the repository from an older copy on purpose).")] = False,
 ) -> None:
-    """Read and authenticate every chunk an image references (or all images)."""
+    """Read and authenticate every chunk an image references (or all images). Without IMAGE also check
+    the catalog log (missing, unrecorded images; a rollback) and, on an Object-Lock bucket, that the
+    server still enforces the lock (a probe)."""
     r = open_repo(repo)
     if boot:
         _verify_boot(r, image, name, expect, timeout, firmware, json_out)
@@ -48,9 +53,11 @@ def verify(
     records, warnings = record_verify(r, report, fs)
     for warning in report.warnings + warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
+    catalog, probe = (None, None) if image else _check_catalog(r, accept_rollback)
     if json_out:
         emit_json(report.to_dict() | ({"filesystems": fs.to_dict()} if fs else {})
-                  | {"records": [rec.id for rec in records]})
+                  | {"records": [rec.id for rec in records]}
+                  | ({"catalog": catalog.to_dict(), "lock_probe": probe} if catalog else {}))
     else:
         for check in report.images:
             state = "ok" if check.ok else f"DAMAGED ({check.bad_chunks} bad chunks)"
@@ -70,8 +77,15 @@ def verify(
                        "'imgbackup repair' shows which byte ranges of which images they affect")
         if fs:
             _print_filesystems(fs)
+        if catalog:
+            _print_catalog(catalog, probe)
     if not report.ok:
         raise VerificationFailed(f"{sum(not c.ok for c in report.images)} image(s) damaged")
+    if catalog and not catalog.ok:
+        raise VerificationFailed(f"the catalog check found {len(catalog.problems)} problem(s): {catalog.problems[0]}")
+    if probe is not None and not probe["passed"]:
+        raise VerificationFailed("the S3 server no longer enforces Object Lock (the lock probe failed): "
+                                 "the backups are not immutable")
     if fs and not fs.ok:
         raise VerificationFailed(f"{sum(not p.ok for p in fs.partitions)} filesystem check(s) failed")
 
@@ -95,6 +109,29 @@ def _verify_boot(r, image: str | None, name: str | None, expect: str | None, tim
         audit.emit("verify_failed", "failed", repository=r.config.id, location=r.location, image=result.image,
                    check="boot", error=f"did not boot: {result.reason}")
         raise VerificationFailed(f"image {result.image[:12]} did not boot: {result.reason}")
+
+
+def _check_catalog(r, accept_rollback: bool):
+    from imgbackup.engine.objectlock import run_probe
+    from imgbackup.engine.verify.catalog import check_catalog
+
+    probe = run_probe(r)
+    return check_catalog(r, accept_rollback), probe
+
+
+def _print_catalog(catalog, probe: dict | None) -> None:
+    typer.echo(f"catalog: {catalog.entries} entries, {catalog.entries_read} read now; "
+               + ("ok" if catalog.ok else f"{len(catalog.problems)} PROBLEM(S)"))
+    for problem in catalog.problems:
+        typer.echo(f"    PROBLEM: {problem}")
+    for note in catalog.notes:
+        typer.echo(f"    note: {note}")
+    if catalog.interrupted_backups:
+        typer.echo(f"    note: {catalog.interrupted_backups} backup(s) were interrupted before storing their image")
+    if probe is not None:
+        failed = [k for k, ok in probe["checks"].items() if not ok]
+        typer.echo("S3 Object Lock probe: " + ("passed (the server enforces retention and legal holds)" if probe["passed"]
+                                               else f"FAILED ({', '.join(failed)})"))
 
 
 def _check_filesystems(r, image_id: str):

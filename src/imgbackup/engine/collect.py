@@ -26,10 +26,18 @@ Two halves, kept apart so a dry run shows exactly what a real run would do:
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from imgbackup import interrupts
-from imgbackup.errors import ImageNotFound, IntegrityError, RepositoryFull, StorageError, UnsupportedFormat
+from imgbackup.errors import (
+    ImageNotFound,
+    IntegrityError,
+    ObjectRetained,
+    RepositoryFull,
+    StorageError,
+    UnsupportedFormat,
+)
 from imgbackup.format.layout import OBJ_CHUNK
 from imgbackup.repository.chunkindex import MAX_ENTRIES_PER_FILE, ChunkIndex, write_index_files
 from imgbackup.repository.damage import DamagedCopy, DamageLog, write_record
@@ -121,6 +129,7 @@ class CollectionResult:
     bytes_written: int = 0
     index_files: int = 0
     candidates_held: int = 0          # candidates kept for a later collection (two-phase rule)
+    retained: list[str] = field(default_factory=list)   # objects S3 Object Lock keeps until their date
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -128,10 +137,13 @@ class CollectionResult:
         return self.bytes_deleted - self.bytes_written
 
 
-def needed_chunks(repo: Repository) -> tuple[set[bytes] | None, list[str]]:
-    """Every chunk id some image names; None (and why) when an image index cannot be read."""
+def needed_chunks(repo: Repository, exclude: Collection[str] = ()) -> tuple[set[bytes] | None, list[str]]:
+    """Every chunk id some image names (but the ``exclude``d ones: removed, or about to be); None (and
+    why) when an image index cannot be read."""
     ids: set[bytes] = set()
     for image_id in repo.images.ids():
+        if image_id in exclude:
+            continue
         try:
             ids |= repo.images.load(image_id).unique_ids()
         except ImageNotFound:
@@ -323,9 +335,14 @@ def carry_out(repo: Repository, plan: CollectionPlan, done_before: str = "") -> 
 
 def _rewrite_marks(repo: Repository, plan: CollectionPlan, gone: set[str], result: CollectionResult) -> None:
     """The held candidates still where they were, as one new mark object (those found now get its
-    storage time), then the old mark objects go: a reader that misses one lists again (marks.py)."""
+    storage time), then the old mark objects go: a reader that misses one lists again (marks.py).
+    A pack S3 Object Lock kept from deletion stays marked with its first time: a later collection
+    deletes it after its lock date without waiting a grace period again."""
     copies = [(cid, pid, off, at) for (cid, pid, off), at in plan.held.items() if pack_name(pid) not in gone]
     packs = {pid: at for pid, at in plan.held_packs.items() if pack_name(pid) not in gone}
+    retained = {use.pack_id for use in plan.free if use.name in result.retained}
+    for pid in retained - packs.keys():
+        packs[pid] = plan.marks.packs.get(pid, 0.0)
     try:
         if copies or packs:
             write_marks(repo.storage, repo.envelope, copies, packs)
@@ -337,14 +354,16 @@ def _rewrite_marks(repo: Repository, plan: CollectionPlan, gone: set[str], resul
     result.candidates_held = len(copies) + len(packs)
 
 
-def collect(repo: Repository, done_before: str = "") -> tuple[CollectionPlan, CollectionResult]:
+def collect(repo: Repository, done_before: str = "",
+            exclude: Collection[str] = ()) -> tuple[CollectionPlan, CollectionResult]:
     """One collection under the exclusive lease, in the order the two-phase proof needs: the live
-    sessions are judged, then the images are read, then the index and the packs. When a mark
-    written now would already let candidates go (no grace period, no session alive), it is written
-    and the collection judged again, so a repository with no backup running is cleaned in one run."""
+    sessions are judged, then the images are read (but the ``exclude``d ones: removed), then the
+    index and the packs. When a mark written now would already let candidates go (no grace period,
+    no session alive), it is written and the collection judged again, so a repository with no
+    backup running is cleaned in one run."""
     storage, envelope = repo.storage, repo.envelope
     safety = judge_safety(storage)
-    needed, warnings = needed_chunks(repo)
+    needed, warnings = needed_chunks(repo, exclude)
     plan = plan_collection(repo, needed, warnings, safety=safety)
     if plan.ripe_new and not plan.blocked:
         try:
@@ -354,7 +373,7 @@ def collect(repo: Repository, done_before: str = "") -> tuple[CollectionPlan, Co
             plan.warnings.append(f"could not write the collection marks ({exc}); a later compact frees the rest")
             return plan, carry_out(repo, plan, done_before)
         safety = judge_safety(storage)
-        needed, warnings = needed_chunks(repo)
+        needed, warnings = needed_chunks(repo, exclude)
         plan = plan_collection(repo, needed, warnings, safety=safety)
     return plan, carry_out(repo, plan, done_before)
 
@@ -368,7 +387,11 @@ def _collecting(done_before: str, result: CollectionResult) -> str:
 
 def _delete_packs(repo: Repository, uses: list[PackUse], gone: set[str], result: CollectionResult) -> None:
     for use in uses:
-        repo.storage.delete(use.name)
+        try:
+            repo.storage.delete(use.name)
+        except ObjectRetained:       # locked until its date: no longer indexed, a later collection deletes it
+            result.retained.append(use.name)
+            continue
         gone.add(use.name)
         result.bytes_deleted += use.size
         result.packs_deleted += 1
@@ -453,7 +476,10 @@ def _delete(repo: Repository, name: str) -> int:
         size = repo.storage.size(name)
     except ObjectMissing:
         return 0
-    repo.storage.delete(name)
+    try:
+        repo.storage.delete(name)
+    except ObjectRetained:
+        return 0
     return size
 
 

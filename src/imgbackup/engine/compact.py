@@ -1,5 +1,7 @@
 """Compact: reclaim space that nothing references — leftovers of killed or failed runs, packs no
-image needs, and the dead part of partly used packs (engine/collect.py does the work)."""
+image needs, and the dead part of partly used packs (engine/collect.py does the work). It also
+finishes removals the catalog log records, refuses in an append-only repository, and on an
+Object-Lock bucket extends the locks of what the images need (engine/removal.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 from imgbackup import audit
-from imgbackup.engine.collect import collect, needed_chunks, plan_collection
+from imgbackup.engine.collect import plan_collection
+from imgbackup.engine.removal import begin, collect, needed_now
 from imgbackup.repository.repo import Repository
 
 
@@ -33,7 +36,7 @@ def run_compact(repo: Repository, dry_run: bool = False, lock_wait: float = 0.0)
     add to it), judging the candidates it finds as if it marked them now."""
     started = time.monotonic()
     if dry_run:
-        needed, warnings = needed_chunks(repo)
+        needed, warnings = needed_now(repo)
         plan = plan_collection(repo, needed, warnings, provisional=True)
         temp = sum(size for _, size in plan.temp)
         deleted = temp if plan.blocked else plan.bytes_reclaimable + plan.bytes_to_copy
@@ -42,13 +45,17 @@ def run_compact(repo: Repository, dry_run: bool = False, lock_wait: float = 0.0)
             True, deleted - copied, deleted, copied, 0 if plan.blocked else len(plan.free) + len(plan.rewrite),
             0 if plan.blocked else len(plan.rewrite), len(plan.temp), 0 if plan.blocked else plan.chunks_removed,
             len(plan.index_files), plan.index_files_after,
-            round(time.monotonic() - started, 3), plan.warnings)
+            round(time.monotonic() - started, 3), 0 if plan.blocked else len(plan.held) + len(plan.held_packs),
+            plan.warnings)
+    repo.refuse_if_append_only("compact")
     with audit.audited("compact", repository=repo.config.id, location=repo.location) as event, \
             repo.lock("compact", lock_wait, may_use_reserve=True):
-        plan, done = collect(repo)
+        _view, retained = begin(repo, "compact")
+        collected = collect(repo, retained)
+        done = collected.done
         event.update(bytes=done.bytes_freed, packs_deleted=done.packs_deleted, packs_rewritten=done.packs_rewritten,
                      chunks_removed=done.chunks_removed)
     return CompactResult(False, done.bytes_freed, done.bytes_deleted, done.bytes_written, done.packs_deleted,
-                         done.packs_rewritten, done.temp_files_removed, done.chunks_removed, len(plan.index_files),
-                         done.index_files, round(time.monotonic() - started, 3), done.candidates_held,
-                         done.warnings)
+                         done.packs_rewritten, done.temp_files_removed, done.chunks_removed,
+                         collected.index_files_before, done.index_files, round(time.monotonic() - started, 3),
+                         done.candidates_held, collected.warnings)

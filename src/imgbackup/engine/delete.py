@@ -1,8 +1,11 @@
 """Deleting images, then collecting what no image references any more (engine/collect.py).
 
-Order (a crash at any point leaves a valid repository): delete the image indexes; then the
-collection frees packs nothing needs, copies the needed blobs out of partly dead packs, writes
-the new chunk index, deletes the old index files and the copied packs.
+Order (a crash at any point leaves a valid repository): under the lock, the removals the catalog
+log already records are finished; one log entry records the images being deleted (the commit
+point: from then on they count as removed); their indexes are deleted; then the collection frees
+packs nothing needs, copies the needed blobs out of partly dead packs, writes the new chunk index,
+deletes the old index files and the copied packs. Held images are refused (nothing is removed), and
+so is everything in an append-only repository.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import time
 from dataclasses import dataclass, field
 
 from imgbackup import audit, interrupts
-from imgbackup.engine.collect import collect
+from imgbackup.engine.removal import begin, collect
 from imgbackup.repository.repo import Repository
 
 
 @dataclass
 class DeleteResult:
     deleted: list[str]
+    retained: list[str] = field(default_factory=list)   # indexes Object Lock keeps until their date
     packs_deleted: int = 0
     packs_rewritten: int = 0
     chunks_removed: int = 0
@@ -38,23 +42,20 @@ def delete_images(repo: Repository, image_ids: list[str], lock_wait: float = 0.0
 def _delete(repo: Repository, image_ids: list[str], lock_wait: float) -> DeleteResult:
     started = time.monotonic()
     result = DeleteResult(deleted=list(image_ids))
-    deleted: list[str] = []
+    repo.refuse_if_append_only("delete")
     with repo.lock("delete", lock_wait, may_use_reserve=True):
-        interrupts.set_status(lambda: _interrupted_state(deleted, image_ids))
-        for image_id in image_ids:
-            with interrupts.deferred():   # deleted, and the status says so
-                repo.images.delete(image_id)
-                deleted.append(image_id)
-        _plan, done = collect(repo, _interrupted_state(deleted, image_ids, False))
-        interrupts.set_status(f"{len(deleted)} image(s) deleted and the space only they used freed")
+        interrupts.set_status("nothing was deleted")
+        view, retained = begin(repo, "delete")
+        with interrupts.deferred():   # the catalog entry is the commit point: the status must match it
+            result.retained = repo.remove_images(image_ids, "deleted", view) + retained
+            interrupts.set_status(f"{len(image_ids)} image(s) deleted; the space they used is not freed yet "
+                                  "('imgbackup compact' frees it)")
+        collected = collect(repo, result.retained, f"{len(image_ids)} image(s) deleted")
+        interrupts.set_status(f"{len(image_ids)} image(s) deleted and the space only they used freed")
+    done = collected.done
     result.packs_deleted, result.packs_rewritten = done.packs_deleted, done.packs_rewritten
-    result.chunks_removed, result.bytes_freed, result.warnings = done.chunks_removed, done.bytes_freed, done.warnings
+    result.chunks_removed, result.bytes_freed = done.chunks_removed, done.bytes_freed
+    result.warnings = collected.warnings
     result.duration_s = round(time.monotonic() - started, 3)
     return result
 
-
-def _interrupted_state(deleted: list[str], wanted: list[str], freeing_left: bool = True) -> str:
-    if not deleted:
-        return "nothing was deleted"
-    done = f"{len(deleted)} of {len(wanted)} image(s) deleted ({', '.join(i[:12] for i in deleted)})"
-    return f"{done}; the space they used is not freed yet ('imgbackup compact' frees it)" if freeing_left else done

@@ -17,6 +17,16 @@ MIN_CHUNK = 64 << 10   # below this the per-chunk index entry and envelope outwe
 MAX_CHUNK = 16 << 20   # above this one changed byte stores too much again, and restore buffers grow large
 
 
+LOCK_MODES = ("compliance", "governance")
+
+
+def _valid_lock(lock: object) -> bool:
+    if lock is None:
+        return True
+    return (isinstance(lock, dict) and set(lock) == {"mode", "seconds"} and lock["mode"] in LOCK_MODES
+            and type(lock["seconds"]) is int and 0 < lock["seconds"] <= 100 * 366 * 86400)
+
+
 @dataclass
 class RepoConfig:
     id: str
@@ -26,6 +36,8 @@ class RepoConfig:
     created: float = 0.0
     version: int = FORMAT_VERSION
     format: str = FORMAT_NAME
+    append_only: bool = False          # delete, prune and compact refuse (a guard against accidents)
+    object_lock: dict | None = None    # {"mode": "compliance"|"governance", "seconds": N}: S3 Object Lock
 
     @classmethod
     def new(cls, repo_id: str, chunk_size: int, encryption: str, zstd_level: int) -> RepoConfig:
@@ -57,6 +69,8 @@ class RepoConfig:
             raise IntegrityError(f"repository config is damaged: {exc}") from None
         if not (MIN_CHUNK <= cfg.chunk_size <= MAX_CHUNK) or cfg.chunk_size & (cfg.chunk_size - 1):
             raise IntegrityError(f"repository config has an invalid chunk size {cfg.chunk_size}")
+        if not isinstance(cfg.append_only, bool) or not _valid_lock(cfg.object_lock):
+            raise IntegrityError("repository config has invalid append-only or object-lock settings")
         return cfg, mac
 
     def check_mac(self, mac: str, mac_key: bytes) -> None:

@@ -1,17 +1,20 @@
-"""The catalog of images: writing, listing, loading, naming and deleting image indexes.
+"""The images: writing, listing, loading, naming and deleting image indexes.
 
 An image object is written in one atomic put after all the chunks it names are stored and
-indexed, so a half-written image never exists.
+indexed, so a half-written image never exists. The catalog log (catalog.py) records it twice:
+announced (``adding``) before the put, confirmed (``added``) once the storage holds it — so an
+image present that the log never announced was put there by something other than imgbackup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
+from imgbackup.errors import ImageNotFound, IntegrityError, StorageError, UnsupportedFormat
 from imgbackup.format.imageheader import parse_header
 from imgbackup.format.layout import (
     FORMAT_VERSION,
@@ -20,6 +23,7 @@ from imgbackup.format.layout import (
     OBJ_IMAGE_BODY,
     OBJ_IMAGE_HEADER,
 )
+from imgbackup.repository.catalog import Catalog
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
 if TYPE_CHECKING:   # numpy (through imageindex) and the crypto stack load only when used
@@ -49,9 +53,10 @@ class ImageEntry:
 
 
 class ImageStore:
-    def __init__(self, storage: Storage, envelope: Envelope) -> None:
+    def __init__(self, storage: Storage, envelope: Envelope, catalog: Catalog | None = None) -> None:
         self.storage = storage
         self.envelope = envelope
+        self.catalog = catalog
 
     def write(self, index: ImageIndex) -> int:
         oid = bytes.fromhex(index.id)
@@ -60,8 +65,14 @@ class ImageStore:
         sealed_header = self.envelope.seal(OBJ_IMAGE_HEADER, oid, header)
         sealed_body = self.envelope.seal(OBJ_IMAGE_BODY, oid, body)
         data = IMAGE_HEAD.pack(IMAGE_MAGIC, FORMAT_VERSION, len(sealed_header)) + sealed_header + sealed_body
+        name = str(index.meta.get("name"))
+        if self.catalog is not None:
+            self.catalog.append([{"event": "adding", "image": index.id, "name": name}])
         self.storage.put(image_name(index.id), data)
         confirm_stored(self.storage, image_name(index.id), len(data))
+        if self.catalog is not None:
+            self.catalog.append([{"event": "added", "image": index.id, "name": name,
+                                  "created": float(index.meta["created"]), "type": str(index.meta.get("type"))}])
         return len(data)
 
     def ids(self) -> list[str]:
@@ -112,11 +123,25 @@ class ImageStore:
                 out.append(ImageEntry(image_id, None, str(exc)))
         return sorted(out, key=lambda e: (e.meta or {}).get("created", 0.0))
 
+    def standing(self, entries: list[ImageEntry]) -> list[ImageEntry]:
+        """``entries`` without the images the catalog log records as removed (an index Object Lock
+        retains, or an interrupted removal): they are never ``latest`` nor a parent again."""
+        removed = self.removed_ids()
+        return [e for e in entries if e.id not in removed]
+
+    def removed_ids(self) -> set[str]:
+        """The images the catalog log records as removed (none without a catalog)."""
+        if self.catalog is None:
+            return set()
+        return {i for i, r in self.catalog.view().state.images.items() if r["status"] == "removed"}
+
     def resolve(self, spec: str, name: str | None = None) -> str:
-        """An image id from a unique id prefix, or ``latest`` (of source ``name`` if given)."""
+        """An image id from a unique id prefix, or ``latest`` (of source ``name`` if given; never an
+        image the log records as removed)."""
         everything = self.entries()
         entries = [e for e in everything if e.meta is not None]
         if spec == "latest":
+            entries = self.standing(entries)
             if name is not None:
                 entries = [e for e in entries if e.meta.get("name") == name]
             if not entries:
@@ -142,9 +167,11 @@ class ImageStore:
     def latest_of(self, name: str, full_only: bool = False, hostname: str | None = None,
                   tag: str | None = None) -> dict | None:
         """Newest readable image of a source name (of ``hostname`` only, if given; optionally only
-        full images): its metadata. With ``tag`` (series_tag) only the headers of images whose id
-        ends with it are read: a backup's work does not grow with other hosts' images."""
-        ids = [i for i in self.ids() if tag is None or i.endswith(tag)]
+        full images; never an image the log records as removed): its metadata. With ``tag``
+        (series_tag) only the headers of images whose id ends with it are read: a backup's work
+        does not grow with other hosts' images."""
+        removed = self.removed_ids()
+        ids = [i for i in self.ids() if (tag is None or i.endswith(tag)) and i not in removed]
         found = []
         for image_id in ids:
             try:
@@ -156,5 +183,16 @@ class ImageStore:
                 found.append(meta)
         return max(found, key=lambda m: m.get("created", 0.0)) if found else None
 
+    def withdraw(self, image_id: str, name: str) -> None:
+        """Take back an image this process stored but may not commit (its backup's lease was lost): the
+        log's ``withdrawn`` first (a removal: the index gone is then no problem, and an index left behind
+        is a removal the next remover finishes), then the object, even when the log cannot be written."""
+        if self.catalog is not None:
+            with contextlib.suppress(StorageError, IntegrityError):
+                self.catalog.append([{"event": "withdrawn", "image": image_id, "name": name}])
+        self.delete(image_id)
+
     def delete(self, image_id: str) -> None:
+        """Delete the object alone: for an image this process wrote and then gave up (a failed
+        backup). Removing an image for good is ``Repository.remove_images`` (holds, the log)."""
         self.storage.delete(image_name(image_id))

@@ -1,7 +1,7 @@
 """Collection marks: stored copies found unreferenced, and when — the first phase of collection.
 
 A collection never deletes what it has just found unneeded. It writes a mark object
-``gc/<32 hex>`` (sealed, object type 8) naming the candidate copies (chunk id, pack, offset) and the
+``gc/<32 hex>`` (sealed, object type 10) naming the candidate copies (chunk id, pack, offset) and the
 candidate packs that no index names, each with the storage time it was first marked; a later
 collection deletes a candidate only if it is still unneeded, its mark is older than the grace
 period, and no backup session that began before the mark is still alive. Backups load the marks
@@ -24,6 +24,7 @@ import numpy as np
 
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
+from imgbackup.format.layout import OBJ_GC_MARKS
 from imgbackup.repository.lease import CLOCK_TOLERANCE
 from imgbackup.repository.lock import SESSION_PREFIX, leases
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
@@ -32,7 +33,6 @@ MARKS_FOLDER = "gc"
 GC_GRACE = 3600.0        # seconds a candidate waits after its mark, beyond the session rule: margin for clock
                          # steps of the storage and for a backup that stalls between its lease and its listing
 LIST_RETRIES = 5         # a mark deleted between listing and reading means a collection replaced it: list again
-OBJ_GC_MARKS = 8
 MARKS_MAGIC = b"IMGBMARK"
 MARKS_VERSION = 1
 MARKS_HEAD = struct.Struct("<8sHxxIII")

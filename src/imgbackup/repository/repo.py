@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -13,14 +14,22 @@ from imgbackup import __version__, audit, interrupts
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
 from imgbackup.errors import (
+    AppendOnly,
+    ImageHeld,
+    ImageNotFound,
     IntegrityError,
+    ObjectRetained,
     RepositoryExists,
     RepositoryNotFound,
+    StorageError,
+    UnsupportedFormat,
     UsageError,
     WrongPassphrase,
 )
-from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
+from imgbackup.repository.catalog import Catalog, CatalogView
+from imgbackup.repository.config import CONFIG_NAME, LOCK_MODES, MAX_CHUNK, MIN_CHUNK, RepoConfig
 from imgbackup.repository.damage import DamageLog
+from imgbackup.repository.holds import Hold, HoldStore, holds_in_force
 from imgbackup.repository.images import ImageStore, series_tag
 from imgbackup.repository.indexcache import IndexCache
 from imgbackup.repository.lease import Lease
@@ -31,7 +40,9 @@ from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
-FOLDERS = ("packs", "index", "images", "locks", "damage", "gc")
+FOLDERS = ("packs", "index", "images", "locks", "damage", "gc", "catalog", "holds")
+IGNORED_AT_INIT = ("lockprobe/", "locks/")   # an earlier init's lock-probe canaries (retained) do not count
+REMOVALS_PER_ENTRY = 2000   # events in one catalog entry (~200 KB): a prune of thousands writes several
 
 if TYPE_CHECKING:
     from imgbackup.repository.chunkindex import ChunkIndex
@@ -50,6 +61,28 @@ def _storage(where: str | os.PathLike | Storage, for_writing: bool) -> Storage:
     return where
 
 
+def _check_object_lock(storage: Storage, lock: tuple[str, int]) -> dict:
+    """Refuse Object Lock where the storage cannot do it or the server does not enforce it; the probe's result."""
+    mode, _seconds = lock
+    if mode not in LOCK_MODES:
+        raise UsageError(f"unknown object lock mode {mode!r}; choose {' or '.join(LOCK_MODES)}")
+    enabled = getattr(storage, "object_lock_enabled", None)
+    if enabled is None:
+        raise UsageError(f"{storage.location} cannot lock objects: Object Lock needs an S3 bucket",
+                         "for a directory, --append-only guards against accidents (not against root)")
+    if not enabled():
+        raise UsageError(f"the bucket of {storage.location} was not created with Object Lock enabled",
+                         "create a bucket with Object Lock (e.g. aws s3api create-bucket "
+                         "--object-lock-enabled-for-bucket) and init there")
+    probe = storage.lock_probe(mode)   # type: ignore[attr-defined]
+    if not probe["passed"]:
+        failed = ", ".join(k for k, ok in probe["checks"].items() if not ok)
+        raise StorageError(f"the S3 server at {storage.location} does not enforce Object Lock ({failed} failed "
+                           "on a test object)", "nothing was written; use a server that enforces it, or init "
+                           "without --object-lock")
+    return probe
+
+
 class Repository:
     def __init__(self, storage: Storage, config: RepoConfig, keys: KeySet, location: str) -> None:
         self.storage = storage
@@ -57,7 +90,9 @@ class Repository:
         self.keys = keys
         self.location = location
         self.envelope = Envelope(None if config.encryption == "none" else keys.enc_key, config.zstd_level)
-        self.images = ImageStore(storage, self.envelope)
+        self.catalog = Catalog(storage, self.envelope, config.id)
+        self.images = ImageStore(storage, self.envelope, self.catalog)
+        self.holds = HoldStore(storage, self.envelope)
         self._chunks: ChunkIndex | None = None
 
     @property
@@ -67,8 +102,12 @@ class Repository:
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3, weak_passphrase: bool = False) -> Repository:
-        """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage."""
+             zstd_level: int = 3, weak_passphrase: bool = False, append_only: bool = False,
+             object_lock: tuple[str, int] | None = None) -> Repository:
+        """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage.
+
+        ``object_lock`` = (mode, seconds): S3 Object Lock; the server must pass the lock probe
+        before anything is written, and then every object is written with a retention date."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
@@ -78,11 +117,16 @@ class Repository:
         storage = _storage(where, for_writing=True)
         if storage.exists(CONFIG_NAME):
             raise RepositoryExists(f"{storage.location} already holds a repository")
-        if next(iter(storage.list("")), None) is not None:
+        if next((n for n in storage.list("") if not n.startswith(IGNORED_AT_INIT)), None) is not None:
             raise RepositoryExists(f"{storage.location} exists and is not empty",
                                    "choose a new or empty directory or prefix")
+        probe = _check_object_lock(storage, object_lock) if object_lock else None
         keys = KeySet.generate()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
+        config.append_only = append_only
+        if object_lock:
+            config.object_lock = {"mode": object_lock[0], "seconds": int(object_lock[1])}
+            storage.use_object_lock(object_lock[0], int(object_lock[1]))   # type: ignore[attr-defined]
         secret = passphrase() if encryption != "none" else None
         if secret is not None and not weak_passphrase and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
             raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
@@ -92,9 +136,12 @@ class Repository:
             storage.prepare(FOLDERS)
             storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
             put_reserve(storage)
+            repo = cls(storage, config, keys, storage.location)
+            repo.catalog.append([{"event": "created"}, {"event": "append_only", "value": append_only},
+                                 *([{"event": "lock_probe", "result": probe}] if probe else [])])
             storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
             interrupts.set_status(f"the repository {storage.location} was created")
-        return cls(storage, config, keys, storage.location)
+        return repo
 
     @classmethod
     def open(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource,
@@ -126,6 +173,13 @@ class Repository:
         except (KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"repository key file is damaged ({exc})") from None
         config.check_mac(mac, keys.mac_key)
+        if config.object_lock:
+            use = getattr(storage, "use_object_lock", None)
+            if use is not None:
+                use(config.object_lock["mode"], config.object_lock["seconds"])
+            elif for_writing:
+                raise UsageError(f"the repository at {storage.location} is kept under S3 Object Lock, which this "
+                                 "storage cannot apply", "write to it only at its S3 bucket")
         return cls(storage, config, keys, storage.location)
 
     def session(self, command: str) -> Lease:
@@ -146,7 +200,7 @@ class Repository:
         """The chunk index without the copies damage records name (loaded once, then cached).
 
         ``for_backup``: a backup dedups against this index, so every damage record must be readable,
-        the copies a collection marked as candidates are left out (docs/FORMAT.md section 13: they are
+        the copies a collection marked as candidates are left out (docs/FORMAT.md section 16: they are
         read first), and copies in packs that no longer exist are excluded too (one LIST of packs/,
         taken after the listing of index/: one request per 1,000 packs on a bucket; a directory walk here)."""
         from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
@@ -182,6 +236,66 @@ class Repository:
     def series_tag(self, name: str) -> str:
         """The id suffix of this host's images of source ``name`` (images.series_tag)."""
         return series_tag(self.keys.id_key, socket.gethostname(), name)
+
+    # --- what may be removed ------------------------------------------------------------------
+
+    def refuse_if_append_only(self, command: str) -> None:
+        if self.config.append_only:
+            raise AppendOnly(f"the repository is append-only: {command} refused")
+
+    def held_images(self, view: CatalogView | None = None) -> dict[str, list[Hold]]:
+        """Images under legal hold, and their holds (from the hold records and the catalog log)."""
+        view = view or self.catalog.view()
+        return holds_in_force(self.holds, view.state.holds)
+
+    def remove_images(self, image_ids: list[str], event: str, view: CatalogView | None = None) -> list[str]:
+        """Remove images for good: refused (nothing removed) when one is held; the catalog records the
+        removal (that is the commit point), then the indexes go. Returns the ids whose index the
+        storage retained (Object Lock): a later prune, delete or compact removes them."""
+        held = self.held_images(view)
+        for image_id in image_ids:
+            if image_id in held:
+                hold = held[image_id][0]
+                by = f", placed by {hold.user} on {hold.host}" if hold.user else ""
+                raise ImageHeld(f"image {image_id[:12]} is under legal hold ({hold.reason}{by}); "
+                                "nothing was removed")
+        events = []
+        for image_id in image_ids:
+            event_doc = {"event": event, "image": image_id}
+            with contextlib.suppress(ImageNotFound, IntegrityError, UnsupportedFormat):
+                event_doc["name"] = str(self.images.read_meta(image_id).get("name"))
+            events.append(event_doc)
+        for start in range(0, len(events), REMOVALS_PER_ENTRY):
+            self.catalog.append(events[start : start + REMOVALS_PER_ENTRY])
+        return self.delete_image_objects(image_ids)
+
+    def delete_image_objects(self, image_ids: list[str]) -> list[str]:
+        """Delete image indexes whose removal the log holds; the ids the storage retained."""
+        retained = []
+        for image_id in image_ids:
+            try:
+                self.images.delete(image_id)
+            except ObjectRetained:
+                retained.append(image_id)
+        return retained
+
+    def pending_removals(self, view: CatalogView) -> list[str]:
+        """Images the log records as removed whose index is still there (a remover was interrupted,
+        or Object Lock retained the index): the next remover deletes them."""
+        removed = {i for i, r in view.state.images.items() if r["status"] == "removed"}
+        return [i for i in self.images.ids() if i in removed]
+
+    def set_append_only(self, value: bool) -> None:
+        """Turn append-only on or off. The order makes an interrupted change harmless: on = the config
+        first, then the log; off = the log first, then the config (verify flags a log that says on
+        beside a config that says off)."""
+        self.config.append_only = value
+        if value:
+            self.storage.put(CONFIG_NAME, self.config.to_bytes(self.keys.mac_key))
+            self.catalog.append([{"event": "append_only", "value": True}])
+        else:
+            self.catalog.append([{"event": "append_only", "value": False}])
+            self.storage.put(CONFIG_NAME, self.config.to_bytes(self.keys.mac_key))
 
     def new_image_meta(self, **fields) -> dict:
         from imgbackup.format.layout import FORMAT_VERSION

@@ -237,7 +237,7 @@ def _commit_image(repo: Repository, lease: Lease, index: ImageIndex) -> int:
     try:
         lease.confirm()
     except LeaseLost:
-        repo.images.delete(index.meta["id"])
+        repo.images.withdraw(index.meta["id"], str(index.meta.get("name")))
         raise
     return written
 

@@ -10,6 +10,7 @@ against obstore): docs/S3.md. This module is imported only for s3:// repositorie
 
 from __future__ import annotations
 
+import datetime
 import os
 import threading
 from collections.abc import Iterator
@@ -21,7 +22,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from imgbackup.errors import ObjectMissing, StorageError, UsageError
+from imgbackup.repository.backends import s3lock
 from imgbackup.repository.backends.s3calls import S3Calls, env_float, error_code, log
+from imgbackup.repository.backends.s3lock import ObjectLockSettings, content_md5, delete_versions
 from imgbackup.repository.storage import check_name
 
 MiB = 1 << 20
@@ -72,6 +75,7 @@ class S3Storage:
         self.multipart_threshold = max(multipart_threshold, part_size)
         self.part_size = part_size
         self.calls = S3Calls(self.endpoint, bucket)
+        self.lock: ObjectLockSettings | None = None   # S3 Object Lock: every object written with a retention date
 
     @staticmethod
     def _client(endpoint: str | None, region: str | None, path_style: bool):
@@ -120,17 +124,19 @@ class S3Storage:
     def put(self, name: str, data) -> None:
         body = bytes(data)
         key = self.key(name)
-        self.calls.run("put", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body))
+        extra = self.lock.put_args(name, body) if self.lock else {}
+        self.calls.run("put", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **extra))
 
     def create(self, name: str, data: bytes) -> bool:
         """PutObject with If-None-Match: *; 412 (or 409, a concurrent conditional write) → False.
         After a retry a 412 may be this very request's earlier success: the bytes tell."""
         body, key = bytes(data), self.key(name)
         retried = False
+        extra = self.lock.put_args(name, body) if self.lock else {}
 
         def attempt() -> bool:
             try:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", **extra)
                 return True
             except ClientError as exc:
                 if error_code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
@@ -219,8 +225,35 @@ class S3Storage:
                 return iter(sorted(names))
 
     def delete(self, name: str) -> None:
+        """DeleteObject; in an Object-Lock bucket (versioned) every version of the key, so space is
+        really freed — a version still under retention or legal hold raises ObjectRetained."""
         key = self.key(name)
+        if self.lock is not None:
+            delete_versions(self, name)
+            return
         self.calls.run("delete", name, lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
+
+    # --- S3 Object Lock (s3lock.py) ----------------------------------------------------------
+
+    def use_object_lock(self, mode: str, seconds: int) -> None:
+        """From now on write every object (but the lock folder's) with a retention date ``seconds`` ahead."""
+        self.lock = ObjectLockSettings(mode, seconds)
+
+    def object_lock_enabled(self) -> bool:
+        return s3lock.object_lock_enabled(self)
+
+    def lock_probe(self, mode: str) -> dict:
+        return s3lock.lock_probe(self, mode)
+
+    def extend_retention(self, name: str, until: datetime.datetime) -> bool:
+        return s3lock.extend_retention(self, name, until)
+
+    def set_legal_hold(self, name: str, on: bool) -> None:
+        s3lock.set_legal_hold(self, name, on)
+
+    def protection(self, name: str) -> tuple[float | None, bool]:
+        """(retain-until, legal hold on) of the current version of ``name``."""
+        return s3lock.protection(self, name)
 
     def prepare(self, folders: tuple[str, ...]) -> None:
         pass  # prefixes are not objects: there is nothing to create
@@ -294,14 +327,16 @@ class S3ObjectWriter:
 
     def _send_part(self, size: int) -> None:
         st = self.storage
+        locked = st.lock.put_args(self.name, None) if st.lock else {}
         if self._upload_id is None:
             self._upload_id = st.calls.run("multipart start", self.name, lambda: st.client.create_multipart_upload(
-                Bucket=st.bucket, Key=self.key)["UploadId"])
+                Bucket=st.bucket, Key=self.key, **locked)["UploadId"])
         body = bytes(self._buffer[:size])
         del self._buffer[:size]
         number = len(self._parts) + 1
+        digest = {"ContentMD5": content_md5(body)} if locked else {}   # S3 wants it on Object-Lock writes
         etag = st.calls.run("multipart part", self.name, lambda: st.client.upload_part(
-            Bucket=st.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body)["ETag"])
+            Bucket=st.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body, **digest)["ETag"])
         self._parts.append({"PartNumber": number, "ETag": etag})
 
     def commit(self) -> None:
