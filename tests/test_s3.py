@@ -89,7 +89,8 @@ def test_cli_round_trip_through_a_bucket_is_byte_exact(s3_server, bucket, tmp_pa
     keys = _keys(s3_server, bucket)
     assert all(k.startswith("hosts/web1/") for k in keys)
     shapes = {k.split("/")[2] for k in keys}
-    assert shapes == {"config", "keys", "packs", "index", "images", "catalog"}  # no lock, no probe left behind
+    # no lock, no probe left behind; verify keeps its result as a check record (status, issue 16)
+    assert shapes == {"config", "keys", "packs", "index", "images", "catalog", "checks"}
 
 
 def test_wrong_secret_is_one_clean_line_and_writes_nothing(s3_server, bucket, tmp_path: Path) -> None:

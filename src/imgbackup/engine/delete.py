@@ -48,9 +48,8 @@ def _delete(repo: Repository, image_ids: list[str], lock_wait: float) -> DeleteR
         view, retained = begin(repo, "delete")
         with interrupts.deferred():   # the catalog entry is the commit point: the status must match it
             result.retained = repo.remove_images(image_ids, "deleted", view) + retained
-            interrupts.set_status(f"{len(image_ids)} image(s) deleted; the space they used is not freed yet "
-                                  "('imgbackup compact' frees it)")
-        collected = collect(repo, result.retained, f"{len(image_ids)} image(s) deleted")
+            interrupts.set_status(_interrupted_state(image_ids, image_ids))
+        collected = collect(repo, result.retained, _interrupted_state(image_ids, image_ids, False))
         interrupts.set_status(f"{len(image_ids)} image(s) deleted and the space only they used freed")
     done = collected.done
     result.packs_deleted, result.packs_rewritten = done.packs_deleted, done.packs_rewritten
@@ -59,3 +58,9 @@ def _delete(repo: Repository, image_ids: list[str], lock_wait: float) -> DeleteR
     result.duration_s = round(time.monotonic() - started, 3)
     return result
 
+
+def _interrupted_state(deleted: list[str], wanted: list[str], freeing_left: bool = True) -> str:
+    if not deleted:
+        return "nothing was deleted"
+    done = f"{len(deleted)} of {len(wanted)} image(s) deleted ({', '.join(i[:12] for i in deleted)})"
+    return f"{done}; the space they used is not freed yet ('imgbackup compact' frees it)" if freeing_left else done
