@@ -76,7 +76,7 @@ GUEST_GROUP = "guest"
 GUEST_MODULES = {"test_guestlab", "test_guestlab_jobs", "test_rescue_media"}   # every module with `guest` tests (checked below)
 MODULE_GROUPS = {"test_mount", "test_mount_xfs_btrfs", "test_baremetal", "test_baremetal_boot",
                  "test_bootdisk", "test_install", "test_relocate", "test_fsmap_ntfs", "test_crash",
-                 "test_drill", "test_status", "test_prune"}
+                 "test_drill", "test_status", "test_prune", "test_copy", "test_s3_disk"}
 
 
 def xdist_group_of(nodeid: str) -> str:

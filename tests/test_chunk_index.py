@@ -16,7 +16,7 @@ from imgbackup.repository.backends.memory import MemoryStorage
 from imgbackup.repository.chunkindex import ChunkIndex, write_index_files
 from imgbackup.repository.chunktable import INFO_DELTA, ROW_DTYPE, ChunkTable, empty_rows
 from imgbackup.repository.indexcache import IndexCache
-from imgbackup.repository.packs import BlobLocation
+from imgbackup.repository.packs import MIN_SEALED, BlobLocation
 
 KEY = bytes(range(32))
 MAC_KEY = bytes(range(32, 64))
@@ -24,8 +24,8 @@ REPO_ID = "ab" * 16
 
 
 def _loc(rng: random.Random, packs: list[bytes]) -> BlobLocation:
-    return BlobLocation(rng.choice(packs), rng.randrange(16, 1 << 24), rng.randrange(1, 1 << 21),
-                        rng.randrange(1, 1 << 20))
+    return BlobLocation(rng.choice(packs), rng.randrange(16, 1 << 24), rng.randrange(MIN_SEALED, 1 << 21),
+                        rng.randrange(1, 1 << 20))   # a valid entry (decoders check the ranges)
 
 
 def _rows(entries: list[tuple[bytes, int, int, int, int, bool]]) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.disks import build_root_disk
 from tests.support import MIB, cli, cli_env, cli_json, need, need_root
 from tests.terminal import CTRL_C, Terminal
 
@@ -266,3 +267,30 @@ def test_interrupted_verify_still_records_the_damage_it_found(big, tmp_path: Pat
     assert (repo / found[3]).is_file()
     listed = cli("list", repo=repo)                        # the record is used: the image shows DAMAGED
     assert listed.returncode == 6 and "DAMAGED" in listed.stdout
+
+
+def test_sigterm_during_restore_files_says_what_was_copied(tmp_path: Path, no_leaks) -> None:
+    need_root()
+    need(Path("/dev/fuse").exists(), "needs /dev/fuse")
+    disk = build_root_disk(tmp_path / "root.img", 200, 160 * MIB)   # payload.bin: 160 MiB, incompressible
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    image = cli_json("backup", disk, repo=repo)["id"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "imgbackup", "restore-files", "-r", str(repo), image, "-p", "2",
+                             "doc", "payload.bin", "--to", str(out)], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (out / "payload.bin").exists() or proc.poll() is not None, "the second copy to start")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode == 0:
+        pytest.fail(f"restore-files ended before the signal (a faster machine than this test assumes): {err}")
+    assert proc.returncode == 130, err
+    assert _error_line(err) == (f"restore-files interrupted: 1 of 2 copied to {out} (/doc); "
+                                "/payload.bin, being copied, is incomplete there")
+    assert (out / "doc" / "copyright").read_bytes() == Path("/usr/share/doc/python3/copyright").read_bytes()

@@ -23,7 +23,7 @@ FORBIDDEN = {("crypto", "repository"), ("format", "repository"), ("format", "cry
              ("device", "fsmap")}
 # engine/ rooms: which other command packages each may import ("" = the shared modules beside them).
 ENGINE_ROOMS = {"backup": set(), "restore": set(), "mount": set(), "verify": {"mount"}, "rescue": set(),
-                "repair": set(), "drill": {"verify", "restore", "mount"},
+                "repair": set(), "copy": set(), "drill": {"verify", "restore", "mount"},
                 "job": {"backup", "verify", "drill", "restore", "copy"}, "": set()}
 # Running a program, or replacing or forking this process, outside device/tools.py.
 PROCESS_CALLS = {"system", "popen", "fork", "forkpty", "execv", "execve", "execvp", "execvpe", "execl",

@@ -11,6 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +39,7 @@ from imgbackup.repository.chunkindex import (
     encode_chunk_index,
     write_index_files,
 )
-from imgbackup.repository.config import RepoConfig
+from imgbackup.repository.config import RepoConfig, check_config_mac, peek_config
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
 
 KEY = bytes(range(32))
@@ -177,21 +180,22 @@ def test_unencrypted_key_file_needs_no_passphrase() -> None:
 def test_config_mac_detects_tampering() -> None:
     mac_key = os.urandom(32)
     raw = RepoConfig.new("ab" * 16, 1 << 20, "aes-256-gcm", 3).to_bytes(mac_key)
-    cfg, mac = RepoConfig.peek(raw)
-    cfg.check_mac(mac, mac_key)
+    doc, mac = peek_config(raw)
+    check_config_mac(doc, mac, mac_key)
+    assert RepoConfig.from_document(doc).chunk_size == 1 << 20
     with pytest.raises(IntegrityError):
-        cfg.check_mac(mac, os.urandom(32))
-    doc = json.loads(raw)
-    for field, value in (("chunk_size", 1 << 16), ("encryption", "none"), ("zstd_level", 1)):
-        forged, forged_mac = RepoConfig.peek(json.dumps({**doc, field: value}).encode())
+        check_config_mac(doc, mac, os.urandom(32))
+    stored = json.loads(raw)
+    for field, value in (("chunk_size", 1 << 16), ("encryption", "none"), ("zstd_level", 1), ("extra", 1)):
+        forged, forged_mac = peek_config(json.dumps({**stored, field: value}).encode())
         with pytest.raises(IntegrityError):
-            forged.check_mac(forged_mac, mac_key)
+            check_config_mac(forged, forged_mac, mac_key)
     with pytest.raises(UnsupportedFormat):
-        RepoConfig.peek(json.dumps({**doc, "version": 99}).encode())
+        peek_config(json.dumps({**stored, "version": 99}).encode())
     with pytest.raises(IntegrityError):
-        RepoConfig.peek(raw[:-10])
+        peek_config(raw[:-10])
     with pytest.raises(IntegrityError):
-        RepoConfig.peek(json.dumps({**doc, "chunk_size": 3 << 20}).encode())
+        RepoConfig.from_document({**doc, "chunk_size": 3 << 20})
 
 
 # --- storage ----------------------------------------------------------------------------------
@@ -281,6 +285,52 @@ def test_pack_writer_commits_packs_in_background_and_counts_them_only_once_store
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
 
+class _GatedStorage(DirectoryStorage):
+    """A directory whose commits wait at a gate: holds a pack commit open while a real signal lands."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = threading.Event()
+        self.committing = threading.Event()
+
+    def open_writer(self, name: str):
+        inner, storage = super().open_writer(name), self
+
+        class Gated:
+            def write(self, data) -> None:
+                inner.write(data)
+
+            def commit(self) -> None:
+                storage.committing.set()
+                storage.gate.wait(30)
+                inner.commit()
+
+            def abort(self) -> None:
+                inner.abort()
+        return Gated()
+
+
+def test_a_ctrl_c_while_waiting_for_a_pack_commit_never_loses_track_of_that_pack(tmp_path: Path) -> None:
+    """A SIGINT that interrupts the wait for a commit leaves the commit listed: abort() waits for it
+    and reports its pack as written, so a failed backup's clean-up removes it (CI saw one left)."""
+    storage = _GatedStorage(tmp_path)
+    envelope = Envelope(KEY)
+    writer = PackWriter(storage, envelope, target_size=1 << 20)
+    cid = hashlib.sha256(b"one").digest()
+    writer.add(cid, envelope.seal(OBJ_CHUNK, cid, os.urandom(1000)), 1000)
+    main = threading.main_thread().ident
+    signaller = threading.Thread(target=lambda: (storage.committing.wait(30), time.sleep(0.2),
+                                                 signal.pthread_kill(main, signal.SIGINT)))
+    signaller.start()
+    with pytest.raises(KeyboardInterrupt):
+        writer.flush()                          # interrupted inside the join of the running commit
+    signaller.join()
+    storage.gate.set()
+    writer.abort()                              # waits for the commit, which then lands
+    assert set(writer.written) == {cid}
+    assert [pack_name(loc.pack_id) for loc in writer.written.values()] == list(storage.list("packs"))
+
+
 def test_delta_bases_survive_pack_trailers_and_chunk_index_files(tmp_path: Path) -> None:
     """Flag bit + side table: the bases come back from both, so the index can be rebuilt from packs."""
     storage = DirectoryStorage(tmp_path)
@@ -306,8 +356,8 @@ def test_delta_bases_survive_pack_trailers_and_chunk_index_files(tmp_path: Path)
 
 
 def test_a_chunk_known_twice_keeps_its_whole_copy() -> None:
-    whole = BlobLocation(b"p" * 32, 16, 10, 100)
-    delta = BlobLocation(b"q" * 32, 16, 5, 100, OID)
+    whole = BlobLocation(b"p" * 32, 16, 100, 100)   # valid entries: a sealed blob is at least an envelope
+    delta = BlobLocation(b"q" * 32, 16, 50, 100, OID)
     for order in ([whole, delta], [delta, whole]):
         storage, envelope = MemoryStorage(), Envelope(None)
         for loc in order:                       # one index file each, as two backups would write them

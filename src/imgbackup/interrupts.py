@@ -35,7 +35,9 @@ _wakeup: int | None = None   # read end of the pipe the C-level handler writes e
 
 
 def install() -> None:
-    """Route SIGINT and SIGTERM to the one-shot handler (main thread only, as Python requires)."""
+    """Route SIGINT and SIGTERM to the one-shot handler (main thread only, as Python requires),
+    whatever was inherited: a background job of a non-interactive shell starts with SIGINT ignored,
+    and a sysadmin's ``kill -INT`` must still end it (the guest lab's LVM test does exactly that)."""
     global _wakeup
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _handler)

@@ -92,17 +92,30 @@ def _prompt(text: str) -> str:
 
 def read_passphrase(confirm: bool = False) -> bytes:
     """From IMGBACKUP_PASSPHRASE, IMGBACKUP_PASSPHRASE_FILE, or a terminal prompt — never argv."""
-    if "IMGBACKUP_PASSPHRASE" in os.environ:
-        return os.environ["IMGBACKUP_PASSPHRASE"].encode()
-    path = os.environ.get("IMGBACKUP_PASSPHRASE_FILE")
+    return _passphrase("IMGBACKUP_PASSPHRASE", "Repository passphrase: ", confirm)
+
+
+def read_other_passphrase(confirm: bool = False) -> bytes:
+    """The passphrase of the second repository a command names (``copy --to``, ``init --related-to``):
+    from IMGBACKUP_PASSPHRASE2, IMGBACKUP_PASSPHRASE2_FILE, or a terminal prompt — never argv."""
+    return _passphrase("IMGBACKUP_PASSPHRASE2", "Passphrase of the other repository (--to/--related-to): ",
+                       confirm)
+
+
+def _passphrase(env: str, prompt: str, confirm: bool) -> bytes:
+    if env in os.environ:
+        return os.environ[env].encode()
+    path = os.environ.get(f"{env}_FILE")
     if path:
         try:
             return Path(path).read_bytes().rstrip(b"\r\n")
         except OSError as exc:
-            raise PassphraseMissing(f"cannot read IMGBACKUP_PASSPHRASE_FILE {path}: {exc.strerror}") from None
+            raise PassphraseMissing(f"cannot read {env}_FILE {path}: {exc.strerror}",
+                                    f"set {env} or {env}_FILE, or run on a terminal") from None
     if not sys.stdin.isatty():
-        raise PassphraseMissing("the repository needs a passphrase and there is no terminal to ask on")
-    first = _prompt("Repository passphrase: ")
+        raise PassphraseMissing(f"the repository needs a passphrase and there is no terminal to ask on "
+                                f"({env} is not set)", f"set {env} or {env}_FILE, or run on a terminal")
+    first = _prompt(prompt)
     if confirm and _prompt("Repeat passphrase: ") != first:
         raise UsageError("the passphrases do not match")
     if confirm and not first:

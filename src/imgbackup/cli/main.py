@@ -64,6 +64,7 @@ COMMAND_MODULES = {
     "restore_cmd": ("restore",),
     "verify_cmd": ("verify",),
     "images_cmd": ("delete", "diff"),
+    "copy_cmd": ("copy",),
     "devices_cmd": ("devices",),
     "mount_cmd": ("mount", "umount", "restore-files"),
     "rescue_cmd": ("rescue",),

@@ -15,6 +15,7 @@ from imgbackup.cli.common import (
     human,
     open_repo,
     print_table,
+    read_other_passphrase,
     read_passphrase,
     repo_path,
 )
@@ -29,10 +30,16 @@ from imgbackup.units import local_time
 
 def init(
     repo: RepoOption = None,
-    encryption: Annotated[str, typer.Option(help="aes-256-gcm, or none (checksums only).")] = "aes-256-gcm",
-    chunk_size: Annotated[int, typer.Option(help="Chunk size in bytes (power of two, 64 KiB..16 MiB).")]
-    = DEFAULT_CHUNK_SIZE,
-    zstd_level: Annotated[int, typer.Option(help="zstd compression level for chunks.")] = 3,
+    encryption: Annotated[str | None, typer.Option(help="aes-256-gcm (default), or none (checksums only).")]
+    = None,
+    chunk_size: Annotated[int | None, typer.Option(
+        help=f"Chunk size in bytes (power of two, 64 KiB..16 MiB; default {DEFAULT_CHUNK_SIZE}).")] = None,
+    zstd_level: Annotated[int | None, typer.Option(help="zstd compression level for chunks (default 3).")]
+    = None,
+    related_to: Annotated[str | None, typer.Option(
+        "--related-to", help="An existing repository whose keys and chunk size the new one shares, so "
+        "'copy' between the two moves sealed chunks as they are (its passphrase: IMGBACKUP_PASSPHRASE2).")]
+    = None,
     weak_passphrase: Annotated[bool, typer.Option(
         "--weak-passphrase", help=f"Accept a passphrase shorter than {MIN_PASSPHRASE_LENGTH} characters.")] = False,
     append_only: Annotated[bool, typer.Option(
@@ -52,19 +59,27 @@ def init(
     if (object_lock is None) != (lock_days is None):
         raise UsageError("--object-lock and --lock-days go together", "e.g. --object-lock compliance --lock-days 30")
     lock = (object_lock.lower(), lock_seconds(lock_days)) if object_lock and lock_days is not None else None
-    r = Repository.init(repo_path(repo), lambda: read_passphrase(confirm=True), encryption, chunk_size, zstd_level,
+    other = Repository.open(related_to, read_other_passphrase) if related_to else None
+    if other is not None:
+        encryption = encryption or other.config.encryption
+        chunk_size = chunk_size or other.chunk_size
+        zstd_level = zstd_level or other.config.zstd_level
+    r = Repository.init(repo_path(repo), lambda: read_passphrase(confirm=True), encryption or "aes-256-gcm",
+                        chunk_size or DEFAULT_CHUNK_SIZE, zstd_level or 3, related_to=other,
                         weak_passphrase=weak_passphrase, append_only=append_only, object_lock=lock)
     keep_safe = ("keep the passphrase safe, apart from the repository: without it no image can ever be read"
                  if r.config.encryption != "none"
                  else "this repository is not encrypted: anyone who can read it can read the images")
     doc = {"repository": r.location, "id": r.config.id, "encryption": r.config.encryption,
            "chunk_size": r.chunk_size, "zstd_level": r.config.zstd_level, "note": keep_safe,
-           "append_only": r.config.append_only, "object_lock": r.config.object_lock}
+           "append_only": r.config.append_only, "object_lock": r.config.object_lock,
+           "related_to": other.location if other else None}
     if json_out:
         emit_json(doc)
     else:
         typer.echo(f"created repository {r.location} (id {r.config.id}, {r.config.encryption}, "
-                   f"chunk size {human(r.chunk_size)})")
+                   f"chunk size {human(r.chunk_size)}"
+                   + (f", related to {other.location}: copies between them stay sealed" if other else "") + ")")
         typer.echo(keep_safe[0].upper() + keep_safe[1:] + ".")
         if r.config.object_lock:
             typer.echo(f"S3 Object Lock: {r.config.object_lock['mode']}, every object locked for "

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from imgbackup.errors import IntegrityError, UnsupportedFormat, WrongPassphrase
+from imgbackup.format import validate as v
 
 KEY_SIZE = 32
 
@@ -26,6 +27,11 @@ KEY_SIZE = 32
 DEFAULT_KDF = {"name": "argon2id", "memory_kib": 65536, "iterations": 3, "lanes": 4}
 # Only for test repositories (IMGBACKUP_TEST_CHEAP_KDF=1); recorded in the key file like any other.
 CHEAP_KDF = {"name": "argon2id", "memory_kib": 1024, "iterations": 1, "lanes": 1}
+# What a key file may ask of the KDF: beyond these it is damage (or a trap: 2**40 KiB of memory).
+MAX_KDF_MEMORY_KIB = 4 << 20    # 4 GiB: far above any sane setting, below what rescue media can give
+MAX_KDF_ITERATIONS = 1000
+MAX_KDF_LANES = 255
+WRAPPED_SIZE = 12 + 3 * KEY_SIZE + 16   # nonce, the three keys, GCM tag
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,36 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
+def _unb64(text: str, what: str = "key file", size: int | None = None, label: str = "") -> bytes:
     try:
-        return base64.b64decode(text, validate=True)
-    except (ValueError, TypeError) as exc:
-        raise IntegrityError("key file is damaged (bad base64)") from exc
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise v.damaged(what, f"{label or 'a field'} is not base64") from None
+    if size is not None and len(raw) != size:
+        raise v.damaged(what, f"{label} holds {len(raw)} bytes, not {size}")
+    return raw
+
+
+def parse_key_file(raw: bytes, what: str = "key file") -> dict:
+    """The key-file document, every field checked before a passphrase is asked for or the KDF runs."""
+    doc = v.obj(v.parse_json(raw, what), what)
+    version = v.integer(doc, "version", what, 0)
+    if version != 1:
+        raise UnsupportedFormat(f"{what}: key file version {version} is not supported")
+    kdf = v.child(doc, "kdf", what, dict, nullable=True)
+    if kdf is None:
+        _unb64(v.text(doc, "keys", what), what, 3 * KEY_SIZE, "'keys'")
+        return doc
+    where = f"{what} (kdf)"
+    if v.text(kdf, "name", where) != "argon2id":
+        raise UnsupportedFormat(f"{what}: unknown key derivation function {kdf['name'][:40]!r}")
+    lanes = v.integer(kdf, "lanes", where, 1, MAX_KDF_LANES)
+    v.integer(kdf, "memory_kib", where, 8 * lanes, MAX_KDF_MEMORY_KIB)   # Argon2 needs 8 KiB per lane
+    v.integer(kdf, "iterations", where, 1, MAX_KDF_ITERATIONS)
+    if len(_unb64(v.text(kdf, "salt", where), where, None, "'salt'")) < 8:
+        raise v.damaged(where, "'salt' is shorter than Argon2's 8 bytes")
+    _unb64(v.text(doc, "wrapped", what), what, WRAPPED_SIZE, "'wrapped'")
+    return doc
 
 
 def wrap_keys(keys: KeySet, passphrase: bytes | None, repo_id: bytes) -> dict:
@@ -85,6 +116,7 @@ def wrap_keys(keys: KeySet, passphrase: bytes | None, repo_id: bytes) -> dict:
 
 
 def unwrap_keys(doc: dict, passphrase: bytes | None, repo_id: bytes) -> KeySet:
+    """The keys from a key-file document (checked by ``parse_key_file`` when read from storage)."""
     if doc.get("version") != 1:
         raise UnsupportedFormat(f"key file version {doc.get('version')!r} is not supported")
     if doc.get("kdf") is None:

@@ -72,6 +72,28 @@ def run(cmd: Sequence[str], *, timeout: float | None = TOOL_TIMEOUT, env: dict[s
         raise ToolTimeout(f"{cmd[0]} did not finish within {timeout:g} s") from None
 
 
+def run_as_group(cmd: Sequence[str], *, timeout: float | None = TOOL_TIMEOUT,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``run``, for a program we did not write (a user's hook): it and everything it starts form one
+    process group, killed as a whole when the call ends early — timeout, Ctrl-C, SIGTERM — so none of
+    it outlives the run that started it (``run`` kills only the direct child)."""
+    try:
+        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent())
+    except FileNotFoundError:
+        raise missing(cmd[0]) from None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise ToolTimeout(f"{cmd[0]} did not finish within {timeout:g} s") from None
+    except BaseException:
+        kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+
+
 def retry(cmd: Sequence[str], *, attempts: int = RETRY_ATTEMPTS, delay: float = RETRY_DELAY,
           timeout: float = TOOL_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` until it exits 0, at most ``attempts`` times; the last result either way, so the

@@ -49,8 +49,9 @@ def _delete(repo: Repository, image_ids: list[str], lock_wait: float) -> DeleteR
         with interrupts.deferred():   # the catalog entry is the commit point: the status must match it
             result.retained = repo.remove_images(image_ids, "deleted", view) + retained
             interrupts.set_status(_interrupted_state(image_ids, image_ids))
-        collected = collect(repo, result.retained, _interrupted_state(image_ids, image_ids, False))
-        interrupts.set_status(f"{len(image_ids)} image(s) deleted and the space only they used freed")
+        collected = collect(repo, result.retained, _interrupted_state(image_ids, image_ids, freeing_left=False))
+        interrupts.set_status(f"{_interrupted_state(image_ids, image_ids, freeing_left=False)} and the space "
+                              "only they used freed")
     done = collected.done
     result.packs_deleted, result.packs_rewritten = done.packs_deleted, done.packs_rewritten
     result.chunks_removed, result.bytes_freed = done.chunks_removed, done.bytes_freed

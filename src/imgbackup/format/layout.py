@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 3     # 2: keyed BLAKE3 ids, delta chunks, key id in the envelope; 3: the catalog log, hold
-                       # records, append-only and S3 Object Lock settings (FORMAT.md, "Version 3")
+FORMAT_VERSION = 4     # 2: keyed BLAKE3 ids, delta chunks, key id in the envelope; 3: the catalog log, hold
+                       # records, append-only and S3 Object Lock settings; 4: leases, collection marks,
+                       # host-tagged image ids (FORMAT.md, "Version 4")
 
 # Slot kinds in an image index.
 SLOT_ZERO = 0      # all-zero chunk: nothing stored

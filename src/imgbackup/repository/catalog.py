@@ -24,6 +24,7 @@ import os
 import pwd
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -247,6 +248,7 @@ class Catalog:
         self.remember = remember
         self._known: tuple[int, str] | None = None      # newest entry this process saw or wrote
         self._warned = False
+        self._appending = threading.Lock()   # threads of one process append in turn (no race among them)
 
     # -- local memory
 
@@ -402,6 +404,10 @@ class Catalog:
     def append(self, events: list[dict]) -> Entry:
         """Add one entry holding ``events``, after whatever other writers appended meanwhile."""
         events = [check_event(dict(e), "a new catalog entry") for e in events]
+        with self._appending:
+            return self._append(events)
+
+    def _append(self, events: list[dict]) -> Entry:
         seq, prev = self._start()
         for _ in range(MAX_RACES):
             seq += 1

@@ -36,8 +36,11 @@ from imgbackup.format.layout import (
     INFO_DELTA,
     INFO_LENGTH_MASK,
     INFO_RESERVED,
+    MAX_PACK_SIZE,
     OBJ_CHUNK_INDEX,
+    PACK_HEADER,
 )
+from imgbackup.format.validate import damaged, is_hex
 from imgbackup.repository.chunktable import (
     BASE_ROW_SIZE,
     ROW_DTYPE,
@@ -48,9 +51,10 @@ from imgbackup.repository.chunktable import (
 )
 from imgbackup.repository.damage import DamagedCopy, DamageLog
 from imgbackup.repository.indexcache import IndexCache
-from imgbackup.repository.packs import BlobLocation, encode_entries
+from imgbackup.repository.packs import MAX_RAW_LENGTH, MIN_SEALED, BlobLocation, check_entry, encode_entries
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
+LOAD_ATTEMPTS = 5   # a compaction replaces index files while backups load them; five lists outlast any real race
 ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u4"), ("length", "<u4"), ("info", "<u4")])
 assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size == 48 and ENTRY_DTYPE == ROW_DTYPE
 BASE_DTYPE = np.dtype([("row", "<u4"), ("base", "V32")])
@@ -60,8 +64,12 @@ READ_THREADS = 8             # index files fetched at once: a bucket answers eac
 MAX_ENTRIES_PER_FILE = 1 << 20   # ~50 MiB per file: a merged index of a huge repository stays in pieces
 
 
-def file_id_of(name: str) -> bytes:
-    return bytes.fromhex(name.rsplit("/", 1)[1])
+def index_file_id(name: str) -> bytes:
+    """The 32-byte file id an ``index/<64 hex>`` name carries (anything else there is damage)."""
+    hexid = name.rsplit("/", 1)[1]
+    if not is_hex(hexid, 32):
+        raise IntegrityError(f"{name[:80]} is not a chunk-index file (its name is not 64 hex digits)")
+    return bytes.fromhex(hexid)
 
 
 def encode_chunk_index(locations: dict[bytes, BlobLocation] | Iterable[tuple[bytes, BlobLocation]]) -> bytes:
@@ -151,6 +159,9 @@ def decode_rows(plain: bytes, name: str) -> tuple[np.ndarray, np.ndarray, np.nda
         raise IntegrityError(f"{what} has a damaged table of delta bases")
     rows = empty_rows(n_entries)
     rows.view(ROW_DTYPE)[:, 0] = entries
+    if not ids_sorted(rows):
+        raise damaged(what, "its entries are not sorted by chunk id")
+    _check_entries(entries, what)
     bases = np.zeros((n_deltas, BASE_ROW_SIZE), np.uint8)
     if n_deltas:
         bases[:, :32] = rows[order, :32]
@@ -158,8 +169,33 @@ def decode_rows(plain: bytes, name: str) -> tuple[np.ndarray, np.ndarray, np.nda
     return rows, packs, bases
 
 
+def ids_sorted(rows: np.ndarray) -> bool:
+    """Whether the rows' 32-byte ids never decrease (compared as four big-endian words, vectorised)."""
+    if len(rows) < 2:
+        return True
+    words = np.ascontiguousarray(rows[:, :32]).view(">u8")
+    before, after = words[:-1], words[1:]
+    descends = np.zeros(len(before), bool)
+    equal = np.ones(len(before), bool)
+    for col in range(4):
+        descends |= equal & (before[:, col] > after[:, col])
+        equal &= before[:, col] == after[:, col]
+    return not descends.any()
+
+
+def _check_entries(entries: np.ndarray, what: str) -> None:
+    """Every entry's blob inside a pack and its chunk 1 B .. 16 MiB (vectorised ``check_entry``)."""
+    offset, length = entries["offset"].astype(np.int64), entries["length"].astype(np.int64)
+    raw = entries["info"] & INFO_LENGTH_MASK
+    bad = ((offset < PACK_HEADER.size) | (length < MIN_SEALED) | (offset + length > MAX_PACK_SIZE)
+           | (raw < 1) | (raw > MAX_RAW_LENGTH))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        check_entry(what, row, int(offset[row]), int(length[row]), int(raw[row]))
+
+
 def read_index_file(storage: Storage, envelope: Envelope, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    plain = envelope.open(OBJ_CHUNK_INDEX, file_id_of(name), storage.get(name), f"chunk index {name}")
+    plain = envelope.open(OBJ_CHUNK_INDEX, index_file_id(name), storage.get(name), f"chunk index {name}")
     return decode_rows(plain, name)
 
 
@@ -183,7 +219,7 @@ def write_index_files(storage: Storage, envelope: Envelope, rows: list[tuple[byt
 
 def read_index_entries(storage: Storage, envelope: Envelope, name: str) -> list[tuple[bytes, BlobLocation]]:
     """One file's entries as (chunk id, location), every copy (repair)."""
-    plain = envelope.open(OBJ_CHUNK_INDEX, file_id_of(name), storage.get(name), f"chunk index {name}")
+    plain = envelope.open(OBJ_CHUNK_INDEX, index_file_id(name), storage.get(name), f"chunk index {name}")
     return decode_entries(plain, name)
 
 
@@ -273,21 +309,19 @@ class ChunkIndex:
         names, (when ``packs``, the listing of packs/, is given) the copies in packs it lacks, and the
         copies ``marked`` (marks.marked_copies: (chunk id, pack id, offset) rows) flags. ``packs`` may
         be a function listing them: it is called after the listing of index/, so every pack an index
-        file names was stored before the pack listing (a backup writes its packs, then its file)."""
-        names = sorted(storage.list(INDEX_FOLDER))
+        file names was stored before the pack listing (a backup writes its packs, then its file).
+        A file that vanishes between list and read (a compaction or repair replaced it, FORMAT.md
+        section 9) means a new one exists: list and load again."""
+        for attempt in range(LOAD_ATTEMPTS):
+            names = sorted(storage.list(INDEX_FOLDER))
+            try:
+                table = _read_tables(storage, envelope, names, cache)
+                break
+            except ObjectMissing:
+                if attempt == LOAD_ATTEMPTS - 1:
+                    raise
         if callable(packs):
             packs = packs()
-        table = cache.load(names) if cache is not None else None
-        if table is not None:
-            added = [n for n in names if n not in cache.names]
-            if added:
-                load_table(storage, envelope, added, table)
-                if cache.worth_saving(len(added)):
-                    cache.save(table, names)
-        else:
-            table = _load_retrying(storage, envelope, names)
-            if cache is not None:
-                cache.save(table, names)
         index = cls(table, names)
         index._filter(damage, packs, marked)
         return index
@@ -468,6 +502,16 @@ class ChunkIndex:
                 found[i] = ids[i].tobytes() in self.recent
         return found
 
+    def packs(self) -> set[bytes]:
+        """Ids of the packs some usable copy lies in (handed out or spare, or stored by this process)."""
+        with self._lock:
+            table = self.table
+            used = np.unique(np.concatenate([field(table.rows, "pack"), field(table.spare, "pack")]))
+            out = {table.packs[i].tobytes() for i in used.tolist()}
+            out.update(loc.pack_id for loc in self.recent.values())
+            out.update(loc.pack_id for loc in self._override.values() if loc is not None)
+        return out
+
     def bases_of(self, chunk_ids) -> set[bytes]:
         """The base chunks the deltas among ``chunk_ids`` need (GC keeps them, restore reads them)."""
         out = set()
@@ -492,11 +536,19 @@ class ChunkIndex:
         return written
 
 
-def _load_retrying(storage: Storage, envelope: Envelope, names: list[str]) -> ChunkTable:
-    """Read the files; one that vanished in between (a compaction replaced it) means list again."""
-    for _ in range(5):
-        try:
-            return load_table(storage, envelope, names)
-        except ObjectMissing:
-            names[:] = sorted(storage.list(INDEX_FOLDER))
-    return load_table(storage, envelope, names)
+def _read_tables(storage: Storage, envelope: Envelope, names: list[str], cache: IndexCache | None) -> ChunkTable:
+    """The union of the files ``names``: the cache plus the files added since when it matches the
+    listing, else every file (and the cache rewritten). The cached table changes only once every
+    added file was read, so an ObjectMissing leaves it as it was."""
+    table = cache.load(names) if cache is not None else None
+    if table is None:
+        table = load_table(storage, envelope, names)
+        if cache is not None:
+            cache.save(table, names)
+        return table
+    added = [n for n in names if n not in cache.names]
+    if added:
+        load_table(storage, envelope, added, table)
+        if cache.worth_saving(len(added)):
+            cache.save(table, names)
+    return table

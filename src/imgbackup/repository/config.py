@@ -9,14 +9,13 @@ import time
 from dataclasses import asdict, dataclass
 
 from imgbackup.errors import IntegrityError, UnsupportedFormat
+from imgbackup.format import validate as v
 from imgbackup.format.layout import FORMAT_VERSION
 
 CONFIG_NAME = "config"
 FORMAT_NAME = "imgbackup-repository"
 MIN_CHUNK = 64 << 10   # below this the per-chunk index entry and envelope outweigh the dedup gained
 MAX_CHUNK = 16 << 20   # above this one changed byte stores too much again, and restore buffers grow large
-
-
 LOCK_MODES = ("compliance", "governance")
 
 
@@ -45,7 +44,7 @@ class RepoConfig:
                    zstd_level=zstd_level, created=time.time())
 
     def _canonical(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return canonical_json(asdict(self))
 
     def to_bytes(self, mac_key: bytes) -> bytes:
         doc = asdict(self)
@@ -53,27 +52,59 @@ class RepoConfig:
         return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def peek(cls, raw: bytes) -> tuple[RepoConfig, str]:
-        """Parse without authenticating (the key is needed for that): config and its mac."""
-        try:
-            doc = json.loads(raw)
-            if doc.get("format") != FORMAT_NAME:
-                raise UnsupportedFormat("this directory is not an imgbackup repository")
-            if doc.get("version") != FORMAT_VERSION:
-                raise UnsupportedFormat(
-                    f"repository format version {doc.get('version')} is not supported by this "
-                    f"imgbackup (it reads version {FORMAT_VERSION})")
-            mac = doc.pop("mac")
-            cfg = cls(**doc)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise IntegrityError(f"repository config is damaged: {exc}") from None
-        if not (MIN_CHUNK <= cfg.chunk_size <= MAX_CHUNK) or cfg.chunk_size & (cfg.chunk_size - 1):
-            raise IntegrityError(f"repository config has an invalid chunk size {cfg.chunk_size}")
-        if not isinstance(cfg.append_only, bool) or not _valid_lock(cfg.object_lock):
-            raise IntegrityError("repository config has invalid append-only or object-lock settings")
-        return cfg, mac
+    def from_document(cls, doc: dict) -> RepoConfig:
+        """The config from an authenticated document (``open_config``'s), every field checked."""
+        chunk_size = v.integer(doc, "chunk_size", WHAT, MIN_CHUNK, MAX_CHUNK)
+        if not v.power_of_two(chunk_size, MIN_CHUNK, MAX_CHUNK):
+            raise v.damaged(WHAT, f"chunk size {chunk_size} is not a power of two")
+        return cls(id=doc["id"], chunk_size=chunk_size,
+                   encryption=v.text(doc, "encryption", WHAT, choices=ENCRYPTIONS),
+                   zstd_level=v.integer(doc, "zstd_level", WHAT, 1, 22),
+                   created=v.number(doc, "created", WHAT),
+                   append_only=_append_only(doc), object_lock=_object_lock(doc))
 
-    def check_mac(self, mac: str, mac_key: bytes) -> None:
-        want = hmac.new(mac_key, self._canonical(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(want, mac):
-            raise IntegrityError("repository config failed authentication (damaged or tampered with)")
+
+def _append_only(doc: dict) -> bool:
+    value = doc.get("append_only", False)
+    if not isinstance(value, bool):
+        raise v.damaged(WHAT, "append_only is not true or false")
+    return value
+
+
+def _object_lock(doc: dict) -> dict | None:
+    value = doc.get("object_lock")
+    if not _valid_lock(value):
+        raise v.damaged(WHAT, "object_lock is not {\"mode\": compliance|governance, \"seconds\": 1..100 years}")
+    return value
+
+
+WHAT = "repository config"
+ENCRYPTIONS = ("aes-256-gcm", "none")
+
+
+def canonical_json(doc: dict) -> bytes:
+    """What the config's MAC covers (FORMAT.md 2.2): sorted keys, no whitespace, ASCII escapes."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def peek_config(raw: bytes) -> tuple[dict, str]:
+    """The config document and its MAC, before authentication: only what finding the key needs is
+    checked (JSON object, format, version, a 32-hex id, a 64-hex mac); no other field is used yet."""
+    doc = dict(v.obj(v.parse_json(raw, WHAT), WHAT))
+    if doc.get("format") != FORMAT_NAME:
+        raise UnsupportedFormat("this is not an imgbackup repository (its config names another format)")
+    version = v.integer(doc, "version", WHAT, 0)
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormat(f"repository format version {version} is not supported by this "
+                                f"imgbackup (it reads version {FORMAT_VERSION})")
+    v.hex_id(doc, "id", WHAT, 16)
+    mac = v.hex_id(doc, "mac", WHAT, 32)
+    del doc["mac"]
+    return doc, mac
+
+
+def check_config_mac(doc: dict, mac: str, mac_key: bytes) -> None:
+    """The MAC over every field but ``mac`` itself, as stored (unknown fields included)."""
+    want = hmac.new(mac_key, canonical_json(doc), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(want, mac):
+        raise IntegrityError("repository config failed authentication (damaged or tampered with)")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import OBJ_DAMAGE_RECORD
+from imgbackup.format.validate import parse_json
 from imgbackup.repository.storage import ObjectMissing, Storage
 
 DAMAGE_FOLDER = "damage"
@@ -92,10 +93,7 @@ def _int(value, what: str, low: int, high: int) -> int:
 def decode_record(plain: bytes, name: str) -> list[DamagedCopy]:
     """Parse and check one record's plaintext; any violation is damage naming the object."""
     what = f"damage record {name}"
-    try:
-        doc = json.loads(plain)
-    except (ValueError, UnicodeDecodeError):
-        raise IntegrityError(f"{what} is not valid JSON") from None
+    doc = parse_json(plain, what)     # strict: UTF-8, no NaN, bounded nesting
     if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION:
         raise IntegrityError(f"{what} has an unknown version or layout")
     created, command, entries = doc.get("created"), doc.get("command"), doc.get("entries")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgbackup.repository import localcache
 from imgbackup.repository.chunktable import BASE_ROW_SIZE, ROW_DTYPE, ROW_SIZE, ChunkTable
 
 CACHE_MAGIC = b"IMGBICAC"
@@ -41,11 +42,6 @@ REWRITE_FRACTION = 0.02      # or this share of the files it covers (else each o
 MAX_CACHED_ROWS = 1 << 33    # a header claiming more is damaged (a 400 GiB cache is not ours)
 
 log = logging.getLogger("imgbackup.storage")
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "imgbackup"
 
 
 def _flat(a: np.ndarray) -> memoryview:
@@ -63,14 +59,16 @@ class IndexCache:
     """The chunk-index cache of one repository (see the module docstring)."""
 
     def __init__(self, repo_id: str, mac_key: bytes, root: Path | None = None) -> None:
-        self.dir = (root or cache_root()) / repo_id
+        self.dir = root / repo_id if root is not None else localcache.cache_root(repo_id)   # beside the headers
         self.path = self.dir / "chunkindex"
         self.key = hmac.digest(mac_key, b"imgbackup-index-cache\0" + bytes.fromhex(repo_id), "sha256")
         self.names: set[str] = set()     # the index files the loaded cache covers
 
     @classmethod
     def enabled(cls) -> bool:
-        return os.environ.get("IMGBACKUP_INDEX_CACHE", "1").strip().lower() not in ("0", "off", "no", "false")
+        """Off with ``IMGBACKUP_CACHE=0`` (every local cache) or ``IMGBACKUP_INDEX_CACHE=0`` (this one)."""
+        own = os.environ.get("IMGBACKUP_INDEX_CACHE", "1").strip().lower() not in ("0", "off", "no", "false")
+        return own and localcache.caches_enabled()
 
     def _mac(self, head: bytes, views: list[memoryview]) -> bytes:
         return hmac.digest(self.key, head + b"".join(_digests(views)), "sha256")

@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from imgbackup.errors import RepositoryLocked, StorageError
+from imgbackup.errors import IntegrityError, RepositoryLocked, StorageError
+from imgbackup.format import validate as v
 from imgbackup.repository.storage import ObjectMissing, Storage
 
 LEASE_SECONDS = 300.0    # a crashed host's lease clears itself this long after its last refresh
@@ -113,15 +114,22 @@ class LeaseInfo:
         return current == "" or current != self.start_time
 
 
-def parse_lease(raw: bytes) -> LeaseInfo | None:
-    """The lease a JSON object describes, or None for an unreadable one (judged by age alone)."""
+def parse_lease(raw: bytes, what: str = "lease") -> LeaseInfo | None:
+    """The lease a JSON object describes, every field's type checked (it is not sealed: anything may be
+    in it), or None for an unreadable one: that is judged by its object's age alone, so it clears
+    itself like any other dead lease."""
     try:
-        doc = json.loads(raw)
-        info = LeaseInfo(**{k: doc[k] for k in LeaseInfo.__dataclass_fields__ if k in doc})
-        info.pid, info.started, info.ttl = int(info.pid), float(info.started), float(info.ttl)
-    except (ValueError, TypeError, KeyError, AttributeError):
+        doc = v.obj(v.parse_json(raw, what), what)
+        return LeaseInfo(
+            kind=v.text(doc, "kind", what, choices=("backup", "exclusive")), id=v.text(doc, "id", what),
+            host=v.text(doc, "host", what), pid=v.integer(doc, "pid", what, 0, 1 << 31),
+            command=v.text(doc, "command", what, optional=True) or "", started=v.number(doc, "started", what),
+            started_local=v.number(doc, "started_local", what, optional=True, default=0.0),
+            ttl=v.number(doc, "ttl", what), start_time=v.text(doc, "start_time", what, optional=True) or "",
+            boot_id=v.text(doc, "boot_id", what, optional=True) or "",
+            version=v.integer(doc, "version", what, 1, 1 << 31, optional=True, default=LEASE_VERSION))
+    except IntegrityError:
         return None
-    return info
 
 
 @dataclass
@@ -158,7 +166,7 @@ def judge(storage: Storage, name: str, now: float | None = None) -> LeaseState |
         modified = storage.modified(name)
     except ObjectMissing:
         return None
-    return LeaseState(name, parse_lease(raw), now - modified, raw)
+    return LeaseState(name, parse_lease(raw, name), now - modified, raw)
 
 
 def skew_warning(storage: Storage, storage_now: float) -> str | None:

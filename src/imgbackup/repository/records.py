@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imgbackup.errors import IntegrityError
+from imgbackup.format import validate as v
 from imgbackup.format.layout import OBJ_CHECK_RECORD
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
@@ -75,10 +76,7 @@ def write_record(repo: Repository, kind: str, name: str, ok: bool, images: list[
 
 
 def _parse(rid: str, kind: str, name: str, plain: bytes) -> CheckRecord:
-    try:
-        doc = json.loads(plain)
-    except ValueError:
-        raise IntegrityError(f"check record {rid} is not JSON") from None
+    doc = v.parse_json(plain, f"check record {rid}")     # strict: UTF-8, no NaN, bounded nesting
     if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION:
         raise IntegrityError(f"check record {rid} has an unknown version")
     common = {"id": str, "kind": str, "name": str, "time": (int, float), "ok": bool, "images": list,
@@ -90,8 +88,31 @@ def _parse(rid: str, kind: str, name: str, plain: bytes) -> CheckRecord:
         raise IntegrityError(f"check record {rid} does not belong where it is stored")
     if not all(isinstance(i, str) for i in doc["images"]):
         raise IntegrityError(f"check record {rid}: images must be ids")
-    data = {k: v for k, v in doc.items() if k not in common and k != "version"}
+    _check_kind_fields(doc, kind, f"check record {rid}")
+    data = {k: val for k, val in doc.items() if k not in common and k != "version"}
     return CheckRecord(rid, kind, name, float(doc["time"]), doc["ok"], doc["images"], doc["host"], data)
+
+
+def _check_kind_fields(doc: dict, kind: str, what: str) -> None:
+    """The kind's own fields (FORMAT.md section 12), where present: status and drill reports use them."""
+    v.number(doc, "duration_s", what, optional=True)
+    if kind == "verify":
+        if doc.get("sample_percent") is not None:
+            v.number(doc, "sample_percent", what)
+        v.integer(doc, "chunks_checked", what, optional=True)
+        v.integer(doc, "bad_chunks", what, optional=True)
+        errors = v.child(doc, "errors", what, list, optional=True) or []
+        if not all(isinstance(e, str) for e in errors):
+            raise v.damaged(what, "field 'errors' is not a list of strings")
+        v.child(doc, "filesystems", what, dict, optional=True, nullable=True)
+    elif kind == "drill":
+        if doc.get("rto_s") is not None:
+            v.number(doc, "rto_s", what)
+        for step in v.child(doc, "steps", what, list, optional=True) or []:
+            step = v.obj(step, f"{what} step")
+            v.text(step, "step", f"{what} step")
+            v.boolean(step, "ok", f"{what} step")
+            v.number(step, "duration_s", f"{what} step", optional=True)
 
 
 def read_record(repo: Repository, kind: str, name: str, rid: str) -> CheckRecord:

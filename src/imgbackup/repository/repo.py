@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from imgbackup import __version__, audit, interrupts
 from imgbackup.crypto.envelope import Envelope
-from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
+from imgbackup.crypto.keys import KeySet, parse_key_file, unwrap_keys, wrap_keys
 from imgbackup.errors import (
     AppendOnly,
     ImageHeld,
@@ -27,17 +28,26 @@ from imgbackup.errors import (
     WrongPassphrase,
 )
 from imgbackup.repository.catalog import Catalog, CatalogView
-from imgbackup.repository.config import CONFIG_NAME, LOCK_MODES, MAX_CHUNK, MIN_CHUNK, RepoConfig
+from imgbackup.repository.config import (
+    CONFIG_NAME,
+    ENCRYPTIONS,
+    LOCK_MODES,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    RepoConfig,
+    check_config_mac,
+    peek_config,
+)
 from imgbackup.repository.damage import DamageLog
 from imgbackup.repository.holds import Hold, HoldStore, holds_in_force
 from imgbackup.repository.images import ImageStore, series_tag
 from imgbackup.repository.indexcache import IndexCache
 from imgbackup.repository.lease import Lease
+from imgbackup.repository.localcache import HeaderCache
 from imgbackup.repository.lock import open_session, put_reserve, take_exclusive
 from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
 
-ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
 FOLDERS = ("packs", "index", "images", "locks", "damage", "gc", "catalog", "holds")
@@ -91,7 +101,8 @@ class Repository:
         self.location = location
         self.envelope = Envelope(None if config.encryption == "none" else keys.enc_key, config.zstd_level)
         self.catalog = Catalog(storage, self.envelope, config.id)
-        self.images = ImageStore(storage, self.envelope, self.catalog)
+        cache = HeaderCache.for_repository(config.id) if getattr(storage, "remote", False) else None
+        self.images = ImageStore(storage, self.envelope, self.catalog, cache)
         self.holds = HoldStore(storage, self.envelope)
         self._chunks: ChunkIndex | None = None
 
@@ -102,12 +113,20 @@ class Repository:
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3, weak_passphrase: bool = False, append_only: bool = False,
-             object_lock: tuple[str, int] | None = None) -> Repository:
+             zstd_level: int = 3, related_to: Repository | None = None, weak_passphrase: bool = False,
+             append_only: bool = False, object_lock: tuple[str, int] | None = None) -> Repository:
         """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage.
 
+        ``related_to``: the new repository shares that one's key material (chunk-id key, data keys,
+        mac key) and chunk size, under an id and a key file of its own, so ``copy`` can move sealed
+        chunks and image indexes between the two verbatim (FORMAT.md §2.1).
         ``object_lock`` = (mode, seconds): S3 Object Lock; the server must pass the lock probe
         before anything is written, and then every object is written with a retention date."""
+        if related_to is not None and (chunk_size != related_to.chunk_size
+                                       or encryption != related_to.config.encryption):
+            raise UsageError("a related repository has the chunk size and encryption of the one it is "
+                             f"related to ({related_to.chunk_size} bytes, {related_to.config.encryption})",
+                             "leave out --chunk-size and --encryption with --related-to")
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
@@ -121,7 +140,7 @@ class Repository:
             raise RepositoryExists(f"{storage.location} exists and is not empty",
                                    "choose a new or empty directory or prefix")
         probe = _check_object_lock(storage, object_lock) if object_lock else None
-        keys = KeySet.generate()
+        keys = related_to.keys if related_to is not None else KeySet.generate()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
         config.append_only = append_only
         if object_lock:
@@ -156,23 +175,24 @@ class Repository:
             raw = storage.get(CONFIG_NAME)
         except ObjectMissing:
             raise RepositoryNotFound(f"no imgbackup repository at {storage.location}") from None
-        config, mac = RepoConfig.peek(raw)
-        repo_id = bytes.fromhex(config.id)
+        doc, mac = peek_config(raw)
+        repo_id = bytes.fromhex(doc["id"])
         try:
-            keydoc = json.loads(storage.get(_keyfile_name(config.id)))
+            raw_keys = storage.get(_keyfile_name(doc["id"]))
         except ObjectMissing:
-            raise IntegrityError(f"repository key file {_keyfile_name(config.id)} is missing") from None
-        except ValueError:
-            raise IntegrityError("repository key file is damaged (not JSON)") from None
+            raise IntegrityError(f"repository key file {_keyfile_name(doc['id'])} is missing") from None
+        keydoc = parse_key_file(raw_keys, f"key file {_keyfile_name(doc['id'])}")
         try:
-            secret = None if keydoc.get("kdf") is None else passphrase()
+            secret = None if keydoc["kdf"] is None else passphrase()
             keys = unwrap_keys(keydoc, secret, repo_id)
         except WrongPassphrase as exc:
-            audit.emit("passphrase_failed", "failed", repository=config.id, location=storage.location, error=str(exc))
+            audit.emit("passphrase_failed", "failed", repository=doc["id"], location=storage.location, error=str(exc))
             raise
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(f"repository key file is damaged ({exc})") from None
-        config.check_mac(mac, keys.mac_key)
+        check_config_mac(doc, mac, keys.mac_key)      # before any other field of the config is used
+        config = RepoConfig.from_document(doc)
+        if (config.encryption == "none") != (keydoc["kdf"] is None):
+            raise IntegrityError(f"repository key file {_keyfile_name(doc['id'])} does not match the config's "
+                                 f"encryption {config.encryption!r} (replaced or tampered with)")
         if config.object_lock:
             use = getattr(storage, "use_object_lock", None)
             if use is not None:
@@ -181,6 +201,12 @@ class Repository:
                 raise UsageError(f"the repository at {storage.location} is kept under S3 Object Lock, which this "
                                  "storage cannot apply", "write to it only at its S3 bucket")
         return cls(storage, config, keys, storage.location)
+
+    def is_related(self, other: Repository) -> bool:
+        """Whether ``other`` holds the same key material and chunk size (``init --related-to``): its
+        sealed chunks and image indexes then authenticate here unchanged."""
+        return (self.chunk_size == other.chunk_size and self.config.encryption == other.config.encryption
+                and hmac.compare_digest(self.keys.to_bytes(), other.keys.to_bytes()))
 
     def session(self, command: str) -> Lease:
         """A backup's lease: shared with every other backup, never waits (lock.py)."""
@@ -196,8 +222,11 @@ class Repository:
         """The local cache of this repository's chunk index (None with IMGBACKUP_INDEX_CACHE=0)."""
         return IndexCache(self.config.id, self.keys.mac_key) if IndexCache.enabled() else None
 
-    def chunk_index(self, for_backup: bool = False) -> ChunkIndex:
+    def chunk_index(self, for_backup: bool = False, from_repository: bool = False) -> ChunkIndex:
         """The chunk index without the copies damage records name (loaded once, then cached).
+
+        ``from_repository`` (verify): every index file is read and checked, never the local cache,
+        which would hide a file damaged since it was cached.
 
         ``for_backup``: a backup dedups against this index, so every damage record must be readable,
         the copies a collection marked as candidates are left out (docs/FORMAT.md section 16: they are
@@ -206,11 +235,12 @@ class Repository:
         from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
         from imgbackup.repository.marks import load_marks, marked_copies
 
-        if self._chunks is None or (for_backup and not self._chunks.packs_checked):
+        if self._chunks is None or (for_backup and not self._chunks.packs_checked) or from_repository:
+            cache = None if from_repository else self.index_cache()
             marked = marked_copies(load_marks(self.storage, self.envelope)) if for_backup else None
             damage = DamageLog.load(self.storage, self.envelope, strict=for_backup)
             packs = (lambda: set(self.storage.list("packs"))) if for_backup else None
-            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs, self.index_cache(), marked)
+            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs, cache, marked)
         return self._chunks
 
     def reload_chunk_index(self) -> ChunkIndex:

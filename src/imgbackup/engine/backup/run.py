@@ -212,7 +212,6 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
                 stored += _commit_image(repo, lease, index)
                 interrupts.set_status(f"image {index.id} was stored complete")
             except BaseException as exc:
-                store.abort()
                 _fail_cleanly(repo, store, exc, writing)
             finally:
                 match.close()
@@ -275,6 +274,7 @@ def _store_unavailable(ingest: Ingest, store: ChunkStore, kinds: np.ndarray, ids
 def _fail_cleanly(repo: Repository, store: ChunkStore, exc: BaseException, image: str | None) -> NoReturn:
     """Remove what this run stored, then raise ``exc`` saying so (Ctrl-C: exit 130, never 0)."""
     with _signals_held() as caught:
+        store.abort()          # waits for every pack commit still running, so each is removed below
         freed, problems = store.remove_written(repo, image)
     note = f"the backup removed the {iec(freed)} it had written" if freed else "it had stored nothing yet"
     if problems:

@@ -37,6 +37,7 @@ from imgbackup.engine.restore.resize import grow_filesystem, shrink_ext_file
 from imgbackup.engine.restore.target import open_for_writing
 from imgbackup.engine.restore.write import (
     check_digest,
+    check_lengths,
     clear_unwritten,
     write_delta,
     write_slots,
@@ -79,9 +80,11 @@ def _restore(repo: Repository, plan: DiskPlan, discard: bool,
     started = time.monotonic()
     target = plan.target.path
     interrupts.set_status(f"{target} was not changed" if plan.target.exists else f"{target} was not created")
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
+    reader = ChunkReader(repo)
+    workers = max(os.cpu_count() or 2, reader.parallelism)   # every core opening, every read in flight
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgbackup-restore") as pool, \
             tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
-        job = _Restore(repo, plan, ChunkReader(repo), pool, discard, progress, list(plan.fit.warnings))
+        job = _Restore(repo, plan, reader, pool, discard, progress, list(plan.fit.warnings))
         job.write(tmp)
     if plan.fit.grow_range:
         interrupts.set_status(f"{target} holds the image; growing its last filesystem did not finish "
@@ -111,6 +114,7 @@ class _Restore:
     def write(self, tmp: str) -> None:
         """Steps 1-5 of the module docstring; a new target file is removed when one fails."""
         plan, image, target = self.plan, self.plan.image, self.plan.target
+        check_lengths(self.reader, image)
         if target.exists:
             self.reader.authenticate_all((bytes(row) for row in image.ids), self.pool)
         shrunk = self._shrink_in_temp(tmp) if plan.fit.fs_shrink else None

@@ -17,6 +17,9 @@ class MemoryStorage:
     ``memory://NAME`` opens the process-wide store of that name, so a test can init, back up and
     reopen one repository through the same URLs the CLI uses."""
 
+    write_parallelism = 1  # in-process: nothing to overlap
+    read_parallelism = 2
+    remote = False
     _named: ClassVar[dict[str, MemoryStorage]] = {}
     _named_lock: ClassVar[threading.Lock] = threading.Lock()
 
