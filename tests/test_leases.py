@@ -22,7 +22,7 @@ import pytest
 from imgbackup.errors import RepositoryLocked
 from imgbackup.repository.backends.directory import DirectoryStorage
 from imgbackup.repository.backends.memory import MemoryStorage
-from imgbackup.repository.lease import CLOCK_TOLERANCE, LeaseInfo, LeaseLost, judge
+from imgbackup.repository.lease import CLOCK_TOLERANCE, LeaseInfo, LeaseLost, judge, parse_lease
 from imgbackup.repository.lock import (
     CLAIM_PREFIX,
     EXCLUSIVE_NAME,
@@ -124,6 +124,15 @@ def test_an_unreadable_lease_is_judged_by_its_age_alone(store, clock) -> None:
     clock.advance(10 * 86400)                 # the default lifetime applies to it
     with take_exclusive(store, "taker", ttl=TTL):
         pass
+
+
+@pytest.mark.parametrize("forged", [{"pid": "1"}, {"ttl": True}, {"kind": "reader"}, {"host": None}, {"ttl": 1e400}])
+def test_a_lease_with_a_field_of_the_wrong_type_is_unreadable(forged) -> None:
+    """Leases are not sealed: each field's type is checked (format/validate), and a lease failing the
+    check is judged by its age alone rather than trusted (a forged ttl cannot keep it alive)."""
+    good = json.loads(LeaseInfo.mine("exclusive", "x", 1000.0, 60.0).to_bytes())
+    assert parse_lease(json.dumps(good).encode()) is not None
+    assert parse_lease(json.dumps({**good, **forged}).encode()) is None
 
 
 def test_a_lease_claiming_to_live_for_years_is_judged_by_the_cap(store, clock) -> None:
