@@ -193,7 +193,7 @@ def _pack_names(server, bucket: str, prefix: str) -> set[str]:
 def test_four_hosts_back_up_into_one_bucket_at_once_while_compact_runs(s3_server, s3_bucket, tmp_path: Path) -> None:
     need_tool("unshare")
     # Leases of 30 s: four backups and a compact on two cores can starve a heartbeat for seconds (a lease
-    # not refreshed for its lifetime is lost, and its backup stops). The host killed below has 6 s.
+    # not refreshed for its lifetime is lost, and its backup stops). The host killed below has 60 s.
     extra = {**s3_server.env(), "IMGBACKUP_S3_PROBE_CACHE": "0", "IMGBACKUP_LEASE_SECONDS": "30",
              "IMGBACKUP_GC_GRACE_SECONDS": "0"}
     url = f"s3://{s3_bucket}/fleet"
@@ -252,7 +252,9 @@ def test_four_hosts_back_up_into_one_bucket_at_once_while_compact_runs(s3_server
     # only after the grace period, never before.
     big = random_image(tmp_path / "big.img", 48 * MIB, seed=77)
     before = _pack_names(s3_server, s3_bucket, "fleet")
-    victim = _as_host("crash1", "backup", str(big), "--name", "big", env={**env, "IMGBACKUP_LEASE_SECONDS": "6"})
+    # its lease must outlive the other two backups after the kill (under load they took more than its
+    # former 6 s, and a compact then rightly found the lease dead and freed its packs at once)
+    victim = _as_host("crash1", "backup", str(big), "--name", "big", env={**env, "IMGBACKUP_LEASE_SECONDS": "60"})
     others_ = [_as_host(h, "backup", str(tmp_path / "fleet" / f"host{i}.img"), "--name", "disk", "--json", env=env)
                for i, h in enumerate(HOSTS[:2])]
     deadline = time.monotonic() + 120
@@ -261,21 +263,23 @@ def test_four_hosts_back_up_into_one_bucket_at_once_while_compact_runs(s3_server
         time.sleep(0.01)
     assert victim.poll() is None, "the victim finished before it could be killed"
     os.kill(victim.pid, signal.SIGKILL)
+    killed = time.monotonic()                                   # its lease was last refreshed before this
     victim.communicate(timeout=30)
     for proc in others_:
         _out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
     orphans = _pack_names(s3_server, s3_bucket, "fleet") - before
     assert orphans
-    killed = time.monotonic()
     while_alive = cli_json("compact", repo=url, **extra)        # no grace, but the killed host's lease lives
     marked = time.monotonic()
+    assert time.monotonic() - killed < 58, "the other backups outlasted the victim's lease: the case is void"
     assert orphans <= _pack_names(s3_server, s3_bucket, "fleet"), while_alive
-    grace = {**extra, "IMGBACKUP_GC_GRACE_SECONDS": "15"}
-    time.sleep(max(killed + 9 - time.monotonic(), 0))           # its lease (6 s + 2 s tolerance) is dead
+    time.sleep(max(killed + 63 - time.monotonic(), 0))          # its lease (60 s + 2 s tolerance) is dead
+    grace_s = int(time.monotonic() - marked) + 30               # the mark stays younger than this for 30 s more
+    grace = {**extra, "IMGBACKUP_GC_GRACE_SECONDS": str(grace_s)}
     within_grace = cli_json("compact", repo=url, **grace)       # no break-lock needed; still kept
     assert orphans <= _pack_names(s3_server, s3_bucket, "fleet"), within_grace
-    time.sleep(max(marked + 15.5 - time.monotonic(), 0))        # past the grace period of the mark
+    time.sleep(max(marked + grace_s + 0.5 - time.monotonic(), 0))   # past the grace period of the mark
     collected = cli_json("compact", repo=url, **grace)
     assert not orphans & _pack_names(s3_server, s3_bucket, "fleet"), collected
     assert cli("verify", repo=url, **extra).returncode == 0
