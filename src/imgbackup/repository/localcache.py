@@ -161,9 +161,10 @@ class BodyCache:
         path = self.folder / image_id
         try:
             raw = path.read_bytes()
-            os.utime(path)
         except OSError:
             return None
+        with contextlib.suppress(OSError):   # marked used; a read-only cache is still read
+            os.utime(path)
         if len(raw) <= BODY_HEAD.size:
             return None
         magic, tag, oid = BODY_HEAD.unpack_from(raw)
