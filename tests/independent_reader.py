@@ -52,8 +52,8 @@ class Repo:
     def __init__(self, root: Path, passphrase: bytes | None) -> None:
         self.root = root
         config = json.loads((root / "config").read_bytes())
-        if config.get("format") != "imgbackup-repository" or config.get("version") != 3:
-            raise Damaged("not a version-3 imgbackup repository")
+        if config.get("format") != "imgbackup-repository" or config.get("version") != 4:
+            raise Damaged("not a version-4 imgbackup repository")
         repo_id = bytes.fromhex(config["id"])
         keyfile = json.loads((root / "keys" / config["id"][:16]).read_bytes())
         if keyfile["kdf"] is None:
@@ -123,7 +123,7 @@ class Repo:
                 continue
             plain = self.open(4, bytes.fromhex(path.name), path.read_bytes(), 2 << 30)
             magic, version, n_packs, n_entries, n_deltas = INDEX_HEAD.unpack_from(plain)
-            if magic != b"IMGBCIDX" or version != 3:
+            if magic != b"IMGBCIDX" or version != 4:
                 raise Damaged(f"chunk index {path.name}: bad head")
             if len(plain) != INDEX_HEAD.size + 32 * n_packs + 48 * n_entries + 36 * n_deltas:
                 raise Damaged(f"chunk index {path.name}: wrong length")
@@ -167,11 +167,11 @@ class Repo:
     def header(self, image_id: str) -> tuple[dict, bytes]:
         raw = (self.root / "images" / image_id).read_bytes()
         magic, version, hlen = IMAGE_HEAD.unpack_from(raw)
-        if magic != b"IMGBIMG1" or version != 3:
+        if magic != b"IMGBIMG1" or version != 4:
             raise Damaged(f"image {image_id}: bad head")
         oid = bytes.fromhex(image_id)
         meta = json.loads(self.open(2, oid, raw[IMAGE_HEAD.size:IMAGE_HEAD.size + hlen], 64 << 20))
-        if meta["version"] != 3 or meta["id"] != image_id:
+        if meta["version"] != 4 or meta["id"] != image_id:
             raise Damaged(f"image {image_id}: header names another image")
         return meta, raw[IMAGE_HEAD.size + hlen:]
 
@@ -183,7 +183,7 @@ class Repo:
             raise Damaged(f"image {image_id}: body digest")
         magic, version, chunk_size, count = BODY_HEAD.unpack_from(body)
         size = meta["source"]["size"]
-        if (magic, version, chunk_size, count) != (b"IMGBSLOT", 3, meta["chunk_size"], slots) \
+        if (magic, version, chunk_size, count) != (b"IMGBSLOT", 4, meta["chunk_size"], slots) \
                 or slots != math.ceil(size / chunk_size):
             raise Damaged(f"image {image_id}: body head")
         kinds = body[BODY_HEAD.size:BODY_HEAD.size + slots]
