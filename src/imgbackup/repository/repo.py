@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -10,10 +9,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from imgbackup import __version__
+from imgbackup.crypto.datakeys import DataKeys, data_key_name
 from imgbackup.crypto.envelope import Envelope
-from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
+from imgbackup.crypto.keys import KeyBundle
+from imgbackup.crypto.protect import forbid_core_dumps
+from imgbackup.crypto.slots import make_slot, new_slot_id, slot_name
 from imgbackup.errors import (
     IntegrityError,
+    KeyNotAllowed,
     RepositoryExists,
     RepositoryNotFound,
     UsageError,
@@ -22,20 +25,16 @@ from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoC
 from imgbackup.repository.images import ImageStore
 from imgbackup.repository.lock import RepositoryLock
 from imgbackup.repository.packs import BlobLocation, PackWriter
-from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
+from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored, open_storage
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
-FOLDERS = ("packs", "index", "images", "locks")
+FOLDERS = ("packs", "index", "images", "locks", "keys", "datakeys")
 
 if TYPE_CHECKING:
     from imgbackup.repository.chunkindex import ChunkIndex
 
 PassphraseSource = Callable[[], bytes]
-
-
-def _keyfile_name(repo_id: str) -> str:
-    return f"keys/{repo_id[:16]}"
 
 
 def _storage(where: str | os.PathLike | Storage, for_writing: bool) -> Storage:
@@ -46,12 +45,16 @@ def _storage(where: str | os.PathLike | Storage, for_writing: bool) -> Storage:
 
 
 class Repository:
-    def __init__(self, storage: Storage, config: RepoConfig, keys: KeySet, location: str) -> None:
+    def __init__(self, storage: Storage, config: RepoConfig, keys: KeyBundle, location: str,
+                 slot: str | None = None) -> None:
         self.storage = storage
         self.config = config
         self.keys = keys
+        self.slot = slot               # the key slot this repository was opened with (None: a paper key)
         self.location = location
-        self.envelope = Envelope(None if config.encryption == "none" else keys.enc_key, config.zstd_level)
+        self.data_keys = DataKeys(keys, self._store_data_key, self._fetch_data_key)
+        meta = {g.number: g.meta_key for g in keys.generations}
+        self.envelope = Envelope(None if config.encryption == "none" else meta, config.zstd_level, self.data_keys)
         self.images = ImageStore(storage, self.envelope)
         self._chunks: ChunkIndex | None = None
 
@@ -59,10 +62,20 @@ class Repository:
     def chunk_size(self) -> int:
         return self.config.chunk_size
 
+    @property
+    def can_read_data(self) -> bool:
+        """False for a backup-only key: it seals chunks it can never open."""
+        return self.keys.full or self.config.encryption == "none"
+
+    def require_full_key(self, action: str) -> None:
+        """The one refusal (exit 4) of everything a backup-only key must not do: read data, remove."""
+        if not self.keys.full:
+            raise KeyNotAllowed(f"this key is backup-only: it can add images but not {action}")
+
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3) -> Repository:
+             zstd_level: int = 3, label: str = "init") -> Repository:
         """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
@@ -76,40 +89,52 @@ class Repository:
         if next(iter(storage.list("")), None) is not None:
             raise RepositoryExists(f"{storage.location} exists and is not empty",
                                    "choose a new or empty directory or prefix")
-        keys = KeySet.generate()
+        forbid_core_dumps()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
+        keys = KeyBundle.generate(bytes.fromhex(config.id))
         secret = passphrase() if encryption != "none" else None
-        keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
+        slot = new_slot_id()
         storage.prepare(FOLDERS)
-        storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
-        storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
-        return cls(storage, config, keys, storage.location)
+        storage.put(slot_name(slot), encode_slot(make_slot(keys, secret, slot, label, signer=keys)))
+        storage.put(CONFIG_NAME, config.to_bytes(keys))  # last: a repository exists once it is there
+        return cls(storage, config, keys, storage.location, slot)
 
     @classmethod
     def open(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource,
              for_writing: bool = False) -> Repository:
-        """Open the repository at ``where``; ``for_writing`` lets the backend check, once, that it can
-        keep the repository's promises (S3: that the server honours create-if-absent)."""
+        """Open the repository at ``where`` with whichever key slot the passphrase opens;
+        ``for_writing`` lets the backend check, once, that it can keep the repository's promises
+        (S3: that the server honours create-if-absent)."""
+        from imgbackup.repository.keyslots import unlock
+
         storage = _storage(where, for_writing)
+        config, signature = read_config(storage)
+        forbid_core_dumps()
+        keys, slot = unlock(storage, config, signature, passphrase)
+        return cls(storage, config, keys, storage.location, slot)
+
+    @classmethod
+    def open_with_bundle(cls, where: str | os.PathLike | Storage, keys: KeyBundle,
+                         for_writing: bool = False) -> Repository:
+        """Open with a key bundle in hand (a paper recovery sheet), no slot involved."""
+        storage = _storage(where, for_writing)
+        config, signature = read_config(storage)
+        forbid_core_dumps()
+        config.check(signature, keys)
+        return cls(storage, config, keys, storage.location, None)
+
+    def _store_data_key(self, key_id: int, blob: bytes) -> bool:
+        name = data_key_name(key_id)
+        if not self.storage.create(name, blob):
+            return False
+        confirm_stored(self.storage, name, len(blob))
+        return True
+
+    def _fetch_data_key(self, key_id: int) -> bytes:
         try:
-            raw = storage.get(CONFIG_NAME)
+            return self.storage.get(data_key_name(key_id))
         except ObjectMissing:
-            raise RepositoryNotFound(f"no imgbackup repository at {storage.location}") from None
-        config, mac = RepoConfig.peek(raw)
-        repo_id = bytes.fromhex(config.id)
-        try:
-            keydoc = json.loads(storage.get(_keyfile_name(config.id)))
-        except ObjectMissing:
-            raise IntegrityError(f"repository key file {_keyfile_name(config.id)} is missing") from None
-        except ValueError:
-            raise IntegrityError("repository key file is damaged (not JSON)") from None
-        try:
-            secret = None if keydoc.get("kdf") is None else passphrase()
-            keys = unwrap_keys(keydoc, secret, repo_id)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(f"repository key file is damaged ({exc})") from None
-        config.check_mac(mac, keys.mac_key)
-        return cls(storage, config, keys, storage.location)
+            raise IntegrityError(f"data key {key_id:016x} is missing (its chunks cannot be opened)") from None
 
     def lock(self, command: str = "") -> RepositoryLock:
         return RepositoryLock(self.storage, command)
@@ -145,3 +170,17 @@ class Repository:
             "chunk_size": self.chunk_size,
             **fields,
         }
+
+
+def encode_slot(doc: dict) -> bytes:
+    import json
+
+    return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def read_config(storage: Storage) -> tuple[RepoConfig, str]:
+    try:
+        raw = storage.get(CONFIG_NAME)
+    except ObjectMissing:
+        raise RepositoryNotFound(f"no imgbackup repository at {storage.location}") from None
+    return RepoConfig.peek(raw)
