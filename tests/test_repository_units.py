@@ -11,9 +11,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,8 +36,8 @@ from imgbackup.errors import (
 )
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
 from imgbackup.repository.backends.directory import DirectoryStorage
-from imgbackup.repository.chunkindex import decode_chunk_index, encode_chunk_index, merge_locations
-from imgbackup.repository.config import RepoConfig
+from imgbackup.repository.chunkindex import ChunkIndex, decode_chunk_index, encode_chunk_index
+from imgbackup.repository.config import RepoConfig, check_config_mac, peek_config
 from imgbackup.repository.lock import CLAIM_PREFIX, LOCK_NAME, LockInfo, RepositoryLock, break_lock
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
 
@@ -177,21 +179,22 @@ def test_unencrypted_key_file_needs_no_passphrase() -> None:
 def test_config_mac_detects_tampering() -> None:
     mac_key = os.urandom(32)
     raw = RepoConfig.new("ab" * 16, 1 << 20, "aes-256-gcm", 3).to_bytes(mac_key)
-    cfg, mac = RepoConfig.peek(raw)
-    cfg.check_mac(mac, mac_key)
+    doc, mac = peek_config(raw)
+    check_config_mac(doc, mac, mac_key)
+    assert RepoConfig.from_document(doc).chunk_size == 1 << 20
     with pytest.raises(IntegrityError):
-        cfg.check_mac(mac, os.urandom(32))
-    doc = json.loads(raw)
-    for field, value in (("chunk_size", 1 << 16), ("encryption", "none"), ("zstd_level", 1)):
-        forged, forged_mac = RepoConfig.peek(json.dumps({**doc, field: value}).encode())
+        check_config_mac(doc, mac, os.urandom(32))
+    stored = json.loads(raw)
+    for field, value in (("chunk_size", 1 << 16), ("encryption", "none"), ("zstd_level", 1), ("extra", 1)):
+        forged, forged_mac = peek_config(json.dumps({**stored, field: value}).encode())
         with pytest.raises(IntegrityError):
-            forged.check_mac(forged_mac, mac_key)
+            check_config_mac(forged, forged_mac, mac_key)
     with pytest.raises(UnsupportedFormat):
-        RepoConfig.peek(json.dumps({**doc, "version": 99}).encode())
+        peek_config(json.dumps({**stored, "version": 99}).encode())
     with pytest.raises(IntegrityError):
-        RepoConfig.peek(raw[:-10])
+        peek_config(raw[:-10])
     with pytest.raises(IntegrityError):
-        RepoConfig.peek(json.dumps({**doc, "chunk_size": 3 << 20}).encode())
+        RepoConfig.from_document({**doc, "chunk_size": 3 << 20})
 
 
 # --- lock -------------------------------------------------------------------------------------
@@ -329,6 +332,52 @@ def test_pack_writer_commits_packs_in_background_and_counts_them_only_once_store
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
 
+class _GatedStorage(DirectoryStorage):
+    """A directory whose commits wait at a gate: holds a pack commit open while a real signal lands."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = threading.Event()
+        self.committing = threading.Event()
+
+    def open_writer(self, name: str):
+        inner, storage = super().open_writer(name), self
+
+        class Gated:
+            def write(self, data) -> None:
+                inner.write(data)
+
+            def commit(self) -> None:
+                storage.committing.set()
+                storage.gate.wait(30)
+                inner.commit()
+
+            def abort(self) -> None:
+                inner.abort()
+        return Gated()
+
+
+def test_a_ctrl_c_while_waiting_for_a_pack_commit_never_loses_track_of_that_pack(tmp_path: Path) -> None:
+    """A SIGINT that interrupts the wait for a commit leaves the commit listed: abort() waits for it
+    and reports its pack as written, so a failed backup's clean-up removes it (CI saw one left)."""
+    storage = _GatedStorage(tmp_path)
+    envelope = Envelope(KEY)
+    writer = PackWriter(storage, envelope, target_size=1 << 20)
+    cid = hashlib.sha256(b"one").digest()
+    writer.add(cid, envelope.seal(OBJ_CHUNK, cid, os.urandom(1000)), 1000)
+    main = threading.main_thread().ident
+    signaller = threading.Thread(target=lambda: (storage.committing.wait(30), time.sleep(0.2),
+                                                 signal.pthread_kill(main, signal.SIGINT)))
+    signaller.start()
+    with pytest.raises(KeyboardInterrupt):
+        writer.flush()                          # interrupted inside the join of the running commit
+    signaller.join()
+    storage.gate.set()
+    writer.abort()                              # waits for the commit, which then lands
+    assert set(writer.written) == {cid}
+    assert [pack_name(loc.pack_id) for loc in writer.written.values()] == list(storage.list("packs"))
+
+
 def test_delta_bases_survive_pack_trailers_and_chunk_index_files(tmp_path: Path) -> None:
     """Flag bit + side table: the bases come back from both, so the index can be rebuilt from packs."""
     storage = DirectoryStorage(tmp_path)
@@ -346,7 +395,7 @@ def test_delta_bases_survive_pack_trailers_and_chunk_index_files(tmp_path: Path)
     assert [from_trailer[c].raw_length for c in ids] == [100 + i for i in range(6)]
     plain = encode_chunk_index(writer.written)
     assert len(plain) == 24 + 32 + 48 * 6 + 36 * 3           # head, pack ids, entries, side table
-    assert decode_chunk_index(plain, "x") == writer.written
+    assert dict(decode_chunk_index(plain, "x")) == writer.written
     broken = bytearray(plain)
     broken[24 + 32 + 44 + 3] ^= 0x80                          # entry 0 claims to be a delta
     with pytest.raises(IntegrityError):
@@ -357,10 +406,10 @@ def test_a_chunk_known_twice_keeps_its_whole_copy() -> None:
     whole = BlobLocation(b"p" * 32, 16, 10, 100)
     delta = BlobLocation(b"q" * 32, 16, 5, 100, OID)
     for order in ([whole, delta], [delta, whole]):
-        into: dict = {}
+        index = ChunkIndex()
         for loc in order:
-            merge_locations(into, {b"c" * 32: loc})
-        assert into[b"c" * 32] == whole
+            index._add(b"c" * 32, loc)
+        assert index.get(b"c" * 32) == whole and index.spare == [(b"c" * 32, delta)]
 
 
 def test_pack_writer_abort_drops_the_open_pack(tmp_path: Path) -> None:
