@@ -132,7 +132,9 @@ def parse_slot(raw: bytes, name: str) -> dict:
         v.hex_id(doc, "signature", what, 64)
     kdf = v.child(doc, "kdf", what, dict, nullable=True)
     if kdf is None:
-        _unb64(v.text(doc, "keys", what), what)
+        size = len(_unb64(v.text(doc, "keys", what), what))
+        if (size - KEY_BUNDLE_HEAD.size) % KEY_GENERATION.size or size < bundle_length(1):
+            raise v.damaged(what, f"'keys' holds {size} bytes, not a key bundle's")
         return doc
     where = f"{what} (kdf)"
     if v.text(kdf, "name", where) != "argon2id":
@@ -165,10 +167,17 @@ def kept_signature(doc: dict) -> dict:
     return {k: doc[k] for k in ("signed_by", "signature") if k in doc}
 
 
+def _bundle(raw: bytes, slot: str) -> KeyBundle:
+    try:
+        return KeyBundle.from_bytes(raw)
+    except IntegrityError as exc:
+        raise IntegrityError(f"key slot keys/{slot} is damaged: {exc}") from None
+
+
 def open_slot(doc: dict, passphrase: bytes | None, repo_id: bytes) -> KeyBundle:
     """Unwrap one slot: WrongPassphrase when the passphrase is not this slot's."""
     if doc.get("kdf") is None:
-        bundle = KeyBundle.from_bytes(_unb64(doc.get("keys")))
+        bundle = _bundle(_unb64(doc.get("keys")), doc["slot"])
     else:
         if passphrase is None:
             raise WrongPassphrase("this repository is encrypted and no passphrase was given")
@@ -179,7 +188,7 @@ def open_slot(doc: dict, passphrase: bytes | None, repo_id: bytes) -> KeyBundle:
             raw = AESGCM(kek).decrypt(blob[:12], blob[12:], _aad(repo_id, doc["slot"], doc["kind"]))
         except (InvalidTag, ValueError):
             raise WrongPassphrase("wrong passphrase (or a damaged key slot)") from None
-        bundle = KeyBundle.from_bytes(raw)
+        bundle = _bundle(raw, doc["slot"])
     if bundle.kind != doc["kind"] or bundle.repo_id != repo_id:
         raise IntegrityError(f"key slot {doc['slot']} does not belong to this repository")
     return bundle
