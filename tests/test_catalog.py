@@ -298,7 +298,7 @@ def test_append_only_refuses_removal_until_turned_off(tmp_path: Path, source: Pa
     # Turning it off by rewriting the config (with the key, but outside imgbackup) is noticed.
     repo = _reopen(tmp_path)
     repo.config.append_only = False
-    repo.storage.put("config", repo.config.to_bytes(repo.keys.mac_key))
+    repo.storage.put("config", repo.config.to_bytes(repo.keys))
     report = cli("verify", "--json", repo=repo_dir)
     assert report.returncode == 11 and "append-only" in json.loads(report.stdout)["catalog"]["problems"][0]
 

@@ -96,6 +96,15 @@ def read_other_passphrase(confirm: bool = False) -> bytes:
                        confirm)
 
 
+def read_new_passphrase() -> bytes:
+    """A new passphrase (``key add``, ``key passwd``, ``key import``): from IMGBACKUP_NEW_PASSPHRASE,
+    IMGBACKUP_NEW_PASSPHRASE_FILE, or a terminal prompt asked twice — never argv."""
+    secret = _passphrase("IMGBACKUP_NEW_PASSPHRASE", "New passphrase: ", confirm=True)
+    if not secret:
+        raise UsageError("an empty passphrase is not allowed")
+    return secret
+
+
 def _passphrase(env: str, prompt: str, confirm: bool) -> bytes:
     if env in os.environ:
         return os.environ[env].encode()

@@ -82,9 +82,9 @@ def read_slots(storage: Storage) -> tuple[list[dict], list[str]]:
 
 
 def _order(docs: list[dict], repo_id: str) -> list[dict]:
-    wanted = os.environ.get(SLOT_ENV, "").strip().lower()
+    wanted = os.environ.get(SLOT_ENV, "").strip()
     if wanted:
-        chosen = [d for d in docs if d["slot"].startswith(wanted)]
+        chosen = [d for d in docs if d["slot"].startswith(wanted.lower()) or d["label"] == wanted]
         if not chosen:
             raise UsageError(f"{SLOT_ENV}={wanted}: no such key slot", "'imgbackup key list' shows the slots")
         return chosen

@@ -167,9 +167,8 @@ class Repository:
             config.object_lock = {"mode": object_lock[0], "seconds": int(object_lock[1])}
             storage.use_object_lock(object_lock[0], int(object_lock[1]))   # type: ignore[attr-defined]
         secret = passphrase() if encryption != "none" else None
-        if secret is not None and not weak_passphrase and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
-            raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
-                             "choose a longer one, or pass --weak-passphrase to accept it")
+        if secret is not None:
+            refuse_weak_passphrase(secret, weak_passphrase)
         slot = new_slot_id()
         slot_doc = make_slot(keys, secret, slot, label, signer=keys)
         with interrupts.deferred():   # a few small writes: a repository is made whole or not begun
@@ -372,3 +371,11 @@ def _read_config(storage: Storage) -> tuple[dict, str]:
     except ObjectMissing:
         raise RepositoryNotFound(f"no imgbackup repository at {storage.location}") from None
     return peek_config(raw)
+
+
+def refuse_weak_passphrase(secret: bytes, weak_ok: bool) -> None:
+    """A new passphrase (init, key add, key passwd) of fewer than MIN_PASSPHRASE_LENGTH characters is
+    refused unless the user said --weak-passphrase."""
+    if not weak_ok and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
+        raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
+                         "choose a longer one, or pass --weak-passphrase to accept it")
