@@ -126,9 +126,17 @@ def _passphrase(env: str, prompt: str, confirm: bool) -> bytes:
     return first.encode()
 
 
-def open_repo(repo: str | None, for_writing: bool = False) -> Repository:
+def open_repo(repo: str | None, for_writing: bool = False, needs_full_key: str | None = None) -> Repository:
     """Open the repository; a passphrase typed at the prompt gets PROMPT_TRIES tries. Commands
-    that write pass ``for_writing`` (S3: the create-if-absent probe)."""
+    that write pass ``for_writing`` (S3: the create-if-absent probe); commands that read image data
+    or remove anything name what they do in ``needs_full_key`` (a backup-only key: exit 4)."""
+    r = _open_repo(repo, for_writing)
+    if needs_full_key:
+        r.require_full_key(needs_full_key)
+    return r
+
+
+def _open_repo(repo: str | None, for_writing: bool) -> Repository:
     path = repo_path(repo)
     if _from_environment():
         return Repository.open(path, read_passphrase, for_writing=for_writing)

@@ -35,7 +35,7 @@ def verify(
     """Read and authenticate every chunk an image references (or all images). Without IMAGE also check
     the catalog log (missing, unrecorded images; a rollback) and, on an Object-Lock bucket, that the
     server still enforces the lock (a probe)."""
-    r = open_repo(repo)
+    r = open_repo(repo, needs_full_key="verify images (that reads their data)")
     if boot:
         _verify_boot(r, image, name, expect, timeout, firmware, json_out)
         return

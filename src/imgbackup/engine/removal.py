@@ -60,6 +60,7 @@ def needed_now(repo: Repository, exclude: Collection[str] = ()) -> tuple[set[byt
 def collect(repo: Repository, retained_images: Collection[str] = (), done_before: str = "") -> Collected:
     """The collection, then (Object Lock) the S3 legal holds of held images and the lock extension of
     what the images need — never of what is being removed."""
+    repo.require_full_key("remove or rewrite stored data")
     needed, warnings = needed_now(repo)
     plan = plan_collection(repo, needed, warnings)
     done = carry_out(repo, plan, done_before)

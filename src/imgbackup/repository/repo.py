@@ -239,6 +239,16 @@ class Repository:
         confirm_stored(self.storage, name, len(blob))
         return True
 
+    def data_key_object(self, key_id: int) -> bytes:
+        """The stored (sealed) data-key object, for copying it verbatim to a related repository."""
+        return self._fetch_data_key(key_id)
+
+    def adopt_data_key(self, key_id: int, blob: bytes) -> None:
+        """Store a data-key object copied from a related repository (kept if already there)."""
+        if not self.storage.create(data_key_name(key_id), blob) and self.storage.get(data_key_name(key_id)) != blob:
+            raise IntegrityError(f"data key {key_id:016x} differs from the one the source holds")
+        confirm_stored(self.storage, data_key_name(key_id), len(blob))
+
     def _fetch_data_key(self, key_id: int) -> bytes:
         try:
             return self.storage.get(data_key_name(key_id))
@@ -297,6 +307,7 @@ class Repository:
         """Remove images for good: refused (nothing removed) when one is held; the catalog records the
         removal (that is the commit point), then the indexes go. Returns the ids whose index the
         storage retained (Object Lock): a later prune, delete or compact removes them."""
+        self.require_full_key("remove images")
         held = self.held_images(view)
         for image_id in image_ids:
             if image_id in held:
