@@ -1,0 +1,138 @@
+"""Key slots and backup-only keys (issue 15), through the CLI as a sysadmin runs it.
+
+Two passphrases open one repository; ``remove`` refuses the last full key; ``passwd`` killed with
+SIGKILL at random moments never locks anyone out; a backup-only host backs up incrementally, cannot
+read, mount, verify, delete or prune, and the full key restores what it wrote byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tests.support import MIB, cli, cli_env, cli_json
+
+FULL, SECOND, HOST = "test-pass", "second-pass", "host-pass-1"
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(4 * MIB) + bytes(2 * MIB) + os.urandom(2 * MIB))
+    return path
+
+
+def _rewrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_two_passphrases_open_one_repository_and_remove_refuses_the_last_full_key(tmp_path: Path, source: Path
+                                                                                  ) -> None:
+    repo = tmp_path / "repo"
+    audit_log = tmp_path / "audit.jsonl"
+    env = {"IMGBACKUP_AUDIT": f"file:{audit_log}"}
+    cli_json("init", repo=repo)
+    image = cli_json("backup", source, repo=repo)["id"]
+    added = cli_json("key", "add", "--label", "admin laptop", repo=repo, IMGBACKUP_NEW_PASSPHRASE=SECOND, **env)
+    assert added["kind"] == "full" and added["label"] == "admin laptop" and added["signed"]
+    for passphrase in (FULL, SECOND):
+        assert [i["id"] for i in cli_json("list", repo=repo, passphrase=passphrase)["images"]] == [image]
+    listed = cli_json("key", "list", repo=repo, passphrase=SECOND)
+    assert sorted(s["label"] for s in listed["slots"]) == ["admin laptop", "init"]
+    assert [s["label"] for s in listed["slots"] if s["current"]] == ["admin laptop"]
+    first = next(s["slot"] for s in listed["slots"] if s["label"] == "init")
+    assert cli("key", "list", repo=repo, passphrase="not-a-key").returncode == 4
+
+    removed = cli_json("key", "remove", first[:6], repo=repo, passphrase=SECOND, **env)
+    assert removed["slot"] == first
+    assert cli("list", repo=repo, passphrase=FULL).returncode == 4          # that passphrase opens nothing now
+    last = cli("key", "remove", "admin laptop", repo=repo, passphrase=SECOND)
+    assert last.returncode == 2 and "last full key" in last.stderr
+    assert cli("list", repo=repo, passphrase=SECOND).returncode == 0
+    weak = cli("key", "add", repo=repo, passphrase=SECOND, IMGBACKUP_NEW_PASSPHRASE="short")
+    assert weak.returncode == 2 and "shorter than 8" in weak.stderr
+
+    events = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    changes = [(e["action"], e["result"], e["slot"]) for e in events if e["event"] == "key_change"]
+    assert changes == [("add", "ok", added["slot"]), ("remove", "ok", first)]
+    text = audit_log.read_text() + json.dumps(listed)
+    assert not any(secret in text for secret in (FULL, SECOND, '"wrapped"', '"salt"'))
+
+
+def _passwd(repo: Path, old: str, new: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "imgbackup", "key", "passwd"],
+                            env=cli_env(repo, old, IMGBACKUP_NEW_PASSPHRASE=new),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _opens(repo: Path, passphrase: str) -> bool:
+    return cli("key", "list", repo=repo, passphrase=passphrase).returncode == 0
+
+
+def test_passwd_killed_at_random_moments_never_locks_you_out(tmp_path: Path) -> None:
+    """SIGKILL at a random moment of a whole ``passwd`` run: the old or the new passphrase opens it."""
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    started = time.monotonic()
+    whole = _passwd(repo, FULL, "warm-up-pass")
+    assert whole.wait(60) == 0
+    duration = time.monotonic() - started
+    current, outcomes = "warm-up-pass", []
+    rng = random.Random(15)
+    for round_ in range(6):
+        new = f"round-{round_}-pass"
+        proc = _passwd(repo, current, new)
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        old_opens, new_opens = _opens(repo, current), _opens(repo, new)
+        assert old_opens != new_opens, f"round {round_}: old opens {old_opens}, new opens {new_opens}"
+        outcomes.append("new" if new_opens else "old")
+        current = new if new_opens else current
+        assert len([p for p in (repo / "keys").iterdir() if ".tmp-" not in p.name]) == 1
+    print(f"passwd killed after {duration:.2f} s runs: {outcomes}")
+
+
+def test_backup_only_host_adds_images_but_cannot_read_or_remove_them(tmp_path: Path, source: Path) -> None:
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    first = cli_json("backup", source, repo=repo)["id"]
+    host_slot = cli_json("key", "add", "--backup-only", "--label", "web1", repo=repo, IMGBACKUP_NEW_PASSPHRASE=HOST)
+    assert host_slot["kind"] == "backup-only" and host_slot["signed"]
+
+    _rewrite(source, 5 * MIB + 4096, os.urandom(8192))                      # one changed chunk
+    second = cli_json("backup", source, repo=repo, passphrase=HOST)
+    assert second["type"] == "incremental" and second["parent"] == first
+    assert second["chunks_new"] == 1 and second["chunks_delta"] == 0, second  # dedup works; no delta (no reader)
+    expected = source.read_bytes()
+    assert cli("list", repo=repo, passphrase=HOST).returncode == 0          # metadata is readable
+    out = tmp_path / "out.img"
+    refusals = {
+        "restore": ("restore", second["id"], out, "--yes"),
+        "verify": ("verify",),
+        "delete": ("delete", first, "--yes"),
+        "prune": ("prune", "--keep-last", "1"),
+        "compact": ("compact",),
+        "restore-files": ("restore-files", second["id"], "/etc", "--to", tmp_path / "files"),
+        "mount": ("mount", second["id"], tmp_path / "mnt"),
+        "key add": ("key", "add"),
+    }
+    for what, args in refusals.items():
+        proc = cli(*args, repo=repo, passphrase=HOST, IMGBACKUP_NEW_PASSPHRASE="another-pass")
+        assert proc.returncode == 4, (what, proc.returncode, proc.stderr)
+        assert "backup-only" in proc.stderr and proc.stderr.count("\n") == 1, (what, proc.stderr)
+    assert not out.exists()
+    assert len(cli_json("list", repo=repo)["images"]) == 2                 # nothing was removed
+
+    restored = cli_json("restore", second["id"], out, "--yes", repo=repo)  # the full key reads it
+    assert restored["image"] == second["id"] and out.read_bytes() == expected
+    assert cli_json("verify", repo=repo)["ok"]
