@@ -14,6 +14,7 @@ import subprocess
 
 import png
 import pytest
+from tests.support import need
 
 from imgbackup.crypto.keys import KeyBundle
 from imgbackup.crypto.paper import (
@@ -30,7 +31,6 @@ from imgbackup.crypto.paper import (
     read_paper_qr,
 )
 from imgbackup.errors import EXIT_CODES, BadPaperKey, TargetRefused
-from tests.support import need
 
 
 @pytest.fixture(scope="module")
