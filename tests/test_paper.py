@@ -14,7 +14,6 @@ import subprocess
 
 import png
 import pytest
-from tests.support import need
 
 from imgbackup.crypto.keys import KeyBundle
 from imgbackup.crypto.paper import (
@@ -31,6 +30,7 @@ from imgbackup.crypto.paper import (
     read_paper_qr,
 )
 from imgbackup.errors import EXIT_CODES, BadPaperKey, TargetRefused
+from support import need
 
 
 @pytest.fixture(scope="module")
