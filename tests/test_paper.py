@@ -29,7 +29,7 @@ from imgbackup.crypto.paper import (
     read_paper,
     read_paper_qr,
 )
-from imgbackup.errors import EXIT_CODES, BadPaperKey, TargetRefused
+from imgbackup.errors import EXIT_CODES, BadPaperKey, ImgBackupError, TargetRefused
 from support import need
 
 
@@ -239,3 +239,39 @@ def test_qr_terminal_drawing_scans_back(bundle: bytes, tmp_path) -> None:
 
 def test_bad_paper_key_has_a_documented_exit_code() -> None:
     assert BadPaperKey.exit_code in dict(EXIT_CODES)
+
+
+def test_a_repository_opened_with_only_the_paper_sheet_restores_byte_exact(tmp_path, monkeypatch) -> None:
+    """Every key slot lost: the typed sheet opens the repository, gets a new passphrase, restores."""
+    from imgbackup.repository.keyslots import import_paper
+    from imgbackup.repository.repo import Repository
+    from support import cli, sha256_file
+
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    repo, source = tmp_path / "repo", tmp_path / "disk.img"
+    source.write_bytes(os.urandom(3 << 20) + bytes(1 << 20))
+    for args in (("init", "-r", repo), ("backup", "-r", repo, source)):
+        done = cli(*args, **state)
+        assert done.returncode == 0, done.stderr
+    monkeypatch.setenv("IMGBACKUP_TEST_CHEAP_KDF", "1")
+    sheet = paper_sheet(Repository.open(repo, lambda: b"test-pass").keys.to_bytes(), "test", "today")
+    for slot in (repo / "keys").iterdir():
+        slot.unlink()
+    lost = cli("restore", "-r", repo, "latest", tmp_path / "nope.img", "--yes", **state)
+    assert lost.returncode != 0 and not (tmp_path / "nope.img").exists()
+
+    lines = sheet.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("05 "))
+    typo = lines[at][:4] + ("A" if lines[at][4] != "A" else "C") + lines[at][5:]
+    with pytest.raises(BadPaperKey, match="line 5 is mistyped"):
+        read_paper("\n".join([*lines[:at], typo, *lines[at + 1:]]))
+    other = KeyBundle.generate(os.urandom(16)).to_bytes()
+    with pytest.raises(ImgBackupError, match="another repository"):
+        Repository.open_with_bundle(repo, KeyBundle.from_bytes(read_paper(paper_sheet(other, "x", "y"))))
+
+    opened = Repository.open_with_bundle(repo, KeyBundle.from_bytes(read_paper(sheet.lower())))
+    import_paper(opened, b"new-pass", "paper")
+    target = tmp_path / "restored.img"
+    done = cli("restore", "-r", repo, "latest", target, "--yes", passphrase="new-pass", **state)
+    assert done.returncode == 0, done.stderr
+    assert sha256_file(target) == sha256_file(source)

@@ -155,10 +155,12 @@ def _bundle_size(first: bytes) -> int:
 
 
 def read_paper(text: str) -> bytes:
-    """The key bundle from a typed sheet (or from its QR text); BadPaperKey names the first bad line."""
-    if QR_PREFIX in text.upper().replace(" ", ""):
-        return read_paper_qr(text)
+    """The key bundle from a typed sheet (or from its QR text); BadPaperKey names the first bad line.
+
+    Numbered lines win over a QR text in the same input: they are what a person typed and checks."""
     lines = _parse_lines(text)
+    if not lines and QR_PREFIX in "".join(text.split()).upper():
+        return read_paper_qr(text)
     if 1 not in lines:
         raise BadPaperKey("no recovery sheet line 1 found (each line starts with its number)",
                           "give the whole sheet, numbered lines as printed")
