@@ -49,7 +49,7 @@ def test_every_object_0600_and_every_folder_0700_after_init_and_backups(tmp_path
     assert done.returncode == 0, done.stderr
     modes = _modes(repo)
     files = {n for n in modes if (repo / n).is_file()}
-    for folder in ("config", "keys/", "packs/", "index/", "images/", "datakeys/"):
+    for folder in ("config", "keys/", "packs/", "index/", "images/"):
         assert any(n == folder.rstrip("/") or n.startswith(folder) for n in files), (folder, sorted(files))
     wrong = {n: f"{m:04o}" for n, m in modes.items() if m != (0o600 if n in files else 0o700)}
     assert not wrong, wrong
