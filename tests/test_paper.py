@@ -275,3 +275,14 @@ def test_a_repository_opened_with_only_the_paper_sheet_restores_byte_exact(tmp_p
     done = cli("restore", "-r", repo, "latest", target, "--yes", passphrase="new-pass", **state)
     assert done.returncode == 0, done.stderr
     assert sha256_file(target) == sha256_file(source)
+
+
+def test_qrcode_is_imported_only_to_draw() -> None:
+    import sys
+
+    program = ("import os, sys; from imgbackup.crypto.keys import KeyBundle; import imgbackup.crypto.paper as p; "
+               "raw = KeyBundle.generate(os.urandom(16)).to_bytes(); assert p.read_paper(p.paper_sheet(raw, 'r', 'd')) "
+               "== raw; print('qrcode' in sys.modules, 'png' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
