@@ -103,6 +103,9 @@ def test_init_refuses_an_empty_folder_others_own_or_can_write(tmp_path) -> None:
     group.chmod(0o770)
     _refused(cli("init", "-r", group), "other users can write", "0770")
     assert list(group.iterdir()) == []
+    link = tmp_path / "link"
+    link.symlink_to(group)
+    _refused(cli("init", "-r", link), "symbolic link", str(group))
     mine = tmp_path / "mine"                   # an empty folder of one's own is used, and made 0700
     mine.mkdir(mode=0o755)
     done = cli("init", "-r", mine)

@@ -59,6 +59,9 @@ def check_init_location(root: Path) -> None:
         info = os.lstat(root)
     except FileNotFoundError:
         return
+    if stat.S_ISLNK(info.st_mode):
+        raise TargetRefused(f"refused: {root} is a symbolic link (its target could be swapped)",
+                            f"give the real path: {os.path.realpath(root)}")
     if not stat.S_ISDIR(info.st_mode):
         raise TargetRefused(f"refused: {root} is not a directory", "choose a new or empty directory")
     if info.st_uid != uid:
