@@ -35,7 +35,7 @@ def _modes(root: Path) -> dict[str, int]:
     return found
 
 
-@pytest.mark.parametrize("umask", [0o000, 0o022, 0o277])
+@pytest.mark.parametrize("umask", [0o000, 0o277])  # the widest and the narrowest
 def test_every_object_0600_and_every_folder_0700_after_init_and_backups(tmp_path, umask) -> None:
     source = tmp_path / "disk.img"
     source.write_bytes(secrets.token_bytes(3 << 20) + bytes(1 << 20))
