@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ENV = dict(os.environ, IMGBACKUP_PASSPHRASE="bench", IMGBACKUP_TEST_CHEAP_KDF="1")
+ENV = dict(os.environ, IMGBACKUP_PASSPHRASE="bench-passphrase", IMGBACKUP_TEST_CHEAP_KDF="1")
 
 
 def sh(*args) -> str:

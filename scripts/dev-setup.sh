@@ -29,7 +29,7 @@ stamp=$( { "$venv/bin/python" -c 'import sys; print(sys.version)'
 installed_here() {
   "$venv/bin/python" - "$here/src" <<'PY'
 import sys
-import imgbackup, imgbackup._core.scan, imgbackup._core.bitmap, mfusepy, pytest, hypothesis  # noqa: F401
+import imgbackup, imgbackup._core.scan, imgbackup._core.bitmap, mfusepy, pytest, hypothesis, xdist  # noqa: F401
 if not imgbackup.__file__.startswith(sys.argv[1] + "/"):
     sys.exit(f"imgbackup imports from {imgbackup.__file__}, not from {sys.argv[1]}")
 PY

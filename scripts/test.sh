@@ -3,7 +3,11 @@
 # Installs everything the tests need (scripts/dev-setup.sh: apt packages, .venv with imgbackup
 # editable), then runs ruff and pytest from .venv; arguments go to pytest. Without arguments, the engine
 # tests marked core_reference then run once more on the pure-Python kernels (IMGBACKUP_CORE=reference).
+# pytest runs with two pytest-xdist workers (most tests wait on tools, loop devices, FUSE, SeaweedFS or
+# QEMU, so two share two cores well); the guest tests stay together on one worker and start first
+# (tests/conftest.py). Later arguments win: `-n 0` runs in one process, `-n 4` on a bigger machine.
 #   scripts/test.sh [PYTEST-ARGS...]        e.g. scripts/test.sh -k 'cli or layers'  ·  -m 'not slow'
+#   scripts/test.sh -m guest                the QEMU guest tests alone
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/lib.sh
 . "$here/scripts/lib.sh"
@@ -15,10 +19,13 @@ STEP="scripts/dev-setup.sh (apt packages, .venv)"
 step "ruff check src tests benchmarks scripts"
 .venv/bin/ruff check src tests benchmarks scripts
 
+# Two workers (README "Development"); loadgroup: tests/conftest.py's groups, guest tests first.
+XDIST_ARGS=(-n 2 --dist loadgroup)
+
 # run_pytest ARGS... — pytest from .venv; its exit 5 (nothing collected) is a failure, not a pass.
 run_pytest() {
   local rc=0
-  .venv/bin/python -m pytest -q -p no:cacheprovider "$@" || rc=$?
+  .venv/bin/python -m pytest -q -p no:cacheprovider "${XDIST_ARGS[@]}" "$@" || rc=$?
   [ "$rc" -ne 5 ] || fail "pytest collected no tests (exit 5): check the arguments ($*)"
   [ "$rc" -eq 0 ] || fail "pytest failed (exit $rc)"
 }

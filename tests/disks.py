@@ -97,17 +97,28 @@ def small_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
 
 
 def system_state() -> tuple[list[str], list[str]]:
-    """Loop devices and mounts of this test session right now: compared before/after each test.
+    """Loop devices and mounts of this test process right now: compared before/after each test.
 
-    Only what points into the session's temporary directory counts (FUSE mounts included: tests mount
-    under it), so another process's loop devices or mounts (a benchmark or a second test run beside
-    this one) cannot fail a test.
+    Only what points into this process's own directories counts (``own_roots``: FUSE mounts
+    included, tests mount under them), so another process's loop devices or mounts (the other
+    xdist worker, a benchmark, a second test run beside this one) cannot fail a test.
     """
-    mine = tempfile.gettempdir()
-    loops = sorted(line for line in run("losetup", "-a", check=False).stdout.splitlines() if mine in line)
+    roots = own_roots()
+    loops = sorted(line for line in run("losetup", "-a", check=False).stdout.splitlines()
+                   if any(root in line for root in roots))
     mounts = sorted(line for line in Path("/proc/mounts").read_text().splitlines()
-                    if mine in line)
+                    if any(root in line for root in roots))
     return loops, mounts
+
+
+def own_roots() -> tuple[str, ...]:
+    """The directories this test process's disks, loop files and mounts live in (with a trailing /).
+
+    tests/conftest.py sets them: under pytest-xdist a worker's basetemp and its own TMPDIR, else the
+    temporary directory of the run.
+    """
+    roots = os.environ.get("IMGBACKUP_TEST_ROOTS", tempfile.gettempdir()).split(os.pathsep)
+    return tuple(os.path.join(root, "") for root in roots if root)
 
 
 def random_image(path: str | os.PathLike, size: int, seed: int = 7, data_fraction: float = 1.0) -> Path:
@@ -242,6 +253,8 @@ def _fill_ext4(mnt: Path) -> None:
     os.symlink("sub/data.txt", mnt / "tree" / "link")
     os.symlink("/nonexistent/target", mnt / "tree" / "dangling")
     os.utime(mnt / "tree" / "sub" / "data.txt", ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    (mnt / "docs").mkdir()                      # also in the FAT partition: a path in two partitions
+    (mnt / "docs" / "readme.txt").write_text("ext4 docs\n")
 
 
 def build_mount_disk(root: Path) -> tuple[Path, Path, int]:

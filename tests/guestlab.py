@@ -29,7 +29,8 @@ from imgbackup.engine.rescue.media import BASE_CMDLINE
 from imgbackup.engine.verify.qemu import find_ovmf
 
 QEMU = "qemu-system-x86_64"
-BOOT_TIMEOUT = 120       # kernel + initramfs + systemd to a shell: ~20-40 s under TCG here
+BOOT_TIMEOUT = 300       # kernel + initramfs + systemd to a shell: 40-60 s under TCG here, >120 s at load ~13
+SETTLE_TIMEOUT = 180     # udev's coldplug queue, drained after the shell is up (see boot_lab)
 MEMORY_MIB = 1536        # python3 + numpy + a restore's buffers, plus the RAM overlay root
 
 
@@ -98,6 +99,7 @@ class Guest:
         self._sock: socket.socket | None = None
         self._shell_buf = b""
         self.started = 0.0
+        self.broken: str | None = None   # why the lab shell can no longer be trusted (a command hung)
 
     # -- lifecycle -------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -224,6 +226,8 @@ class Guest:
         while token not in self._shell_buf:
             left = deadline - time.monotonic()
             if left <= 0 or self._proc.poll() is not None:
+                # the command still runs (or the guest died): what this shell says next is not trustworthy
+                self.broken = f"no {token!r} from the lab shell"
                 raise AssertionError(f"lab shell: no {token!r}; got {self._shell_buf[-2000:]!r}; console tail:\n"
                                      f"{self.console[-3000:]}")
             self._sock.settimeout(min(left, 1.0))
@@ -232,6 +236,7 @@ class Guest:
             except TimeoutError:
                 continue
             if not chunk:
+                self.broken = "the guest closed the lab console"
                 raise AssertionError("lab shell: the guest closed the console")
             self._shell_buf += chunk
         head, _, rest = self._shell_buf.partition(token)
@@ -263,6 +268,7 @@ class Guest:
                 if time.monotonic() > deadline:
                     raise
         self._drain()
+        self.broken = None
         return time.monotonic() - self.started
 
     def _drain(self, quiet_s: float = 1.0) -> None:
@@ -277,15 +283,20 @@ class Guest:
         self._shell_buf = b""
 
     def run(self, command: str, timeout: float = 60) -> Result:
-        """Run ``command`` in the guest's root shell (bash); stdout and stderr together."""
+        """Run ``command`` in the guest's root shell (bash); stdout and stderr together.
+
+        A command that does not end within ``timeout`` marks the guest ``broken`` (the lab fixture
+        then boots a fresh one for the next test instead of typing into a shell that is still busy)."""
+        assert self.broken is None, f"lab guest unusable: {self.broken}"
         token = f"LAB-END-{secrets.token_hex(6)}"
+        start = time.monotonic()
         script = f"{{ {command}\n}} </dev/null 2>&1; printf '\\n{token} %d\\n' $?\n"
         self._sock.sendall(script.encode())
         head = self._recv_until(token.encode(), time.monotonic() + timeout)
         rest = self._recv_until(b"\n", time.monotonic() + 10)
         out = head.decode(errors="replace").replace("\r\n", "\n")
         with open(self.workdir / "shell.log", "a") as transcript:   # what a failed test's reader needs
-            transcript.write(f"$ {command}\n{out}\n[rc {rest.strip().decode()}]\n")
+            transcript.write(f"$ {command}\n{out}\n[rc {rest.strip().decode()}, {time.monotonic() - start:.1f} s]\n")
         return Result(out[:-1] if out.endswith("\n") else out, int(rest.strip()))
 
     def put_file(self, path: str, data: bytes, mode: str = "644") -> None:
@@ -297,14 +308,60 @@ class Guest:
         self.run(f"base64 -d > {path} <<'B64EOF'\n{lines}\nB64EOF\nchmod {mode} {path}").check()
 
 
-@contextlib.contextmanager
-def lab(iso: Path, workdir: Path, disks: list[Disk] = (), append: str = "") -> Iterator[Guest]:
-    """A booted guest with a root shell on the lab console (``imgbackup.action=shell``)."""
+def boot_lab(iso: Path, workdir: Path, disks: list[Disk] = (), append: str = "") -> Guest:
+    """A started guest with a root shell on the lab console (``imgbackup.action=shell``); close() it."""
     guest = Guest(iso, workdir, disks, append=f"imgbackup.action=shell {append}".strip(), lab_shell=True)
     try:
         guest.start()
         guest.wait_shell()
-        guest.run("dmesg -n 1; udevadm settle --timeout=30").check()
+        # coldplug (module loads for every device) can outlast the shell's start by a minute under TCG on a
+        # loaded host: a 30 s settle failed here
+        guest.run(f"dmesg -n 1; udevadm settle --timeout={SETTLE_TIMEOUT}", SETTLE_TIMEOUT + 30).check()
+    except BaseException:
+        guest.close()
+        raise
+    return guest
+
+
+@contextlib.contextmanager
+def lab(iso: Path, workdir: Path, disks: list[Disk] = (), append: str = "") -> Iterator[Guest]:
+    """A booted guest with a root shell on the lab console, closed afterwards."""
+    guest = boot_lab(iso, workdir, disks, append)
+    try:
         yield guest
     finally:
         guest.close()
+
+
+class LabPool:
+    """One lab guest shared by a module's tests, replaced by a fresh boot when a test left it
+    ``broken`` (a command that never returned), so one hung command fails one test, not the rest.
+
+    ``setup`` runs in every new guest (``imgbackup init`` …); the disks are the same files, so state
+    a test keeps on them survives a replacement."""
+
+    def __init__(self, iso: Path, workdir: Path, disks: list[Disk], setup=None) -> None:
+        self.iso, self.workdir, self.disks, self.setup = iso, workdir, disks, setup
+        self.guest: Guest | None = None
+        self.boots: list[float] = []      # seconds each boot took to a usable shell
+
+    def get(self) -> Guest:
+        if self.guest is not None and self.guest.broken is None and self.guest._proc.poll() is None:
+            return self.guest
+        self.close()
+        start = time.monotonic()
+        guest = boot_lab(self.iso, self.workdir / f"boot{len(self.boots) + 1}", self.disks)
+        try:
+            if self.setup is not None:
+                self.setup(guest)
+        except BaseException:
+            guest.close()
+            raise
+        self.boots.append(time.monotonic() - start)
+        self.guest = guest
+        return guest
+
+    def close(self) -> None:
+        if self.guest is not None:
+            self.guest.close()
+            self.guest = None

@@ -2,17 +2,23 @@
 
 The builder caches the slow part (the Debian root, ~2-4 min cold) by a hash of its inputs, and
 imgbackup's own squashfs by its files' content, under its cache dir (``IMGBACKUP_RESCUE_CACHE``,
-default /var/cache/imgbackup/rescue); the ISOs themselves
-are cached there too, keyed by those two and the baked-in parameters. A developer's second run
-therefore starts its guests at once; a clean CI machine builds once per session.
+default /var/cache/imgbackup/rescue); the test ISOs are cached there too, keyed by those two and
+the baked-in parameters. A developer's second run therefore starts its guests at once; a clean CI
+machine builds once per session.
+
+Two runs at once (two worktrees, two xdist workers) share that cache safely: everything there is
+built and pruned under its lock (``media.cache_lock``) and appears by an atomic rename, and each
+run boots its own hard link of the ISO in its own temp dir, so another run's prune never takes
+away media this run is about to boot.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,34 +36,63 @@ UNATTENDED = (f"imgbackup.action=restore imgbackup.repo=LABEL={BACKUP_LABEL}:/re
               "imgbackup.after=poweroff imgbackup.on-failure=poweroff imgbackup.wait=20")
 
 
-@dataclass
 class RescueMedia:
-    plain: Path            # boot menu (5 s), default entry: the guided menu
-    unattended: Path       # UNATTENDED baked into the default entry, 1 s menu
-    build_seconds: float
-    built: list[str]
+    """The session's two test media, each built (or taken from the cache) when a test first needs it:
+    a run of the guest lab alone does not pay for the unattended ISO."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.built, self.build_seconds = run_dir, [], 0.0
+
+    def _get(self, name: str, cmdline: str, timeout: int) -> Path:
+        start = time.monotonic()
+        path = _iso(name, cmdline, timeout, self.run_dir, self.built)
+        self.build_seconds += time.monotonic() - start
+        print(f"rescue media {name} ready in {time.monotonic() - start:.0f} s: {'; '.join(self.built)}")
+        return path
+
+    @functools.cached_property
+    def plain(self) -> Path:
+        """Boot menu (5 s), default entry: the guided menu."""
+        return self._get("plain", "", 5)
+
+    @functools.cached_property
+    def unattended(self) -> Path:
+        """UNATTENDED baked into the default entry, 1 s menu."""
+        return self._get("unattended", UNATTENDED, 1)
 
 
-def _iso(name: str, cmdline: str, timeout: int, log: list[str]) -> Path:
-    from imgbackup.engine.rescue import media, payload
+KEEP_TEST_ISOS = 4        # per kind: room for a few worktrees' runs at once (~200 MB each)
 
-    debian, _, _ = media.ensure_debian(RESCUE_CACHE, None, log.append)
-    fs = media.ensure_payload(RESCUE_CACHE, debian, log.append)
-    key = hashlib.sha256(f"{debian.name}\n{fs.name}\n{cmdline}\n{timeout}".encode()).hexdigest()[:16]
-    out = RESCUE_CACHE / f"test-{name}-{key}.iso"
-    if not out.exists():
-        for old in RESCUE_CACHE.glob(f"test-{name}-*.iso"):
-            old.unlink()
-        tmp = out.with_suffix(".part")
-        media.assemble_iso(debian, fs, tmp, cmdline, timeout, None, None, log.append)
-        os.replace(tmp, out)
-        log.append(f"built {out.name}")
-    del payload
-    return out
+
+def _iso(name: str, cmdline: str, timeout: int, run_dir: Path, log: list[str]) -> Path:
+    """The ``name`` media for this imgbackup (built into the cache when missing), hard-linked into ``run_dir``."""
+    from imgbackup.engine.rescue import media
+
+    with media.cache_lock(RESCUE_CACHE):
+        debian, _, _ = media.ensure_debian(RESCUE_CACHE, None, log.append)
+        fs = media.ensure_payload(RESCUE_CACHE, debian, log.append)
+        key = hashlib.sha256(f"{debian.name}\n{fs.name}\n{cmdline}\n{timeout}".encode()).hexdigest()[:16]
+        cached = RESCUE_CACHE / f"test-{name}-{key}.iso"
+        if not cached.exists():
+            tmp = cached.with_suffix(".part")
+            media.assemble_iso(debian, fs, tmp, cmdline, timeout, None, None, log.append)
+            os.replace(tmp, cached)
+            log.append(f"built {cached.name}")
+        os.utime(cached)
+        mine = run_dir / cached.name
+        try:
+            os.link(cached, mine)
+        except OSError:       # another filesystem
+            shutil.copyfile(cached, mine)
+        others = sorted((p for p in RESCUE_CACHE.glob(f"test-{name}-*.iso") if p != cached),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in others[KEEP_TEST_ISOS - 1:]:
+            old.unlink(missing_ok=True)
+    return mine
 
 
 @pytest.fixture(scope="session")
-def rescue_media() -> RescueMedia:
+def rescue_media(tmp_path_factory: pytest.TempPathFactory) -> RescueMedia:
     need_root()
     need_tool("mmdebstrap", "mksquashfs", "grub-mkrescue", "xorriso", "qemu-system-x86_64", "mformat")
     from imgbackup.engine.rescue import media
@@ -66,8 +101,4 @@ def rescue_media() -> RescueMedia:
         media.check_tools()
     except Exception as exc:  # noqa: BLE001 - turned into need()'s skip/fail
         need(False, str(exc))
-    start = time.monotonic()
-    log: list[str] = []
-    plain = _iso("plain", "", 5, log)
-    unattended = _iso("unattended", UNATTENDED, 1, log)
-    return RescueMedia(plain, unattended, time.monotonic() - start, log)
+    return RescueMedia(tmp_path_factory.mktemp("rescue-media"))

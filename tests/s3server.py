@@ -90,15 +90,29 @@ class S3Server:
                             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
                                           **config))
 
-    def new_bucket(self, prefix: str = "t") -> str:
+    def new_bucket(self, prefix: str = "t", object_lock: bool = False) -> str:
+        """A fresh bucket; ``object_lock``: created with Object Lock enabled (and so versioned)."""
         name = f"{prefix}-{secrets.token_hex(6)}"
-        self.client().create_bucket(Bucket=name)
+        self.client().create_bucket(Bucket=name, **({"ObjectLockEnabledForBucket": True} if object_lock else {}))
         self.buckets.append(name)
         return name
 
     def remove_bucket(self, name: str) -> None:
-        """Empty and delete a bucket (its collection's volumes are freed for the next test)."""
+        """Empty and delete a bucket (its collection's volumes are freed for the next test). Versions a
+        compliance lock still protects cannot go: such a bucket stays until the server is stopped."""
         client = self.client()
+        if client.get_bucket_versioning(Bucket=name).get("Status") == "Enabled":
+            for page in client.get_paginator("list_object_versions").paginate(Bucket=name):
+                for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                    with contextlib.suppress(Exception):
+                        client.put_object_legal_hold(Bucket=name, Key=item["Key"], VersionId=item["VersionId"],
+                                                     LegalHold={"Status": "OFF"})
+                    with contextlib.suppress(Exception):
+                        client.delete_object(Bucket=name, Key=item["Key"], VersionId=item["VersionId"],
+                                             BypassGovernanceRetention=True)
+            if client.list_object_versions(Bucket=name, MaxKeys=1).get("Versions"):
+                self.buckets.remove(name)
+                return
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
             keys = [{"Key": item["Key"]} for item in page.get("Contents", ())]
             if keys:

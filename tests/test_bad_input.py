@@ -17,6 +17,7 @@ import pytest
 from tests.disks import loop_device, mounted, random_image, small_tmpfs
 from tests.support import MIB, cli, cli_json, need, need_tool, run, sha256_file
 
+from imgbackup.device.tools import wait_until
 from imgbackup.format.layout import IMAGE_HEAD
 
 IMAGE_SIZE = 8 * MIB
@@ -260,3 +261,44 @@ def test_source_read_error_exit_7_and_nothing_committed(base, repo: Path, tmp_pa
         run("fusermount3", "-u", mnt, check=False)
         server.kill()
         server.wait(timeout=10)
+
+
+def test_empty_source_file_exit_7_and_nothing_stored(repo: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    before = cli_json("list", repo=repo)["images"]
+    proc = cli("backup", empty, repo=repo)
+    assert_refused(proc, 7, words=("empty.img", "0 bytes"))
+    assert cli_json("list", repo=repo)["images"] == before
+
+
+def test_loop_device_with_nothing_attached_exit_7(repo: Path) -> None:
+    """A loop node of our own (made through /dev/loop-control) that has no backing file: size 0."""
+    import fcntl
+
+    need(os.geteuid() == 0 and Path("/dev/loop-control").exists(), "needs root and /dev/loop-control")
+    loop_ctl_add, loop_ctl_remove = 0x4C80, 0x4C81
+    ctl = os.open("/dev/loop-control", os.O_RDWR)
+    try:
+        number = next(n for n in range(4000 + os.getpid() % 1000, 6000)
+                      if not Path(f"/dev/loop{n}").exists() and _try_add(ctl, loop_ctl_add, n))
+        try:
+            before = cli_json("list", repo=repo)["images"]
+            proc = cli("backup", f"/dev/loop{number}", repo=repo)
+            assert_refused(proc, 7, words=(f"/dev/loop{number}", "0 bytes"))
+            assert cli_json("list", repo=repo)["images"] == before
+        finally:
+            fcntl.ioctl(ctl, loop_ctl_remove, number)
+    finally:
+        os.close(ctl)
+
+
+def _try_add(ctl: int, request: int, number: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.ioctl(ctl, request, number)
+    except OSError:
+        return False
+    wait_until(Path(f"/dev/loop{number}").exists, 1.0)  # devtmpfs makes the node asynchronously
+    return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,54 @@ def test_system_disk_is_the_root_filesystems_disk(tmp_path):
 @pytest.mark.root
 def test_loop_device_is_not_a_system_disk(ext4_image):
     with loop_device(ext4_image) as dev:
+        assert not is_system_disk(dev)
+
+
+CHROOT_PROBE = r"""
+import encodings.unicode_escape, json, os, subprocess, sys
+from imgbackup.device import mounts
+root, dev = sys.argv[1], sys.argv[2]
+for src, sub, opts in (("proc", "proc", ["-t", "proc"]), ("/sys", "sys", ["--rbind"]), ("/dev", "dev", ["--rbind"])):
+    subprocess.run(["mount", *opts, src, os.path.join(root, sub)], check=True)
+os.chroot(root)
+os.chdir("/")
+listed = [line.info.mountpoint for line in mounts.read_mount_table()]
+print(json.dumps({"root_listed": "/" in listed, "system": mounts.is_system_disk(dev)}))
+"""
+
+
+@pytest.mark.root
+def test_system_disk_found_through_root_st_dev_when_the_mount_table_lacks_it(ext4_image, tmp_path):
+    """A chroot into a directory of a loop-backed ext4 (as in a rescue shell): the kernel hides the
+    mount that holds / from the chroot's mount table, yet / lives on that loop device."""
+    need_tool("unshare", "mount", "umount")
+    with loop_device(ext4_image) as dev, mounted(dev, tmp_path / "mnt", "rw"):
+        root = tmp_path / "mnt" / "sub"
+        for sub in ("proc", "sys", "dev"):
+            (root / sub).mkdir(parents=True)
+        assert not is_system_disk(dev)
+        proc = run("unshare", "--mount", "--propagation", "private", sys.executable, "-c", CHROOT_PROBE,
+                   root, dev, check=False)
+        assert proc.returncode == 0, proc.stderr
+        seen = json.loads(proc.stdout)
+        assert seen == {"root_listed": False, "system": True}
+        assert not is_system_disk(dev)      # outside the chroot it is just a loop device again
+
+
+@pytest.mark.root
+def test_disk_holding_an_active_swap_file_is_a_system_disk(ext4_image, tmp_path):
+    need_tool("mkswap", "swapon", "swapoff")
+    with loop_device(ext4_image) as dev, mounted(dev, tmp_path / "mnt", "rw"):
+        swapfile = tmp_path / "mnt" / "swapfile"
+        swapfile.write_bytes(bytes(8 * MiB))   # written out: a swap file must have no holes
+        swapfile.chmod(0o600)
+        run("mkswap", swapfile)
+        assert not is_system_disk(dev)
+        run("swapon", swapfile)
+        try:
+            assert is_system_disk(dev)
+        finally:
+            run("swapoff", swapfile)
         assert not is_system_disk(dev)
 
 

@@ -27,13 +27,13 @@ def backed_up(tmp_path_factory):
     data[8 * CHUNK : 12 * CHUNK] = bytes(4 * CHUNK)           # zero slots
     source = root / "src.img"
     source.write_bytes(data)
-    repo = Repository.init(root / "repo", lambda: b"pw", chunk_size=CHUNK)
+    repo = Repository.init(root / "repo", lambda: b"test-passphrase", chunk_size=CHUNK)
     result = run_backup(repo, BackupRequest(str(source)))
     return root, bytes(data), result.id
 
 
 def _open(root):
-    return Repository.open(root / "repo", lambda: b"pw")
+    return Repository.open(root / "repo", lambda: b"test-passphrase")
 
 
 @given(st.integers(0, 40 * CHUNK + 20000), st.integers(0, 5 * CHUNK))

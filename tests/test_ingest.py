@@ -43,7 +43,7 @@ def test_chunks_repeated_across_concurrent_segments_are_stored_once(tmp_path: Pa
 
 
 def test_chunk_store_gives_each_new_chunk_to_exactly_one_claimer(tmp_path: Path) -> None:
-    store = ChunkStore(Repository.init(tmp_path / "repo", lambda: b"pw"))
+    store = ChunkStore(Repository.init(tmp_path / "repo", lambda: b"test-passphrase"))
     ids = [bytes([i]) * 32 for i in range(200)]
     barrier = threading.Barrier(4)
 

@@ -15,13 +15,16 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "imgbackup"
 SOURCES = sorted(p for p in SRC.rglob("*.py") if p.parent != SRC)
-RANK = {"errors": 0, "_core": 0, "device": 1, "disklabel": 1, "fsmap": 2, "format": 1, "crypto": 2,
+RANK = {"errors": 0, "interrupts": 0, "units": 0, "audit": 0, "_core": 0, "device": 1, "disklabel": 1, "fsmap": 2,
+        "format": 1, "crypto": 2,
         "repository": 3, "engine": 4, "cli": 5}
 # Same-rank packages that must still not see each other.
 FORBIDDEN = {("crypto", "repository"), ("format", "repository"), ("format", "crypto"), ("disklabel", "fsmap"),
              ("device", "fsmap")}
 # engine/ rooms: which other command packages each may import ("" = the shared modules beside them).
-ENGINE_ROOMS = {"backup": set(), "restore": set(), "mount": set(), "verify": {"mount"}, "rescue": set(), "": set()}
+ENGINE_ROOMS = {"backup": set(), "restore": set(), "mount": set(), "verify": {"mount"}, "rescue": set(),
+                "repair": set(), "copy": set(), "drill": {"verify", "restore", "mount"},
+                "job": {"backup", "verify", "drill", "restore", "copy"}, "": set()}
 # Running a program, or replacing or forking this process, outside device/tools.py.
 PROCESS_CALLS = {"system", "popen", "fork", "forkpty", "execv", "execve", "execvp", "execvpe", "execl",
                  "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl",

@@ -66,9 +66,10 @@ def _corrupt_chunk_at(repo_path: Path, image_id: str, disk_offset: int) -> str:
 
 
 def _pids_of_mount(d_mnt: Path) -> list[int]:
-    state = json.loads(next(Path(os.environ.get("IMGBACKUP_RUN_DIR", "/run/imgbackup")).glob("mount-*.json"))
-                       .read_text())
-    assert state["mountpoint"] == str(d_mnt.resolve())
+    """The mount's processes, from its state file (others' mounts on this machine have theirs there too)."""
+    run_dir = Path(os.environ.get("IMGBACKUP_RUN_DIR", "/run/imgbackup"))
+    states = [json.loads(p.read_text()) for p in run_dir.glob("mount-*.json")]
+    (state,) = [s for s in states if s["mountpoint"] == str(d_mnt.resolve())]
     return [state["supervisor"]["pid"], state["server"]["pid"]]
 
 
@@ -113,7 +114,8 @@ def test_foreground_mount_tears_down_on_sigterm(disk, tmp_path, no_leaks):
             proc.kill()
             proc.wait()
             cli("umount", mnt, check=False)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err   # a signal ends every command with 130 and its state
+    assert err.splitlines()[-1] == f"imgbackup: error: mount interrupted: nothing is left mounted at {mnt}"
     assert os.listdir(mnt) == []
 
 
@@ -144,11 +146,11 @@ def test_restore_files_keeps_metadata(disk, tmp_path, no_leaks):
         "--to", out)
     with loop_device(disk.part1, read_only=True) as dev, mounted(dev, tmp_path / "orig", "ro,noload"):
         orig = tmp_path / "orig"
-        for rel in ("tree/sub/data.txt", "tree/sub", "tree"):
+        for rel in ("tree/sub/data.txt", "tree/sub", "tree", "email"):
             a, b = os.lstat(orig / rel), os.lstat(out / Path(rel))
             assert (a.st_mode, a.st_uid, a.st_gid, a.st_mtime_ns) == (b.st_mode, b.st_uid, b.st_gid, b.st_mtime_ns)
         assert (out / "big.bin").read_bytes() == (orig / "big.bin").read_bytes()
-        assert (out / "__init__.py").read_bytes() == (orig / "email" / "__init__.py").read_bytes()
+        assert (out / "email" / "__init__.py").read_bytes() == (orig / "email" / "__init__.py").read_bytes()
     data = out / "tree" / "sub" / "data.txt"
     assert stat.S_IMODE(data.stat().st_mode) == 0o640 and data.stat().st_uid == 1234
     assert os.getxattr(data, "user.origin") == b"imgbackup-test"
@@ -156,7 +158,7 @@ def test_restore_files_keeps_metadata(disk, tmp_path, no_leaks):
     assert os.readlink(out / "tree" / "dangling") == "/nonexistent/target"
     # FAT through mtools
     cli("restore-files", "-r", disk.repo, "latest", "--partition", "2", "/docs/hello.txt", "--to", out / "fat")
-    assert (out / "fat" / "hello.txt").read_text() == "hello from FAT\n"
+    assert (out / "fat" / "docs" / "hello.txt").read_text() == "hello from FAT\n"
     # refusals: existing target, path escaping the filesystem, missing partition
     assert cli("restore-files", "-r", disk.repo, "latest", "-p", "1", "big.bin", "--to", out, check=False) \
         .returncode == 8
@@ -164,6 +166,59 @@ def test_restore_files_keeps_metadata(disk, tmp_path, no_leaks):
         .returncode == 2
     assert cli("restore-files", "-r", disk.repo, "latest", "-p", "7", "big.bin", "--to", out / "x", check=False) \
         .returncode == 2
+
+
+def test_restore_files_same_names_keep_their_paths_and_nothing_is_overwritten(disk, tmp_path, no_leaks):
+    out = tmp_path / "out"
+    res = cli("restore-files", "-r", disk.repo, "latest", "/email/__init__.py", "json/__init__.py", "--to", out,
+              "--json")
+    doc = json.loads(res.stdout)
+    assert doc["partition"] == 1 and doc["written"] == [str(out / "email" / "__init__.py"),
+                                                        str(out / "json" / "__init__.py")]
+    with loop_device(disk.part1, read_only=True) as dev, mounted(dev, tmp_path / "orig", "ro,noload"):
+        for pkg in ("email", "json"):
+            assert (out / pkg / "__init__.py").read_bytes() == (tmp_path / "orig" / pkg / "__init__.py").read_bytes()
+    mine = out / "json" / "__init__.py"
+    mine.write_text("my edits")
+    refused = cli("restore-files", "-r", disk.repo, "latest", "json", "--to", out, check=False)
+    assert refused.returncode == 8 and "already exists" in refused.stderr and "--overwrite" in refused.stderr
+    assert mine.read_text() == "my edits"
+    cli("restore-files", "-r", disk.repo, "latest", "json", "--to", out, "--overwrite")
+    assert mine.read_text() != "my edits" and (out / "json" / "decoder.py").is_file()
+    fat = out / "fat"
+    (fat / "docs").mkdir(parents=True)
+    (fat / "docs" / "hello.txt").write_text("mine")
+    assert cli("restore-files", "-r", disk.repo, "latest", "-p", "2", "/docs", "--to", fat,
+               check=False).returncode == 8
+    assert (fat / "docs" / "hello.txt").read_text() == "mine"
+    cli("restore-files", "-r", disk.repo, "latest", "-p", "2", "/docs", "--to", fat, "--overwrite")
+    assert (fat / "docs" / "hello.txt").read_text() == "hello from FAT\n"
+    assert sorted(os.listdir(fat / "docs")) == ["hello.txt"]              # merged, not nested
+    overlap = cli("restore-files", "-r", disk.repo, "latest", "/tree", "/tree/sub", "--to", tmp_path / "o2",
+                  check=False)
+    assert overlap.returncode == 2 and "overlap" in overlap.stderr
+
+
+def test_restore_files_finds_the_partition_or_says_why_not(disk, tmp_path, no_leaks):
+    out = tmp_path / "out"
+    doc = json.loads(cli("restore-files", "-r", disk.repo, "latest", "/docs/hello.txt", "--to", out,
+                         "--json").stdout)
+    assert (doc["partition"], doc["fstype"]) == (2, "vfat")
+    assert (out / "docs" / "hello.txt").read_text() == "hello from FAT\n"
+    text = cli("restore-files", "-r", disk.repo, "latest", "/tree/sub/data.txt", "--to", out).stdout
+    assert "from partition 1 (ext4)" in text and (out / "tree" / "sub" / "data.txt").is_file()
+    ambiguous = cli("restore-files", "-r", disk.repo, "latest", "/docs", "--to", tmp_path / "a", check=False)
+    assert ambiguous.returncode == 2 and "--partition" in ambiguous.stderr
+    assert "partition 1 and partition 2" in ambiguous.stderr
+    split = cli("restore-files", "-r", disk.repo, "latest", "/big.bin", "/docs/hello.txt", "--to", tmp_path / "s",
+                check=False)
+    assert split.returncode == 2 and "different partitions" in split.stderr
+    for args in ((), ("-p", "1"), ("-p", "2")):
+        missing = cli("restore-files", "-r", disk.repo, "latest", *args, "/no/such/file", "--to", tmp_path / "m",
+                      check=False)
+        assert missing.returncode == 9, (args, missing.stderr)
+        assert "/no/such/file" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
 
 
 def test_damaged_data_chunk_reads_as_eio_only_there(disk, tmp_path, no_leaks):

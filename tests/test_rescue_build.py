@@ -95,3 +95,26 @@ def test_log_lines_before_the_file_exists_are_written_to_it_first(tmp_path: Path
     log.detach()
     lines = (tmp_path / "logs" / "run.log").read_text().splitlines()
     assert [line.split(": ", 1)[1] for line in lines] == ["first", "second"]
+
+
+def test_cache_lock_keeps_a_second_builder_out_until_the_first_is_done(tmp_path: Path) -> None:
+    """Two builds (two test runs, two 'rescue build's) never work on one cache dir at once."""
+    import fcntl
+
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys; from pathlib import Path; from imgbackup.engine.rescue import media\n"
+                               f"with media.cache_lock(Path({str(tmp_path)!r})):\n"
+                               "    print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with open(tmp_path / ".lock", "a") as lock:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder.stdin.close()                      # the first build finishes
+            assert holder.wait(timeout=30) == 0
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # now free
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()

@@ -109,18 +109,26 @@ def test_failed_backup_removes_the_clone(cowfs, tmp_path: Path) -> None:
     assert _clones(src) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_backup_removes_the_clone(cowfs, tmp_path: Path, sig: int) -> None:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# "inherited": started as a shell script's background job is, with SIGINT ignored (SIG_IGN)
+@pytest.mark.parametrize("sig,inherited", [(signal.SIGINT, "default"), (signal.SIGINT, "ignored"),
+                                           (signal.SIGTERM, "ignored")])
+def test_interrupted_backup_removes_the_clone(cowfs, tmp_path: Path, sig: int, inherited: str) -> None:
     mnt, src = cowfs
     repo = tmp_path / "repo"
     cli_json("init", repo=repo)
-    hook = _hook(tmp_path, f"touch {tmp_path}/hook.started; sleep 60")
+    # the hook's own child (not exec'd) must die with the backup too
+    hook = _hook(tmp_path, f"touch {tmp_path}/hook.started; sleep 60 & echo $! > {tmp_path}/hook.child; wait")
     proc = subprocess.Popen([sys.executable, "-m", "imgbackup", "backup", str(src), "--snapshot", "reflink"],
                             env=cli_env(repo, IMGBACKUP_SNAPSHOT_HOOK=str(hook)), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ignore_sigint if inherited == "ignored" else None)
     try:
         deadline = time.monotonic() + 30
-        while not (tmp_path / "hook.started").exists() and time.monotonic() < deadline:
+        while not (tmp_path / "hook.child").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _clones(src), "the clone never appeared"
         proc.send_signal(sig)
@@ -132,6 +140,15 @@ def test_interrupted_backup_removes_the_clone(cowfs, tmp_path: Path, sig: int) -
     assert proc.returncode == 130, err
     assert _clones(src) == []
     assert "Traceback" not in err
+    child = int((tmp_path / "hook.child").read_text())
+    assert not _alive(child), "the hook's child outlived the interrupted backup"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def test_clone_left_by_a_killed_backup_is_removed_next_time(cowfs, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from imgbackup.errors import ImgBackupError, IntegrityError, StorageError
 from imgbackup.repository.backends.faults import BitFlipStorage, FaultyStorage
 from imgbackup.repository.backends.memory import MemoryStorage
 from imgbackup.repository.lock import RepositoryLock, break_lock
+from imgbackup.repository.packs import pack_name
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import Storage
 
@@ -123,6 +124,24 @@ def test_backup_failing_at_every_storage_call_leaves_a_usable_repository(
     assert failed >= (1 if fault == "short" else calls // 2), (fault, failed, calls)
 
 
+def _read_again(calls: list[str], flipped: str, byte: tuple[str, int], storage) -> bool:
+    """Whether a later read covered the flipped byte again — or the byte lies in no chunk's blob (a
+    grouped read spans small gaps between the blobs it needs: a flip there harms nothing)."""
+    def span(call: str) -> tuple[str, int, int] | None:
+        parts = call.split()
+        if len(parts) != 3 or parts[0] != "get_range":
+            return None
+        offset, length = map(int, parts[2].split("+"))
+        return parts[1], offset, offset + length
+
+    name, at = byte
+    later = calls[calls.index(flipped) + 1:]
+    if any(s is not None and s[0] == name and s[1] <= at < s[2] for s in map(span, later)):
+        return True
+    blobs = Repository.open(storage, PASS).chunk_index().locations.values()
+    return not any(pack_name(loc.pack_id) == name and loc.offset <= at < loc.offset + loc.length for loc in blobs)
+
+
 def _no_wrong_bytes(target: Path, expected: bytes) -> None:
     """Whatever a failed restore wrote: each chunk is the right one or still all zero."""
     if not target.exists():
@@ -152,9 +171,12 @@ def test_a_bit_flipped_in_any_read_of_a_restore_is_detected(seed, repo_with_full
             detected += 1
             continue
         assert restored == expected, (n, flips.flipped)
-        # No error: this run read less ahead (fewer reads than n), or the flipped answer was a
-        # read-ahead that failed authentication, was dropped, and the chunk was read again.
-        assert not flips.flipped or flips.calls.count(flips.flipped[0]) >= 2, (n, flips.flipped)
+        # No error: this run read less ahead (fewer reads than n), or the flipped answer failed
+        # authentication and its bytes were read again (a grouped read-ahead chunk by chunk; a copy
+        # is called damaged only when a fresh read of it fails too), so the flip was detected.
+        assert not flips.flipped or _read_again(flips.calls, flips.flipped[0], flips.flipped_bytes[0], storage), \
+            (n, flips.flipped)
+        detected += bool(flips.flipped)
         target.unlink()
     assert detected >= counter.count // 2
 
@@ -170,7 +192,8 @@ def test_a_bit_flipped_in_any_read_of_verify_is_reported(repo_with_full) -> None
         except ImgBackupError as exc:
             assert exc.exit_code in (4, 6), (n, exc)
             continue
-        assert not report.ok, (n, flips.calls)
+        # a flip is either reported damage, or a read that was wrong once and right when read again
+        assert not report.ok or (flips.flipped and any("read again" in w for w in report.warnings)), (n, flips.calls)
 
 
 def test_the_memory_repository_works_through_its_url(sources, tmp_path) -> None:

@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, RepoOption, emit_json, human, open_repo, progress_bar
-from imgbackup.device.source import open_source
+from imgbackup.cli.common import JsonOption, ProgressBar, RepoOption, emit_json, human, open_repo
+from imgbackup.engine.backup.rescue import DEFAULT_RETRIES
 from imgbackup.engine.backup.run import BackupRequest, run_backup
+from imgbackup.errors import PartlyUnreadable, UsageError
 
 
 def backup(
@@ -28,31 +29,44 @@ def backup(
     verify_unchanged: Annotated[float, typer.Option(
         help="Re-read this percentage of the slots a change list skips; any difference re-reads them all.")]
     = 0.0,
+    rescue: Annotated[bool, typer.Option(
+        "--rescue", help="Image a failing disk: skip unreadable areas, come back to them last in ever smaller "
+                         "reads down to one sector, store zeros and a map of what stayed unreadable (exit 13).")]
+    = False,
+    retries: Annotated[int | None, typer.Option(
+        help=f"With --rescue: extra tries of each unreadable sector (default {DEFAULT_RETRIES}).", min=0, max=100)]
+    = None,
     snapshot: Annotated[str | None, typer.Option(
         help="Image a snapshot of a live source, removed afterwards: lvm (an LVM logical volume), reflink "
              "(an image file on XFS or btrfs) or auto.")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Back up a disk, partition or image file into the repository."""
+    if retries is not None and not rescue:
+        raise UsageError("--retries needs --rescue")
     r = open_repo(repo, for_writing=True)
-    with open_source(source) as src:
-        size = src.size
-    update, close = progress_bar(size, "backup", not json_out)
+    bar = ProgressBar("backup", not json_out)   # its total is what the plan will read, not the source size
     try:
         result = run_backup(r, BackupRequest(
-            source, name, backup_type, allow_mounted, update, all_blocks=all_blocks,
+            source, name, backup_type, allow_mounted, bar.update, bar.start, all_blocks=all_blocks,
             changed_blocks=changed_blocks, change_granularity=change_granularity,
-            verify_unchanged=verify_unchanged, snapshot=snapshot))
+            verify_unchanged=verify_unchanged, rescue=rescue,
+            retries=DEFAULT_RETRIES if retries is None else retries, snapshot=snapshot))
     finally:
-        close()
+        bar.close()
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:
         emit_json(asdict(result))
-        return
-    typer.echo(f"image {result.id} ({result.type}{', parent ' + result.parent[:12] if result.parent else ''}): "
-               f"read {human(result.bytes_read)} of {human(result.source_size)}, stored {human(result.bytes_stored)}, "
-               f"{result.chunks_new} new chunks, {result.duration_s:.1f} s")
+    else:
+        typer.echo(f"image {result.id} ({result.type}{', parent ' + result.parent[:12] if result.parent else ''}): "
+                   f"read {human(result.bytes_read)} of {human(result.source_size)}, "
+                   f"stored {human(result.bytes_stored)}, {result.chunks_new} new chunks, {result.duration_s:.1f} s")
+    if result.unreadable_bytes:
+        typer.echo(f"imgbackup: warning: backup stored, but {result.unreadable_bytes} bytes of the source were "
+                   f"unreadable ({len(result.bad_ranges)} ranges, stored as zeros; 'imgbackup info "
+                   f"{result.id[:12]}' lists them)", err=True)
+        raise typer.Exit(PartlyUnreadable.exit_code)
 
 
 def register(app: typer.Typer) -> None:

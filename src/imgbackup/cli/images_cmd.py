@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, NameOption, RepoOption, YesOption, emit_json, human, open_repo
+from imgbackup.cli.common import (
+    JsonOption,
+    NameOption,
+    RepoOption,
+    YesOption,
+    ask,
+    emit_json,
+    human,
+    open_repo,
+)
 from imgbackup.engine.delete import delete_images
 from imgbackup.engine.diff import diff_images
 from imgbackup.errors import UsageError
@@ -24,19 +34,22 @@ def delete(
     r = open_repo(repo, for_writing=True)
     ids = [r.images.resolve(spec, name) for spec in images]
     if not yes:
-        import sys
-
         if not sys.stdin.isatty():
             raise UsageError("refusing to delete images without --yes (no terminal to ask on)")
-        typer.confirm(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}?", abort=True)
+        answer = ask(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}? [y/N]: ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise UsageError("not confirmed; nothing was deleted")
     result = delete_images(r, ids)
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:
         emit_json(asdict(result))
     else:
-        typer.echo(f"deleted {len(ids)} image(s); removed {result.chunks_removed} chunks, "
+        typer.echo(f"deleted {len(ids) - len(result.retained)} image(s); removed {result.chunks_removed} chunks, "
                    f"freed {human(result.bytes_freed)}")
+        if result.retained:
+            typer.echo(f"{len(result.retained)} image(s) are retained by S3 Object Lock until their lock date: "
+                       "they count as deleted, and a later delete, prune or compact removes them")
 
 
 def diff(

@@ -10,13 +10,13 @@ import typer
 from imgbackup.cli.common import (
     JsonOption,
     NameOption,
+    ProgressBar,
     RepoOption,
     YesOption,
     confirm_overwrite,
     emit_json,
     human,
     open_repo,
-    progress_bar,
 )
 from imgbackup.engine.restore.plan import DiskPlan, plan_disk_restore, plan_partition_restore
 from imgbackup.engine.restore.run import run_disk_restore
@@ -52,6 +52,8 @@ def restore(
         plan = plan_partition_restore(r, image_id, partition, target, grow=grow)
     else:
         plan = plan_disk_restore(r, image_id, target, grow=grow, delta=delta)
+    if plan.bad_ranges:
+        typer.echo(f"imgbackup: warning: {unreadable_note(plan.bad_ranges)}", err=True)
     if dry_run:
         if json_out:
             emit_json(plan.to_dict())
@@ -62,11 +64,11 @@ def restore(
         if not json_out:
             typer.echo(f"target: {plan.target.description}", err=True)
         confirm_overwrite(plan.target.description, plan.target.path, yes)
-    update, close = progress_bar(plan.bytes_to_write, "restore", not json_out)
+    bar = ProgressBar("restore", not json_out, plan.bytes_to_write)
     try:
-        result = run_disk_restore(r, plan, discard=discard, progress=update)
+        result = run_disk_restore(r, plan, discard=discard, progress=bar.update)
     finally:
-        close()
+        bar.close()
     if json_out:
         emit_json(asdict(result))
         return
@@ -75,6 +77,12 @@ def restore(
                + f", {result.duration_s:.1f} s")
     for note in result.notes:
         typer.echo(f"  {note}")
+
+
+def unreadable_note(ranges: list[list[int]]) -> str:
+    total = sum(n for _, n in ranges)
+    return (f"the image was made from a failing disk (backup --rescue): {total} bytes of the source were "
+            f"unreadable ({len(ranges)} ranges, first at byte {ranges[0][0]}; --json lists them) and restore as zeros")
 
 
 def _print_plan(plan: DiskPlan) -> None:

@@ -40,20 +40,22 @@ def new_key_id() -> int:
     return int.from_bytes(os.urandom(8), "little") | DATA_KEY_ID_MIN
 
 
-def _wrap_key(shared: bytes, ephemeral: bytes, public: bytes, repo_id: bytes, head: bytes) -> bytes:
+def _wrap_key(shared: bytes, ephemeral: bytes, public: bytes, head: bytes) -> bytes:
+    """HKDF of the shared secret, bound to both public keys, the generation and the key id (not to the
+    repository id: related repositories share the key pair, and ``copy`` moves data keys verbatim)."""
     if shared == bytes(32):
         raise IntegrityError("data key object has an invalid ephemeral key")
-    info = b"imgbackup-datakey\0" + repo_id + head[12:24]
+    info = b"imgbackup-datakey\0" + head[12:24]
     return HKDF(hashes.SHA256(), 32, ephemeral + public, info).derive(shared)
 
 
-def seal_data_key(data_key: bytes, key_id: int, generation: int, public: bytes, repo_id: bytes) -> bytes:
+def seal_data_key(data_key: bytes, key_id: int, generation: int, public: bytes) -> bytes:
     eph = X25519PrivateKey.generate()
     eph_pub = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     nonce = os.urandom(12)
     head = DATA_KEY_HEAD.pack(DATA_KEY_MAGIC, FORMAT_VERSION, generation, key_id, eph_pub, nonce)
     shared = eph.exchange(X25519PublicKey.from_public_bytes(public))
-    wrap = _wrap_key(shared, eph_pub, public, repo_id, head)
+    wrap = _wrap_key(shared, eph_pub, public, head)
     return head + AESGCM(wrap).encrypt(nonce, data_key, head[:56])
 
 
@@ -73,7 +75,7 @@ def open_data_key(blob: bytes, key_id: int, bundle: KeyBundle) -> bytes:
         shared = X25519PrivateKey.from_private_bytes(gen.data_private).exchange(X25519PublicKey.from_public_bytes(eph_pub))
     except ValueError:
         raise IntegrityError(f"{what} has an invalid ephemeral key") from None
-    wrap = _wrap_key(shared, eph_pub, gen.data_public, bundle.repo_id, blob[: DATA_KEY_HEAD.size])
+    wrap = _wrap_key(shared, eph_pub, gen.data_public, blob[: DATA_KEY_HEAD.size])
     try:
         return AESGCM(wrap).decrypt(nonce, blob[DATA_KEY_HEAD.size :], blob[:56])
     except InvalidTag:
@@ -103,7 +105,7 @@ class DataKeys:
                 key = os.urandom(32)
                 while True:
                     key_id = new_key_id()
-                    if self._store(key_id, seal_data_key(key, key_id, gen.number, gen.data_public, self.bundle.repo_id)):
+                    if self._store(key_id, seal_data_key(key, key_id, gen.number, gen.data_public)):
                         break
                 self._session = (key_id, AESGCM(key))
                 self._aeads[key_id] = self._session[1]

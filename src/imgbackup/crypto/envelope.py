@@ -35,6 +35,7 @@ from imgbackup.format.layout import (
     OBJ_CHUNK,
     TAG_SIZE,
 )
+from imgbackup.format.validate import decompress
 
 MAX_OBJECT = 1 << 31   # refuse to decompress past 2 GiB: a bomb or a damaged length, never a real object
 # zstd levels below 3 ("fast") found almost nothing in a 1 MiB base: on the benchmark's change set
@@ -174,10 +175,8 @@ class Envelope:
         comp, payload = self.authenticate(obj_type, obj_id, blob, what, base[0] if base else None)
         if comp == COMP_NONE:
             return payload
-        try:
-            if comp == COMP_ZSTD_DELTA:
-                dec = zstandard.ZstdDecompressor(dict_data=_raw_dict(base[1]))
-                return dec.decompress(payload, max_output_size=max_size)
-            return self._decompressor().decompress(payload, max_output_size=max_size)
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"{what} does not decompress: {exc}") from None
+        if comp == COMP_ZSTD_DELTA:
+            dec = zstandard.ZstdDecompressor(dict_data=_raw_dict(base[1]))
+        else:
+            dec = self._decompressor()
+        return decompress(dec, payload, max_size, what)   # the frame's declared size bounded first

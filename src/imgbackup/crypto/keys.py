@@ -40,10 +40,10 @@ KIND_NAME = {v: k for k, v in KIND_BYTE.items()}
 DEFAULT_KDF = {"name": "argon2id", "memory_kib": 65536, "iterations": 3, "lanes": 4}
 # Only for test repositories (IMGBACKUP_TEST_CHEAP_KDF=1); recorded in the key slot like any other.
 CHEAP_KDF = {"name": "argon2id", "memory_kib": 1024, "iterations": 1, "lanes": 1}
-# Bounds a reader accepts, so a tampered slot cannot make it allocate terabytes or spin for hours.
-MAX_KDF_MEMORY_KIB = 4 << 20
-MAX_KDF_ITERATIONS = 64
-MAX_KDF_LANES = 64
+# What a key slot may ask of the KDF: beyond these it is damage (or a trap: 2**40 KiB of memory).
+MAX_KDF_MEMORY_KIB = 4 << 20    # 4 GiB: far above any sane setting, below what rescue media can give
+MAX_KDF_ITERATIONS = 1000
+MAX_KDF_LANES = 255
 
 
 def _x25519_public(private: bytes) -> bytes:

@@ -17,10 +17,21 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from imgbackup.crypto.keys import KIND_BYTE, KeyBundle, derive_key, kdf_params_for_new_key
+from imgbackup.crypto.keys import (
+    KIND_BYTE,
+    MAX_KDF_ITERATIONS,
+    MAX_KDF_LANES,
+    MAX_KDF_MEMORY_KIB,
+    KeyBundle,
+    bundle_length,
+    derive_key,
+    kdf_params_for_new_key,
+)
 from imgbackup.errors import IntegrityError, UnsupportedFormat, WrongPassphrase
+from imgbackup.format import validate as v
+from imgbackup.format.layout import KEY_BUNDLE_HEAD, KEY_GENERATION, MAX_GENERATIONS
 
-SLOT_VERSION = 3
+SLOT_VERSION = 4
 MAX_LABEL = 200           # characters: a host name and a note, not a document
 SLOT_ID_BYTES = 8
 
@@ -37,11 +48,11 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _unb64(text) -> bytes:
+def _unb64(text, what: str = "key slot") -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (ValueError, TypeError, binascii.Error):
-        raise IntegrityError("key slot is damaged (bad base64)") from None
+        raise v.damaged(what, "a field is not base64") from None
 
 
 def canonical(doc: dict) -> bytes:
@@ -101,23 +112,41 @@ def make_slot(bundle: KeyBundle, passphrase: bytes | None, slot_id: str, label: 
 
 
 def parse_slot(raw: bytes, name: str) -> dict:
-    """The slot document, its fields checked (not yet unwrapped)."""
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict):
-            raise ValueError("not an object")
-    except ValueError:
-        raise IntegrityError(f"key slot {name} is damaged (not JSON)") from None
-    if doc.get("version") != SLOT_VERSION:
-        raise UnsupportedFormat(f"key slot {name} has version {doc.get('version')!r}, not {SLOT_VERSION}")
-    slot = doc.get("slot")
-    ok = (isinstance(slot, str) and len(slot) == 2 * SLOT_ID_BYTES and all(c in "0123456789abcdef" for c in slot)
-          and name.rsplit("/", 1)[-1] == slot and doc.get("kind") in KIND_BYTE
-          and isinstance(doc.get("label"), str) and len(doc["label"]) <= MAX_LABEL
-          and all(isinstance(doc.get(k), int | float) for k in ("created", "changed"))
-          and (doc.get("kdf") is None or isinstance(doc.get("kdf"), dict)))
-    if not ok:
-        raise IntegrityError(f"key slot {name} is damaged (bad fields)")
+    """The slot document, every field checked before a passphrase is asked for or the KDF runs."""
+    what = f"key slot {name}"
+    doc = v.obj(v.parse_json(raw, what), what)
+    version = v.integer(doc, "version", what, 0)
+    if version != SLOT_VERSION:
+        raise UnsupportedFormat(f"{what} has version {version}, not {SLOT_VERSION}")
+    slot = v.hex_id(doc, "slot", what, SLOT_ID_BYTES)
+    if name.rsplit("/", 1)[-1] != slot:
+        raise v.damaged(what, f"it names slot {slot}, not its own name")
+    v.text(doc, "kind", what, choices=tuple(KIND_BYTE))
+    label = v.text(doc, "label", what)
+    if len(label) > MAX_LABEL or any(ord(c) < 32 for c in label):
+        raise v.damaged(what, "its label is too long or not printable")
+    v.number(doc, "created", what)
+    v.number(doc, "changed", what)
+    if "signature" in doc:
+        v.integer(doc, "signed_by", what, 1, MAX_GENERATIONS)
+        v.hex_id(doc, "signature", what, 64)
+    kdf = v.child(doc, "kdf", what, dict, nullable=True)
+    if kdf is None:
+        size = len(_unb64(v.text(doc, "keys", what), what))
+        if (size - KEY_BUNDLE_HEAD.size) % KEY_GENERATION.size or size < bundle_length(1):
+            raise v.damaged(what, f"'keys' holds {size} bytes, not a key bundle's")
+        return doc
+    where = f"{what} (kdf)"
+    if v.text(kdf, "name", where) != "argon2id":
+        raise UnsupportedFormat(f"{what}: unknown key derivation function {kdf['name'][:40]!r}")
+    lanes = v.integer(kdf, "lanes", where, 1, MAX_KDF_LANES)
+    v.integer(kdf, "memory_kib", where, 8 * lanes, MAX_KDF_MEMORY_KIB)   # Argon2 needs 8 KiB per lane
+    v.integer(kdf, "iterations", where, 1, MAX_KDF_ITERATIONS)
+    if len(_unb64(v.text(kdf, "salt", where), where)) < 8:
+        raise v.damaged(where, "'salt' is shorter than Argon2's 8 bytes")
+    wrapped = len(_unb64(v.text(doc, "wrapped", what), what))
+    if (wrapped - 28 - KEY_BUNDLE_HEAD.size) % KEY_GENERATION.size or wrapped < 28 + bundle_length(1):
+        raise v.damaged(what, f"'wrapped' holds {wrapped} bytes, not a key bundle's")
     return doc
 
 
@@ -138,10 +167,17 @@ def kept_signature(doc: dict) -> dict:
     return {k: doc[k] for k in ("signed_by", "signature") if k in doc}
 
 
+def _bundle(raw: bytes, slot: str) -> KeyBundle:
+    try:
+        return KeyBundle.from_bytes(raw)
+    except IntegrityError as exc:
+        raise IntegrityError(f"key slot keys/{slot} is damaged: {exc}") from None
+
+
 def open_slot(doc: dict, passphrase: bytes | None, repo_id: bytes) -> KeyBundle:
     """Unwrap one slot: WrongPassphrase when the passphrase is not this slot's."""
     if doc.get("kdf") is None:
-        bundle = KeyBundle.from_bytes(_unb64(doc.get("keys")))
+        bundle = _bundle(_unb64(doc.get("keys")), doc["slot"])
     else:
         if passphrase is None:
             raise WrongPassphrase("this repository is encrypted and no passphrase was given")
@@ -152,7 +188,7 @@ def open_slot(doc: dict, passphrase: bytes | None, repo_id: bytes) -> KeyBundle:
             raw = AESGCM(kek).decrypt(blob[:12], blob[12:], _aad(repo_id, doc["slot"], doc["kind"]))
         except (InvalidTag, ValueError):
             raise WrongPassphrase("wrong passphrase (or a damaged key slot)") from None
-        bundle = KeyBundle.from_bytes(raw)
+        bundle = _bundle(raw, doc["slot"])
     if bundle.kind != doc["kind"] or bundle.repo_id != repo_id:
         raise IntegrityError(f"key slot {doc['slot']} does not belong to this repository")
     return bundle

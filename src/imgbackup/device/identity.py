@@ -131,9 +131,12 @@ def _sysfs_wwn(disk: str) -> str | None:
 def _hardware(disk: str) -> tuple[str | None, str | None, str | None, str | None]:
     props = _udev_properties(disk)
     model, serial, vendor = _sysfs_hardware(disk)
+    # A SCSI/SAS disk with a WWN gets ID_SERIAL_SHORT = that WWN (VPD page 0x83); the serial on its
+    # label is page 0x80, ID_SCSI_SERIAL. (USB bridges report junk there: only for ID_BUS=scsi.)
+    scsi_serial = props.get("ID_SCSI_SERIAL") if props.get("ID_BUS") == "scsi" else None
     return (
         _udev_text(props, "ID_MODEL") or model,
-        props.get("ID_SERIAL_SHORT") or props.get("ID_SERIAL") or serial,
+        scsi_serial or props.get("ID_SERIAL_SHORT") or props.get("ID_SERIAL") or serial,
         _udev_text(props, "ID_VENDOR") or vendor,
         props.get("ID_WWN_WITH_EXTENSION") or props.get("ID_WWN") or _sysfs_wwn(disk),
     )

@@ -212,12 +212,18 @@ def _underlying_disks(name: str, seen: set[str] | None = None) -> set[str]:
 
 
 def system_disks() -> set[str]:
-    """Kernel names of the whole disks holding /, /boot and the other system mounts, and swap."""
+    """Kernel names of the whole disks holding /, /boot and the other system mounts, and swap.
+
+    The mount table is not enough: in a chroot or rescue shell the mount holding ``/`` can be
+    missing from it (the kernel hides mounts outside the process's root), so the device of
+    ``/`` itself (``st_dev``) counts too.
+    """
     names = set()
+    devnums = [os.stat("/").st_dev]
     for line in read_mount_table():
-        if line.info.mountpoint not in SYSTEM_MOUNTPOINTS:
-            continue
-        devnum = line.devnum if os.major(line.devnum) else _source_devnum(line.info.source)
+        if line.info.mountpoint in SYSTEM_MOUNTPOINTS:
+            devnums.append(line.devnum if os.major(line.devnum) else _source_devnum(line.info.source))
+    for devnum in devnums:
         name = sysfs.name_of_devnum(devnum) if devnum else None
         if name:
             names.add(name)
@@ -229,6 +235,7 @@ def system_disks() -> set[str]:
 
 
 def _swap_devices() -> list[str]:
+    """Block devices in use as swap: swap partitions, and the devices holding swap files."""
     try:
         with open("/proc/swaps") as f:
             rows = f.read().splitlines()[1:]
@@ -237,10 +244,16 @@ def _swap_devices() -> list[str]:
     found = []
     for row in rows:
         fields = row.split()
-        if fields and fields[1:2] == ["partition"]:
-            name = sysfs.name_of_path(_unescape(fields[0]))
-            if name:
-                found.append(name)
+        if len(fields) < 2:
+            continue
+        path = _unescape(fields[0])
+        if fields[1] == "partition":
+            name = sysfs.name_of_path(path)
+        else:
+            st = _stat(path)
+            name = sysfs.name_of_devnum(st.st_dev) if st is not None else None
+        if name:
+            found.append(name)
     return found
 
 

@@ -40,6 +40,21 @@ BLKPBSZGET = 0x127B
 PAGE_SIZE = mmap.PAGESIZE
 DIRECT_DEFAULT = False
 _BOUNCE_SIZE = 1 << 20   # O_DIRECT bounce buffer for unaligned reads: one chunk at a time
+MEDIA_ERRORS = frozenset({errno.EIO, errno.ENODATA, errno.EILSEQ, errno.EREMOTEIO})
+"""What a failing medium answers (unreadable sectors); other errors (a device gone) end any backup."""
+
+
+class SourceReadError(SourceError):
+    """A read of the source failed at ``offset`` with ``errno``."""
+
+    def __init__(self, message: str, offset: int, err: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.errno = err
+
+    @property
+    def media_error(self) -> bool:
+        return self.errno in MEDIA_ERRORS
 
 
 def alloc_buffer(n: int) -> mmap.mmap:
@@ -92,6 +107,8 @@ class Source:
         self._fd = fd
         self._buffered_fd: int | None = None if direct else fd
         self._bounce: mmap.mmap | None = None
+        self._sector_fd: int | None = None
+        self._sector_bounce: mmap.mmap | None = None
         if self.is_block_device:
             self.logical_sector_size = _ioctl_int(fd, BLKSSZGET, "i")
             # whole sectors only: a loop device with 4 KiB sectors over a file of 512-byte
@@ -117,12 +134,14 @@ class Source:
         self.close()
 
     def close(self) -> None:
-        for fd in {self._fd, self._buffered_fd} - {None, -1}:
+        for fd in {self._fd, self._buffered_fd, self._sector_fd} - {None, -1}:
             os.close(fd)
         self._fd = self._buffered_fd = -1
-        if self._bounce is not None:
-            self._bounce.close()
-            self._bounce = None
+        self._sector_fd = None
+        for bounce in (self._bounce, self._sector_bounce):
+            if bounce is not None:
+                bounce.close()
+        self._bounce = self._sector_bounce = None
 
     def read_into(self, offset: int, buf: memoryview | bytearray | mmap.mmap) -> int:
         """Fill ``buf`` from ``offset``; returns len(buf), or fewer bytes only at end of data."""
@@ -148,8 +167,46 @@ class Source:
             return os.preadv(fd, [view], offset)
         except OSError as err:
             if err.errno == errno.EIO:
-                raise SourceError(f"{self.path}: read error (EIO) at offset {offset}") from err
-            raise SourceError(f"{self.path}: read failed at offset {offset}: {err.strerror}") from err
+                raise SourceReadError(f"{self.path}: read error (EIO) at offset {offset}", offset, err.errno) from err
+            raise SourceReadError(f"{self.path}: read failed at offset {offset}: {err.strerror}", offset,
+                                  err.errno or 0) from err
+
+    def read_sectors(self, offset: int, buf: memoryview) -> int:
+        """One read attempt of whole logical sectors, past the page cache where the source allows.
+
+        For imaging a failing disk: through the page cache a bad sector fails its whole page
+        (and read-ahead hides where), while an O_DIRECT read of one sector fails alone. Reads
+        go through a page-aligned bounce buffer, so ``buf`` may have any alignment. Raises
+        SourceReadError; returns the bytes read (fewer only at the end of the source).
+        """
+        if self._fd < 0:
+            raise ValueError("read from a closed Source")
+        length = min(len(buf), max(0, self.size - offset))
+        ss = self.logical_sector_size
+        if offset % ss or (length % ss and offset + length != self.size):
+            raise ValueError(f"unaligned sector read: {length} bytes at {offset}")
+        want = -(-length // ss) * ss    # a file's partial last sector is read whole; its end stops the read
+        if self._sector_fd is None:
+            self._sector_fd = self._open_sector_fd()
+        if self._sector_bounce is None or len(self._sector_bounce) < want:
+            if self._sector_bounce is not None:
+                self._sector_bounce.close()
+            self._sector_bounce = alloc_buffer(max(want, _BOUNCE_SIZE))
+        with memoryview(self._sector_bounce) as bounce:
+            got = min(self._pread(self._sector_fd, offset, bounce[:want]), length) if want else 0
+            buf[:got] = bounce[:got]
+        return got
+
+    def _open_sector_fd(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # EINVAL: no O_DIRECT here (tmpfs); read through the cache
+                raise _open_error(self.path, err) from err
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise _open_error(self.path, err) from err
 
     def _read_buffered(self, offset: int, view: memoryview) -> int:
         if self._buffered_fd is None:

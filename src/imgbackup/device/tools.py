@@ -32,13 +32,13 @@ PACKAGES = {
     "btrfs": "btrfs-progs",
     "ntfs-3g": "ntfs-3g",
     "sgdisk": "gdisk", "sfdisk": "fdisk",
-    "mcopy": "mtools",
+    "mcopy": "mtools", "mdir": "mtools",
     "cp": "coreutils",
     "qemu-system-x86_64": "qemu-system-x86",
     "lvcreate": "lvm2", "lvremove": "lvm2", "lvs": "lvm2",
     "mmdebstrap": "mmdebstrap", "mksquashfs": "squashfs-tools", "grub-mkrescue": "grub-common",
     "xorriso": "xorriso", "depmod": "kmod", "apt-cache": "apt",
-    "udevadm": "udev", "systemctl": "systemd",
+    "udevadm": "udev", "systemctl": "systemd", "systemd-inhibit": "systemd", "systemd-analyze": "systemd",
 }
 
 TOOL_TIMEOUT = 3600.0     # e2fsck, resize2fs or xfs_repair on a multi-TiB filesystem may run for most of an hour
@@ -56,8 +56,8 @@ def missing(program: str) -> ToolMissing:
                        f"apt install {package}" if package else "install it or add it to PATH")
 
 
-def run(cmd: Sequence[str], *, timeout: float | None = TOOL_TIMEOUT, env: dict[str, str] | None = None
-        ) -> subprocess.CompletedProcess[str]:
+def run(cmd: Sequence[str], *, timeout: float | None = TOOL_TIMEOUT, env: dict[str, str] | None = None,
+        cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` with its output captured as text and no stdin; its exit status is the caller's to judge.
 
     ToolMissing when the program is not installed, ToolTimeout when it runs past ``timeout`` seconds
@@ -65,11 +65,33 @@ def run(cmd: Sequence[str], *, timeout: float | None = TOOL_TIMEOUT, env: dict[s
     """
     try:
         return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False,
-                              stdin=subprocess.DEVNULL, env=env)
+                              stdin=subprocess.DEVNULL, env=env, cwd=cwd)
     except FileNotFoundError:
         raise missing(cmd[0]) from None
     except subprocess.TimeoutExpired:
         raise ToolTimeout(f"{cmd[0]} did not finish within {timeout:g} s") from None
+
+
+def run_as_group(cmd: Sequence[str], *, timeout: float | None = TOOL_TIMEOUT,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``run``, for a program we did not write (a user's hook): it and everything it starts form one
+    process group, killed as a whole when the call ends early — timeout, Ctrl-C, SIGTERM — so none of
+    it outlives the run that started it (``run`` kills only the direct child)."""
+    try:
+        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent())
+    except FileNotFoundError:
+        raise missing(cmd[0]) from None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise ToolTimeout(f"{cmd[0]} did not finish within {timeout:g} s") from None
+    except BaseException:
+        kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
 
 
 def retry(cmd: Sequence[str], *, attempts: int = RETRY_ATTEMPTS, delay: float = RETRY_DELAY,

@@ -1,10 +1,11 @@
-"""Deleting images and collecting what no image references any more.
+"""Deleting images, then collecting what no image references any more (engine/collect.py).
 
-Order (a crash at any point leaves a valid repository): delete the image index; copy the live
-blobs of partly dead packs into new packs; write one chunk-index file naming every live chunk;
-delete the old chunk-index files; delete dead and copied packs. Sealed blobs are copied as they
-are: their authentication binds the chunk id (and a delta's base id), not the pack. A chunk is
-live when an image names it or when it is the base of a live delta.
+Order (a crash at any point leaves a valid repository): under the lock, the removals the catalog
+log already records are finished; one log entry records the images being deleted (the commit
+point: from then on they count as removed); their indexes are deleted; then the collection frees
+packs nothing needs, copies the needed blobs out of partly dead packs, writes the new chunk index,
+deletes the old index files and the copied packs. Held images are refused (nothing is removed), and
+so is everything in an append-only repository.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from imgbackup.errors import IntegrityError, UnsupportedFormat
-from imgbackup.repository.chunkindex import ChunkIndex
-from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name
+from imgbackup import audit, interrupts
+from imgbackup.engine.removal import begin, collect
 from imgbackup.repository.repo import Repository
 
 
 @dataclass
 class DeleteResult:
     deleted: list[str]
+    retained: list[str] = field(default_factory=list)   # indexes Object Lock keeps until their date
     packs_deleted: int = 0
     packs_rewritten: int = 0
     chunks_removed: int = 0
@@ -29,66 +30,38 @@ class DeleteResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _referenced(repo: Repository) -> set[bytes] | None:
-    """Every chunk id some image names; None when an image cannot be read (then nothing is collected)."""
-    ids: set[bytes] = set()
-    for image_id in repo.images.ids():
-        try:
-            ids |= repo.images.load(image_id).unique_ids()
-        except (IntegrityError, UnsupportedFormat):
-            return None
-    return ids
-
-
 def delete_images(repo: Repository, image_ids: list[str]) -> DeleteResult:
+    """Delete the images and collect their chunks; a ``delete`` audit event records it."""
+    with audit.audited("delete", repository=repo.config.id, location=repo.location,
+                       image=",".join(image_ids)) as event:
+        result = _delete(repo, image_ids)
+        event.update(bytes=result.bytes_freed, chunks_removed=result.chunks_removed, images=len(image_ids))
+    return result
+
+
+def _delete(repo: Repository, image_ids: list[str]) -> DeleteResult:
     started = time.monotonic()
     result = DeleteResult(deleted=list(image_ids))
-    with repo.lock("delete"):
-        repo.remove_temp_files()
-        for image_id in image_ids:
-            repo.images.delete(image_id)
-        live = _referenced(repo)
-        if live is None:
-            result.warnings.append("an image index is damaged, so no chunks were collected; run 'imgbackup verify'")
-        else:
-            _collect(repo, live, result)
+    repo.refuse_if_append_only("delete")
+    with repo.lock("delete", may_use_reserve=True):
+        interrupts.set_status("nothing was deleted")
+        view, retained = begin(repo, "delete")
+        with interrupts.deferred():   # the catalog entry is the commit point: the status must match it
+            result.retained = repo.remove_images(image_ids, "deleted", view) + retained
+            interrupts.set_status(_interrupted_state(image_ids, image_ids))
+        collected = collect(repo, result.retained, _interrupted_state(image_ids, image_ids, freeing_left=False))
+        interrupts.set_status(f"{_interrupted_state(image_ids, image_ids, freeing_left=False)} and the space "
+                              "only they used freed")
+    done = collected.done
+    result.packs_deleted, result.packs_rewritten = done.packs_deleted, done.packs_rewritten
+    result.chunks_removed, result.bytes_freed = done.chunks_removed, done.bytes_freed
+    result.warnings = collected.warnings
     result.duration_s = round(time.monotonic() - started, 3)
     return result
 
 
-def _collect(repo: Repository, live: set[bytes], result: DeleteResult) -> None:
-    storage = repo.storage
-    index = ChunkIndex.load(storage, repo.envelope)
-    live = live | index.bases_of(live)    # a live delta keeps its base, whichever image named it
-    by_pack: dict[bytes, list[tuple[bytes, BlobLocation]]] = {}
-    for cid, loc in index.locations.items():
-        by_pack.setdefault(loc.pack_id, []).append((cid, loc))
-    known_packs = {pack_name(p) for p in by_pack}
-    orphans = [n for n in storage.list("packs") if n not in known_packs]
-    keep: dict[bytes, BlobLocation] = {}
-    doomed: list[str] = []
-    writer = PackWriter(storage, repo.envelope)
-    for pack_id, items in by_pack.items():
-        alive = [(cid, loc) for cid, loc in items if cid in live]
-        result.chunks_removed += len(items) - len(alive)
-        if len(alive) == len(items):
-            keep.update(alive)
-            continue
-        doomed.append(pack_name(pack_id))
-        for cid, loc in alive:
-            writer.add(cid, storage.get_range(pack_name(pack_id), loc.offset, loc.length), loc.raw_length, loc.base)
-    if not doomed and not orphans and len(index.files) <= 1:
-        return
-    writer.flush()
-    keep.update(writer.written)
-    old_files = list(index.files)
-    fresh = ChunkIndex()
-    fresh.store(storage, repo.envelope, keep)
-    for name in old_files:
-        storage.delete(name)
-    for name in doomed + orphans:
-        result.bytes_freed += storage.size(name)
-        storage.delete(name)
-    result.bytes_freed -= writer.bytes_written
-    result.packs_deleted = len(doomed) + len(orphans)
-    result.packs_rewritten = len({loc.pack_id for loc in writer.written.values()})
+def _interrupted_state(deleted: list[str], wanted: list[str], freeing_left: bool = True) -> str:
+    if not deleted:
+        return "nothing was deleted"
+    done = f"{len(deleted)} of {len(wanted)} image(s) deleted ({', '.join(i[:12] for i in deleted)})"
+    return f"{done}; the space they used is not freed yet ('imgbackup compact' frees it)" if freeing_left else done

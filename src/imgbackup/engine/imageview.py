@@ -27,7 +27,7 @@ from imgbackup.repository.repo import Repository
 
 DEFAULT_CACHE_BYTES = 64 << 20   # decoded chunks kept: a filesystem's metadata hot set while it is walked
 DEFAULT_READAHEAD_CHUNKS = 8     # fetched ahead of a sequential reader (dd, a checker's pass)
-DEFAULT_WORKERS = 2              # read-ahead threads; a reader that misses fetches on its own thread
+DEFAULT_WORKERS = 2              # read-ahead threads at least (more when the storage takes more reads in flight)
 _RECENT_ENDS = 16                # read ends remembered to tell sequential streams from random reads
 
 
@@ -49,8 +49,9 @@ class ImageView:
         self._inflight: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._recent_ends: deque[int] = deque(maxlen=_RECENT_ENDS)
-        self._readahead = readahead_chunks
-        self._workers = workers
+        # a bucket answers after a round trip: keep twice as much ahead so its reads overlap
+        self._readahead = readahead_chunks * (2 if getattr(repo.storage, "remote", False) else 1)
+        self._workers = max(workers, self.reader.parallelism)
         self._pool: ThreadPoolExecutor | None = None   # created lazily, and again after a fork
         self._pid = os.getpid()
         self.chunk_reads = 0                            # chunks fetched from the repository (for tests)
@@ -105,26 +106,35 @@ class ImageView:
         try:
             data = self._load(slot)
         except BaseException as exc:
-            with self._lock:
-                self._inflight.pop(slot, None)
-            fut.set_exception(exc)
+            self._settle(slot, fut, error=exc)
             if wait:
                 raise
             return None
-        with self._lock:
-            self._inflight.pop(slot, None)
-            self._cache[slot] = data
-            while len(self._cache) > self._cache_slots:
-                self._cache.popitem(last=False)
-        fut.set_result(data)
+        self._settle(slot, fut, data)
         return data
 
-    def _load(self, slot: int) -> bytes:
-        chunk_id = bytes(self.index.ids[int(self._rank[slot])])
+    def _settle(self, slot: int, fut: Future, data: bytes | None = None, error: BaseException | None = None) -> None:
+        """Hand a fetched slot to the cache and to whoever waits on its future."""
+        with self._lock:
+            self._inflight.pop(slot, None)
+            if error is None:
+                self._cache[slot] = data
+                while len(self._cache) > self._cache_slots:
+                    self._cache.popitem(last=False)
+        if error is None:
+            fut.set_result(data)
+        else:
+            fut.set_exception(error)
+
+    def _slot_id(self, slot: int) -> bytes:
+        return bytes(self.index.ids[int(self._rank[slot])])
+
+    def _load(self, slot: int, blob_plain: bytes | None = None) -> bytes:
+        chunk_id = self._slot_id(slot)
         start = slot * self.chunk_size
         self.chunk_reads += 1
         try:
-            data = self.reader.read(chunk_id)
+            data = self.reader.read(chunk_id) if blob_plain is None else blob_plain
         except IntegrityError as exc:
             raise IntegrityError(f"chunk {chunk_id.hex()[:16]} at image offset {start} "
                                  f"(bytes {start}-{start + self.index.slot_length(slot) - 1}) "
@@ -135,23 +145,51 @@ class ImageView:
         return data
 
     def _maybe_read_ahead(self, offset: int, end: int, last: int) -> None:
-        """When this read continues an earlier one, fetch the next chunks in the background."""
+        """When this read continues an earlier one, fetch the next chunks in the background:
+        neighbours in a pack in one ranged read (ChunkReader groups), several reads at once."""
         with self._lock:
             sequential = offset in self._recent_ends
             self._recent_ends.append(end)
-        if not sequential or self._readahead <= 0:
-            return
-        stop = min(last + 1 + self._readahead, self.index.slots)
-        todo = [s for s in range(last + 1, stop) if self._rank[s] >= 0 and s not in self._cache
-                and s not in self._inflight]
-        if not todo:
+            if not sequential or self._readahead <= 0:
+                return
+            stop = min(last + 1 + self._readahead, self.index.slots)
+            claimed: list[tuple[int, Future]] = []
+            for s in range(last + 1, stop):
+                if self._rank[s] >= 0 and s not in self._cache and s not in self._inflight:
+                    claimed.append((s, self._inflight.setdefault(s, Future())))
+        if not claimed:
             return
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="imgbackup-view")
-        for slot in todo:
-            self._pool.submit(self._fetch, slot, False)
+        try:
+            groups = list(self.reader.groups_in_order(self._slot_id(s) for s, _ in claimed))
+        except IntegrityError as exc:   # an id no pack holds: those reads fail on their own
+            for s, fut in claimed:
+                self._settle(s, fut, error=exc)
+            return
+        pos = 0
+        for group in groups:
+            self._pool.submit(self._load_group, claimed[pos:pos + len(group[2])], group)
+            pos += len(group[2])
+
+    def _load_group(self, slots: list[tuple[int, Future]], group) -> None:
+        """Read-ahead of several slots with one ranged read; when any of them fails, each is read on
+        its own (a damaged chunk then fails only its own reads, a flipped answer is read again)."""
+        try:
+            plains = self.reader.open_group(group)
+            loaded = [self._load(s, p) for (s, _), p in zip(slots, plains, strict=True)]
+        except BaseException:
+            loaded = None
+        for i, (slot, fut) in enumerate(slots):
+            if loaded is not None:
+                self._settle(slot, fut, loaded[i])
+                continue
+            try:
+                self._settle(slot, fut, self._load(slot))
+            except BaseException as exc:
+                self._settle(slot, fut, error=exc)
 
     def _after_fork(self) -> None:
         """In a forked child the pool's threads and any in-flight fetches do not exist: start afresh."""

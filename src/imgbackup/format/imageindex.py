@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from imgbackup.errors import IntegrityError
-from imgbackup.format.imageheader import parse_header  # noqa: F401 - re-exported
+from imgbackup.format.imageheader import bad_ranges, parse_header  # noqa: F401 - re-exported
 from imgbackup.format.layout import (
     FORMAT_VERSION,
     ID_SIZE,
@@ -23,6 +23,7 @@ from imgbackup.format.layout import (
     SLOT_DATA,
     SLOT_UNUSED,
 )
+from imgbackup.format.validate import damaged, need_bytes
 
 
 @dataclass
@@ -90,30 +91,41 @@ class ImageIndex:
         return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
+def body_size_limit(meta: dict) -> int:
+    """The most bytes a body of this (checked) header can hold: what decompressing it may produce."""
+    slots = int(meta["slots"])
+    return IMAGE_BODY_HEAD.size + slots * (1 + ID_SIZE) + (slots + 7) // 8
+
+
 def parse_body(meta: dict, body: bytes) -> ImageIndex:
+    """The body of an image whose header ``parse_header`` checked: every length against the bytes
+    present before an array is made, kinds, bitmap padding, slot count and content digest."""
     image_id = meta["id"]
-    if hashlib.sha256(body).hexdigest() != meta.get("body_sha256"):
+    what = f"image {image_id} index body"
+    if hashlib.sha256(body).hexdigest() != meta["body_sha256"]:
         raise IntegrityError(f"image {image_id}: index body does not match its header digest")
     if len(body) < IMAGE_BODY_HEAD.size:
         raise IntegrityError(f"image {image_id}: index body is truncated")
     magic, version, chunk_size, slots = IMAGE_BODY_HEAD.unpack_from(body)
     if magic != IMAGE_BODY_MAGIC or version != FORMAT_VERSION or chunk_size != meta["chunk_size"]:
         raise IntegrityError(f"image {image_id}: index body has a bad header")
+    if slots != meta["slots"]:
+        raise IntegrityError(f"image {image_id}: index has {slots} slots, expected {meta['slots']}")
     pos = IMAGE_BODY_HEAD.size
+    end = need_bytes(body, pos, slots, 1, what, "slot kinds")
     kinds = np.frombuffer(body, np.uint8, slots, pos).copy()
     if kinds.max(initial=0) > SLOT_UNUSED:
         raise IntegrityError(f"image {image_id}: index has an invalid slot kind")
-    pos += slots
     n_data = int(np.count_nonzero(kinds == SLOT_DATA))
-    if len(body) < pos + n_data * ID_SIZE:
-        raise IntegrityError(f"image {image_id}: index body is truncated")
+    pos, end = end, need_bytes(body, end, n_data, ID_SIZE, what, "chunk ids")
     ids = np.frombuffer(body, np.uint8, n_data * ID_SIZE, pos).reshape(n_data, ID_SIZE).copy()
-    pos += n_data * ID_SIZE
-    changed = np.frombuffer(body, np.uint8, len(body) - pos, pos).copy()
+    bitmap = (slots + 7) // 8
+    if len(body) != end + bitmap:
+        raise damaged(what, f"its changed-slot bitmap is {len(body) - end} bytes, not {bitmap}")
+    changed = np.frombuffer(body, np.uint8, bitmap, end).copy()
+    if slots % 8 and int(changed[-1]) >> (slots % 8):
+        raise damaged(what, "padding bits of its changed-slot bitmap are set")
     index = ImageIndex(meta, kinds, ids, changed)
-    if index.content_digest() != meta.get("content_digest"):
+    if index.content_digest() != meta["content_digest"]:
         raise IntegrityError(f"image {image_id}: index content digest mismatch")
-    expected_slots = (index.size + chunk_size - 1) // chunk_size
-    if slots != expected_slots:
-        raise IntegrityError(f"image {image_id}: index has {slots} slots, expected {expected_slots}")
     return index

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 3     # 3: key slots, per-session data keys, signed config (FORMAT.md, "Version 3"); 2: BLAKE3, deltas
+FORMAT_VERSION = 4     # 2: keyed BLAKE3 ids, delta chunks, key id in the envelope; 3: the catalog log, hold
+                       # records, append-only and S3 Object Lock settings; 4: key slots, per-session data
+                       # keys sealed to X25519, the config signed with Ed25519 (FORMAT.md, "Version 4")
 
 # Slot kinds in an image index.
 SLOT_ZERO = 0      # all-zero chunk: nothing stored
@@ -36,6 +38,10 @@ OBJ_IMAGE_HEADER = 2
 OBJ_IMAGE_BODY = 3
 OBJ_CHUNK_INDEX = 4
 OBJ_PACK_TRAILER = 5
+OBJ_DAMAGE_RECORD = 6
+OBJ_CHECK_RECORD = 7     # a verify or drill result
+OBJ_CATALOG_ENTRY = 8    # one entry of the catalog log
+OBJ_HOLD_RECORD = 9      # a legal hold placed or released
 
 # Pack file: header, blobs, trailer envelope, footer.
 PACK_MAGIC = b"IMGBPACK"

@@ -155,12 +155,32 @@ def _probe_all(read: Reader, start: int, size: int) -> list[str]:
     return found
 
 
+# Content we recognise but cannot map: (offset in the region, magic, what it is). Named in the warning.
+FOREIGN_SIGNATURES = (
+    (0, b"LUKS\xba\xbe", "LUKS-encrypted"),
+    (3, b"-FVE-FS-", "BitLocker-encrypted"),
+    *((512 * i, b"LABELONE", "an LVM physical volume") for i in range(4)),
+    (0x10040, b"_BHRfS_M", "btrfs (no used-block map for it yet)"),
+    (4096, struct.pack("<I", 0xA92B4EFC), "a Linux software-RAID member"),
+    (0, struct.pack("<I", 0xA92B4EFC), "a Linux software-RAID member"),
+)
+
+
+def _foreign(read: Reader, start: int, size: int) -> str | None:
+    for offset, magic, what in FOREIGN_SIGNATURES:
+        if offset + len(magic) <= size and bytes(read(start + offset, len(magic))) == magic:
+            return what
+    return None
+
+
 def map_region(read: Reader, bits: np.ndarray, bs: int, start: int, size: int,
                partition: int | None) -> RegionReport:
     """Probe one region and clear, in ``bits``, the map blocks wholly inside its free space."""
     found = _probe_all(read, start, size)
     if not found:
-        return RegionReport(start, size, partition, None, "full", size)
+        what = _foreign(read, start, size) or "no filesystem imgbackup can map"
+        return RegionReport(start, size, partition, None, "full", size,
+                            f"{what}: imaged in full, every block")
     fstype = "+".join(found)
     if len(found) > 1:
         return RegionReport(start, size, partition, fstype, "full", size,

@@ -10,6 +10,7 @@ cannot together remove the last full key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,7 @@ from imgbackup.errors import (
     UsageError,
     WrongPassphrase,
 )
-from imgbackup.repository.config import CONFIG_NAME, RepoConfig
+from imgbackup.repository.config import CONFIG_NAME, check_config
 from imgbackup.repository.repo import Repository, encode_slot
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
@@ -81,9 +82,9 @@ def read_slots(storage: Storage) -> tuple[list[dict], list[str]]:
 
 
 def _order(docs: list[dict], repo_id: str) -> list[dict]:
-    wanted = os.environ.get(SLOT_ENV, "").strip().lower()
+    wanted = os.environ.get(SLOT_ENV, "").strip()
     if wanted:
-        chosen = [d for d in docs if d["slot"].startswith(wanted)]
+        chosen = [d for d in docs if d["slot"].startswith(wanted.lower()) or d["label"] == wanted]
         if not chosen:
             raise UsageError(f"{SLOT_ENV}={wanted}: no such key slot", "'imgbackup key list' shows the slots")
         return chosen
@@ -91,29 +92,30 @@ def _order(docs: list[dict], repo_id: str) -> list[dict]:
     return sorted(docs, key=lambda d: d["slot"] != first)
 
 
-def unlock(storage: Storage, config: RepoConfig, signature: str, passphrase: Callable[[], bytes]
-           ) -> tuple[KeyBundle, str]:
-    """The bundle of the first slot the passphrase opens that matches the config, and its slot id."""
-    repo_id = bytes.fromhex(config.id)
+def unlock(storage: Storage, config: dict, signature: str, passphrase: Callable[[], bytes]
+           ) -> tuple[KeyBundle, str, bool]:
+    """The bundle of the first slot the passphrase opens that matches the config (``peek_config``'s
+    document), its slot id, and whether that slot was unencrypted (``--encryption none``)."""
+    repo_id = bytes.fromhex(config["id"])
     docs, damaged = read_slots(storage)
     if not docs:
         raise IntegrityError(f"the repository has no usable key slot ({'; '.join(damaged) or 'keys/ is empty'})",
                              "open it with the paper recovery sheet: 'imgbackup key import --paper FILE'")
     secret: bytes | None = None
     mismatch: ImgBackupError | None = None
-    for doc in _order(docs, config.id):
+    for doc in _order(docs, config["id"]):
         if doc.get("kdf") is not None and secret is None:
             secret = passphrase()
         try:
             bundle = open_slot(doc, secret, repo_id)
-            config.check(signature, bundle)
+            check_config(config, signature, bundle)
         except WrongPassphrase:
             continue
         except IntegrityError as exc:    # unwraps but does not fit (an interrupted rotation, a damaged slot)
             mismatch = mismatch or exc
             continue
-        remember_slot(config.id, doc["slot"])
-        return bundle, doc["slot"]
+        remember_slot(config["id"], doc["slot"])
+        return bundle, doc["slot"], doc.get("kdf") is None
     if mismatch is not None:
         raise mismatch
     count = len(docs)
@@ -214,7 +216,7 @@ def rotate(repo: Repository, passphrase: bytes, label: str) -> tuple[Repository,
         rotated = repo.keys.rotated()
         docs, damaged = read_slots(repo.storage)
         new = _create_slot(repo.storage, rotated, passphrase, label, rotated)
-        config = RepoConfig(**{k: v for k, v in repo.config.__dict__.items()})
+        config = dataclasses.replace(repo.config)
         data = config.to_bytes(rotated)
         repo.storage.put(CONFIG_NAME, data)
         confirm_stored(repo.storage, CONFIG_NAME, len(data))

@@ -21,7 +21,9 @@ import socket
 import time
 from dataclasses import dataclass
 
-from imgbackup.errors import RepositoryLocked
+from imgbackup import audit
+from imgbackup.errors import IntegrityError, RepositoryFull, RepositoryLocked, StorageError
+from imgbackup.format import validate as v
 from imgbackup.repository.storage import ObjectMissing, Storage
 
 LOCK_NAME = "locks/exclusive"
@@ -68,13 +70,25 @@ class LockInfo:
         return current == "" or current != self.start_time
 
 
-class RepositoryLock:
-    """Context manager holding the exclusive lock of one repository."""
+RESERVE_NAME = "locks/reserve"
+RESERVE_BYTES = 256 << 10   # held back from the disk so delete/compact can start on a full one: the lock
+                            # itself, a damage record and a small index fit in it
 
-    def __init__(self, storage: Storage, command: str = "") -> None:
+
+class RepositoryLock:
+    """Context manager holding the exclusive lock of one repository.
+
+    ``may_use_reserve`` (commands that free space): when the disk is too full to create the lock,
+    delete the reserve object first — it holds no data, so anyone may — and create it again on
+    release, once space was freed."""
+
+    def __init__(self, storage: Storage, command: str = "", may_use_reserve: bool = False,
+                 repository: str | None = None, location: str | None = None) -> None:
         self.storage = storage
         self.command = command
+        self.audit_fields = {"repository": repository, "location": location}   # for the takeover event
         self.held = False
+        self.may_use_reserve = may_use_reserve
 
     def _mine(self) -> LockInfo:
         pid = os.getpid()
@@ -91,7 +105,7 @@ class RepositoryLock:
         for attempt in range(20):
             if attempt:
                 time.sleep(0.005 * attempt)  # a takeover by another process is under way
-            if self.storage.create(LOCK_NAME, mine):
+            if self._create(mine):
                 self.held = True
                 return
             try:
@@ -107,6 +121,15 @@ class RepositoryLock:
                 "wait for it to finish; if that process is gone, run 'imgbackup break-lock'",
             )
         raise RepositoryLocked("could not take the repository lock (it changes hands too fast)")
+
+    def _create(self, mine: bytes) -> bool:
+        try:
+            return self.storage.create(LOCK_NAME, mine)
+        except RepositoryFull:
+            if not self.may_use_reserve or not self.storage.exists(RESERVE_NAME):
+                raise
+            self.storage.delete(RESERVE_NAME)
+            return self.storage.create(LOCK_NAME, mine)
 
     def _take_over(self, stale: bytes, mine: bytes) -> None:
         """Delete the stale lock ``stale`` if this process wins the claim to do so."""
@@ -124,6 +147,8 @@ class RepositoryLock:
         try:
             if self.storage.get(LOCK_NAME) == stale:
                 self.storage.delete(LOCK_NAME)
+                audit.emit("lock_takeover", **self.audit_fields, holder=_parse(stale).describe(),
+                           taken_for=self.command)
         except ObjectMissing:
             pass
         finally:
@@ -131,6 +156,8 @@ class RepositoryLock:
 
     def release(self) -> None:
         if self.held:
+            if self.may_use_reserve:
+                put_reserve(self.storage)
             self.storage.delete(LOCK_NAME)
             self.held = False
 
@@ -142,10 +169,28 @@ class RepositoryLock:
         self.release()
 
 
-def _parse(raw: bytes) -> LockInfo:
+def put_reserve(storage: Storage) -> None:
+    """(Re)create the reserve object if it is missing and there is room; never fails. Only on a
+    storage that can run full (a bucket has no such limit)."""
+    if not storage.fills_up:
+        return
     try:
-        return LockInfo(**json.loads(raw))
-    except (ValueError, TypeError):
+        if not storage.exists(RESERVE_NAME):
+            storage.put(RESERVE_NAME, bytes(RESERVE_BYTES))
+    except StorageError:
+        pass
+
+
+def _parse(raw: bytes) -> LockInfo:
+    """The lock's JSON with every field's type checked (it is not sealed: anything may be in it); an
+    unreadable one is held by "unknown" (never stale, so only break-lock removes it)."""
+    what = LOCK_NAME
+    try:
+        doc = v.obj(v.parse_json(raw, what), what)
+        return LockInfo(v.text(doc, "host", what), v.integer(doc, "pid", what, 0, 1 << 31),
+                        v.number(doc, "since", what), v.text(doc, "start_time", what),
+                        v.text(doc, "boot_id", what), v.text(doc, "command", what, optional=True) or "")
+    except IntegrityError:
         return LockInfo("unknown", 0, 0.0, "", "", "unreadable lock file")
 
 

@@ -2,34 +2,60 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hmac
+import json
 import os
 import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from imgbackup import __version__
+from imgbackup import __version__, audit, interrupts
 from imgbackup.crypto.datakeys import DataKeys, data_key_name
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.crypto.keys import KeyBundle
 from imgbackup.crypto.protect import forbid_core_dumps
 from imgbackup.crypto.slots import make_slot, new_slot_id, slot_name
 from imgbackup.errors import (
+    AppendOnly,
+    ImageHeld,
+    ImageNotFound,
     IntegrityError,
     KeyNotAllowed,
+    ObjectRetained,
     RepositoryExists,
     RepositoryNotFound,
+    StorageError,
+    UnsupportedFormat,
     UsageError,
+    WrongPassphrase,
 )
-from imgbackup.repository.config import CONFIG_NAME, MAX_CHUNK, MIN_CHUNK, RepoConfig
+from imgbackup.repository.catalog import Catalog, CatalogView
+from imgbackup.repository.config import (
+    CONFIG_NAME,
+    ENCRYPTIONS,
+    LOCK_MODES,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    RepoConfig,
+    check_config,
+    peek_config,
+)
+from imgbackup.repository.damage import DamageLog
+from imgbackup.repository.holds import Hold, HoldStore, holds_in_force
 from imgbackup.repository.images import ImageStore
-from imgbackup.repository.lock import RepositoryLock
+from imgbackup.repository.localcache import HeaderCache
+from imgbackup.repository.lock import RepositoryLock, put_reserve
 from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored, open_storage
 
-ENCRYPTIONS = ("aes-256-gcm", "none")
 DEFAULT_CHUNK_SIZE = 1 << 20
-FOLDERS = ("packs", "index", "images", "locks", "keys", "datakeys")
+MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
+FOLDERS = ("packs", "index", "images", "locks", "damage", "catalog", "holds", "keys", "datakeys")
+IGNORED_AT_INIT = ("lockprobe/", "locks/")   # an earlier init's lock-probe canaries (retained) do not count
+REMOVALS_PER_ENTRY = 2000   # events in one catalog entry (~200 KB): a prune of thousands writes several
 
 if TYPE_CHECKING:
     from imgbackup.repository.chunkindex import ChunkIndex
@@ -44,6 +70,28 @@ def _storage(where: str | os.PathLike | Storage, for_writing: bool) -> Storage:
     return where
 
 
+def _check_object_lock(storage: Storage, lock: tuple[str, int]) -> dict:
+    """Refuse Object Lock where the storage cannot do it or the server does not enforce it; the probe's result."""
+    mode, _seconds = lock
+    if mode not in LOCK_MODES:
+        raise UsageError(f"unknown object lock mode {mode!r}; choose {' or '.join(LOCK_MODES)}")
+    enabled = getattr(storage, "object_lock_enabled", None)
+    if enabled is None:
+        raise UsageError(f"{storage.location} cannot lock objects: Object Lock needs an S3 bucket",
+                         "for a directory, --append-only guards against accidents (not against root)")
+    if not enabled():
+        raise UsageError(f"the bucket of {storage.location} was not created with Object Lock enabled",
+                         "create a bucket with Object Lock (e.g. aws s3api create-bucket "
+                         "--object-lock-enabled-for-bucket) and init there")
+    probe = storage.lock_probe(mode)   # type: ignore[attr-defined]
+    if not probe["passed"]:
+        failed = ", ".join(k for k, ok in probe["checks"].items() if not ok)
+        raise StorageError(f"the S3 server at {storage.location} does not enforce Object Lock ({failed} failed "
+                           "on a test object)", "nothing was written; use a server that enforces it, or init "
+                           "without --object-lock")
+    return probe
+
+
 class Repository:
     def __init__(self, storage: Storage, config: RepoConfig, keys: KeyBundle, location: str,
                  slot: str | None = None) -> None:
@@ -55,7 +103,10 @@ class Repository:
         self.data_keys = DataKeys(keys, self._store_data_key, self._fetch_data_key)
         meta = {g.number: g.meta_key for g in keys.generations}
         self.envelope = Envelope(None if config.encryption == "none" else meta, config.zstd_level, self.data_keys)
-        self.images = ImageStore(storage, self.envelope)
+        self.catalog = Catalog(storage, self.envelope, config.id)
+        cache = HeaderCache.for_repository(config.id) if getattr(storage, "remote", False) else None
+        self.images = ImageStore(storage, self.envelope, self.catalog, cache)
+        self.holds = HoldStore(storage, self.envelope)
         self._chunks: ChunkIndex | None = None
 
     @property
@@ -68,15 +119,29 @@ class Repository:
         return self.keys.full or self.config.encryption == "none"
 
     def require_full_key(self, action: str) -> None:
-        """The one refusal (exit 4) of everything a backup-only key must not do: read data, remove."""
+        """The one refusal (exit 4) of everything a backup-only key must not do: read data, remove, sign."""
         if not self.keys.full:
             raise KeyNotAllowed(f"this key is backup-only: it can add images but not {action}")
 
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
-             zstd_level: int = 3, label: str = "init") -> Repository:
-        """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage."""
+             zstd_level: int = 3, related_to: Repository | None = None, weak_passphrase: bool = False,
+             append_only: bool = False, object_lock: tuple[str, int] | None = None,
+             label: str = "init") -> Repository:
+        """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage.
+
+        ``related_to``: the new repository shares that one's key bundle (chunk-id key, every
+        generation's keys) and chunk size, under an id and a key slot of its own, so ``copy`` can move
+        sealed chunks, data keys and image indexes between the two verbatim (FORMAT.md §2.1).
+        ``label``: the first key slot's label (``key list`` shows it).
+        ``object_lock`` = (mode, seconds): S3 Object Lock; the server must pass the lock probe
+        before anything is written, and then every object is written with a retention date."""
+        if related_to is not None and (chunk_size != related_to.chunk_size
+                                       or encryption != related_to.config.encryption):
+            raise UsageError("a related repository has the chunk size and encryption of the one it is "
+                             f"related to ({related_to.chunk_size} bytes, {related_to.config.encryption})",
+                             "leave out --chunk-size and --encryption with --related-to")
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
@@ -86,42 +151,86 @@ class Repository:
         storage = _storage(where, for_writing=True)
         if storage.exists(CONFIG_NAME):
             raise RepositoryExists(f"{storage.location} already holds a repository")
-        if next(iter(storage.list("")), None) is not None:
+        if next((n for n in storage.list("") if not n.startswith(IGNORED_AT_INIT)), None) is not None:
             raise RepositoryExists(f"{storage.location} exists and is not empty",
                                    "choose a new or empty directory or prefix")
+        probe = _check_object_lock(storage, object_lock) if object_lock else None
         forbid_core_dumps()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
-        keys = KeyBundle.generate(bytes.fromhex(config.id))
+        if related_to is not None:
+            related_to.require_full_key("make a related repository")
+            keys = dataclasses.replace(related_to.keys, repo_id=bytes.fromhex(config.id))
+        else:
+            keys = KeyBundle.generate(bytes.fromhex(config.id))
+        config.append_only = append_only
+        if object_lock:
+            config.object_lock = {"mode": object_lock[0], "seconds": int(object_lock[1])}
+            storage.use_object_lock(object_lock[0], int(object_lock[1]))   # type: ignore[attr-defined]
         secret = passphrase() if encryption != "none" else None
+        if secret is not None:
+            refuse_weak_passphrase(secret, weak_passphrase)
         slot = new_slot_id()
-        storage.prepare(FOLDERS)
-        storage.put(slot_name(slot), encode_slot(make_slot(keys, secret, slot, label, signer=keys)))
-        storage.put(CONFIG_NAME, config.to_bytes(keys))  # last: a repository exists once it is there
-        return cls(storage, config, keys, storage.location, slot)
+        slot_doc = make_slot(keys, secret, slot, label, signer=keys)
+        with interrupts.deferred():   # a few small writes: a repository is made whole or not begun
+            storage.prepare(FOLDERS)
+            storage.put(slot_name(slot), encode_slot(slot_doc))
+            put_reserve(storage)
+            repo = cls(storage, config, keys, storage.location, slot)
+            repo.catalog.append([{"event": "created"}, {"event": "append_only", "value": append_only},
+                                 *([{"event": "lock_probe", "result": probe}] if probe else [])])
+            storage.put(CONFIG_NAME, config.to_bytes(keys))  # last: a repository exists once it is there
+            interrupts.set_status(f"the repository {storage.location} was created")
+        return repo
 
     @classmethod
     def open(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource,
              for_writing: bool = False) -> Repository:
-        """Open the repository at ``where`` with whichever key slot the passphrase opens;
-        ``for_writing`` lets the backend check, once, that it can keep the repository's promises
+        """Open the repository at ``where`` with whichever key slot the passphrase opens (FORMAT.md
+        2.1); ``for_writing`` lets the backend check, once, that it can keep the repository's promises
         (S3: that the server honours create-if-absent)."""
         from imgbackup.repository.keyslots import unlock
 
         storage = _storage(where, for_writing)
-        config, signature = read_config(storage)
+        doc, signature = _read_config(storage)
         forbid_core_dumps()
-        keys, slot = unlock(storage, config, signature, passphrase)
-        return cls(storage, config, keys, storage.location, slot)
+        try:
+            keys, slot, unwrapped = unlock(storage, doc, signature, passphrase)
+        except WrongPassphrase as exc:
+            audit.emit("passphrase_failed", "failed", repository=doc["id"], location=storage.location, error=str(exc))
+            raise
+        if (doc.get("encryption") == "none") != unwrapped:
+            raise IntegrityError(f"key slot {slot} does not match the config's encryption "
+                                 "(replaced or tampered with)")
+        return cls._opened(storage, doc, keys, slot, for_writing)
 
     @classmethod
     def open_with_bundle(cls, where: str | os.PathLike | Storage, keys: KeyBundle,
                          for_writing: bool = False) -> Repository:
-        """Open with a key bundle in hand (a paper recovery sheet), no slot involved."""
+        """Open with a key bundle in hand (a paper recovery sheet), no key slot involved."""
         storage = _storage(where, for_writing)
-        config, signature = read_config(storage)
+        doc, signature = _read_config(storage)
         forbid_core_dumps()
-        config.check(signature, keys)
-        return cls(storage, config, keys, storage.location, None)
+        check_config(doc, signature, keys)
+        return cls._opened(storage, doc, keys, None, for_writing)
+
+    @classmethod
+    def _opened(cls, storage: Storage, doc: dict, keys: KeyBundle, slot: str | None, for_writing: bool) -> Repository:
+        config = RepoConfig.from_document(doc)     # only now: the signature covered every field
+        if config.object_lock:
+            use = getattr(storage, "use_object_lock", None)
+            if use is not None:
+                use(config.object_lock["mode"], config.object_lock["seconds"])
+            elif for_writing:
+                raise UsageError(f"the repository at {storage.location} is kept under S3 Object Lock, which this "
+                                 "storage cannot apply", "write to it only at its S3 bucket")
+        return cls(storage, config, keys, storage.location, slot)
+
+    def is_related(self, other: Repository) -> bool:
+        """Whether ``other`` holds the same key material and chunk size (``init --related-to``): its
+        sealed chunks and image indexes then authenticate here unchanged."""
+        mine, theirs = self.keys.to_bytes(), dataclasses.replace(other.keys, repo_id=self.keys.repo_id).to_bytes()
+        return (self.chunk_size == other.chunk_size and self.config.encryption == other.config.encryption
+                and self.keys.kind == other.keys.kind and hmac.compare_digest(mine, theirs))
 
     def _store_data_key(self, key_id: int, blob: bytes) -> bool:
         name = data_key_name(key_id)
@@ -136,27 +245,103 @@ class Repository:
         except ObjectMissing:
             raise IntegrityError(f"data key {key_id:016x} is missing (its chunks cannot be opened)") from None
 
-    def lock(self, command: str = "") -> RepositoryLock:
-        return RepositoryLock(self.storage, command)
+    def lock(self, command: str = "", may_use_reserve: bool = False) -> RepositoryLock:
+        """The writer lock; ``may_use_reserve`` for commands that free space (delete, compact, repair)."""
+        return RepositoryLock(self.storage, command, may_use_reserve, self.config.id, self.location)
 
-    def chunk_index(self) -> ChunkIndex:
+    def chunk_index(self, for_backup: bool = False) -> ChunkIndex:
+        """The chunk index without the copies damage records name (loaded once, then cached).
+
+        ``for_backup``: a backup dedups against this index, so every damage record must be readable,
+        and copies in packs that no longer exist are excluded too (one LIST of packs/: one request
+        per 1,000 packs on a bucket, ~16 GiB of data each; a directory walk here)."""
         from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
 
-        if self._chunks is None:
-            self._chunks = ChunkIndex.load(self.storage, self.envelope)
+        if self._chunks is None or (for_backup and not self._chunks.packs_checked):
+            damage = DamageLog.load(self.storage, self.envelope, strict=for_backup)
+            packs = set(self.storage.list("packs")) if for_backup else None
+            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs)
         return self._chunks
+
+    def reload_chunk_index(self) -> ChunkIndex:
+        """Load the index afresh (after another process changed it); keeps the pack check if made."""
+        checked = self._chunks is not None and self._chunks.packs_checked
+        self._chunks = None
+        return self.chunk_index(for_backup=checked)
 
     def pack_writer(self) -> PackWriter:
         """A writer streaming sealed chunks into new packs of this repository."""
         return PackWriter(self.storage, self.envelope)
 
-    def store_chunk_index(self, locations: dict[bytes, BlobLocation]) -> int:
-        """Record where new chunks live (after their packs are stored); returns the bytes written."""
-        return self.chunk_index().store(self.storage, self.envelope, locations)
+    def store_chunk_index(self, locations: dict[bytes, BlobLocation], names: list[str] | None = None) -> int:
+        """Record where new chunks live (after their packs are stored); returns the bytes written.
+        Each new file's name is appended to ``names`` before it is written (for a clean-up)."""
+        return self.chunk_index().store(self.storage, self.envelope, locations, names)
 
     def remove_temp_files(self) -> int:
         """Remove what killed writers left (temp files, multipart uploads); only under the lock."""
         return self.storage.remove_incomplete_writes()
+
+    # --- what may be removed ------------------------------------------------------------------
+
+    def refuse_if_append_only(self, command: str) -> None:
+        if self.config.append_only:
+            raise AppendOnly(f"the repository is append-only: {command} refused")
+
+    def held_images(self, view: CatalogView | None = None) -> dict[str, list[Hold]]:
+        """Images under legal hold, and their holds (from the hold records and the catalog log)."""
+        view = view or self.catalog.view()
+        return holds_in_force(self.holds, view.state.holds)
+
+    def remove_images(self, image_ids: list[str], event: str, view: CatalogView | None = None) -> list[str]:
+        """Remove images for good: refused (nothing removed) when one is held; the catalog records the
+        removal (that is the commit point), then the indexes go. Returns the ids whose index the
+        storage retained (Object Lock): a later prune, delete or compact removes them."""
+        held = self.held_images(view)
+        for image_id in image_ids:
+            if image_id in held:
+                hold = held[image_id][0]
+                by = f", placed by {hold.user} on {hold.host}" if hold.user else ""
+                raise ImageHeld(f"image {image_id[:12]} is under legal hold ({hold.reason}{by}); "
+                                "nothing was removed")
+        events = []
+        for image_id in image_ids:
+            event_doc = {"event": event, "image": image_id}
+            with contextlib.suppress(ImageNotFound, IntegrityError, UnsupportedFormat):
+                event_doc["name"] = str(self.images.read_meta(image_id).get("name"))
+            events.append(event_doc)
+        for start in range(0, len(events), REMOVALS_PER_ENTRY):
+            self.catalog.append(events[start : start + REMOVALS_PER_ENTRY])
+        return self.delete_image_objects(image_ids)
+
+    def delete_image_objects(self, image_ids: list[str]) -> list[str]:
+        """Delete image indexes whose removal the log holds; the ids the storage retained."""
+        retained = []
+        for image_id in image_ids:
+            try:
+                self.images.delete(image_id)
+            except ObjectRetained:
+                retained.append(image_id)
+        return retained
+
+    def pending_removals(self, view: CatalogView) -> list[str]:
+        """Images the log records as removed whose index is still there (a remover was interrupted,
+        or Object Lock retained the index): the next remover deletes them."""
+        removed = {i for i, r in view.state.images.items() if r["status"] == "removed"}
+        return [i for i in self.images.ids() if i in removed]
+
+    def set_append_only(self, value: bool) -> None:
+        """Turn append-only on or off. The order makes an interrupted change harmless: on = the config
+        first, then the log; off = the log first, then the config (verify flags a log that says on
+        beside a config that says off)."""
+        self.require_full_key("change the repository config")
+        self.config.append_only = value
+        if value:
+            self.storage.put(CONFIG_NAME, self.config.to_bytes(self.keys))
+            self.catalog.append([{"event": "append_only", "value": True}])
+        else:
+            self.catalog.append([{"event": "append_only", "value": False}])
+            self.storage.put(CONFIG_NAME, self.config.to_bytes(self.keys))
 
     def new_image_meta(self, **fields) -> dict:
         from imgbackup.format.layout import FORMAT_VERSION
@@ -173,14 +358,24 @@ class Repository:
 
 
 def encode_slot(doc: dict) -> bytes:
-    import json
-
     return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 
 
-def read_config(storage: Storage) -> tuple[RepoConfig, str]:
+def _read_config(storage: Storage) -> tuple[dict, str]:
+    """The config document and its signature, not yet checked against a key."""
+    root = getattr(storage, "root", None)   # a local directory: naming a file is "no repository" (3)
+    if isinstance(root, os.PathLike) and os.path.exists(root) and not os.path.isdir(root):
+        raise RepositoryNotFound(f"{root} is a file, not a repository directory")
     try:
         raw = storage.get(CONFIG_NAME)
     except ObjectMissing:
         raise RepositoryNotFound(f"no imgbackup repository at {storage.location}") from None
-    return RepoConfig.peek(raw)
+    return peek_config(raw)
+
+
+def refuse_weak_passphrase(secret: bytes, weak_ok: bool) -> None:
+    """A new passphrase (init, key add, key passwd) of fewer than MIN_PASSPHRASE_LENGTH characters is
+    refused unless the user said --weak-passphrase."""
+    if not weak_ok and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
+        raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
+                         "choose a longer one, or pass --weak-passphrase to accept it")

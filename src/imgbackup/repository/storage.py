@@ -11,6 +11,12 @@ Operations (the conformance suite, tests/test_storage_conformance.py, pins each 
   temp files, multipart uploads; call only while holding the repository lock);
 - ``prepare(folders)`` at init: a directory creates its folders; a bucket has none to create.
 
+Two tuning numbers belong to the storage, not to the engines: ``write_parallelism`` (objects a
+writer keeps committing at once: 1 for a directory, where commits queue on one disk's fsync, more
+for a bucket, where each PUT waits on a round trip) and ``read_parallelism`` (ranged reads a reader
+keeps in flight). ``remote`` says whether each request costs a round trip (a bucket), which is what
+local caches of immutable objects are for.
+
 Object names are relative paths with '/' separators (``packs/ab/ab12...``). Backends raise only
 the project's errors: ``ObjectMissing`` for a missing name, ``StorageError`` (exit 10) for the rest.
 
@@ -24,7 +30,8 @@ from typing import Protocol, runtime_checkable
 
 from imgbackup.errors import ObjectMissing, StorageError, UsageError
 
-__all__ = ["ObjectMissing", "ObjectWriter", "Storage", "StorageError", "confirm_stored", "open_storage"]
+__all__ = ["ObjectMissing", "ObjectWriter", "Storage", "StorageError", "confirm_stored", "open_storage",
+           "requests_made"]
 
 
 class ObjectWriter(Protocol):
@@ -36,6 +43,10 @@ class ObjectWriter(Protocol):
 @runtime_checkable
 class Storage(Protocol):
     location: str  # for messages and --json: never holds a secret
+    write_parallelism: int
+    read_parallelism: int
+    remote: bool
+    fills_up: bool  # a disk that can run full (a directory): it holds a reserve for the lock (lock.py)
 
     def open_writer(self, name: str) -> ObjectWriter: ...
     def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
@@ -47,6 +58,7 @@ class Storage(Protocol):
     def delete(self, name: str) -> None: ...
     def exists(self, name: str) -> bool: ...
     def remove_incomplete_writes(self) -> int: ...
+    def incomplete_writes(self) -> list[tuple[str, int]]: ...
     def prepare(self, folders: tuple[str, ...]) -> None: ...
 
 
@@ -73,10 +85,24 @@ def confirm_stored(storage: Storage, name: str, size: int) -> None:
 
 def open_storage(url: str, *, for_writing: bool = False) -> Storage:
     """The backend for a repository location: a path or ``file://PATH`` (directory),
-    ``s3://BUCKET/PREFIX`` (S3-compatible bucket), ``memory://NAME`` (in-process, for tests).
+    ``s3://BUCKET/PREFIX`` (S3-compatible bucket), ``memory://NAME`` (in-process, for tests),
+    wrapped in a ``CountingStorage`` (the ``requests`` of every command's ``--json``).
 
     ``for_writing`` lets a backend check, once, that it can keep the repository's promises
     (S3: the server honours create-if-absent)."""
+    from imgbackup.repository.counting import CountingStorage
+
+    return CountingStorage(_backend(url, for_writing))
+
+
+def requests_made() -> dict:
+    """Storage requests of this process so far, per operation (``--json`` ``requests``)."""
+    from imgbackup.repository.counting import requests_made as made
+
+    return made()
+
+
+def _backend(url: str, for_writing: bool) -> Storage:
     if not url:
         raise UsageError("no repository given", "use -r/--repo or set IMGBACKUP_REPO")
     scheme, sep, rest = url.partition("://")

@@ -23,11 +23,15 @@ from imgbackup._core import scan
 from imgbackup.device.source import Source
 from imgbackup.engine.backup.plan import ReadPlan
 from imgbackup.engine.backup.reader import Segment, SegmentReader
-from imgbackup.errors import IntegrityError, SourceError
+from imgbackup.engine.backup.rescue import Rescue
+from imgbackup.errors import ImgBackupError, IntegrityError, SourceError
 from imgbackup.format.imageindex import ImageIndex
-from imgbackup.format.layout import SLOT_DATA
+from imgbackup.format.layout import ID_SIZE, SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
+from imgbackup.repository.damage import ChunkDamaged, DamagedCopy
+from imgbackup.repository.packs import pack_name
 from imgbackup.repository.repo import Repository
+from imgbackup.repository.storage import ObjectMissing
 
 SEGMENT_BYTES = 8 << 20      # 8 MiB reads reach this machine's sequential read speed
 TASKS_IN_FLIGHT = 3          # segments being digested: one per core plus one queued
@@ -38,13 +42,17 @@ PARENT_READERS = 4
 
 
 class ChunkStore:
-    """Stores each chunk new to the repository once, however many segments or tasks hold it."""
+    """Stores each chunk new to the repository once, however many segments or tasks hold it.
+
+    "New" means no usable copy: a chunk whose every copy is known damaged or missing is stored again.
+    """
 
     def __init__(self, repo: Repository) -> None:
-        self.known = repo.chunk_index()
+        self.known = repo.chunk_index(for_backup=True)
         self.claimed: set[bytes] = set()
         self._lock = threading.Lock()
         self.packs = repo.pack_writer()
+        self.index_files: list[str] = []   # named before each is written: a failure may leave one
 
     def is_new(self, chunk_id: bytes) -> bool:
         return chunk_id not in self.known and chunk_id not in self.claimed
@@ -57,13 +65,43 @@ class ChunkStore:
             self.claimed.add(chunk_id)
             return True
 
+    def unavailable(self, kinds: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Per slot: a data slot whose chunk has no usable copy and is not being stored by this run
+        (its copy was found damaged after the slot was settled, or a change list took it unread)."""
+        slots = np.flatnonzero(kinds == SLOT_DATA)
+        if not len(slots):
+            return np.zeros(len(kinds), bool)
+        unique, inverse = np.unique(ids[slots].view(np.void(ID_SIZE)).ravel(), return_inverse=True)
+        lacking = np.array([not (u.tobytes() in self.known or u.tobytes() in self.claimed) for u in unique])
+        out = np.zeros(len(kinds), bool)
+        out[slots[lacking[inverse]]] = True
+        return out
+
     def finish(self, repo: Repository) -> int:
         """Commit the last pack, then the chunk-index file naming the new packs; bytes written."""
         self.packs.flush()
-        return self.packs.bytes_written + repo.store_chunk_index(self.packs.written)
+        return self.packs.bytes_written + repo.store_chunk_index(self.packs.written, self.index_files)
 
     def abort(self) -> None:
         self.packs.abort()
+
+    def remove_written(self, repo: Repository, image: str | None = None) -> tuple[int, list[str]]:
+        """After a failed run: delete what it stored, each before what it refers to — the image index
+        if its write was begun (a failed write may still have stored it), the index file, the packs.
+        Nothing else refers to them: the lock kept every other writer out. The first deletion that
+        fails stops the rest, so what stays is consistent (compact collects it). (bytes freed, problems)."""
+        freed = 0
+        packs = sorted({loc.pack_id for loc in self.packs.written.values()})
+        for name in [*([image] if image else []), *self.index_files, *map(pack_name, packs)]:
+            try:
+                size = repo.storage.size(name)
+                repo.storage.delete(name)
+                freed += size
+            except ObjectMissing:
+                continue
+            except ImgBackupError as exc:
+                return freed, [f"{name}: {exc}"]
+        return freed, []
 
 
 class ParentMatch:
@@ -75,8 +113,9 @@ class ParentMatch:
     - A base: any other changed slot is stored as a delta against the parent's chunk (or, when
       that is a delta itself, against its base: deltas stay depth one). Measured on the
       benchmark's change set: 0.99x the compressed changed blocks, against 1.62x for whole chunks.
-    A parent chunk that fails authentication is no match and no base: the slot is stored whole
-    and the chunk listed in ``damaged`` (the backup goes on; ``verify`` tells what else it touches).
+    A parent chunk with no usable copy is no match and no base; one whose copy fails authentication
+    now is neither, and its bad copy is dropped from the index for the rest of the run and listed in
+    ``damaged`` (recorded at the end; the backup goes on): the slot is stored whole.
     Without a reader (a key that cannot read data) every changed slot is stored whole.
     """
 
@@ -88,8 +127,9 @@ class ParentMatch:
         usable = parent is not None and parent.slots == len(plan.kinds)
         self.parent_ids = parent.ids_by_slot() if usable else None
         self.parent_kinds = parent.kinds if usable else None
+        self.index = repo.chunk_index(for_backup=True)
         self.reader = (reader or ChunkReader(repo)) if usable else None
-        self.damaged: list[bytes] = []
+        self.damaged: list[DamagedCopy] = []
         self.deltas = 0
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(PARENT_READERS, thread_name_prefix="imgbackup-parent") if usable else None
@@ -98,7 +138,7 @@ class ParentMatch:
         if self.reader is None or self.parent_kinds[slot] != SLOT_DATA:
             return None
         old_id = self.parent_ids[slot].tobytes()
-        return None if old_id == new_id else old_id
+        return None if old_id == new_id or old_id not in self.index else old_id
 
     def prefetch(self, slots: list[tuple[int, bytes]]) -> dict[bytes, Callable[[], bytes]]:
         """Start reading the parent blobs that ``match`` will need for these (slot, new id) pairs."""
@@ -132,10 +172,12 @@ class ParentMatch:
                 self.plan.mask_unused(slot * self.chunk, memoryview(masked))
                 if scan.chunk_id(self.key, masked) == new_id:
                     return old_id, None
-        except IntegrityError:
-            with self._lock:
-                self.damaged.append(old_id)
-            return None, None
+        except IntegrityError as exc:
+            if isinstance(exc, ChunkDamaged) and exc.copy is not None and self.reader.still_bad(exc.copy):
+                with self._lock:
+                    self.reader._next_copy(exc.copy, confirmed=True)   # no other slot of this run uses it
+                    self.damaged.append(exc.copy)
+            return None, None                            # either way this slot is stored from the source
         return None, (base_id, base_plain)
 
 
@@ -151,8 +193,9 @@ class Ingest:
     """Reads slots of a source and fills ``kinds``/``ids``, storing what the repository lacks."""
 
     def __init__(self, repo: Repository, source: Source, plan: ReadPlan, store: ChunkStore,
-                 parent: ParentMatch, pool: ThreadPoolExecutor) -> None:
+                 parent: ParentMatch, pool: ThreadPoolExecutor, rescue: Rescue | None = None) -> None:
         self.repo = repo
+        self.rescue = rescue
         self.source = source
         self.plan = plan
         self.store = store
@@ -189,7 +232,8 @@ class Ingest:
         expected = sum(length for _, length in ranges)
         bytes_read = 0
         pending: deque[tuple[Segment, Future]] = deque()
-        reader = SegmentReader(self.source, ranges, segment, buffers=TASKS_IN_FLIGHT + READ_AHEAD)
+        reader = SegmentReader(self.source, ranges, segment, buffers=TASKS_IN_FLIGHT + READ_AHEAD,
+                               rescue=self.rescue)
 
         def settle() -> None:
             nonlocal bytes_read

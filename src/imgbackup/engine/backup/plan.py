@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from imgbackup._core import bitmap
-from imgbackup.device.source import Source, data_extents
+from imgbackup.device.source import Source, SourceReadError, data_extents
 from imgbackup.engine.slots import byte_extents
-from imgbackup.format.imageindex import ImageIndex
+from imgbackup.format.imageindex import ImageIndex, bad_ranges
 from imgbackup.format.layout import ID_SIZE, SLOT_UNUSED, SLOT_ZERO
 
 FS_BLOCK = 4096   # the used map's block: the page size, and the smallest block ext, xfs and NTFS use by default
@@ -60,18 +60,34 @@ class ReadPlan:
             buf[full * FS_BLOCK :] = 0
 
 
-def _used_map(source: Source, size: int) -> tuple[np.ndarray, list[dict], list[str]]:
+class UnreadableMetadata(ValueError):
+    """A rescue run could not read filesystem metadata: a ValueError, so the map's parsers give the
+    region up and image it in full (fsmap fails closed on what it cannot read)."""
+
+
+def _used_map(source: Source, size: int, rescue: bool = False) -> tuple[np.ndarray, list[dict], list[str]]:
     from imgbackup.fsmap import read_used_map
+    from imgbackup.fsmap.base import all_used
 
     def read(offset: int, length: int) -> bytes:
         buf = bytearray(length)
-        got = source.read_into(offset, memoryview(buf))
+        try:
+            got = source.read_into(offset, memoryview(buf))
+        except SourceReadError as exc:
+            if rescue and exc.media_error:
+                raise UnreadableMetadata(f"unreadable sectors at byte {exc.offset}") from None
+            raise
         return bytes(buf[:got])
 
-    used = read_used_map(read, size, source.logical_sector_size, FS_BLOCK)
+    try:
+        used = read_used_map(read, size, source.logical_sector_size, FS_BLOCK)
+    except UnreadableMetadata as exc:  # the partition table itself: the whole disk is imaged
+        region = {"start": 0, "size": size, "partition": None, "fstype": None, "mode": "full", "used_bytes": size,
+                  "warning": f"partition table unreadable ({exc}): disk imaged in full"}
+        return all_used((size + FS_BLOCK - 1) // FS_BLOCK), [region], [f"(whole source): {region['warning']}"]
     regions = [{"start": r.start, "size": r.size, "partition": r.partition, "fstype": r.fstype,
                 "mode": r.mode, "used_bytes": r.used_bytes, "warning": r.warning} for r in used.regions]
-    warnings = [f"partition {r.partition if r.partition is not None else '(whole source)'}: {r.warning}"
+    warnings = [f"{'partition ' + str(r.partition) if r.partition is not None else 'the whole source'}: {r.warning}"
                 for r in used.regions if r.warning]
     return used.bits, regions, warnings
 
@@ -88,8 +104,19 @@ def _hole_slots(path: str, size: int, chunk: int, slots: int) -> np.ndarray | No
     return ~has_data
 
 
+def _bad_slots(parent: ImageIndex, slots: int) -> np.ndarray:
+    """Slots holding sectors the parent could not read (its ``bad_ranges``)."""
+    mask = np.zeros(slots, bool)
+    chunk = parent.chunk_size
+    for off, length in bad_ranges(parent.meta):
+        mask[off // chunk:(off + length - 1) // chunk + 1] = True
+    return mask
+
+
 def plan_reads(source: Source, path: str, chunk: int, parent: ImageIndex | None,
-               all_blocks: bool, change_mask: np.ndarray | None) -> ReadPlan:
+               all_blocks: bool, change_mask: np.ndarray | None, rescue: bool = False) -> ReadPlan:
+    """What to read. A parent's unreadable ranges are read again even where a change list says
+    nothing changed: the sectors may read now, and the parent holds only zeros for them."""
     size = source.size
     slots = (size + chunk - 1) // chunk
     plan = ReadPlan(np.ones(slots, bool), np.zeros(slots, np.uint8), np.zeros((slots, ID_SIZE), np.uint8),
@@ -99,7 +126,7 @@ def plan_reads(source: Source, path: str, chunk: int, parent: ImageIndex | None,
         plan.read &= ~holes
         plan.kinds[holes] = SLOT_ZERO
     if not all_blocks:
-        plan.used_bits, plan.regions, plan.warnings = _used_map(source, size)
+        plan.used_bits, plan.regions, plan.warnings = _used_map(source, size, rescue)
         per_slot = bitmap.coarsen(plan.used_bits, (size + FS_BLOCK - 1) // FS_BLOCK, chunk // FS_BLOCK)
         slot_used = np.unpackbits(per_slot, bitorder="little")[:slots].astype(bool)
         unused = ~slot_used & plan.read
@@ -111,4 +138,9 @@ def plan_reads(source: Source, path: str, chunk: int, parent: ImageIndex | None,
         plan.from_parent = skip
         plan.kinds[skip] = parent.kinds[skip]
         plan.ids[skip] = parent.ids_by_slot()[skip]
+        again = skip & _bad_slots(parent, slots)
+        plan.read |= again
+        plan.from_parent &= ~again
+        plan.kinds[again] = SLOT_ZERO
+        plan.ids[again] = 0
     return plan

@@ -12,7 +12,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from imgbackup.device.source import Source, alloc_buffer
+from imgbackup.device.source import Source, SourceReadError, alloc_buffer
+from imgbackup.engine.backup.rescue import Rescue
 
 _DONE = object()
 
@@ -25,10 +26,16 @@ class Segment:
 
 
 class SegmentReader:
-    """Reads ``ranges`` (byte offset, length) of a source in order, ``segment_size`` at a time."""
+    """Reads ``ranges`` (byte offset, length) of a source in order, ``segment_size`` at a time.
 
-    def __init__(self, source: Source, ranges: list[tuple[int, int]], segment_size: int, buffers: int = 5) -> None:
+    With ``rescue``, a segment whose read fails on the medium is postponed and comes last,
+    recovered piece by piece (rescue.py); segments then arrive out of order.
+    """
+
+    def __init__(self, source: Source, ranges: list[tuple[int, int]], segment_size: int, buffers: int = 5,
+                 rescue: Rescue | None = None) -> None:
         self.source = source
+        self.rescue = rescue
         self.ranges = ranges
         self.segment_size = segment_size
         self._queue: queue.Queue = queue.Queue()
@@ -50,6 +57,7 @@ class SegmentReader:
         return None
 
     def _run(self) -> None:
+        postponed: list[tuple[int, int]] = []    # rescue: segments that failed, read again at the end
         try:
             for start, length in self.ranges:
                 pos, end = start, start + length
@@ -58,11 +66,25 @@ class SegmentReader:
                     if buf is None:
                         return
                     n = min(self.segment_size, end - pos)
-                    got = self.source.read_into(pos, buf[:n])
+                    try:
+                        got = self.source.read_into(pos, buf[:n])
+                    except SourceReadError as exc:
+                        if self.rescue is None or not exc.media_error:
+                            raise
+                        postponed.append((pos, n))
+                        self._free.put(buf)
+                        pos += n
+                        continue
                     self._queue.put(Segment(pos, buf[:got], buf))
                     if got < n:
                         return
                     pos += n
+            for pos, n in postponed:
+                buf = self._take_buffer()
+                if buf is None:
+                    return
+                self.rescue.recover(self.source, pos, buf[:n])
+                self._queue.put(Segment(pos, buf[:n], buf))
         except BaseException as exc:  # handed to the consumer, which raises it
             self._queue.put(exc)
         finally:

@@ -6,25 +6,42 @@ them, then the image index. Until the image index exists, nothing refers to the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 
+from imgbackup import audit, interrupts
 from imgbackup.device.identity import identify
 from imgbackup.device.mounts import usage_of
-from imgbackup.device.source import Source, open_source
+from imgbackup.device.source import Source, SourceReadError, open_source
 from imgbackup.engine.backup.changelist import read_change_list
 from imgbackup.engine.backup.ingest import ChunkStore, Ingest, ParentMatch
-from imgbackup.engine.backup.plan import ReadPlan, plan_reads
+from imgbackup.engine.backup.plan import FS_BLOCK, ReadPlan, plan_reads
+from imgbackup.engine.backup.rescue import DEFAULT_RETRIES, Rescue
 from imgbackup.engine.backup.snapshot import Snapshot, check_still_valid, snapshot_of
-from imgbackup.errors import SourceError, UsageError
+from imgbackup.errors import (
+    ImgBackupError,
+    IntegrityError,
+    Interrupted,
+    RepositoryFull,
+    SourceError,
+    StorageError,
+    UsageError,
+)
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
+from imgbackup.repository.damage import write_record
+from imgbackup.repository.images import image_name
 from imgbackup.repository.repo import Repository
+from imgbackup.units import iec
 
 BACKUP_TYPES = ("auto", "full", "incremental", "differential")
 
@@ -36,11 +53,15 @@ class BackupRequest:
     backup_type: str = "auto"
     allow_mounted: bool = False
     progress: Callable[[int], None] | None = None
+    progress_total: Callable[[int], None] | None = None   # told the bytes to read, once planned
     all_blocks: bool = False
     changed_blocks: str | None = None
     change_granularity: int | None = None
     verify_unchanged: float = 0.0
+    rescue: bool = False
+    retries: int = DEFAULT_RETRIES
     snapshot: str | None = None      # lvm | reflink | auto: image a snapshot, removed afterwards
+    extra_meta: dict = field(default_factory=dict)   # more image header fields (a job's name, fingerprint)
 
 
 @dataclass
@@ -62,6 +83,8 @@ class BackupResult:
     chunks_changed: int
     chunks_delta: int = 0          # new chunks stored as a delta against the parent's chunk
     warnings: list[str] = field(default_factory=list)
+    bad_ranges: list[list[int]] = field(default_factory=list)   # --rescue: [offset, length] not readable
+    unreadable_bytes: int = 0
 
 
 def default_name(source: str) -> str:
@@ -110,8 +133,31 @@ def _source_meta(path: str, source: Source, snap: Snapshot | None = None) -> dic
     return meta
 
 
+def _open_nonempty(path: str) -> Source:
+    """The source, opened; a 0-byte one (a loop node with nothing attached, an empty drive) is refused."""
+    source = open_source(path)
+    if source.size == 0:
+        source.close()
+        hint = ("a loop device with nothing attached, or a drive without a medium?" if source.is_block_device
+                else "is this the file you meant?")
+        raise SourceError(f"{path} is empty (0 bytes): there is nothing to back up", hint)
+    return source
+
+
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
-    """Back up ``req.source``, or with ``req.snapshot`` a snapshot of it taken now."""
+    """Back up ``req.source`` (with ``req.snapshot``, a snapshot of it taken now); a ``backup`` audit
+    event records the outcome either way."""
+    name = req.name or default_name(req.source)
+    with audit.audited("backup", repository=repo.config.id, location=repo.location, name=name,
+                       source=req.source, job=req.extra_meta.get("job")) as event:
+        result = _snapshot_and_backup(repo, req)
+        event.update(image=result.id, type=result.type, parent=result.parent, bytes=result.bytes_stored,
+                     bytes_read=result.bytes_read, source_size=result.source_size,
+                     unreadable_bytes=result.unreadable_bytes)
+    return result
+
+
+def _snapshot_and_backup(repo: Repository, req: BackupRequest) -> BackupResult:
     if not req.snapshot:
         return _run_backup(repo, req, req.source, None)
     notes: list[str] = []
@@ -125,18 +171,24 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
     started = time.monotonic()
     name = req.name or default_name(req.source)
     warnings = check_source_not_live(read_path, req.allow_mounted)
-    with open_source(read_path) as source, repo.lock(f"backup {req.source}"):
+    rescue = Rescue(req.retries) if req.rescue else None
+    with _open_nonempty(read_path) as source, _suggest_rescue(not req.rescue), repo.lock(f"backup {req.source}"):
         repo.remove_temp_files()
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
+        known = repo.chunk_index(for_backup=True)
         chunk = repo.chunk_size
-        plan = plan_reads(source, read_path, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent))
+        plan = plan_reads(source, read_path, chunk, parent, req.all_blocks, _change_mask(req, source, chunk, parent),
+                          rescue=req.rescue)
         warnings += plan.warnings
         kinds, ids = plan.kinds, plan.ids
+        if req.progress_total:
+            req.progress_total(sum(length for _, length in plan.ranges(chunk, source.size)))
+        writing = None      # the image index's name once its write has begun
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
             store = ChunkStore(repo)
             match = ParentMatch(repo, plan, parent)
-            ingest = Ingest(repo, source, plan, store, match, pool)
+            ingest = Ingest(repo, source, plan, store, match, pool, rescue)
             try:
                 bytes_read = ingest.run(plan.read, kinds, ids, req.progress)
                 if req.verify_unchanged > 0 and plan.from_parent.any():
@@ -144,26 +196,23 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
                     bytes_read += extra
                     if note:
                         warnings.append(note)
+                if match.damaged or plan.from_parent.any():
+                    bytes_read += _store_unavailable(ingest, store, kinds, ids)
                 stored = store.finish(repo)
-            except BaseException:
-                store.abort()
-                raise
+                changed = _changed_slots(kinds, ids, parent)
+                bad = _bad_map(rescue, plan, warnings)
+                index = _image_index(repo, req, btype, parent, name, source, snap, plan, changed, bad, warnings)
+                if snap is not None:
+                    check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
+                writing = image_name(index.id)
+                stored += repo.images.write(index)
+                interrupts.set_status(f"image {index.id} was stored complete")
+            except BaseException as exc:
+                _fail_cleanly(repo, store, exc, writing)
             finally:
                 match.close()
-        if match.damaged:
-            warnings.append(f"{len(match.damaged)} chunk(s) of the parent image {parent.id[:12]} are damaged "
-                            f"(first: {match.damaged[0].hex()[:16]}); those slots were stored anew; "
-                            "run 'imgbackup verify' to see which images they affect")
-        changed = _changed_slots(kinds, ids, parent)
-        meta = repo.new_image_meta(
-            type=btype, parent=parent.id if parent else None, name=name,
-            source=_source_meta(req.source, source, snap), slots=len(kinds),
-            used_map={"enabled": not req.all_blocks, "regions": plan.regions},
-            changed_blocks=req.changed_blocks)
-        index = ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
-        if snap is not None:
-            check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
-        stored += repo.images.write(index)
+        warnings += _record_damage(repo, known, match, parent)
+        meta = index.meta
     return BackupResult(
         id=meta["id"], type=btype, parent=meta["parent"], name=name, source=req.source,
         source_size=source.size, bytes_read=bytes_read, bytes_stored=stored,
@@ -171,7 +220,115 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
         chunks_data=int(np.count_nonzero(kinds == SLOT_DATA)), chunks_zero=int(np.count_nonzero(kinds == SLOT_ZERO)),
         chunks_unused=int(np.count_nonzero(kinds == SLOT_UNUSED)),
         chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), chunks_delta=match.deltas, warnings=warnings,
+        bad_ranges=bad, unreadable_bytes=sum(n for _, n in bad),
     )
+
+
+def _image_index(repo: Repository, req: BackupRequest, btype: str, parent: ImageIndex | None, name: str,
+                 source: Source, snap: Snapshot | None, plan: ReadPlan, changed: np.ndarray,
+                 bad: list[list[int]], warnings: list[str]) -> ImageIndex:
+    meta = repo.new_image_meta(
+        type=btype, parent=parent.id if parent else None, name=name,
+        source=_source_meta(req.source, source, snap), slots=len(plan.kinds),
+        used_map={"enabled": not req.all_blocks, "regions": plan.regions},
+        changed_blocks=req.changed_blocks, bad_ranges=bad, warnings=warnings, **req.extra_meta)
+    kinds, ids = plan.kinds, plan.ids
+    return ImageIndex(meta, kinds, ids[kinds == SLOT_DATA].copy(), np.packbits(changed, bitorder="little"))
+
+
+MAX_REREADS = 3   # each pass re-reads only slots whose chunk turned out unusable in the pass before
+
+
+def _store_unavailable(ingest: Ingest, store: ChunkStore, kinds: np.ndarray, ids: np.ndarray) -> int:
+    """Re-read from the source every slot whose chunk has no usable copy after all, so the image
+    never names a chunk known to be damaged: a copy found bad after other slots had already
+    matched it, or a slot a change list took from the parent unread (only those two cases can
+    leave one, so the caller skips this otherwise). Returns bytes read."""
+    read = 0
+    for _ in range(MAX_REREADS):
+        redo = store.unavailable(kinds, ids)
+        if not redo.any():
+            return read
+        read += ingest.run(redo, kinds, ids)
+    raise IntegrityError("chunks of this backup keep turning out damaged while it re-reads them",
+                         "run 'imgbackup verify' and 'imgbackup repair'")
+
+
+def _fail_cleanly(repo: Repository, store: ChunkStore, exc: BaseException, image: str | None) -> NoReturn:
+    """Remove what this run stored, then raise ``exc`` saying so (Ctrl-C: exit 130, never 0)."""
+    with _signals_held() as caught:
+        store.abort()          # waits for every pack commit still running, so each is removed below
+        freed, problems = store.remove_written(repo, image)
+    note = f"the backup removed the {iec(freed)} it had written" if freed else "it had stored nothing yet"
+    if problems:
+        note += (f"; {len(problems)} object(s) could not be removed ({problems[0]}): "
+                 "'imgbackup compact' removes them")
+    if isinstance(exc, KeyboardInterrupt) or caught:   # a signal during the clean-up ends the run as one
+        raise Interrupted(f"backup interrupted: nothing was added to the repository ({note})") from None
+    if isinstance(exc, ImgBackupError) and exc.args and (freed or problems or isinstance(exc, RepositoryFull)):
+        exc.args = (f"{exc.args[0]}; {note}", *exc.args[1:])
+    raise exc
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """Hold SIGINT/SIGTERM while the clean-up runs (a second Ctrl-C must not cut it short); yields
+    the signals that came meanwhile."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    old = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _record_damage(repo: Repository, known, match: ParentMatch, parent: ImageIndex | None) -> list[str]:
+    """Record the bad copies this run met (pack gone, parent chunk failing authentication)."""
+    found = known.unrecorded()
+    if not found:
+        return []
+    notes = []
+    if match.damaged:
+        notes.append(f"{len(match.damaged)} chunk(s) of the parent image {parent.id[:12]} are damaged "
+                     f"(first: {match.damaged[0].chunk_id.hex()[:16]}); those slots were stored anew; "
+                     "run 'imgbackup verify' to see which images they affect")
+    missing = [c for c in found if c.reason == "missing"]
+    if missing:
+        notes.append(f"{len(missing)} chunk(s) the index lists are in packs that no longer exist (first: pack "
+                     f"{missing[0].pack_id.hex()[:16]}); this image stored them anew where the source holds "
+                     "them; 'imgbackup repair' shows which older images are affected")
+    try:
+        write_record(repo.storage, repo.envelope, found, "backup")
+    except StorageError as exc:
+        notes.append(f"could not record the damaged chunk copies found ({exc})")
+    return notes
+
+
+@contextlib.contextmanager
+def _suggest_rescue(enabled: bool) -> Iterator[None]:
+    """A read error of the medium ends a normal backup; the error says how to image the rest."""
+    try:
+        yield
+    except SourceReadError as exc:
+        if enabled and exc.media_error:
+            exc.hint = ("the disk has unreadable sectors: 'imgbackup backup --rescue' images all it can read "
+                        "and records the bad ranges in the image")
+        raise
+
+
+def _bad_map(rescue: Rescue | None, plan: ReadPlan, warnings: list[str]) -> list[list[int]]:
+    """The image's ``bad_ranges``: unreadable sectors in blocks the image needs."""
+    if rescue is None:
+        return []
+    bad, unneeded = rescue.needed(plan.used_bits, FS_BLOCK)
+    if unneeded:
+        warnings.append(f"{unneeded} unreadable bytes lie in blocks no filesystem uses: not needed, not in the map")
+    return [[off, length] for off, length in bad]
 
 
 def _change_mask(req: BackupRequest, source: Source, chunk: int, parent: ImageIndex | None) -> np.ndarray | None:

@@ -192,7 +192,7 @@ def _run_hook(snap: Snapshot) -> None:
     hook = os.environ.get(HOOK_ENV)
     if not hook:
         return
-    proc = tools.run([hook, snap.path], timeout=None)
+    proc = tools.run_as_group([hook, snap.path], timeout=None)   # an interrupt kills all the hook started
     if proc.returncode != 0:
         raise SnapshotError(f"{HOOK_ENV} {hook} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
 

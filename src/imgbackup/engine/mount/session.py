@@ -30,6 +30,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgbackup import interrupts
 from imgbackup.device.tools import attach_loop, probe_fstype, run, wait_until
 from imgbackup.disklabel import read_partition_table
 from imgbackup.disklabel.mbr import is_extended
@@ -193,6 +194,8 @@ class MountSession:
         if fuse_mounted(self.mountpoint) or state_path(self.mountpoint).exists():
             raise UsageError(f"{self.mountpoint} is already an imgbackup mount",
                              f"run 'imgbackup umount {self.mountpoint}' first")
+        if any(mp.iterdir()):   # mounting over files hides them, and a later rm -r there would hit the image
+            raise UsageError(f"mount point {self.mountpoint} is not empty", "give an empty directory")
         view = ImageView(self.repo, self.image_id)
         self.volumes = volumes_of(view)
         view.close()       # no read-ahead threads may be running across the fork below
@@ -342,22 +345,34 @@ def run_daemon(session: MountSession) -> MountState:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(r)
-        os._exit(_supervise(session, w))
+        code = 1
+        try:   # the child must never return into the caller's code, whatever happens
+            os.close(r)
+            code = _supervise(session, w)
+        finally:
+            os._exit(code)
     os.close(w)
     msg = b""
-    while not msg.endswith(b"\n"):      # one line: the server child holds a copy of the pipe
-        got = os.read(r, 4096)
-        if not got:
-            break
-        msg += got
-    os.close(r)
+    try:
+        while not msg.endswith(b"\n"):      # one line: the server child holds a copy of the pipe
+            got = os.read(r, 4096)
+            if not got:
+                break
+            msg += got
+    except BaseException:  # interrupted: stop the daemon, which undoes whatever it had set up
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        interrupts.set_status(f"nothing is mounted at {session.mountpoint}: the mount being set up was undone")
+        raise
+    finally:
+        os.close(r)
     msg = msg.decode(errors="replace").strip()
     if not msg.startswith("OK"):
         os.waitpid(pid, 0)
-        code, _, text = msg.partition(" ")
+        code, _, rest = msg.partition(" ")
+        kind, _, text = rest.partition(" ")
         err = ImgBackupError(text or "the mount daemon failed before it was ready")
-        err.exit_code = int(code) if code.isdigit() else 1
+        err.exit_code, err.kind = (int(code), kind) if code.isdigit() else (1, "internal")
         raise err
     return MountState.load(session.mountpoint)
 
@@ -373,9 +388,9 @@ def _supervise(session: MountSession, ready_w: int) -> int:
     try:
         session.start()
     except BaseException as exc:
-        code = exc.exit_code if isinstance(exc, ImgBackupError) else 1
+        code, kind = (exc.exit_code, exc.kind) if isinstance(exc, ImgBackupError) else (1, "internal")
         log.error("mount failed: %s", exc)
-        os.write(ready_w, f"{code} {exc}\n".encode())
+        os.write(ready_w, f"{code} {kind} {exc}\n".encode())
         return code
     os.write(ready_w, b"OK\n")
     os.close(ready_w)

@@ -29,9 +29,14 @@ class DeviceNotFound(ImgBackupError):
     exit_code = 9
 
 
+SETTLE_S = 120   # udev's coldplug of the devices present at boot: a minute and more under emulation
+
+
 def _settle() -> None:
+    """Wait for udev to finish with the devices already present, so imgbackup.wait=N means N seconds
+    for a late disk (USB, SAN) and not N seconds minus however long the boot's coldplug took."""
     with contextlib.suppress(ImgBackupError):      # no udev (a host, not the media): nothing to wait for
-        tools.run(["udevadm", "settle", "--timeout=10"], timeout=15)
+        tools.run(["udevadm", "settle", f"--timeout={SETTLE_S}"], timeout=SETTLE_S + 5)
 
 
 def _by_tag(spec: str) -> list[str]:
@@ -40,8 +45,9 @@ def _by_tag(spec: str) -> list[str]:
     return sorted(set(proc.stdout.split()))
 
 
-def _wait(what: str, deadline: float, find: Callable[[], list[str]]) -> list[str]:
+def _wait(what: str, wait_s: float, find: Callable[[], list[str]]) -> list[str]:
     _settle()
+    deadline = time.monotonic() + wait_s
     while True:
         found = find()
         if found or time.monotonic() >= deadline:
@@ -51,11 +57,10 @@ def _wait(what: str, deadline: float, find: Callable[[], list[str]]) -> list[str
 
 def find_device(spec: str, wait_s: float) -> str:
     """The one device named by ``spec`` (LABEL=, UUID=, PARTUUID=, PARTLABEL= or a /dev path)."""
-    deadline = time.monotonic() + wait_s
     if spec.startswith("/dev/"):
-        found = _wait(spec, deadline, lambda: [spec] if os.path.exists(spec) else [])
+        found = _wait(spec, wait_s, lambda: [spec] if os.path.exists(spec) else [])
     else:
-        found = _wait(spec, deadline, lambda: _by_tag(spec))
+        found = _wait(spec, wait_s, lambda: _by_tag(spec))
     if not found:
         raise DeviceNotFound(f"no device with {spec} after {wait_s:.0f} s", "is the backup disk attached?")
     if len(found) > 1:
@@ -70,15 +75,14 @@ def _disk_nodes() -> list[str]:
 
 def find_target(spec: TargetSpec, wait_s: float) -> str:
     """The whole disk ``spec`` names, as its /dev node; DeviceNotFound lists the disks present."""
-    deadline = time.monotonic() + wait_s
     if spec.kind == "by-id":
-        found = _wait(str(spec), deadline, lambda: [spec.value] if os.path.exists(spec.value) else [])
+        found = _wait(str(spec), wait_s, lambda: [spec.value] if os.path.exists(spec.value) else [])
     elif spec.kind == "wwn":
         link = f"/dev/disk/by-id/wwn-{spec.value}"
-        found = _wait(str(spec), deadline, lambda: [link] if os.path.exists(link) else
+        found = _wait(str(spec), wait_s, lambda: [link] if os.path.exists(link) else
                       [d.path for d in list_devices() if d.kind == "disk" and (d.wwn or "").lower() == spec.value])
     else:
-        found = _wait(str(spec), deadline,
+        found = _wait(str(spec), wait_s,
                       lambda: [d.path for d in list_devices() if d.kind == "disk" and d.serial == spec.value])
     if not found:
         present = "; ".join(identify(p).describe() for p in _disk_nodes()) or "none"

@@ -14,6 +14,8 @@ root talk on both the serial port and the screen.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,6 +100,17 @@ def debian_key(mirror: str | None) -> str:
                   settings, _data_fingerprint()):
         h.update(piece.encode() + b"\n")
     return h.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: Path) -> Iterator[None]:
+    """Hold the cache dir's lock (waiting for it): while held, no other build or prune — another
+    ``rescue build``, another test run — changes or removes what this one builds and reads.
+    Not re-entrant: take it once, around ensure_debian/ensure_payload/assemble_iso together."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _prune(cache_dir: Path, pattern: str, keep: Path) -> None:
@@ -237,9 +250,10 @@ def build_media(out: str | os.PathLike, cmdline: str = "", cache_dir: str | os.P
         raise UsageError(f"--embed-passphrase-file {passphrase}: no such file")
     check_tools()
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    parts, cached, parts_seconds = ensure_debian(cache, mirror, log)
-    imgbackup_fs = ensure_payload(cache, parts, log)
-    media_id = assemble_iso(parts, imgbackup_fs, Path(out), cmdline, timeout, repo, passphrase, log)
+    with cache_lock(cache):
+        parts, cached, parts_seconds = ensure_debian(cache, mirror, log)
+        imgbackup_fs = ensure_payload(cache, parts, log)
+        media_id = assemble_iso(parts, imgbackup_fs, Path(out), cmdline, timeout, repo, passphrase, log)
     kernel = json.loads((parts / "manifest.json").read_text())["kernel"]
     size = os.path.getsize(out)
     result = MediaResult(os.fspath(out), size, round(time.monotonic() - start, 1), cached,

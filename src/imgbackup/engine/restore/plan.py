@@ -7,7 +7,7 @@ fits and gives the resulting table for ``--dry-run``. ``run.py`` carries the pla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import NamedTuple
 
@@ -17,9 +17,10 @@ from imgbackup.device.identity import identify
 from imgbackup.disklabel import Partition, PartitionTable, read_partition_table
 from imgbackup.disklabel.relocate import relocate_gpt, resize_mbr
 from imgbackup.engine.imageview import ImageView
+from imgbackup.engine.restore.stale import find_stale
 from imgbackup.engine.restore.target import Target, inspect_target, logical_sector_size
 from imgbackup.errors import TargetRefused
-from imgbackup.format.imageindex import ImageIndex
+from imgbackup.format.imageindex import ImageIndex, bad_ranges
 from imgbackup.repository.repo import Repository
 
 MIB = 1 << 20
@@ -63,6 +64,8 @@ class DiskPlan:
     grow: bool = False
     delta: bool = False
     partition: int | None = None
+    stale: list[dict] = field(default_factory=list)     # signature areas to clear (stale.py), found
+                                                        # before anything is written: see _with_stale
 
     @cached_property
     def writes(self) -> list[dict]:
@@ -81,7 +84,23 @@ class DiskPlan:
         if fit.grow_range:
             writes.append({"what": "last partition's filesystem grown by its own tool",
                            "offset": fit.grow_range[0], "length": fit.grow_range[1]})
-        return writes
+        return writes + self.stale
+
+    @cached_property
+    def bad_ranges(self) -> list[list[int]]:
+        """Target byte ranges that restore as zeros because the source could not be read there
+        (``backup --rescue``): [offset, length] on the target."""
+        fit = self.fit
+        if self.mode == "disk":
+            lo, hi = 0, self.image.size
+        else:
+            lo, hi = (fit.fs_shrink[0], fit.fs_shrink[0] + fit.fs_shrink[1]) if fit.fs_shrink else fit.window
+        out = []
+        for off, length in bad_ranges(self.image.meta):
+            a, b = max(off, lo), min(off + length, hi)
+            if b > a:
+                out.append([a - fit.shift, b - a])
+        return out
 
     @cached_property
     def bytes_to_write(self) -> int:
@@ -99,7 +118,7 @@ class DiskPlan:
                 "disk_size": self.disk_size, "sector_size": self.sector_size, "mode": self.mode,
                 "grow": self.grow, "delta": self.delta, "partition": self.partition,
                 "table": self.table_kind, "partitions": self.fit.partitions, "writes": self.writes,
-                "bytes_to_write": self.bytes_to_write, "warnings": self.fit.warnings}
+                "bytes_to_write": self.bytes_to_write, "warnings": self.fit.warnings, "bad_ranges": self.bad_ranges}
 
 
 class _Sizing(NamedTuple):
@@ -159,7 +178,7 @@ def plan_disk_restore(repo: Repository, image_id: str, target_path: str, grow: b
         fit = _fit_table(sizing, table, view) if table and table.partitions else _fit_plain(sizing)
     if delta and (disk < image.size or fit.fs_shrink):
         raise TargetRefused("--delta needs a target at least as large as the image (no shrink)")
-    return DiskPlan(image, target, disk, ss, table.kind if table else None, fit, grow=grow, delta=delta)
+    return _with_stale(DiskPlan(image, target, disk, ss, table.kind if table else None, fit, grow=grow, delta=delta))
 
 
 def _fit_plain(s: _Sizing) -> Fit:
@@ -312,4 +331,11 @@ def plan_partition_restore(repo: Repository, image_id: str, number: int, target_
         else:
             fit = Fit((part.start, part.end), part.start, partitions,
                       grow_range=(0, size) if grow and size > part.size else None)
-    return DiskPlan(image, target, size, ss, table.kind, fit, mode="partition", grow=grow, partition=number)
+    return _with_stale(DiskPlan(image, target, size, ss, table.kind, fit, mode="partition", grow=grow,
+                                partition=number))
+
+
+def _with_stale(plan: DiskPlan) -> DiskPlan:
+    """The plan with the stale signature areas of the target as it is now: once the image's bytes
+    are written, its old tables (which say where the old partitions were) are gone."""
+    return replace(plan, stale=find_stale(plan))

@@ -13,7 +13,8 @@
    zero/unused ranges cleared on devices; with ``delta`` only chunks whose keyed id differs from
    the target's current chunk are written;
 4. the shrunk filesystem at the last partition's start;
-5. the partition table fitted to the disk (GPT backup header and last usable LBA at the new end,
+5. stale signatures of an earlier table or filesystem cleared where nothing else wrote (stale.py);
+   the partition table fitted to the disk (GPT backup header and last usable LBA at the new end,
    CRCs recomputed; MBR only when a partition changes);
 6. ``grow``: the last partition's filesystem grown by its own tool over a loop device.
 """
@@ -25,16 +26,18 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from imgbackup import audit, interrupts
 from imgbackup.disklabel.relocate import apply_gpt_relocation, apply_mbr_resize
 from imgbackup.engine.restore.plan import GPT_TAIL_SECTORS, MIB, DiskPlan
 from imgbackup.engine.restore.resize import grow_filesystem, shrink_ext_file
 from imgbackup.engine.restore.target import open_for_writing
 from imgbackup.engine.restore.write import (
     check_digest,
+    check_lengths,
     clear_unwritten,
     write_delta,
     write_slots,
@@ -59,20 +62,38 @@ class BareMetalResult:
     verified: bool
     partitions: list[dict]
     notes: list[str]
+    bad_ranges: list[list[int]] = field(default_factory=list)   # restored as zeros: unreadable at backup
 
 
 def run_disk_restore(repo: Repository, plan: DiskPlan, discard: bool = False,
                      progress: Callable[[int], None] | None = None) -> BareMetalResult:
-    """Carry out a plan (see the module docstring for the order)."""
+    """Carry out a plan (see the module docstring for the order); a ``restore`` audit event records it."""
+    with audit.audited("restore", repository=repo.config.id, location=repo.location, image=plan.image.id,
+                       name=plan.image.meta.get("name"), target=plan.target.path, mode=plan.mode) as event:
+        result = _restore(repo, plan, discard, progress)
+        event.update(bytes=result.bytes_written, duration_s=result.duration_s)
+    return result
+
+
+def _restore(repo: Repository, plan: DiskPlan, discard: bool,
+             progress: Callable[[int], None] | None) -> BareMetalResult:
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-restore") as pool, \
+    target = plan.target.path
+    interrupts.set_status(f"{target} was not changed" if plan.target.exists else f"{target} was not created")
+    reader = ChunkReader(repo)
+    workers = max(os.cpu_count() or 2, reader.parallelism)   # every core opening, every read in flight
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgbackup-restore") as pool, \
             tempfile.TemporaryDirectory(prefix="imgbackup-shrink-") as tmp:
-        job = _Restore(repo, plan, ChunkReader(repo), pool, discard, progress, list(plan.fit.warnings))
+        job = _Restore(repo, plan, reader, pool, discard, progress, list(plan.fit.warnings))
         job.write(tmp)
     if plan.fit.grow_range:
+        interrupts.set_status(f"{target} holds the image; growing its last filesystem did not finish "
+                              "(check it with its fsck)")
         job.notes.append(grow_filesystem(plan.target.path, *plan.fit.grow_range))
+    interrupts.set_status(f"{target} was fully restored")
     return BareMetalResult(plan.image.id, plan.target.path, plan.disk_size, job.read, job.written, job.zeroed,
-                           round(time.monotonic() - started, 3), True, plan.fit.partitions, job.notes)
+                           round(time.monotonic() - started, 3), True, plan.fit.partitions, job.notes,
+                           plan.bad_ranges)
 
 
 @dataclass
@@ -93,9 +114,11 @@ class _Restore:
     def write(self, tmp: str) -> None:
         """Steps 1-5 of the module docstring; a new target file is removed when one fails."""
         plan, image, target = self.plan, self.plan.image, self.plan.target
+        check_lengths(self.reader, image)
         if target.exists:
             self.reader.authenticate_all((bytes(row) for row in image.ids), self.pool)
         shrunk = self._shrink_in_temp(tmp) if plan.fit.fs_shrink else None
+        interrupts.set_status(f"{target.path} is partly written and not usable")
         fd = open_for_writing(target, plan.disk_size, keep=plan.delta)
         try:
             try:
@@ -108,6 +131,7 @@ class _Restore:
         except BaseException as exc:
             if not target.exists:  # a file this restore created holds nothing worth keeping
                 os.unlink(target.path)
+                interrupts.set_status(f"{target.path}, the new file it was writing, was removed")
             if isinstance(exc, OSError):
                 raise StorageError(f"writing {target.path} failed: {exc.strerror or exc}") from None
             raise
@@ -127,6 +151,8 @@ class _Restore:
             written, zeroed = _copy_file_into(fd, shrunk, fit.fs_shrink[0] - fit.shift)
             self.written, self.zeroed = self.written + written, self.zeroed + zeroed
             self.notes.append(f"filesystem shrunk by resize2fs to {fit.fs_shrink[2]} bytes")
+        for area in plan.stale:
+            self.zeroed += zero_nonzero(fd, area["offset"], area["offset"] + area["length"])
         _fit_table(fd, plan)
         return verified
 

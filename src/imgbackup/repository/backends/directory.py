@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgbackup.errors import ObjectMissing, StorageError
+from imgbackup.errors import ObjectMissing, RepositoryFull, StorageError
 from imgbackup.repository.backends.directory_access import (
     DIR_MODE,
     check_init_location,
@@ -18,13 +18,12 @@ from imgbackup.repository.backends.directory_access import (
 from imgbackup.repository.storage import check_name
 
 TEMP_MARK = ".tmp-"
-LEFTOVER_FOLDERS = ("packs", "index", "images")  # not locks/: a racing lock creator owns its temp file
+LEFTOVER_FOLDERS = ("packs", "index", "images", "damage")  # not locks/: a racing lock creator owns its temp
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
-    if exc.errno == errno.ENOSPC:
-        return StorageError(f"repository disk is full while writing {what}",
-                            "free space or use another repository; nothing was committed")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RepositoryFull(f"repository disk is full while writing {what}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(f"no permission to write {what}: {exc.strerror}")
     return StorageError(f"storage error on {what}: {exc.strerror or exc}")
@@ -41,9 +40,15 @@ def _fsync_dir(path: Path) -> None:
 class DirectoryStorage:
     """Objects are files under ``root``; each name's folders are created when first written."""
 
+    write_parallelism = 1  # commits queue on one disk's fsync: a second one in flight gains nothing (measured)
+    remote = False
+
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).absolute()  # a later chdir (FUSE daemons do one) must not move it
         self.location = str(self.root)
+        # a read is a pread from the page cache or a local disk: one per core keeps the decrypting busy
+        self.read_parallelism = os.cpu_count() or 2
+        self.fills_up = True
 
     def _path(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -152,17 +157,32 @@ class DirectoryStorage:
         except OSError as exc:
             raise _storage_error(exc, name) from None
 
-    def remove_incomplete_writes(self, folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> int:
-        """Delete temp files of interrupted writes; call only while holding the repository lock."""
-        removed = 0
+    def incomplete_writes(self, folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> list[tuple[str, int]]:
+        """Temp files of interrupted writes: (path relative to the root, bytes)."""
+        found = []
         try:
             for dirpath, _dirs, files in (w for folder in folders for w in os.walk(self.root / folder)):
                 for f in files:
                     if TEMP_MARK in f:
-                        os.unlink(os.path.join(dirpath, f))
-                        removed += 1
-        except FileNotFoundError:
-            pass
+                        path = os.path.join(dirpath, f)
+                        try:
+                            found.append((os.path.relpath(path, self.root), os.lstat(path).st_size))
+                        except FileNotFoundError:
+                            continue
+        except OSError as exc:
+            raise _storage_error(exc, "the listing of interrupted writes") from None
+        return found
+
+    def remove_incomplete_writes(self, folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> int:
+        """Delete temp files of interrupted writes; call only while holding the repository lock."""
+        removed = 0
+        try:
+            for name, _size in self.incomplete_writes(folders):
+                try:
+                    os.unlink(self.root / name)
+                    removed += 1
+                except FileNotFoundError:
+                    continue
         except OSError as exc:
             raise _storage_error(exc, "the removal of interrupted writes") from None
         return removed

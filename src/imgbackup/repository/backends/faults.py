@@ -36,6 +36,10 @@ class _Counted:
     def __init__(self, inner: Storage, applies: tuple[str, ...], at: int | None, times: int) -> None:
         self.inner = inner
         self.location = inner.location
+        self.write_parallelism = inner.write_parallelism
+        self.read_parallelism = inner.read_parallelism
+        self.remote = inner.remote
+        self.fills_up = inner.fills_up
         self.applies = applies
         self.at = at
         self.times = times
@@ -56,6 +60,9 @@ class _Counted:
 
     def remove_incomplete_writes(self) -> int:
         return self.inner.remove_incomplete_writes()
+
+    def incomplete_writes(self) -> list[tuple[str, int]]:
+        return self.inner.incomplete_writes()
 
     def prepare(self, folders: tuple[str, ...]) -> None:
         self.inner.prepare(folders)
@@ -152,22 +159,25 @@ class BitFlipStorage(_Counted):
         super().__init__(inner, READS, at, 1)
         self.every = every
         self.flipped: list[str] = []  # the calls whose answer had a bit flipped
+        self.flipped_bytes: list[tuple[str, int]] = []  # (object, offset in it) of each flipped byte
         self.random = random.Random(seed)
 
-    def _maybe_flip(self, op: str, name: str, data: bytes) -> bytes:
+    def _maybe_flip(self, op: str, name: str, data: bytes, offset: int = 0) -> bytes:
         if not (self._due(op, name) or self.every) or not data:
             return data
         self.flipped.append(self.calls[-1])
         flipped = bytearray(data)
         bit = self.random.randrange(len(flipped) * 8)
         flipped[bit // 8] ^= 1 << (bit % 8)
+        self.flipped_bytes.append((name.split()[0], offset + bit // 8))
         return bytes(flipped)
 
     def get(self, name: str) -> bytes:
         return self._maybe_flip("get", name, self.inner.get(name))
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
-        return self._maybe_flip("get_range", f"{name} {offset}+{length}", self.inner.get_range(name, offset, length))
+        return self._maybe_flip("get_range", f"{name} {offset}+{length}", self.inner.get_range(name, offset, length),
+                                offset)
 
     def open_writer(self, name: str) -> ObjectWriter:
         return self.inner.open_writer(name)

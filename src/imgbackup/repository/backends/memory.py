@@ -16,11 +16,15 @@ class MemoryStorage:
     ``memory://NAME`` opens the process-wide store of that name, so a test can init, back up and
     reopen one repository through the same URLs the CLI uses."""
 
+    write_parallelism = 1  # in-process: nothing to overlap
+    read_parallelism = 2
+    remote = False
     _named: ClassVar[dict[str, MemoryStorage]] = {}
     _named_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, location: str = "memory://") -> None:
         self.location = location
+        self.fills_up = False
         self.objects: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -86,6 +90,9 @@ class MemoryStorage:
 
     def remove_incomplete_writes(self) -> int:
         return 0  # an uncommitted writer holds its bytes in itself: nothing is left behind
+
+    def incomplete_writes(self) -> list[tuple[str, int]]:
+        return []
 
 
 class _MemoryObjectWriter:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +86,8 @@ class S3Calls:
         self.endpoint = endpoint
         self.bucket = bucket
         self.policy = policy or RetryPolicy.from_env()
-        self.requests = 0  # counted for --json and the tests
+        self.requests = 0  # HTTP requests sent (each attempt of each call), for --json and the tests
+        self._count_lock = threading.Lock()  # the pack committers and read-ahead threads share one client
 
     def _reason(self, exc: BaseException) -> str | None:
         """Why a failure is worth retrying, or None when it is final."""
@@ -110,7 +112,7 @@ class S3Calls:
             text = type(exc).__name__ if isinstance(exc, BotoCoreError) else str(exc)
             return StorageError(f"{what} failed: {text} ({self.endpoint})")
         code = error_code(exc)
-        if code in MISSING_KEY_CODES and op in ("get", "get_range", "size"):
+        if code in MISSING_KEY_CODES and op in ("get", "get_range", "size", "legal hold", "lock extension"):
             return ObjectMissing(f"object {name} is missing")
         if code == "NoSuchBucket":
             return RepositoryNotFound(f"S3 bucket {self.bucket} does not exist at {self.endpoint}",
@@ -137,7 +139,8 @@ class S3Calls:
         started = time.monotonic()
         attempt = 1
         while True:
-            self.requests += 1
+            with self._count_lock:
+                self.requests += 1
             try:
                 return call()
             except (BotoCoreError, ClientError, Urllib3Error, OSError) as exc:  # OSError: a reset mid-body

@@ -87,7 +87,16 @@ def probe_create_if_absent(storage: S3Storage) -> tuple[int, bool]:
         third_refused = not storage.create(name, b"probe-c")
     finally:
         storage.delete(name)
+        _drop_versions(storage, name)
     return sum(won), third_refused
+
+
+def _drop_versions(storage: S3Storage, name: str) -> None:
+    """In a versioned bucket (Object Lock) the delete only hid the probe object: remove its versions."""
+    from imgbackup.repository.backends.s3lock import delete_versions, versions
+
+    if versions(storage, name):
+        delete_versions(storage, name)
 
 
 def ensure_create_if_absent(storage: S3Storage) -> None:

@@ -1,0 +1,105 @@
+"""Jobs in the guest lab (issue 16 with 17's lab): a job naming /dev/disk/by-id/… follows its disk when
+the kernel names change between boots, and refuses another disk that turns up under the same name.
+
+Two boots of the rescue system with the same repository disk. Boot 1: disks A, B, C in this order; a
+job for A and one for C (by-id names that udev made from the QEMU serials). Boot 2: B before A (A's
+/dev/vdX name changes) and in C's place another disk D of the same size that carries C's serial: job A
+images its own disk again (incremental, same identity), job C refuses D (exit 17: the partition table
+GUID differs) and stores nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from disks import random_image
+from guestlab import Disk, Guest
+
+pytestmark = [pytest.mark.guest, pytest.mark.slow]
+MIB = 1 << 20
+SETUP = "export IMGBACKUP_TEST_CHEAP_KDF=1; mkdir -p /mnt/r && mount /dev/disk/by-id/virtio-JOBREPO /mnt/r"
+
+
+BOOT_WAIT = 300      # lab()'s 120 s (and its 30 s udev settle) are too short on a host loaded by other suites
+
+
+@contextlib.contextmanager
+def lab(iso: Path, workdir: Path, disks: list[Disk]) -> Iterator[Guest]:
+    """guestlab.lab with room for a slow boot: a root shell on the lab console, udev settled."""
+    guest = Guest(iso, workdir, disks, append="imgbackup.action=shell", lab_shell=True)
+    try:
+        guest.start()
+        guest.wait_shell(BOOT_WAIT)
+        guest.run("dmesg -n 1; udevadm settle --timeout=180", 200).check()
+        yield guest
+    finally:
+        guest.close()
+
+
+def _disk(path: Path, seed: int) -> Path:
+    random_image(path, 16 * MIB, seed=seed, data_fraction=0.5)
+    subprocess.run(["sgdisk", "-o", "-n", "1:2048:0", str(path)], check=True, capture_output=True)
+    return path
+
+
+def _job(name: str, serial: str) -> bytes:
+    return (f'source = "/dev/disk/by-id/virtio-{serial}"\nrepository = "/mnt/r/repo"\n'
+            f'passphrase_file = "/mnt/r/pass"\nrpo = "24h"\ninhibit_sleep = false\n'
+            f'audit = ["file:/mnt/r/audit.jsonl"]\n[verify]\nsample_percent = 0\n').encode()
+
+
+def _run(g: Guest, job: str) -> tuple[int, dict]:
+    res = g.run(f"imgbackup job run {job} --config-dir /mnt/r/jobs --state-dir /mnt/r/state --json", 300)
+    doc, _ = json.JSONDecoder().raw_decode(res.output[res.output.index("{"):])   # the error line follows it
+    return res.rc, doc
+
+
+def _finish(g: Guest) -> None:
+    g.run("sync; umount /mnt/r", 60).check()
+
+
+def test_by_id_jobs_follow_their_disks_and_refuse_an_impostor(rescue_media, tmp_path: Path) -> None:
+    repo = tmp_path / "repo.img"
+    repo.write_bytes(b"")
+    subprocess.run(["truncate", "-s", f"{160 * MIB}", str(repo)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(repo)], check=True)
+    a, b, c, d = (_disk(tmp_path / f"{n}.img", seed) for n, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4)))
+    repo_disk = Disk(repo, serial="JOBREPO")
+
+    first = [repo_disk, Disk(a, serial="DISKA"), Disk(b, serial="DISKB"), Disk(c, serial="DISKC")]
+    with lab(rescue_media.plain, tmp_path / "boot1", first) as g:
+        g.run(SETUP, 60).check()
+        g.run("mkdir -p /mnt/r/jobs", 30).check()
+        g.put_file("/mnt/r/pass", b"guest-job-pass\n")
+        for job, serial in (("joba", "DISKA"), ("jobc", "DISKC")):
+            g.put_file(f"/mnt/r/jobs/{job}.toml", _job(job, serial))
+        g.run("IMGBACKUP_PASSPHRASE_FILE=/mnt/r/pass imgbackup init -r /mnt/r/repo --json", 120).check()
+        runs1 = {job: _run(g, job) for job in ("joba", "jobc")}
+        _finish(g)
+    assert all(code == 0 for code, _ in runs1.values()), runs1
+    assert all(s["steps"][1]["result"]["type"] == "full" for _, s in runs1.values())
+
+    second = [repo_disk, Disk(b, serial="DISKB"), Disk(a, serial="DISKA"), Disk(d, serial="DISKC")]
+    with lab(rescue_media.plain, tmp_path / "boot2", second) as g:
+        g.run(SETUP, 60).check()
+        runs2 = {job: _run(g, job) for job in ("joba", "jobc")}
+        state_a = json.loads(g.run("cat /mnt/r/state/joba.json").check().output)
+        images = g.run("IMGBACKUP_PASSPHRASE_FILE=/mnt/r/pass imgbackup list -r /mnt/r/repo --json", 120).check()
+        _finish(g)
+    listed = json.loads(images.output[images.output.index("{"):])["images"]
+
+    code, summary = runs2["joba"]
+    assert code == 0 and summary["steps"][1]["result"]["type"] == "incremental", summary
+    assert summary["device"] != runs1["joba"][1]["device"]         # the kernel name changed, the job followed
+    assert state_a["identity"]["serial"] == "DISKA" and state_a["identity"]["size"] == 16 * MIB
+    code, refused = runs2["jobc"]
+    assert code == 17, refused
+    source_step = refused["steps"][0]
+    assert source_step["status"] == "failed" and "partition table GUID" in source_step["error"]
+    assert [i["name"] for i in listed].count("jobc") == 1 and len(listed) == 3
