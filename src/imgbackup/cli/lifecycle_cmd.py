@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +19,21 @@ def when(stamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(stamp)) if stamp else "?"
 
 
+def _run_on_images(action: Callable, images: list[str], reason: str, repo: str | None, name: str | None,
+                   json_out: bool) -> tuple[list[str], Any]:
+    """Resolve the images, run ``action`` (place or release holds), print its warnings and, with
+    --json, its document; returns the ids and the result (None once printed as JSON)."""
+    r = open_repo(repo, for_writing=True)
+    ids = [r.images.resolve(spec, name) for spec in images]
+    result = action(r, ids, reason)
+    for warning in result.warnings:
+        typer.echo(f"imgbackup: warning: {warning}", err=True)
+    if json_out:
+        emit_json(result.to_dict())
+        return ids, None
+    return ids, result
+
+
 def hold(
     images: ImagesArg,
     reason: Annotated[str, typer.Option(help="Why (a case number, a ticket, who asked): recorded and shown.")] = "",
@@ -29,13 +45,8 @@ def hold(
     (exit 14); on an Object-Lock bucket the S3 legal hold is set on its objects too."""
     from imgbackup.engine.hold import place_holds
 
-    r = open_repo(repo, for_writing=True)
-    ids = [r.images.resolve(spec, name) for spec in images]
-    result = place_holds(r, ids, reason)
-    for warning in result.warnings:
-        typer.echo(f"imgbackup: warning: {warning}", err=True)
-    if json_out:
-        emit_json(result.to_dict())
+    ids, result = _run_on_images(place_holds, images, reason, repo, name, json_out)
+    if result is None:
         return
     for image_id in ids:
         typer.echo(f"held image {image_id[:12]}: {reason.strip()}")
@@ -54,13 +65,8 @@ def release(
     other held image needs)."""
     from imgbackup.engine.hold import release_holds
 
-    r = open_repo(repo, for_writing=True)
-    ids = [r.images.resolve(spec, name) for spec in images]
-    result = release_holds(r, ids, reason)
-    for warning in result.warnings:
-        typer.echo(f"imgbackup: warning: {warning}", err=True)
-    if json_out:
-        emit_json(result.to_dict())
+    ids, result = _run_on_images(release_holds, images, reason, repo, name, json_out)
+    if result is None:
         return
     for image_id in ids:
         if image_id in result.not_held:

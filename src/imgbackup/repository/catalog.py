@@ -34,6 +34,7 @@ from pathlib import Path
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError, RepositoryLocked
 from imgbackup.format.layout import OBJ_CATALOG_ENTRY
+from imgbackup.format.validate import obj, parse_json
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
 CATALOG = "catalog"
@@ -145,11 +146,8 @@ def encode_entry(repo_id: str, seq: int, prev: str, events: list[dict], now: flo
 
 def decode_entry(plain: bytes, repo_id: str, seq: int, digest: str) -> Entry:
     what = f"catalog entry {seq}"
-    try:
-        doc = json.loads(plain)
-    except (ValueError, UnicodeDecodeError):
-        raise IntegrityError(f"{what} is not valid JSON") from None
-    if not isinstance(doc, dict) or doc.get("version") != ENTRY_VERSION:
+    doc = obj(parse_json(plain, what), what)
+    if doc.get("version") != ENTRY_VERSION:
         raise IntegrityError(f"{what} has an unknown version or layout")
     if doc.get("repository") != repo_id or doc.get("seq") != seq:
         raise IntegrityError(f"{what} belongs to another repository or place in the log")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import OBJ_HOLD_RECORD
+from imgbackup.format.validate import obj, parse_json
 from imgbackup.repository.catalog import actor
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
@@ -56,11 +57,8 @@ def record_name(image_id: str, record_id: str) -> str:
 
 def _parse(plain: bytes, image_id: str, record_id: str) -> HoldRecord:
     what = f"hold record {record_id}"
-    try:
-        doc = json.loads(plain)
-    except (ValueError, UnicodeDecodeError):
-        raise IntegrityError(f"{what} is not valid JSON") from None
-    if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION:
+    doc = obj(parse_json(plain, what), what)
+    if doc.get("version") != RECORD_VERSION:
         raise IntegrityError(f"{what} has an unknown version")
     if doc.get("id") != record_id or doc.get("image") != image_id:
         raise IntegrityError(f"{what} does not belong where it is stored")

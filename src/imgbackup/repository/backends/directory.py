@@ -9,6 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imgbackup.errors import ObjectMissing, RepositoryFull, StorageError
+from imgbackup.repository.backends.directory_access import (
+    DIR_MODE,
+    check_init_location,
+    make_private_dir,
+    set_private_file,
+)
 from imgbackup.repository.storage import check_name
 
 TEMP_MARK = ".tmp-"
@@ -52,17 +58,19 @@ class DirectoryStorage:
         if directory.is_dir():
             return []
         changed = self._make_dirs(directory.parent)
-        try:
-            directory.mkdir()
-        except FileExistsError:
+        if not make_private_dir(directory):
             return changed
         return [*changed, directory.parent]
 
     def prepare(self, folders: tuple[str, ...]) -> None:
-        """Create the repository's folders, so the layout is there to see from the start."""
+        """At init: refuse an unsafe place, then create the repository's folders (0700), so the layout
+        is there to see from the start."""
+        check_init_location(self.root)
         try:
             for folder in folders:
-                (self.root / check_name(folder)).mkdir(parents=True, exist_ok=True)
+                self._make_dirs(self.root / check_name(folder))
+            check_init_location(self.root)  # again: nobody slipped in a folder of their own meanwhile
+            os.chmod(self.root, DIR_MODE)  # an empty folder the user made (or a mount point) becomes 0700 too
         except OSError as exc:
             raise _storage_error(exc, f"the repository folders in {self.root}") from None
 
@@ -191,6 +199,7 @@ class _DirectoryObjectWriter:
         self.name = name
         self.tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        set_private_file(self._fd)
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
