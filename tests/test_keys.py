@@ -136,3 +136,32 @@ def test_backup_only_host_adds_images_but_cannot_read_or_remove_them(tmp_path: P
     restored = cli_json("restore", second["id"], out, "--yes", repo=repo)  # the full key reads it
     assert restored["image"] == second["id"] and out.read_bytes() == expected
     assert cli_json("verify", repo=repo)["ok"]
+
+
+def test_paper_sheet_through_the_cli_when_every_slot_is_lost(tmp_path: Path, source: Path) -> None:
+    """key export --paper; every slot deleted; key import --paper: a typo is refused naming its line,
+    the right sheet adds a slot with a new passphrase that restores byte-exact."""
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    image = cli_json("backup", source, repo=repo)["id"]
+    exported = cli("key", "export", "--paper", "--png", tmp_path / "sheet.png", repo=repo)
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "sheet.png").stat().st_mode & 0o777 == 0o600
+    assert cli("key", "export", repo=repo).returncode == 2                   # --paper is the only form
+    for slot in (repo / "keys").iterdir():
+        slot.unlink()
+    assert cli("list", repo=repo).returncode == 6
+    lines = exported.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("03 "))
+    typo = lines[at][:5] + ("B" if lines[at][5] != "B" else "C") + lines[at][6:]
+    (tmp_path / "typo.txt").write_text("\n".join([*lines[:at], typo, *lines[at + 1:]]))
+    refused = cli("key", "import", "--paper", tmp_path / "typo.txt", repo=repo, passphrase=None,
+                  IMGBACKUP_NEW_PASSPHRASE=SECOND)
+    assert refused.returncode == 4 and "line 3" in refused.stderr, refused.stderr
+    (tmp_path / "sheet.txt").write_text(exported.stdout.lower())
+    added = cli_json("key", "import", "--paper", tmp_path / "sheet.txt", repo=repo, passphrase=None,
+                     IMGBACKUP_NEW_PASSPHRASE=SECOND)
+    assert added["kind"] == "full" and added["label"] == "paper"
+    out = tmp_path / "out.img"
+    assert cli_json("restore", image, out, "--yes", repo=repo, passphrase=SECOND)["image"] == image
+    assert out.read_bytes() == source.read_bytes()

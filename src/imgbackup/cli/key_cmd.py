@@ -7,7 +7,9 @@ change leaves one ``key_change`` audit event (slot id, label, kind — never key
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,11 +22,14 @@ from imgbackup.cli.common import (
     open_repo,
     print_table,
     read_new_passphrase,
+    repo_path,
 )
 from imgbackup.crypto.slots import SlotInfo
+from imgbackup.errors import UsageError
 from imgbackup.repository.repo import Repository
 
-key_app = typer.Typer(help="Key slots: list, add (full or backup-only), remove, change a passphrase.",
+key_app = typer.Typer(help="Key slots: list, add (full or backup-only), remove, change a passphrase; the paper "
+                           "recovery sheet: export, import.",
                       no_args_is_help=True)
 
 LabelOption = Annotated[str, typer.Option("--label", help="What the key is for (a host, a person): shown by "
@@ -129,6 +134,74 @@ def change_passphrase(weak_passphrase: WeakOption = False, repo: RepoOption = No
         info = change(r, secret)
         fields.update(slot=info.slot, label=info.label, kind=info.kind)
     _emit_slot(info, "changed the passphrase of", json_out)
+
+
+@key_app.command("export")
+def export_key(
+    paper: Annotated[bool, typer.Option("--paper", help="Print the recovery sheet (needed: the only form).")] = False,
+    png: Annotated[str | None, typer.Option("--png", metavar="FILE", help="Also write the QR code as a PNG "
+                                                                          "(created 0600, never over a file).")] = None,
+    repo: RepoOption = None,
+) -> None:
+    """Print the repository's full key as a paper recovery sheet: numbered base32 lines, each with a
+    check, and a QR code. It opens the repository even when every key slot is lost. Needs a full key;
+    the sheet IS the key: print it, keep it off-site in a sealed envelope (README, 'paper recovery sheet')."""
+    from imgbackup.crypto.paper import paper_qr_text, paper_sheet, qr_png, qr_terminal
+
+    if not paper:
+        raise UsageError("key export needs --paper (the recovery sheet is the one export form)")
+    r = open_repo(repo, needs_full_key="export the full key")
+    bundle = r.keys.to_bytes()
+    with _audit(r, "export") as fields:
+        if png:
+            qr_png(paper_qr_text(bundle), png)
+        fields.update(generations=len(r.keys.generations), png=bool(png))
+    typer.echo(paper_sheet(bundle, r.config.id, _when(time.time())))
+    if sys.stdout.isatty():
+        typer.echo(qr_terminal(paper_qr_text(bundle)))
+
+
+@key_app.command("import")
+def import_key(
+    paper: Annotated[str | None, typer.Option("--paper", metavar="FILE", help="The typed sheet (or its QR text); "
+                                                                              "'-' reads standard input.")] = None,
+    label: LabelOption = "paper",
+    weak_passphrase: WeakOption = False,
+    repo: RepoOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Open the repository with a paper recovery sheet and add a full key slot with a new passphrase.
+    Without --paper the lines are typed at a prompt (an empty line ends). A mistyped line is named."""
+    from imgbackup.crypto.keys import KeyBundle
+    from imgbackup.crypto.paper import read_paper
+    from imgbackup.repository.keyslots import import_paper
+    from imgbackup.repository.repo import refuse_weak_passphrase
+
+    r = Repository.open_with_bundle(repo_path(repo), KeyBundle.from_bytes(read_paper(_sheet_text(paper))),
+                                    for_writing=True)
+    secret = read_new_passphrase()
+    refuse_weak_passphrase(secret, weak_passphrase)
+    with _audit(r, "import") as fields:
+        info = import_paper(r, secret, label)
+        fields.update(slot=info.slot, label=info.label, kind=info.kind)
+    _emit_slot(info, "added", json_out)
+
+
+def _sheet_text(path: str | None) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    if path:
+        try:
+            return Path(path).read_text(errors="replace")
+        except OSError as exc:
+            raise UsageError(f"cannot read the sheet {path}: {exc.strerror}") from None
+    if not sys.stdin.isatty():
+        raise UsageError("key import needs --paper FILE (or '-') without a terminal to type the lines on")
+    typer.echo("Type the sheet's numbered lines; an empty line ends.", err=True)
+    lines = []
+    while (line := input()).strip():
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def register(app: typer.Typer) -> None:
