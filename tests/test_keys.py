@@ -165,3 +165,14 @@ def test_paper_sheet_through_the_cli_when_every_slot_is_lost(tmp_path: Path, sou
     out = tmp_path / "out.img"
     assert cli_json("restore", image, out, "--yes", repo=repo, passphrase=SECOND)["image"] == image
     assert out.read_bytes() == source.read_bytes()
+
+
+def test_verify_warns_about_a_key_slot_others_can_read(tmp_path: Path, source: Path) -> None:
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    cli_json("backup", source, repo=repo)
+    assert "keys/" not in cli("verify", repo=repo).stderr
+    slot = next((repo / "keys").iterdir())
+    slot.chmod(0o644)
+    proc = cli("verify", repo=repo)
+    assert proc.returncode == 0 and f"keys/{slot.name} is open to group and others" in proc.stderr, proc.stderr

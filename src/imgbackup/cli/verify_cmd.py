@@ -50,6 +50,7 @@ def verify(
     finally:
         bar.close()
     fs = _check_filesystems(r, ids[0]) if filesystems else None
+    report.warnings.extend(r.access_warnings())
     records, warnings = record_verify(r, report, fs)
     for warning in report.warnings + warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)

@@ -239,6 +239,11 @@ class Repository:
         confirm_stored(self.storage, name, len(blob))
         return True
 
+    def access_warnings(self) -> list[str]:
+        """What the storage finds too open about the key material (a local directory's modes)."""
+        check = getattr(self.storage, "access_warnings", None)
+        return check() if check is not None else []
+
     def data_key_object(self, key_id: int) -> bytes:
         """The stored (sealed) data-key object, for copying it verbatim to a related repository."""
         return self._fetch_data_key(key_id)

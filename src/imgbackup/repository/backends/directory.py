@@ -43,6 +43,12 @@ class DirectoryStorage:
     write_parallelism = 1  # commits queue on one disk's fsync: a second one in flight gains nothing (measured)
     remote = False
 
+    def access_warnings(self) -> list[str]:
+        """Key slots (or keys/) that group or others may read: ``verify`` warns (FORMAT.md 2.7)."""
+        from imgbackup.repository.backends.directory_access import key_file_exposure
+
+        return key_file_exposure(self.root)
+
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).absolute()  # a later chdir (FUSE daemons do one) must not move it
         self.location = str(self.root)
