@@ -176,3 +176,32 @@ def test_verify_warns_about_a_key_slot_others_can_read(tmp_path: Path, source: P
     slot.chmod(0o644)
     proc = cli("verify", repo=repo)
     assert proc.returncode == 0 and f"keys/{slot.name} is open to group and others" in proc.stderr, proc.stderr
+
+
+def test_key_rotate_gives_new_data_new_keys_and_retires_every_older_key(tmp_path: Path, source: Path) -> None:
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    before = cli_json("backup", source, repo=repo)["id"]
+    cli_json("key", "add", "--backup-only", repo=repo, IMGBACKUP_NEW_PASSPHRASE=HOST)
+    old_sheet = cli("key", "export", "--paper", repo=repo).stdout
+    assert cli("key", "rotate", repo=repo, IMGBACKUP_NEW_PASSPHRASE=SECOND).returncode == 2   # needs --yes
+    rotated = cli_json("key", "rotate", "--yes", repo=repo, IMGBACKUP_NEW_PASSPHRASE=SECOND)
+    assert rotated["generation"] == 2 and len(rotated["removed"]) == 2
+    for old in (FULL, HOST):
+        assert cli("list", repo=repo, passphrase=old).returncode == 4
+    (tmp_path / "old-sheet.txt").write_text(old_sheet)
+    stale = cli("key", "import", "--paper", tmp_path / "old-sheet.txt", repo=repo, passphrase=None,
+                IMGBACKUP_NEW_PASSPHRASE="sheet-pass")
+    assert stale.returncode == 6 and "predates a key rotation" in stale.stderr, stale.stderr
+
+    _rewrite(source, 0, os.urandom(MIB))
+    after = cli_json("backup", source, repo=repo, passphrase=SECOND)["id"]
+    head = (repo / "images" / after).read_bytes()
+    assert int.from_bytes(head[16 + 4:16 + 12], "little") == 2               # sealed with generation 2's key
+    generations = {int.from_bytes(p.read_bytes()[12:16], "little") for p in (repo / "datakeys").iterdir()}
+    assert generations == {1, 2}
+    for image in (before, after):                                            # both generations stay readable
+        out = tmp_path / f"{image}.img"
+        cli_json("restore", image, out, "--yes", repo=repo, passphrase=SECOND)
+    assert (tmp_path / f"{after}.img").read_bytes() == source.read_bytes()
+    assert cli_json("verify", repo=repo, passphrase=SECOND)["ok"]

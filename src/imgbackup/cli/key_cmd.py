@@ -18,6 +18,7 @@ from imgbackup import audit
 from imgbackup.cli.common import (
     JsonOption,
     RepoOption,
+    YesOption,
     emit_json,
     open_repo,
     print_table,
@@ -26,7 +27,7 @@ from imgbackup.cli.common import (
 )
 from imgbackup.crypto.slots import SlotInfo
 from imgbackup.errors import UsageError
-from imgbackup.repository.repo import Repository
+from imgbackup.repository.repo import Repository, refuse_weak_passphrase
 
 key_app = typer.Typer(help="Key slots: list, add (full or backup-only), remove, change a passphrase; the paper "
                            "recovery sheet: export, import.",
@@ -87,7 +88,6 @@ def add_key(
     """Add a key slot with its own passphrase: the same repository keys (or, with --backup-only, only
     what adding images needs). Needs a full key."""
     from imgbackup.repository.keyslots import add_slot
-    from imgbackup.repository.repo import refuse_weak_passphrase
 
     r = open_repo(repo, for_writing=True)
     r.require_full_key("add keys")
@@ -125,7 +125,6 @@ def change_passphrase(weak_passphrase: WeakOption = False, repo: RepoOption = No
     """Change the passphrase of the key slot that opens the repository (IMGBACKUP_KEY_SLOT picks one):
     the slot is replaced in one atomic write, so a crash leaves the old passphrase or the new one."""
     from imgbackup.repository.keyslots import change_passphrase as change
-    from imgbackup.repository.repo import refuse_weak_passphrase
 
     r = open_repo(repo, for_writing=True)
     secret = read_new_passphrase()
@@ -134,6 +133,40 @@ def change_passphrase(weak_passphrase: WeakOption = False, repo: RepoOption = No
         info = change(r, secret)
         fields.update(slot=info.slot, label=info.label, kind=info.kind)
     _emit_slot(info, "changed the passphrase of", json_out)
+
+
+@key_app.command("rotate")
+def rotate_keys(
+    label: LabelOption = "rotated",
+    weak_passphrase: WeakOption = False,
+    yes: YesOption = False,
+    repo: RepoOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Give new data new keys: a new key generation (metadata, data and signing keys; the chunk-id key
+    stays, so dedup goes on), held by one new slot with a new passphrase; every other slot is removed
+    (issue new ones with 'key add'). Protects what is written from now on from an older key or paper
+    sheet; data stored before stays readable by whoever kept one (FORMAT.md 2.5). Print a new sheet."""
+    from imgbackup.repository.keyslots import rotate
+
+    r = open_repo(repo, for_writing=True, needs_full_key="rotate keys")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("refusing to rotate keys without --yes (it removes every other key slot; no terminal "
+                             "to ask on)")
+        typer.confirm("Rotate keys? Every other key slot is removed and must be issued again", abort=True)
+    secret = read_new_passphrase()
+    refuse_weak_passphrase(secret, weak_passphrase)
+    with _audit(r, "rotate") as fields:
+        rotated, info, removed = rotate(r, secret, label)
+        fields.update(slot=info.slot, label=info.label, kind=info.kind, generations=len(rotated.keys.generations))
+    if json_out:
+        emit_json({"action": "rotated", **info.to_dict(), "generation": len(rotated.keys.generations),
+                   "removed": [s.to_dict() for s in removed]})
+        return
+    typer.echo(f"key generation {len(rotated.keys.generations)}: new key slot {info.slot} (label {info.label!r}); "
+               f"removed {len(removed)} other slot(s)")
+    typer.echo("print a new recovery sheet: 'imgbackup key export --paper' (the old one no longer opens it)")
 
 
 @key_app.command("export")
@@ -175,7 +208,6 @@ def import_key(
     from imgbackup.crypto.keys import KeyBundle
     from imgbackup.crypto.paper import read_paper
     from imgbackup.repository.keyslots import import_paper
-    from imgbackup.repository.repo import refuse_weak_passphrase
 
     r = Repository.open_with_bundle(repo_path(repo), KeyBundle.from_bytes(read_paper(_sheet_text(paper))),
                                     for_writing=True)
