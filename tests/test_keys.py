@@ -42,7 +42,9 @@ def test_two_passphrases_open_one_repository_and_remove_refuses_the_last_full_ke
     env = {"IMGBACKUP_AUDIT": f"file:{audit_log}"}
     cli_json("init", repo=repo)
     image = cli_json("backup", source, repo=repo)["id"]
-    added = cli_json("key", "add", "--label", "admin laptop", repo=repo, IMGBACKUP_NEW_PASSPHRASE=SECOND, **env)
+    (tmp_path / "new-pass").write_text(SECOND + "\n")                       # a file's trailing newline is not part
+    added = cli_json("key", "add", "--label", "admin laptop", repo=repo,
+                     IMGBACKUP_NEW_PASSPHRASE_FILE=str(tmp_path / "new-pass"), **env)
     assert added["kind"] == "full" and added["label"] == "admin laptop" and added["signed"]
     for passphrase in (FULL, SECOND):
         assert [i["id"] for i in cli_json("list", repo=repo, passphrase=passphrase)["images"]] == [image]
