@@ -207,3 +207,14 @@ def test_key_rotate_gives_new_data_new_keys_and_retires_every_older_key(tmp_path
         cli_json("restore", image, out, "--yes", repo=repo, passphrase=SECOND)
     assert (tmp_path / f"{after}.img").read_bytes() == source.read_bytes()
     assert cli_json("verify", repo=repo, passphrase=SECOND)["ok"]
+
+
+def test_a_process_holding_keys_cannot_dump_core(tmp_path: Path) -> None:
+    """prctl(PR_SET_DUMPABLE, 0) once keys are unwrapped: no core file, no ptrace or /proc/PID/mem by others."""
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    code = ("import sys; from imgbackup.crypto.protect import dumpable; from imgbackup.repository.repo import "
+            "Repository; before = dumpable(); Repository.open(sys.argv[1], lambda: b'test-pass'); "
+            "print(before, dumpable())")
+    proc = subprocess.run([sys.executable, "-c", code, str(repo)], env=cli_env(), capture_output=True, text=True)
+    assert proc.stdout.split() == ["1", "0"], proc.stderr
