@@ -137,17 +137,7 @@ class Repository:
         ``label``: the first key slot's label (``key list`` shows it).
         ``object_lock`` = (mode, seconds): S3 Object Lock; the server must pass the lock probe
         before anything is written, and then every object is written with a retention date."""
-        if related_to is not None and (chunk_size != related_to.chunk_size
-                                       or encryption != related_to.config.encryption):
-            raise UsageError("a related repository has the chunk size and encryption of the one it is "
-                             f"related to ({related_to.chunk_size} bytes, {related_to.config.encryption})",
-                             "leave out --chunk-size and --encryption with --related-to")
-        if encryption not in ENCRYPTIONS:
-            raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
-        if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
-            raise UsageError(f"chunk size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}")
-        if not 1 <= zstd_level <= 22:
-            raise UsageError("zstd level must be 1..22")
+        _check_init_options(encryption, chunk_size, zstd_level, related_to)
         storage = _storage(where, for_writing=True)
         if storage.exists(CONFIG_NAME):
             raise RepositoryExists(f"{storage.location} already holds a repository")
@@ -395,3 +385,17 @@ def refuse_weak_passphrase(secret: bytes, weak_ok: bool) -> None:
     if not weak_ok and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
         raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
                          "choose a longer one, or pass --weak-passphrase to accept it")
+
+
+def _check_init_options(encryption: str, chunk_size: int, zstd_level: int, related_to: Repository | None) -> None:
+    if related_to is not None and (chunk_size != related_to.chunk_size
+                                   or encryption != related_to.config.encryption):
+        raise UsageError("a related repository has the chunk size and encryption of the one it is "
+                         f"related to ({related_to.chunk_size} bytes, {related_to.config.encryption})",
+                         "leave out --chunk-size and --encryption with --related-to")
+    if encryption not in ENCRYPTIONS:
+        raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
+    if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
+        raise UsageError(f"chunk size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}")
+    if not 1 <= zstd_level <= 22:
+        raise UsageError("zstd level must be 1..22")
