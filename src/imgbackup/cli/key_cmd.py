@@ -29,8 +29,7 @@ from imgbackup.crypto.slots import SlotInfo
 from imgbackup.errors import UsageError
 from imgbackup.repository.repo import Repository, refuse_weak_passphrase
 
-key_app = typer.Typer(help="Key slots: list, add (full or backup-only), remove, change a passphrase; the paper "
-                           "recovery sheet: export, import.",
+key_app = typer.Typer(help="Key slots, backup-only keys, the paper recovery sheet.",
                       no_args_is_help=True)
 
 LabelOption = Annotated[str, typer.Option("--label", help="What the key is for (a host, a person): shown by "
