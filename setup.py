@@ -15,6 +15,7 @@ COMMON = dict(
 extensions = [
     Extension("imgbackup._core.scan", ["src/imgbackup/_core/scan.pyx"], **COMMON),
     Extension("imgbackup._core.bitmap", ["src/imgbackup/_core/bitmap.pyx"], **COMMON),
+    Extension("imgbackup._core.table", ["src/imgbackup/_core/table.pyx"], **COMMON),
 ]
 
 setup(

@@ -21,6 +21,20 @@ os.environ["XDG_STATE_HOME"] = CLIENT_STATE     # module and session fixtures; e
 # Cheap KDF parameters for repositories created by tests; recorded in each key file.
 os.environ.setdefault("IMGBACKUP_TEST_CHEAP_KDF", "1")
 
+# Collections free what they find unneeded in the same run when no backup runs (no grace period); the tests
+# of the grace period set their own (tests/test_fleet.py).
+os.environ.setdefault("IMGBACKUP_GC_GRACE_SECONDS", "0")
+
+# Local caches (chunk index, S3 probe) of this run's repositories in the run's temp dir, not in ~/.cache;
+# subprocesses inherit it.
+if "IMGBACKUP_TEST_KEEP_CACHE_HOME" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="imgbackup-cache-")
+    atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
+
 # The engine tests that run every kernel (scan, bitmap) through backup, fsmap, mount and restore:
 # ``-m core_reference`` with IMGBACKUP_CORE=reference runs them on the pure-Python references
 # (scripts/test.sh does, ~2 minutes). test_core_kernels compares the two and stays out.

@@ -45,13 +45,16 @@ class Outcome:
             assert len(errors) == 1, f"{args}: wanted one error line: {self.stderr!r}"
 
 
-def run_cli(args, repo: Path, passphrase: str | None = None) -> Outcome:
-    """One command through the CLI's own entry point, in this process."""
+def run_cli(args, repo: Path, passphrase: str | None = None, index_cache: bool = False) -> Outcome:
+    """One command through the CLI's own entry point, in this process. Without the local chunk-index
+    cache unless asked: these tests are about the repository's own objects (a cache built before a
+    forgery would serve the authentic entries; test_malformed checks that case on its own)."""
     from imgbackup.cli.main import run
 
     saved = dict(os.environ)
     on_sigterm = signal.getsignal(signal.SIGTERM)     # run() installs its own; this process keeps pytest's
-    os.environ.update(IMGBACKUP_REPO=str(repo), IMGBACKUP_TEST_CHEAP_KDF="1")
+    os.environ.update(IMGBACKUP_REPO=str(repo), IMGBACKUP_TEST_CHEAP_KDF="1",
+                      IMGBACKUP_INDEX_CACHE="1" if index_cache else "0")
     os.environ.pop("IMGBACKUP_PASSPHRASE", None)
     if passphrase is not None:
         os.environ["IMGBACKUP_PASSPHRASE"] = passphrase
@@ -94,14 +97,14 @@ def copy_repo(base: dict, where: Path) -> Path:
 
 
 def run_all(repo: Path, image_id: str, tmp: Path, passphrase: str | None = None,
-            expect: dict[str, bytes] | None = None, commands=COMMANDS) -> list[Outcome]:
+            expect: dict[str, bytes] | None = None, commands=COMMANDS, index_cache: bool = False) -> list[Outcome]:
     """Every command against one repository: each ends cleanly; a restore that succeeds wrote exactly
     the bytes ``expect`` gives for its image id (never wrong bytes silently)."""
     outcomes = []
     for n, template in enumerate(commands):
         out = tmp / f"restored-{n}.img"
         args = [a.format(id=image_id, out=out) for a in template]
-        result = run_cli(args, repo, passphrase)
+        result = run_cli(args, repo, passphrase, index_cache)
         result.check(args)
         if args[0] == "restore" and result.code == 0:
             assert args[1] in (expect or {}), f"{args}: exit 0 restoring a damaged image"

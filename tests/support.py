@@ -63,6 +63,8 @@ def cli_env(repo: str | os.PathLike | None = None, passphrase: str | None = "tes
     """The environment for one CLI run: repository, passphrase and the cheap test KDF."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGBACKUP_") or k == "IMGBACKUP_CORE"}
     env["IMGBACKUP_TEST_CHEAP_KDF"] = "1"
+    # no grace period for collections unless a test asks for one (conftest.py; tests/test_fleet.py)
+    env["IMGBACKUP_GC_GRACE_SECONDS"] = os.environ.get("IMGBACKUP_GC_GRACE_SECONDS", "0")
     if repo is not None:
         env["IMGBACKUP_REPO"] = str(repo)
     if passphrase is not None:

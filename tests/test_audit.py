@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -135,15 +136,17 @@ def test_commands_leave_one_event_each_and_no_secret(tmp_path):
     image = cli_json("backup", src, repo=repo, passphrase=secret, **env)
     cli_json("restore", image["id"], tmp_path / "out.img", repo=repo, passphrase=secret, **env)
     assert cli("list", repo=repo, passphrase="wrong passphrase", **env).returncode == 4
-    # a stale lock of a process that is gone: the next writer takes it over
+    # the exclusive lease of a process that is gone: the next command that needs it (delete; a backup
+    # holds a session lease beside it) takes it over
     import subprocess
 
     dead = subprocess.Popen(["true"])
     dead.wait()
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     (repo / "locks" / "exclusive").write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": dead.pid, "since": 1.0, "start_time": "1", "boot_id": boot_id,
-         "command": "backup"}))
+        {"kind": "exclusive", "id": "ab" * 16, "host": socket.gethostname(), "pid": dead.pid, "command": "compact",
+         "started": time.time(), "started_local": time.time(), "ttl": 300.0, "start_time": "1",
+         "boot_id": boot_id, "version": 1}))
     second = cli_json("backup", src, repo=repo, passphrase=secret, **env)
     cli_json("delete", second["id"], "--yes", repo=repo, passphrase=secret, **env)
     pack = next(p for p in (repo / "packs").rglob("*") if p.is_file())
@@ -159,12 +162,12 @@ def test_commands_leave_one_event_each_and_no_secret(tmp_path):
     assert secret not in text and secret not in other.read_text()
     events = [json.loads(line) for line in text.splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds == ["backup", "restore", "passphrase_failed", "lock_takeover", "backup", "delete", "repair",
+    assert kinds == ["backup", "restore", "passphrase_failed", "backup", "lock_takeover", "delete", "repair",
                      "compact"], kinds
     for e in events:
         for key in ("time", "host", "user", "command", "result"):
             assert e[key] is not None
-    backup, restore, wrong, takeover, _, delete, repair, compact = events
+    backup, restore, wrong, _, takeover, delete, repair, compact = events
     assert backup["image"] == image["id"] and backup["repository"] == repo_id
     assert backup["bytes"] == image["bytes_stored"] and backup["duration_s"] > 0
     assert backup["command"].startswith("imgbackup backup ") and backup["result"] == "ok"

@@ -174,28 +174,30 @@ def test_device_without_yes_and_no_terminal_exit_2(repo: Path, target: Path) -> 
 
 HOLDER = """
 import sys, time
-from imgbackup.repository.lock import RepositoryLock
+from imgbackup.repository.lock import take_exclusive
 from imgbackup.repository.backends.directory import DirectoryStorage
-with RepositoryLock(DirectoryStorage(sys.argv[1]), "test holder"):
+with take_exclusive(DirectoryStorage(sys.argv[1]), "test holder"):
     print("locked", flush=True)
     time.sleep(120)
 """
 
 
 def test_repository_locked_by_live_process_exit_5(base, repo: Path) -> None:
+    image = cli_json("backup", base["image"], repo=repo)["id"]
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(repo)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        proc = cli("backup", base["image"], repo=repo)
-        assert_refused(proc, 5, words=(f"pid {holder.pid}", socket.gethostname()))
+        proc = cli("delete", image, "--yes", repo=repo)
+        assert_refused(proc, 5, words=(f"pid {holder.pid}", socket.gethostname(), "--lock-wait"))
+        assert cli_json("backup", base["image"], repo=repo)["type"] == "incremental"  # backups never wait
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
-    # The killed holder's lock is now stale (same host, dead pid): taken over without break-lock.
+    # The killed holder's lease is dead at once (same host, dead pid): taken over without break-lock.
     assert (repo / "locks" / "exclusive").exists()
-    doc = cli_json("backup", base["image"], repo=repo)
-    assert doc["type"] == "incremental" and doc["chunks_new"] == 0
+    assert cli_json("delete", image, "--yes", repo=repo)["deleted"] == [image]
     assert not (repo / "locks" / "exclusive").exists()
+    assert [p.name for p in (repo / "locks").iterdir()] == ["reserve"]   # no lease left behind
 
 
 def test_repository_disk_full_exit_10_and_still_verifies(tmp_path: Path) -> None:
@@ -209,7 +211,7 @@ def test_repository_disk_full_exit_10_and_still_verifies(tmp_path: Path) -> None
         assert [i["id"] for i in cli_json("list", repo=repo)["images"]] == [first["id"]]
         assert cli("verify", repo=repo).returncode == 0
         assert not [p for p in repo.rglob("*") if ".tmp-" in p.name], "temp files left behind"
-        assert not (repo / "locks" / "exclusive").exists(), "lock not released"
+        assert [p.name for p in (repo / "locks").iterdir()] == ["reserve"]   # no lease left behind, "lease not released"
         out = tmp_path / "out.img"
         cli_json("restore", first["id"], out, repo=repo)
         assert sha256_file(out) == sha256_file(small)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.disks import loop_device, mounted, random_image
@@ -74,13 +75,17 @@ def test_break_lock(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     cli_json("init", repo=repo)
     lock = repo / "locks" / "exclusive"
-    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": 0.0, "start_time": "1",
-                                "boot_id": "x", "command": "backup"}))
+    lock.write_text(json.dumps({"kind": "exclusive", "id": "1" * 32, "host": "elsewhere", "pid": 1,
+                                "command": "compact", "started": time.time(), "started_local": 0.0,
+                                "ttl": 3600.0}))
     src = random_image(tmp_path / "s.img", MIB)
-    held = cli("backup", src, repo=repo)
+    assert cli("backup", src, repo=repo).returncode == 0      # backups never wait for a remover
+    image = cli_json("list", repo=repo)["images"][0]["id"]
+    held = cli("delete", image, "--yes", repo=repo)
     assert held.returncode == 5 and "elsewhere" in held.stderr and "break-lock" in held.stderr
-    assert cli_json("break-lock", repo=repo)["removed"]["host"] == "elsewhere"
-    assert cli("backup", src, repo=repo).returncode == 0
+    assert "--lock-wait" in held.stderr
+    assert [r["host"] for r in cli_json("break-lock", repo=repo)["removed"]] == ["elsewhere"]
+    assert cli("delete", image, "--yes", repo=repo).returncode == 0
 
 
 def test_mounted_read_write_source_is_refused_unless_allowed(tmp_path: Path) -> None:

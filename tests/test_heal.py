@@ -226,7 +226,8 @@ def test_a_damaged_index_file_stops_backups_until_repair_rebuilds_it(two_sources
     repo = s["repo"]
     index_file = sorted((repo / "index").iterdir())[0]
     flip(index_file, index_file.stat().st_size // 2)
-    proc = cli("backup", s["a"], "--name", "a", repo=repo)
+    # a host without a local copy of the index (this one's cache holds the file as it was authenticated)
+    proc = cli("backup", s["a"], "--name", "a", repo=repo, IMGBACKUP_INDEX_CACHE="0")
     assert proc.returncode == 6 and "repair" in proc.stderr and "Traceback" not in proc.stderr
     doc = json.loads(cli("repair", "--yes", "--json", repo=repo).stdout)
     assert [f["name"] for f in doc["unreadable_index_files"]] == [f"index/{index_file.name}"]
@@ -395,7 +396,7 @@ def test_with_two_copies_of_a_chunk_readers_and_compact_use_the_one_that_exists(
     kept = tmp_path / "kept"
     shutil.copytree(repo, kept)
     states = json.loads(cli("verify", "--json", repo=kept).stdout)
-    assert states["ok"] and states["copies_recorded"] >= 1, states
+    assert states["ok"] and states["copies_recorded"] >= 1, json.dumps(states)[:3000]
     assert restore_matches(kept, image, src, tmp_path)
     done = cli_json("compact", repo=repo)        # no verify first: nothing recorded the missing copies
     assert not any("no usable copy" in w for w in done["warnings"]), done["warnings"]

@@ -268,7 +268,8 @@ def test_sigterm_mid_backup_is_130_with_summary_metrics_and_no_image(env, tmp_pa
                             env=cli_env(None, None), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_until(lambda: (env.repo / "locks" / "exclusive").exists() or proc.poll() is not None, 60)
+        # the backup's session lease (locks/session-*) says it is running
+        assert wait_until(lambda: any((env.repo / "locks").glob("session-*")) or proc.poll() is not None, 60)
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)             # what systemctl stop sends
         out, err = proc.communicate(timeout=60)
@@ -281,7 +282,7 @@ def test_sigterm_mid_backup_is_130_with_summary_metrics_and_no_image(env, tmp_pa
     summary = json.loads(out)
     assert summary["result"] == "interrupted" and step(summary, "backup")["exit_code"] == 130
     assert "interrupted" in step(summary, "backup")["error"]
-    assert env.images() == [] and not (env.repo / "locks" / "exclusive").exists()
+    assert env.images() == [] and not [p.name for p in (env.repo / "locks").iterdir() if p.name != "reserve"]
     assert env.state()["runs"][-1]["exit_code"] == 130
     assert 'imgbackup_last_run_exit_code{job="host"' in (env.metrics_dir / "imgbackup-job-host.prom").read_text()
     assert "} 130" in (env.metrics_dir / "imgbackup-job-host.prom").read_text()

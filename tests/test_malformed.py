@@ -248,7 +248,7 @@ INDEX_CASES = {
     "pack-number-out-of-range": lambda p: _entry_field(p, 0, 32, 99),
     "offset-in-pack-header": lambda p: _entry_field(p, 0, 36, 3),
     "length-zero": lambda p: _entry_field(p, 0, 40, 0),
-    "length-huge": lambda p: _entry_field(p, 0, 40, 0xFFFFFFF0),
+    "length-huge": lambda p: _entry_field(p, 0, 40, 0xFFFFFFFF),   # past 4 GiB from any offset (0xFFFFFFF0 at offset 16 ends at 4 GiB: valid)
     "info-reserved-bits": lambda p: _entry_field(p, 0, 44, 1 << 28),
     "raw-length-over-chunk-size": lambda p: _entry_field(p, 0, 44, (1 << 24) + 1),
     "unsorted": lambda p: p[:24 + 32 * chunk_index_counts(p)[0]] + p[24 + 32 * chunk_index_counts(p)[0] + 48:
@@ -270,6 +270,17 @@ def test_forged_chunk_index_is_exit_6(base, repo: Path, tmp_path: Path, case: st
         forge_chunk_index(repo, INDEX_CASES[case])
     outcomes = run_all(repo, base["full"], tmp_path, expect={base["full"]: base["full_bytes"]})
     _damaged(outcomes, 2, 3, word="chunk index")
+
+
+def test_a_cached_index_never_hides_a_forged_index_file_from_verify(base, repo: Path, tmp_path: Path) -> None:
+    """The local cache covers every index file (a list loaded them), then one file is forged: restore
+    may serve the cached, authenticated entries (right bytes), but verify reads the repository's files."""
+    warm = run_cli(["restore", "--yes", base["full"], tmp_path / "warm.img"], repo, index_cache=True)
+    assert warm.code == 0, warm.stderr              # the cache now covers every index file
+    forge_chunk_index(repo, INDEX_CASES["unsorted"])
+    outcomes = run_all(repo, base["full"], tmp_path, expect={base["full"]: base["full_bytes"]}, index_cache=True)
+    assert outcomes[3].code in (0, 6)             # run_all checked the bytes of a restore that succeeded
+    _damaged(outcomes, 2, word="chunk index")
 
 
 def test_stray_names_are_reported_not_crashed(base, repo: Path, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Unit tests of repository pieces: the envelope, key wrapping, the config mac, the lock, storage, packs.
+"""Unit tests of repository pieces: the envelope, key wrapping, the config mac, storage, packs (leases:
+tests/test_leases.py).
 
 Each tamper test changes one field and expects a refusal; known answers are checked with
 ``cryptography``/``hashlib`` directly, not with the code under test.
@@ -9,12 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,16 +27,20 @@ from imgbackup.crypto.slots import make_slot, new_slot_id, open_slot, parse_slot
 from imgbackup.errors import (
     IntegrityError,
     ObjectMissing,
-    RepositoryLocked,
     StorageError,
     UnsupportedFormat,
     WrongPassphrase,
 )
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY, OBJ_IMAGE_HEADER
 from imgbackup.repository.backends.directory import DirectoryStorage
-from imgbackup.repository.chunkindex import ChunkIndex, decode_chunk_index, encode_chunk_index
+from imgbackup.repository.backends.memory import MemoryStorage
+from imgbackup.repository.chunkindex import (
+    ChunkIndex,
+    decode_chunk_index,
+    encode_chunk_index,
+    write_index_files,
+)
 from imgbackup.repository.config import RepoConfig, check_config, peek_config
-from imgbackup.repository.lock import CLAIM_PREFIX, LOCK_NAME, LockInfo, RepositoryLock, break_lock
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
 
 KEY = bytes(range(32))
@@ -238,54 +239,6 @@ def test_config_signature_detects_tampering_and_a_backup_only_key_cannot_sign() 
         RepoConfig.from_document({**doc, "chunk_size": 3 << 20})
 
 
-# --- lock -------------------------------------------------------------------------------------
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def _plant(storage: DirectoryStorage, **fields) -> None:
-    me = RepositoryLock(storage)._mine()
-    storage.put(LOCK_NAME, json.dumps({**me.__dict__, **fields}).encode())
-
-
-def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
-    storage = DirectoryStorage(tmp_path)
-    with RepositoryLock(storage, "first"):
-        with pytest.raises(RepositoryLocked) as err:
-            RepositoryLock(storage, "second").acquire()
-        assert f"pid {os.getpid()}" in str(err.value) and socket.gethostname() in str(err.value)
-        assert "first" in str(err.value)
-    assert not storage.exists(LOCK_NAME)
-
-
-@pytest.mark.parametrize("case", ["dead pid", "reused pid", "rebooted"])
-def test_stale_lock_on_this_host_is_taken_over(tmp_path: Path, case: str) -> None:
-    storage = DirectoryStorage(tmp_path)
-    fields = {"dead pid": {"pid": _dead_pid(), "start_time": "1"},
-              "reused pid": {"start_time": "1"},                       # our pid, another process start
-              "rebooted": {"boot_id": "00000000-0000-0000-0000-000000000000"}}[case]
-    _plant(storage, **fields)
-    assert RepositoryLock(storage).holder().is_stale()
-    with RepositoryLock(storage, "taker"):
-        assert RepositoryLock(storage).holder().command == "taker"
-
-
-def test_lock_of_another_host_or_unreadable_is_not_broken(tmp_path: Path) -> None:
-    storage = DirectoryStorage(tmp_path)
-    _plant(storage, host="elsewhere.example", pid=_dead_pid())
-    with pytest.raises(RepositoryLocked, match="elsewhere.example"):
-        RepositoryLock(storage).acquire()
-    storage.put(LOCK_NAME, b"{not json")
-    with pytest.raises(RepositoryLocked):
-        RepositoryLock(storage).acquire()
-    assert isinstance(break_lock(storage), LockInfo)
-    with RepositoryLock(storage):
-        pass
-
-
 # --- storage ----------------------------------------------------------------------------------
 
 def test_storage_put_replaces_create_does_not(tmp_path: Path) -> None:
@@ -444,12 +397,13 @@ def test_delta_bases_survive_pack_trailers_and_chunk_index_files(tmp_path: Path)
 
 
 def test_a_chunk_known_twice_keeps_its_whole_copy() -> None:
-    whole = BlobLocation(b"p" * 32, 16, 10, 100)
-    delta = BlobLocation(b"q" * 32, 16, 5, 100, OID)
+    whole = BlobLocation(b"p" * 32, 16, 100, 100)   # valid entries: a sealed blob is at least an envelope
+    delta = BlobLocation(b"q" * 32, 16, 50, 100, OID)
     for order in ([whole, delta], [delta, whole]):
-        index = ChunkIndex()
-        for loc in order:
-            index._add(b"c" * 32, loc)
+        storage, envelope = MemoryStorage(), Envelope(None)
+        for loc in order:                       # one index file each, as two backups would write them
+            write_index_files(storage, envelope, [(b"c" * 32, loc)])
+        index = ChunkIndex.load(storage, envelope)
         assert index.get(b"c" * 32) == whole and index.spare == [(b"c" * 32, delta)]
 
 
@@ -461,62 +415,3 @@ def test_pack_writer_abort_drops_the_open_pack(tmp_path: Path) -> None:
     writer.abort()
     assert list(storage.list("packs")) == [] and not writer.written
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
-
-
-def _hold_lock_once(root: str, log: str, barrier) -> None:
-    """Child: take the lock (retrying while a live process holds it), log the hold, release."""
-    storage = DirectoryStorage(root)
-    barrier.wait()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            lock = RepositoryLock(storage, "racer")
-            lock.acquire()
-            break
-        except RepositoryLocked:
-            if time.monotonic() > deadline:
-                os._exit(3)
-            time.sleep(0.01)
-    with open(log, "a") as f:
-        f.write(f"{time.monotonic()} +1\n")
-        f.flush()
-        time.sleep(0.05)
-        f.write(f"{time.monotonic()} -1\n")
-    lock.release()
-    os._exit(0)
-
-
-def test_many_processes_taking_over_one_stale_lock_never_hold_it_together(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("fork")
-    for round_ in range(5):
-        storage = DirectoryStorage(tmp_path / f"r{round_}")
-        _plant(storage, pid=_dead_pid(), start_time="1")
-        log = tmp_path / f"holds{round_}.log"
-        barrier = ctx.Barrier(8)
-        procs = [ctx.Process(target=_hold_lock_once, args=(str(storage.root), str(log), barrier)) for _ in range(8)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(90)
-        assert [p.exitcode for p in procs] == [0] * 8
-        events = sorted((float(t), int(d)) for t, d in (line.split() for line in log.read_text().splitlines()))
-        depth = 0
-        for _, step in events:
-            depth += step
-            assert depth <= 1, "two processes held the lock at once"
-        assert len(events) == 16
-        assert list(storage.list("locks")) == []  # no lock, no takeover claim left behind
-
-
-def test_interrupted_takeover_is_reported_and_break_lock_clears_it(tmp_path: Path) -> None:
-    storage = DirectoryStorage(tmp_path)
-    _plant(storage, pid=_dead_pid(), start_time="1")
-    stale = storage.get(LOCK_NAME)
-    claim = CLAIM_PREFIX + hashlib.sha256(stale).hexdigest()[:32]
-    storage.put(claim, stale)  # a taker that died right after winning its claim
-    with pytest.raises(RepositoryLocked, match="takeover .* was interrupted"):
-        RepositoryLock(storage).acquire()
-    break_lock(storage)
-    assert list(storage.list("locks")) == []
-    with RepositoryLock(storage):
-        pass

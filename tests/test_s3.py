@@ -268,7 +268,8 @@ def test_kill_9_mid_upload_leaves_no_partial_object(s3_server, bucket, big_sourc
                                                     monkeypatch) -> None:
     """Packs go up as multipart uploads here (8 MiB threshold, 5 MiB parts): the kill lands while one
     is open. Every visible pack is whole (its trailer authenticates) and no image exists; the open
-    upload stays invisible until the next writer aborts it."""
+    upload stays invisible until a remover aborts it once the killed backup's lease is dead (a live
+    writer's uploads are never touched: tests/test_leases.py)."""
     url = f"s3://{bucket}/repo"
     cli_json("init", repo=url, **_env(s3_server))
     src = big_source(5)
@@ -290,7 +291,9 @@ def test_kill_9_mid_upload_leaves_no_partial_object(s3_server, bucket, big_sourc
     for key in (k for k in keys if "/packs/" in k):  # every visible pack is whole: its trailer authenticates
         assert read_pack_trailer(repo.storage, repo.envelope, bytes.fromhex(key[-64:]))
     assert not any("/images/" in k for k in keys)
-    _repo_is_sound(s3_server, url, src, tmp_path)   # ... and the next writer aborted the open upload
+    # the killed backup ran on this host and its process is gone, so its lease is dead at once
+    assert cli_json("compact", repo=url, **_env(s3_server))["temp_files_removed"] == 1
+    _repo_is_sound(s3_server, url, src, tmp_path)   # ... and that compact aborted the open upload
 
 
 # --- the retry loop on the answers a busy or broken server gives ------------------------------

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.support import need_tool
 
 from imgbackup.errors import ObjectMissing
 from imgbackup.repository.backends.memory import MemoryStorage
@@ -240,3 +241,60 @@ def test_a_killed_writer_leaves_nothing_visible_and_cleanup_removes_its_leftover
     assert store.remove_incomplete_writes() == 0
     if hasattr(store, "pending_uploads"):
         assert store.pending_uploads() == []
+
+
+# --- the storage's clock: what leases and garbage collection judge age by -----------------------
+
+CLOCK_RESOLUTION = 1.0  # S3 Date and Last-Modified are whole seconds; a directory's mtimes are finer
+
+
+@backends()
+def test_modified_and_now_come_from_one_clock(store: Storage) -> None:
+    before = store.now()
+    store.put("locks/session-a", b"one")
+    first = store.modified("locks/session-a")
+    after = store.now()
+    assert before - CLOCK_RESOLUTION <= first <= after + CLOCK_RESOLUTION
+    assert abs(after - time.time()) < 60  # tests run with a sane clock on one machine
+    time.sleep(CLOCK_RESOLUTION + 0.2)
+    store.put("locks/session-a", b"two")  # a refresh moves the time forward
+    assert store.modified("locks/session-a") >= first + CLOCK_RESOLUTION
+    assert store.now() >= after
+    streamed = store.open_writer("packs/ab/ab03")
+    streamed.write(b"x" * 100)
+    streamed.commit()
+    assert store.modified("packs/ab/ab03") >= first
+    with pytest.raises(ObjectMissing):
+        store.modified("locks/never")
+    assert list(store.list("")) == ["locks/session-a", "packs/ab/ab03"]  # the clock probe leaves nothing
+
+
+OLD_WRITER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    from tests.test_storage_conformance import _open
+    out = _open(sys.argv[1]).open_writer("packs/ef/ef02")
+    out.write(os.urandom(12 << 20))
+    os._exit(9)
+""")
+
+
+@backends(CROSS_PROCESS)
+def test_only_leftovers_older_than_asked_are_removed(location: str) -> None:
+    subprocess.run([sys.executable, "-c", OLD_WRITER.format(root=str(ROOT)), location], timeout=120)
+    store = _open(location)
+    assert store.remove_incomplete_writes(older_than=3600) == 0  # as young as a live writer's upload
+    time.sleep(CLOCK_RESOLUTION + 1.2)
+    assert store.remove_incomplete_writes(older_than=1) == 1
+    assert store.remove_incomplete_writes() == 0
+
+
+def test_a_faked_process_clock_does_not_move_the_directory_clock(tmp_path) -> None:
+    """faketime moves what the process reads, not the mtimes the kernel sets: a directory's clock
+    stays the storage's own."""
+    need_tool("faketime")
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from imgbackup.repository.storage import "
+            "open_storage; s = open_storage(sys.argv[1]); print(s.now() - time.time())")
+    out = subprocess.run(["faketime", "-f", "+2h", sys.executable, "-c", code, str(tmp_path), str(ROOT / "src")],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert abs(float(out) + 7200) < 60, out

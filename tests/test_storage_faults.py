@@ -21,7 +21,7 @@ from imgbackup.engine.verify.chunks import run_verify
 from imgbackup.errors import ImgBackupError, IntegrityError, StorageError
 from imgbackup.repository.backends.faults import BitFlipStorage, FaultyStorage
 from imgbackup.repository.backends.memory import MemoryStorage
-from imgbackup.repository.lock import RepositoryLock, break_lock
+from imgbackup.repository.lock import leases
 from imgbackup.repository.packs import pack_name
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import Storage
@@ -46,6 +46,7 @@ def _source(path: Path, seed: int, changed: tuple[int, ...] = ()) -> Path:
 def _snapshot(storage: MemoryStorage) -> MemoryStorage:
     copy = MemoryStorage()
     copy.objects = dict(storage.objects)
+    copy.times = dict(storage.times)
     return copy
 
 
@@ -61,12 +62,11 @@ def _restored(storage: Storage, image_id: str, target: Path) -> bytes:
 
 
 def _release_own_lock(storage: Storage) -> None:
-    """A failed backup may leave its lock (its release was the failing call). A real process then
-    exits and its lock is stale; this one lives on, so check the lock is its own and clear it."""
-    holder = RepositoryLock(storage).holder()
-    if holder is not None:
-        assert holder.pid == os.getpid() and holder.command.startswith("backup"), holder
-        break_lock(storage)
+    """A failed backup may leave its lease (its release was the failing call). A real process then
+    exits and its lease is dead; this one lives on, so check the lease is its own and clear it."""
+    for state in leases(storage):
+        assert state.info.pid == os.getpid() and state.info.command.startswith("backup"), state
+        storage.delete(state.name)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,12 @@ RepoOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 NameOption = Annotated[str | None, typer.Option(help="Source name for 'latest'.")]
+LockWaitOption = Annotated[
+    float,
+    typer.Option("--lock-wait", metavar="SECONDS", envvar="IMGBACKUP_LOCK_WAIT", show_envvar=True,
+                 help="While another delete/compact/repair/prune holds the repository, wait up to this long "
+                      "instead of failing (exit 5)."),
+]
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; needed to overwrite without a terminal.")]
 
 

@@ -10,6 +10,7 @@ import typer
 
 from imgbackup.cli.common import (
     JsonOption,
+    LockWaitOption,
     NameOption,
     RepoOption,
     YesOption,
@@ -28,6 +29,7 @@ def delete(
     repo: RepoOption = None,
     name: NameOption = None,
     yes: YesOption = False,
+    lock_wait: LockWaitOption = 0.0,
     json_out: JsonOption = False,
 ) -> None:
     """Delete images and every chunk that only they referenced."""
@@ -39,7 +41,7 @@ def delete(
         answer = ask(f"Delete {len(ids)} image(s): {', '.join(i[:12] for i in ids)}? [y/N]: ")
         if answer.strip().lower() not in ("y", "yes"):
             raise UsageError("not confirmed; nothing was deleted")
-    result = delete_images(r, ids)
+    result = delete_images(r, ids, lock_wait)
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:

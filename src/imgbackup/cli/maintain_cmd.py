@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, ProgressBar, RepoOption, emit_json, human, open_repo
+from imgbackup.cli.common import (
+    JsonOption,
+    LockWaitOption,
+    ProgressBar,
+    RepoOption,
+    emit_json,
+    human,
+    open_repo,
+)
 from imgbackup.errors import VerificationFailed
 
 
@@ -87,13 +95,18 @@ def _print_repair(plan, doc: dict, acted: bool) -> None:
 def compact(
     repo: RepoOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be freed; change nothing.")] = False,
+    lock_wait: LockWaitOption = 0.0,
     json_out: JsonOption = False,
 ) -> None:
     """Reclaim space: leftovers of interrupted runs, packs no image needs, and the dead part of partly
-    used packs (rewritten). Frees before it writes, so it works on a full repository disk."""
+    used packs (rewritten). Frees before it writes, so it works on a full repository disk.
+
+    Backups may run meanwhile: what is first found unneeded is marked and freed by a later compact,
+    once the grace period (IMGBACKUP_GC_GRACE_SECONDS, default 3600) has passed and no backup that
+    began before the mark still runs."""
     from imgbackup.engine.compact import run_compact
 
-    result = run_compact(open_repo(repo, needs_full_key="compact the repository"), dry_run)
+    result = run_compact(open_repo(repo, needs_full_key="compact the repository"), dry_run, lock_wait)
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:
@@ -103,7 +116,9 @@ def compact(
     typer.echo(f"{verb} {human(result.bytes_freed)}: {result.packs_deleted} pack(s) removed "
                f"({result.packs_rewritten} rewritten, {human(result.bytes_written)} copied), "
                f"{result.temp_files_removed} leftover temp file(s), {result.chunks_removed} unneeded chunk(s)"
-               + ("; nothing was changed (dry run)" if dry_run else ""))
+               + ("; nothing was changed (dry run)" if dry_run else "")
+               + (f"; {result.candidates_held} unneeded item(s) marked, freed by a later compact after the grace "
+                  "period" if result.candidates_held else ""))
 
 
 def register(app: typer.Typer) -> None:

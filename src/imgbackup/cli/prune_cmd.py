@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from imgbackup.cli.common import JsonOption, RepoOption, emit_json, human, open_repo
+from imgbackup.cli.common import JsonOption, LockWaitOption, RepoOption, emit_json, human, open_repo
 from imgbackup.errors import UsageError
 
 Span = Annotated[str | None, typer.Option(metavar="DURATION", show_default=False)]
@@ -34,6 +34,7 @@ def prune(
     name: Annotated[str | None, typer.Option(help="Only the images of this source name.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every image, keep or remove and why, and the "
                                           "bytes a real run frees; change nothing.")] = False,
+    lock_wait: LockWaitOption = 0.0,
     json_out: JsonOption = False,
 ) -> None:
     """Apply a retention policy to each source's images: keep what a rule (or a hold) keeps, remove the
@@ -51,7 +52,8 @@ def prune(
     if policy.empty:
         raise UsageError("prune needs a retention policy: it would keep nothing",
                          "give at least one --keep-… option (e.g. --keep-daily 7 --keep-weekly 4)")
-    result = run_prune(open_repo(repo, for_writing=not dry_run, needs_full_key="prune images"), policy, name, dry_run)
+    result = run_prune(open_repo(repo, for_writing=not dry_run, needs_full_key="prune images"), policy, name,
+                       dry_run, lock_wait)
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:

@@ -97,7 +97,8 @@ def _fallbacks(meta: dict) -> list[dict]:
 def _row(meta: dict, stats: ImageStats | None) -> dict:
     source = meta.get("source") or {}
     return {"id": meta["id"], "name": meta.get("name"), "type": meta.get("type"), "parent": meta.get("parent"),
-            "created": meta.get("created"), "source": source.get("path"), "source_size": source.get("size"),
+            "created": meta.get("created"), "hostname": meta.get("hostname"),
+            "source": source.get("path"), "source_size": source.get("size"),
             "stats": stats.to_dict() if stats else None,
             "imaged_in_full": [{"partition": r.get("partition"), "reason": r["warning"]} for r in _fallbacks(meta)],
             "warnings": meta.get("warnings", [])}
@@ -286,15 +287,26 @@ def _period(seconds: int) -> str:
     return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds} s"
 
 
-def break_lock_cmd(repo: RepoOption = None, json_out: JsonOption = False) -> None:
-    """Remove a repository lock left behind by a process that is gone."""
-    with interrupts.deferred():   # one delete: the lock is gone or still there, and the status says which
-        held = break_lock(open_storage(repo_path(repo), for_writing=True))
-        interrupts.set_status(f"the lock held by {held.describe()} was removed" if held else "it was not locked")
+def break_lock_cmd(
+    repo: RepoOption = None,
+    sessions: Annotated[bool, typer.Option("--sessions", help="Also remove every backup's lease (a live "
+                                           "backup then stops without committing).")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Remove the exclusive lease of delete/compact/repair (and takeover claims), whoever holds it.
+
+    Not needed after a crash: a lease nobody refreshes clears itself once it expires."""
+    with interrupts.deferred():   # a few deletes: each lease is gone or still there, and the status says so
+        removed = break_lock(open_storage(repo_path(repo), for_writing=True), sessions=sessions)
+        interrupts.set_status(f"{len(removed)} lease(s) removed" if removed else "it was not locked")
     if json_out:
-        emit_json({"removed": held.__dict__ if held else None})
-    else:
-        typer.echo(f"removed lock held by {held.describe()}" if held else "repository was not locked")
+        emit_json({"removed": [{"name": s.name, "age_s": round(s.age, 1), **(s.info.__dict__ if s.info else {})}
+                               for s in removed]})
+        return
+    for state in removed:
+        typer.echo(f"removed {state.name}: {state.describe()}")
+    if not removed:
+        typer.echo("repository was not locked")
 
 
 def register(app: typer.Typer) -> None:

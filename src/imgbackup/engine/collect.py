@@ -1,17 +1,26 @@
-"""Collection: the one mechanism delete and compact use to drop what no image needs.
+"""Collection: the one mechanism delete, compact (and prune) use to drop what no image needs.
 
-Two halves, kept apart so a dry run shows exactly what a real run would do, and so a later
-two-phase collection (candidates marked, deleted after a grace period) can sit between them:
+``collect(repo)`` is the contract: what is live is decided by the image indexes (``needed_chunks``);
+what may be removed by the two-phase rule (repository/marks.py, docs/FORMAT.md "Garbage collection
+in two phases"). Backups run meanwhile, so nothing is deleted when first found unneeded: a copy of
+an unneeded chunk, or a pack no index names, is a *candidate*, written to a mark object; a later
+collection deletes it only if it is still unneeded, its mark is older than the grace period, and no
+backup session that began before the mark is alive (``Safety``). Until then it is *held*: kept in
+place and in the index. Spare copies of needed chunks and copies on damage records are not
+candidates (no backup can depend on them while a live copy stays) and go at once.
+
+Two halves, kept apart so a dry run shows exactly what a real run would do:
 
 - ``plan_collection`` decides, reading only: packs that hold nothing an image needs (freed
   first), packs that hold needed and dead blobs (the needed ones are copied, then the pack goes),
   the next chunk index, and whether the index files need rewriting.
 - ``carry_out`` acts in the one order that is safe at every crash point and frees space before it
-  needs any: temp leftovers and unneeded packs first (no image needs them, and the lock keeps
-  backups out; an index entry left pointing into a deleted pack names only an unneeded chunk,
-  which a backup's pack listing excludes), then rounds of at most REWRITE_BATCH copied bytes —
-  copy, write the new index file(s), delete the old ones, delete the copied packs — and last the
-  damage records are consolidated (the new record first, then the old ones go).
+  needs any: temp leftovers and unneeded packs first (no image needs them, and no backup alive
+  can come to need them: the two-phase rule; an index entry left pointing into a deleted pack
+  names only an unneeded chunk, which a backup's pack listing excludes), then rounds of at most
+  REWRITE_BATCH copied bytes — copy, write the new index file(s), delete the old ones, delete the
+  copied packs — then the damage records are consolidated (the new record first, then the old
+  ones go), and last the marks (the new mark object first, then the old ones go).
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from imgbackup.errors import (
 from imgbackup.format.layout import OBJ_CHUNK
 from imgbackup.repository.chunkindex import MAX_ENTRIES_PER_FILE, ChunkIndex, write_index_files
 from imgbackup.repository.damage import DamagedCopy, DamageLog, write_record
+from imgbackup.repository.lease import lease_seconds
+from imgbackup.repository.marks import Marks, Safety, judge_safety, load_marks, write_marks
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
@@ -70,7 +81,13 @@ class CollectionPlan:
     found: list[DamagedCopy] = field(default_factory=list)   # copies in packs that are gone, not yet recorded
     packs: set[str] = field(default_factory=set)             # the pack listing the plan was made from
     rewrite_index: bool = False
+    temp_age: float = 0.0                    # temp leftovers untouched this long are removed (0: all)
     warnings: list[str] = field(default_factory=list)
+    marks: Marks = field(default_factory=Marks)                # the marks the plan was judged with
+    held: dict[tuple[bytes, bytes, int], float] = field(default_factory=dict)   # candidate copies kept: first marked
+    held_packs: dict[bytes, float] = field(default_factory=dict)               # candidate packs kept: first marked
+    new_candidates: int = 0                  # candidates found now (marked when the plan is carried out)
+    ripe_new: int = 0                        # of those, the ones a mark written now would already free
 
     @property
     def blocked(self) -> bool:
@@ -111,6 +128,7 @@ class CollectionResult:
     bytes_deleted: int = 0
     bytes_written: int = 0
     index_files: int = 0
+    candidates_held: int = 0          # candidates kept for a later collection (two-phase rule)
     retained: list[str] = field(default_factory=list)   # objects S3 Object Lock keeps until their date
     warnings: list[str] = field(default_factory=list)
 
@@ -137,8 +155,8 @@ def needed_chunks(repo: Repository, exclude: Collection[str] = ()) -> tuple[set[
     return ids, []
 
 
-def incomplete_writes(repo: Repository) -> list[tuple[str, int]]:
-    return repo.storage.incomplete_writes()
+def incomplete_writes(repo: Repository, older_than: float = 0.0) -> list[tuple[str, int]]:
+    return repo.storage.incomplete_writes(older_than)
 
 
 def pack_sizes(repo: Repository) -> dict[str, int]:
@@ -152,25 +170,38 @@ def pack_sizes(repo: Repository) -> dict[str, int]:
 
 
 def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[str] | None = None,
-                    strict: bool = True) -> CollectionPlan:
-    """Decide what a collection removes; reads the index, the damage records and the pack listing.
-    ``strict``: every damage record must be readable (a collection that acts must know every bad copy)."""
+                    strict: bool = True, safety: Safety | None = None, marks: Marks | None = None,
+                    provisional: bool = False) -> CollectionPlan:
+    """Decide what a collection removes; reads the index, the damage records, the marks and the
+    pack listing. ``strict``: every damage record must be readable (a collection that acts must know
+    every bad copy). ``safety`` must be judged before ``needed`` was read (collect does). Candidates
+    found now are held, or with ``provisional`` (a dry run) judged as if marked now."""
     storage, envelope = repo.storage, repo.envelope
+    safety = judge_safety(storage) if safety is None else safety
+    marks = load_marks(storage, envelope) if marks is None else marks
     damage = DamageLog.load(storage, envelope, strict=strict)
-    sizes = pack_sizes(repo)
-    index = ChunkIndex.load(storage, envelope, damage, set(sizes))   # copies in packs that are gone: excluded
-    plan = CollectionPlan(list(index.files), {}, [], [], incomplete_writes(repo), damage, needed,
+    sizes: dict[str, int] = {}
+
+    def listing() -> set[str]:      # after the index listing: a pack an index file names is in it
+        sizes.update(pack_sizes(repo))
+        return set(sizes)
+
+    index = ChunkIndex.load(storage, envelope, damage, listing)   # copies in packs that are gone: excluded
+    temp_age = 2 * lease_seconds() if safety.session_starts else 0.0   # a live writer touches its temp files
+    plan = CollectionPlan(list(index.files), {}, [], [], incomplete_writes(repo, temp_age), damage, needed,
                           len(index.locations) + len(index.spare) + len(index.bad_copies), found=index.unrecorded(),
-                          packs=set(sizes), warnings=list(warnings or []))
+                          packs=set(sizes), warnings=list(warnings or []), temp_age=temp_age, marks=marks)
     if needed is None:
         return plan
     needed = plan.needed = needed | index.bases_of(needed)   # a needed delta keeps its base
     uses = {name: PackUse(name, bytes.fromhex(name.rsplit("/", 1)[1]), size) for name, size in sizes.items()}
     blobs: dict[bytes, dict[int, int]] = defaultdict(dict)    # pack id -> offset -> length of each known blob
-    for _cid, loc in [*index.locations.items(), *index.spare]:
+    copies = [*index.locations.items(), *index.spare]
+    for _cid, loc in copies:
         blobs[loc.pack_id][loc.offset] = loc.length
     for bad in [*index.bad_copies, *damage.copies.values()]:
         blobs[bad.pack_id][bad.offset] = bad.length
+    unindexed = [use for use in uses.values() if not blobs[use.pack_id]]   # no index names a blob in it
     for cid in needed:
         loc = index.locations.get(cid)
         if loc is not None:
@@ -184,6 +215,8 @@ def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[
     if lost:
         plan.warnings.append(f"{len(lost)} chunk(s) that images need have no usable copy in any pack; "
                              "'imgbackup repair' reports which images and byte ranges that affects")
+    _hold_candidates(plan, uses, copies, unindexed, needed, safety, provisional)
+    _measure(uses.values(), blobs)
     for use in uses.values():
         if use.kept:
             continue
@@ -195,6 +228,38 @@ def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[
             plan.rows.update(use.live)
     plan.rewrite_index = bool(plan.rewrite) or len(index.files) > 1 or plan.entries_before != len(plan.rows)
     return plan
+
+
+def _hold_candidates(plan: CollectionPlan, uses: dict[str, PackUse], copies: list[tuple[bytes, BlobLocation]],
+                     unindexed: list[PackUse], needed: set[bytes], safety: Safety, provisional: bool) -> None:
+    """The two-phase rule: a copy of an unneeded chunk, or a pack no index names (and holding nothing
+    needed), may go only once its mark is ripe; until then it is held — kept where it is (a held copy
+    stays in the index too). A candidate found now is new: marked when the plan is carried out."""
+    marked = plan.marks.copy_keys()
+
+    def held(at: float | None) -> bool:
+        if at is None:
+            plan.new_candidates += 1
+            ripe = safety.mature(safety.now)       # as if marked now: only with no grace and no session
+            plan.ripe_new += ripe
+            return not (provisional and ripe)
+        return not safety.mature(at)
+
+    for cid, loc in copies:
+        if cid in needed:
+            continue                  # a spare copy of a needed chunk: the handed-out one stays
+        key = (cid, loc.pack_id, loc.offset)
+        at = marked.get(key)
+        if held(at):
+            plan.held[key] = at or 0.0
+            uses[pack_name(loc.pack_id)].live.append((cid, loc))
+    for use in unindexed:
+        if use.live or use.kept:
+            continue                  # it holds needed chunks no index named (adopted), or is unreadable
+        at = plan.marks.packs.get(use.pack_id)
+        if held(at):
+            plan.held_packs[use.pack_id] = at or 0.0
+            use.kept = True
 
 
 def _measure(uses, blobs: dict[bytes, dict[int, int]]) -> None:
@@ -229,7 +294,7 @@ def carry_out(repo: Repository, plan: CollectionPlan, done_before: str = "") -> 
     ``done_before`` (what the caller already did) starts the line an interrupted run ends with."""
     result = CollectionResult(index_files=len(plan.index_files))
     interrupts.set_status(lambda: _collecting(done_before, result))
-    result.temp_files_removed = repo.remove_temp_files()
+    result.temp_files_removed = repo.remove_temp_files(plan.temp_age)
     result.bytes_deleted += sum(size for _, size in plan.temp)
     result.warnings += plan.warnings
     if plan.blocked:
@@ -264,7 +329,53 @@ def carry_out(repo: Repository, plan: CollectionPlan, done_before: str = "") -> 
                                f"(first: {lost[0].chunk_id.hex()[:16]}) and are gone; the next backup of a source "
                                "that still holds them stores them again; 'imgbackup repair' lists the images")
     _consolidate_damage(repo, plan, gone, set(indexed), lost, result)
+    _rewrite_marks(repo, plan, gone, result)
     return result
+
+
+def _rewrite_marks(repo: Repository, plan: CollectionPlan, gone: set[str], result: CollectionResult) -> None:
+    """The held candidates still where they were, as one new mark object (those found now get its
+    storage time), then the old mark objects go: a reader that misses one lists again (marks.py).
+    A pack S3 Object Lock kept from deletion stays marked with its first time: a later collection
+    deletes it after its lock date without waiting a grace period again."""
+    copies = [(cid, pid, off, at) for (cid, pid, off), at in plan.held.items() if pack_name(pid) not in gone]
+    packs = {pid: at for pid, at in plan.held_packs.items() if pack_name(pid) not in gone}
+    retained = {use.pack_id for use in plan.free if use.name in result.retained}
+    for pid in retained - packs.keys():
+        packs[pid] = plan.marks.packs.get(pid, 0.0)
+    try:
+        if copies or packs:
+            write_marks(repo.storage, repo.envelope, copies, packs)
+        for name in plan.marks.names:
+            repo.storage.delete(name)
+    except StorageError as exc:
+        result.warnings.append(f"the collection marks were not rewritten ({exc}); the next compact tries again")
+        return
+    result.candidates_held = len(copies) + len(packs)
+
+
+def collect(repo: Repository, done_before: str = "",
+            exclude: Collection[str] = ()) -> tuple[CollectionPlan, CollectionResult]:
+    """One collection under the exclusive lease, in the order the two-phase proof needs: the live
+    sessions are judged, then the images are read (but the ``exclude``d ones: removed), then the
+    index and the packs. When a mark written now would already let candidates go (no grace period,
+    no session alive), it is written and the collection judged again, so a repository with no
+    backup running is cleaned in one run."""
+    storage, envelope = repo.storage, repo.envelope
+    safety = judge_safety(storage)
+    needed, warnings = needed_chunks(repo, exclude)
+    plan = plan_collection(repo, needed, warnings, safety=safety)
+    if plan.ripe_new and not plan.blocked:
+        try:
+            write_marks(storage, envelope, [(cid, pid, off, 0.0) for (cid, pid, off), at in plan.held.items()
+                                            if not at], {pid: 0.0 for pid, at in plan.held_packs.items() if not at})
+        except StorageError as exc:      # a full disk: free what is ripe already, mark the rest next time
+            plan.warnings.append(f"could not write the collection marks ({exc}); a later compact frees the rest")
+            return plan, carry_out(repo, plan, done_before)
+        safety = judge_safety(storage)
+        needed, warnings = needed_chunks(repo, exclude)
+        plan = plan_collection(repo, needed, warnings, safety=safety)
+    return plan, carry_out(repo, plan, done_before)
 
 
 def _collecting(done_before: str, result: CollectionResult) -> str:

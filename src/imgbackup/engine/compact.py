@@ -27,15 +27,17 @@ class CompactResult:
     index_files_before: int
     index_files_after: int
     duration_s: float
+    candidates_held: int = 0         # unneeded, marked, kept until a later compact (two-phase rule)
     warnings: list[str] = field(default_factory=list)
 
 
-def run_compact(repo: Repository, dry_run: bool = False) -> CompactResult:
-    """Collect under the lock; a dry run only plans (no lock: a backup running meanwhile may add to it)."""
+def run_compact(repo: Repository, dry_run: bool = False, lock_wait: float = 0.0) -> CompactResult:
+    """Collect under the exclusive lease; a dry run only plans (no lease: a backup running meanwhile may
+    add to it), judging the candidates it finds as if it marked them now."""
     started = time.monotonic()
     if dry_run:
         needed, warnings = needed_now(repo)
-        plan = plan_collection(repo, needed, warnings)
+        plan = plan_collection(repo, needed, warnings, provisional=True)
         temp = sum(size for _, size in plan.temp)
         deleted = temp if plan.blocked else plan.bytes_reclaimable + plan.bytes_to_copy
         copied = 0 if plan.blocked else plan.bytes_to_copy
@@ -43,10 +45,11 @@ def run_compact(repo: Repository, dry_run: bool = False) -> CompactResult:
             True, deleted - copied, deleted, copied, 0 if plan.blocked else len(plan.free) + len(plan.rewrite),
             0 if plan.blocked else len(plan.rewrite), len(plan.temp), 0 if plan.blocked else plan.chunks_removed,
             len(plan.index_files), plan.index_files_after,
-            round(time.monotonic() - started, 3), plan.warnings)
+            round(time.monotonic() - started, 3), 0 if plan.blocked else len(plan.held) + len(plan.held_packs),
+            plan.warnings)
     repo.refuse_if_append_only("compact")
     with audit.audited("compact", repository=repo.config.id, location=repo.location) as event, \
-            repo.lock("compact", may_use_reserve=True):
+            repo.lock("compact", lock_wait, may_use_reserve=True):
         _view, retained = begin(repo, "compact")
         collected = collect(repo, retained)
         done = collected.done
@@ -55,4 +58,4 @@ def run_compact(repo: Repository, dry_run: bool = False) -> CompactResult:
     return CompactResult(False, done.bytes_freed, done.bytes_deleted, done.bytes_written, done.packs_deleted,
                          done.packs_rewritten, done.temp_files_removed, done.chunks_removed,
                          collected.index_files_before, done.index_files, round(time.monotonic() - started, 3),
-                         collected.warnings)
+                         done.candidates_held, collected.warnings)

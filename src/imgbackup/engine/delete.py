@@ -30,20 +30,20 @@ class DeleteResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def delete_images(repo: Repository, image_ids: list[str]) -> DeleteResult:
+def delete_images(repo: Repository, image_ids: list[str], lock_wait: float = 0.0) -> DeleteResult:
     """Delete the images and collect their chunks; a ``delete`` audit event records it."""
     with audit.audited("delete", repository=repo.config.id, location=repo.location,
                        image=",".join(image_ids)) as event:
-        result = _delete(repo, image_ids)
+        result = _delete(repo, image_ids, lock_wait)
         event.update(bytes=result.bytes_freed, chunks_removed=result.chunks_removed, images=len(image_ids))
     return result
 
 
-def _delete(repo: Repository, image_ids: list[str]) -> DeleteResult:
+def _delete(repo: Repository, image_ids: list[str], lock_wait: float) -> DeleteResult:
     started = time.monotonic()
     result = DeleteResult(deleted=list(image_ids))
     repo.refuse_if_append_only("delete")
-    with repo.lock("delete", may_use_reserve=True):
+    with repo.lock("delete", lock_wait, may_use_reserve=True):
         interrupts.set_status("nothing was deleted")
         view, retained = begin(repo, "delete")
         with interrupts.deferred():   # the catalog entry is the commit point: the status must match it

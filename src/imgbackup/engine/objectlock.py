@@ -12,6 +12,7 @@ extended; their delete is refused until their date and a later prune removes the
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +22,10 @@ from imgbackup.errors import ImageNotFound, IntegrityError, ObjectMissing, Unsup
 from imgbackup.repository.catalog import CATALOG, CatalogView, entry_name
 from imgbackup.repository.holds import HOLDS
 from imgbackup.repository.images import image_name
+from imgbackup.repository.marks import gc_grace
 from imgbackup.repository.packs import pack_name
 from imgbackup.repository.repo import Repository
 
-GC_GRACE_SECONDS = 0.0    # removers delete at once today; a two-phase collection (issue 13) adds its grace here
 MIN_LOCK_DAYS = 1         # shorter protects nothing against an attack noticed the next morning
 EXTEND_BELOW = 0.75       # extend once the last extension's date is less than this many periods ahead
 THREADS = 16              # retention and legal-hold requests in flight (one object each, no batch API)
@@ -39,8 +40,10 @@ def lock_seconds(days: int) -> int:
     """The lock period for ``--lock-days`` (the test knob gives seconds instead)."""
     if os.environ.get(TEST_SECONDS):
         return int(os.environ[TEST_SECONDS])
-    if days < MIN_LOCK_DAYS + GC_GRACE_SECONDS / 86400:
-        raise UsageError(f"--lock-days must be at least {MIN_LOCK_DAYS} (plus the collection's grace period)")
+    least = math.ceil(MIN_LOCK_DAYS + gc_grace() / 86400)
+    if days < least:
+        raise UsageError(f"--lock-days must be at least {least} ({MIN_LOCK_DAYS} plus the collection's grace "
+                         f"period of {gc_grace():.0f} s)")
     return int(days) * 86400
 
 
@@ -51,7 +54,7 @@ def check_lock_period(repo: Repository, policy: RetentionPolicy) -> None:
     if not repo.config.object_lock:
         return
     have = repo.config.object_lock["seconds"]
-    need = policy.longest_within() + GC_GRACE_SECONDS
+    need = policy.longest_within() + gc_grace()
     if have < need:
         raise UsageError(f"the repository's lock period ({_days(have)}) is shorter than this policy's keep-within "
                          f"span plus the collection grace ({_days(need)}): images the policy keeps could lose "

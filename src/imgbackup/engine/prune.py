@@ -97,26 +97,28 @@ def judge(policy: RetentionPolicy, entries: list[ImageEntry], held: set[str], na
     return out
 
 
-def run_prune(repo: Repository, policy: RetentionPolicy, name: str | None = None, dry_run: bool = False) -> PruneResult:
+def run_prune(repo: Repository, policy: RetentionPolicy, name: str | None = None, dry_run: bool = False,
+              lock_wait: float = 0.0) -> PruneResult:
     """Prune the images of every source (or of ``name``); a dry run decides and measures, changing nothing.
     A real run emits a ``prune`` audit event (ok, refused or failed)."""
     if dry_run:
-        return _prune(repo, policy, name, True)
+        return _prune(repo, policy, name, True, 0.0)
     with audit.audited("prune", repository=repo.config.id, location=repo.location,
                        **({"name": name} if name else {})) as event:
-        result = _prune(repo, policy, name, False)
+        result = _prune(repo, policy, name, False, lock_wait)
         event.update(bytes=result.bytes_freed, images=len(result.removed), image=",".join(result.removed),
                      kept=result.kept, retained=len(result.retained))
     return result
 
 
-def _prune(repo: Repository, policy: RetentionPolicy, name: str | None, dry_run: bool) -> PruneResult:
+def _prune(repo: Repository, policy: RetentionPolicy, name: str | None, dry_run: bool,
+           lock_wait: float) -> PruneResult:
     started = time.monotonic()
     check_lock_period(repo, policy)
     if not dry_run:
         repo.refuse_if_append_only("prune")
     _, zone_name = policy.zone()
-    with nullcontext() if dry_run else repo.lock("prune", may_use_reserve=True):
+    with nullcontext() if dry_run else repo.lock("prune", lock_wait, may_use_reserve=True):
         view = repo.catalog.view()
         refuse_missing_held(repo, view, "prune")
         pending = repo.pending_removals(view)
@@ -146,7 +148,7 @@ def _index_sizes(repo: Repository, image_ids: list[str]) -> dict[str, int]:
 def _measure(repo: Repository, result: PruneResult, going: list[str]) -> None:
     """What removing ``going`` would free: their indexes, and what the collection could then reclaim."""
     needed, warnings = needed_now(repo, exclude=going)
-    plan = plan_collection(repo, needed, warnings, strict=False)
+    plan = plan_collection(repo, needed, warnings, strict=False, provisional=True)
     result.warnings += plan.warnings
     indexes = sum(_index_sizes(repo, going).values())
     result.bytes_freed = indexes + (sum(s for _, s in plan.temp) if plan.blocked else plan.bytes_reclaimable)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from imgbackup.engine.collect import CollectionResult, carry_out, needed_chunks, plan_collection
+from imgbackup.engine.collect import CollectionResult, needed_chunks
+from imgbackup.engine.collect import collect as two_phase_collection
 from imgbackup.engine.objectlock import extend_locks, sync_legal_holds
 from imgbackup.errors import ImageHeld
 from imgbackup.repository.catalog import CatalogView
@@ -58,12 +59,12 @@ def needed_now(repo: Repository, exclude: Collection[str] = ()) -> tuple[set[byt
 
 
 def collect(repo: Repository, retained_images: Collection[str] = (), done_before: str = "") -> Collected:
-    """The collection, then (Object Lock) the S3 legal holds of held images and the lock extension of
-    what the images need — never of what is being removed."""
+    """The two-phase collection (engine/collect.py) over the images still standing, then (Object Lock)
+    the S3 legal holds of held images and the lock extension of what the images need (delta bases
+    included) — never of what is being removed."""
     repo.require_full_key("remove or rewrite stored data")
-    needed, warnings = needed_now(repo)
-    plan = plan_collection(repo, needed, warnings)
-    done = carry_out(repo, plan, done_before)
+    plan, done = two_phase_collection(repo, done_before, exclude=removed_in_log(repo.catalog.view()))
+    needed = plan.needed
     out = Collected(done, needed, len(plan.index_files), warnings=list(done.warnings))
     if done.retained:
         out.warnings.append(f"{len(done.retained)} object(s) no image needs are retained by S3 Object Lock until "

@@ -41,7 +41,7 @@ def repository_stats(repo: Repository) -> RepositoryStats:
     per_image = image_stats(repo)
     unreadable = list(per_image.errors)
     needed = per_image.referenced
-    plan = plan_collection(repo, None if unreadable else needed, strict=False)
+    plan = plan_collection(repo, None if unreadable else needed, strict=False, provisional=True)
     reclaimable = sum(size for _, size in plan.temp) if plan.blocked else plan.bytes_reclaimable
     return RepositoryStats(total, per_image.referenced_bytes, reclaimable, len(list(storage.list("packs"))),
                            len(plan.index_files), len(plan.damage), per_image.images, unreadable)

@@ -9,7 +9,8 @@ import struct
 
 FORMAT_VERSION = 4     # 2: keyed BLAKE3 ids, delta chunks, key id in the envelope; 3: the catalog log, hold
                        # records, append-only and S3 Object Lock settings; 4: key slots, per-session data
-                       # keys sealed to X25519, the config signed with Ed25519 (FORMAT.md, "Version 4")
+                       # keys sealed to X25519, the config signed with Ed25519, leases, collection marks,
+                       # host-tagged image ids (FORMAT.md, "Version 4")
 
 # Slot kinds in an image index.
 SLOT_ZERO = 0      # all-zero chunk: nothing stored
@@ -42,6 +43,7 @@ OBJ_DAMAGE_RECORD = 6
 OBJ_CHECK_RECORD = 7     # a verify or drill result
 OBJ_CATALOG_ENTRY = 8    # one entry of the catalog log
 OBJ_HOLD_RECORD = 9      # a legal hold placed or released
+OBJ_GC_MARKS = 10        # collection marks: candidates for deletion (two-phase collection)
 
 # Pack file: header, blobs, trailer envelope, footer.
 PACK_MAGIC = b"IMGBPACK"

@@ -3,7 +3,7 @@
 Every storage ``open_storage`` makes is wrapped in a ``CountingStorage``; a command's ``--json``
 reports ``requests``: the operations of all storages the process opened, per kind (``get``,
 ``get_range``, ``put``, ``create``, ``stream`` = a streamed object committed, ``size``, ``exists``,
-``list``, ``delete``, ``abort``), their ``total``, and for a bucket ``http``: the HTTP requests
+``list``, ``delete``, ``abort``, and the lease clock's ``modified`` and ``now``), their ``total``, and for a bucket ``http``: the HTTP requests
 really sent (retries, listing pages, multipart parts and the create-if-absent probe included).
 Request economy is tested against these numbers (``list`` of 1,000 images in a bucket is O(1)).
 """
@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 from imgbackup.repository.storage import ObjectWriter, Storage
 
-OPERATIONS = ("get", "get_range", "put", "create", "stream", "size", "exists", "list", "delete", "abort")
+OPERATIONS = ("get", "get_range", "put", "create", "stream", "size", "exists", "list", "delete", "abort",
+              "modified", "now")
 
 _opened: list[CountingStorage] = []
 _opened_lock = threading.Lock()
@@ -85,15 +86,23 @@ class CountingStorage:
         self._count("delete")
         self.inner.delete(name)
 
-    def remove_incomplete_writes(self) -> int:
+    def remove_incomplete_writes(self, older_than: float = 0.0) -> int:
         self._count("list")
-        removed = self.inner.remove_incomplete_writes()
+        removed = self.inner.remove_incomplete_writes(older_than)
         self._count("abort", removed)
         return removed
 
-    def incomplete_writes(self) -> list[tuple[str, int]]:
+    def incomplete_writes(self, older_than: float = 0.0) -> list[tuple[str, int]]:
         self._count("list")
-        return self.inner.incomplete_writes()
+        return self.inner.incomplete_writes(older_than)
+
+    def modified(self, name: str) -> float:
+        self._count("modified")
+        return self.inner.modified(name)
+
+    def now(self) -> float:
+        self._count("now")
+        return self.inner.now()
 
     def prepare(self, folders: tuple[str, ...]) -> None:
         self.inner.prepare(folders)

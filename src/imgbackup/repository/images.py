@@ -8,11 +8,14 @@ image present that the log never announced was put there by something other than
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
+from imgbackup.errors import ImageNotFound, IntegrityError, StorageError, UnsupportedFormat
 from imgbackup.format.imageheader import MAX_HEADER_SIZE, parse_header
 from imgbackup.format.layout import (
     FORMAT_VERSION,
@@ -35,6 +38,14 @@ if TYPE_CHECKING:   # numpy (through imageindex) and the crypto stack load only 
 
 def image_name(image_id: str) -> str:
     return f"images/{image_id}"
+
+
+def series_tag(id_key: bytes, hostname: str, name: str) -> str:
+    """The last 8 hex digits of the ids of one host's images of one source name: a keyed hash, so
+    the listing of images/ shows a backup its own series without reading another host's image (and
+    shows no one else which images belong together)."""
+    msg = b"imgbackup-series\0" + hostname.encode() + b"\0" + name.encode()
+    return hmac.digest(id_key, msg, hashlib.sha256)[:4].hex()
 
 
 @dataclass
@@ -202,10 +213,14 @@ class ImageStore:
     def standing(self, entries: list[ImageEntry]) -> list[ImageEntry]:
         """``entries`` without the images the catalog log records as removed (an index Object Lock
         retains, or an interrupted removal): they are never ``latest`` nor a parent again."""
-        if self.catalog is None:
-            return entries
-        removed = {i for i, r in self.catalog.view().state.images.items() if r["status"] == "removed"}
+        removed = self.removed_ids()
         return [e for e in entries if e.id not in removed]
+
+    def removed_ids(self) -> set[str]:
+        """The images the catalog log records as removed (none without a catalog)."""
+        if self.catalog is None:
+            return set()
+        return {i for i, r in self.catalog.view().state.images.items() if r["status"] == "removed"}
 
     def resolve(self, spec: str, name: str | None = None) -> str:
         """An image id from a unique id prefix, or ``latest`` (of source ``name`` if given; never an
@@ -236,13 +251,33 @@ class ImageStore:
                                 "give more characters of the id")
         return matches[0]
 
-    def latest_of(self, name: str, full_only: bool = False) -> dict | None:
-        """Newest readable image of a source name (optionally only full images): its metadata."""
-        for entry in reversed(self.standing(self.entries())):
-            meta = entry.meta
-            if meta and meta.get("name") == name and (not full_only or meta.get("type") == "full"):
-                return meta
-        return None
+    def latest_of(self, name: str, full_only: bool = False, hostname: str | None = None,
+                  tag: str | None = None) -> dict | None:
+        """Newest readable image of a source name (of ``hostname`` only, if given; optionally only
+        full images; never an image the log records as removed): its metadata. With ``tag``
+        (series_tag) only the headers of images whose id ends with it are read: a backup's work
+        does not grow with other hosts' images."""
+        removed = self.removed_ids()
+        ids = [i for i in self.ids() if (tag is None or i.endswith(tag)) and i not in removed]
+        found = []
+        for image_id in ids:
+            try:
+                meta = self.read_meta(image_id)
+            except (IntegrityError, UnsupportedFormat, ImageNotFound):
+                continue
+            if (meta.get("name") == name and (hostname is None or meta.get("hostname") == hostname)
+                    and (not full_only or meta.get("type") == "full")):
+                found.append(meta)
+        return max(found, key=lambda m: m.get("created", 0.0)) if found else None
+
+    def withdraw(self, image_id: str, name: str) -> None:
+        """Take back an image this process stored but may not commit (its backup's lease was lost): the
+        log's ``withdrawn`` first (a removal: the index gone is then no problem, and an index left behind
+        is a removal the next remover finishes), then the object, even when the log cannot be written."""
+        if self.catalog is not None:
+            with contextlib.suppress(StorageError, IntegrityError):
+                self.catalog.append([{"event": "withdrawn", "image": image_id, "name": name}])
+        self.delete(image_id)
 
     def delete(self, image_id: str) -> None:
         """Delete the object alone: for an image this process wrote and then gave up (a failed

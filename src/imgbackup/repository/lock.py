@@ -1,172 +1,139 @@
-"""The exclusive repository lock: an object created only if absent, naming its holder.
+"""Who may write: many backups at once, one remover at a time — each under a lease (lease.py).
 
-A lock left by a process that is gone (same host, and the pid is dead, was reused, or the
-machine rebooted since) is stale and taken over. A lock from another host is never broken
-automatically: ``imgbackup break-lock`` does that when a person knows the holder is gone.
+- A **session** (``locks/session-<32 hex>``) is a backup's lease. Any number run at once, from any
+  hosts; none waits for another or for a remover. Its ``started`` (storage clock) is what garbage
+  collection compares with its marks (docs/FORMAT.md, "Garbage collection in two phases").
+- The **exclusive lease** (``locks/exclusive``, created only if absent) is held by the commands
+  that remove data: delete, prune, compact, repair. They exclude each other, not backups.
 
-Taking over is a race when several processes find the same stale lock: deleting after a
-check could remove the lock another taker has just created. So a taker first creates (if
-absent) a claim object named after the stale lock's exact bytes; only the one that wins the
-claim deletes the lock, and only if it still holds those bytes. Every other taker sees the
-claim fail and starts over. Nothing but a claim winner ever deletes a stale lock, so the
-re-check cannot be overtaken.
+Whoever starts clears the dead leases it finds. A dead exclusive lease is replaced through a claim:
+the taker first creates (if absent) ``locks/takeover-H`` named after the dead lease's exact bytes;
+only the claim's winner deletes the lease, and only if it still holds those bytes, so no one ever
+deletes a lease that replaced the dead one. A claim that outlives a lease lifetime belongs to a taker
+that died; it is cleared like a dead lease.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import socket
+import random
 import time
-from dataclasses import dataclass
 
 from imgbackup import audit
-from imgbackup.errors import IntegrityError, RepositoryFull, RepositoryLocked, StorageError
-from imgbackup.format import validate as v
+from imgbackup.errors import RepositoryFull, RepositoryLocked, StorageError
+from imgbackup.repository.lease import (
+    CLOCK_TOLERANCE,
+    Lease,
+    LeaseInfo,
+    LeaseState,
+    judge,
+    lease_seconds,
+    skew_warning,
+)
 from imgbackup.repository.storage import ObjectMissing, Storage
 
-LOCK_NAME = "locks/exclusive"
+LOCK_FOLDER = "locks"
+SESSION_PREFIX = "locks/session-"
+EXCLUSIVE_NAME = "locks/exclusive"
 CLAIM_PREFIX = "locks/takeover-"
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _start_time(pid: int) -> str:
-    """The process start time in clock ticks since boot: tells a reused pid from the original."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-@dataclass
-class LockInfo:
-    host: str
-    pid: int
-    since: float
-    start_time: str
-    boot_id: str
-    command: str = ""
-
-    def describe(self) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
-        what = f" ({self.command})" if self.command else ""
-        return f"pid {self.pid} on host {self.host}{what} since {when}"
-
-    def is_stale(self) -> bool:
-        if self.host != socket.gethostname():
-            return False
-        if self.boot_id and self.boot_id != _boot_id():
-            return True
-        current = _start_time(self.pid)
-        return current == "" or current != self.start_time
-
-
+LOCK_NAME = EXCLUSIVE_NAME
+MAX_POLL = 5.0           # seconds between looks at a held lease while --lock-wait waits
 RESERVE_NAME = "locks/reserve"
-RESERVE_BYTES = 256 << 10   # held back from the disk so delete/compact can start on a full one: the lock
+RESERVE_BYTES = 256 << 10   # held back from the disk so delete/compact can start on a full one: the lease
                             # itself, a damage record and a small index fit in it
 
 
-class RepositoryLock:
-    """Context manager holding the exclusive lock of one repository.
+def _new(storage: Storage, kind: str, command: str, ttl: float | None) -> Lease:
+    now = storage.now()                      # before the write: a start never looks later than it was
+    info = LeaseInfo.mine(kind, command, now, ttl or lease_seconds())
+    name = EXCLUSIVE_NAME if kind == "exclusive" else SESSION_PREFIX + info.id
+    lease = Lease(storage, name, info)
+    warning = skew_warning(storage, now)
+    if warning:
+        lease.warnings.append(warning)
+    return lease
 
-    ``may_use_reserve`` (commands that free space): when the disk is too full to create the lock,
+
+def leases(storage: Storage, prefix: str = SESSION_PREFIX) -> list[LeaseState]:
+    """Every lease under ``prefix`` as judged now (one clock reading for all of them)."""
+    names = [n for n in storage.list(LOCK_FOLDER) if n.startswith(prefix)]
+    if not names:
+        return []
+    now = storage.now()
+    return [state for state in (judge(storage, n, now) for n in names) if state is not None]
+
+
+def clear_dead(storage: Storage, keep: str = "") -> list[LeaseState]:
+    """Delete the dead sessions and abandoned takeover claims; returns what was deleted."""
+    cleared = []
+    for state in leases(storage, SESSION_PREFIX) + leases(storage, CLAIM_PREFIX):
+        if state.name != keep and not state.alive:
+            storage.delete(state.name)
+            cleared.append(state)
+    return cleared
+
+
+def open_session(storage: Storage, command: str, ttl: float | None = None) -> Lease:
+    """Start a backup's lease (shared: never waits) and clear the dead ones it finds."""
+    lease = _new(storage, "backup", command, ttl)
+    storage.put(lease.name, lease.body)
+    lease.written()
+    try:
+        clear_dead(storage, keep=lease.name)
+    except BaseException:
+        lease.release()
+        raise
+    return lease
+
+
+def take_exclusive(storage: Storage, command: str, wait: float = 0.0, ttl: float | None = None,
+                   may_use_reserve: bool = False, audit_fields: dict | None = None) -> Lease:
+    """Take the exclusive lease, waiting up to ``wait`` seconds while another process holds it.
+
+    ``may_use_reserve`` (commands that free space): when the disk is too full to create the lease,
     delete the reserve object first — it holds no data, so anyone may — and create it again on
     release, once space was freed."""
-
-    def __init__(self, storage: Storage, command: str = "", may_use_reserve: bool = False,
-                 repository: str | None = None, location: str | None = None) -> None:
-        self.storage = storage
-        self.command = command
-        self.audit_fields = {"repository": repository, "location": location}   # for the takeover event
-        self.held = False
-        self.may_use_reserve = may_use_reserve
-
-    def _mine(self) -> LockInfo:
-        pid = os.getpid()
-        return LockInfo(socket.gethostname(), pid, time.time(), _start_time(pid), _boot_id(), self.command)
-
-    def holder(self) -> LockInfo | None:
-        try:
-            return _parse(self.storage.get(LOCK_NAME))
-        except ObjectMissing:
-            return None
-
-    def acquire(self) -> None:
-        mine = json.dumps(self._mine().__dict__).encode()
-        for attempt in range(20):
-            if attempt:
-                time.sleep(0.005 * attempt)  # a takeover by another process is under way
-            if self._create(mine):
-                self.held = True
-                return
+    deadline = time.monotonic() + max(wait, 0.0)
+    attempts = 0
+    while True:
+        lease = _new(storage, "exclusive", command, ttl)
+        if _create(storage, lease.body, may_use_reserve):
+            if may_use_reserve:
+                lease.before_release = lambda: put_reserve(storage)
+            lease.written()
             try:
-                raw = self.storage.get(LOCK_NAME)
-            except ObjectMissing:
-                continue
-            info = _parse(raw)
-            if info.is_stale():
-                self._take_over(raw, mine)
-                continue
-            raise RepositoryLocked(
-                f"repository is locked by {info.describe()}",
-                "wait for it to finish; if that process is gone, run 'imgbackup break-lock'",
-            )
-        raise RepositoryLocked("could not take the repository lock (it changes hands too fast)")
-
-    def _create(self, mine: bytes) -> bool:
-        try:
-            return self.storage.create(LOCK_NAME, mine)
-        except RepositoryFull:
-            if not self.may_use_reserve or not self.storage.exists(RESERVE_NAME):
+                clear_dead(storage)
+            except BaseException:
+                lease.release()
                 raise
-            self.storage.delete(RESERVE_NAME)
-            return self.storage.create(LOCK_NAME, mine)
+            return lease
+        state = judge(storage, EXCLUSIVE_NAME)
+        if state is None:
+            continue                      # released in between
+        if not state.alive:
+            _take_over(storage, state, lease.body, command, audit_fields or {})
+            attempts += 1
+            if attempts > 20:
+                raise RepositoryLocked("could not take the repository lock (it changes hands too fast)")
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            expires = max(state.ttl - state.age, 0)
+            raise RepositoryLocked(
+                f"repository is locked by {state.describe()}",
+                f"wait for it to finish, or pass --lock-wait SECONDS; if that process is gone, its lease clears "
+                f"itself {expires:.0f} s from now (or run 'imgbackup break-lock')")
+        time.sleep(min(left, MAX_POLL, max(state.ttl / 10, 0.2)) * random.uniform(0.5, 1.0))
 
-    def _take_over(self, stale: bytes, mine: bytes) -> None:
-        """Delete the stale lock ``stale`` if this process wins the claim to do so."""
-        claim = CLAIM_PREFIX + hashlib.sha256(stale).hexdigest()[:32]
-        if not self.storage.create(claim, mine):
-            try:
-                other = _parse(self.storage.get(claim))
-            except ObjectMissing:
-                return
-            if other.is_stale():
-                raise RepositoryLocked(
-                    f"a takeover of a stale repository lock by {other.describe()} was interrupted",
-                    "run 'imgbackup break-lock' to clear it")
-            return
-        try:
-            if self.storage.get(LOCK_NAME) == stale:
-                self.storage.delete(LOCK_NAME)
-                audit.emit("lock_takeover", **self.audit_fields, holder=_parse(stale).describe(),
-                           taken_for=self.command)
-        except ObjectMissing:
-            pass
-        finally:
-            self.storage.delete(claim)
 
-    def release(self) -> None:
-        if self.held:
-            if self.may_use_reserve:
-                put_reserve(self.storage)
-            self.storage.delete(LOCK_NAME)
-            self.held = False
-
-    def __enter__(self) -> RepositoryLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+def _create(storage: Storage, body: bytes, may_use_reserve: bool) -> bool:
+    try:
+        return storage.create(EXCLUSIVE_NAME, body)
+    except RepositoryFull:
+        if not may_use_reserve or not storage.exists(RESERVE_NAME):
+            raise
+        storage.delete(RESERVE_NAME)
+        return storage.create(EXCLUSIVE_NAME, body)
 
 
 def put_reserve(storage: Storage) -> None:
@@ -181,24 +148,34 @@ def put_reserve(storage: Storage) -> None:
         pass
 
 
-def _parse(raw: bytes) -> LockInfo:
-    """The lock's JSON with every field's type checked (it is not sealed: anything may be in it); an
-    unreadable one is held by "unknown" (never stale, so only break-lock removes it)."""
-    what = LOCK_NAME
+def _take_over(storage: Storage, dead: LeaseState, mine: bytes, command: str = "",
+               audit_fields: dict | None = None) -> None:
+    """Delete the dead lease if this process wins the claim to do so."""
+    claim = CLAIM_PREFIX + hashlib.sha256(dead.raw).hexdigest()[:32]
+    if not storage.create(claim, mine):
+        other = judge(storage, claim)
+        if other is not None and other.age > other.ttl + CLOCK_TOLERANCE:
+            storage.delete(claim)         # its taker died between its claim and its delete
+        else:
+            time.sleep(0.005 + random.random() * 0.02)   # another taker is at work
+        return
     try:
-        doc = v.obj(v.parse_json(raw, what), what)
-        return LockInfo(v.text(doc, "host", what), v.integer(doc, "pid", what, 0, 1 << 31),
-                        v.number(doc, "since", what), v.text(doc, "start_time", what),
-                        v.text(doc, "boot_id", what), v.text(doc, "command", what, optional=True) or "")
-    except IntegrityError:
-        return LockInfo("unknown", 0, 0.0, "", "", "unreadable lock file")
+        if storage.get(EXCLUSIVE_NAME) == dead.raw:
+            storage.delete(EXCLUSIVE_NAME)
+            audit.emit("lock_takeover", **(audit_fields or {}), holder=dead.describe(), taken_for=command)
+    except ObjectMissing:
+        pass
+    finally:
+        storage.delete(claim)
 
 
-def break_lock(storage: Storage) -> LockInfo | None:
-    """Remove the lock (and any interrupted takeover claims) whoever holds it; returns who held it."""
-    info = RepositoryLock(storage).holder()
-    storage.delete(LOCK_NAME)
-    for name in storage.list("locks"):
-        if name.startswith(CLAIM_PREFIX):
-            storage.delete(name)
-    return info
+def break_lock(storage: Storage, sessions: bool = False) -> list[LeaseState]:
+    """Remove the exclusive lease and every takeover claim, whoever holds them (and with ``sessions``
+    every backup's lease too: a live backup then stops, committing nothing); returns what was removed."""
+    removed = []
+    prefixes = (EXCLUSIVE_NAME, CLAIM_PREFIX) + ((SESSION_PREFIX,) if sessions else ())
+    for prefix in prefixes:
+        for state in leases(storage, prefix):
+            storage.delete(state.name)
+            removed.append(state)
+    return removed

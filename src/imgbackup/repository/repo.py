@@ -45,15 +45,17 @@ from imgbackup.repository.config import (
 )
 from imgbackup.repository.damage import DamageLog
 from imgbackup.repository.holds import Hold, HoldStore, holds_in_force
-from imgbackup.repository.images import ImageStore
+from imgbackup.repository.images import ImageStore, series_tag
+from imgbackup.repository.indexcache import IndexCache
+from imgbackup.repository.lease import Lease
 from imgbackup.repository.localcache import HeaderCache
-from imgbackup.repository.lock import RepositoryLock, put_reserve
+from imgbackup.repository.lock import open_session, put_reserve, take_exclusive
 from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored, open_storage
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
-FOLDERS = ("packs", "index", "images", "locks", "damage", "catalog", "holds", "keys", "datakeys")
+FOLDERS = ("packs", "index", "images", "locks", "damage", "gc", "catalog", "holds", "keys", "datakeys")
 IGNORED_AT_INIT = ("lockprobe/", "locks/")   # an earlier init's lock-probe canaries (retained) do not count
 REMOVALS_PER_ENTRY = 2000   # events in one catalog entry (~200 KB): a prune of thousands writes several
 
@@ -250,22 +252,39 @@ class Repository:
         except ObjectMissing:
             raise IntegrityError(f"data key {key_id:016x} is missing (its chunks cannot be opened)") from None
 
-    def lock(self, command: str = "", may_use_reserve: bool = False) -> RepositoryLock:
-        """The writer lock; ``may_use_reserve`` for commands that free space (delete, compact, repair)."""
-        return RepositoryLock(self.storage, command, may_use_reserve, self.config.id, self.location)
+    def session(self, command: str) -> Lease:
+        """A backup's lease: shared with every other backup, never waits (lock.py)."""
+        return open_session(self.storage, command)
 
-    def chunk_index(self, for_backup: bool = False) -> ChunkIndex:
+    def lock(self, command: str = "", wait: float = 0.0, may_use_reserve: bool = False) -> Lease:
+        """The exclusive lease of the commands that remove data; waits up to ``wait`` seconds.
+        ``may_use_reserve`` for commands that free space (delete, compact, repair)."""
+        return take_exclusive(self.storage, command, wait, may_use_reserve=may_use_reserve,
+                              audit_fields={"repository": self.config.id, "location": self.location})
+
+    def index_cache(self) -> IndexCache | None:
+        """The local cache of this repository's chunk index (None with IMGBACKUP_INDEX_CACHE=0)."""
+        return IndexCache(self.config.id, self.keys.mac_key) if IndexCache.enabled() else None
+
+    def chunk_index(self, for_backup: bool = False, from_repository: bool = False) -> ChunkIndex:
         """The chunk index without the copies damage records name (loaded once, then cached).
 
-        ``for_backup``: a backup dedups against this index, so every damage record must be readable,
-        and copies in packs that no longer exist are excluded too (one LIST of packs/: one request
-        per 1,000 packs on a bucket, ~16 GiB of data each; a directory walk here)."""
-        from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
+        ``from_repository`` (verify): every index file is read and checked, never the local cache,
+        which would hide a file damaged since it was cached.
 
-        if self._chunks is None or (for_backup and not self._chunks.packs_checked):
+        ``for_backup``: a backup dedups against this index, so every damage record must be readable,
+        the copies a collection marked as candidates are left out (docs/FORMAT.md section 16: they are
+        read first), and copies in packs that no longer exist are excluded too (one LIST of packs/,
+        taken after the listing of index/: one request per 1,000 packs on a bucket; a directory walk here)."""
+        from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
+        from imgbackup.repository.marks import load_marks, marked_copies
+
+        if self._chunks is None or (for_backup and not self._chunks.packs_checked) or from_repository:
+            cache = None if from_repository else self.index_cache()
+            marked = marked_copies(load_marks(self.storage, self.envelope)) if for_backup else None
             damage = DamageLog.load(self.storage, self.envelope, strict=for_backup)
-            packs = set(self.storage.list("packs")) if for_backup else None
-            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs)
+            packs = (lambda: set(self.storage.list("packs"))) if for_backup else None
+            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs, cache, marked)
         return self._chunks
 
     def reload_chunk_index(self) -> ChunkIndex:
@@ -283,9 +302,14 @@ class Repository:
         Each new file's name is appended to ``names`` before it is written (for a clean-up)."""
         return self.chunk_index().store(self.storage, self.envelope, locations, names)
 
-    def remove_temp_files(self) -> int:
-        """Remove what killed writers left (temp files, multipart uploads); only under the lock."""
-        return self.storage.remove_incomplete_writes()
+    def remove_temp_files(self, older_than: float) -> int:
+        """Remove what killed writers left (temp files, multipart uploads) untouched for ``older_than``
+        seconds by the storage's clock; only under the exclusive lease."""
+        return self.storage.remove_incomplete_writes(older_than)
+
+    def series_tag(self, name: str) -> str:
+        """The id suffix of this host's images of source ``name`` (images.series_tag)."""
+        return series_tag(self.keys.id_key, socket.gethostname(), name)
 
     # --- what may be removed ------------------------------------------------------------------
 
@@ -352,11 +376,12 @@ class Repository:
     def new_image_meta(self, **fields) -> dict:
         from imgbackup.format.layout import FORMAT_VERSION
 
+        hostname = socket.gethostname()
         return {
             "version": FORMAT_VERSION,
-            "id": os.urandom(16).hex(),
+            "id": os.urandom(12).hex() + self.series_tag(str(fields.get("name", ""))),
             "created": time.time(),
-            "hostname": socket.gethostname(),
+            "hostname": hostname,
             "tool_version": __version__,
             "chunk_size": self.chunk_size,
             **fields,

@@ -29,6 +29,7 @@ from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import ID_SIZE, SLOT_DATA
 from imgbackup.repository.chunkreader import ChunkReader
 from imgbackup.repository.damage import ChunkDamaged, DamagedCopy
+from imgbackup.repository.lease import Lease
 from imgbackup.repository.packs import pack_name
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
@@ -47,12 +48,18 @@ class ChunkStore:
     "New" means no usable copy: a chunk whose every copy is known damaged or missing is stored again.
     """
 
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: Repository, lease: Lease | None = None) -> None:
         self.known = repo.chunk_index(for_backup=True)
         self.claimed: set[bytes] = set()
         self._lock = threading.Lock()
         self.packs = repo.pack_writer()
         self.index_files: list[str] = []   # named before each is written: a failure may leave one
+        self.lease = lease
+
+    def check(self) -> None:
+        """Stop early when the backup's lease is lost: nothing it writes could be committed."""
+        if self.lease is not None and self.lease.lost:
+            self.lease.check()
 
     def is_new(self, chunk_id: bytes) -> bool:
         return chunk_id not in self.known and chunk_id not in self.claimed
@@ -80,6 +87,8 @@ class ChunkStore:
     def finish(self, repo: Repository) -> int:
         """Commit the last pack, then the chunk-index file naming the new packs; bytes written."""
         self.packs.flush()
+        if self.lease is not None:
+            self.lease.check()
         return self.packs.bytes_written + repo.store_chunk_index(self.packs.written, self.index_files)
 
     def abort(self) -> None:
@@ -87,12 +96,17 @@ class ChunkStore:
 
     def remove_written(self, repo: Repository, image: str | None = None) -> tuple[int, list[str]]:
         """After a failed run: delete what it stored, each before what it refers to — the image index
-        if its write was begun (a failed write may still have stored it), the index file, the packs.
-        Nothing else refers to them: the lock kept every other writer out. The first deletion that
-        fails stops the rest, so what stays is consistent (compact collects it). (bytes freed, problems)."""
+        if its write was begun (a failed write may still have stored it), then the packs, but only
+        while no index file names them: backups run side by side, and one that loaded the index after
+        this run's index file was written may already dedup against its chunks. Such packs (and the
+        index file) are left to garbage collection, whose two phases prove nothing uses them. The
+        first deletion that fails stops the rest, so what stays is consistent. (bytes freed, problems)."""
         freed = 0
         packs = sorted({loc.pack_id for loc in self.packs.written.values()})
-        for name in [*([image] if image else []), *self.index_files, *map(pack_name, packs)]:
+        names = [*([image] if image else [])]
+        if not any(_exists(repo, name) for name in self.index_files):
+            names += [*self.index_files, *map(pack_name, packs)]
+        for name in names:
             try:
                 size = repo.storage.size(name)
                 repo.storage.delete(name)
@@ -102,6 +116,13 @@ class ChunkStore:
             except ImgBackupError as exc:
                 return freed, [f"{name}: {exc}"]
         return freed, []
+
+
+def _exists(repo: Repository, name: str) -> bool:
+    try:
+        return repo.storage.exists(name)
+    except ImgBackupError:
+        return True      # unknown: assume another backup may know it
 
 
 class ParentMatch:
@@ -139,7 +160,12 @@ class ParentMatch:
         if self.reader is None or self.parent_kinds[slot] != SLOT_DATA:
             return None
         old_id = self.parent_ids[slot].tobytes()
-        return None if old_id == new_id or old_id not in self.index else old_id
+        if old_id == new_id:
+            return None
+        loc = self.index.get(old_id)
+        if loc is None or (loc.base is not None and loc.base not in self.index):
+            return None      # marked for collection (or damaged): neither reused nor a base; stored whole
+        return old_id
 
     def prefetch(self, slots: list[tuple[int, bytes]]) -> dict[bytes, Callable[[], bytes]]:
         """Start reading the parent blobs that ``match`` will need for these (slot, new id) pairs."""
@@ -211,8 +237,10 @@ class Ingest:
         first = seg.offset // chunk
         sealed: list[tuple[bytes, bytes, int, bytes | None]] = []
         reused: list[tuple[int, bytes]] = []
-        new = [(i, ids[i].tobytes()) for i in np.flatnonzero(kinds == SLOT_DATA).tolist()]
-        new = [(i, cid) for i, cid in new if self.store.is_new(cid)]
+        data_slots = np.flatnonzero(kinds == SLOT_DATA)
+        known = self.store.known.known(ids[data_slots]) if len(data_slots) else ()   # one native lookup
+        new = [(i, ids[i].tobytes()) for i, seen in zip(data_slots.tolist(), list(known), strict=True) if not seen]
+        new = [(i, cid) for i, cid in new if cid not in self.store.claimed]
         blobs = self.parent.prefetch([(first + i, cid) for i, cid in new])
         for i, cid in new:
             same, base = self.parent.match(first + i, cid, blobs)
@@ -250,6 +278,7 @@ class Ingest:
                 self.parent.deltas += base is not None
             bytes_read += len(seg.data)
             reader.release(seg)
+            self.store.check()
             if progress:
                 progress(len(seg.data))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
 from imgbackup.repository.damage import write_record
 from imgbackup.repository.images import image_name
+from imgbackup.repository.lease import Lease, LeaseLost
 from imgbackup.repository.repo import Repository
 from imgbackup.units import iec
 
@@ -109,7 +111,8 @@ def _choose_parent(repo: Repository, name: str, backup_type: str) -> tuple[str, 
         raise UsageError(f"unknown backup type {backup_type!r}; choose one of {', '.join(BACKUP_TYPES)}")
     if backup_type == "full":
         return "full", None
-    parent = repo.images.latest_of(name, full_only=backup_type == "differential")
+    parent = repo.images.latest_of(name, full_only=backup_type == "differential", hostname=socket.gethostname(),
+                                   tag=repo.series_tag(name))   # this host's own disk, never another's
     if parent is None:
         if backup_type == "auto":
             return "full", None
@@ -172,8 +175,9 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
     name = req.name or default_name(req.source)
     warnings = check_source_not_live(read_path, req.allow_mounted)
     rescue = Rescue(req.retries) if req.rescue else None
-    with _open_nonempty(read_path) as source, _suggest_rescue(not req.rescue), repo.lock(f"backup {req.source}"):
-        repo.remove_temp_files()
+    with _open_nonempty(read_path) as source, _suggest_rescue(not req.rescue), \
+            repo.session(f"backup {req.source}") as lease:
+        warnings += lease.warnings
         btype, parent_meta = _choose_parent(repo, name, req.backup_type)
         parent = repo.images.load(parent_meta["id"]) if parent_meta else None
         known = repo.chunk_index(for_backup=True)
@@ -186,7 +190,7 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
             req.progress_total(sum(length for _, length in plan.ranges(chunk, source.size)))
         writing = None      # the image index's name once its write has begun
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="imgbackup-digest") as pool:
-            store = ChunkStore(repo)
+            store = ChunkStore(repo, lease)
             match = ParentMatch(repo, plan, parent)
             ingest = Ingest(repo, source, plan, store, match, pool, rescue)
             try:
@@ -205,7 +209,7 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
                 if snap is not None:
                     check_still_valid(snap)     # an overflowed snapshot read garbage: store no image of it
                 writing = image_name(index.id)
-                stored += repo.images.write(index)
+                stored += _commit_image(repo, lease, index)
                 interrupts.set_status(f"image {index.id} was stored complete")
             except BaseException as exc:
                 _fail_cleanly(repo, store, exc, writing)
@@ -222,6 +226,19 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
         chunks_new=len(store.claimed), chunks_changed=int(changed.sum()), chunks_delta=match.deltas, warnings=warnings,
         bad_ranges=bad, unreadable_bytes=sum(n for _, n in bad),
     )
+
+
+def _commit_image(repo: Repository, lease: Lease, index: ImageIndex) -> int:
+    """Write the image index only while the lease lives, and withdraw it unless the lease lived until
+    after the write: a lease lost in between may have let a collection remove chunks it names."""
+    lease.check()
+    written = repo.images.write(index)
+    try:
+        lease.confirm()
+    except LeaseLost:
+        repo.images.withdraw(index.meta["id"], str(index.meta.get("name")))
+        raise
+    return written
 
 
 def _image_index(repo: Repository, req: BackupRequest, btype: str, parent: ImageIndex | None, name: str,

@@ -33,6 +33,7 @@ from imgbackup.errors import ImgBackupError, IntegrityError, TargetRefused, Veri
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import DATA_KEY_ID_MIN, ENVELOPE_HEADER, OBJ_CHUNK
 from imgbackup.repository.chunkreader import ChunkReader, Group, bounded_map, group_cost, group_end
+from imgbackup.repository.lease import lease_seconds
 from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository
 
@@ -100,7 +101,7 @@ def _copy_images(src: Repository, dst: Repository, metas: list[dict], verify: bo
         raise TargetRefused(f"{dst.location} is the source repository itself")
     result = CopyResult("raw" if dst.is_related(src) else "re-encrypt", src.location, dst.location)
     with dst.lock("copy"):
-        dst.remove_temp_files()
+        dst.remove_temp_files(2 * lease_seconds())   # backups may run beside it: only what no live writer touches
         present = set(dst.images.ids())
         todo = [m for m in metas if m["id"] not in present]
         result.images_skipped = [m["id"] for m in metas if m["id"] in present]

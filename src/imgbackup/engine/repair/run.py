@@ -33,7 +33,7 @@ from imgbackup.format.layout import OBJ_CHUNK
 from imgbackup.repository.chunkindex import (
     INDEX_FOLDER,
     MAX_ENTRIES_PER_FILE,
-    read_index_file,
+    read_index_entries,
     write_index_files,
 )
 from imgbackup.repository.chunkreader import open_chunk
@@ -180,7 +180,7 @@ def _old_index(repo: Repository) -> tuple[list[str], list[tuple[str, str]], list
     files, unreadable, rows = [], [], []
     for name in repo.storage.list(INDEX_FOLDER):
         try:
-            rows.extend(read_index_file(repo.storage, repo.envelope, name))
+            rows.extend(read_index_entries(repo.storage, repo.envelope, name))
             files.append(name)
         except (IntegrityError, ValueError) as exc:
             unreadable.append((name, exc.args[0] if exc.args else str(exc)))

@@ -127,6 +127,7 @@ def run_verify(repo: Repository, image_ids: list[str] | None = None,
     ids = image_ids if image_ids is not None else repo.images.ids()
     if image_ids is None and not ids:
         return VerifyReport([], 0, 0, 0.0, sample_percent)
+    repo.chunk_index(from_repository=True)   # verify checks the index files themselves, not a local cache
     reader = ChunkReader(repo)
     loaded = _load(repo, ids, sample_percent, rng)
     everything = set().union(*(wanted for _, wanted in loaded if wanted is not None))

@@ -18,7 +18,7 @@ from imgbackup.repository.backends.directory_access import (
 from imgbackup.repository.storage import check_name
 
 TEMP_MARK = ".tmp-"
-LEFTOVER_FOLDERS = ("packs", "index", "images", "damage")  # not locks/: a racing lock creator owns its temp
+LEFTOVER_FOLDERS = ("packs", "index", "images", "damage", "gc")  # not locks/: a racing lock creator owns its temp
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -130,6 +130,30 @@ class DirectoryStorage:
         except OSError as exc:
             raise _storage_error(exc, name) from None
 
+    def modified(self, name: str) -> float:
+        """The file's mtime: set by the kernel (or an NFS server) from the storage's own clock."""
+        try:
+            return self._path(name).stat().st_mtime
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {name} is missing") from None
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+
+    def now(self) -> float:
+        """The clock the directory's mtimes come from: the mtime of a file created for the purpose
+        (on NFS the server's clock, not this host's; a faked process clock does not change it)."""
+        probe = self.root / f".clock{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self._make_dirs(self.root)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                return os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+                probe.unlink()
+        except OSError as exc:
+            raise _storage_error(exc, "the storage clock probe") from None
+
     def exists(self, name: str) -> bool:
         try:
             self.size(name)
@@ -163,27 +187,34 @@ class DirectoryStorage:
         except OSError as exc:
             raise _storage_error(exc, name) from None
 
-    def incomplete_writes(self, folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> list[tuple[str, int]]:
-        """Temp files of interrupted writes: (path relative to the root, bytes)."""
+    def incomplete_writes(self, older_than: float = 0.0,
+                          folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> list[tuple[str, int]]:
+        """Temp files of interrupted writes not written to for ``older_than`` seconds (a live writer's
+        temp file is touched by every write): (path relative to the root, bytes)."""
         found = []
+        cutoff = self.now() - older_than if older_than > 0 else None
         try:
             for dirpath, _dirs, files in (w for folder in folders for w in os.walk(self.root / folder)):
                 for f in files:
                     if TEMP_MARK in f:
                         path = os.path.join(dirpath, f)
                         try:
-                            found.append((os.path.relpath(path, self.root), os.lstat(path).st_size))
+                            st = os.lstat(path)
                         except FileNotFoundError:
                             continue
+                        if cutoff is None or st.st_mtime <= cutoff:
+                            found.append((os.path.relpath(path, self.root), st.st_size))
         except OSError as exc:
             raise _storage_error(exc, "the listing of interrupted writes") from None
         return found
 
-    def remove_incomplete_writes(self, folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> int:
-        """Delete temp files of interrupted writes; call only while holding the repository lock."""
+    def remove_incomplete_writes(self, older_than: float = 0.0,
+                                 folders: tuple[str, ...] = LEFTOVER_FOLDERS) -> int:
+        """Delete temp files of interrupted writes older than ``older_than`` seconds (see
+        incomplete_writes); only under the exclusive lease."""
         removed = 0
         try:
-            for name, _size in self.incomplete_writes(folders):
+            for name, _size in self.incomplete_writes(older_than, folders):
                 try:
                     os.unlink(self.root / name)
                     removed += 1

@@ -20,7 +20,7 @@ from imgbackup.repository.storage import ObjectWriter, Storage
 
 READS = ("get", "get_range")
 COMMITS = ("put", "create", "commit")
-ALL_CALLS = ("open_writer", "write", *COMMITS, *READS, "size", "exists", "list", "delete")
+ALL_CALLS = ("open_writer", "write", *COMMITS, *READS, "size", "exists", "list", "delete", "modified", "now")
 FAULTS = {  # fault -> the calls it can hit
     "enospc": ALL_CALLS,
     "eio": ALL_CALLS,
@@ -58,11 +58,11 @@ class _Counted:
             self.fired += hit
             return hit
 
-    def remove_incomplete_writes(self) -> int:
-        return self.inner.remove_incomplete_writes()
+    def remove_incomplete_writes(self, older_than: float = 0.0) -> int:
+        return self.inner.remove_incomplete_writes(older_than)
 
-    def incomplete_writes(self) -> list[tuple[str, int]]:
-        return self.inner.incomplete_writes()
+    def incomplete_writes(self, older_than: float = 0.0) -> list[tuple[str, int]]:
+        return self.inner.incomplete_writes(older_than)
 
     def prepare(self, folders: tuple[str, ...]) -> None:
         self.inner.prepare(folders)
@@ -129,6 +129,14 @@ class FaultyStorage(_Counted):
     def delete(self, name: str) -> None:
         self._check("delete", name)
         self.inner.delete(name)
+
+    def modified(self, name: str) -> float:
+        self._check("modified", name)
+        return self.inner.modified(name)
+
+    def now(self) -> float:
+        self._check("now", "")
+        return self.inner.now()
 
 
 class _FaultyWriter:
@@ -199,3 +207,9 @@ class BitFlipStorage(_Counted):
 
     def delete(self, name: str) -> None:
         self.inner.delete(name)
+
+    def modified(self, name: str) -> float:
+        return self.inner.modified(name)
+
+    def now(self) -> float:
+        return self.inner.now()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 from imgbackup.errors import ObjectMissing
@@ -22,10 +23,12 @@ class MemoryStorage:
     _named: ClassVar[dict[str, MemoryStorage]] = {}
     _named_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, location: str = "memory://") -> None:
+    def __init__(self, location: str = "memory://", clock: Callable[[], float] = time.time) -> None:
         self.location = location
         self.fills_up = False
         self.objects: dict[str, bytes] = {}
+        self.times: dict[str, float] = {}   # name -> when it was written, by ``clock``
+        self.clock = clock                  # the storage's clock: tests set one to move time
         self._lock = threading.Lock()
 
     @classmethod
@@ -47,6 +50,7 @@ class MemoryStorage:
         blob = bytes(data)
         with self._lock:
             self.objects[check_name(name)] = blob
+            self.times[name] = self.clock()
 
     def create(self, name: str, data: bytes) -> bool:
         blob = bytes(data)
@@ -54,6 +58,7 @@ class MemoryStorage:
             if check_name(name) in self.objects:
                 return False
             self.objects[name] = blob
+            self.times[name] = self.clock()
             return True
 
     def get(self, name: str) -> bytes:
@@ -71,6 +76,15 @@ class MemoryStorage:
     def size(self, name: str) -> int:
         return len(self.get(name))
 
+    def modified(self, name: str) -> float:
+        with self._lock:
+            if check_name(name) not in self.objects:
+                raise ObjectMissing(f"object {name} is missing")
+            return self.times.get(name, 0.0)
+
+    def now(self) -> float:
+        return self.clock()
+
     def exists(self, name: str) -> bool:
         with self._lock:
             return check_name(name) in self.objects
@@ -84,14 +98,15 @@ class MemoryStorage:
     def delete(self, name: str) -> None:
         with self._lock:
             self.objects.pop(check_name(name), None)
+            self.times.pop(name, None)
 
     def prepare(self, folders: tuple[str, ...]) -> None:
         pass  # names are keys: there are no folders
 
-    def remove_incomplete_writes(self) -> int:
+    def remove_incomplete_writes(self, older_than: float = 0.0) -> int:
         return 0  # an uncommitted writer holds its bytes in itself: nothing is left behind
 
-    def incomplete_writes(self) -> list[tuple[str, int]]:
+    def incomplete_writes(self, older_than: float = 0.0) -> list[tuple[str, int]]:
         return []
 
 

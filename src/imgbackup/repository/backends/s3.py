@@ -17,6 +17,7 @@ import itertools
 import os
 import threading
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
@@ -192,6 +193,25 @@ class S3Storage:
         return int(self.calls.run("size", name,
                                   lambda: self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]))
 
+    def modified(self, name: str) -> float:
+        """``Last-Modified`` of HeadObject: the server's clock (1 s resolution)."""
+        key = self.key(name)
+        head = self.calls.run("modified", name, lambda: self.client.head_object(Bucket=self.bucket, Key=key))
+        return head["LastModified"].timestamp()
+
+    def now(self) -> float:
+        """The server's clock: the ``Date`` header of a one-key listing (1 s resolution)."""
+        args = {"Bucket": self.bucket, "MaxKeys": 1, "Prefix": self.key("locks") + "/"}
+        answer = self.calls.run("clock", "", lambda: self.client.list_objects_v2(**args))
+        date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            raise StorageError(f"the S3 server at {self.endpoint} sent no Date header",
+                               "leases need the server's clock; use an S3 server that sends Date")
+        try:
+            return parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            raise StorageError(f"the S3 server at {self.endpoint} sent a malformed Date header: {date!r}") from None
+
     def exists(self, name: str) -> bool:
         try:
             self.size(name)
@@ -254,13 +274,16 @@ class S3Storage:
     def open_writer(self, name: str) -> S3ObjectWriter:
         return S3ObjectWriter(self, name)
 
-    def pending_uploads(self) -> list[tuple[str, str]]:
-        """(key, upload id) of every multipart upload begun under this repository and not finished."""
+    def pending_uploads(self, older_than: float = 0.0) -> list[tuple[str, str]]:
+        """(key, upload id) of every multipart upload begun under this repository and not finished,
+        with ``older_than``: only those begun that many seconds ago by the server's clock."""
+        cutoff = self.now() - older_than if older_than > 0 else None
         out: list[tuple[str, str]] = []
         args = {"Bucket": self.bucket, "Prefix": f"{self.prefix}/" if self.prefix else ""}
         while True:
             page = self.calls.run("list uploads", "", lambda a=dict(args): self.client.list_multipart_uploads(**a))
-            out.extend((u["Key"], u["UploadId"]) for u in page.get("Uploads", ()))
+            out.extend((u["Key"], u["UploadId"]) for u in page.get("Uploads", ())
+                       if cutoff is None or "Initiated" not in u or u["Initiated"].timestamp() <= cutoff)
             if not page.get("IsTruncated"):
                 return out
             args["KeyMarker"] = page.get("NextKeyMarker", "")
@@ -276,14 +299,15 @@ class S3Storage:
 
         self.calls.run("abort upload", self.name_of(key), attempt)
 
-    def incomplete_writes(self) -> list[tuple[str, int]]:
-        """Unfinished multipart uploads (their size is not counted: it would take a request each)."""
-        return [(self.name_of(key), 0) for key, _upload in self.pending_uploads()]
+    def incomplete_writes(self, older_than: float = 0.0) -> list[tuple[str, int]]:
+        """Unfinished multipart uploads begun ``older_than`` seconds ago (their size is not counted:
+        it would take a request each)."""
+        return [(self.name_of(key), 0) for key, _upload in self.pending_uploads(older_than)]
 
-    def remove_incomplete_writes(self) -> int:
-        """Abort the multipart uploads killed writers left (they are invisible but cost space);
-        only under the repository lock, when no other writer can have one in flight."""
-        pending = self.pending_uploads()
+    def remove_incomplete_writes(self, older_than: float = 0.0) -> int:
+        """Abort the multipart uploads killed writers left (they are invisible but cost space), begun
+        ``older_than`` seconds ago (a live writer's uploads are younger); under the exclusive lease."""
+        pending = self.pending_uploads(older_than)
         for key, upload_id in pending:
             self.abort_upload(key, upload_id)
         return len(pending)

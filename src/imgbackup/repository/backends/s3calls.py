@@ -112,7 +112,8 @@ class S3Calls:
             text = type(exc).__name__ if isinstance(exc, BotoCoreError) else str(exc)
             return StorageError(f"{what} failed: {text} ({self.endpoint})")
         code = error_code(exc)
-        if code in MISSING_KEY_CODES and op in ("get", "get_range", "size", "legal hold", "lock extension"):
+        if code in MISSING_KEY_CODES and op in ("get", "get_range", "size", "modified", "legal hold",
+                                                "lock extension"):
             return ObjectMissing(f"object {name} is missing")
         if code == "NoSuchBucket":
             return RepositoryNotFound(f"S3 bucket {self.bucket} does not exist at {self.endpoint}",

@@ -6,7 +6,9 @@ delete marker (the bytes stay, and cost), so a repository with Object Lock delet
 of a key; while a version is under retention or legal hold the server refuses (AccessDenied) and the
 delete raises ``ObjectRetained``: the remover leaves it, and a later one removes it.
 
-Objects under ``locks/`` (leases, probes, the space reserve) get no retention: they must be deletable.
+Objects under ``locks/`` (leases, probes, the space reserve) and ``gc/`` (collection marks, replaced
+by every collection) get no retention: they must be deletable, and they protect no data (deleting a
+mark only delays a deletion; the packs it names keep their own locks).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from imgbackup.repository.backends.s3calls import error_code
 if TYPE_CHECKING:
     from imgbackup.repository.backends.s3 import S3Storage
 
-UNLOCKED = ("locks/",)           # written without retention: they are deleted all the time
+UNLOCKED = ("locks/", "gc/")     # written without retention: they are deleted all the time
 PROBE_FOLDER = "lockprobe"
 PROBE_SECONDS = 120              # the canary's retention: long enough to try deleting it, short to expire
 DENIED = ("AccessDenied", "403", "InvalidRequest", "MethodNotAllowed")
