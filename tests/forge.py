@@ -16,6 +16,7 @@ import zstandard
 from imgbackup.format.layout import (
     CHUNK_INDEX_HEAD,
     ENVELOPE_HEADER,
+    ENVELOPE_VERSION,
     IMAGE_HEAD,
     OBJ_CHUNK_INDEX,
     OBJ_IMAGE_BODY,
@@ -43,7 +44,7 @@ def unseal(blob: bytes) -> tuple[int, int, bytes]:
 def seal(obj_type: int, obj_id: bytes, payload: bytes, comp: int = 0, base_id: bytes = b"",
          alg: int = 0, nonce: bytes = bytes(12)) -> bytes:
     """An envelope whose trailer is the SHA-256 anyone can compute (``payload`` as given)."""
-    header = ENVELOPE_HEADER.pack(2, obj_type, alg, comp, 0, nonce)
+    header = ENVELOPE_HEADER.pack(ENVELOPE_VERSION, obj_type, alg, comp, 0, nonce)
     return header + payload + hashlib.sha256(header + obj_id + base_id + payload).digest()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import math
 import os
@@ -26,8 +25,14 @@ from pathlib import Path
 
 import blake3
 import zstandard
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 ENVELOPE = struct.Struct("<BBBBQ12s")       # section 3
 INDEX_HEAD = struct.Struct("<8sHxxIII")     # section 6
@@ -48,6 +53,28 @@ def canonical(doc: dict) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
+def unwrap_slot(slot: dict, repo_id: bytes, passphrase: bytes | None) -> bytes | None:
+    """Section 2.1: the key bundle a slot wraps, or None when the passphrase is not this slot's."""
+    if slot["kdf"] is None:
+        return base64.b64decode(slot["keys"])
+    kdf = slot["kdf"]
+    kek = Argon2id(salt=base64.b64decode(kdf["salt"]), length=32, iterations=kdf["iterations"],
+                   lanes=kdf["lanes"], memory_cost=kdf["memory_kib"]).derive(passphrase)
+    wrapped = base64.b64decode(slot["wrapped"])
+    kind = {"full": 1, "backup-only": 2}[slot["kind"]]
+    aad = b"imgbackup-key\x00" + repo_id + bytes.fromhex(slot["slot"]) + bytes([kind])
+    try:
+        return AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], aad)
+    except InvalidTag:
+        return None
+
+
+def public_keys(data_private: bytes, signing_seed: bytes) -> tuple[bytes, bytes]:
+    raw = (Encoding.Raw, PublicFormat.Raw)
+    return (X25519PrivateKey.from_private_bytes(data_private).public_key().public_bytes(*raw),
+            Ed25519PrivateKey.from_private_bytes(signing_seed).public_key().public_bytes(*raw))
+
+
 class Repo:
     def __init__(self, root: Path, passphrase: bytes | None) -> None:
         self.root = root
@@ -55,36 +82,79 @@ class Repo:
         if config.get("format") != "imgbackup-repository" or config.get("version") != 4:
             raise Damaged("not a version-4 imgbackup repository")
         repo_id = bytes.fromhex(config["id"])
-        keyfile = json.loads((root / "keys" / config["id"][:16]).read_bytes())
-        if keyfile["kdf"] is None:
-            keys = base64.b64decode(keyfile["keys"])
+        for path in sorted((root / "keys").iterdir()):
+            if ".tmp-" not in path.name:
+                bundle = unwrap_slot(json.loads(path.read_bytes()), repo_id, passphrase)
+                if bundle is not None:
+                    break
         else:
-            kdf = keyfile["kdf"]
-            kek = Argon2id(salt=base64.b64decode(kdf["salt"]), length=32, iterations=kdf["iterations"],
-                           lanes=kdf["lanes"], memory_cost=kdf["memory_kib"]).derive(passphrase)
-            wrapped = base64.b64decode(keyfile["wrapped"])
-            keys = AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], b"imgbackup-key\x00" + repo_id)
-        self.enc_key, self.id_key, mac_key = keys[:32], keys[32:64], keys[64:96]
-        mac = config.pop("mac")
-        if not hmac.compare_digest(hmac.new(mac_key, canonical(config), hashlib.sha256).hexdigest(), mac):
-            raise Damaged("config MAC mismatch")
+            raise Damaged("the passphrase opens no key slot")
+        self._read_bundle(bundle, repo_id, config)
         self.config = config
         self.algorithm = 1 if config["encryption"] == "aes-256-gcm" else 0
-        self.aead = AESGCM(self.enc_key) if self.algorithm == 1 else None
         self._chunks: dict[bytes, list[tuple]] | None = None
+        self._data_keys: dict[int, AESGCM] = {}
+
+    def _read_bundle(self, bundle: bytes, repo_id: bytes, config: dict) -> None:
+        """Section 2.1 (bundle layout) and 2.2 (the checks against the config, the signature)."""
+        magic, version, kind, count, bundle_repo, self.id_key = struct.unpack_from("<8sBBH16s32s", bundle)
+        if magic != b"IMGBKEYS" or version != 1 or kind != 1 or bundle_repo != repo_id:
+            raise Damaged("not a full key bundle of this repository")
+        if len(bundle) != 60 + 100 * count or len(config["keys"]) != count:
+            raise Damaged("bundle and config disagree on the generations")
+        self.meta_keys: dict[int, AESGCM] = {}
+        self.data_private: dict[int, bytes] = {}
+        for n in range(1, count + 1):
+            number, meta, data_private, seed = struct.unpack_from("<I32s32s32s", bundle, 60 + 100 * (n - 1))
+            data_public, verify = public_keys(data_private, seed)
+            check = hashlib.sha256(b"imgbackup-key-check\x00" + repo_id + struct.pack("<I", n) + self.id_key
+                                   + meta).digest()[:16]
+            listed = config["keys"][n - 1]
+            if number != n or listed != {"generation": n, "data_public": data_public.hex(),
+                                         "verify_key": verify.hex(), "check": check.hex()}:
+                raise Damaged(f"generation {n} does not match the config")
+            self.meta_keys[n] = AESGCM(meta)
+            self.data_private[n] = data_private
+        signature = bytes.fromhex(config.pop("signature"))
+        try:
+            Ed25519PublicKey.from_public_bytes(verify).verify(signature, b"imgbackup-config\x00" + canonical(config))
+        except InvalidSignature:
+            raise Damaged("config signature does not verify") from None
+
+    def data_key(self, key_id: int) -> AESGCM:
+        """Section 2.3: datakeys/<16 hex>, opened with the private X25519 key of its generation."""
+        if key_id not in self._data_keys:
+            blob = (self.root / "datakeys" / f"{key_id:016x}").read_bytes()
+            magic, version, generation, stored_id, eph = struct.unpack_from("<8sHxxIQ32s", blob)
+            if magic != b"IMGBDKEY" or version != 4 or stored_id != key_id or len(blob) != 116:
+                raise Damaged(f"data key {key_id:016x}: bad header")
+            private = X25519PrivateKey.from_private_bytes(self.data_private[generation])
+            shared = private.exchange(X25519PublicKey.from_public_bytes(eph))
+            public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            wrap = HKDF(hashes.SHA256(), 32, eph + public, b"imgbackup-datakey\x00" + blob[12:24]).derive(shared)
+            self._data_keys[key_id] = AESGCM(AESGCM(wrap).decrypt(blob[56:68], blob[68:], blob[:56]))
+        return self._data_keys[key_id]
 
     # -- section 3 -----------------------------------------------------------------------------
     def open(self, obj_type: int, obj_id: bytes, blob: bytes, limit: int, base: tuple[bytes, bytes] | None = None
              ) -> bytes:
         version, otype, alg, comp, key_id, nonce = ENVELOPE.unpack_from(blob)
-        if version != 2 or otype != obj_type or alg != self.algorithm or key_id != 0:
+        if version != 3 or otype != obj_type or alg != self.algorithm:
             raise Damaged(f"bad envelope header {version, otype, alg, key_id}")
         if (comp == 2) != (base is not None):
             raise Damaged("delta flag and compression disagree")
         aad = blob[:ENVELOPE.size] + obj_id + (base[0] if base else b"")
         if alg == 1:
-            packed = self.aead.decrypt(nonce, blob[ENVELOPE.size:], aad)
+            if obj_type == 1 and key_id >= 1 << 63:
+                aead = self.data_key(key_id)
+            elif obj_type != 1 and 1 <= key_id < 1 << 32:
+                aead = self.meta_keys[key_id]
+            else:
+                raise Damaged(f"key id {key_id} for object type {obj_type}")
+            packed = aead.decrypt(nonce, blob[ENVELOPE.size:], aad)
         else:
+            if key_id != 0:
+                raise Damaged("a key id without encryption")
             packed = blob[ENVELOPE.size:-32]
             if hashlib.sha256(aad + packed).digest() != blob[-32:]:
                 raise Damaged("checksum mismatch")

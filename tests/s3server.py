@@ -29,6 +29,7 @@ STARTUP_TIMEOUT = 60.0  # seconds: ~1 s on an idle machine, far more while the s
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL (the recipe's bound)
 MAX_VOLUMES = 1000
 PORT_OFFSETS = (0, 2, 4, 6, 8)  # master, volume, filer, s3, admin; each also uses +10000 (gRPC)
+BACKUP_HOST = "backup-host"  # the limited identity's name (and access key); a bucket policy names it
 
 
 def weed_binary() -> str | None:
@@ -67,11 +68,18 @@ class S3Server:
     secret_key: str
     endpoint: str
     buckets: list[str] = field(default_factory=list)
+    # a second identity with Read, List and Write only: a backup-only host (test_s3_backup_host.py)
+    backup_host: tuple[str, str] = ("", "")
 
     def env(self, **extra: str) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": REGION, "IMGBACKUP_S3_PATH_STYLE": "1",
                 **extra}
+
+    def backup_host_env(self, **extra: str) -> dict[str, str]:
+        """``env()`` with the backup host's credentials."""
+        key, secret = self.backup_host
+        return self.env(AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret, **extra)
 
     def client(self, **config):
         import boto3
@@ -195,11 +203,15 @@ def start_server(workdir: str | os.PathLike) -> S3Server:
     workdir = Path(workdir)
     (workdir / "log").mkdir(parents=True, exist_ok=True)
     access, secret = "imgbackup-test", secrets.token_hex(20)
+    host = (BACKUP_HOST, secrets.token_hex(20))
     identity = {"identities": [{"name": "admin", "credentials": [{"accessKey": access, "secretKey": secret}],
-                                "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+                                "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+                               {"name": BACKUP_HOST, "credentials": [{"accessKey": host[0], "secretKey": host[1]}],
+                                "actions": ["Read", "List", "Write"]}]}
     (workdir / "s3.json").write_text(json.dumps(identity))
     base = _free_base()
-    server = S3Server(_spawn(workdir, base), workdir, base, access, secret, f"http://127.0.0.1:{base + 6}")
+    server = S3Server(_spawn(workdir, base), workdir, base, access, secret, f"http://127.0.0.1:{base + 6}",
+                      backup_host=host)
     try:
         _wait_ready(server)
     except BaseException:

@@ -1,5 +1,5 @@
 """docs/FORMAT.md read as a stranger (issue 9 §7): what its text says, checked against what the tool
-writes and accepts — the config MAC's canonical JSON computed from the spec's rules alone (not with
+writes and accepts — the config signature's canonical JSON computed from the spec's rules alone (not with
 the json module's serializer), and the refusal of a forged algorithm-0 object in an encrypted
 repository.
 """
@@ -7,13 +7,12 @@ repository.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import random
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tests.forge import seal
 from tests.malformed import build_base, copy_repo, run_cli
 from tests.support import MIB, cli, need_tool, run
@@ -79,22 +78,24 @@ def bases(tmp_path_factory) -> dict:
     return {enc: build_base(root, enc) for enc in ("none", "aes-256-gcm")}
 
 
-def _mac_key(repo: Path) -> bytes:
+def _signing_key(repo: Path) -> Ed25519PrivateKey:
+    """FORMAT.md 2.1: the unencrypted slot's bundle; generation 1's Ed25519 seed is at 60 + 4 + 32 + 32."""
     doc = json.loads(next((repo / "keys").iterdir()).read_text())
-    return base64.b64decode(doc["keys"])[64:96]
+    bundle = base64.b64decode(doc["keys"])
+    return Ed25519PrivateKey.from_private_bytes(bundle[128:160])
 
 
-def _mac(doc: dict, mac_key: bytes) -> str:
-    text = spec_canonical({k: v for k, v in doc.items() if k != "mac"})
+def _signature(doc: dict, key: Ed25519PrivateKey) -> str:
+    text = spec_canonical({k: v for k, v in doc.items() if k != "signature"})
     assert text.isascii()
-    return hmac.new(mac_key, text.encode("ascii"), hashlib.sha256).hexdigest()
+    return key.sign(b"imgbackup-config\0" + text.encode("ascii")).hex()
 
 
-def test_config_mac_matches_the_spec_rules(bases) -> None:
+def test_config_signature_matches_the_spec_rules(bases) -> None:
     repo = bases["none"]["repo"]
     doc = json.loads((repo / "config").read_text())
     assert isinstance(doc["created"], float) and isinstance(doc["chunk_size"], int)
-    assert _mac(doc, _mac_key(repo)) == doc["mac"]
+    assert _signature(doc, _signing_key(repo)) == doc["signature"]     # Ed25519 is deterministic
 
 
 @pytest.mark.parametrize("extra", [
@@ -107,15 +108,15 @@ def test_config_mac_matches_the_spec_rules(bases) -> None:
 ])
 def test_config_written_by_the_spec_rules_opens(bases, tmp_path: Path, extra: dict) -> None:
     """A config a stranger's writer made from the spec (unknown fields included) is accepted; the same
-    config with the MAC over any other serialisation is refused."""
+    config signed over any other serialisation is refused."""
     repo = copy_repo(bases["none"], tmp_path / "repo")
-    doc = {k: v for k, v in json.loads((repo / "config").read_text()).items() if k != "mac"}
+    doc = {k: v for k, v in json.loads((repo / "config").read_text()).items() if k != "signature"}
     doc.update(extra)
-    mac_key = _mac_key(repo)
-    (repo / "config").write_text(json.dumps({**doc, "mac": _mac(doc, mac_key)}, indent=3, ensure_ascii=False))
+    key = _signing_key(repo)
+    (repo / "config").write_text(json.dumps({**doc, "signature": _signature(doc, key)}, indent=3, ensure_ascii=False))
     assert run_cli(["list"], repo).code == 0
-    wrong = hmac.new(mac_key, json.dumps(doc, sort_keys=True).encode(), hashlib.sha256).hexdigest()
-    (repo / "config").write_text(json.dumps({**doc, "mac": wrong}))
+    wrong = key.sign(b"imgbackup-config\0" + json.dumps(doc, sort_keys=True).encode()).hex()
+    (repo / "config").write_text(json.dumps({**doc, "signature": wrong}))
     refused = run_cli(["list"], repo)
     assert refused.code == 6 and "config failed authentication" in refused.stderr
 

@@ -27,6 +27,7 @@ QUICK_CASES = 120
 QUICK_BUDGET_S = 90      # the CI sweep stops here even on a loaded machine (it reports how far it got)
 SLOW_CASES = int(os.environ.get("IMGBACKUP_FUZZ_CASES", "1500"))
 TARGETS = ("config", "keyfile", "image", "index", "pack", "damage")
+ENCRYPTED_TARGETS = ("config", "keyfile", "datakey", "image", "index", "pack")   # data keys: only when encrypted
 # Damage records (FORMAT.md section 11) exist only after damage was found: the sweep forges one (in the
 # unencrypted repository) naming a copy of a real chunk, then damages it like the rest.
 
@@ -49,8 +50,8 @@ def _forge_damage_record(repo: Path, rng: random.Random) -> Path:
 
 
 def _files(repo: Path, target: str) -> list[Path]:
-    folder = {"config": None, "keyfile": "keys", "image": "images", "index": "index", "pack": "packs",
-              "damage": "damage"}[target]
+    folder = {"config": None, "keyfile": "keys", "datakey": "datakeys", "image": "images", "index": "index",
+              "pack": "packs", "damage": "damage"}[target]
     if folder is None:
         return [repo / "config"]
     return sorted(p for p in (repo / folder).rglob("*") if p.is_file())
@@ -171,7 +172,7 @@ def _sweep(bases: dict, tmp: Path, cases: int, budget_s: float) -> int:
         encryption = rng.choice(("none", "none", "aes-256-gcm"))
         base = bases[encryption]
         repo = Path(shutil.copytree(base["repo"], tmp / f"case-{case}"))
-        target = rng.choice(TARGETS if encryption == "none" else TARGETS[:-1])
+        target = rng.choice(TARGETS if encryption == "none" else ENCRYPTED_TARGETS)
         structural = encryption == "none" and rng.random() < 0.6
         if target == "damage" and not structural:
             _forge_damage_record(repo, rng)

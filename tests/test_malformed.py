@@ -58,8 +58,12 @@ CONFIG_CASES = {
     "not-json": lambda t: t[:-5],
     "a-list": lambda t: "[1, 2]",
     "a-string": lambda t: '"config"',
-    "mac-missing": lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "mac"}),
-    "mac-number": lambda t: json.dumps(dict(json.loads(t), mac=5)),
+    "signature-missing": lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "signature"}),
+    "signature-number": lambda t: json.dumps(dict(json.loads(t), signature=5)),
+    "keys-empty": lambda t: json.dumps(dict(json.loads(t), keys=[])),
+    "keys-generation-2": lambda t: json.dumps(dict(json.loads(t), keys=[dict(json.loads(t)["keys"][0], generation=2)])),
+    "keys-public-changed": lambda t: json.dumps(dict(json.loads(t), keys=[dict(json.loads(t)["keys"][0],
+                                                                                 data_public="00" * 32)])),
     "chunk-size-string": lambda t: json.dumps(dict(json.loads(t), chunk_size="65536")),
     "chunk-size-float": lambda t: json.dumps(dict(json.loads(t), chunk_size=65536.0)),
     "encryption-unknown": lambda t: json.dumps(dict(json.loads(t), encryption="rot13")),
@@ -84,7 +88,7 @@ def test_config_id_changed_names_the_config_not_a_hex_error(base, repo: Path) ->
     assert "config" in proc.stderr and "fromhex" not in proc.stderr, proc.stderr
 
 
-# ---- the key file -------------------------------------------------------------------------------
+# ---- the key slot -------------------------------------------------------------------------------
 
 def _keyfile(repo: Path) -> Path:
     return next((repo / "keys").iterdir())
@@ -92,6 +96,10 @@ def _keyfile(repo: Path) -> Path:
 
 KEYFILE_CASES = {
     "not-json": lambda d: "{",
+    "slot-renamed": lambda d: json.dumps(dict(d, slot="0" * 16)),
+    "label-control": lambda d: json.dumps(dict(d, label="a\x01b")),
+    "kind-unknown": lambda d: json.dumps(dict(d, kind="admin")),
+    "signature-short": lambda d: json.dumps(dict(d, signature="ab", signed_by=1)),
     "a-list": lambda d: "[]",
     "version-string": lambda d: json.dumps(dict(d, version="1")),
     "keys-missing": lambda d: json.dumps({k: v for k, v in d.items() if k != "keys"}),
@@ -110,7 +118,7 @@ def test_damaged_key_file_is_exit_6(base, repo: Path, tmp_path: Path, case: str)
     path = _keyfile(repo)
     path.write_text(KEYFILE_CASES[case](json.loads(path.read_text())))
     outcomes = run_all(repo, base["full"], tmp_path, commands=(("list",),))
-    _damaged(outcomes, 0, word="key file")
+    _damaged(outcomes, 0, word="key slot")
 
 
 # ---- image header JSON, correctly sealed ----------------------------------------------------------

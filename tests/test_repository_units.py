@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.disks import small_tmpfs
 
 from imgbackup.crypto.envelope import Envelope
-from imgbackup.crypto.keys import KeySet, unwrap_keys, wrap_keys
+from imgbackup.crypto.keys import KeyBundle
+from imgbackup.crypto.slots import make_slot, new_slot_id, open_slot, parse_slot, slot_info
 from imgbackup.errors import (
     IntegrityError,
     ObjectMissing,
@@ -30,7 +31,7 @@ from imgbackup.errors import (
     UnsupportedFormat,
     WrongPassphrase,
 )
-from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY
+from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY, OBJ_IMAGE_HEADER
 from imgbackup.repository.backends.directory import DirectoryStorage
 from imgbackup.repository.backends.memory import MemoryStorage
 from imgbackup.repository.chunkindex import (
@@ -39,7 +40,7 @@ from imgbackup.repository.chunkindex import (
     encode_chunk_index,
     write_index_files,
 )
-from imgbackup.repository.config import RepoConfig, check_config_mac, peek_config
+from imgbackup.repository.config import RepoConfig, check_config, peek_config
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
 
 KEY = bytes(range(32))
@@ -50,23 +51,32 @@ H = ENVELOPE_HEADER.size
 # --- envelope ---------------------------------------------------------------------------------
 
 def test_envelope_aes_layout_known_answer() -> None:
-    """header(version 2, type, alg 1, comp 0, key id 0, nonce) + AES-GCM(nonce, body, aad=header+id)."""
+    """header(version 3, type, alg 1, comp 0, key id, nonce) + AES-GCM(nonce, body, aad=header+id): a chunk
+    names a data key (id >= 2**63), every other object its generation's metadata key (id 1)."""
     plain = os.urandom(5000)                                # incompressible: stored raw
     blob = Envelope(KEY).seal(OBJ_CHUNK, OID, plain)
     assert H == 24
     version, otype, alg, comp, key_id, nonce = ENVELOPE_HEADER.unpack_from(blob)
-    assert (version, otype, alg, comp, key_id) == (2, OBJ_CHUNK, 1, 0, 0)
-    assert blob[4:12] == bytes(8) and blob[12:24] == nonce
-    assert AESGCM(KEY).decrypt(nonce, blob[H:], blob[:H] + OID) == plain
+    assert (version, otype, alg, comp, key_id) == (3, OBJ_CHUNK, 1, 0, 1 << 63)
+    assert blob[4:12] == (1 << 63).to_bytes(8, "little") and blob[12:24] == nonce
+    assert AESGCM(KEY).decrypt(nonce, blob[H:], blob[:H] + OID) == plain   # a static data key: KEY itself
     assert Envelope(KEY).open(OBJ_CHUNK, OID, blob, "x") == plain
+    meta = Envelope({1: KEY, 2: bytes(32)}).seal(OBJ_IMAGE_HEADER, OID, plain)
+    assert ENVELOPE_HEADER.unpack_from(meta)[4] == 2          # the newest generation seals
+    assert AESGCM(bytes(32)).decrypt(meta[12:24], meta[H:], meta[:H] + OID) == plain
+    with pytest.raises(IntegrityError):                       # a chunk must not name a metadata key
+        Envelope(KEY).open(OBJ_CHUNK, OID, Envelope(KEY).seal(OBJ_IMAGE_HEADER, OID, plain)[:1] + bytes([OBJ_CHUNK])
+                           + Envelope(KEY).seal(OBJ_IMAGE_HEADER, OID, plain)[2:], "x")
+    with pytest.raises(IntegrityError):                       # an older key set lacks generation 2
+        Envelope(KEY).open(OBJ_IMAGE_HEADER, OID, meta, "x")
 
 
 def test_envelope_none_layout_known_answer() -> None:
     """Without encryption: header + plaintext + SHA-256(header + id + plaintext)."""
     plain = b"hello, imgbackup"
     blob = Envelope(None).seal(OBJ_CHUNK, OID, plain, compress=False)
-    header = bytes([2, OBJ_CHUNK, 0, 0]) + bytes(8) + bytes(12)
-    assert ENVELOPE_HEADER.pack(2, OBJ_CHUNK, 0, 0, 0, bytes(12)) == header
+    header = bytes([3, OBJ_CHUNK, 0, 0]) + bytes(8) + bytes(12)
+    assert ENVELOPE_HEADER.pack(3, OBJ_CHUNK, 0, 0, 0, bytes(12)) == header
     assert blob == header + plain + hashlib.sha256(header + OID + plain).digest()
 
 
@@ -109,8 +119,11 @@ def test_delta_that_does_not_pay_is_stored_whole() -> None:
 def test_envelope_key_id_is_authenticated_and_foreign_key_ids_refused() -> None:
     env = Envelope(KEY)
     blob = bytearray(env.seal(OBJ_CHUNK, OID, b"payload"))
-    blob[4] = 7                                               # key id 7: not ours
-    with pytest.raises(IntegrityError, match="data key 7"):
+    blob[4] = 7                                               # another data key id: not ours
+    with pytest.raises(IntegrityError, match="data key 8000000000000007"):
+        env.open(OBJ_CHUNK, OID, bytes(blob), "x")
+    blob[4:12] = (1).to_bytes(8, "little")                    # a chunk naming a metadata key
+    with pytest.raises(IntegrityError, match="not sealed with a data key"):
         env.open(OBJ_CHUNK, OID, bytes(blob), "x")
 
 
@@ -152,48 +165,76 @@ def test_envelope_bound_to_id_type_and_key(key) -> None:
         other.open(OBJ_CHUNK, OID, blob, "x")
 
 
-# --- key wrapping -----------------------------------------------------------------------------
+# --- key slots and bundles ------------------------------------------------------------------
 
-def test_key_wrap_round_trip_and_wrong_passphrase() -> None:
-    keys = KeySet.generate()
+def test_key_slot_round_trip_and_wrong_passphrase(monkeypatch) -> None:
+    monkeypatch.setenv("IMGBACKUP_TEST_CHEAP_KDF", "1")
     repo_id = os.urandom(16)
-    doc = json.loads(json.dumps(wrap_keys(keys, b"secret", repo_id)))
-    assert doc["kdf"]["name"] == "argon2id" and keys.enc_key.hex() not in json.dumps(doc)
-    assert unwrap_keys(doc, b"secret", repo_id) == keys
-    with pytest.raises(WrongPassphrase):
-        unwrap_keys(doc, b"Secret", repo_id)
-    with pytest.raises(WrongPassphrase):
-        unwrap_keys(doc, None, repo_id)
-    with pytest.raises(WrongPassphrase):                    # a key file moved to another repository
-        unwrap_keys(doc, b"secret", os.urandom(16))
+    keys = KeyBundle.generate(repo_id)
+    slot = new_slot_id()
+    doc = parse_slot(json.dumps(make_slot(keys, b"secret", slot, "laptop", keys)).encode(), f"keys/{slot}")
+    assert doc["kdf"]["name"] == "argon2id" and keys.id_key.hex() not in json.dumps(doc)
+    assert open_slot(doc, b"secret", repo_id).to_bytes() == keys.to_bytes()
+    assert slot_info(doc, repo_id, keys).signed and slot_info(doc, repo_id, keys).label == "laptop"
+    for wrong in (b"Secret", None):
+        with pytest.raises(WrongPassphrase):
+            open_slot(doc, wrong, repo_id)
+    with pytest.raises(WrongPassphrase):                    # a slot moved to another repository
+        open_slot(doc, b"secret", os.urandom(16))
+    with pytest.raises(WrongPassphrase):                    # relabelled as another kind: the wrap binds it
+        open_slot({**doc, "kind": "backup-only"}, b"secret", repo_id)
+    assert not slot_info({**doc, "label": "forged"}, repo_id, keys).signed
     with pytest.raises(UnsupportedFormat):
-        unwrap_keys({**doc, "version": 2}, b"secret", repo_id)
+        parse_slot(json.dumps({**doc, "version": 2}).encode(), f"keys/{slot}")
+    with pytest.raises(IntegrityError):                     # a slot under another name
+        parse_slot(json.dumps(doc).encode(), "keys/" + "0" * 16)
 
 
-def test_unencrypted_key_file_needs_no_passphrase() -> None:
-    keys = KeySet.generate()
-    assert unwrap_keys(wrap_keys(keys, None, b"id"), None, b"id") == keys
+def test_bundle_bytes_round_trip_and_backup_only_holds_no_private_key() -> None:
+    keys = KeyBundle.generate(os.urandom(16)).rotated()
+    assert KeyBundle.from_bytes(keys.to_bytes()).to_bytes() == keys.to_bytes()
+    assert len(keys.to_bytes()) == 60 + 100 * 2
+    limited = KeyBundle.from_bytes(keys.backup_only().to_bytes())
+    assert not limited.full and all(g.data_private is None and g.signing_key is None for g in limited.generations)
+    raw = keys.to_bytes()
+    for bad in (raw[:-1], raw[:8] + b"\x09" + raw[9:], raw[:9] + b"\x07" + raw[10:]):
+        with pytest.raises((IntegrityError, UnsupportedFormat)):
+            KeyBundle.from_bytes(bad)
+    assert "id_key" not in repr(keys) and keys.id_key.hex() not in repr(keys)
+
+
+def test_unencrypted_key_slot_needs_no_passphrase() -> None:
+    keys = KeyBundle.generate(b"i" * 16)
+    assert open_slot(make_slot(keys, None, "ab" * 8, "init", keys), None, b"i" * 16).to_bytes() == keys.to_bytes()
 
 
 # --- config -----------------------------------------------------------------------------------
 
-def test_config_mac_detects_tampering() -> None:
-    mac_key = os.urandom(32)
-    raw = RepoConfig.new("ab" * 16, 1 << 20, "aes-256-gcm", 3).to_bytes(mac_key)
-    doc, mac = peek_config(raw)
-    check_config_mac(doc, mac, mac_key)
+def test_config_signature_detects_tampering_and_a_backup_only_key_cannot_sign() -> None:
+    keys = KeyBundle.generate(bytes.fromhex("ab" * 16))
+    raw = RepoConfig.new("ab" * 16, 1 << 20, "aes-256-gcm", 3).to_bytes(keys)
+    doc, signature = peek_config(raw)
+    check_config(doc, signature, keys)
+    check_config(doc, signature, keys.backup_only())        # every key verifies
     assert RepoConfig.from_document(doc).chunk_size == 1 << 20
     with pytest.raises(IntegrityError):
-        check_config_mac(doc, mac, os.urandom(32))
+        check_config(doc, signature, KeyBundle.generate(bytes.fromhex("ab" * 16)))
+    with pytest.raises(IntegrityError):                     # a key from before a rotation
+        check_config(*peek_config(RepoConfig.new("ab" * 16, 1 << 20, "aes-256-gcm", 3).to_bytes(keys.rotated())), keys)
+    with pytest.raises(IntegrityError):
+        RepoConfig.new("ab" * 16, 1 << 20, "aes-256-gcm", 3).to_bytes(keys.backup_only())
     stored = json.loads(raw)
-    for field, value in (("chunk_size", 1 << 16), ("encryption", "none"), ("zstd_level", 1), ("extra", 1)):
-        forged, forged_mac = peek_config(json.dumps({**stored, field: value}).encode())
+    for field, value in (("chunk_size", 1 << 16), ("encryption", "none"), ("zstd_level", 1), ("extra", 1),
+                         ("append_only", True)):
+        forged, forged_sig = peek_config(json.dumps({**stored, field: value}).encode())
         with pytest.raises(IntegrityError):
-            check_config_mac(forged, forged_mac, mac_key)
+            check_config(forged, forged_sig, keys)
     with pytest.raises(UnsupportedFormat):
         peek_config(json.dumps({**stored, "version": 99}).encode())
     with pytest.raises(IntegrityError):
         peek_config(raw[:-10])
+    with pytest.raises(IntegrityError):
+        peek_config(json.dumps({**stored, "keys": []}).encode())
     with pytest.raises(IntegrityError):
         RepoConfig.from_document({**doc, "chunk_size": 3 << 20})
 

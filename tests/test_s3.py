@@ -92,7 +92,7 @@ def test_cli_round_trip_through_a_bucket_is_byte_exact(s3_server, bucket, tmp_pa
     assert all(k.startswith("hosts/web1/") for k in keys)
     shapes = {k.split("/")[2] for k in keys}
     # no lock, no probe left behind; verify keeps its result as a check record (status, issue 16)
-    assert shapes == {"config", "keys", "packs", "index", "images", "catalog", "checks"}
+    assert shapes == {"config", "keys", "datakeys", "packs", "index", "images", "catalog", "checks"}
 
 
 def test_wrong_secret_is_one_clean_line_and_writes_nothing(s3_server, bucket, tmp_path: Path) -> None:

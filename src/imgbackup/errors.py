@@ -68,6 +68,19 @@ class PassphraseMissing(ImgBackupError):
     hint = "set IMGBACKUP_PASSPHRASE or IMGBACKUP_PASSPHRASE_FILE, or run on a terminal"
 
 
+class KeyNotAllowed(ImgBackupError):
+    """The key opened the repository but does not allow this (a backup-only key: no reading, no removing)."""
+
+    exit_code = 4
+    hint = "use a full key (its passphrase, or a slot made with 'imgbackup key add' or 'key import --paper')"
+
+
+class BadPaperKey(ImgBackupError):
+    """A recovery sheet that does not parse: the message names the first bad line."""
+
+    exit_code = 4
+
+
 class RepositoryLocked(ImgBackupError):
     exit_code = 5
 
@@ -200,7 +213,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (1, "unexpected internal error (a bug: please report it)"),
     (2, "usage error, or not confirmed (no --yes without a terminal, or a wrong answer)"),
     (3, "repository (or its S3 bucket) missing, already existing, or of an unknown format version"),
-    (4, "wrong or missing passphrase"),
+    (4, "wrong or missing passphrase or recovery key, or the key does not allow this (a backup-only key)"),
     (5, "repository locked by another process"),
     (6, "stored data is corrupted or was tampered with (also: 'list' showed DAMAGED images)"),
     (7, "source cannot be read, or is mounted read-write without --allow-mounted"),

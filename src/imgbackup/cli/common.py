@@ -104,6 +104,15 @@ def read_other_passphrase(confirm: bool = False) -> bytes:
                        confirm)
 
 
+def read_new_passphrase() -> bytes:
+    """A new passphrase (``key add``, ``key passwd``, ``key import``): from IMGBACKUP_NEW_PASSPHRASE,
+    IMGBACKUP_NEW_PASSPHRASE_FILE, or a terminal prompt asked twice — never argv."""
+    secret = _passphrase("IMGBACKUP_NEW_PASSPHRASE", "New passphrase: ", confirm=True)
+    if not secret:
+        raise UsageError("an empty passphrase is not allowed")
+    return secret
+
+
 def _passphrase(env: str, prompt: str, confirm: bool) -> bytes:
     if env in os.environ:
         return os.environ[env].encode()
@@ -125,9 +134,17 @@ def _passphrase(env: str, prompt: str, confirm: bool) -> bytes:
     return first.encode()
 
 
-def open_repo(repo: str | None, for_writing: bool = False) -> Repository:
+def open_repo(repo: str | None, for_writing: bool = False, needs_full_key: str | None = None) -> Repository:
     """Open the repository; a passphrase typed at the prompt gets PROMPT_TRIES tries. Commands
-    that write pass ``for_writing`` (S3: the create-if-absent probe)."""
+    that write pass ``for_writing`` (S3: the create-if-absent probe); commands that read image data
+    or remove anything name what they do in ``needs_full_key`` (a backup-only key: exit 4)."""
+    r = _open_repo(repo, for_writing)
+    if needs_full_key:
+        r.require_full_key(needs_full_key)
+    return r
+
+
+def _open_repo(repo: str | None, for_writing: bool) -> Repository:
     from imgbackup.repository.repo import Repository
 
     path = repo_path(repo)

@@ -43,7 +43,7 @@ def drill(
     metrics show it); exit 11 when the drill fails."""
     from imgbackup.engine.drill.run import DrillRequest, run_drill
 
-    r = open_repo(repo)
+    r = open_repo(repo, needs_full_key="run restore drills (that reads image data)")
     image_id = r.images.resolve(image, name)
     if restore_to and os.path.exists(restore_to):
         confirm_overwrite(f"the scratch target {restore_to}", restore_to, yes)

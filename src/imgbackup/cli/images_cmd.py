@@ -33,7 +33,7 @@ def delete(
     json_out: JsonOption = False,
 ) -> None:
     """Delete images and every chunk that only they referenced."""
-    r = open_repo(repo, for_writing=True)
+    r = open_repo(repo, for_writing=True, needs_full_key="delete images")
     ids = [r.images.resolve(spec, name) for spec in images]
     if not yes:
         if not sys.stdin.isatty():

@@ -34,6 +34,8 @@ ENVIRONMENT = ("\b\nEnvironment:\n"
                "  IMGBACKUP_REPO             the repository (instead of -r/--repo)\n"
                "  IMGBACKUP_PASSPHRASE       the repository passphrase\n"
                "  IMGBACKUP_PASSPHRASE_FILE  a file holding it (one line); without either, a prompt asks\n"
+               "  IMGBACKUP_KEY_SLOT         the key slot to try first (id prefix or label; default: the last used)\n"
+               "  IMGBACKUP_NEW_PASSPHRASE   a new passphrase for 'key add/passwd' (or _FILE; else a prompt)\n"
                "  IMGBACKUP_RUN_DIR          where mount state and logs live (default /run/imgbackup)\n"
                "  IMGBACKUP_AUDIT            audit event sinks (as --audit)")
 EXIT_STATUS = "\b\nExit status:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES)
@@ -74,6 +76,7 @@ COMMAND_MODULES = {
     "job_cmd": ("job",),
     "status_cmd": ("status",),
     "drill_cmd": ("drill",),
+    "key_cmd": ("key",),
 }
 
 

@@ -34,7 +34,7 @@ def repair(
     Exit 0 when every image is whole, 11 when some are damaged (listed)."""
     from imgbackup.engine.repair.run import run_repair
 
-    r = open_repo(repo)
+    r = open_repo(repo, needs_full_key="repair the repository (it reads every chunk)")
     bar = ProgressBar("repair", not json_out)
     bar.start(None)   # the bytes to check are known only pack by pack
     try:
@@ -106,7 +106,7 @@ def compact(
     began before the mark still runs."""
     from imgbackup.engine.compact import run_compact
 
-    result = run_compact(open_repo(repo), dry_run, lock_wait)
+    result = run_compact(open_repo(repo, needs_full_key="compact the repository"), dry_run, lock_wait)
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:

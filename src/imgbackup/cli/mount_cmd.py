@@ -26,7 +26,7 @@ def mount(
     from imgbackup.engine.mount.session import MountSession, run_daemon
     from imgbackup.engine.mount.state import setup_logging
 
-    r = open_repo(repo)
+    r = open_repo(repo, needs_full_key="mount images (that reads their data)")
     session = MountSession(r, r.images.resolve(image, name), directory, filesystems)
     log_file = setup_logging(directory, to_stderr=foreground)
     if not foreground:
@@ -101,7 +101,7 @@ def restore_files(
     """
     from imgbackup.engine.mount.files import restore_files as run
 
-    r = open_repo(repo)
+    r = open_repo(repo, needs_full_key="restore files (that reads image data)")
     result = run(r, r.images.resolve(image, name), partition, paths, to, overwrite=overwrite)
     if json_out:
         emit_json(result.to_dict())

@@ -52,7 +52,8 @@ def prune(
     if policy.empty:
         raise UsageError("prune needs a retention policy: it would keep nothing",
                          "give at least one --keep-… option (e.g. --keep-daily 7 --keep-weekly 4)")
-    result = run_prune(open_repo(repo, for_writing=not dry_run), policy, name, dry_run, lock_wait)
+    result = run_prune(open_repo(repo, for_writing=not dry_run, needs_full_key="prune images"), policy, name,
+                       dry_run, lock_wait)
     for warning in result.warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)
     if json_out:

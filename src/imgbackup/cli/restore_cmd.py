@@ -46,7 +46,7 @@ def restore(
     ext filesystem are shrunk (resize2fs) when its used blocks fit, otherwise the restore is refused.
     Every refusal happens before the first byte is written.
     """
-    r = open_repo(repo)
+    r = open_repo(repo, needs_full_key="restore images (that reads their data)")
     image_id = r.images.resolve(image, name)
     if partition is not None:
         plan = plan_partition_restore(r, image_id, partition, target, grow=grow)

@@ -35,7 +35,7 @@ def verify(
     """Read and authenticate every chunk an image references (or all images). Without IMAGE also check
     the catalog log (missing, unrecorded images; a rollback) and, on an Object-Lock bucket, that the
     server still enforces the lock (a probe)."""
-    r = open_repo(repo)
+    r = open_repo(repo, needs_full_key="verify images (that reads their data)")
     if boot:
         _verify_boot(r, image, name, expect, timeout, firmware, json_out)
         return
@@ -50,6 +50,7 @@ def verify(
     finally:
         bar.close()
     fs = _check_filesystems(r, ids[0]) if filesystems else None
+    report.warnings.extend(r.access_warnings())
     records, warnings = record_verify(r, report, fs)
     for warning in report.warnings + warnings:
         typer.echo(f"imgbackup: warning: {warning}", err=True)

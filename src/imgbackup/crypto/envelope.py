@@ -2,8 +2,9 @@
 
 The associated data binds the envelope header and the object's id (and a delta's base id), so a
 blob moved to another place, swapped with another, relabelled as another type or pointed at
-another base fails authentication. The header's key id names the data key (0: the repository's
-own); later per-session data keys get other ids without another format change.
+another base fails authentication. The header's key id names the key (FORMAT.md section 3): chunks
+are sealed with the session's data key (``DataKeys``), everything else with the current
+generation's metadata key; opening picks the key the blob names.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Mapping
 
 import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from imgbackup.crypto.datakeys import DataKeys, StaticDataKeys
 from imgbackup.errors import IntegrityError
 from imgbackup.format.layout import (
     ALG_AES256GCM,
@@ -23,10 +26,12 @@ from imgbackup.format.layout import (
     COMP_NONE,
     COMP_ZSTD,
     COMP_ZSTD_DELTA,
+    DATA_KEY_ID_MIN,
     ENVELOPE_HEADER,
     ENVELOPE_VERSION,
     ID_SIZE,
-    KEY_ID_REPOSITORY,
+    KEY_ID_NONE,
+    META_KEY_ID_MAX,
     OBJ_CHUNK,
     TAG_SIZE,
 )
@@ -48,14 +53,25 @@ def _raw_dict(base) -> zstandard.ZstdCompressionDict:
 
 
 class Envelope:
-    """Seals and opens objects with one repository's data key (thread-safe, reentrant)."""
+    """Seals and opens one repository's objects (thread-safe, reentrant).
 
-    def __init__(self, enc_key: bytes | None, zstd_level: int = 3) -> None:
-        self.alg = ALG_NONE if enc_key is None else ALG_AES256GCM
-        self._aead = None if enc_key is None else AESGCM(enc_key)
+    ``meta_keys``: the metadata key, or {generation: key} (the highest seals); None for no encryption.
+    ``data_keys``: where chunk keys come from (the repository's ``DataKeys``); without it a fixed data
+    key derived from nothing else is used (objects sealed outside a repository: tests, tools).
+    """
+
+    def __init__(self, meta_keys: bytes | Mapping[int, bytes] | None, zstd_level: int = 3,
+                 data_keys: DataKeys | StaticDataKeys | None = None) -> None:
         self.zstd_level = zstd_level
-        self.key_id = KEY_ID_REPOSITORY
         self._local = threading.local()
+        if meta_keys is None:
+            self.alg, self._meta, self.key_id, self._data = ALG_NONE, {}, KEY_ID_NONE, None
+            return
+        keys = {1: meta_keys} if isinstance(meta_keys, bytes | bytearray) else dict(meta_keys)
+        self.alg = ALG_AES256GCM
+        self._meta = {gen: AESGCM(bytes(key)) for gen, key in keys.items()}
+        self.key_id = max(keys)                   # the metadata key id writers use
+        self._data = data_keys if data_keys is not None else StaticDataKeys(bytes(keys[self.key_id]))
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         comp = getattr(self._local, "compressor", None)
@@ -99,12 +115,30 @@ class Envelope:
         return self.seal(OBJ_CHUNK, chunk_id, plaintext), None
 
     def _seal(self, obj_type: int, obj_id: bytes, comp: int, body, base_id: bytes = b"") -> bytes:
-        nonce = os.urandom(12) if self._aead else bytes(12)
-        header = ENVELOPE_HEADER.pack(ENVELOPE_VERSION, obj_type, self.alg, comp, self.key_id, nonce)
-        aad = header + obj_id + base_id
-        if self._aead is None:
-            return header + bytes(body) + hashlib.sha256(aad + bytes(body)).digest()
-        return header + self._aead.encrypt(nonce, bytes(body), aad)
+        if self.alg == ALG_NONE:
+            header = ENVELOPE_HEADER.pack(ENVELOPE_VERSION, obj_type, ALG_NONE, comp, KEY_ID_NONE, bytes(12))
+            return header + bytes(body) + hashlib.sha256(header + obj_id + base_id + bytes(body)).digest()
+        if obj_type == OBJ_CHUNK:
+            key_id, aead = self._data.session()
+        else:
+            key_id, aead = self.key_id, self._meta[self.key_id]
+        nonce = os.urandom(12)
+        header = ENVELOPE_HEADER.pack(ENVELOPE_VERSION, obj_type, ALG_AES256GCM, comp, key_id, nonce)
+        return header + aead.encrypt(nonce, bytes(body), header + obj_id + base_id)
+
+    def _aead_for(self, obj_type: int, key_id: int, what: str) -> AESGCM:
+        """The key a blob names: data keys for chunks only, metadata keys for everything else."""
+        if obj_type == OBJ_CHUNK:
+            if key_id < DATA_KEY_ID_MIN:
+                raise IntegrityError(f"{what} is not sealed with a data key (key id {key_id})")
+            return self._data.aead(key_id)
+        if not 1 <= key_id <= META_KEY_ID_MAX:
+            raise IntegrityError(f"{what} is not sealed with a metadata key (key id {key_id})")
+        aead = self._meta.get(key_id)
+        if aead is None:
+            raise IntegrityError(f"{what} is sealed with the metadata key of generation {key_id}, "
+                                 "which this key does not hold")
+        return aead
 
     def authenticate(self, obj_type: int, obj_id: bytes, blob: bytes, what: str,
                      base_id: bytes | None = None) -> tuple[int, bytes]:
@@ -117,20 +151,21 @@ class Envelope:
         version, otype, alg, comp, key_id, nonce = ENVELOPE_HEADER.unpack_from(blob)
         if version != ENVELOPE_VERSION or alg != self.alg or otype != obj_type or comp > COMP_ZSTD_DELTA:
             raise IntegrityError(f"{what} has an invalid envelope header")
-        if key_id != self.key_id:
-            raise IntegrityError(f"{what} is sealed with data key {key_id}, which this key cannot open")
+        if alg == ALG_NONE and key_id != KEY_ID_NONE:
+            raise IntegrityError(f"{what} names key {key_id} in an unencrypted repository")
         if (comp == COMP_ZSTD_DELTA) != (base_id is not None) or (base_id is not None and len(base_id) != ID_SIZE):
             raise IntegrityError(f"{what} is {'a' if comp == COMP_ZSTD_DELTA else 'not a'} delta, "
                                  "unlike what the chunk index says")
         header = blob[: ENVELOPE_HEADER.size]
         aad = header + obj_id + (base_id or b"")
-        if self._aead is None:
+        if alg == ALG_NONE:
             body, digest = blob[ENVELOPE_HEADER.size : -32], blob[-32:]
             if hashlib.sha256(aad + body).digest() != digest:
                 raise IntegrityError(f"{what} failed its checksum")
             return comp, body
+        aead = self._aead_for(otype, key_id, what)
         try:
-            return comp, self._aead.decrypt(nonce, blob[ENVELOPE_HEADER.size :], aad)
+            return comp, aead.decrypt(nonce, blob[ENVELOPE_HEADER.size :], aad)
         except InvalidTag:
             raise IntegrityError(f"{what} failed authentication (corrupted or tampered with)") from None
 

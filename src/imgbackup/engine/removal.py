@@ -62,6 +62,7 @@ def collect(repo: Repository, retained_images: Collection[str] = (), done_before
     """The two-phase collection (engine/collect.py) over the images still standing, then (Object Lock)
     the S3 legal holds of held images and the lock extension of what the images need (delta bases
     included) — never of what is being removed."""
+    repo.require_full_key("remove or rewrite stored data")
     plan, done = two_phase_collection(repo, done_before, exclude=removed_in_log(repo.catalog.view()))
     needed = plan.needed
     out = Collected(done, needed, len(plan.index_files), warnings=list(done.warnings))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import struct
 
 FORMAT_VERSION = 4     # 2: keyed BLAKE3 ids, delta chunks, key id in the envelope; 3: the catalog log, hold
-                       # records, append-only and S3 Object Lock settings; 4: leases, collection marks,
+                       # records, append-only and S3 Object Lock settings; 4: key slots, per-session data
+                       # keys sealed to X25519, the config signed with Ed25519, leases, collection marks,
                        # host-tagged image ids (FORMAT.md, "Version 4")
 
 # Slot kinds in an image index.
@@ -20,13 +21,17 @@ ID_SIZE = 32
 
 # Envelope: version u8, object type u8, algorithm u8, compression u8, key id u64, nonce 12 bytes.
 ENVELOPE_HEADER = struct.Struct("<BBBBQ12s")
-ENVELOPE_VERSION = 2
+ENVELOPE_VERSION = 3
 ALG_NONE = 0           # plaintext + SHA-256 over (header, object id, plaintext)
 ALG_AES256GCM = 1      # ciphertext + 16-byte GCM tag
 COMP_NONE = 0
 COMP_ZSTD = 1
 COMP_ZSTD_DELTA = 2    # a zstd frame compressed against a base chunk's plaintext (raw-content dictionary)
-KEY_ID_REPOSITORY = 0  # the repository's own enc_key; other ids are reserved for per-session data keys
+# Envelope key ids (FORMAT.md section 3): 0 no key (algorithm 0); 1..2**32-1 the metadata key of that
+# generation; 2**63.. a per-session data key in datakeys/<16 hex>, for chunks only.
+KEY_ID_NONE = 0
+META_KEY_ID_MAX = (1 << 32) - 1
+DATA_KEY_ID_MIN = 1 << 63
 TAG_SIZE = {ALG_NONE: 32, ALG_AES256GCM: 16}
 
 OBJ_CHUNK = 1
@@ -66,3 +71,17 @@ IMAGE_MAGIC = b"IMGBIMG1"
 IMAGE_HEAD = struct.Struct("<8sHxxI")                  # magic, version, header envelope length
 IMAGE_BODY_MAGIC = b"IMGBSLOT"
 IMAGE_BODY_HEAD = struct.Struct("<8sHxxIQ")            # magic, version, chunk size, slot count
+
+# Key bundle (FORMAT.md 2.1): the plaintext a key slot wraps and the paper sheet carries.
+KEY_BUNDLE_MAGIC = b"IMGBKEYS"
+KEY_BUNDLE_VERSION = 1
+KEY_BUNDLE_HEAD = struct.Struct("<8sBBH16s32s")       # magic, version, kind, generations, repo id, id_key
+KEY_GENERATION = struct.Struct("<I32s32s32s")          # number, meta key, data key (priv|pub), signing (priv|pub)
+KIND_FULL = 1
+KIND_BACKUP_ONLY = 2
+MAX_GENERATIONS = 1000
+
+# Data-key object (FORMAT.md 2.3): datakeys/<16 hex key id>.
+DATA_KEY_MAGIC = b"IMGBDKEY"
+DATA_KEY_HEAD = struct.Struct("<8sHxxIQ32s12s")        # magic, version, generation, key id, ephemeral pub, nonce
+DATA_KEY_SIZE = DATA_KEY_HEAD.size + 32 + 16           # + sealed 32-byte key and its GCM tag = 116

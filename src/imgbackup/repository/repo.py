@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import json
 import os
@@ -12,13 +13,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from imgbackup import __version__, audit, interrupts
+from imgbackup.crypto.datakeys import DataKeys, data_key_name
 from imgbackup.crypto.envelope import Envelope
-from imgbackup.crypto.keys import KeySet, parse_key_file, unwrap_keys, wrap_keys
+from imgbackup.crypto.keys import KeyBundle
+from imgbackup.crypto.protect import forbid_core_dumps
+from imgbackup.crypto.slots import make_slot, new_slot_id, slot_name
 from imgbackup.errors import (
     AppendOnly,
     ImageHeld,
     ImageNotFound,
     IntegrityError,
+    KeyNotAllowed,
     ObjectRetained,
     RepositoryExists,
     RepositoryNotFound,
@@ -35,7 +40,7 @@ from imgbackup.repository.config import (
     MAX_CHUNK,
     MIN_CHUNK,
     RepoConfig,
-    check_config_mac,
+    check_config,
     peek_config,
 )
 from imgbackup.repository.damage import DamageLog
@@ -46,11 +51,11 @@ from imgbackup.repository.lease import Lease
 from imgbackup.repository.localcache import BodyCache, HeaderCache
 from imgbackup.repository.lock import open_session, put_reserve, take_exclusive
 from imgbackup.repository.packs import BlobLocation, PackWriter
-from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
+from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored, open_storage
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_PASSPHRASE_LENGTH = 8   # characters; shorter ones only with --weak-passphrase (Argon2id slows guessing, no more)
-FOLDERS = ("packs", "index", "images", "locks", "damage", "gc", "catalog", "holds")
+FOLDERS = ("packs", "index", "images", "locks", "damage", "gc", "catalog", "holds", "keys", "datakeys")
 IGNORED_AT_INIT = ("lockprobe/", "locks/")   # an earlier init's lock-probe canaries (retained) do not count
 REMOVALS_PER_ENTRY = 2000   # events in one catalog entry (~200 KB): a prune of thousands writes several
 
@@ -58,10 +63,6 @@ if TYPE_CHECKING:
     from imgbackup.repository.chunkindex import ChunkIndex
 
 PassphraseSource = Callable[[], bytes]
-
-
-def _keyfile_name(repo_id: str) -> str:
-    return f"keys/{repo_id[:16]}"
 
 
 def _storage(where: str | os.PathLike | Storage, for_writing: bool) -> Storage:
@@ -94,12 +95,16 @@ def _check_object_lock(storage: Storage, lock: tuple[str, int]) -> dict:
 
 
 class Repository:
-    def __init__(self, storage: Storage, config: RepoConfig, keys: KeySet, location: str) -> None:
+    def __init__(self, storage: Storage, config: RepoConfig, keys: KeyBundle, location: str,
+                 slot: str | None = None) -> None:
         self.storage = storage
         self.config = config
         self.keys = keys
+        self.slot = slot               # the key slot this repository was opened with (None: a paper key)
         self.location = location
-        self.envelope = Envelope(None if config.encryption == "none" else keys.enc_key, config.zstd_level)
+        self.data_keys = DataKeys(keys, self._store_data_key, self._fetch_data_key)
+        meta = {g.number: g.meta_key for g in keys.generations}
+        self.envelope = Envelope(None if config.encryption == "none" else meta, config.zstd_level, self.data_keys)
         self.catalog = Catalog(storage, self.envelope, config.id)
         remote = getattr(storage, "remote", False)
         cache = HeaderCache.for_repository(config.id) if remote else None
@@ -112,29 +117,31 @@ class Repository:
     def chunk_size(self) -> int:
         return self.config.chunk_size
 
+    @property
+    def can_read_data(self) -> bool:
+        """False for a backup-only key: it seals chunks it can never open."""
+        return self.keys.full or self.config.encryption == "none"
+
+    def require_full_key(self, action: str) -> None:
+        """The one refusal (exit 4) of everything a backup-only key must not do: read data, remove, sign."""
+        if not self.keys.full:
+            raise KeyNotAllowed(f"this key is backup-only: it can add images but not {action}")
+
     @classmethod
     def init(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource | None,
              encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
              zstd_level: int = 3, related_to: Repository | None = None, weak_passphrase: bool = False,
-             append_only: bool = False, object_lock: tuple[str, int] | None = None) -> Repository:
+             append_only: bool = False, object_lock: tuple[str, int] | None = None,
+             label: str = "init") -> Repository:
         """Create a repository at ``where``: a path, ``file://``, ``s3://`` or ``memory://`` URL, or a Storage.
 
-        ``related_to``: the new repository shares that one's key material (chunk-id key, data keys,
-        mac key) and chunk size, under an id and a key file of its own, so ``copy`` can move sealed
-        chunks and image indexes between the two verbatim (FORMAT.md §2.1).
+        ``related_to``: the new repository shares that one's key bundle (chunk-id key, every
+        generation's keys) and chunk size, under an id and a key slot of its own, so ``copy`` can move
+        sealed chunks, data keys and image indexes between the two verbatim (FORMAT.md §2.1).
+        ``label``: the first key slot's label (``key list`` shows it).
         ``object_lock`` = (mode, seconds): S3 Object Lock; the server must pass the lock probe
         before anything is written, and then every object is written with a retention date."""
-        if related_to is not None and (chunk_size != related_to.chunk_size
-                                       or encryption != related_to.config.encryption):
-            raise UsageError("a related repository has the chunk size and encryption of the one it is "
-                             f"related to ({related_to.chunk_size} bytes, {related_to.config.encryption})",
-                             "leave out --chunk-size and --encryption with --related-to")
-        if encryption not in ENCRYPTIONS:
-            raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
-        if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
-            raise UsageError(f"chunk size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}")
-        if not 1 <= zstd_level <= 22:
-            raise UsageError("zstd level must be 1..22")
+        _check_init_options(encryption, chunk_size, zstd_level, related_to)
         storage = _storage(where, for_writing=True)
         if storage.exists(CONFIG_NAME):
             raise RepositoryExists(f"{storage.location} already holds a repository")
@@ -142,59 +149,67 @@ class Repository:
             raise RepositoryExists(f"{storage.location} exists and is not empty",
                                    "choose a new or empty directory or prefix")
         probe = _check_object_lock(storage, object_lock) if object_lock else None
-        keys = related_to.keys if related_to is not None else KeySet.generate()
+        forbid_core_dumps()
         config = RepoConfig.new(os.urandom(16).hex(), chunk_size, encryption, zstd_level)
+        if related_to is not None:
+            related_to.require_full_key("make a related repository")
+            keys = dataclasses.replace(related_to.keys, repo_id=bytes.fromhex(config.id))
+        else:
+            keys = KeyBundle.generate(bytes.fromhex(config.id))
         config.append_only = append_only
         if object_lock:
             config.object_lock = {"mode": object_lock[0], "seconds": int(object_lock[1])}
             storage.use_object_lock(object_lock[0], int(object_lock[1]))   # type: ignore[attr-defined]
         secret = passphrase() if encryption != "none" else None
-        if secret is not None and not weak_passphrase and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
-            raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
-                             "choose a longer one, or pass --weak-passphrase to accept it")
-        keydoc = wrap_keys(keys, secret, bytes.fromhex(config.id))
+        if secret is not None:
+            refuse_weak_passphrase(secret, weak_passphrase)
+        slot = new_slot_id()
+        slot_doc = make_slot(keys, secret, slot, label, signer=keys)
         with interrupts.deferred():   # a few small writes: a repository is made whole or not begun
             storage.prepare(FOLDERS)
-            storage.put(_keyfile_name(config.id), json.dumps(keydoc, indent=1).encode() + b"\n")
+            storage.put(slot_name(slot), encode_slot(slot_doc))
             put_reserve(storage)
-            repo = cls(storage, config, keys, storage.location)
+            repo = cls(storage, config, keys, storage.location, slot)
             repo.catalog.append([{"event": "created"}, {"event": "append_only", "value": append_only},
                                  *([{"event": "lock_probe", "result": probe}] if probe else [])])
-            storage.put(CONFIG_NAME, config.to_bytes(keys.mac_key))  # last: a repository exists once it is there
+            storage.put(CONFIG_NAME, config.to_bytes(keys))  # last: a repository exists once it is there
             interrupts.set_status(f"the repository {storage.location} was created")
         return repo
 
     @classmethod
     def open(cls, where: str | os.PathLike | Storage, passphrase: PassphraseSource,
              for_writing: bool = False) -> Repository:
-        """Open the repository at ``where``; ``for_writing`` lets the backend check, once, that it can
-        keep the repository's promises (S3: that the server honours create-if-absent)."""
+        """Open the repository at ``where`` with whichever key slot the passphrase opens (FORMAT.md
+        2.1); ``for_writing`` lets the backend check, once, that it can keep the repository's promises
+        (S3: that the server honours create-if-absent)."""
+        from imgbackup.repository.keyslots import unlock
+
         storage = _storage(where, for_writing)
-        root = getattr(storage, "root", None)   # a local directory: naming a file is "no repository" (3)
-        if isinstance(root, os.PathLike) and os.path.exists(root) and not os.path.isdir(root):
-            raise RepositoryNotFound(f"{root} is a file, not a repository directory")
+        doc, signature = _read_config(storage)
+        forbid_core_dumps()
         try:
-            raw = storage.get(CONFIG_NAME)
-        except ObjectMissing:
-            raise RepositoryNotFound(f"no imgbackup repository at {storage.location}") from None
-        doc, mac = peek_config(raw)
-        repo_id = bytes.fromhex(doc["id"])
-        try:
-            raw_keys = storage.get(_keyfile_name(doc["id"]))
-        except ObjectMissing:
-            raise IntegrityError(f"repository key file {_keyfile_name(doc['id'])} is missing") from None
-        keydoc = parse_key_file(raw_keys, f"key file {_keyfile_name(doc['id'])}")
-        try:
-            secret = None if keydoc["kdf"] is None else passphrase()
-            keys = unwrap_keys(keydoc, secret, repo_id)
+            keys, slot, unwrapped = unlock(storage, doc, signature, passphrase)
         except WrongPassphrase as exc:
             audit.emit("passphrase_failed", "failed", repository=doc["id"], location=storage.location, error=str(exc))
             raise
-        check_config_mac(doc, mac, keys.mac_key)      # before any other field of the config is used
-        config = RepoConfig.from_document(doc)
-        if (config.encryption == "none") != (keydoc["kdf"] is None):
-            raise IntegrityError(f"repository key file {_keyfile_name(doc['id'])} does not match the config's "
-                                 f"encryption {config.encryption!r} (replaced or tampered with)")
+        if (doc.get("encryption") == "none") != unwrapped:
+            raise IntegrityError(f"key slot {slot} does not match the config's encryption "
+                                 "(replaced or tampered with)")
+        return cls._opened(storage, doc, keys, slot, for_writing)
+
+    @classmethod
+    def open_with_bundle(cls, where: str | os.PathLike | Storage, keys: KeyBundle,
+                         for_writing: bool = False) -> Repository:
+        """Open with a key bundle in hand (a paper recovery sheet), no key slot involved."""
+        storage = _storage(where, for_writing)
+        doc, signature = _read_config(storage)
+        forbid_core_dumps()
+        check_config(doc, signature, keys)
+        return cls._opened(storage, doc, keys, None, for_writing)
+
+    @classmethod
+    def _opened(cls, storage: Storage, doc: dict, keys: KeyBundle, slot: str | None, for_writing: bool) -> Repository:
+        config = RepoConfig.from_document(doc)     # only now: the signature covered every field
         if config.object_lock:
             use = getattr(storage, "use_object_lock", None)
             if use is not None:
@@ -202,13 +217,42 @@ class Repository:
             elif for_writing:
                 raise UsageError(f"the repository at {storage.location} is kept under S3 Object Lock, which this "
                                  "storage cannot apply", "write to it only at its S3 bucket")
-        return cls(storage, config, keys, storage.location)
+        return cls(storage, config, keys, storage.location, slot)
 
     def is_related(self, other: Repository) -> bool:
         """Whether ``other`` holds the same key material and chunk size (``init --related-to``): its
         sealed chunks and image indexes then authenticate here unchanged."""
+        mine, theirs = self.keys.to_bytes(), dataclasses.replace(other.keys, repo_id=self.keys.repo_id).to_bytes()
         return (self.chunk_size == other.chunk_size and self.config.encryption == other.config.encryption
-                and hmac.compare_digest(self.keys.to_bytes(), other.keys.to_bytes()))
+                and self.keys.kind == other.keys.kind and hmac.compare_digest(mine, theirs))
+
+    def _store_data_key(self, key_id: int, blob: bytes) -> bool:
+        name = data_key_name(key_id)
+        if not self.storage.create(name, blob):
+            return False
+        confirm_stored(self.storage, name, len(blob))
+        return True
+
+    def access_warnings(self) -> list[str]:
+        """What the storage finds too open about the key material (a local directory's modes)."""
+        check = getattr(self.storage, "access_warnings", None)
+        return check() if check is not None else []
+
+    def data_key_object(self, key_id: int) -> bytes:
+        """The stored (sealed) data-key object, for copying it verbatim to a related repository."""
+        return self._fetch_data_key(key_id)
+
+    def adopt_data_key(self, key_id: int, blob: bytes) -> None:
+        """Store a data-key object copied from a related repository (kept if already there)."""
+        if not self.storage.create(data_key_name(key_id), blob) and self.storage.get(data_key_name(key_id)) != blob:
+            raise IntegrityError(f"data key {key_id:016x} differs from the one the source holds")
+        confirm_stored(self.storage, data_key_name(key_id), len(blob))
+
+    def _fetch_data_key(self, key_id: int) -> bytes:
+        try:
+            return self.storage.get(data_key_name(key_id))
+        except ObjectMissing:
+            raise IntegrityError(f"data key {key_id:016x} is missing (its chunks cannot be opened)") from None
 
     def session(self, command: str) -> Lease:
         """A backup's lease: shared with every other backup, never waits (lock.py)."""
@@ -284,6 +328,7 @@ class Repository:
         """Remove images for good: refused (nothing removed) when one is held; the catalog records the
         removal (that is the commit point), then the indexes go. Returns the ids whose index the
         storage retained (Object Lock): a later prune, delete or compact removes them."""
+        self.require_full_key("remove images")
         held = self.held_images(view)
         for image_id in image_ids:
             if image_id in held:
@@ -321,13 +366,14 @@ class Repository:
         """Turn append-only on or off. The order makes an interrupted change harmless: on = the config
         first, then the log; off = the log first, then the config (verify flags a log that says on
         beside a config that says off)."""
+        self.require_full_key("change the repository config")
         self.config.append_only = value
         if value:
-            self.storage.put(CONFIG_NAME, self.config.to_bytes(self.keys.mac_key))
+            self.storage.put(CONFIG_NAME, self.config.to_bytes(self.keys))
             self.catalog.append([{"event": "append_only", "value": True}])
         else:
             self.catalog.append([{"event": "append_only", "value": False}])
-            self.storage.put(CONFIG_NAME, self.config.to_bytes(self.keys.mac_key))
+            self.storage.put(CONFIG_NAME, self.config.to_bytes(self.keys))
 
     def new_image_meta(self, **fields) -> dict:
         from imgbackup.format.layout import FORMAT_VERSION
@@ -342,3 +388,41 @@ class Repository:
             "chunk_size": self.chunk_size,
             **fields,
         }
+
+
+def encode_slot(doc: dict) -> bytes:
+    return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def _read_config(storage: Storage) -> tuple[dict, str]:
+    """The config document and its signature, not yet checked against a key."""
+    root = getattr(storage, "root", None)   # a local directory: naming a file is "no repository" (3)
+    if isinstance(root, os.PathLike) and os.path.exists(root) and not os.path.isdir(root):
+        raise RepositoryNotFound(f"{root} is a file, not a repository directory")
+    try:
+        raw = storage.get(CONFIG_NAME)
+    except ObjectMissing:
+        raise RepositoryNotFound(f"no imgbackup repository at {storage.location}") from None
+    return peek_config(raw)
+
+
+def refuse_weak_passphrase(secret: bytes, weak_ok: bool) -> None:
+    """A new passphrase (init, key add, key passwd) of fewer than MIN_PASSPHRASE_LENGTH characters is
+    refused unless the user said --weak-passphrase."""
+    if not weak_ok and len(secret.decode(errors="replace")) < MIN_PASSPHRASE_LENGTH:
+        raise UsageError(f"the passphrase is shorter than {MIN_PASSPHRASE_LENGTH} characters",
+                         "choose a longer one, or pass --weak-passphrase to accept it")
+
+
+def _check_init_options(encryption: str, chunk_size: int, zstd_level: int, related_to: Repository | None) -> None:
+    if related_to is not None and (chunk_size != related_to.chunk_size
+                                   or encryption != related_to.config.encryption):
+        raise UsageError("a related repository has the chunk size and encryption of the one it is "
+                         f"related to ({related_to.chunk_size} bytes, {related_to.config.encryption})",
+                         "leave out --chunk-size and --encryption with --related-to")
+    if encryption not in ENCRYPTIONS:
+        raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
+    if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
+        raise UsageError(f"chunk size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}")
+    if not 1 <= zstd_level <= 22:
+        raise UsageError("zstd level must be 1..22")

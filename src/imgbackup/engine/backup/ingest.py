@@ -150,11 +150,12 @@ class ParentMatch:
         self.parent_ids = parent.ids_by_slot() if usable else None
         self.parent_kinds = parent.kinds if usable else None
         self.index = repo.chunk_index(for_backup=True)
-        self.reader = (reader or ChunkReader(repo)) if usable else None
+        readable = usable and repo.can_read_data     # a backup-only key seals chunks it cannot open
+        self.reader = (reader or ChunkReader(repo)) if readable else None
         self.damaged: list[DamagedCopy] = []
         self.deltas = 0
         self._lock = threading.Lock()
-        self._io = ThreadPoolExecutor(PARENT_READERS, thread_name_prefix="imgbackup-parent") if usable else None
+        self._io = ThreadPoolExecutor(PARENT_READERS, thread_name_prefix="imgbackup-parent") if readable else None
 
     def _old_id(self, slot: int, new_id: bytes) -> bytes | None:
         if self.reader is None or self.parent_kinds[slot] != SLOT_DATA:

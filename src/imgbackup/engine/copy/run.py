@@ -31,7 +31,7 @@ from imgbackup import audit
 from imgbackup._core import scan
 from imgbackup.errors import ImgBackupError, IntegrityError, TargetRefused, VerificationFailed
 from imgbackup.format.imageindex import ImageIndex
-from imgbackup.format.layout import OBJ_CHUNK
+from imgbackup.format.layout import DATA_KEY_ID_MIN, ENVELOPE_HEADER, OBJ_CHUNK
 from imgbackup.repository.chunkreader import ChunkReader, Group, bounded_map, group_cost, group_end
 from imgbackup.repository.lease import lease_seconds
 from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
@@ -137,6 +137,7 @@ class _Copier:
         self.claimed: set[bytes] = set()        # destination ids this run stores
         self.counted: set[bytes] = set()        # destination ids already counted as sent or reused
         self.adopted: set[bytes] = set()
+        self.sent_keys: set[int] = set()        # data keys present at the destination (raw copies)
         self.id_map: dict[bytes, bytes] = {}    # re-encrypting: source id -> destination id (last image's)
         self.last_copied: str | None = None
         self._claim_lock = threading.Lock()
@@ -218,6 +219,7 @@ class _Copier:
                 blob = self.reader.blob_in(group, data, cid, loc)
                 self.src.envelope.authenticate(OBJ_CHUNK, cid, blob, f"chunk {cid.hex()[:16]} of {self.src.location}",
                                                loc.base)
+                self._send_data_key(blob)
                 out.append((cid, blob, loc.raw_length, loc.base))
             return out
 
@@ -227,6 +229,17 @@ class _Copier:
         for sealed in bounded_map(self.pool, fetch, self.reader.blob_ranges(missing), cost, COPY_WINDOW):
             for cid, blob, raw_length, base in sealed:
                 self._add(cid, blob, raw_length, base)
+
+    def _send_data_key(self, blob: bytes) -> None:
+        """A chunk copied sealed needs its data key at the destination before its pack lands (FORMAT.md
+        2.3): the key's object is copied verbatim (related repositories share the key pair)."""
+        key_id = ENVELOPE_HEADER.unpack_from(blob)[4]
+        if key_id < DATA_KEY_ID_MIN or key_id in self.sent_keys:
+            return
+        with self._claim_lock:
+            if key_id not in self.sent_keys:
+                self.dst.adopt_data_key(key_id, self.src.data_key_object(key_id))
+                self.sent_keys.add(key_id)
 
     def _seed_id_map(self, image: ImageIndex) -> None:
         """Destination ids of the parent's chunks, from the parent copied earlier (the two indexes

@@ -9,6 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imgbackup.errors import ObjectMissing, RepositoryFull, StorageError
+from imgbackup.repository.backends.directory_access import (
+    DIR_MODE,
+    check_init_location,
+    make_private_dir,
+    set_private_file,
+)
 from imgbackup.repository.storage import check_name
 
 TEMP_MARK = ".tmp-"
@@ -37,6 +43,12 @@ class DirectoryStorage:
     write_parallelism = 1  # commits queue on one disk's fsync: a second one in flight gains nothing (measured)
     remote = False
 
+    def access_warnings(self) -> list[str]:
+        """Key slots (or keys/) that group or others may read: ``verify`` warns (FORMAT.md 2.7)."""
+        from imgbackup.repository.backends.directory_access import key_file_exposure
+
+        return key_file_exposure(self.root)
+
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).absolute()  # a later chdir (FUSE daemons do one) must not move it
         self.location = str(self.root)
@@ -52,17 +64,19 @@ class DirectoryStorage:
         if directory.is_dir():
             return []
         changed = self._make_dirs(directory.parent)
-        try:
-            directory.mkdir()
-        except FileExistsError:
+        if not make_private_dir(directory):
             return changed
         return [*changed, directory.parent]
 
     def prepare(self, folders: tuple[str, ...]) -> None:
-        """Create the repository's folders, so the layout is there to see from the start."""
+        """At init: refuse an unsafe place, then create the repository's folders (0700), so the layout
+        is there to see from the start."""
+        check_init_location(self.root)
         try:
             for folder in folders:
-                (self.root / check_name(folder)).mkdir(parents=True, exist_ok=True)
+                self._make_dirs(self.root / check_name(folder))
+            check_init_location(self.root)  # again: nobody slipped in a folder of their own meanwhile
+            os.chmod(self.root, DIR_MODE)  # an empty folder the user made (or a mount point) becomes 0700 too
         except OSError as exc:
             raise _storage_error(exc, f"the repository folders in {self.root}") from None
 
@@ -222,6 +236,7 @@ class _DirectoryObjectWriter:
         self.name = name
         self.tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        set_private_file(self._fd)
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
