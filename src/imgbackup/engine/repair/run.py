@@ -367,12 +367,14 @@ def _copy_trailerless(repo: Repository, plan: RepairPlan, result: RepairResult) 
 
 
 def run_repair(repo: Repository, act: bool, quick: bool = False,
-               progress: Callable[[int], None] | None = None) -> tuple[RepairPlan, RepairResult | None]:
-    """A dry run plans without the lock; acting plans again under the lock, then writes."""
+               progress: Callable[[int], None] | None = None,
+               lock_wait: float = 0.0) -> tuple[RepairPlan, RepairResult | None]:
+    """A dry run plans without the lock; acting plans again under the lock (waiting up to ``lock_wait``
+    seconds for another remover), then writes."""
     if not act:
         return plan_repair(repo, quick, progress), None
     with audit.audited("repair", repository=repo.config.id, location=repo.location) as event, \
-            repo.lock("repair", may_use_reserve=True):
+            repo.lock("repair", lock_wait, may_use_reserve=True):
         plan = plan_repair(repo, quick, progress)
         done = carry_out_repair(repo, plan) if plan.changes else None
         event.update(changed=done is not None, damage_record=done.damage_record if done else None,
