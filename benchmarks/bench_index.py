@@ -58,8 +58,8 @@ def drop_caches() -> None:
 
 def build(repo_dir: Path, chunks: int, files: int, hosts: int) -> None:
     from imgbackup.format.layout import OBJ_CHUNK_INDEX
-    from imgbackup.repository.chunkindex import encode_rows
     from imgbackup.repository.chunktable import ROW_DTYPE, empty_rows
+    from imgbackup.repository.indexfile import encode_rows
     from imgbackup.repository.repo import Repository
 
     if repo_dir.exists():
@@ -98,8 +98,8 @@ def build(repo_dir: Path, chunks: int, files: int, hosts: int) -> None:
 
 def add_one_file(repo_dir: Path, n: int) -> str:
     from imgbackup.format.layout import OBJ_CHUNK_INDEX
-    from imgbackup.repository.chunkindex import encode_rows
     from imgbackup.repository.chunktable import ROW_DTYPE, empty_rows
+    from imgbackup.repository.indexfile import encode_rows
     from imgbackup.repository.repo import Repository
 
     repo = Repository.open(str(repo_dir), lambda: PASSPHRASE)
@@ -150,7 +150,7 @@ def child_open(repo_dir: str, lookups: bool) -> dict:
 def child_dict_baseline(repo_dir: str, fraction: float) -> dict:
     """The replaced design: every index object decoded into a dict of location objects."""
     from imgbackup.format.layout import OBJ_CHUNK_INDEX
-    from imgbackup.repository.chunkindex import decode_rows
+    from imgbackup.repository.indexfile import decode_rows
     from imgbackup.repository.packs import BlobLocation
     from imgbackup.repository.repo import Repository
 

@@ -39,8 +39,9 @@ from imgbackup.errors import (
     UnsupportedFormat,
 )
 from imgbackup.format.layout import OBJ_CHUNK
-from imgbackup.repository.chunkindex import MAX_ENTRIES_PER_FILE, ChunkIndex, write_index_files
+from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.damage import DamagedCopy, DamageLog, write_record
+from imgbackup.repository.indexfile import MAX_ENTRIES_PER_FILE, write_index_files
 from imgbackup.repository.lease import lease_seconds
 from imgbackup.repository.marks import Marks, Safety, judge_safety, load_marks, write_marks
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer

@@ -30,14 +30,14 @@ from imgbackup.engine.collect import PackUse, copy_live_blobs
 from imgbackup.engine.repair.images import AffectedImage, affected_images
 from imgbackup.errors import IntegrityError, RepositoryFull
 from imgbackup.format.layout import OBJ_CHUNK
-from imgbackup.repository.chunkindex import (
+from imgbackup.repository.chunkreader import open_chunk
+from imgbackup.repository.damage import ChunkDamaged, DamagedCopy, DamageLog, write_record
+from imgbackup.repository.indexfile import (
     INDEX_FOLDER,
     MAX_ENTRIES_PER_FILE,
     read_index_entries,
     write_index_files,
 )
-from imgbackup.repository.chunkreader import open_chunk
-from imgbackup.repository.damage import ChunkDamaged, DamagedCopy, DamageLog, write_record
 from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
