@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from imgbackup import audit, interrupts
-from imgbackup.engine.collect import PackUse, copy_live_blobs
+from imgbackup.engine.collect import copy_live_blobs
+from imgbackup.engine.collectplan import PackUse
 from imgbackup.engine.repair.images import AffectedImage, affected_images
 from imgbackup.errors import IntegrityError, RepositoryFull
 from imgbackup.format.layout import OBJ_CHUNK
