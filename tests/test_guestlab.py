@@ -140,7 +140,9 @@ def test_dm_era_incremental_reads_only_the_changed_blocks(guest: Guest) -> None:
     ref = _json(g, "imgbackup backup /dev/mapper/era0 --name era --type differential --json", 300)
     assert cbt["parent"] == full["id"] and ref["parent"] == full["id"]
     assert 2 * MIB <= cbt["bytes_read"] <= _listed_chunk_bytes(xml, era_block, full["source_size"])
-    assert cbt["bytes_read"] * 4 < ref["bytes_read"]            # the change list saved most of the reading
+    # the change list saved most of the reading: ~7-10 of the 40 MiB in use (the listed era blocks fall in
+    # 7-10 of the 1 MiB chunks, depending on where ext4 put the written data and its journal this time)
+    assert cbt["bytes_read"] * 3 < ref["bytes_read"]
     diff = _json(g, f"imgbackup diff {cbt['id']} {ref['id']} --json")
     assert diff["changed_bytes"] == 0, diff                     # same content as the hash-compare image
     g.run("dmsetup remove era0 && losetup -d $(cat /root/era-meta.dev)").check()

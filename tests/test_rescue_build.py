@@ -14,6 +14,7 @@ from imgbackup.engine.rescue.console import RescueLog
 from imgbackup.engine.rescue.unattended import run_from_cmdline
 from imgbackup.errors import UsageError
 from rescue_fixtures import UNATTENDED
+from support import need_tool
 
 
 def test_baked_parameters_go_into_the_default_entry_only() -> None:
@@ -118,3 +119,50 @@ def test_cache_lock_keeps_a_second_builder_out_until_the_first_is_done(tmp_path:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def test_payload_pyc_files_are_valid_where_the_guest_imports_them(tmp_path: Path) -> None:
+    """Each .py of the payload has a .pyc that the guest's python accepts (source mtime and size in its
+    header, the guest's path inside): a stale or missing one is compiled again at every start in TCG."""
+    import importlib.util
+    import marshal
+
+    files = [f for f in payload.payload_files() if f.dest.startswith("imgbackup/cli/")]
+    assert len(files) > 10
+    site = payload.install(files, tmp_path / "root")
+    for f in files:
+        if not f.dest.endswith(".py"):
+            continue
+        src = site / f.dest
+        pyc = Path(importlib.util.cache_from_source(str(src)))
+        data = pyc.read_bytes()
+        assert data[:4] == importlib.util.MAGIC_NUMBER, pyc
+        flags, mtime, size = (int.from_bytes(data[i:i + 4], "little") for i in (4, 8, 12))
+        st = src.stat()
+        assert flags == 0 and mtime == int(st.st_mtime) & 0xFFFFFFFF and size == st.st_size, pyc
+        code = marshal.loads(data[16:])
+        assert code.co_filename == f"/usr/local/lib/python{payload.python_version()}/dist-packages/{f.dest}"
+
+
+def _trigger_args() -> list[str]:
+    text = rootfs.data_file("systemd/udev-trigger.conf").decode().replace("\\\n", " ")
+    lines = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart=") and "=-" in line]
+    devices = next(line for line in lines if "--type=devices" in line)
+    return devices.lstrip("-").split()
+
+
+def test_udev_coldplug_covers_disks_and_consoles_and_skips_the_rest() -> None:
+    """The media's narrowed coldplug, run here as a dry run: disks and consoles are in, CPUs and memory
+    blocks (whose modules cost a TCG guest a minute) are out, and udevadm accepts every option."""
+    need_tool("udevadm")
+    args = _trigger_args()
+    for subsystem in ("block", "scsi", "tty", "pci", "virtio", "usb"):
+        assert f"--subsystem-match={subsystem}" in args, subsystem
+    proc = subprocess.run([*args, "--dry-run", "--verbose"], capture_output=True, text=True, check=True)
+    paths = proc.stdout.split()
+    subsystems = {os.path.basename(os.path.realpath(os.path.join(p, "subsystem"))) for p in paths}
+    assert "block" in subsystems and "tty" in subsystems
+    assert not subsystems & {"cpu", "memory", "acpi", "input"}
+    everything = subprocess.run(["udevadm", "trigger", "--dry-run", "--verbose", "--type=devices"],
+                                capture_output=True, text=True, check=True).stdout.split()
+    assert len(paths) < len(everything)

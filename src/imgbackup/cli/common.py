@@ -6,15 +6,17 @@ import os
 import sys
 import termios
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from imgbackup import interrupts
 from imgbackup.cli.output import emit_json  # noqa: F401  (the commands' one way to print JSON)
 from imgbackup.errors import PassphraseMissing, UsageError, WrongPassphrase
-from imgbackup.repository.repo import Repository
 from imgbackup.units import iec
+
+if TYPE_CHECKING:      # imported when a command opens one: devices, rescue and job start faster without it
+    from imgbackup.repository.repo import Repository
 
 RepoOption = Annotated[
     str | None,
@@ -126,6 +128,8 @@ def _passphrase(env: str, prompt: str, confirm: bool) -> bytes:
 def open_repo(repo: str | None, for_writing: bool = False) -> Repository:
     """Open the repository; a passphrase typed at the prompt gets PROMPT_TRIES tries. Commands
     that write pass ``for_writing`` (S3: the create-if-absent probe)."""
+    from imgbackup.repository.repo import Repository
+
     path = repo_path(repo)
     if _from_environment():
         return Repository.open(path, read_passphrase, for_writing=for_writing)

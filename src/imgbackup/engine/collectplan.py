@@ -20,7 +20,7 @@ from imgbackup.repository.lease import lease_seconds
 from imgbackup.repository.marks import Marks, Safety, judge_safety, load_marks
 from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository
-from imgbackup.repository.storage import ObjectMissing
+from imgbackup.repository.storage import ObjectMissing, object_sizes
 
 
 @dataclass
@@ -113,13 +113,7 @@ def incomplete_writes(repo: Repository, older_than: float = 0.0) -> list[tuple[s
 
 
 def pack_sizes(repo: Repository) -> dict[str, int]:
-    sizes = {}
-    for name in repo.storage.list("packs"):
-        try:
-            sizes[name] = repo.storage.size(name)
-        except ObjectMissing:
-            continue
-    return sizes
+    return object_sizes(repo.storage, "packs")
 
 
 def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[str] | None = None,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from imgbackup.engine.collectplan import incomplete_writes, plan_collection
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.stats import ImageStats, image_stats
-from imgbackup.repository.storage import ObjectMissing
+from imgbackup.repository.storage import object_sizes
 
 
 @dataclass
@@ -31,17 +31,13 @@ class RepositoryStats:
 
 def repository_stats(repo: Repository) -> RepositoryStats:
     storage = repo.storage
-    total = 0
-    for name in storage.list(""):
-        try:
-            total += storage.size(name)
-        except ObjectMissing:
-            continue
+    listed = object_sizes(storage, "")
+    total = sum(listed.values())
     total += sum(size for _, size in incomplete_writes(repo))
     per_image = image_stats(repo)
     unreadable = list(per_image.errors)
     needed = per_image.referenced
     plan = plan_collection(repo, None if unreadable else needed, strict=False, provisional=True)
     reclaimable = sum(size for _, size in plan.temp) if plan.blocked else plan.bytes_reclaimable
-    return RepositoryStats(total, per_image.referenced_bytes, reclaimable, len(list(storage.list("packs"))),
+    return RepositoryStats(total, per_image.referenced_bytes, reclaimable, sum(1 for name in listed if name.startswith("packs/")),
                            len(plan.index_files), len(plan.damage), per_image.images, unreadable)

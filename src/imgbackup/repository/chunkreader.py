@@ -33,6 +33,8 @@ from imgbackup.repository.repo import Repository
 
 COALESCE_GAP = 64 << 10   # reading over a gap this small is cheaper than a second request
 MAX_RANGE = 8 << 20       # one ranged read spans at most this: several fit in flight within the window
+MAX_GROUP_PLAIN = 8 << 20  # an in-order group's plaintexts (held until consumed): well-compressed chunks
+                           # would otherwise make an 8 MiB range hold 80 MiB of them, past the window
 READ_WINDOW = 32 << 20    # bytes fetched ahead of a consumer: a bucket's latency hidden, memory bounded
 
 Group = tuple[str, int, list[tuple[bytes, BlobLocation]]]   # pack name, first byte, the blobs in it
@@ -292,17 +294,20 @@ class ChunkReader:
         what an in-order consumer (restore, a sequential reader) asks for."""
         name: str | None = None
         items: list[tuple[bytes, BlobLocation]] = []
+        plain = 0
         for cid in chunk_ids:
             loc = self.locate(cid)
             if items:
                 last = items[-1][1]
                 end = last.offset + last.length
                 if (pack_name(loc.pack_id) != name or loc.offset < end or loc.offset - end > COALESCE_GAP
-                        or loc.offset + loc.length - items[0][1].offset > MAX_RANGE):
+                        or loc.offset + loc.length - items[0][1].offset > MAX_RANGE
+                        or plain + loc.raw_length > MAX_GROUP_PLAIN):
                     yield name, items[0][1].offset, items
-                    items = []
+                    items, plain = [], 0
             name = pack_name(loc.pack_id)
             items.append((cid, loc))
+            plain += loc.raw_length
         if items:
             yield name, items[0][1].offset, items
 

@@ -108,8 +108,16 @@ class CountingStorage:
         self.inner.prepare(folders)
 
     def __getattr__(self, name: str):
-        """Anything else a backend offers (an S3 bucket check, its endpoint) passes through."""
-        return getattr(self.inner, name)
+        """Anything else a backend offers (an S3 bucket check, its endpoint) passes through; a listing
+        with sizes (S3's ``list_sizes``) is counted as a list."""
+        found = getattr(self.inner, name)
+        if name != "list_sizes":
+            return found
+
+        def list_sizes(prefix: str) -> list[tuple[str, int]]:
+            self._count("list")
+            return found(prefix)
+        return list_sizes
 
 
 class _CountingWriter:

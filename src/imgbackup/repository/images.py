@@ -26,7 +26,7 @@ from imgbackup.format.layout import (
 )
 from imgbackup.format.validate import is_hex
 from imgbackup.repository.catalog import Catalog
-from imgbackup.repository.localcache import HeaderCache
+from imgbackup.repository.localcache import BodyCache, HeaderCache
 from imgbackup.repository.storage import ObjectMissing, Storage, confirm_stored
 
 HEADER_READ = 8 << 10   # the first ranged read of an image: its fixed head and, nearly always, the whole header
@@ -58,15 +58,16 @@ class ImageEntry:
 
 
 class ImageStore:
-    """``cache`` (optional) keeps sealed headers locally: they are immutable, and a listing of a
-    bucket would otherwise fetch every one of them (localcache.py)."""
+    """``cache`` (optional) keeps sealed headers locally, ``bodies`` sealed bodies: they are
+    immutable, and a listing of a bucket would otherwise fetch every one of them (localcache.py)."""
 
     def __init__(self, storage: Storage, envelope: Envelope, catalog: Catalog | None = None,
-                 cache: HeaderCache | None = None) -> None:
+                 cache: HeaderCache | None = None, bodies: BodyCache | None = None) -> None:
         self.storage = storage
         self.envelope = envelope
         self.catalog = catalog
         self.cache = cache
+        self.bodies = bodies
 
     def write(self, index: ImageIndex) -> int:
         oid = bytes.fromhex(index.id)
@@ -145,21 +146,46 @@ class ImageStore:
         return self.load_raw(image_id)[1]
 
     def load_raw(self, image_id: str) -> tuple[bytes, ImageIndex]:
-        """The image object's exact bytes and its parsed, authenticated index."""
-        from imgbackup.format.imageindex import body_size_limit, parse_body
-
+        """The image object's exact bytes and its parsed, authenticated index (from the repository)."""
         try:
             raw = self.storage.get(image_name(image_id))
         except ObjectMissing:
             raise ImageNotFound(f"image {image_id} does not exist") from None
-        oid = self._check_id(image_id)
         header_len = self._head(image_id, raw)
         split = IMAGE_HEAD.size + header_len
-        meta = parse_header(self.envelope.open(OBJ_IMAGE_HEADER, oid, raw[IMAGE_HEAD.size:split],
-                                               f"image {image_id} header", max_size=MAX_HEADER_SIZE), image_id)
-        body = self.envelope.open(OBJ_IMAGE_BODY, oid, raw[split:], f"image {image_id} index",
+        return raw, self._open_index(image_id, raw[IMAGE_HEAD.size:split], raw[split:])
+
+    def _open_index(self, image_id: str, sealed_header: bytes, sealed_body: bytes) -> ImageIndex:
+        from imgbackup.format.imageindex import body_size_limit, parse_body
+
+        meta = self._open_header(image_id, sealed_header)
+        body = self.envelope.open(OBJ_IMAGE_BODY, self._check_id(image_id), sealed_body, f"image {image_id} index",
                                   max_size=body_size_limit(meta))
-        return raw, parse_body(meta, body)
+        return parse_body(meta, body)
+
+    def load_cached(self, image_id: str) -> tuple[ImageIndex, int]:
+        """The authenticated index and its object's size in bytes, from the local caches when they hold
+        both parts (authenticated again, as from the repository; for stats and listings: verify and
+        restore read the repository), else from the repository (and the caches filled)."""
+        header = self.cache.get(image_id) if self.cache is not None and self.bodies is not None else None
+        body = self.bodies.get(image_id) if header is not None else None
+        if header is not None and body is not None:
+            try:
+                return self._open_index(image_id, header, body), IMAGE_HEAD.size + len(header) + len(body)
+            except (IntegrityError, UnsupportedFormat):
+                self.cache.drop(image_id)    # one part is damaged: fetch both again
+                self.bodies.drop(image_id)
+        raw, index = self.load_raw(image_id)
+        if self.cache is not None and self.bodies is not None:
+            split = IMAGE_HEAD.size + self._head(image_id, raw)
+            self.cache.put(image_id, raw[IMAGE_HEAD.size:split])
+            self.bodies.put(image_id, raw[split:])
+        return index, len(raw)
+
+    def save_cache(self) -> None:
+        """Write the header cache if this process added to it (the body cache writes as it goes)."""
+        if self.cache is not None:
+            self.cache.save()
 
     def put_raw(self, image_id: str, raw: bytes) -> int:
         """Store an image object as it is (a copy into a related repository: it authenticates here,
@@ -191,6 +217,8 @@ class ImageStore:
         ids = self.ids()
         if self.cache is not None:
             self.cache.keep_only(set(ids))
+        if self.bodies is not None:
+            self.bodies.keep_only(set(ids))
 
         def one(image_id: str) -> ImageEntry | None:
             try:
@@ -283,6 +311,8 @@ class ImageStore:
         """Delete the object alone: for an image this process wrote and then gave up (a failed
         backup). Removing an image for good is ``Repository.remove_images`` (holds, the log)."""
         self.storage.delete(image_name(image_id))
+        if self.bodies is not None:
+            self.bodies.drop(image_id)
         if self.cache is not None:
             self.cache.drop(image_id)
             self.cache.save()

@@ -1,12 +1,16 @@
 """Local caches of immutable repository objects, so a command on a bucket does not fetch them again.
 
 All caches of one repository live under ``$XDG_CACHE_HOME/imgbackup/<repo id>/`` (default
-``~/.cache``). What is cached here: image headers (``image-headers``), which never change once
-written (an image is written once and only ever deleted), so ``list`` of 1,000 images costs one
-listing instead of 2,000 ranged GETs. Entries are stored **sealed**, exactly as the repository holds
-them, and opened (authenticated) again on every use: a damaged, truncated or planted entry fails
-authentication and is fetched anew, and the file is rewritten. The cache never decides what exists:
-only ids the repository lists are looked up, so a deleted image's entry is simply dropped.
+``~/.cache``). What is cached here: image headers (``image-headers``, one file) and image bodies
+(``image-bodies/<image id>``, one file each, at most MAX_BODY_CACHE_BYTES in all, the least recently
+used evicted first). Both never change once written (an image is written once and only ever deleted),
+so ``list`` of 1,000 images costs one listing instead of 1,000 ranged GETs for the headers and 1,000
+GETs for the bodies (the stored/unique columns). Entries are stored **sealed**, exactly as the
+repository holds them, and opened (authenticated) again on every use: a damaged, truncated or planted
+entry fails authentication and is fetched anew, and the file is rewritten. The cache never decides
+what exists: only ids the repository lists are looked up, so a deleted image's entry is simply
+dropped. A body file also names the repository id it was fetched from (a hash of it): a file copied
+from another repository's cache is not used.
 
 A cache that cannot be read or written (a read-only home on rescue media) is ignored; the command
 then reads the repository. ``IMGBACKUP_CACHE=0`` turns local caches off.
@@ -15,14 +19,19 @@ then reads the repository. ``IMGBACKUP_CACHE=0`` turns local caches off.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import struct
 import threading
+import time
 from pathlib import Path
 
 HEADER_CACHE_MAGIC = b"IMGBHDC1"
 HEADER_ENTRY = struct.Struct("<16sI")   # image id, sealed header length; then the sealed header
 MAX_SEALED_HEADER = 1 << 24             # a header beyond 16 MiB is damage, not metadata
+BODY_CACHE_MAGIC = b"IMGBBDC1"
+BODY_HEAD = struct.Struct("<8s16s16s")   # magic, first 16 bytes of SHA-256(repo id), image id; then the sealed body
+MAX_BODY_CACHE_BYTES = 256 << 20         # ~1,000 bodies of 2 TiB disks at 4 MiB chunks (~256 KiB each): one fleet
 
 
 def caches_enabled() -> bool:
@@ -91,7 +100,7 @@ class HeaderCache:
             return self.entries.get(image_id)
 
     def put(self, image_id: str, sealed: bytes) -> None:
-        if len(image_id) != 32 or not all(c in "0123456789abcdef" for c in image_id):
+        if not _image_id_ok(image_id):
             return   # not an image id this format writes: nothing to key an entry by
         with self._lock:
             if self.entries.get(image_id) != sealed:
@@ -121,3 +130,106 @@ class HeaderCache:
             self.changed = False
         with contextlib.suppress(OSError):   # no writable cache: the next run reads the repository
             write_atomically(self.path, b"".join(parts))
+
+
+def _image_id_ok(image_id: str) -> bool:
+    return len(image_id) == 32 and all(c in "0123456789abcdef" for c in image_id)
+
+
+class BodyCache:
+    """Sealed image bodies by image id, one file each under ``folder``, at most ``max_bytes`` in all.
+
+    ``get`` marks an entry used (its mtime), ``put`` evicts the least recently used entries past the
+    bound; an entry larger than the bound is not kept. Sizes are taken from one scan of the folder,
+    on the first ``put``, then kept up to date here."""
+
+    def __init__(self, folder: Path | None, repo_id: str = "", max_bytes: int = MAX_BODY_CACHE_BYTES) -> None:
+        self.folder = folder
+        self.repo_tag = hashlib.sha256(repo_id.encode()).digest()[:16]
+        self.max_bytes = max_bytes
+        self._sizes: dict[str, tuple[float, int]] | None = None   # file name -> (mtime, bytes), once scanned
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_repository(cls, repo_id: str) -> BodyCache:
+        return cls(cache_root(repo_id) / "image-bodies" if caches_enabled() else None, repo_id)
+
+    def get(self, image_id: str) -> bytes | None:
+        """The sealed body, unauthenticated (the caller opens it); None when absent or not ours."""
+        if self.folder is None or not _image_id_ok(image_id):
+            return None
+        path = self.folder / image_id
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return None
+        with contextlib.suppress(OSError):   # marked used; a read-only cache is still read
+            os.utime(path)
+        if len(raw) <= BODY_HEAD.size:
+            return None
+        magic, tag, oid = BODY_HEAD.unpack_from(raw)
+        if magic != BODY_CACHE_MAGIC or tag != self.repo_tag or oid != bytes.fromhex(image_id):
+            return None
+        with self._lock:
+            if self._sizes is not None:
+                self._sizes[image_id] = (time.time(), len(raw))   # just used: evicted last
+        return raw[BODY_HEAD.size:]
+
+    def put(self, image_id: str, sealed: bytes | memoryview) -> None:
+        size = BODY_HEAD.size + len(sealed)
+        if self.folder is None or not _image_id_ok(image_id) or size > self.max_bytes:
+            return
+        data = BODY_HEAD.pack(BODY_CACHE_MAGIC, self.repo_tag, bytes.fromhex(image_id)) + bytes(sealed)
+        with self._lock:
+            try:
+                sizes = self._scan()
+                write_atomically(self.folder / image_id, data)
+            except OSError:
+                return   # no writable cache: the next run reads the repository
+            sizes[image_id] = (time.time(), size)   # the newest entry: evicted last
+            self._evict(sizes)
+
+    def _scan(self) -> dict[str, tuple[float, int]]:
+        if self._sizes is None:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._sizes = {}
+            with os.scandir(self.folder) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        st = entry.stat()
+                        self._sizes[entry.name] = (st.st_mtime, st.st_size)
+        return self._sizes
+
+    def _evict(self, sizes: dict[str, tuple[float, int]]) -> None:
+        total = sum(size for _, size in sizes.values())
+        for name, (_, size) in sorted(sizes.items(), key=lambda item: item[1][0]):
+            if total <= self.max_bytes:
+                return
+            with contextlib.suppress(OSError):
+                (self.folder / name).unlink()
+            del sizes[name]
+            total -= size
+
+    def drop(self, image_id: str) -> None:
+        if self.folder is None or not _image_id_ok(image_id):
+            return
+        with self._lock, contextlib.suppress(OSError):
+            (self.folder / image_id).unlink()
+            if self._sizes is not None:
+                self._sizes.pop(image_id, None)
+
+    def keep_only(self, image_ids: set[str]) -> None:
+        """Remove the entries of images the repository no longer lists (and files that are not entries)."""
+        if self.folder is None:
+            return
+        with self._lock:
+            try:
+                names = os.listdir(self.folder)
+            except OSError:
+                return
+            for name in names:
+                if name not in image_ids and ".tmp-" not in name:   # a temp file: another process writing
+                    with contextlib.suppress(OSError):
+                        (self.folder / name).unlink()
+                    if self._sizes is not None:
+                        self._sizes.pop(name, None)

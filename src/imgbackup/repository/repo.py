@@ -43,7 +43,7 @@ from imgbackup.repository.holds import Hold, HoldStore, holds_in_force
 from imgbackup.repository.images import ImageStore, series_tag
 from imgbackup.repository.indexcache import IndexCache
 from imgbackup.repository.lease import Lease
-from imgbackup.repository.localcache import HeaderCache
+from imgbackup.repository.localcache import BodyCache, HeaderCache
 from imgbackup.repository.lock import open_session, put_reserve, take_exclusive
 from imgbackup.repository.packs import BlobLocation, PackWriter
 from imgbackup.repository.storage import ObjectMissing, Storage, open_storage
@@ -101,8 +101,10 @@ class Repository:
         self.location = location
         self.envelope = Envelope(None if config.encryption == "none" else keys.enc_key, config.zstd_level)
         self.catalog = Catalog(storage, self.envelope, config.id)
-        cache = HeaderCache.for_repository(config.id) if getattr(storage, "remote", False) else None
-        self.images = ImageStore(storage, self.envelope, self.catalog, cache)
+        remote = getattr(storage, "remote", False)
+        cache = HeaderCache.for_repository(config.id) if remote else None
+        bodies = BodyCache.for_repository(config.id) if remote else None
+        self.images = ImageStore(storage, self.envelope, self.catalog, cache, bodies)
         self.holds = HoldStore(storage, self.envelope)
         self._chunks: ChunkIndex | None = None
 

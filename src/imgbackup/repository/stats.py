@@ -7,6 +7,7 @@ fits in memory: 32 bytes per chunk reference.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -15,7 +16,6 @@ from imgbackup.errors import ImageNotFound, IntegrityError, UnsupportedFormat
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
 from imgbackup.repository.chunkindex import ChunkIndex
-from imgbackup.repository.images import image_name
 from imgbackup.repository.repo import Repository
 
 
@@ -65,17 +65,42 @@ def _chunk_table(chunks: ChunkIndex) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], lengths[order]
 
 
+Loaded = tuple[np.ndarray, dict[str, int], int]   # distinct chunk ids, slot kinds, the object's size
+
+
+def _load_all(repo: Repository) -> list[tuple[str, Loaded | str]]:
+    """What each image's stats need (its index from the local caches where they hold it), or why it
+    cannot be read; several fetched at a time (the storage's read parallelism), each index dropped
+    once reduced."""
+    def one(image_id: str) -> tuple[str, Loaded | str]:
+        try:
+            index, size = repo.images.load_cached(image_id)
+        except (IntegrityError, UnsupportedFormat, ImageNotFound) as exc:
+            return image_id, exc.args[0]
+        return image_id, (_distinct_ids(index), _slot_kinds(index), size)
+
+    ids = repo.images.ids()
+    workers = min(getattr(repo.storage, "read_parallelism", 1), len(ids))
+    if workers <= 1:
+        out = [one(i) for i in ids]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="imgbackup-stats") as pool:
+            out = list(pool.map(one, ids))
+    repo.images.save_cache()
+    return out
+
+
 def image_stats(repo: Repository, image_ids: list[str] | None = None) -> ImagesStats:
     """Stats of ``image_ids`` (default: all); sharing is counted against every image in the repository."""
     distinct: dict[str, np.ndarray] = {}
     kinds: dict[str, dict[str, int]] = {}
     errors: dict[str, str] = {}
-    for image_id in repo.images.ids():
-        try:
-            index = repo.images.load(image_id)
-            distinct[image_id], kinds[image_id] = _distinct_ids(index), _slot_kinds(index)
-        except (IntegrityError, UnsupportedFormat, ImageNotFound) as exc:
-            errors[image_id] = exc.args[0]
+    object_bytes: dict[str, int] = {}
+    for image_id, loaded in _load_all(repo):
+        if isinstance(loaded, str):
+            errors[image_id] = loaded
+        else:
+            distinct[image_id], kinds[image_id], object_bytes[image_id] = loaded
     known, lengths = _chunk_table(repo.chunk_index())
     every = np.concatenate([*distinct.values(), np.zeros(0, "V32")])
     shared_ids, refs = np.unique(every, return_counts=True)
@@ -88,7 +113,7 @@ def image_stats(repo: Repository, image_ids: list[str] | None = None) -> ImagesS
         found = known[pos] == ids if len(known) else np.zeros(len(ids), bool)
         sizes = np.where(found, lengths[pos] if len(known) else 0, 0)
         only_here = refs[np.searchsorted(shared_ids, ids)] == 1
-        index_bytes = repo.storage.size(image_name(image_id))
+        index_bytes = object_bytes[image_id]
         out[image_id] = ImageStats(
             chunks=len(ids), stored_bytes=int(sizes.sum()) + index_bytes,
             unique_chunks=int(only_here.sum()), unique_bytes=int(sizes[only_here].sum()) + index_bytes,

@@ -76,6 +76,22 @@ def check_name(name: str) -> str:
     return name
 
 
+def object_sizes(storage: Storage, prefix: str) -> dict[str, int]:
+    """Every name under the folder ``prefix`` with its size: from the listing itself where the storage
+    gives sizes there (``list_sizes``: S3's ListObjectsV2 does, so no HEAD per object), else one
+    ``size`` per name (a stat in a directory). A name deleted in between is left out."""
+    listed = getattr(storage, "list_sizes", None)
+    if listed is not None:
+        return dict(listed(prefix))
+    sizes = {}
+    for name in storage.list(prefix):
+        try:
+            sizes[name] = storage.size(name)
+        except ObjectMissing:
+            continue
+    return sizes
+
+
 def confirm_stored(storage: Storage, name: str, size: int) -> None:
     """After a commit: the storage must hold ``size`` bytes under ``name``. A store that acknowledges a
     write it then does not keep (a lying server or cache) fails here, before anything refers to it."""

@@ -11,6 +11,7 @@ every new chunk and sealed it as a separate task behind the main thread, kept th
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -176,7 +177,22 @@ class ParentMatch:
             if old_id is not None:
                 with contextlib.suppress(IntegrityError):   # not in the index: match() reports it
                     wanted.update(self.reader.blobs_needed(old_id))
-        return {cid: self._io.submit(self.reader.read_blob, cid).result for cid in wanted}
+        # Neighbouring parent blobs (a segment's slots, stored in order by the parent's backup) come
+        # in one ranged read: on a bucket each read is a round trip the digest may wait for.
+        out: dict[bytes, Callable[[], bytes]] = {}
+        for group in self.reader.blob_ranges(c for c in wanted if self.index.get(c) is not None):
+            fetched = self._io.submit(self.reader.fetch_group, group)
+            for cid, loc in group[2]:
+                out[cid] = functools.partial(self._blob_of, fetched, group, cid, loc)
+        return out
+
+    def _blob_of(self, fetched: Future, group, cid: bytes, loc) -> bytes:
+        """One blob out of a prefetched group; when the group could not be read whole (a pack gone,
+        moved or short), the blob is read on its own, so damage is found and named per copy."""
+        try:
+            return self.reader.blob_in(group, fetched.result(), cid, loc)
+        except IntegrityError:
+            return self.reader.read_blob(cid)
 
     def close(self) -> None:
         if self._io is not None:

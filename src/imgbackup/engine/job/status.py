@@ -23,7 +23,7 @@ from imgbackup.engine.stats import repository_stats
 from imgbackup.errors import ImgBackupError
 from imgbackup.repository.records import latest_record
 from imgbackup.repository.repo import Repository
-from imgbackup.repository.storage import ObjectMissing
+from imgbackup.repository.storage import object_sizes
 
 OK, LATE, MISSED = "OK", "LATE", "MISSED"
 
@@ -84,13 +84,7 @@ def repository_size(repo: Repository, errors: list[str] | None = None) -> tuple[
     except ImgBackupError as exc:
         if errors is not None:
             errors.append(f"reclaimable bytes not known: {exc}")
-    total = 0
-    for name in repo.storage.list(""):
-        try:
-            total += repo.storage.size(name)
-        except ObjectMissing:
-            continue
-    return total, None
+    return sum(object_sizes(repo.storage, "").values()), None
 
 
 def _record_doc(record, now: float) -> dict:

@@ -16,6 +16,14 @@ from pathlib import Path
 ACTIVE_CONSOLES = Path("/sys/class/tty/console/active")
 
 
+def boot_seconds(uptime_file: Path = Path("/proc/uptime")) -> float | None:
+    """Seconds since the kernel started: where in the boot a step ran (the media's time profile)."""
+    try:
+        return float(uptime_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def console_devices(active_file: Path = ACTIVE_CONSOLES) -> list[str]:
     """Device nodes of the active kernel consoles (``tty0`` = the screen's current VT)."""
     try:

@@ -94,7 +94,7 @@ def debian_key(mirror: str | None) -> str:
     """The Debian root's cache key: its inputs — suite, mirror, packages and the versions apt would
     install, the build's settings (rootfs constants, ROOTFS_FORMAT) and the media's own files."""
     settings = json.dumps([rootfs.ROOTFS_FORMAT, rootfs.DPKG_EXCLUDES, rootfs.DROP_MODULE_DIRS,
-                           rootfs.MASKED_UNITS, rootfs.SQUASHFS_OPTS, rootfs.INITRAMFS_APPLETS])
+                           rootfs.MASKED_UNITS, rootfs.DROP_FILES, rootfs.SQUASHFS_OPTS, rootfs.INITRAMFS_APPLETS])
     h = hashlib.sha256()
     for piece in (rootfs.SUITE, mirror or "", ",".join(rootfs.PACKAGES), _candidate_versions(rootfs.PACKAGES),
                   settings, _data_fingerprint()):

@@ -23,7 +23,7 @@ from imgbackup.errors import ImgBackupError
 SUITE = "bookworm"
 # Bump when the build steps below change what they produce: part of the cached root's key, with
 # every constant and data file the build reads (media.debian_key).
-ROOTFS_FORMAT = 2
+ROOTFS_FORMAT = 3
 # What a restore and a rescue shell need, by the tool each package brings.
 PACKAGES = (
     "linux-image-amd64", "busybox-static", "zstd", "kmod", "udev", "systemd-sysv",
@@ -47,7 +47,14 @@ MASKED_UNITS = ("fstrim.timer", "fstrim.service", "e2scrub_all.timer", "e2scrub_
                 "lvm2-monitor.service", "systemd-timesyncd.service", "getty-static.service",
                 "systemd-random-seed.service", "dev-hugepages.mount", "dev-mqueue.mount",
                 "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "systemd-pstore.service",
-                "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "systemd-journal-flush.service")
+                "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "systemd-journal-flush.service",
+                # each of these cost 1-8 s of a TCG guest's CPU at boot and does nothing on a RAM root: users
+                # are made at build time, fstab is empty, utmp has no readers, only root logs in
+                "systemd-sysusers.service", "systemd-remount-fs.service", "systemd-update-utmp.service",
+                "systemd-update-utmp-runlevel.service", "systemd-user-sessions.service",
+                "dpkg-db-backup.timer", "systemd-tmpfiles-clean.timer")
+# Boot-time files that only serve what the masked units did (/run/nologin is removed by user-sessions).
+DROP_FILES = ("usr/lib/tmpfiles.d/systemd-nologin.conf",)
 # zstd unpacks fast even under TCG; level 6 packs ~10x faster than 15 for ~8 % more bytes.
 SQUASHFS_OPTS = ("-comp", "zstd", "-Xcompression-level", "6", "-b", "256K")
 INITRAMFS_APPLETS = ("sh", "mount", "umount", "modprobe", "sleep", "cat", "mkdir", "echo", "switch_root",
@@ -220,8 +227,12 @@ def _systemd_setup(root: Path) -> None:
     _write(root, "etc/systemd/system/getty@.service.d/imgbackup.conf", data_file("systemd/getty-autologin.conf"))
     _write(root, "etc/systemd/system/serial-getty@.service.d/imgbackup.conf",
            data_file("systemd/serial-getty-autologin.conf"))
+    _write(root, "etc/systemd/system/systemd-udev-trigger.service.d/imgbackup.conf",
+           data_file("systemd/udev-trigger.conf"))
     for name in MASKED_UNITS:
         _symlink(root, f"etc/systemd/system/{name}", "/dev/null")
+    for rel in DROP_FILES:
+        (root / rel).unlink(missing_ok=True)
 
 
 def root_python(root: Path) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from imgbackup.device import tools
 from imgbackup.device.identity import identify
-from imgbackup.engine.rescue.console import RescueLog
+from imgbackup.engine.rescue.console import RescueLog, boot_seconds
 from imgbackup.engine.rescue.locate import RUN_DIR, Mounts, find_target, medium_device, whole_disk_of
 from imgbackup.engine.rescue.params import ON_FAILURE, Location, RescueParams, parse_params, raw_params
 from imgbackup.errors import ImgBackupError, TargetRefused, UsageError
@@ -145,7 +145,8 @@ def _finish(action: str, log: RescueLog) -> None:
     if action == "shell":
         log("a root shell is open on every console (imgbackup is on PATH)")
         return
-    log(f"{action} now")
+    up = boot_seconds()
+    log(f"{action} now" + (f" ({up:.0f} s after boot)" if up is not None else ""))
     tools.run(["systemctl", "--no-block", action], timeout=60)
 
 
@@ -188,7 +189,9 @@ def run_from_cmdline(cmdline: str, log: RescueLog | None = None) -> int:
         log(f"warning: unknown parameters ignored: {', '.join('imgbackup.' + k for k in params.unknown)}")
     if params.action != "restore":
         return 0
-    log(f"unattended restore: {' '.join(w for w in cmdline.split() if w.startswith('imgbackup.'))}")
+    up = boot_seconds()
+    log(f"unattended restore: {' '.join(w for w in cmdline.split() if w.startswith('imgbackup.'))}"
+        + (f" ({up:.0f} s after boot)" if up is not None else ""))
     outcome = run(params, log)
     _write_status(outcome)
     _finish(params.after if outcome.ok else params.on_failure, log)

@@ -10,12 +10,8 @@ against obstore): docs/S3.md. This module is imported only for s3:// repositorie
 
 from __future__ import annotations
 
-import bisect
 import datetime
-import io
-import itertools
 import os
-import threading
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from urllib.parse import parse_qs, urlsplit
@@ -26,8 +22,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from imgbackup.errors import ObjectMissing, StorageError, UsageError
 from imgbackup.repository.backends import s3lock
-from imgbackup.repository.backends.s3calls import S3Calls, env_float, error_code, log
-from imgbackup.repository.backends.s3lock import ObjectLockSettings, content_md5, delete_versions
+from imgbackup.repository.backends.s3calls import S3Calls, env_float, error_code
+from imgbackup.repository.backends.s3lock import ObjectLockSettings, delete_versions
+from imgbackup.repository.backends.s3writer import S3ObjectWriter
 from imgbackup.repository.storage import check_name
 
 MiB = 1 << 20
@@ -221,19 +218,23 @@ class S3Storage:
 
     def list(self, prefix: str) -> Iterator[str]:
         """Every name under the folder ``prefix``, one ListObjectsV2 page (``list_page`` keys) at a time."""
+        return iter([name for name, _size in self.list_sizes(prefix)])
+
+    def list_sizes(self, prefix: str) -> list[tuple[str, int]]:
+        """``list`` with each object's size, as the listing gives it (no HEAD per object); sorted."""
         folder = prefix.strip("/")
         start = self.key(folder) + "/" if folder else (f"{self.prefix}/" if self.prefix else "")
-        names: list[str] = []
+        items: list[tuple[str, int]] = []
         token: str | None = None
         while True:
             args = {"Bucket": self.bucket, "Prefix": start, "MaxKeys": self.list_page}
             if token:
                 args["ContinuationToken"] = token
             page = self.calls.run("list", folder or "/", lambda a=args: self.client.list_objects_v2(**a))
-            names.extend(self.name_of(item["Key"]) for item in page.get("Contents", ()))
+            items.extend((self.name_of(item["Key"]), int(item["Size"])) for item in page.get("Contents", ()))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
-                return iter(sorted(names))
+                return sorted(items)
 
     def delete(self, name: str) -> None:
         """DeleteObject; in an Object-Lock bucket (versioned) every version of the key, so space is
@@ -311,136 +312,3 @@ class S3Storage:
         for key, upload_id in pending:
             self.abort_upload(key, upload_id)
         return len(pending)
-
-
-class PiecesReader(io.RawIOBase):
-    """A seekable file over a list of byte strings: a request body sent without joining them first
-    (botocore reads it once to sign the payload, rewinds, and reads it again to send it)."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self._pieces = pieces
-        self._starts = list(itertools.accumulate((len(p) for p in pieces), initial=0))
-        self._size = self._starts[-1]
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def __len__(self) -> int:
-        return self._size
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = min(max(base + offset, 0), self._size)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        out = memoryview(buffer).cast("B")
-        done = 0
-        while done < len(out) and self._pos < self._size:
-            i = bisect.bisect_right(self._starts, self._pos) - 1
-            piece = self._pieces[i]
-            at = self._pos - self._starts[i]
-            n = min(len(out) - done, len(piece) - at)
-            out[done:done + n] = piece[at:at + n]
-            done += n
-            self._pos += n
-        return done
-
-
-class S3ObjectWriter:
-    """Buffers up to the storage's threshold; past it, a multipart upload (one part buffered at a
-    time). Nothing is visible under the name before ``commit``; ``abort`` aborts the upload.
-
-    The buffer is the pieces written (a pack's sealed chunks, kept as they are, not copied into a
-    growing buffer), joined once when they go out: a pack in flight costs its size once, which is
-    what lets several packs be in flight within the backup's memory bound."""
-
-    def __init__(self, storage: S3Storage, name: str) -> None:
-        self.storage = storage
-        self.name = name
-        self.key = storage.key(name)
-        self._pieces: list[bytes] = []
-        self._held = 0
-        self._upload_id: str | None = None
-        self._parts: list[dict] = []
-        self._closed = False
-        self._lock = threading.Lock()  # commit runs on the pack committer's thread
-
-    def write(self, data) -> None:
-        if self._closed:
-            raise ValueError(f"writer of {self.name} is closed")
-        piece = data if type(data) is bytes else bytes(data)
-        self._pieces.append(piece)
-        self._held += len(piece)
-        if self._upload_id is None and self._held <= self.storage.multipart_threshold:
-            return
-        while self._held >= self.storage.part_size:
-            self._send_part(self.storage.part_size)
-
-    def _take(self, size: int) -> bytes:
-        """The first ``size`` buffered bytes, out of the buffer."""
-        joined = b"".join(self._pieces)
-        self._pieces = [joined[size:]] if len(joined) > size else []
-        self._held = len(joined) - min(size, len(joined))
-        return joined[:size] if len(joined) > size else joined
-
-    def _send_part(self, size: int) -> None:
-        st = self.storage
-        locked = st.lock.put_args(self.name, None) if st.lock else {}
-        if self._upload_id is None:
-            self._upload_id = st.calls.run("multipart start", self.name, lambda: st.client.create_multipart_upload(
-                Bucket=st.bucket, Key=self.key, **locked)["UploadId"])
-        body = self._take(size)
-        number = len(self._parts) + 1
-        digest = {"ContentMD5": content_md5(body)} if locked else {}   # S3 wants it on Object-Lock writes
-        etag = st.calls.run("multipart part", self.name, lambda: st.client.upload_part(
-            Bucket=st.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body, **digest)["ETag"])
-        self._parts.append({"PartNumber": number, "ETag": etag})
-
-    def commit(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise ValueError(f"writer of {self.name} is closed")
-            st = self.storage
-            try:
-                if self._upload_id is None and st.lock:   # Object Lock: the retention and MD5 of put()
-                    st.put(self.name, b"".join(self._pieces))
-                elif self._upload_id is None:
-                    pieces, size = self._pieces, self._held
-                    st.calls.run("put", self.name, lambda: st.client.put_object(
-                        Bucket=st.bucket, Key=self.key, Body=PiecesReader(pieces), ContentLength=size))
-                else:
-                    if self._held:
-                        self._send_part(self._held)
-                    parts = {"Parts": self._parts}
-                    st.calls.run("multipart complete", self.name, lambda: st.client.complete_multipart_upload(
-                        Bucket=st.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload=parts))
-            except BaseException:
-                self._abort_upload()
-                raise
-            self._closed = True
-            self._pieces, self._held = [], 0
-
-    def _abort_upload(self) -> None:
-        """Abort the upload on the server; when that fails too (the server is down), the next writer's
-        ``remove_incomplete_writes`` aborts it, so the failure that brought us here is the one reported."""
-        self._closed = True
-        self._pieces, self._held = [], 0
-        upload, self._upload_id = self._upload_id, None
-        if upload is None:
-            return
-        try:
-            self.storage.abort_upload(self.key, upload)
-        except StorageError as exc:
-            log.warning("could not abort the upload of %s (%s); the next backup removes it", self.name, exc)
-
-    def abort(self) -> None:
-        with self._lock:
-            self._abort_upload()
