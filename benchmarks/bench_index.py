@@ -58,8 +58,8 @@ def drop_caches() -> None:
 
 def build(repo_dir: Path, chunks: int, files: int, hosts: int) -> None:
     from imgbackup.format.layout import OBJ_CHUNK_INDEX
-    from imgbackup.repository.chunkindex import encode_rows
     from imgbackup.repository.chunktable import ROW_DTYPE, empty_rows
+    from imgbackup.repository.indexfile import encode_rows
     from imgbackup.repository.repo import Repository
 
     if repo_dir.exists():
@@ -98,8 +98,8 @@ def build(repo_dir: Path, chunks: int, files: int, hosts: int) -> None:
 
 def add_one_file(repo_dir: Path, n: int) -> str:
     from imgbackup.format.layout import OBJ_CHUNK_INDEX
-    from imgbackup.repository.chunkindex import encode_rows
     from imgbackup.repository.chunktable import ROW_DTYPE, empty_rows
+    from imgbackup.repository.indexfile import encode_rows
     from imgbackup.repository.repo import Repository
 
     repo = Repository.open(str(repo_dir), lambda: PASSPHRASE)
@@ -128,8 +128,9 @@ def child_open(repo_dir: str, lookups: bool) -> dict:
     t2, c2 = time.perf_counter(), time.process_time()
     out = {"kdf_s": round(t1 - t0, 3), "open_s": round(t2 - t1, 3), "open_cpu_s": round(c2 - c1, 3),
            "chunks": len(index.table), "spare": len(index.table.spare), "table_mib": round(index.table.nbytes / 2**20, 1),
-           "bytes_per_chunk": round(index.table.nbytes / max(len(index.table), 1), 2)}
-    if lookups:
+           "bytes_per_chunk": round(index.table.nbytes / max(len(index.table), 1), 2),
+           "open_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if lookups:   # its id arrays (64 MB) and results raise the process's peak: rss_mib, not the open's
         rows = index.table.rows
         rng = np.random.default_rng(7)
         known = rows[rng.integers(0, len(rows), 1_000_000), :32].copy()
@@ -150,7 +151,7 @@ def child_open(repo_dir: str, lookups: bool) -> dict:
 def child_dict_baseline(repo_dir: str, fraction: float) -> dict:
     """The replaced design: every index object decoded into a dict of location objects."""
     from imgbackup.format.layout import OBJ_CHUNK_INDEX
-    from imgbackup.repository.chunkindex import decode_rows
+    from imgbackup.repository.indexfile import decode_rows
     from imgbackup.repository.packs import BlobLocation
     from imgbackup.repository.repo import Repository
 
@@ -273,14 +274,15 @@ def report(params: dict, results: dict, requests: dict, json_out: str | None) ->
     cold, cache, plus = results["cold"], results["cache"], results["cache_plus_one"]
     base = results["dict_tenth"]
     table = [
-        ("open, cold (no cache)", _median(cold, "open_s"), _median(cold, "open_cpu_s"), _median(cold, "rss_mib")),
-        ("open, from the cache", _median(cache, "open_s"), _median(cache, "open_cpu_s"), _median(cache, "rss_mib")),
-        ("open, cache + 1 new object", _median(plus, "open_s"), _median(plus, "open_cpu_s"), _median(plus, "rss_mib")),
+        ("open, cold (no cache)", _median(cold, "open_s"), _median(cold, "open_cpu_s"), _median(cold, "open_rss_mib")),
+        ("open, from the cache", _median(cache, "open_s"), _median(cache, "open_cpu_s"), _median(cache, "open_rss_mib")),
+        ("open, cache + 1 new object", _median(plus, "open_s"), _median(plus, "open_cpu_s"),
+         _median(plus, "open_rss_mib")),
         ("dict baseline, 1/10 scale", _median(base, "open_s"), _median(base, "open_cpu_s"), _median(base, "rss_mib")),
     ]
     print(f"\n### Chunk index: {params['chunks']:,} chunks in {params['files']:,} index objects from "
           f"{params['hosts']} hosts ({len(cold)} runs, medians)\n")
-    print("| step | wall s | CPU s | peak RSS MiB |\n|---|---|---|---|")
+    print("| step | wall s | CPU s | peak RSS MiB (after the open) |\n|---|---|---|---|")
     for label, wall, cpu, rss in table:
         print(f"| {label} | {wall:.2f} | {cpu:.2f} | {rss:.0f} |")
     scaled = _median(base, "open_s") * 10
@@ -300,7 +302,7 @@ def report(params: dict, results: dict, requests: dict, json_out: str | None) ->
     verdicts = {
         "cold_s": _median(cold, "open_s") <= TARGETS["cold_s"],
         "cache_s": _median(cache, "open_s") <= TARGETS["cache_s"],
-        "rss_mib": max(_median(cold, "rss_mib"), _median(cache, "rss_mib")) <= TARGETS["rss_mib"],
+        "rss_mib": max(_median(cold, "open_rss_mib"), _median(cache, "open_rss_mib")) <= TARGETS["rss_mib"],
         "per_backup_requests_constant": all(
             requests[0].get(k, 0) == requests[2000].get(k, 0) for k in kinds if not k.endswith("_list")),
     }

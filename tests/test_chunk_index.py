@@ -13,9 +13,10 @@ import pytest
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.repository.backends.faults import FaultyStorage
 from imgbackup.repository.backends.memory import MemoryStorage
-from imgbackup.repository.chunkindex import ChunkIndex, write_index_files
+from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.chunktable import INFO_DELTA, ROW_DTYPE, ChunkTable, empty_rows
 from imgbackup.repository.indexcache import IndexCache
+from imgbackup.repository.indexfile import write_index_files
 from imgbackup.repository.packs import MIN_SEALED, BlobLocation
 
 KEY = bytes(range(32))
@@ -124,7 +125,7 @@ def test_files_added_since_the_cache_are_merged_and_a_removed_one_means_a_rebuil
 
 
 def _decoded(storage, envelope, name):
-    from imgbackup.repository.chunkindex import read_index_file
+    from imgbackup.repository.indexfile import read_index_file
 
     rows, packs, _ = read_index_file(storage, envelope, name)
     return list(ChunkTable(rows, packs=packs).iter_rows())

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from tests.disks import loop_device, mounted, random_image
-from tests.support import MIB, cli, cli_json, need, need_root, run
+from tests.support import MIB, cli, cli_env, cli_json, need, need_root, run
 
 BACKUP_FIELDS = {"id", "type", "parent", "source_size", "bytes_read", "bytes_stored", "duration_s"}
 
@@ -86,6 +86,61 @@ def test_break_lock(tmp_path: Path) -> None:
     assert "--lock-wait" in held.stderr
     assert [r["host"] for r in cli_json("break-lock", repo=repo)["removed"]] == ["elsewhere"]
     assert cli("delete", image, "--yes", repo=repo).returncode == 0
+
+
+BRIEF_HOLDER = """
+import sys, time
+from imgbackup.repository.lock import take_exclusive
+from imgbackup.repository.backends.directory import DirectoryStorage
+with take_exclusive(DirectoryStorage(sys.argv[1]), "test holder"):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_every_remover_takes_the_same_lock_wait_option() -> None:
+    import importlib
+
+    import typer
+    import typer.main
+    app = typer.Typer()
+    for module in ("images_cmd", "prune_cmd", "maintain_cmd"):
+        importlib.import_module(f"imgbackup.cli.{module}").register(app)
+    group = typer.main.get_command(app)
+    options = {}
+    for name in ("delete", "prune", "compact", "repair"):
+        param = next(p for p in group.commands[name].params if "--lock-wait" in p.opts)
+        options[name] = (param.envvar, param.help, param.type.name, param.default)
+    assert len(set(options.values())) == 1, options
+    assert options["repair"][0] == "IMGBACKUP_LOCK_WAIT"
+
+
+def test_repair_lock_wait_waits_for_the_holder(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    assert cli("backup", random_image(tmp_path / "s.img", MIB), repo=repo).returncode == 0
+    holder = subprocess.Popen([sys.executable, "-c", BRIEF_HOLDER, str(repo)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused = cli("repair", "--yes", "--quick", repo=repo)
+        assert refused.returncode == 5 and "--lock-wait" in refused.stderr
+        started = time.monotonic()
+        gave_up = cli("repair", "--yes", "--quick", "--lock-wait", "1.5", repo=repo)
+        assert gave_up.returncode == 5 and time.monotonic() - started >= 1.4
+        waiter = subprocess.Popen([sys.executable, "-m", "imgbackup", "repair", "--yes", "--quick", "--json",
+                                   "--lock-wait", "120"], env=cli_env(repo),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert waiter.poll() is None              # still waiting for the holder
+        holder.stdin.close()                      # the holder releases its lease
+        out, err = waiter.communicate(timeout=120)
+        assert waiter.returncode == 0, err
+        assert json.loads(out)["dry_run"] is False
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert [p.name for p in (repo / "locks").iterdir()] == ["reserve"]   # no lease left behind
 
 
 def test_mounted_read_write_source_is_refused_unless_allowed(tmp_path: Path) -> None:

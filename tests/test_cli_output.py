@@ -53,7 +53,7 @@ def test_top_level_help_full_summaries_h_and_environment() -> None:
     out = cli("-h").stdout
     assert out == cli("--help").stdout
     assert "..." not in out.split("Commands:")[1]   # click cut summaries at 45 characters
-    assert "Remove a repository lock left behind by a process that is" in out and "gone." in out
+    assert "Remove the exclusive lease of delete/compact/repair (and" in out and "whoever holds it." in out
     for var in ("IMGBACKUP_REPO", "IMGBACKUP_PASSPHRASE", "IMGBACKUP_PASSPHRASE_FILE"):
         assert var in out
     for command in ("backup", "restore", "verify", "mount", "restore-files", "list", "info", "init"):

@@ -347,8 +347,9 @@ def test_damage_record_round_trip_and_every_malformed_field_is_damage() -> None:
 
 
 def test_index_files_may_list_copies_of_one_chunk_and_a_damaged_copy_is_never_handed_out(tmp_path: Path) -> None:
-    from imgbackup.repository.chunkindex import ChunkIndex, write_index_files
+    from imgbackup.repository.chunkindex import ChunkIndex
     from imgbackup.repository.damage import DamagedCopy, DamageLog, write_record
+    from imgbackup.repository.indexfile import write_index_files
     from imgbackup.repository.packs import BlobLocation
 
     r = Repository.init(tmp_path / "repo", lambda: b"test-pass")

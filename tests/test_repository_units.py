@@ -34,13 +34,9 @@ from imgbackup.errors import (
 from imgbackup.format.layout import ENVELOPE_HEADER, OBJ_CHUNK, OBJ_IMAGE_BODY, OBJ_IMAGE_HEADER
 from imgbackup.repository.backends.directory import DirectoryStorage
 from imgbackup.repository.backends.memory import MemoryStorage
-from imgbackup.repository.chunkindex import (
-    ChunkIndex,
-    decode_chunk_index,
-    encode_chunk_index,
-    write_index_files,
-)
+from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import RepoConfig, check_config, peek_config
+from imgbackup.repository.indexfile import decode_chunk_index, encode_chunk_index, write_index_files
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
 
 KEY = bytes(range(32))

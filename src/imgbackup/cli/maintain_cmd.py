@@ -26,6 +26,7 @@ def repair(
     quick: Annotated[bool, typer.Option(
         "--quick", help="Trust the packs' authenticated trailers; check only chunks damage records name "
                         "(default: read and check every chunk of every pack).")] = False,
+    lock_wait: LockWaitOption = 0.0,
     json_out: JsonOption = False,
 ) -> None:
     """Rebuild the chunk index from the packs, leaving out damaged and missing chunks; report the images
@@ -38,7 +39,7 @@ def repair(
     bar = ProgressBar("repair", not json_out)
     bar.start(None)   # the bytes to check are known only pack by pack
     try:
-        plan, done = run_repair(r, act=yes, quick=quick, progress=bar.update)
+        plan, done = run_repair(r, act=yes, quick=quick, progress=bar.update, lock_wait=lock_wait)
     finally:
         bar.close()
     doc = plan.to_dict() | {"dry_run": not yes, "written": asdict(done) if done else None}

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from imgbackup import audit
-from imgbackup.engine.collect import plan_collection
+from imgbackup.engine.collectplan import plan_collection
 from imgbackup.engine.removal import begin, collect, needed_now
 from imgbackup.repository.repo import Repository
 

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 from imgbackup import audit
-from imgbackup.engine.collect import plan_collection
+from imgbackup.engine.collectplan import plan_collection
 from imgbackup.engine.objectlock import check_lock_period
 from imgbackup.engine.removal import collect, needed_now, refuse_missing_held
 from imgbackup.engine.retention import HELD, Candidate, RetentionPolicy, apply_policy

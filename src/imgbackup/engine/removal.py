@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from imgbackup.engine.collect import CollectionResult, needed_chunks
+from imgbackup.engine.collect import CollectionResult
 from imgbackup.engine.collect import collect as two_phase_collection
+from imgbackup.engine.collectplan import needed_chunks
 from imgbackup.engine.objectlock import extend_locks, sync_legal_holds
 from imgbackup.errors import ImageHeld
 from imgbackup.repository.catalog import CatalogView

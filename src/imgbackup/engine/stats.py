@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from imgbackup.engine.collect import incomplete_writes, plan_collection
+from imgbackup.engine.collectplan import incomplete_writes, plan_collection
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.stats import ImageStats, image_stats
 from imgbackup.repository.storage import object_sizes

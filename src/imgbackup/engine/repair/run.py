@@ -26,18 +26,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from imgbackup import audit, interrupts
-from imgbackup.engine.collect import PackUse, copy_live_blobs
+from imgbackup.engine.collect import copy_live_blobs
+from imgbackup.engine.collectplan import PackUse
 from imgbackup.engine.repair.images import AffectedImage, affected_images
 from imgbackup.errors import IntegrityError, RepositoryFull
 from imgbackup.format.layout import OBJ_CHUNK
-from imgbackup.repository.chunkindex import (
+from imgbackup.repository.chunkreader import open_chunk
+from imgbackup.repository.damage import ChunkDamaged, DamagedCopy, DamageLog, write_record
+from imgbackup.repository.indexfile import (
     INDEX_FOLDER,
     MAX_ENTRIES_PER_FILE,
     read_index_entries,
     write_index_files,
 )
-from imgbackup.repository.chunkreader import open_chunk
-from imgbackup.repository.damage import ChunkDamaged, DamagedCopy, DamageLog, write_record
 from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
@@ -367,12 +368,14 @@ def _copy_trailerless(repo: Repository, plan: RepairPlan, result: RepairResult) 
 
 
 def run_repair(repo: Repository, act: bool, quick: bool = False,
-               progress: Callable[[int], None] | None = None) -> tuple[RepairPlan, RepairResult | None]:
-    """A dry run plans without the lock; acting plans again under the lock, then writes."""
+               progress: Callable[[int], None] | None = None,
+               lock_wait: float = 0.0) -> tuple[RepairPlan, RepairResult | None]:
+    """A dry run plans without the lock; acting plans again under the lock (waiting up to ``lock_wait``
+    seconds for another remover), then writes."""
     if not act:
         return plan_repair(repo, quick, progress), None
     with audit.audited("repair", repository=repo.config.id, location=repo.location) as event, \
-            repo.lock("repair", may_use_reserve=True):
+            repo.lock("repair", lock_wait, may_use_reserve=True):
         plan = plan_repair(repo, quick, progress)
         done = carry_out_repair(repo, plan) if plan.changes else None
         event.update(changed=done is not None, damage_record=done.damage_record if done else None,

@@ -1,0 +1,117 @@
+"""Collection (compact's plan) at fleet scale, synthetic: index objects only, no data (run by hand).
+
+    python benchmarks/bench_collect.py [--chunks 1000000 2000000] [--files-per-million 200]
+                                       [--work /var/tmp/imgbackup-bench] [--json-out PATH]
+
+Reuses bench_index.py's synthetic repository (its build step) at each --chunks scale. The packs its
+index objects name do not exist (no data is written), so the plan's pack listing is answered from
+the index itself (every named pack present, 16 MiB each), and half of the chunks are "needed" (as if
+images named them: the set that needed_chunks builds from the images). Each scale runs in a fresh
+process: the time and peak RSS of building the needed set, then of plan_collection (what compact,
+prune and delete run under the exclusive lease). Prints a Markdown table with the per-chunk cost
+and writes the numbers as JSON; the issue's scale (10^7) is extrapolated linearly from the largest
+run, since the plan's structures are per chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_index  # noqa: E402  (the synthetic repository's builder)
+
+PACK_SIZE = 16 << 20 | 16     # the synthetic index's packs: 16 chunks of 1 MiB
+
+
+def rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def child(repo_dir: str) -> dict:
+    from imgbackup.engine import collectplan as collect
+    from imgbackup.repository.chunkindex import ChunkIndex
+    from imgbackup.repository.packs import pack_name
+    from imgbackup.repository.repo import Repository
+
+    repo = Repository.open(repo_dir, lambda: bench_index.PASSPHRASE)
+    start_rss = rss_mib()
+    table = ChunkIndex.load(repo.storage, repo.envelope).table
+    packs = {pack_name(bytes(p)): PACK_SIZE for p in table.packs}
+    collect.pack_sizes = lambda _repo: dict(packs)      # every pack the index names is present
+    t = time.perf_counter()
+    needed = {bytes(row[:32]) for row in table.rows[::2]}
+    needed_s, needed_rss = time.perf_counter() - t, rss_mib()
+    del table
+    t, c = time.perf_counter(), time.process_time()
+    plan = collect.plan_collection(repo, needed)
+    plan_s, plan_cpu = time.perf_counter() - t, time.process_time() - c
+    return {"chunks": plan.entries_before, "needed": len(needed), "packs": len(packs),
+            "rewrite": len(plan.rewrite), "free": len(plan.free), "start_rss_mib": start_rss,
+            "needed_set_s": round(needed_s, 2), "needed_set_rss_mib": needed_rss,
+            "plan_s": round(plan_s, 2), "plan_cpu_s": round(plan_cpu, 2), "peak_rss_mib": rss_mib()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[1_000_000, 2_000_000])
+    ap.add_argument("--files-per-million", type=int, default=200)
+    ap.add_argument("--work", default=os.environ.get("BENCH_WORK", "/var/tmp/imgbackup-bench"))
+    ap.add_argument("--json-out")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child)))
+        return
+    env = {**os.environ, "PYTHONPATH": str(bench_index.ROOT / "src"), "IMGBACKUP_GC_GRACE_SECONDS": "0"}
+    runs = []
+    for chunks in args.chunks:
+        files = max(1, chunks * args.files_per_million // 1_000_000)
+        hosts = max(1, files // 10)
+        repo_dir = Path(args.work) / f"index-{chunks}-{files}-{hosts}" / "repo"
+        marker = repo_dir / ".bench-params"
+        from imgbackup.format.layout import FORMAT_VERSION
+        params = {"chunks": chunks, "files": files, "hosts": hosts, "format": FORMAT_VERSION}
+        if not marker.exists() or json.loads(marker.read_text()) != params:
+            print(f"building {repo_dir} ...", file=sys.stderr)
+            bench_index.build(repo_dir, chunks, files, hosts)
+        out = subprocess.run([sys.executable, __file__, "--child", str(repo_dir)], env=env,
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]) | {"files": files})
+    report(runs, args.json_out)
+
+
+def report(runs: list[dict], json_out: str | None) -> None:
+    print("\n### Collection plan (compact/prune/delete), synthetic index, half the chunks needed\n")
+    print("| chunks | index objects | needed set s | needed set RSS MiB | plan s | plan CPU s | peak RSS MiB "
+          "| bytes per chunk |\n|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        per_chunk = (r["peak_rss_mib"] - r["start_rss_mib"]) * 2**20 / r["chunks"]
+        r["bytes_per_chunk"] = round(per_chunk)
+        print(f"| {r['chunks']:,} | {r['files']:,} | {r['needed_set_s']:.1f} | {r['needed_set_rss_mib']:.0f} | "
+              f"{r['plan_s']:.1f} | {r['plan_cpu_s']:.1f} | {r['peak_rss_mib']:.0f} | {per_chunk:.0f} |")
+    big = runs[-1]
+    scale = 10_000_000 / big["chunks"]
+    extrapolated = {"chunks": 10_000_000, "plan_s": round(big["plan_s"] * scale, 1),
+                    "peak_rss_mib": round(big["start_rss_mib"] + (big["peak_rss_mib"] - big["start_rss_mib"]) * scale)}
+    print(f"\nextrapolated to 10^7 chunks (linear): plan ~{extrapolated['plan_s']:.0f} s, "
+          f"peak RSS ~{extrapolated['peak_rss_mib']:,} MiB")
+    doc = {"runs": runs, "extrapolated": extrapolated, "load_average": os.getloadavg()}
+    path = Path(json_out) if json_out else (bench_index.ROOT / "benchmarks" / "results"
+                                            / f"collect-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    print(f"\n(JSON: {path})")
+
+
+if __name__ == "__main__":
+    main()
