@@ -99,7 +99,8 @@ def test_pack_trailers_alone_name_every_delta_and_its_base(history: dict) -> Non
     for cid, loc in rebuilt.items():
         blob = opened.storage.get_range(pack_name(loc.pack_id), loc.offset, ENVELOPE_HEADER.size)
         _version, otype, _alg, comp, key_id, _nonce = ENVELOPE_HEADER.unpack(blob)
-        assert otype == OBJ_CHUNK and key_id == 0 and (comp == 2) == (loc.base is not None), cid.hex()
+        # a chunk is sealed with its session's data key: a key id with the top bit set (FORMAT.md 2.3)
+        assert otype == OBJ_CHUNK and key_id >> 63 == 1 and (comp == 2) == (loc.base is not None), cid.hex()
 
 
 def test_deleting_older_images_keeps_the_bases_a_remaining_delta_needs(history: dict) -> None:

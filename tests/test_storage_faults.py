@@ -166,7 +166,8 @@ def test_a_bit_flipped_in_any_read_of_a_restore_is_detected(seed, repo_with_full
         try:
             restored = _restored(flips, image_id, target)
         except ImgBackupError as exc:
-            assert flips.fired == 1 and exc.exit_code in (4, 6), (n, flips.flipped, exc)  # damaged / key unusable
+            assert flips.fired == 1 and (exc.exit_code in (4, 6) or _version_flip(flips, exc)), \
+                (n, flips.flipped, exc)                                        # damaged / key unusable
             _no_wrong_bytes(target, expected)
             detected += 1
             continue
@@ -181,6 +182,12 @@ def test_a_bit_flipped_in_any_read_of_a_restore_is_detected(seed, repo_with_full
     assert detected >= counter.count // 2
 
 
+def _version_flip(flips: BitFlipStorage, exc: ImgBackupError) -> bool:
+    """A flip in the config's version number reads as a version this build does not know (exit 3):
+    before its signature can be checked, a newer format and a damaged digit look the same."""
+    return exc.exit_code == 3 and "format version" in str(exc) and flips.flipped == ["get config"]
+
+
 def test_a_bit_flipped_in_any_read_of_verify_is_reported(repo_with_full) -> None:
     storage, _ = repo_with_full
     counter = BitFlipStorage(storage)
@@ -190,7 +197,7 @@ def test_a_bit_flipped_in_any_read_of_verify_is_reported(repo_with_full) -> None
         try:
             report = run_verify(Repository.open(flips, PASS))
         except ImgBackupError as exc:
-            assert exc.exit_code in (4, 6), (n, exc)
+            assert exc.exit_code in (4, 6) or _version_flip(flips, exc), (n, exc)
             continue
         # a flip is either reported damage, or a read that was wrong once and right when read again
         assert not report.ok or (flips.flipped and any("read again" in w for w in report.warnings)), (n, flips.calls)

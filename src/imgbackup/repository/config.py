@@ -108,6 +108,8 @@ def peek_config(raw: bytes) -> tuple[dict, str]:
     signature); no other field is used yet."""
     doc = dict(v.obj(v.parse_json(raw, WHAT), WHAT))
     if doc.get("format") != FORMAT_NAME:
+        if {"id", "keys", "signature"} <= doc.keys():   # our config's shape: its format field was damaged
+            raise v.damaged(WHAT, "its format field does not read 'imgbackup-repository'")
         raise UnsupportedFormat("this is not an imgbackup repository (its config names another format)")
     version = v.integer(doc, "version", WHAT, 0)
     if version != FORMAT_VERSION:
