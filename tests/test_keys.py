@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from tests.support import MIB, cli, cli_env, cli_json
+from tests.terminal import Terminal
 
 FULL, SECOND, HOST = "test-pass", "second-pass", "host-pass-1"
 
@@ -218,3 +219,27 @@ def test_a_process_holding_keys_cannot_dump_core(tmp_path: Path) -> None:
             "print(before, dumpable())")
     proc = subprocess.run([sys.executable, "-c", code, str(repo)], env=cli_env(), capture_output=True, text=True)
     assert proc.stdout.split() == ["1", "0"], proc.stderr
+
+
+def test_key_add_at_a_terminal_asks_twice_and_a_mismatch_adds_nothing(tmp_path: Path) -> None:
+    """The new passphrase typed at a real terminal (a pty): asked twice, echo off; two different
+    answers add no slot, two equal ones add one that opens the repository."""
+    repo = tmp_path / "repo"
+    cli_json("init", repo=repo)
+    with Terminal("key", "add", "--label", "typed", repo=repo) as term:
+        term.expect(r"New passphrase: $")
+        term.send("typed-passphrase-1\r")
+        term.expect(r"Repeat passphrase: $")
+        term.send("typed-passphrase-2\r")
+        assert term.wait() == 2
+    assert "do not match" in term.text and "typed-passphrase" not in term.text      # never echoed
+    assert len(cli_json("key", "list", repo=repo)["slots"]) == 1
+    with Terminal("key", "add", "--label", "typed", repo=repo) as term:
+        term.expect(r"New passphrase: $")
+        term.send("typed-passphrase-1\r")
+        term.expect(r"Repeat passphrase: $")
+        term.send("typed-passphrase-1\r")
+        assert term.wait() == 0
+    assert "typed-passphrase" not in term.text
+    assert sorted(s["label"] for s in cli_json("key", "list", repo=repo)["slots"]) == ["init", "typed"]
+    assert cli_json("list", repo=repo, passphrase="typed-passphrase-1")["images"] == []
