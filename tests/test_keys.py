@@ -221,25 +221,27 @@ def test_a_process_holding_keys_cannot_dump_core(tmp_path: Path) -> None:
     assert proc.stdout.split() == ["1", "0"], proc.stderr
 
 
+def _typed_key_add(repo: Path, first: str, repeated: str) -> Terminal:
+    """`key add` at a pty, the new passphrase typed at its two prompts; returns the ended terminal."""
+    with Terminal("key", "add", "--label", "typed", repo=repo) as term:
+        term.expect(r"New passphrase: $")
+        term.send(first + "\r")
+        term.expect(r"Repeat passphrase: $")
+        term.send(repeated + "\r")
+        term.wait()
+    return term
+
+
 def test_key_add_at_a_terminal_asks_twice_and_a_mismatch_adds_nothing(tmp_path: Path) -> None:
     """The new passphrase typed at a real terminal (a pty): asked twice, echo off; two different
     answers add no slot, two equal ones add one that opens the repository."""
     repo = tmp_path / "repo"
     cli_json("init", repo=repo)
-    with Terminal("key", "add", "--label", "typed", repo=repo) as term:
-        term.expect(r"New passphrase: $")
-        term.send("typed-passphrase-1\r")
-        term.expect(r"Repeat passphrase: $")
-        term.send("typed-passphrase-2\r")
-        assert term.wait() == 2
+    term = _typed_key_add(repo, "typed-passphrase-1", "typed-passphrase-2")
+    assert term.returncode == 2
     assert "do not match" in term.text and "typed-passphrase" not in term.text      # never echoed
     assert len(cli_json("key", "list", repo=repo)["slots"]) == 1
-    with Terminal("key", "add", "--label", "typed", repo=repo) as term:
-        term.expect(r"New passphrase: $")
-        term.send("typed-passphrase-1\r")
-        term.expect(r"Repeat passphrase: $")
-        term.send("typed-passphrase-1\r")
-        assert term.wait() == 0
-    assert "typed-passphrase" not in term.text
+    term = _typed_key_add(repo, "typed-passphrase-1", "typed-passphrase-1")
+    assert term.returncode == 0 and "typed-passphrase" not in term.text
     assert sorted(s["label"] for s in cli_json("key", "list", repo=repo)["slots"]) == ["init", "typed"]
     assert cli_json("list", repo=repo, passphrase="typed-passphrase-1")["images"] == []

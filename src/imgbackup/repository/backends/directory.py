@@ -122,22 +122,20 @@ class DirectoryStorage:
         except OSError as exc:
             raise _storage_error(exc, name) from None
 
-    def size(self, name: str) -> int:
+    def _stat(self, name: str) -> os.stat_result:
         try:
-            return self._path(name).stat().st_size
+            return self._path(name).stat()
         except FileNotFoundError:
             raise ObjectMissing(f"object {name} is missing") from None
         except OSError as exc:
             raise _storage_error(exc, name) from None
 
+    def size(self, name: str) -> int:
+        return self._stat(name).st_size
+
     def modified(self, name: str) -> float:
         """The file's mtime: set by the kernel (or an NFS server) from the storage's own clock."""
-        try:
-            return self._path(name).stat().st_mtime
-        except FileNotFoundError:
-            raise ObjectMissing(f"object {name} is missing") from None
-        except OSError as exc:
-            raise _storage_error(exc, name) from None
+        return self._stat(name).st_mtime
 
     def now(self) -> float:
         """The clock the directory's mtimes come from: the mtime of a file created for the purpose
