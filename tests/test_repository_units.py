@@ -37,7 +37,7 @@ from imgbackup.repository.backends.memory import MemoryStorage
 from imgbackup.repository.chunkindex import ChunkIndex
 from imgbackup.repository.config import RepoConfig, check_config, peek_config
 from imgbackup.repository.indexfile import decode_chunk_index, encode_chunk_index, write_index_files
-from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name, read_pack_trailer
+from imgbackup.repository.packs import BlobLocation, PackWriter, _Commit, pack_name, read_pack_trailer
 
 KEY = bytes(range(32))
 OID = hashlib.sha256(b"object id").digest()
@@ -366,6 +366,42 @@ def test_a_ctrl_c_while_waiting_for_a_pack_commit_never_loses_track_of_that_pack
     writer.abort()                              # waits for the commit, which then lands
     assert set(writer.written) == {cid}
     assert [pack_name(loc.pack_id) for loc in writer.written.values()] == list(storage.list("packs"))
+
+
+def test_a_ctrl_c_while_a_full_pack_waits_for_the_commit_before_it_leaves_no_temp_file(tmp_path: Path) -> None:
+    """The second pack fills while the first one's commit runs; a SIGINT that lands while it waits
+    for that commit must leave the second pack where abort() drops it (CI found its temp file left)."""
+    storage = _GatedStorage(tmp_path)
+    envelope = Envelope(KEY)
+    writer = PackWriter(storage, envelope, target_size=1 << 16)
+    ids = [hashlib.sha256(bytes([i])).digest() for i in range(2)]
+    writer.add(ids[0], envelope.seal(OBJ_CHUNK, ids[0], os.urandom(70000)), 70000)   # first pack: committing
+    storage.committing.wait(30)
+    main = threading.main_thread().ident
+    signaller = threading.Thread(target=lambda: (time.sleep(0.3), signal.pthread_kill(main, signal.SIGINT)))
+    signaller.start()
+    with pytest.raises(KeyboardInterrupt):
+        writer.add(ids[1], envelope.seal(OBJ_CHUNK, ids[1], os.urandom(70000)), 70000)   # seals, waits
+    signaller.join()
+    storage.gate.set()
+    writer.abort()
+    assert set(writer.written) == {ids[0]}
+    left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert left == [pack_name(writer.written[ids[0]].pack_id).rsplit("/", 1)[1]], left
+
+
+def test_a_commit_whose_start_was_cut_short_is_aborted_exactly_once(tmp_path: Path) -> None:
+    """join() after an interrupted start(): the claim decides between the thread and the abort."""
+    storage = DirectoryStorage(tmp_path)
+    out = storage.open_writer("packs/aa/x")
+    out.write(b"pack")
+    commit = _Commit(storage, "packs/aa/x", out, {}, 4)      # never started, as if start() was cut short
+    with pytest.raises(RuntimeError, match="never started"):
+        commit.join()
+    commit._thread.start()                                    # a thread that begins after all does nothing
+    commit._thread.join(10)
+    assert commit._error is None                              # it did not try to commit the aborted pack
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_delta_bases_survive_pack_trailers_and_chunk_index_files(tmp_path: Path) -> None:

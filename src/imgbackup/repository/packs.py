@@ -148,14 +148,17 @@ class PackWriter:
         rows, bases, deltas = encode_entries(self._entries, PACK_TRAILER_ENTRY)
         trailer = PACK_TRAILER_HEAD.pack(PACK_TRAILER_MAGIC, FORMAT_VERSION, len(self._entries), deltas) + rows + bases
         sealed = self.envelope.seal(OBJ_PACK_TRAILER, self._pack_id, trailer)
-        out, self._out = self._out, None
+        out = self._out
         out.write(sealed + PACK_FOOTER.pack(self._used, len(sealed), PACK_FOOTER_MAGIC))
+        # The pack stays in self._out until a commit holds it: a Ctrl-C while collect() waits for an
+        # earlier commit then reaches abort() with this pack still there to drop (CI saw its temp left).
         self.collect(self.in_flight - 1)
         locations = {cid: BlobLocation(self._pack_id, off, length, raw, base)
                      for cid, off, length, raw, base in self._entries}
         size = self._used + len(sealed) + PACK_FOOTER.size
         commit = _Commit(self.storage, pack_name(self._pack_id), out, locations, size)
         self._commits.append(commit)   # listed before it starts: an interrupt can never lose track of it
+        self._out = None
         commit.start()
 
     def collect(self, outstanding: int = 0) -> None:
@@ -215,12 +218,19 @@ class _Commit:
         # Its own flag, not Thread.join: Python 3.11 marks a thread stopped when a signal interrupts
         # a join of it (threading's bpo-45274 clean-up), though it still runs.
         self._finished = threading.Event()
+        # Whoever takes the claim first owns the pack: the thread (commit) or a join that finds
+        # start() cut short by a signal (abort) -- then it cannot matter whether the thread began.
+        self._claim = threading.Lock()
+        self._launched = False
         self._thread = threading.Thread(target=self._run, args=(out,), name="imgbackup-pack-commit", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._launched = True
 
     def _run(self, out: ObjectWriter) -> None:
+        if not self._claim.acquire(blocking=False):   # the join aborted it first
+            return
         try:
             out.commit()
             confirm_stored(self.storage, self.name, self.size)
@@ -233,8 +243,9 @@ class _Commit:
         return self._finished.is_set()
 
     def join(self) -> None:
-        if self._thread.ident is None:       # interrupted before it started: nothing was stored
+        if not self._launched and self._claim.acquire(blocking=False):   # start() was cut short
             self._out.abort()
+            self._finished.set()
             raise RuntimeError(f"the commit of {self.name} never started")
         self._finished.wait()
         if self._error is not None:
