@@ -25,11 +25,12 @@ Two halves, kept apart so a dry run shows exactly what a real run would do:
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Container
 from dataclasses import dataclass, field
 
 from imgbackup import interrupts
 from imgbackup.engine.collectplan import CollectionPlan, PackUse, needed_chunks, plan_collection
+from imgbackup.engine.collectrows import IndexRows
 from imgbackup.errors import (
     IntegrityError,
     ObjectRetained,
@@ -38,7 +39,6 @@ from imgbackup.errors import (
 )
 from imgbackup.format.layout import OBJ_CHUNK
 from imgbackup.repository.damage import DamagedCopy, write_record
-from imgbackup.repository.indexfile import write_index_files
 from imgbackup.repository.marks import judge_safety, write_marks
 from imgbackup.repository.packs import BlobLocation, PackWriter, pack_name
 from imgbackup.repository.repo import Repository
@@ -80,9 +80,9 @@ def carry_out(repo: Repository, plan: CollectionPlan, done_before: str = "") -> 
         return result
     gone: set[str] = set()
     _delete_packs(repo, plan.free, gone, result)
-    indexed = dict(plan.rows)           # what the index files on storage say
-    for use in plan.rewrite:
-        indexed.update(use.live)
+    indexed = plan.rows.overridden(     # what the index files on storage say
+        [use.refs for use in plan.rewrite if use.refs is not None],
+        {cid: loc for use in plan.rewrite for cid, loc in use.extra})
     lost: list[DamagedCopy] = []
     files = list(plan.index_files)
     for batch in _rounds(plan.rewrite) or ([[]] if plan.rewrite_index else []):
@@ -107,7 +107,7 @@ def carry_out(repo: Repository, plan: CollectionPlan, done_before: str = "") -> 
         result.warnings.append(f"{len(lost)} chunk(s) that images need failed authentication while being copied "
                                f"(first: {lost[0].chunk_id.hex()[:16]}) and are gone; the next backup of a source "
                                "that still holds them stores them again; 'imgbackup repair' lists the images")
-    _consolidate_damage(repo, plan, gone, set(indexed), lost, result)
+    _consolidate_damage(repo, plan, gone, indexed, lost, result)
     _rewrite_marks(repo, plan, gone, result)
     return result
 
@@ -176,8 +176,8 @@ def _delete_packs(repo: Repository, uses: list[PackUse], gone: set[str], result:
         result.packs_deleted += 1
 
 
-def _rewrite_round(repo: Repository, batch: list[PackUse], indexed: dict[bytes, BlobLocation],
-                   lost: list[DamagedCopy], result: CollectionResult) -> tuple[dict[bytes, BlobLocation], list[str]]:
+def _rewrite_round(repo: Repository, batch: list[PackUse], indexed: IndexRows,
+                   lost: list[DamagedCopy], result: CollectionResult) -> tuple[IndexRows, list[str]]:
     """Copy the needed blobs of ``batch`` and write the complete new index; (new index, its files).
     On a full disk, what this round wrote is deleted again and RepositoryFull raised."""
     new_packs: set[bytes] = set()
@@ -185,9 +185,8 @@ def _rewrite_round(repo: Repository, batch: list[PackUse], indexed: dict[bytes, 
     try:
         moved, copied = copy_live_blobs(repo, batch, lost)
         new_packs = {loc.pack_id for loc in moved.values()}
-        dropped = {bad.chunk_id for bad in lost}
-        rows = {cid: loc for cid, loc in {**indexed, **moved}.items() if cid not in dropped}
-        _, written = write_index_files(repo.storage, repo.envelope, list(rows.items()), new_files)
+        rows = indexed.overridden([], moved).without({bad.chunk_id for bad in lost})
+        written = rows.write(repo.storage, repo.envelope, new_files)
     except RepositoryFull:
         for name in [*new_files, *map(pack_name, new_packs)]:
             repo.storage.delete(name)
@@ -262,7 +261,7 @@ def _delete(repo: Repository, name: str) -> int:
     return size
 
 
-def _consolidate_damage(repo: Repository, plan: CollectionPlan, gone: set[str], indexed: set[bytes],
+def _consolidate_damage(repo: Repository, plan: CollectionPlan, gone: set[str], indexed: Container[bytes],
                         lost: list[DamagedCopy], result: CollectionResult) -> None:
     """Keep a damaged copy on record while its pack exists, or while an image needs its chunk and
     no usable copy exists; write the kept ones as one new record, then delete the old records."""

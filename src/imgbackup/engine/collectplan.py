@@ -1,53 +1,81 @@
 """The first half of a collection (engine/collect.py): the plan, made by reading only — which chunks
 images need, which packs hold nothing needed (freed first), which hold needed and dead blobs
-(rewritten), which candidates the two-phase rule still holds, and the next chunk index."""
+(rewritten), which candidates the two-phase rule still holds, and the next chunk index.
+
+The plan works on the table's arrays (collectrows.py: a copy is a number, not an object), so a
+repository of 10^7 chunks is planned in a few hundred MiB: the needed ids are one sorted array
+(``ChunkIds``) looked up in the table in one native call, and each pack's live and dead bytes are
+numpy group sums. Only the packs that are freed or rewritten become objects; a rewritten pack's
+copies become objects only when it is copied (``PackUse.live``). tests/collect_reference.py keeps
+the object-based planner this replaced, and a hypothesis test holds the two to the same plan.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from imgbackup._core import table as kernels
+from imgbackup.engine.collectrows import IndexRows, PlanTable, last_of_each
+from imgbackup.engine.collectsums import HeldCopies, hold_candidates, measure, sorted_by_pack
 from imgbackup.errors import (
     ImageNotFound,
     IntegrityError,
     UnsupportedFormat,
 )
+from imgbackup.repository.chunkids import ChunkIds
 from imgbackup.repository.chunkindex import ChunkIndex
+from imgbackup.repository.chunktable import INFO_DELTA
+from imgbackup.repository.chunktable import field as row_field
 from imgbackup.repository.damage import DamagedCopy, DamageLog
 from imgbackup.repository.indexfile import MAX_ENTRIES_PER_FILE
 from imgbackup.repository.lease import lease_seconds
 from imgbackup.repository.marks import Marks, Safety, judge_safety, load_marks
-from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
+from imgbackup.repository.packs import BlobLocation, read_pack_trailer
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing, object_sizes
 
 
-@dataclass
+@dataclass(slots=True)
 class PackUse:
-    """One pack: the copies in it that images need, and the bytes of everything else known in it."""
+    """One pack: the copies in it that stay (table ``refs`` into ``source``, plus ``extra`` copies no
+    index names), and the bytes of everything else known in it."""
 
     name: str
     pack_id: bytes
     size: int
-    live: list[tuple[bytes, BlobLocation]] = field(default_factory=list)
+    extra: list[tuple[bytes, BlobLocation]] = field(default_factory=list)
     dead_bytes: int = 0
     kept: bool = False       # left alone whatever it holds (its trailer could not be read)
+    source: PlanTable | None = None
+    refs: np.ndarray | None = None
+    table_bytes: int = 0     # sealed bytes of the ``refs`` copies
+
+    @property
+    def live(self) -> list[tuple[bytes, BlobLocation]]:
+        table = self.source.entries(self.refs) if self.source is not None and self.refs is not None else []
+        return table + self.extra
+
+    @property
+    def live_count(self) -> int:
+        return (0 if self.refs is None else len(self.refs)) + len(self.extra)
 
     @property
     def live_bytes(self) -> int:
-        return sum(loc.length for _, loc in self.live)
+        return self.table_bytes + sum(loc.length for _, loc in self.extra)
 
 
 @dataclass
 class CollectionPlan:
     index_files: list[str]
-    rows: dict[bytes, BlobLocation]          # needed chunks that stay where they are
+    rows: IndexRows | dict[bytes, BlobLocation]   # needed chunks that stay where they are
     free: list[PackUse]                      # nothing needed in them: deleted first
     rewrite: list[PackUse]                   # needed and dead blobs: needed ones copied, then deleted
     temp: list[tuple[str, int]]              # leftovers of killed writers
     damage: DamageLog
-    needed: set[bytes] | None
+    needed: ChunkIds | None
     entries_before: int = 0                  # entries in the index files now
     found: list[DamagedCopy] = field(default_factory=list)   # copies in packs that are gone, not yet recorded
     packs: set[str] = field(default_factory=set)             # the pack listing the plan was made from
@@ -55,7 +83,7 @@ class CollectionPlan:
     temp_age: float = 0.0                    # temp leftovers untouched this long are removed (0: all)
     warnings: list[str] = field(default_factory=list)
     marks: Marks = field(default_factory=Marks)                # the marks the plan was judged with
-    held: dict[tuple[bytes, bytes, int], float] = field(default_factory=dict)   # candidate copies kept: first marked
+    held: HeldCopies | dict = field(default_factory=dict)   # candidate copies kept: (id, pack, offset) -> first marked
     held_packs: dict[bytes, float] = field(default_factory=dict)               # candidate packs kept: first marked
     new_candidates: int = 0                  # candidates found now (marked when the plan is carried out)
     ripe_new: int = 0                        # of those, the ones a mark written now would already free
@@ -81,7 +109,7 @@ class CollectionPlan:
 
     @property
     def entries_after(self) -> int:
-        return len(self.rows) + sum(len(p.live) for p in self.rewrite)
+        return len(self.rows) + sum(p.live_count for p in self.rewrite)
 
     @property
     def index_files_after(self) -> int:
@@ -90,22 +118,27 @@ class CollectionPlan:
         return -(-self.entries_after // MAX_ENTRIES_PER_FILE)
 
 
-def needed_chunks(repo: Repository, exclude: Collection[str] = ()) -> tuple[set[bytes] | None, list[str]]:
-    """Every chunk id some image names (but the ``exclude``d ones: removed, or about to be); None (and
-    why) when an image index cannot be read."""
-    ids: set[bytes] = set()
-    for image_id in repo.images.ids():
-        if image_id in exclude:
-            continue
-        try:
-            ids |= repo.images.load(image_id).unique_ids()
-        except ImageNotFound:
-            continue
-        except (IntegrityError, UnsupportedFormat) as exc:
-            return None, [f"image {image_id[:12]} cannot be read ({exc.args[0]}), so no chunk can be shown to be "
-                          f"unneeded: only temp leftovers were collected; 'imgbackup delete {image_id[:12]}' "
-                          "removes that image, then compact collects the rest"]
-    return ids, []
+def needed_chunks(repo: Repository, exclude: Collection[str] = ()) -> tuple[ChunkIds | None, list[str]]:
+    """Every chunk id some image names (but the ``exclude``d ones: removed, or about to be), as one
+    sorted array; None (and why) when an image index cannot be read."""
+    failure: list[str] = []
+
+    def images() -> Iterable[np.ndarray]:
+        for image_id in repo.images.ids():
+            if image_id in exclude:
+                continue
+            try:
+                yield repo.images.load(image_id).ids
+            except ImageNotFound:
+                continue
+            except (IntegrityError, UnsupportedFormat) as exc:
+                failure.append(f"image {image_id[:12]} cannot be read ({exc.args[0]}), so no chunk can be shown "
+                               f"to be unneeded: only temp leftovers were collected; 'imgbackup delete "
+                               f"{image_id[:12]}' removes that image, then compact collects the rest")
+                return
+
+    ids = ChunkIds.union_of(images())
+    return (None, failure) if failure else (ids, [])
 
 
 def incomplete_writes(repo: Repository, older_than: float = 0.0) -> list[tuple[str, int]]:
@@ -116,7 +149,7 @@ def pack_sizes(repo: Repository) -> dict[str, int]:
     return object_sizes(repo.storage, "packs")
 
 
-def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[str] | None = None,
+def plan_collection(repo: Repository, needed: ChunkIds | set[bytes] | None, warnings: list[str] | None = None,
                     strict: bool = True, safety: Safety | None = None, marks: Marks | None = None,
                     provisional: bool = False) -> CollectionPlan:
     """Decide what a collection removes; reads the index, the damage records, the marks and the
@@ -134,102 +167,113 @@ def plan_collection(repo: Repository, needed: set[bytes] | None, warnings: list[
         return set(sizes)
 
     index = ChunkIndex.load(storage, envelope, damage, listing)   # copies in packs that are gone: excluded
+    table = index.table
     temp_age = 2 * lease_seconds() if safety.session_starts else 0.0   # a live writer touches its temp files
-    plan = CollectionPlan(list(index.files), {}, [], [], incomplete_writes(repo, temp_age), damage, needed,
-                          len(index.locations) + len(index.spare) + len(index.bad_copies), found=index.unrecorded(),
+    plan = CollectionPlan(list(index.files), {}, [], [], incomplete_writes(repo, temp_age), damage, None,
+                          len(table.rows) + len(table.spare) + len(index.bad_copies), found=index.unrecorded(),
                           packs=set(sizes), warnings=list(warnings or []), temp_age=temp_age, marks=marks)
     if needed is None:
         return plan
-    needed = plan.needed = needed | index.bases_of(needed)   # a needed delta keeps its base
-    uses = {name: PackUse(name, bytes.fromhex(name.rsplit("/", 1)[1]), size) for name, size in sizes.items()}
-    blobs: dict[bytes, dict[int, int]] = defaultdict(dict)    # pack id -> offset -> length of each known blob
-    copies = [*index.locations.items(), *index.spare]
-    for _cid, loc in copies:
-        blobs[loc.pack_id][loc.offset] = loc.length
-    for bad in [*index.bad_copies, *damage.copies.values()]:
-        blobs[bad.pack_id][bad.offset] = bad.length
-    unindexed = [use for use in uses.values() if not blobs[use.pack_id]]   # no index names a blob in it
-    for cid in needed:
-        loc = index.locations.get(cid)
-        if loc is not None:
-            uses[pack_name(loc.pack_id)].live.append((cid, loc))
-    _measure(uses.values(), blobs)
-    absent = needed - index.locations.keys()
+    names = list(sizes)
+    source = PlanTable(table, names)
+    needed = plan.needed = _with_bases(table, ChunkIds.of(needed))   # a needed delta keeps its base
+    at = table.find(needed.ids)
+    located = at[at >= 0]                                    # refs of the handed-out copies images need
+    absent = {row.tobytes() for row in needed.ids[at < 0]}
+    del at
+    bad = [*index.bad_copies, *damage.copies.values()]
+    known = _known_blobs(source, bad)
+    kept = np.zeros(len(names), bool)
+    adopted: dict[int, list[tuple[bytes, BlobLocation]]] = {}
+    trailers: list[tuple[int, int, int]] = []                # (pack, offset, length) read from trailers
+    unindexed = np.bincount(known[0] >> 32, minlength=len(names))[: len(names)] == 0 if len(names) else kept
     if absent:   # before a pack goes, make sure it holds no needed chunk that no index entry names
-        _adopt(repo, [u for u in uses.values() if not u.live or u.dead_bytes], absent, damage, blobs, plan)
-        _measure(uses.values(), blobs)
-    lost = needed - index.locations.keys() - {cid for u in uses.values() for cid, _ in u.live}
-    if lost:
-        plan.warnings.append(f"{len(lost)} chunk(s) that images need have no usable copy in any pack; "
+        live_count, dead = measure(source, known, [located], {}, len(names))
+        candidates = np.flatnonzero((live_count == 0) | (dead > 0)).tolist()
+        _adopt(repo, source, candidates, absent, damage, adopted, trailers, kept, plan)
+        known = _known_blobs(source, bad, trailers)
+    if absent:
+        plan.warnings.append(f"{len(absent)} chunk(s) that images need have no usable copy in any pack; "
                              "'imgbackup repair' reports which images and byte ranges that affects")
-    _hold_candidates(plan, uses, copies, unindexed, needed, safety, provisional)
-    _measure(uses.values(), blobs)
-    for use in uses.values():
-        if use.kept:
-            continue
-        if not use.live:
-            plan.free.append(use)
-        elif use.dead_bytes:
-            plan.rewrite.append(use)
-        else:
-            plan.rows.update(use.live)
+    held_refs = hold_candidates(plan, source, located, unindexed & ~kept, adopted, kept, safety, provisional)
+    live = sorted_by_pack(source, [located, held_refs])
+    live_count, dead = measure(source, known, [live], adopted, len(names))
+    _classify(plan, source, names, sizes, live, live_count, dead, adopted, kept)
     plan.rewrite_index = bool(plan.rewrite) or len(index.files) > 1 or plan.entries_before != len(plan.rows)
     return plan
 
 
-def _hold_candidates(plan: CollectionPlan, uses: dict[str, PackUse], copies: list[tuple[bytes, BlobLocation]],
-                     unindexed: list[PackUse], needed: set[bytes], safety: Safety, provisional: bool) -> None:
-    """The two-phase rule: a copy of an unneeded chunk, or a pack no index names (and holding nothing
-    needed), may go only once its mark is ripe; until then it is held — kept where it is (a held copy
-    stays in the index too). A candidate found now is new: marked when the plan is carried out."""
-    marked = plan.marks.copy_keys()
-
-    def held(at: float | None) -> bool:
-        if at is None:
-            plan.new_candidates += 1
-            ripe = safety.mature(safety.now)       # as if marked now: only with no grace and no session
-            plan.ripe_new += ripe
-            return not (provisional and ripe)
-        return not safety.mature(at)
-
-    for cid, loc in copies:
-        if cid in needed:
-            continue                  # a spare copy of a needed chunk: the handed-out one stays
-        key = (cid, loc.pack_id, loc.offset)
-        at = marked.get(key)
-        if held(at):
-            plan.held[key] = at or 0.0
-            uses[pack_name(loc.pack_id)].live.append((cid, loc))
-    for use in unindexed:
-        if use.live or use.kept:
-            continue                  # it holds needed chunks no index named (adopted), or is unreadable
-        at = plan.marks.packs.get(use.pack_id)
-        if held(at):
-            plan.held_packs[use.pack_id] = at or 0.0
-            use.kept = True
+def _with_bases(table, needed: ChunkIds) -> ChunkIds:
+    """``needed`` and the bases of the deltas among them (table lookups, no objects)."""
+    at = table.find(needed.ids)
+    rows = at[at >= 0]
+    deltas = rows[(row_field(table.rows, "info")[rows] & INFO_DELTA) != 0] if len(rows) else rows
+    if not len(deltas) or not len(table.bases):
+        return needed
+    found = kernels.table_lookup(table.bases, table._bases_dir, np.ascontiguousarray(table.rows[deltas, :32]))
+    bases = table.bases[found[found >= 0], 32:]
+    return needed | bases if len(bases) else needed
 
 
-def _measure(uses, blobs: dict[bytes, dict[int, int]]) -> None:
-    for use in uses:
-        live = {loc.offset for _, loc in use.live}
-        use.dead_bytes = sum(length for offset, length in blobs[use.pack_id].items() if offset not in live)
+def _known_blobs(source: PlanTable, bad: list[DamagedCopy],
+                 trailers: list[tuple[int, int, int]] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Every blob known in a listed pack, once per place (pack << 32 | offset, sorted) with its length:
+    the table's copies, the bad ones, then what trailers showed — a later one wins, as in a dict."""
+    n = source.n_rows + len(source.table.spare)
+    refs = np.arange(n, dtype=np.int64)
+    extra = [(source.number[b.pack_id], b.offset, b.length) for b in bad if b.pack_id in source.number]
+    extra += list(trailers)
+    more = np.array(extra, np.int64).reshape(-1, 3)
+    places = np.concatenate([source.places(refs), (more[:, 0] << 32) | more[:, 1]])
+    lengths = np.concatenate([source.column(refs, "length"), more[:, 2]])
+    del refs
+    last = last_of_each(places)
+    return places[last], lengths[last]
 
 
-def _adopt(repo: Repository, candidates: list[PackUse], absent: set[bytes], damage: DamageLog,
-           blobs: dict[bytes, dict[int, int]], plan: CollectionPlan) -> None:
+def _adopt(repo: Repository, source: PlanTable, candidates: list[int], absent: set[bytes], damage: DamageLog,
+           adopted: dict[int, list[tuple[bytes, BlobLocation]]], trailers: list[tuple[int, int, int]],
+           kept: np.ndarray, plan: CollectionPlan) -> None:
     """Before freeing packs that no needed index entry points into, read their trailers: one may
     hold a chunk an image needs that no index file lists (an index file lost, a copy stored again
     by a killed backup). Such a copy is kept; a pack whose trailer cannot be read is not freed."""
-    for use in candidates:
+    for pack in candidates:
+        pack_id = source.pack_ids[pack]
         try:
-            entries = read_pack_trailer(repo.storage, repo.envelope, use.pack_id)
+            entries = read_pack_trailer(repo.storage, repo.envelope, pack_id)
         except (IntegrityError, ObjectMissing) as exc:
-            use.kept = True
-            plan.warnings.append(f"{use.name}: {exc.args[0] if exc.args else 'unreadable'}; kept, since it may "
-                                 "hold chunks images need: 'imgbackup repair' rebuilds the index from the packs")
+            kept[pack] = True
+            plan.warnings.append(f"packs/{pack_id.hex()}: {exc.args[0] if exc.args else 'unreadable'}; kept, since "
+                                 "it may hold chunks images need: 'imgbackup repair' rebuilds the index from the packs")
             continue
         for cid, loc in entries:
-            blobs[use.pack_id][loc.offset] = loc.length
+            trailers.append((pack, loc.offset, loc.length))
             if cid in absent and damage.lookup(cid, loc.pack_id, loc.offset) is None:
-                use.live.append((cid, loc))
+                adopted.setdefault(pack, []).append((cid, loc))
                 absent.discard(cid)
+
+
+def _classify(plan: CollectionPlan, source: PlanTable, names: list[str], sizes: dict[str, int],
+              live: np.ndarray, live_count: np.ndarray, dead: np.ndarray,
+              adopted: dict[int, list[tuple[bytes, BlobLocation]]], kept: np.ndarray) -> None:
+    """Each pack, in listing order: freed (nothing live), rewritten (live and dead), or left as it is
+    (its copies go to the next index as they are)."""
+    packs_of_live = source.column(live, "pack")
+    bounds = np.searchsorted(packs_of_live, np.arange(len(names) + 1))
+    lengths = np.concatenate([[0], np.cumsum(source.column(live, "length"))])
+    stay: list[np.ndarray] = []
+    extra: dict[bytes, BlobLocation] = {}
+    for pack in np.flatnonzero(~kept).tolist():
+        if live_count[pack] == 0:
+            plan.free.append(PackUse(names[pack], source.pack_ids[pack], sizes[names[pack]]))
+            continue
+        lo, hi = int(bounds[pack]), int(bounds[pack + 1])
+        if dead[pack]:
+            plan.rewrite.append(PackUse(names[pack], source.pack_ids[pack], sizes[names[pack]],
+                                        list(adopted.get(pack, ())), int(dead[pack]), False, source, live[lo:hi],
+                                        int(lengths[hi] - lengths[lo])))
+        else:
+            stay.append(live[lo:hi])
+            extra.update(adopted.get(pack, ()))
+    plan.rows = IndexRows(source, np.zeros(0, np.int64)).overridden(stay, {})
+    plan.rows.extra.update(extra)

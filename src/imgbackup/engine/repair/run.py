@@ -310,8 +310,8 @@ def _trailerless(plan: RepairPlan) -> list[PackUse]:
     for cid, loc in plan.rows:
         use = uses.get(pack_name(loc.pack_id))
         if use is not None:
-            use.live.append((cid, loc))
-    return [use for use in uses.values() if use.live]
+            use.extra.append((cid, loc))
+    return [use for use in uses.values() if use.extra]
 
 
 @dataclass

@@ -1,0 +1,151 @@
+"""The collection plan's per-pack sums and the two-phase rule, on arrays (collectplan.py uses them).
+
+Places are ``pack << 32 | offset`` (pack numbered by the listing, collectrows.py): a blob is known
+once per place, a later record of a place winning (as a dict assignment would). A pack's dead bytes
+are the lengths of its known blobs at places no kept copy occupies: one numpy group sum for all
+packs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from imgbackup.engine.collectrows import PlanTable
+from imgbackup.repository.marks import Marks, Safety
+from imgbackup.repository.packs import BlobLocation
+
+
+def sorted_by_pack(source: PlanTable, arrays: list[np.ndarray]) -> np.ndarray:
+    """The refs of ``arrays`` (in order) grouped by pack, keeping their order within a pack."""
+    refs = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    return refs[np.argsort(source.column(refs, "pack"), kind="stable")]
+
+
+def measure(source: PlanTable, known: tuple[np.ndarray, np.ndarray], live: list[np.ndarray],
+            adopted: dict[int, list[tuple[bytes, BlobLocation]]], n_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(copies kept, dead bytes) of each pack: ``live`` refs and ``adopted`` copies are kept."""
+    extra = [(pack << 32) | loc.offset for pack, entries in adopted.items() for _, loc in entries]
+    places = np.concatenate([*(source.places(refs) for refs in live), np.array(extra, np.int64)])
+    count = np.bincount(places >> 32, minlength=n_packs)[:n_packs] if n_packs else np.zeros(0, np.int64)
+    occupied = np.unique(places)
+    known_places, lengths = known
+    at = np.searchsorted(occupied, known_places)
+    hit = np.zeros(len(known_places), bool)
+    inside = at < len(occupied)
+    hit[inside] = occupied[at[inside]] == known_places[inside]
+    dead = known_places[~hit]
+    sums = np.bincount(dead >> 32, weights=lengths[~hit], minlength=n_packs)[:n_packs] if n_packs else dead
+    return count, np.rint(sums).astype(np.int64)
+
+
+class HeldCopies(Mapping):
+    """Candidate copies held (kept in place and in the index): (chunk id, pack id, offset) -> the time
+    first marked (0.0: found now). Refs into the table, one per distinct copy."""
+
+    def __init__(self, source: PlanTable, refs: np.ndarray, times: np.ndarray) -> None:
+        if len(refs):
+            first = np.sort(np.unique(_copy_keys(source, refs), return_index=True)[1])
+            refs, times = refs[first], times[first]
+        self.source, self.refs, self.times = source, refs, times
+        self._dict: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def items(self):  # type: ignore[override]
+        for (cid, loc), at in zip(self.source.entries(self.refs), self.times.tolist(), strict=True):
+            yield (cid, loc.pack_id, loc.offset), at
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes, int]]:
+        for key, _ in self.items():
+            yield key
+
+    def __getitem__(self, key):
+        if self._dict is None:
+            self._dict = dict(self.items())
+        return self._dict[key]
+
+
+def _copy_keys(source: PlanTable, refs: np.ndarray) -> np.ndarray:
+    """One 16-byte value per copy (chunk key, place), equal exactly for equal copies; sorts as bytes."""
+    out = np.empty((len(refs), 2), ">u8")
+    out[:, 0] = source.keys(refs)
+    out[:, 1] = source.places(refs)
+    return out.view("V16")[:, 0]
+
+
+def marked_times(source: PlanTable, marks: Marks, refs: np.ndarray) -> np.ndarray:
+    """The first mark time of each copy of ``refs`` (NaN: not marked)."""
+    at = np.full(len(refs), np.nan)
+    if not len(marks.copy_ids) or not len(refs):
+        return at
+    keys = source.table.find(marks.copy_ids)
+    packs, inverse = np.unique(np.ascontiguousarray(marks.copy_packs).view("V32")[:, 0], return_inverse=True)
+    numbers = np.array([source.number.get(p.tobytes(), -1) for p in packs], np.int64)[inverse.reshape(-1)]
+    ok = (keys >= 0) & (numbers >= 0)
+    if not ok.any():
+        return at
+    mark = np.empty((int(ok.sum()), 2), ">u8")
+    mark[:, 0] = keys[ok]
+    mark[:, 1] = (numbers[ok] << 32) | marks.copy_offsets[ok].astype(np.int64)
+    mark_keys, times = mark.view("V16")[:, 0], marks.copy_times[ok]
+    order = np.argsort(mark_keys, kind="stable")
+    mark_keys, times = mark_keys[order], times[order]
+    starts = np.flatnonzero(np.concatenate([[True], mark_keys[1:] != mark_keys[:-1]]))
+    mark_keys, times = mark_keys[starts], np.minimum.reduceat(times, starts)
+    wanted = _copy_keys(source, refs)
+    pos = np.searchsorted(mark_keys, wanted)
+    inside = pos < len(mark_keys)
+    match = np.zeros(len(refs), bool)
+    match[inside] = mark_keys[pos[inside]] == wanted[inside]
+    at[match] = times[pos[match]]
+    return at
+
+
+def mature(safety: Safety, at: np.ndarray) -> np.ndarray:
+    """``Safety.mature`` for an array of mark times."""
+    from imgbackup.repository.lease import CLOCK_TOLERANCE
+
+    ok = at + safety.grace <= safety.now
+    for start in safety.session_starts:
+        ok &= start >= at + CLOCK_TOLERANCE
+    return ok
+
+
+def hold_candidates(plan, source: PlanTable, located: np.ndarray, unindexed: np.ndarray,
+                    adopted: dict[int, list], kept: np.ndarray, safety: Safety, provisional: bool) -> np.ndarray:
+    """The two-phase rule: a copy of an unneeded chunk, or a pack no index names (and holding nothing
+    needed), may go only once its mark is ripe; until then it is held — kept where it is (a held copy
+    stays in the index too). A candidate found now is new: marked when the plan is carried out.
+    Returns the refs of the held copies (every copy, as the packs keep them)."""
+    needed_rows = np.zeros(source.n_rows, bool)
+    needed_rows[located] = True
+    spare_keys = source.keys(np.arange(source.n_rows, source.n_rows + len(source.table.spare), dtype=np.int64))
+    candidates = np.concatenate([np.flatnonzero(~needed_rows),
+                                 source.n_rows + np.flatnonzero(~needed_rows[spare_keys])]).astype(np.int64)
+    del needed_rows, spare_keys
+    at = marked_times(source, plan.marks, candidates)
+    new = np.isnan(at)
+    ripe_now = safety.mature(safety.now)       # as if marked now: only with no grace and no session
+    plan.new_candidates += int(new.sum())
+    plan.ripe_new += int(new.sum()) if ripe_now else 0
+    held = np.where(new, not (provisional and ripe_now), ~mature(safety, np.where(new, 0.0, at)))
+    refs = candidates[held]
+    plan.held = HeldCopies(source, refs, np.where(new, 0.0, at)[held])
+    for pack in np.flatnonzero(unindexed).tolist():
+        if pack in adopted or kept[pack]:
+            continue                  # it holds needed chunks no index named (adopted), or is unreadable
+        pack_id = source.pack_ids[pack]
+        mark = plan.marks.packs.get(pack_id)
+        if mark is None:
+            plan.new_candidates += 1
+            plan.ripe_new += ripe_now
+            is_held = not (provisional and ripe_now)
+        else:
+            is_held = not safety.mature(mark)
+        if is_held:
+            plan.held_packs[pack_id] = mark or 0.0
+            kept[pack] = True
+    return refs
