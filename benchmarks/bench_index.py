@@ -241,7 +241,8 @@ def main() -> None:
     repo_dir = work / "repo"
     from imgbackup.format.layout import FORMAT_VERSION
 
-    params = {"chunks": args.chunks, "files": args.files, "hosts": args.hosts, "format": FORMAT_VERSION}
+    # "build" changes when the synthetic repository's make-up does (e.g. a config gained a signature)
+    params = {"chunks": args.chunks, "files": args.files, "hosts": args.hosts, "format": FORMAT_VERSION, "build": 2}
     marker = repo_dir / ".bench-params"
     if not marker.exists() or json.loads(marker.read_text()) != params:
         print(f"building {repo_dir} ({args.chunks} entries in {args.files} index objects) ...", file=sys.stderr)

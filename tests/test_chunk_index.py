@@ -155,6 +155,33 @@ def test_a_damaged_or_foreign_cache_is_never_used(tmp_path, caplog, damage: str)
         sorted(storage.list("index"))) is not None     # rewritten, and good again
 
 
+@pytest.mark.parametrize("damage", ["directory end", "directory order", "pack number"])
+def test_an_authentic_cache_that_does_not_add_up_is_never_used(tmp_path, caplog, damage: str) -> None:
+    """Made with the right key (so the MAC holds) but inconsistent inside: still discarded."""
+    from blake3 import blake3
+
+    from imgbackup.repository.indexcache import CACHE_HEAD, MAC_SIZE, PACK_FIELD
+
+    storage, envelope, union = _repository(files=8, per_file=300, seed=3)
+    cache = IndexCache(REPO_ID, MAC_KEY, tmp_path)
+    table = ChunkIndex.load(storage, envelope, cache=cache).table
+    raw = bytearray(cache.path.read_bytes()[:-MAC_SIZE])
+    directory_at = len(raw) - 4 * len(table.directory)
+    if damage == "directory end":
+        raw[-4:] = (len(table) + 1).to_bytes(4, "little")
+    elif damage == "directory order":
+        raw[directory_at + 8 : directory_at + 12] = (len(table)).to_bytes(4, "little")
+    else:
+        first_row = CACHE_HEAD.size + 32 * 8
+        raw[first_row + 4 * PACK_FIELD : first_row + 4 * PACK_FIELD + 4] = len(table.packs).to_bytes(4, "little")
+    cache.path.write_bytes(bytes(raw) + blake3(bytes(raw), key=cache.key).digest())
+    counting = FaultyStorage(storage, at=None)
+    with caplog.at_level(logging.WARNING, "imgbackup.storage"):
+        _check(ChunkIndex.load(counting, envelope, cache=IndexCache(REPO_ID, MAC_KEY, tmp_path)), union)
+    assert "is inconsistent" in caplog.text
+    assert len([c for c in counting.calls if c.startswith("get index/")]) == 8
+
+
 def test_the_cache_can_be_switched_off_and_a_read_only_home_is_no_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("IMGBACKUP_INDEX_CACHE", "0")
     assert not IndexCache.enabled()

@@ -78,7 +78,10 @@ class ChunkTable:
     resize it in place."""
 
     def __init__(self, rows: np.ndarray | None = None, spare: np.ndarray | None = None,
-                 packs: np.ndarray | None = None, bases: np.ndarray | None = None, sorted_: bool = False) -> None:
+                 packs: np.ndarray | None = None, bases: np.ndarray | None = None, sorted_: bool = False,
+                 directory: np.ndarray | None = None) -> None:
+        """``directory``: the rows' prefix directory as ``directory`` gave it (sorted rows only; the
+        local cache keeps it, so an open skips a pass over every row)."""
         self.rows = empty_rows() if rows is None else _owned(rows)
         self.spare = empty_rows() if spare is None else spare
         self.packs = np.zeros((0, 32), np.uint8) if packs is None else packs
@@ -86,7 +89,7 @@ class ChunkTable:
         self._pack_numbers: dict[bytes, int] | None = None
         if not sorted_:
             self._settle()
-        self._directory()
+        self._directory(directory if sorted_ else None)
 
     def _settle(self) -> None:
         """Sort the rows; the first copy of each chunk stays, the others join ``spare``."""
@@ -99,14 +102,26 @@ class ChunkTable:
         if len(self.bases) > 1:
             kernels.table_sort(self.bases)
 
-    def _directory(self) -> None:
+    def _directory(self, known: np.ndarray | None = None) -> None:
         self._bits = kernels.directory_bits(len(self.rows))
-        self._dir = kernels.table_directory(self.rows, self._bits)
+        self._dir = known if known is not None else kernels.table_directory(self.rows, self._bits)
         self._spare_dir = kernels.table_directory(self.spare, kernels.directory_bits(len(self.spare)))
         self._bases_dir = kernels.table_directory(self.bases, kernels.directory_bits(len(self.bases)))
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def directory(self) -> np.ndarray:
+        """The rows' prefix directory (2^bits + 1 uint32: the first row of each id prefix)."""
+        return self._dir
+
+    @staticmethod
+    def directory_fits(directory: np.ndarray, n_rows: int) -> bool:
+        """Whether ``directory`` can be the directory of ``n_rows`` sorted rows (size, ends, order)."""
+        return (directory.shape == ((1 << kernels.directory_bits(n_rows)) + 1,) and directory.dtype == np.uint32
+                and int(directory[0]) == 0 and int(directory[-1]) == n_rows
+                and bool((directory[1:] >= directory[:-1]).all()))
 
     @property
     def nbytes(self) -> int:
