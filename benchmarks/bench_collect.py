@@ -89,8 +89,7 @@ def main() -> None:
         hosts = max(1, files // 10)
         repo_dir = Path(args.work) / f"index-{chunks}-{files}-{hosts}" / "repo"
         marker = repo_dir / ".bench-params"
-        from imgbackup.format.layout import FORMAT_VERSION
-        params = {"chunks": chunks, "files": files, "hosts": hosts, "format": FORMAT_VERSION}
+        params = bench_index.build_params(chunks, files, hosts)
         if not marker.exists() or json.loads(marker.read_text()) != params:
             print(f"building {repo_dir} ...", file=sys.stderr)
             bench_index.build(repo_dir, chunks, files, hosts)

@@ -56,6 +56,16 @@ def drop_caches() -> None:
 
 # --- building the synthetic repository -----------------------------------------------------------
 
+BUILD = 2    # changes when the synthetic repository's make-up does (e.g. a config gained a signature)
+
+
+def build_params(chunks: int, files: int, hosts: int) -> dict:
+    """What a built repository's ``.bench-params`` marker says: rebuilt when it differs."""
+    from imgbackup.format.layout import FORMAT_VERSION
+
+    return {"chunks": chunks, "files": files, "hosts": hosts, "format": FORMAT_VERSION, "build": BUILD}
+
+
 def build(repo_dir: Path, chunks: int, files: int, hosts: int) -> None:
     from imgbackup.format.layout import OBJ_CHUNK_INDEX
     from imgbackup.repository.chunktable import ROW_DTYPE, empty_rows
@@ -239,10 +249,8 @@ def main() -> None:
         return
     work = Path(args.work) / f"index-{args.chunks}-{args.files}-{args.hosts}"
     repo_dir = work / "repo"
-    from imgbackup.format.layout import FORMAT_VERSION
 
-    # "build" changes when the synthetic repository's make-up does (e.g. a config gained a signature)
-    params = {"chunks": args.chunks, "files": args.files, "hosts": args.hosts, "format": FORMAT_VERSION, "build": 2}
+    params = build_params(args.chunks, args.files, args.hosts)
     marker = repo_dir / ".bench-params"
     if not marker.exists() or json.loads(marker.read_text()) != params:
         print(f"building {repo_dir} ({args.chunks} entries in {args.files} index objects) ...", file=sys.stderr)
