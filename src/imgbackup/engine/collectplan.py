@@ -243,7 +243,7 @@ def _adopt(repo: Repository, source: PlanTable, candidates: list[int], absent: s
             entries = read_pack_trailer(repo.storage, repo.envelope, pack_id)
         except (IntegrityError, ObjectMissing) as exc:
             kept[pack] = True
-            plan.warnings.append(f"packs/{pack_id.hex()}: {exc.args[0] if exc.args else 'unreadable'}; kept, since "
+            plan.warnings.append(f"{source.names[pack]}: {exc.args[0] if exc.args else 'unreadable'}; kept, since "
                                  "it may hold chunks images need: 'imgbackup repair' rebuilds the index from the packs")
             continue
         for cid, loc in entries:

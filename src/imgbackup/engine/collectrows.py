@@ -36,7 +36,7 @@ class PlanTable:
     """The loaded table, its packs numbered by the listing (``names``: ``packs/<hex>`` in listing order)."""
 
     def __init__(self, table: ChunkTable, names: list[str]) -> None:
-        self.table, self.n_rows = table, len(table.rows)
+        self.table, self.n_rows, self.names = table, len(table.rows), names
         self.pack_ids = [bytes.fromhex(name.rsplit("/", 1)[1]) for name in names]
         self.number = {pid: i for i, pid in reversed(list(enumerate(self.pack_ids)))}
         self.canon = np.array([self.number.get(p.tobytes(), -1) for p in table.packs], np.int64)
