@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from imgbackup._core import table as kernels
-from imgbackup.engine.collectrows import IndexRows, PlanTable, last_of_each
+from imgbackup.engine.collectrows import IndexRows, PlanTable
 from imgbackup.engine.collectsums import HeldCopies, hold_candidates, measure, sorted_by_pack
 from imgbackup.errors import (
     ImageNotFound,
@@ -197,8 +197,10 @@ def plan_collection(repo: Repository, needed: ChunkIds | set[bytes] | None, warn
                              "'imgbackup repair' reports which images and byte ranges that affects")
     held_refs = hold_candidates(plan, source, located, unindexed & ~kept, adopted, kept, safety, provisional)
     live = sorted_by_pack(source, [located, held_refs])
-    live_count, dead = measure(source, known, [live], adopted, len(names))
-    _classify(plan, source, names, sizes, live, live_count, dead, adopted, kept)
+    live_bytes = np.zeros(len(names), np.int64)
+    live_count, dead = measure(source, known, [live], adopted, len(names), live_bytes)
+    del known
+    _classify(plan, source, names, sizes, live, live_count, live_bytes, dead, adopted, kept)
     plan.rewrite_index = bool(plan.rewrite) or len(index.files) > 1 or plan.entries_before != len(plan.rows)
     return plan
 
@@ -219,15 +221,19 @@ def _known_blobs(source: PlanTable, bad: list[DamagedCopy],
                  trailers: list[tuple[int, int, int]] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Every blob known in a listed pack, once per place (pack << 32 | offset, sorted) with its length:
     the table's copies, the bad ones, then what trailers showed — a later one wins, as in a dict."""
-    n = source.n_rows + len(source.table.spare)
-    refs = np.arange(n, dtype=np.int64)
     extra = [(source.number[b.pack_id], b.offset, b.length) for b in bad if b.pack_id in source.number]
-    extra += list(trailers)
-    more = np.array(extra, np.int64).reshape(-1, 3)
-    places = np.concatenate([source.places(refs), (more[:, 0] << 32) | more[:, 1]])
-    lengths = np.concatenate([source.column(refs, "length"), more[:, 2]])
-    del refs
-    last = last_of_each(places)
+    more = np.array(extra + list(trailers), np.int64).reshape(-1, 3)
+    places, lengths = source.all_places()
+    places = np.concatenate([places, (more[:, 0] << 32) | more[:, 1]])
+    lengths = np.concatenate([lengths, more[:, 2].astype(np.uint32)])
+    order = np.argsort(places, kind="stable")
+    places = places[order]
+    lengths = lengths[order]
+    del order
+    last = np.ones(len(places), bool)
+    last[:-1] = places[:-1] != places[1:]
+    if last.all():
+        return places, lengths
     return places[last], lengths[last]
 
 
@@ -254,24 +260,24 @@ def _adopt(repo: Repository, source: PlanTable, candidates: list[int], absent: s
 
 
 def _classify(plan: CollectionPlan, source: PlanTable, names: list[str], sizes: dict[str, int],
-              live: np.ndarray, live_count: np.ndarray, dead: np.ndarray,
+              live: np.ndarray, live_count: np.ndarray, live_bytes: np.ndarray, dead: np.ndarray,
               adopted: dict[int, list[tuple[bytes, BlobLocation]]], kept: np.ndarray) -> None:
     """Each pack, in listing order: freed (nothing live), rewritten (live and dead), or left as it is
-    (its copies go to the next index as they are)."""
-    packs_of_live = source.column(live, "pack")
-    bounds = np.searchsorted(packs_of_live, np.arange(len(names) + 1))
-    lengths = np.concatenate([[0], np.cumsum(source.column(live, "length"))])
+    (its copies go to the next index as they are). ``live`` is grouped by pack."""
+    in_table = live_count - np.array([len(adopted.get(p, ())) for p in range(len(names))], np.int64) \
+        if adopted else live_count
+    bounds = np.concatenate([[0], np.cumsum(in_table)]).tolist()
     stay: list[np.ndarray] = []
     extra: dict[bytes, BlobLocation] = {}
     for pack in np.flatnonzero(~kept).tolist():
         if live_count[pack] == 0:
             plan.free.append(PackUse(names[pack], source.pack_ids[pack], sizes[names[pack]]))
             continue
-        lo, hi = int(bounds[pack]), int(bounds[pack + 1])
+        lo, hi = bounds[pack], bounds[pack + 1]
         if dead[pack]:
             plan.rewrite.append(PackUse(names[pack], source.pack_ids[pack], sizes[names[pack]],
                                         list(adopted.get(pack, ())), int(dead[pack]), False, source, live[lo:hi],
-                                        int(lengths[hi] - lengths[lo])))
+                                        int(live_bytes[pack])))
         else:
             stay.append(live[lo:hi])
             extra.update(adopted.get(pack, ()))

@@ -17,7 +17,8 @@ import numpy as np
 from imgbackup._core import table as kernels
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.format.layout import OBJ_CHUNK_INDEX
-from imgbackup.repository.chunktable import BASE_ROW_SIZE, ROW_DTYPE, ChunkTable, field, sort_rows
+from imgbackup.repository.chunktable import BASE_ROW_SIZE, ROW_DTYPE, ChunkTable, sort_rows
+from imgbackup.repository.chunktable import field as row_field
 from imgbackup.repository.indexfile import INDEX_FOLDER, MAX_ENTRIES_PER_FILE, encode_rows
 from imgbackup.repository.packs import BlobLocation
 from imgbackup.repository.storage import Storage, confirm_stored
@@ -46,6 +47,17 @@ class PlanTable:
                 self.packs[i] = np.frombuffer(pid, np.uint8)
         self._spare_keys: np.ndarray | None = None
 
+    def all_places(self) -> tuple[np.ndarray, np.ndarray]:
+        """(place, sealed length) of every copy, handed-out rows then spare ones (ref order)."""
+        parts, lengths = [], []
+        for rows in (self.table.rows, self.table.spare):
+            place = self.canon[row_field(rows, "pack")]
+            place <<= 32
+            place |= row_field(rows, "offset")
+            parts.append(place)
+            lengths.append(row_field(rows, "length"))
+        return np.concatenate(parts), np.concatenate(lengths)
+
     def rows_of(self, refs: np.ndarray) -> np.ndarray:
         """The table rows of ``refs`` (a copy), pack numbers made canonical."""
         refs = np.asarray(refs, np.int64)
@@ -61,8 +73,8 @@ class PlanTable:
         refs = np.asarray(refs, np.int64)
         spare = refs >= self.n_rows
         out = np.empty(len(refs), np.int64)
-        out[~spare] = field(self.table.rows, name)[refs[~spare]]
-        out[spare] = field(self.table.spare, name)[refs[spare] - self.n_rows]
+        out[~spare] = row_field(self.table.rows, name)[refs[~spare]]
+        out[spare] = row_field(self.table.spare, name)[refs[spare] - self.n_rows]
         return self.canon[out] if name == "pack" else out
 
     def keys(self, refs: np.ndarray) -> np.ndarray:

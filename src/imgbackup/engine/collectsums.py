@@ -24,19 +24,27 @@ def sorted_by_pack(source: PlanTable, arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def measure(source: PlanTable, known: tuple[np.ndarray, np.ndarray], live: list[np.ndarray],
-            adopted: dict[int, list[tuple[bytes, BlobLocation]]], n_packs: int) -> tuple[np.ndarray, np.ndarray]:
-    """(copies kept, dead bytes) of each pack: ``live`` refs and ``adopted`` copies are kept."""
-    extra = [(pack << 32) | loc.offset for pack, entries in adopted.items() for _, loc in entries]
-    places = np.concatenate([*(source.places(refs) for refs in live), np.array(extra, np.int64)])
-    count = np.bincount(places >> 32, minlength=n_packs)[:n_packs] if n_packs else np.zeros(0, np.int64)
-    occupied = np.unique(places)
+            adopted: dict[int, list[tuple[bytes, BlobLocation]]], n_packs: int,
+            refs_bytes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(copies kept, dead bytes) of each pack: ``live`` refs and ``adopted`` copies are kept.
+    ``refs_bytes`` (when given) gets the sealed bytes of each pack's ``live`` refs."""
     known_places, lengths = known
-    at = np.searchsorted(occupied, known_places)
-    hit = np.zeros(len(known_places), bool)
-    inside = at < len(occupied)
-    hit[inside] = occupied[at[inside]] == known_places[inside]
-    dead = known_places[~hit]
-    sums = np.bincount(dead >> 32, weights=lengths[~hit], minlength=n_packs)[:n_packs] if n_packs else dead
+    occupied = np.zeros(len(known_places), bool)
+    count = np.zeros(n_packs, np.int64)
+    if refs_bytes is not None:
+        for refs in live:
+            refs_bytes += np.rint(np.bincount(source.column(refs, "pack"), weights=source.column(refs, "length"),
+                                              minlength=n_packs)[:n_packs]).astype(np.int64)
+    extra = np.array([(pack << 32) | loc.offset for pack, entries in adopted.items() for _, loc in entries], np.int64)
+    for places in [*(source.places(refs) for refs in live), extra]:
+        if len(places) and len(known_places):
+            count += np.bincount(places >> 32, minlength=n_packs)[:n_packs]
+            at = np.minimum(np.searchsorted(known_places, places), max(len(known_places) - 1, 0))
+            occupied[at[known_places[at] == places]] = True
+        del places
+    weights = np.where(occupied, 0, lengths).astype(np.float64)
+    del occupied
+    sums = np.bincount(known_places >> 32, weights=weights, minlength=n_packs)[:n_packs] if n_packs else weights[:0]
     return count, np.rint(sums).astype(np.int64)
 
 
@@ -45,9 +53,17 @@ class HeldCopies(Mapping):
     first marked (0.0: found now). Refs into the table, one per distinct copy."""
 
     def __init__(self, source: PlanTable, refs: np.ndarray, times: np.ndarray) -> None:
-        if len(refs):
-            first = np.sort(np.unique(_copy_keys(source, refs), return_index=True)[1])
-            refs, times = refs[first], times[first]
+        if len(refs) and len(source.table.spare):     # only a chunk with spare copies can list one copy twice
+            copies = np.zeros(source.n_rows, bool)
+            copies[source.keys(np.arange(source.n_rows, source.n_rows + len(source.table.spare)))] = True
+            suspect = np.flatnonzero(copies[source.keys(refs)])
+            del copies
+            first = np.unique(_copy_keys(source, refs[suspect]), return_index=True)[1]
+            keep = np.ones(len(refs), bool)
+            keep[suspect] = False
+            keep[suspect[first]] = True
+            if not keep.all():
+                refs, times = refs[keep], times[keep]
         self.source, self.refs, self.times = source, refs, times
         self._dict: dict | None = None
 
@@ -126,14 +142,22 @@ def hold_candidates(plan, source: PlanTable, located: np.ndarray, unindexed: np.
     candidates = np.concatenate([np.flatnonzero(~needed_rows),
                                  source.n_rows + np.flatnonzero(~needed_rows[spare_keys])]).astype(np.int64)
     del needed_rows, spare_keys
-    at = marked_times(source, plan.marks, candidates)
-    new = np.isnan(at)
     ripe_now = safety.mature(safety.now)       # as if marked now: only with no grace and no session
-    plan.new_candidates += int(new.sum())
-    plan.ripe_new += int(new.sum()) if ripe_now else 0
-    held = np.where(new, not (provisional and ripe_now), ~mature(safety, np.where(new, 0.0, at)))
-    refs = candidates[held]
-    plan.held = HeldCopies(source, refs, np.where(new, 0.0, at)[held])
+    if len(plan.marks.copy_ids):
+        at = marked_times(source, plan.marks, candidates)
+        new = np.isnan(at)
+        fresh = int(new.sum())
+        held = np.where(new, not (provisional and ripe_now), ~mature(safety, np.where(new, 0.0, at)))
+        refs, times = candidates[held], np.where(new, 0.0, at)[held]
+        del at, new, held
+    else:                                      # none marked: all found now (times untouched zero pages)
+        fresh = len(candidates)
+        refs = candidates if not (provisional and ripe_now) else candidates[:0]
+        times = np.zeros(len(refs))
+    del candidates
+    plan.new_candidates += fresh
+    plan.ripe_new += fresh if ripe_now else 0
+    plan.held = HeldCopies(source, refs, times)
     for pack in np.flatnonzero(unindexed).tolist():
         if pack in adopted or kept[pack]:
             continue                  # it holds needed chunks no index named (adopted), or is unreadable
