@@ -221,7 +221,8 @@ def _known_blobs(source: PlanTable, bad: list[DamagedCopy],
                  trailers: list[tuple[int, int, int]] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Every blob known in a listed pack, once per place (pack << 32 | offset, sorted) with its length:
     the table's copies, the bad ones, then what trailers showed — a later one wins, as in a dict."""
-    extra = [(source.number[b.pack_id], b.offset, b.length) for b in bad if b.pack_id in source.number]
+    numbers = [source.number_one(b.pack_id) for b in bad]
+    extra = [(n, b.offset, b.length) for n, b in zip(numbers, bad, strict=True) if n >= 0]
     more = np.array(extra + list(trailers), np.int64).reshape(-1, 3)
     places, lengths = source.all_places()
     places = np.concatenate([places, (more[:, 0] << 32) | more[:, 1]])
@@ -244,7 +245,7 @@ def _adopt(repo: Repository, source: PlanTable, candidates: list[int], absent: s
     hold a chunk an image needs that no index file lists (an index file lost, a copy stored again
     by a killed backup). Such a copy is kept; a pack whose trailer cannot be read is not freed."""
     for pack in candidates:
-        pack_id = source.pack_ids[pack]
+        pack_id = source.pack_id(pack)
         try:
             entries = read_pack_trailer(repo.storage, repo.envelope, pack_id)
         except (IntegrityError, ObjectMissing) as exc:
@@ -271,11 +272,11 @@ def _classify(plan: CollectionPlan, source: PlanTable, names: list[str], sizes: 
     extra: dict[bytes, BlobLocation] = {}
     for pack in np.flatnonzero(~kept).tolist():
         if live_count[pack] == 0:
-            plan.free.append(PackUse(names[pack], source.pack_ids[pack], sizes[names[pack]]))
+            plan.free.append(PackUse(names[pack], source.pack_id(pack), sizes[names[pack]]))
             continue
         lo, hi = bounds[pack], bounds[pack + 1]
         if dead[pack]:
-            plan.rewrite.append(PackUse(names[pack], source.pack_ids[pack], sizes[names[pack]],
+            plan.rewrite.append(PackUse(names[pack], source.pack_id(pack), sizes[names[pack]],
                                         list(adopted.get(pack, ())), int(dead[pack]), False, source, live[lo:hi],
                                         int(live_bytes[pack])))
         else:

@@ -26,6 +26,8 @@ from imgbackup.repository.storage import Storage, confirm_stored
 
 def last_of_each(keys: np.ndarray) -> np.ndarray:
     """Positions of the last occurrence of each distinct key, in key order (dict assignment semantics)."""
+    if len(keys) > 1 and (keys[1:] > keys[:-1]).all():
+        return np.arange(len(keys))                     # sorted and distinct already (one pass, no sort)
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
     last = np.ones(len(order), bool)
@@ -38,14 +40,38 @@ class PlanTable:
 
     def __init__(self, table: ChunkTable, names: list[str]) -> None:
         self.table, self.n_rows, self.names = table, len(table.rows), names
-        self.pack_ids = [bytes.fromhex(name.rsplit("/", 1)[1]) for name in names]
-        self.number = {pid: i for i, pid in reversed(list(enumerate(self.pack_ids)))}
-        self.canon = np.array([self.number.get(p.tobytes(), -1) for p in table.packs], np.int64)
-        self.packs = np.zeros((len(names), 32), np.uint8)
-        for i, pid in enumerate(self.pack_ids):
-            if len(pid) == 32:
-                self.packs[i] = np.frombuffer(pid, np.uint8)
+        hexes = [name.rsplit("/", 1)[1] for name in names]
+        valid = np.array([len(h) == 64 for h in hexes], bool)
+        self.packs = np.zeros((len(names), 32), np.uint8)     # pack ids by listing number (no object each)
+        self.packs[valid] = np.frombuffer(bytes.fromhex("".join(h for h, ok in zip(hexes, valid, strict=True) if ok)),
+                                          np.uint8).reshape(-1, 32)
+        del hexes
+        lookup = np.zeros((int(valid.sum()), 36), np.uint8)   # (pack id, listing number u32): sorted, searched natively
+        lookup[:, :32] = self.packs[valid]
+        lookup[:, 32:] = np.flatnonzero(valid).astype("<u4").view(np.uint8).reshape(-1, 4)
+        if len(lookup) > 1:
+            kernels.table_sort(lookup)
+        self._lookup = lookup
+        self._lookup_dir = kernels.table_directory(lookup, kernels.directory_bits(len(lookup)))
+        self.canon = self.number_of(table.packs)
         self._spare_keys: np.ndarray | None = None
+
+    def number_of(self, pack_ids: np.ndarray) -> np.ndarray:
+        """The listing number of each pack id of an (m, 32) array, -1 for a pack not listed."""
+        pack_ids = np.ascontiguousarray(pack_ids, np.uint8).reshape(-1, 32)
+        at = kernels.table_lookup(self._lookup, self._lookup_dir, pack_ids)
+        numbers = self._lookup[np.maximum(at, 0), 32:].copy().view("<u4")[:, 0].astype(np.int64) \
+            if len(self._lookup) else np.zeros(len(at), np.int64)
+        return np.where(at >= 0, numbers, -1)
+
+    def number_one(self, pack_id: bytes) -> int:
+        if len(pack_id) != 32:
+            return -1
+        return int(self.number_of(np.frombuffer(pack_id, np.uint8))[0])
+
+    def pack_id(self, number: int) -> bytes:
+        """The pack id as its listed name spells it."""
+        return bytes.fromhex(self.names[number].rsplit("/", 1)[1])
 
     def all_places(self) -> tuple[np.ndarray, np.ndarray]:
         """(place, sealed length) of every copy, handed-out rows then spare ones (ref order)."""
@@ -112,13 +138,26 @@ class IndexRows(Mapping):
     def __init__(self, source: PlanTable, refs: np.ndarray, extra: dict[bytes, BlobLocation] | None = None) -> None:
         self.source, self.refs = source, np.asarray(refs, np.int64)
         self.extra = dict(extra or {})
-        self._keys = source.keys(self.refs)
+        self._cached_keys: np.ndarray | None = None
 
-    def overridden(self, refs: Iterable[np.ndarray], extra: dict[bytes, BlobLocation]) -> IndexRows:
+    @property
+    def _keys(self) -> np.ndarray:
+        """The chunk key of each ref (sorted); only computed when asked (rows refs are their own key)."""
+        if self._cached_keys is None:
+            self._cached_keys = self.source.keys(self.refs)
+        return self._cached_keys
+
+    def overridden(self, refs: list[np.ndarray], extra: dict[bytes, BlobLocation]) -> IndexRows:
         """This index with ``refs`` (in order) and ``extra`` put over it: a later copy of a chunk wins."""
-        seq = np.concatenate([self.refs, *refs]) if refs else self.refs
-        keep = last_of_each(self.source.keys(seq)) if len(seq) else np.zeros(0, np.int64)
-        out = IndexRows(self.source, seq[keep], {**self.extra, **extra})
+        seq = np.concatenate([self.refs, *refs]) if refs else self.refs.copy()
+        if len(seq) and (seq < self.source.n_rows).all():      # rows only: each ref is its own key
+            seq.sort()
+            distinct = np.ones(len(seq), bool)
+            distinct[:-1] = seq[:-1] != seq[1:]
+            out = IndexRows(self.source, seq if distinct.all() else seq[distinct], {**self.extra, **extra})
+        else:
+            keep = last_of_each(self.source.keys(seq)) if len(seq) else np.zeros(0, np.int64)
+            out = IndexRows(self.source, seq[keep], {**self.extra, **extra})
         return out.without(extra.keys(), refs_only=True)
 
     def without(self, chunk_ids: Iterable[bytes], refs_only: bool = False) -> IndexRows:
@@ -168,7 +207,8 @@ class IndexRows(Mapping):
         bases = [source.table.bases]
         view = extra.view(ROW_DTYPE)[:, 0] if len(extra) else None
         for i, (cid, loc) in enumerate(self.extra.items()):
-            n = source.number.get(loc.pack_id, number.get(loc.pack_id))
+            n = source.number_one(loc.pack_id)
+            n = number.get(loc.pack_id) if n < 0 else n
             if n is None:
                 n = number[loc.pack_id] = len(source.packs) + len(number)
                 packs.append(np.frombuffer(loc.pack_id, np.uint8).reshape(1, 32))

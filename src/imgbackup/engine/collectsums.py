@@ -20,7 +20,10 @@ from imgbackup.repository.packs import BlobLocation
 def sorted_by_pack(source: PlanTable, arrays: list[np.ndarray]) -> np.ndarray:
     """The refs of ``arrays`` (in order) grouped by pack, keeping their order within a pack."""
     refs = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-    return refs[np.argsort(source.column(refs, "pack"), kind="stable")]
+    packs = source.column(refs, "pack").astype(np.int32)     # half the bytes to sort by
+    order = np.argsort(packs, kind="stable")
+    del packs
+    return refs[order]
 
 
 def measure(source: PlanTable, known: tuple[np.ndarray, np.ndarray], live: list[np.ndarray],
@@ -99,7 +102,7 @@ def marked_times(source: PlanTable, marks: Marks, refs: np.ndarray) -> np.ndarra
         return at
     keys = source.table.find(marks.copy_ids)
     packs, inverse = np.unique(np.ascontiguousarray(marks.copy_packs).view("V32")[:, 0], return_inverse=True)
-    numbers = np.array([source.number.get(p.tobytes(), -1) for p in packs], np.int64)[inverse.reshape(-1)]
+    numbers = source.number_of(np.frombuffer(packs.tobytes(), np.uint8).reshape(-1, 32))[inverse.reshape(-1)]
     ok = (keys >= 0) & (numbers >= 0)
     if not ok.any():
         return at
@@ -161,7 +164,7 @@ def hold_candidates(plan, source: PlanTable, located: np.ndarray, unindexed: np.
     for pack in np.flatnonzero(unindexed).tolist():
         if pack in adopted or kept[pack]:
             continue                  # it holds needed chunks no index named (adopted), or is unreadable
-        pack_id = source.pack_ids[pack]
+        pack_id = source.pack_id(pack)
         mark = plan.marks.packs.get(pack_id)
         if mark is None:
             plan.new_candidates += 1
