@@ -267,20 +267,19 @@ def _classify(plan: CollectionPlan, source: PlanTable, names: list[str], sizes: 
     (its copies go to the next index as they are). ``live`` is grouped by pack."""
     in_table = live_count - np.array([len(adopted.get(p, ())) for p in range(len(names))], np.int64) \
         if adopted else live_count
-    bounds = np.concatenate([[0], np.cumsum(in_table)]).tolist()
-    stay: list[np.ndarray] = []
-    extra: dict[bytes, BlobLocation] = {}
-    for pack in np.flatnonzero(~kept).tolist():
-        if live_count[pack] == 0:
-            plan.free.append(PackUse(names[pack], source.pack_id(pack), sizes[names[pack]]))
-            continue
-        lo, hi = bounds[pack], bounds[pack + 1]
-        if dead[pack]:
-            plan.rewrite.append(PackUse(names[pack], source.pack_id(pack), sizes[names[pack]],
-                                        list(adopted.get(pack, ())), int(dead[pack]), False, source, live[lo:hi],
-                                        int(live_bytes[pack])))
+    bounds = np.concatenate([[0], np.cumsum(in_table)])
+    free = ~kept & (live_count == 0)
+    rewrite = ~kept & (live_count > 0) & (dead > 0)
+    stay = ~kept & (live_count > 0) & (dead == 0)
+    for pack in np.flatnonzero(free | rewrite).tolist():
+        name = names[pack]
+        if free[pack]:
+            plan.free.append(PackUse(name, source.pack_id(pack), sizes[name]))
         else:
-            stay.append(live[lo:hi])
-            extra.update(adopted.get(pack, ()))
-    plan.rows = IndexRows(source, np.zeros(0, np.int64)).overridden(stay, {})
-    plan.rows.extra.update(extra)
+            lo, hi = int(bounds[pack]), int(bounds[pack + 1])
+            plan.rewrite.append(PackUse(name, source.pack_id(pack), sizes[name], list(adopted.get(pack, ())),
+                                        int(dead[pack]), False, source, live[lo:hi], int(live_bytes[pack])))
+    staying = live[np.repeat(stay, in_table)]          # the copies of the packs left as they are, in order
+    plan.rows = IndexRows(source, np.zeros(0, np.int64)).overridden([staying], {})
+    del staying
+    plan.rows.extra.update({cid: loc for pack in adopted if stay[pack] for cid, loc in adopted[pack]})

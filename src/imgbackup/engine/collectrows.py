@@ -23,6 +23,8 @@ from imgbackup.repository.indexfile import INDEX_FOLDER, MAX_ENTRIES_PER_FILE, e
 from imgbackup.repository.packs import BlobLocation
 from imgbackup.repository.storage import Storage, confirm_stored
 
+SLICE = 1 << 20     # refs converted at once: temporaries of ~8 MiB each, not of the whole plan
+
 
 def last_of_each(keys: np.ndarray) -> np.ndarray:
     """Positions of the last occurrence of each distinct key, in key order (dict assignment semantics)."""
@@ -35,17 +37,26 @@ def last_of_each(keys: np.ndarray) -> np.ndarray:
     return order[last]
 
 
+def _distinct(ordered: np.ndarray) -> np.ndarray:
+    """A sorted array without repeats (a copy only when there are some)."""
+    if len(ordered) < 2:
+        return ordered
+    repeats = ordered[1:] == ordered[:-1]
+    return ordered[np.concatenate([~repeats, [True]])] if repeats.any() else ordered
+
+
 class PlanTable:
     """The loaded table, its packs numbered by the listing (``names``: ``packs/<hex>`` in listing order)."""
 
     def __init__(self, table: ChunkTable, names: list[str]) -> None:
         self.table, self.n_rows, self.names = table, len(table.rows), names
-        hexes = [name.rsplit("/", 1)[1] for name in names]
-        valid = np.array([len(h) == 64 for h in hexes], bool)
         self.packs = np.zeros((len(names), 32), np.uint8)     # pack ids by listing number (no object each)
-        self.packs[valid] = np.frombuffer(bytes.fromhex("".join(h for h, ok in zip(hexes, valid, strict=True) if ok)),
-                                          np.uint8).reshape(-1, 32)
-        del hexes
+        valid = np.zeros(len(names), bool)
+        for i, name in enumerate(names):
+            hexid = name.rsplit("/", 1)[1]
+            if len(hexid) == 64:
+                self.packs[i] = np.frombuffer(bytes.fromhex(hexid), np.uint8)
+                valid[i] = True
         lookup = np.zeros((int(valid.sum()), 36), np.uint8)   # (pack id, listing number u32): sorted, searched natively
         lookup[:, :32] = self.packs[valid]
         lookup[:, 32:] = np.flatnonzero(valid).astype("<u4").view(np.uint8).reshape(-1, 4)
@@ -104,16 +115,53 @@ class PlanTable:
         return self.canon[out] if name == "pack" else out
 
     def keys(self, refs: np.ndarray) -> np.ndarray:
-        refs = np.asarray(refs, np.int64)
+        keys = np.array(refs, np.int64)
         if self._spare_keys is None:
             spare = self.table.spare
             self._spare_keys = self.table.find(spare[:, :32]) if len(spare) else np.zeros(0, np.int64)
-        return np.where(refs < self.n_rows, refs, self._spare_keys[np.maximum(refs - self.n_rows, 0)]
-                        if len(self._spare_keys) else refs)
+        spare_at = np.flatnonzero(keys >= self.n_rows)
+        keys[spare_at] = self._spare_keys[keys[spare_at] - self.n_rows]
+        return keys
+
+    def latest(self, seq: np.ndarray) -> np.ndarray:
+        """The refs of ``seq`` with one per chunk — the last — sorted by key (dict assignment order).
+        Handed-out rows are their own key and distinct, so only the chunks with a spare copy in
+        ``seq`` are sorted out one by one; the rest is one in-place sort."""
+        spare = seq >= self.n_rows
+        if not spare.any():
+            return _distinct(np.sort(seq))
+        spare_at = np.flatnonzero(spare)
+        chunk_has_spare = np.zeros(self.n_rows + len(self.table.spare), bool)   # indexable by any ref
+        chunk_has_spare[self.keys(seq[spare_at])] = True
+        clash = chunk_has_spare[seq]
+        del chunk_has_spare
+        clash &= ~spare                               # rows refs whose chunk has a spare copy in seq
+        involved = np.sort(np.concatenate([np.flatnonzero(clash), spare_at]))
+        winners = seq[involved[last_of_each(self.keys(seq[involved]))]]
+        clash |= spare
+        del spare
+        base = seq[~clash]
+        del clash
+        base.sort()
+        base = _distinct(base)
+        winner_keys = self.keys(winners)
+        order = np.argsort(winner_keys)
+        return np.insert(base, np.searchsorted(base, winner_keys[order]), winners[order])
 
     def places(self, refs: np.ndarray) -> np.ndarray:
         """(pack number << 32 | offset) of each copy: where its blob is."""
-        return (self.column(refs, "pack") << 32) | self.column(refs, "offset")
+        out = np.empty(len(refs), np.int64)
+        for at in range(0, len(refs), SLICE):       # in slices: the temporaries stay small
+            part = refs[at : at + SLICE]
+            out[at : at + SLICE] = (self.column(part, "pack") << 32) | self.column(part, "offset")
+        return out
+
+    def pack_numbers(self, refs: np.ndarray) -> np.ndarray:
+        """The pack number of each copy, as int32 (sorting by it moves half the bytes)."""
+        out = np.empty(len(refs), np.int32)
+        for at in range(0, len(refs), SLICE):
+            out[at : at + SLICE] = self.column(refs[at : at + SLICE], "pack")
+        return out
 
     def entries(self, refs: np.ndarray) -> list[tuple[bytes, BlobLocation]]:
         """The copies as (chunk id, location) objects: for one pack at a time, or tests."""
@@ -149,15 +197,9 @@ class IndexRows(Mapping):
 
     def overridden(self, refs: list[np.ndarray], extra: dict[bytes, BlobLocation]) -> IndexRows:
         """This index with ``refs`` (in order) and ``extra`` put over it: a later copy of a chunk wins."""
-        seq = np.concatenate([self.refs, *refs]) if refs else self.refs.copy()
-        if len(seq) and (seq < self.source.n_rows).all():      # rows only: each ref is its own key
-            seq.sort()
-            distinct = np.ones(len(seq), bool)
-            distinct[:-1] = seq[:-1] != seq[1:]
-            out = IndexRows(self.source, seq if distinct.all() else seq[distinct], {**self.extra, **extra})
-        else:
-            keep = last_of_each(self.source.keys(seq)) if len(seq) else np.zeros(0, np.int64)
-            out = IndexRows(self.source, seq[keep], {**self.extra, **extra})
+        parts = [p for p in [self.refs, *refs] if len(p)]
+        seq = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else self.refs
+        out = IndexRows(self.source, self.source.latest(seq), {**self.extra, **extra})
         return out.without(extra.keys(), refs_only=True)
 
     def without(self, chunk_ids: Iterable[bytes], refs_only: bool = False) -> IndexRows:

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from imgbackup.engine.collectrows import PlanTable
+from imgbackup.engine.collectrows import SLICE, PlanTable
 from imgbackup.repository.marks import Marks, Safety
 from imgbackup.repository.packs import BlobLocation
 
@@ -20,7 +20,7 @@ from imgbackup.repository.packs import BlobLocation
 def sorted_by_pack(source: PlanTable, arrays: list[np.ndarray]) -> np.ndarray:
     """The refs of ``arrays`` (in order) grouped by pack, keeping their order within a pack."""
     refs = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-    packs = source.column(refs, "pack").astype(np.int32)     # half the bytes to sort by
+    packs = source.pack_numbers(refs)
     order = np.argsort(packs, kind="stable")
     del packs
     return refs[order]
@@ -36,19 +36,26 @@ def measure(source: PlanTable, known: tuple[np.ndarray, np.ndarray], live: list[
     count = np.zeros(n_packs, np.int64)
     if refs_bytes is not None:
         for refs in live:
-            refs_bytes += np.rint(np.bincount(source.column(refs, "pack"), weights=source.column(refs, "length"),
-                                              minlength=n_packs)[:n_packs]).astype(np.int64)
+            for at in range(0, len(refs), SLICE):
+                part = refs[at : at + SLICE]
+                refs_bytes += np.rint(np.bincount(source.pack_numbers(part), weights=source.column(part, "length"),
+                                                  minlength=n_packs)[:n_packs]).astype(np.int64)
     extra = np.array([(pack << 32) | loc.offset for pack, entries in adopted.items() for _, loc in entries], np.int64)
-    for places in [*(source.places(refs) for refs in live), extra]:
+    parts = [refs[at : at + SLICE] for refs in live for at in range(0, len(refs), SLICE)]
+    for part in [*parts, None]:              # in slices: the temporaries stay small
+        places = extra if part is None else source.places(part)
         if len(places) and len(known_places):
             count += np.bincount(places >> 32, minlength=n_packs)[:n_packs]
-            at = np.minimum(np.searchsorted(known_places, places), max(len(known_places) - 1, 0))
+            at = np.minimum(np.searchsorted(known_places, places), len(known_places) - 1)
             occupied[at[known_places[at] == places]] = True
-        del places
-    weights = np.where(occupied, 0, lengths).astype(np.float64)
+    dead = np.where(occupied, np.uint32(0), lengths)
     del occupied
-    sums = np.bincount(known_places >> 32, weights=weights, minlength=n_packs)[:n_packs] if n_packs else weights[:0]
-    return count, np.rint(sums).astype(np.int64)
+    starts = np.searchsorted(known_places, np.arange(n_packs + 1, dtype=np.int64) << 32)   # places sort by pack
+    sums = np.zeros(n_packs, np.int64)
+    some = np.flatnonzero(starts[1:] > starts[:-1])
+    if len(some):
+        sums[some] = np.add.reduceat(dead, starts[some], dtype=np.int64)
+    return count, sums
 
 
 class HeldCopies(Mapping):
