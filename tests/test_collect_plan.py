@@ -127,3 +127,16 @@ def test_chunk_ids_union_of_image_arrays_is_the_set_union() -> None:
     assert ids == expected and list(ids) == sorted(expected)
     assert all(cid in ids for cid in expected) and bytes(32) not in ids
     assert (ids | [bytes(32)]) == expected | {bytes(32)}
+
+
+def test_marks_from_arrays_are_the_marks_from_a_list() -> None:
+    from imgbackup.repository.marks import copy_arrays, decode_marks, encode_marks
+
+    copies = [(_cid(i), _cid(100 + i % 3), 16 + 40 * i, float(i)) for i in range(12)]
+    packs = {_cid(100): 5.0, _cid(200): 6.0}
+    plain = encode_marks(copies, packs)
+    assert encode_marks(copy_arrays(copies), packs) == plain
+    ids, pack_ids, offsets, times, whole = decode_marks(plain, "gc/x", 1.0)
+    assert sorted(zip([i.tobytes() for i in ids], [p.tobytes() for p in pack_ids], offsets.tolist(),
+                      times.tolist(), strict=True)) == sorted(copies)
+    assert whole == packs

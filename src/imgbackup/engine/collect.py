@@ -117,20 +117,22 @@ def _rewrite_marks(repo: Repository, plan: CollectionPlan, gone: set[str], resul
     storage time), then the old mark objects go: a reader that misses one lists again (marks.py).
     A pack S3 Object Lock kept from deletion stays marked with its first time: a later collection
     deletes it after its lock date without waiting a grace period again."""
-    copies = [(cid, pid, off, at) for (cid, pid, off), at in plan.held.items() if pack_name(pid) not in gone]
+    held = plan.held
+    gone_numbers = [held.source.number_one(bytes.fromhex(name.rsplit("/", 1)[1])) for name in gone]
+    copies = held.mark_arrays(~held.in_packs(gone_numbers))
     packs = {pid: at for pid, at in plan.held_packs.items() if pack_name(pid) not in gone}
     retained = {use.pack_id for use in plan.free if use.name in result.retained}
     for pid in retained - packs.keys():
         packs[pid] = plan.marks.packs.get(pid, 0.0)
     try:
-        if copies or packs:
+        if len(copies[0]) or packs:
             write_marks(repo.storage, repo.envelope, copies, packs)
         for name in plan.marks.names:
             repo.storage.delete(name)
     except StorageError as exc:
         result.warnings.append(f"the collection marks were not rewritten ({exc}); the next compact tries again")
         return
-    result.candidates_held = len(copies) + len(packs)
+    result.candidates_held = len(copies[0]) + len(packs)
 
 
 def collect(repo: Repository, done_before: str = "",
@@ -146,8 +148,8 @@ def collect(repo: Repository, done_before: str = "",
     plan = plan_collection(repo, needed, warnings, safety=safety)
     if plan.ripe_new and not plan.blocked:
         try:
-            write_marks(storage, envelope, [(cid, pid, off, 0.0) for (cid, pid, off), at in plan.held.items()
-                                            if not at], {pid: 0.0 for pid, at in plan.held_packs.items() if not at})
+            write_marks(storage, envelope, plan.held.mark_arrays(plan.held.times == 0),
+                        {pid: 0.0 for pid, at in plan.held_packs.items() if not at})
         except StorageError as exc:      # a full disk: free what is ripe already, mark the rest next time
             plan.warnings.append(f"could not write the collection marks ({exc}); a later compact frees the rest")
             return plan, carry_out(repo, plan, done_before)

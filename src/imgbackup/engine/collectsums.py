@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from imgbackup.engine.collectrows import SLICE, PlanTable
+from imgbackup.repository.chunktable import ROW_DTYPE
 from imgbackup.repository.marks import Marks, Safety
 from imgbackup.repository.packs import BlobLocation
 
@@ -87,6 +88,18 @@ class HeldCopies(Mapping):
     def __iter__(self) -> Iterator[tuple[bytes, bytes, int]]:
         for key, _ in self.items():
             yield key
+
+    def mark_arrays(self, select: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The held copies (those ``select`` flags) as marks.write_marks takes them: arrays, no objects."""
+        refs, times = (self.refs, self.times) if select is None else (self.refs[select], self.times[select])
+        rows = self.source.rows_of(refs)
+        view = rows.view(ROW_DTYPE)[:, 0] if len(rows) else np.zeros(0, ROW_DTYPE)
+        packs = self.source.packs[view["pack"].astype(np.int64)]
+        return np.ascontiguousarray(rows[:, :32]), packs, view["offset"].astype(np.uint32), times.astype(np.float64)
+
+    def in_packs(self, numbers: list[int]) -> np.ndarray:
+        """Which held copies lie in the packs numbered ``numbers`` (listing numbers)."""
+        return np.isin(self.source.pack_numbers(self.refs), np.array(numbers, np.int32))
 
     def __getitem__(self, key):
         if self._dict is None:

@@ -65,18 +65,35 @@ class Marks:
         return out
 
 
-def encode_marks(copies: list[tuple[bytes, bytes, int, float]], packs: dict[bytes, float]) -> bytes:
-    """Plaintext of one mark object: (chunk id, pack id, offset, marked at) copies, pack id -> marked at."""
-    pack_ids = sorted({pid for _, pid, _, _ in copies} | set(packs))
-    number = {p: i for i, p in enumerate(pack_ids)}
-    rows = np.zeros(len(copies), COPY_DTYPE)
-    for i, (cid, pid, offset, at) in enumerate(sorted(copies)):
-        rows[i] = (cid, number[pid], offset, at)
+CopyArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]   # chunk ids, pack ids (k, 32), offsets, times
+
+
+def copy_arrays(copies: list[tuple[bytes, bytes, int, float]] | CopyArrays) -> CopyArrays:
+    """Marked copies as arrays; a list of (chunk id, pack id, offset, marked at) is sorted first."""
+    if isinstance(copies, tuple):
+        return copies
+    rows = sorted(copies)
+    ids = np.frombuffer(b"".join(r[0] for r in rows), np.uint8).reshape(-1, 32)
+    packs = np.frombuffer(b"".join(r[1] for r in rows), np.uint8).reshape(-1, 32)
+    return ids, packs, np.array([r[2] for r in rows], np.uint32), np.array([r[3] for r in rows], np.float64)
+
+
+def encode_marks(copies: list[tuple[bytes, bytes, int, float]] | CopyArrays, packs: dict[bytes, float]) -> bytes:
+    """Plaintext of one mark object: (chunk id, pack id, offset, marked at) copies — a list, or arrays
+    (a collection holding millions) — and pack id -> marked at."""
+    ids, copy_packs, offsets, times = copy_arrays(copies)
+    whole_ids = np.frombuffer(b"".join(sorted(packs)), np.uint8).reshape(-1, 32)
+    every = np.ascontiguousarray(np.concatenate([copy_packs, whole_ids])).view("V32")[:, 0]
+    pack_ids, number = np.unique(every, return_inverse=True)     # sorted as bytes are
+    number = number.reshape(-1)
+    rows = np.zeros(len(ids), COPY_DTYPE)
+    rows["id"] = np.ascontiguousarray(ids).view("V32")[:, 0] if len(ids) else rows["id"]
+    rows["pack"], rows["offset"], rows["at"] = number[: len(ids)], offsets, times
     whole = np.zeros(len(packs), PACK_DTYPE)
-    for i, (pid, at) in enumerate(sorted(packs.items())):
-        whole[i] = (number[pid], at)
+    whole["pack"] = number[len(ids) :]
+    whole["at"] = [packs[p] for p in sorted(packs)]
     head = MARKS_HEAD.pack(MARKS_MAGIC, MARKS_VERSION, len(pack_ids), len(rows), len(whole))
-    return head + b"".join(pack_ids) + rows.tobytes() + whole.tobytes()
+    return head + pack_ids.tobytes() + rows.tobytes() + whole.tobytes()
 
 
 def decode_marks(plain: bytes, name: str, written: float) -> tuple[np.ndarray, np.ndarray, np.ndarray,
@@ -177,7 +194,7 @@ def marked_copies(marks: Marks) -> list[tuple[bytes, bytes, int]]:
             for cid, pid, off in zip(marks.copy_ids, marks.copy_packs, marks.copy_offsets.tolist(), strict=True)]
 
 
-def write_marks(storage: Storage, envelope: Envelope, copies: list[tuple[bytes, bytes, int, float]],
+def write_marks(storage: Storage, envelope: Envelope, copies: list[tuple[bytes, bytes, int, float]] | CopyArrays,
                 packs: dict[bytes, float]) -> tuple[str, float]:
     """Store one new mark object; (its name, its storage time — the mark time of new candidates)."""
     mark_id = os.urandom(16)
