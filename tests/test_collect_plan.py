@@ -132,7 +132,7 @@ def test_chunk_ids_union_of_image_arrays_is_the_set_union() -> None:
 def test_marks_from_arrays_are_the_marks_from_a_list() -> None:
     from imgbackup.repository.marks import copy_arrays, decode_marks, encode_marks
 
-    copies = [(_cid(i), _cid(100 + i % 3), 16 + 40 * i, float(i)) for i in range(12)]
+    copies = [(_cid(i), _cid(100 + i % 3), 16 + 40 * i, float(i + 1)) for i in range(12)]   # 0: "when written"
     packs = {_cid(100): 5.0, _cid(200): 6.0}
     plain = encode_marks(copies, packs)
     assert encode_marks(copy_arrays(copies), packs) == plain
