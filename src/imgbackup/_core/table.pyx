@@ -305,3 +305,33 @@ def table_merge(uint8_t[:, ::1] rows, Py_ssize_t used, const uint8_t[:, ::1] mor
                 j -= 1
             w -= 1
     return used + m
+
+
+def table_scatter(const uint8_t[:, ::1] rows, uint8_t[:, ::1] out, int64_t[::1] fill, Py_ssize_t capacity,
+                  uint32_t pack_offset, uint8_t[:, ::1] spill) -> int:
+    """Copy each row into the bucket of its id's first byte: bucket b is ``out`` rows b * capacity
+    onwards, ``fill[b]`` of them used (advanced here). A 48-byte chunk row's pack number gets
+    ``pack_offset`` added. Rows whose bucket is full go, in order, to the front of ``spill``;
+    returns how many did. Loading many index files this way groups the rows by first byte with
+    sequential writes, instead of a pass of random swaps over the whole table afterwards."""
+    cdef Py_ssize_t n = rows.shape[0], stride = rows.shape[1], i, b, spilled = 0
+    cdef uint8_t* dst
+    cdef uint32_t pack
+    if (out.shape[1] != stride or spill.shape[1] != stride or spill.shape[0] < n or fill.shape[0] != 256
+            or capacity < 0 or out.shape[0] < 256 * capacity):
+        raise ValueError("out holds 256 buckets of capacity rows of the rows' width; spill room for every row")
+    with nogil:
+        for i in range(n):
+            b = rows[i, 0]
+            if fill[b] < capacity:
+                dst = &out[b * capacity + fill[b], 0]
+                fill[b] += 1
+            else:
+                dst = &spill[spilled, 0]
+                spilled += 1
+            memcpy(dst, &rows[i, 0], stride)
+            if stride == 48:
+                memcpy(&pack, dst + 32, 4)
+                pack += pack_offset
+                memcpy(dst + 32, &pack, 4)
+    return spilled
