@@ -144,6 +144,22 @@ def test_scatter_into_buckets_matches_reference(rows: np.ndarray, capacity: int,
     assert int(fills[0].sum()) + got == len(rows)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([32, 48, 64]), st.integers(0, 400), st.data())
+def test_closing_the_buckets_matches_reference(stride: int, capacity: int, data) -> None:
+    """Capacities of up to 400 rows span many pages, so the pages given back are real ones: the rows
+    that stay must be exactly the reference's."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    rows = rng.integers(0, 256, (256 * capacity, stride), np.uint8)
+    fill = rng.integers(0, capacity + 1, 256).astype(np.int64)
+    if data.draw(st.booleans()):
+        fill[rng.integers(0, 256, 200)] = 0                 # many empty buckets
+    native, ref = rows.copy(), rows.copy()
+    used = table.table_close_buckets(native, fill, capacity)
+    assert used == tableref.table_close_buckets(ref, fill, capacity) == int(fill.sum())
+    assert np.array_equal(native[:used], ref[:used])
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError):
         table.table_sort(np.zeros((3, 16), np.uint8))

@@ -110,3 +110,13 @@ def table_scatter(rows: np.ndarray, out: np.ndarray, fill: np.ndarray, capacity:
             spill[spilled] = row
             spilled += 1
     return spilled
+
+
+def table_close_buckets(rows: np.ndarray, fill: np.ndarray, capacity: int) -> int:
+    if len(fill) != 256 or capacity < 0 or len(rows) < 256 * capacity:
+        raise ValueError("256 buckets of capacity rows")
+    if ((fill < 0) | (fill > capacity)).any():
+        raise ValueError("a bucket holds 0 to capacity rows")
+    kept = np.concatenate([rows[b * capacity : b * capacity + int(fill[b])] for b in range(256)]) if len(rows) else rows
+    rows[: len(kept)] = kept
+    return len(kept)

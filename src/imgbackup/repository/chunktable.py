@@ -302,14 +302,10 @@ class BucketRows:
 
     def take(self) -> np.ndarray:
         """Every row taken in, sorted (copies of one id side by side), as an array owning its memory."""
-        rows, used, starts = self.rows, 0, [0]
+        rows = self.rows
         self.rows = np.empty((0, rows.shape[1]), np.uint8)
-        for b in range(256):                    # close the gaps between the buckets (moves left only)
-            n, src = int(self.fill[b]), b * self.capacity
-            if n and src != used:
-                rows[used : used + n] = rows[src : src + n]
-            used += n
-            starts.append(used)
+        used = kernels.table_close_buckets(rows, self.fill, self.capacity)
+        starts = [0, *np.cumsum(self.fill).tolist()]
         spilled = self.spill.take()
         rows = _resize(rows, used + len(spilled))
         if len(spilled):

@@ -28,6 +28,7 @@ from imgbackup.format.layout import (
     PACK_HEADER,
 )
 from imgbackup.format.validate import damaged, is_hex
+from imgbackup.repository.bounded import bounded_map
 from imgbackup.repository.chunktable import (
     BASE_ROW_SIZE,
     ROW_DTYPE,
@@ -45,6 +46,8 @@ BASE_DTYPE = np.dtype([("row", "<u4"), ("base", "V32")])
 assert BASE_DTYPE.itemsize == BASE_ENTRY.size
 INDEX_FOLDER = "index"
 READ_THREADS = 8             # index files fetched at once: a bucket answers each GET in ~10 ms
+READ_AHEAD = 2 * READ_THREADS   # opened files waiting to be taken in, at most: each holds its plaintext
+                                # (10^7 chunks: 760 MiB peak when all of them could queue)
 MAX_ENTRIES_PER_FILE = 1 << 20   # ~50 MiB per file: a merged index of a huge repository stays in pieces
 BUCKET_MIN_FILES = 16        # from this many files a new table gathers rows by first id byte as they arrive
 
@@ -236,7 +239,7 @@ def load_table(storage: Storage, envelope: Envelope, names: list[str], into: Chu
                                  "from the packs") from None
 
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="imgbackup-index") as pool:
-        for rows, file_packs, file_bases in pool.map(fetch, names):
+        for rows, file_packs, file_bases in bounded_map(pool, fetch, names, lambda _name: 1, READ_AHEAD):
             if buckets is not None:
                 buckets.add(rows, pack_count)
             else:
