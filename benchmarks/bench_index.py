@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PASSPHRASE = b"bench-index"
 TARGETS = {"cold_s": 5.0, "cache_s": 1.0, "rss_mib": 600.0}
 CHUNKS_PER_PACK = 16          # 16 MiB packs of 1 MiB chunks
+BUILD = 2                     # bumped when the synthetic repository's make-up changes (a config gained a signature)
 DUPLICATES = 0.01             # share of entries that are a second copy of another file's chunk
 
 
@@ -55,9 +56,6 @@ def drop_caches() -> None:
 
 
 # --- building the synthetic repository -----------------------------------------------------------
-
-BUILD = 2    # changes when the synthetic repository's make-up does (e.g. a config gained a signature)
-
 
 def build_params(chunks: int, files: int, hosts: int) -> dict:
     """What a built repository's ``.bench-params`` marker says: rebuilt when it differs."""
@@ -100,10 +98,7 @@ def build(repo_dir: Path, chunks: int, files: int, hosts: int) -> None:
         repo.storage.put(name, repo.envelope.seal(OBJ_CHUNK_INDEX, file_id, encode_rows(rows, packs)))
         if f % 200 == 0:
             print(f"  index object {f + 1}/{files} (host {f % hosts})", file=sys.stderr)
-    from imgbackup.format.layout import FORMAT_VERSION
-
-    (repo_dir / ".bench-params").write_text(json.dumps({"chunks": chunks, "files": files, "hosts": hosts,
-                                                        "format": FORMAT_VERSION}))
+    (repo_dir / ".bench-params").write_text(json.dumps(build_params(chunks, files, hosts)))
 
 
 def add_one_file(repo_dir: Path, n: int) -> str:

@@ -55,6 +55,34 @@ def test_the_table_hands_out_one_copy_keeps_the_others_and_finds_a_segment_at_on
         assert copies[0].pack_id == packs[i % 7].tobytes() and copies[0].offset == 100 + i
 
 
+@pytest.mark.parametrize("ids", ["uniform", "skewed", "more than expected"])
+def test_rows_gathered_in_buckets_come_out_as_one_sort_would_give_them(ids: str) -> None:
+    """Uniform ids fit their buckets; skewed ids, or more rows than announced, spill and are still
+    sorted whole (with pack offsets applied either way)."""
+    from imgbackup.repository.chunktable import BucketRows, field, sort_rows
+
+    rng = np.random.default_rng(11)
+    pieces = [rng.integers(0, 256, (3000, 48), np.uint8) for _ in range(6)]
+    for piece in pieces:
+        piece[:, 44:48] = 0
+        field(piece, "pack")[:] = rng.integers(0, 50, len(piece))
+        if ids == "skewed":
+            piece[: 2000, 0] = 7            # most ids in one bucket
+        piece[:5, :32] = pieces[0][:5, :32]  # copies of one chunk in several pieces
+    buckets = BucketRows(3000 * 6 if ids != "more than expected" else 300)
+    want = []
+    for i, piece in enumerate(pieces):
+        buckets.add(piece, 100 * i)
+        shifted = piece.copy()
+        field(shifted, "pack")[:] += 100 * i
+        want.append(shifted)
+    spilled = buckets.spill.used
+    got, expected = buckets.take(), np.concatenate(want)
+    sort_rows(expected)
+    assert np.array_equal(got, expected)
+    assert (spilled > 0) == (ids != "uniform")
+
+
 def test_a_whole_copy_is_handed_out_before_a_delta() -> None:
     cid = os.urandom(32)
     packs = np.zeros((3, 32), np.uint8)
