@@ -134,7 +134,8 @@ def reference_plan(repo: Repository, needed: set[bytes] | None, warnings: list[s
     _hold_candidates(plan, uses, copies, unindexed, needed, safety, provisional)
     _measure(uses.values(), blobs)
     for use in uses.values():
-        if use.kept:
+        if use.kept:              # left as it is: so are the index entries of what it holds that stays
+            plan.rows.update(use.live)
             continue
         if not use.live:
             plan.free.append(use)

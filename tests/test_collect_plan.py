@@ -17,11 +17,13 @@ from hypothesis import strategies as st
 from collect_reference import reference_plan
 from imgbackup.engine.collectplan import plan_collection
 from imgbackup.repository.chunkids import ChunkIds
-from imgbackup.repository.damage import DamagedCopy, write_record
+from imgbackup.repository.chunkindex import ChunkIndex
+from imgbackup.repository.damage import DamagedCopy, DamageLog, write_record
 from imgbackup.repository.indexfile import write_index_files
 from imgbackup.repository.marks import Safety, write_marks
 from imgbackup.repository.packs import PackWriter, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository
+from imgbackup.repository.storage import object_sizes
 
 NOW = 2_000_000_000.0
 FOLDERS = ("index", "packs", "damage", "gc")
@@ -114,6 +116,10 @@ def test_array_plan_is_the_reference_plan(repo: Repository, data) -> None:
     assert (new.entries_before, new.entries_after, new.rewrite_index, new.index_files_after) == \
         (ref.entries_before, ref.entries_after, ref.rewrite_index, ref.index_files_after)
     assert (new.bytes_to_copy, new.bytes_reclaimable) == (ref.bytes_to_copy, ref.bytes_reclaimable)
+    index = ChunkIndex.load(repo.storage, repo.envelope, DamageLog.load(repo.storage, repo.envelope, strict=False),
+                            set(object_sizes(repo.storage, "packs")))
+    kept = set(new.rows) | {cid for use in new.rewrite for cid, _ in use.live}
+    assert all(cid in kept for cid in needed if cid in index)   # a needed chunk with a usable copy stays indexed
 
 
 def test_chunk_ids_union_of_image_arrays_is_the_set_union() -> None:
@@ -140,3 +146,20 @@ def test_marks_from_arrays_are_the_marks_from_a_list() -> None:
     assert sorted(zip([i.tobytes() for i in ids], [p.tobytes() for p in pack_ids], offsets.tolist(),
                       times.tolist(), strict=True)) == sorted(copies)
     assert whole == packs
+
+
+@pytest.mark.parametrize("planner", ["array", "reference"])
+def test_a_pack_kept_for_an_unreadable_trailer_keeps_its_needed_chunks_indexed(repo: Repository, planner) -> None:
+    _clear(repo)
+    writer = PackWriter(repo.storage, repo.envelope, target_size=1 << 30)
+    writer.add(_cid(0), os.urandom(60), 60)
+    writer.add(_cid(1), os.urandom(60), 60)
+    writer.flush()
+    write_index_files(repo.storage, repo.envelope, list(writer.written.items()))
+    name = pack_name(writer.written[_cid(0)].pack_id)
+    repo.storage.put(name, os.urandom(repo.storage.size(name)))      # its trailer no longer reads
+    needed = {_cid(0), _cid(9)}            # chunk 9 has no copy: the plan reads trailers to look for one
+    plan = (plan_collection(repo, ChunkIds.of(needed), safety=Safety(NOW, 0.0, []), provisional=True)
+            if planner == "array" else reference_plan(repo, needed, safety=Safety(NOW, 0.0, []), provisional=True))
+    assert any(name in w for w in plan.warnings) and not plan.free and not plan.rewrite
+    assert _cid(0) in plan.rows           # the pack stays, and so does the index entry of its needed chunk

@@ -270,7 +270,7 @@ def _classify(plan: CollectionPlan, source: PlanTable, names: list[str], sizes: 
     bounds = np.concatenate([[0], np.cumsum(in_table)])
     free = ~kept & (live_count == 0)
     rewrite = ~kept & (live_count > 0) & (dead > 0)
-    stay = ~kept & (live_count > 0) & (dead == 0)
+    stay = (live_count > 0) & (kept | (dead == 0))     # a kept pack is left as it is: its entries stay too
     for pack in np.flatnonzero(free | rewrite).tolist():
         name = names[pack]
         if free[pack]:
