@@ -14,7 +14,7 @@ from imgbackup.engine.rescue.console import RescueLog
 from imgbackup.engine.rescue.unattended import run_from_cmdline
 from imgbackup.errors import UsageError
 from rescue_fixtures import UNATTENDED
-from support import need_tool
+from support import cli_json, need_tool
 
 
 def test_baked_parameters_go_into_the_default_entry_only() -> None:
@@ -86,6 +86,36 @@ def test_a_bad_parameter_stops_the_run_with_its_reason(tmp_path: Path, monkeypat
     assert "FAILED: imgbackup.target=/dev/sda is not a stable identity" in text and "\r\n" in text
     assert "root shell is open" in text
     assert '"ok": false' in (tmp_path / "status.json").read_text()
+
+
+def test_the_unattended_restore_runs_the_engine_in_its_own_process(tmp_path: Path) -> None:
+    """The run's restore step: the image's bytes on the target, the command a sysadmin would type in
+    the log, and the CLI's refusals with their exit codes (wrong or unreadable passphrase: 4)."""
+    import random
+
+    from imgbackup.engine.rescue import unattended
+    from imgbackup.engine.rescue.params import parse_params
+    from imgbackup.errors import ImgBackupError
+
+    data = random.Random(5).randbytes(3 << 20)
+    (tmp_path / "disk.img").write_bytes(data)
+    (tmp_path / "pass").write_text("test-pass\n")
+    cli_json("init", repo=tmp_path / "repo")
+    cli_json("backup", tmp_path / "disk.img", "--name", "srcdisk", repo=tmp_path / "repo")
+    params = parse_params(UNATTENDED)
+    lines: list[str] = []
+    log = RescueLog([], echo=lines.append)
+    result = unattended._restore_here(params, tmp_path / "repo", tmp_path / "pass", str(tmp_path / "out.img"), log)
+    assert (tmp_path / "out.img").read_bytes() == data and result.bytes_written > 0
+    assert any(f"running: imgbackup restore latest {tmp_path / 'out.img'} --yes --name srcdisk --grow" in line
+               for line in lines)
+    (tmp_path / "pass").write_text("wrong-pass\n")
+    for passphrase_file in (tmp_path / "pass", tmp_path / "missing", None):
+        with pytest.raises(ImgBackupError) as refused:
+            unattended._restore_here(params, tmp_path / "repo", passphrase_file, str(tmp_path / "out2.img"), log)
+        assert refused.value.exit_code == 4, refused.value
+    assert not (tmp_path / "out2.img").exists()
+    assert "test-pass" not in "\n".join(lines)
 
 
 def test_log_lines_before_the_file_exists_are_written_to_it_first(tmp_path: Path) -> None:
