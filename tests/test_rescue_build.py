@@ -118,6 +118,48 @@ def test_the_unattended_restore_runs_the_engine_in_its_own_process(tmp_path: Pat
     assert "test-pass" not in "\n".join(lines)
 
 
+def test_login_on_a_terminal_shows_the_outcome_then_the_guide(tmp_path: Path) -> None:
+    """What every console of the media runs at login (bash_profile): the unattended run's outcome, then
+    — booted for the menu, as a command line without imgbackup.action is (this host's) — the guide
+    on that terminal. The guest test drives the guide itself after a failed run's shell."""
+    import json
+
+    from tests.terminal import Terminal
+
+    (tmp_path / "rescue-status.json").write_text(json.dumps(
+        {"ok": False, "reason": "target /dev/disk/by-id/virtio-X not found", "exit_code": 8,
+         "log_path": "/run/x.log", "seconds": 1.0}))
+    assert "imgbackup.action" not in Path("/proc/cmdline").read_text()
+    with Terminal("rescue", "login", IMGBACKUP_RESCUE_RUN=str(tmp_path)) as term:
+        term.expect(r"unattended restore FAILED: target /dev/disk/by-id/virtio-X not found")
+        term.expect(r"log: /run/x.log")
+        term.expect(r"imgbackup rescue menu\r?\n\s+1\) restore an image onto a disk \(guided\)")
+        term.expect(r"choose \[1\]: ")
+        term.send("3\n")
+        term.expect(r"shell: imgbackup is on PATH")
+        assert term.wait() == 0
+
+
+def test_a_failed_run_takes_on_failure_not_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """imgbackup.on-failure=poweroff (racks): a run that failed powers off instead of leaving a shell,
+    and never takes imgbackup.after. The guest tests prove 'systemctl poweroff' itself (after=poweroff)
+    and on-failure=shell; this is the choice between them, with systemctl recording what it was asked."""
+    from imgbackup.engine.rescue import unattended
+
+    monkeypatch.setattr(unattended, "STATUS_FILE", tmp_path / "status.json")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'asked'}\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cmdline = (UNATTENDED.replace("LABEL=IBBACKUP:/repo", str(tmp_path / "norepo"))
+               .replace("LABEL=IBBACKUP:/pass", str(tmp_path / "pass")).replace("after=poweroff", "after=reboot"))
+    lines: list[str] = []
+    assert run_from_cmdline(cmdline, RescueLog([], echo=lines.append)) == 3
+    assert any(f"FAILED: no imgbackup repository at {tmp_path / 'norepo'}" in line for line in lines), lines
+    assert (tmp_path / "asked").read_text() == "--no-block poweroff\n"
+
+
 def test_log_lines_before_the_file_exists_are_written_to_it_first(tmp_path: Path) -> None:
     log = RescueLog([], echo=lambda line: None)
     log("first")
