@@ -238,3 +238,18 @@ def test_udev_coldplug_covers_disks_and_consoles_and_skips_the_rest() -> None:
     everything = subprocess.run(["udevadm", "trigger", "--dry-run", "--verbose", "--type=devices"],
                                 capture_output=True, text=True, check=True).stdout.split()
     assert len(paths) < len(everything)
+
+
+def test_the_rescue_unit_starts_with_the_boot_and_verifies(tmp_path: Path) -> None:
+    """imgbackup-rescue.service is not ordered after sysinit/basic (Python's start overlaps the boot),
+    so its run must wait for udev's coldplug itself; systemd-analyze finds nothing else wrong with it."""
+    need_tool("systemd-analyze")
+    text = rootfs.data_file("systemd/imgbackup-rescue.service").decode()
+    assert "DefaultDependencies=no" in text and "rescue run --after-coldplug" in text
+    assert "Wants=systemd-udevd.service systemd-udev-trigger.service" in text and "Before=shutdown.target" in text
+    (tmp_path / "imgbackup-rescue.service").write_text(text)
+    check = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "imgbackup-rescue.service")],
+                           capture_output=True, text=True)
+    problems = [line for line in check.stderr.splitlines()
+                if "/usr/local/bin/imgbackup is not executable" not in line]    # the media's, not this host's
+    assert problems == [], check.stderr

@@ -14,7 +14,9 @@ second interpreter start.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,14 @@ from typing import TYPE_CHECKING
 from imgbackup.device import tools
 from imgbackup.device.identity import identify
 from imgbackup.engine.rescue.console import RescueLog, boot_seconds
-from imgbackup.engine.rescue.locate import RUN_DIR, Mounts, find_target, medium_device, whole_disk_of
+from imgbackup.engine.rescue.locate import (
+    RUN_DIR,
+    Mounts,
+    find_target,
+    medium_device,
+    wait_for_coldplug,
+    whole_disk_of,
+)
 from imgbackup.engine.rescue.params import ON_FAILURE, Location, RescueParams, parse_params, raw_params
 from imgbackup.errors import ImgBackupError, PassphraseMissing, TargetRefused, UsageError
 
@@ -65,6 +74,23 @@ def _embedded_repo(path: Path) -> Path:
     return base / "repo"
 
 
+def _import_the_restore_engine() -> None:
+    import imgbackup.engine.restore.plan
+    import imgbackup.engine.restore.run
+    import imgbackup.repository.repo  # noqa: F401
+
+
+def _preload() -> threading.Thread:
+    """The restore engine's imports (numpy, the crypto stack, the repository: 10-14 s of a TCG guest's
+    CPU) in the background while the run waits for its devices; joined before the restore uses them."""
+    def imports() -> None:
+        with contextlib.suppress(Exception):     # the restore's own import reports any problem
+            _import_the_restore_engine()
+    thread = threading.Thread(target=imports, name="imgbackup-preload", daemon=True)
+    thread.start()
+    return thread
+
+
 def _restore_words(params: RescueParams, target: str) -> list[str]:
     """The ``imgbackup restore`` a sysadmin would type for this run (the log names it)."""
     words = ["imgbackup", "restore", params.image, target, "--yes"]
@@ -78,11 +104,13 @@ def _restore_words(params: RescueParams, target: str) -> list[str]:
 
 
 def _restore_here(params: RescueParams, repo_path: Path, passphrase_file: Path | None, target: str,
-                  log: RescueLog) -> BareMetalResult:
+                  log: RescueLog, preloaded: threading.Thread | None = None) -> BareMetalResult:
     """What ``imgbackup restore … --yes`` does, in this process: the restore engine itself, with its
     own refusals (before the first byte is written) and exit codes. Not a child ``python -m
     imgbackup``: under TCG a second interpreter start, its imports and the repository open cost
     ~30 s of a ~60 s run."""
+    if preloaded is not None:
+        preloaded.join()          # one thread imports a module at a time: never two at once
     from imgbackup.engine.restore.plan import plan_disk_restore, plan_partition_restore
     from imgbackup.engine.restore.run import run_disk_restore
     from imgbackup.repository.repo import Repository
@@ -118,8 +146,11 @@ class _Failed(Exception):
         self.code = code
 
 
-def _restore(params: RescueParams, log: RescueLog, mounts: Mounts) -> str:
+def _restore(params: RescueParams, log: RescueLog, mounts: Mounts, after_coldplug: bool = False) -> str:
     """Everything from finding the repository to a finished restore; returns the summary line."""
+    preloaded = _preload()
+    if after_coldplug:
+        wait_for_coldplug()
     wait = params.wait_s
     log(f"repository {params.repo}: waiting up to {wait} s for its device")
     repo_path, repo_dev = mounts.path_of(params.repo, wait, read_only=False)
@@ -148,7 +179,7 @@ def _restore(params: RescueParams, log: RescueLog, mounts: Mounts) -> str:
     what = f"image {params.image}" + (f" of {params.name}" if params.name else "")
     log(f"restoring {what}" + (" (growing the last partition)" if params.grow else ""))
     result = _restore_here(params, repo_path, pass_path,
-                           params.target.value if params.target.kind == "by-id" else node, log)
+                           params.target.value if params.target.kind == "by-id" else node, log, preloaded)
     for note in result.notes:
         log(f"  {note}")
     return (f"restored image {result.image[:12]} onto {params.target}: "
@@ -172,11 +203,11 @@ def _finish(action: str, log: RescueLog) -> None:
     tools.run(["systemctl", "--no-block", action], timeout=60)
 
 
-def run(params: RescueParams, log: RescueLog) -> Outcome:
+def run(params: RescueParams, log: RescueLog, after_coldplug: bool = False) -> Outcome:
     start = time.monotonic()
     mounts = Mounts()
     try:
-        summary = _restore(params, log, mounts)
+        summary = _restore(params, log, mounts, after_coldplug)
         ok, reason, code = True, summary, 0
     except _Failed as exc:
         ok, reason, code = False, str(exc), exc.code
@@ -194,8 +225,9 @@ def run(params: RescueParams, log: RescueLog) -> Outcome:
     return Outcome(ok, reason, code, str(log.path) if log.path else None, seconds)
 
 
-def run_from_cmdline(cmdline: str, log: RescueLog | None = None) -> int:
-    """Entry point of ``imgbackup rescue run``: the exit code of the whole action."""
+def run_from_cmdline(cmdline: str, log: RescueLog | None = None, after_coldplug: bool = False) -> int:
+    """Entry point of ``imgbackup rescue run``: the exit code of the whole action. ``after_coldplug``:
+    systemd started this run before udev; wait for its coldplug before looking for devices."""
     log = log or RescueLog()
     try:
         params = parse_params(cmdline)
@@ -214,7 +246,7 @@ def run_from_cmdline(cmdline: str, log: RescueLog | None = None) -> int:
     up = boot_seconds()
     log(f"unattended restore: {' '.join(w for w in cmdline.split() if w.startswith('imgbackup.'))}"
         + (f" ({up:.0f} s after boot)" if up is not None else ""))
-    outcome = run(params, log)
+    outcome = run(params, log, after_coldplug)
     _write_status(outcome)
     _finish(params.after if outcome.ok else params.on_failure, log)
     return outcome.exit_code
