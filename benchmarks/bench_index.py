@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PASSPHRASE = b"bench-index"
 TARGETS = {"cold_s": 5.0, "cache_s": 1.0, "rss_mib": 600.0}
 CHUNKS_PER_PACK = 16          # 16 MiB packs of 1 MiB chunks
+BUILD = 2                     # bumped when the synthetic repository's make-up changes (a config gained a signature)
 DUPLICATES = 0.01             # share of entries that are a second copy of another file's chunk
 
 
@@ -93,7 +94,7 @@ def build(repo_dir: Path, chunks: int, files: int, hosts: int) -> None:
     from imgbackup.format.layout import FORMAT_VERSION
 
     (repo_dir / ".bench-params").write_text(json.dumps({"chunks": chunks, "files": files, "hosts": hosts,
-                                                        "format": FORMAT_VERSION}))
+                                                        "format": FORMAT_VERSION, "build": BUILD}))
 
 
 def add_one_file(repo_dir: Path, n: int) -> str:
@@ -241,7 +242,7 @@ def main() -> None:
     repo_dir = work / "repo"
     from imgbackup.format.layout import FORMAT_VERSION
 
-    params = {"chunks": args.chunks, "files": args.files, "hosts": args.hosts, "format": FORMAT_VERSION}
+    params = {"chunks": args.chunks, "files": args.files, "hosts": args.hosts, "format": FORMAT_VERSION, "build": BUILD}
     marker = repo_dir / ".bench-params"
     if not marker.exists() or json.loads(marker.read_text()) != params:
         print(f"building {repo_dir} ({args.chunks} entries in {args.files} index objects) ...", file=sys.stderr)

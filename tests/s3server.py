@@ -150,6 +150,17 @@ class S3Server:
         _wait_ready(self, existing_data=True)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_the_test() -> None:
+    """In the server's child before exec: SIGKILL it when the process that started it ends, so a
+    killed pytest (SIGKILL, CI timeout) leaves no server behind -- no clean-up code runs then."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def _spawn(workdir: Path, base: int) -> subprocess.Popen:
     binary = weed_binary()
     if binary is None:
@@ -166,7 +177,8 @@ def _spawn(workdir: Path, base: int) -> subprocess.Popen:
     log = open(workdir / "weed.out", "ab")  # noqa: SIM115 - the child keeps it
     try:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "GOMEMLIMIT": "512MiB"}, start_new_session=True)
+                                env={**os.environ, "GOMEMLIMIT": "512MiB"}, start_new_session=True,
+                                preexec_fn=_die_with_the_test)
     finally:
         log.close()
 

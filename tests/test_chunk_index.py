@@ -55,6 +55,34 @@ def test_the_table_hands_out_one_copy_keeps_the_others_and_finds_a_segment_at_on
         assert copies[0].pack_id == packs[i % 7].tobytes() and copies[0].offset == 100 + i
 
 
+@pytest.mark.parametrize("ids", ["uniform", "skewed", "more than expected"])
+def test_rows_gathered_in_buckets_come_out_as_one_sort_would_give_them(ids: str) -> None:
+    """Uniform ids fit their buckets; skewed ids, or more rows than announced, spill and are still
+    sorted whole (with pack offsets applied either way)."""
+    from imgbackup.repository.chunktable import BucketRows, field, sort_rows
+
+    rng = np.random.default_rng(11)
+    pieces = [rng.integers(0, 256, (3000, 48), np.uint8) for _ in range(6)]
+    for piece in pieces:
+        piece[:, 44:48] = 0
+        field(piece, "pack")[:] = rng.integers(0, 50, len(piece))
+        if ids == "skewed":
+            piece[: 2000, 0] = 7            # most ids in one bucket
+        piece[:5, :32] = pieces[0][:5, :32]  # copies of one chunk in several pieces
+    buckets = BucketRows(3000 * 6 if ids != "more than expected" else 300)
+    want = []
+    for i, piece in enumerate(pieces):
+        buckets.add(piece, 100 * i)
+        shifted = piece.copy()
+        field(shifted, "pack")[:] += 100 * i
+        want.append(shifted)
+    spilled = buckets.spill.used
+    got, expected = buckets.take(), np.concatenate(want)
+    sort_rows(expected)
+    assert np.array_equal(got, expected)
+    assert (spilled > 0) == (ids != "uniform")
+
+
 def test_a_whole_copy_is_handed_out_before_a_delta() -> None:
     cid = os.urandom(32)
     packs = np.zeros((3, 32), np.uint8)
@@ -153,6 +181,33 @@ def test_a_damaged_or_foreign_cache_is_never_used(tmp_path, caplog, damage: str)
     assert "chunk-index cache" in caplog.text and "rebuilding" in caplog.text
     assert IndexCache(REPO_ID, b"\x01" * 32 if damage == "other key" else MAC_KEY, tmp_path).load(
         sorted(storage.list("index"))) is not None     # rewritten, and good again
+
+
+@pytest.mark.parametrize("damage", ["directory end", "directory order", "pack number"])
+def test_an_authentic_cache_that_does_not_add_up_is_never_used(tmp_path, caplog, damage: str) -> None:
+    """Made with the right key (so the MAC holds) but inconsistent inside: still discarded."""
+    from blake3 import blake3
+
+    from imgbackup.repository.indexcache import CACHE_HEAD, MAC_SIZE, PACK_FIELD
+
+    storage, envelope, union = _repository(files=8, per_file=300, seed=3)
+    cache = IndexCache(REPO_ID, MAC_KEY, tmp_path)
+    table = ChunkIndex.load(storage, envelope, cache=cache).table
+    raw = bytearray(cache.path.read_bytes()[:-MAC_SIZE])
+    directory_at = len(raw) - 4 * len(table.directory)
+    if damage == "directory end":
+        raw[-4:] = (len(table) + 1).to_bytes(4, "little")
+    elif damage == "directory order":
+        raw[directory_at + 8 : directory_at + 12] = (len(table)).to_bytes(4, "little")
+    else:
+        first_row = CACHE_HEAD.size + 32 * 8
+        raw[first_row + 4 * PACK_FIELD : first_row + 4 * PACK_FIELD + 4] = len(table.packs).to_bytes(4, "little")
+    cache.path.write_bytes(bytes(raw) + blake3(bytes(raw), key=cache.key).digest())
+    counting = FaultyStorage(storage, at=None)
+    with caplog.at_level(logging.WARNING, "imgbackup.storage"):
+        _check(ChunkIndex.load(counting, envelope, cache=IndexCache(REPO_ID, MAC_KEY, tmp_path)), union)
+    assert "is inconsistent" in caplog.text
+    assert len([c for c in counting.calls if c.startswith("get index/")]) == 8
 
 
 def test_the_cache_can_be_switched_off_and_a_read_only_home_is_no_error(tmp_path, monkeypatch) -> None:

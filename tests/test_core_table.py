@@ -130,9 +130,42 @@ def test_merge_matches_reference(data) -> None:
     assert np.array_equal(room[: len(whole)], whole)
 
 
+@settings(max_examples=200, deadline=None)
+@given(tables(), st.integers(0, 5), st.integers(0, 2**32 - 1))
+def test_scatter_into_buckets_matches_reference(rows: np.ndarray, capacity: int, pack_offset: int) -> None:
+    """Small capacities make buckets overflow: those rows must spill, in order, offset like the rest."""
+    outs = [np.zeros((256 * capacity + 2, rows.shape[1]), np.uint8) for _ in range(2)]
+    fills = [np.zeros(256, np.int64) for _ in range(2)]
+    spills = [np.zeros((len(rows) + 1, rows.shape[1]), np.uint8) for _ in range(2)]
+    got = table.table_scatter(rows, outs[0], fills[0], capacity, pack_offset, spills[0])
+    want = tableref.table_scatter(rows, outs[1], fills[1], capacity, pack_offset, spills[1])
+    assert got == want and np.array_equal(fills[0], fills[1])
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(spills[0], spills[1])
+    assert int(fills[0].sum()) + got == len(rows)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([32, 48, 64]), st.integers(0, 400), st.data())
+def test_closing_the_buckets_matches_reference(stride: int, capacity: int, data) -> None:
+    """Capacities of up to 400 rows span many pages, so the pages given back are real ones: the rows
+    that stay must be exactly the reference's."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    rows = rng.integers(0, 256, (256 * capacity, stride), np.uint8)
+    fill = rng.integers(0, capacity + 1, 256).astype(np.int64)
+    if data.draw(st.booleans()):
+        fill[rng.integers(0, 256, 200)] = 0                 # many empty buckets
+    native, ref = rows.copy(), rows.copy()
+    used = table.table_close_buckets(native, fill, capacity)
+    assert used == tableref.table_close_buckets(ref, fill, capacity) == int(fill.sum())
+    assert np.array_equal(native[:used], ref[:used])
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError):
         table.table_sort(np.zeros((3, 16), np.uint8))
+    with pytest.raises(ValueError):      # no room for 256 buckets of 2 rows
+        table.table_scatter(np.zeros((3, 48), np.uint8), np.zeros((511, 48), np.uint8), np.zeros(256, np.int64),
+                            2, 0, np.zeros((3, 48), np.uint8))
     rows = np.zeros((3, 48), np.uint8)
     with pytest.raises(ValueError):
         table.table_lookup(rows, np.zeros(10, np.uint32), np.zeros((1, 32), np.uint8))

@@ -268,6 +268,10 @@ def test_a_repository_opened_with_only_the_paper_sheet_restores_byte_exact(tmp_p
     other = KeyBundle.generate(os.urandom(16)).to_bytes()
     with pytest.raises(ImgBackupError, match="another repository"):
         Repository.open_with_bundle(repo, KeyBundle.from_bytes(read_paper(paper_sheet(other, "x", "y"))))
+    (tmp_path / "foreign.txt").write_text(paper_sheet(other, "x", "y"))
+    foreign = cli("key", "import", "-r", repo, "--paper", tmp_path / "foreign.txt", **state)
+    assert foreign.returncode == 4 and "another repository" in foreign.stderr, foreign.stderr   # a wrong key
+    assert "Traceback" not in foreign.stderr and len(foreign.stderr.strip().splitlines()) == 1
 
     opened = Repository.open_with_bundle(repo, KeyBundle.from_bytes(read_paper(sheet.lower())))
     import_paper(opened, b"new-pass", "paper")

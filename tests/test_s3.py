@@ -7,8 +7,10 @@ down by tests/test_storage_conformance.py, which runs on S3 too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -370,3 +372,26 @@ def test_a_directory_repository_run_does_not_import_boto3(tmp_path: Path) -> Non
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
     assert "S3 CLIENT LOADED" not in proc.stderr
+
+
+def test_a_killed_test_process_takes_its_s3_server_with_it(tmp_path: Path) -> None:
+    """A pytest killed with SIGKILL runs no clean-up: the server must end with it (PDEATHSIG)."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom tests.s3server import start_server\n"
+         f"print(start_server({str(tmp_path)!r}).process.pid, flush=True)\ntime.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        server_pid = int(starter.stdout.readline())
+        assert Path(f"/proc/{server_pid}").exists()       # up and answering (start_server waited for it)
+        starter.kill()
+        starter.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and Path(f"/proc/{server_pid}/status").exists() and \
+                "zombie" not in Path(f"/proc/{server_pid}/status").read_text():
+            time.sleep(0.1)
+        status = Path(f"/proc/{server_pid}/status")
+        assert not status.exists() or "zombie" in status.read_text(), "the server outlived its test process"
+    finally:
+        starter.kill()
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.kill(server_pid, signal.SIGKILL)      # only when the assertion failed: never leave it running

@@ -75,6 +75,13 @@ class KeyNotAllowed(ImgBackupError):
     hint = "use a full key (its passphrase, or a slot made with 'imgbackup key add' or 'key import --paper')"
 
 
+class ForeignKey(ImgBackupError):
+    """A key (a recovery sheet) that belongs to another repository: a wrong key, not damage."""
+
+    exit_code = 4
+    hint = "use the recovery sheet of this repository (its id is printed on the sheet)"
+
+
 class BadPaperKey(ImgBackupError):
     """A recovery sheet that does not parse: the message names the first bad line."""
 

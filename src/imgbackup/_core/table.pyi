@@ -27,3 +27,11 @@ def table_compact(rows: npt.NDArray[np.uint8], keep: npt.NDArray[np.uint8]) -> i
 
 def table_merge(rows: npt.NDArray[np.uint8], used: int, more: npt.NDArray[np.uint8]) -> int:
     """Merge sorted ``more`` into the sorted first ``used`` rows (room after them); rows now used."""
+
+def table_scatter(rows: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], fill: npt.NDArray[np.int64],
+                  capacity: int, pack_offset: int, spill: npt.NDArray[np.uint8]) -> int:
+    """Copy rows into 256 buckets of ``out`` by first id byte (48-byte rows: pack number + offset);
+    rows of a full bucket go to ``spill``; how many did."""
+
+def table_close_buckets(rows: npt.NDArray[np.uint8], fill: npt.NDArray[np.int64], capacity: int) -> int:
+    """Move 256 scattered buckets together in order (spare room given back to the system); rows used."""

@@ -17,7 +17,9 @@ import numpy as np
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memmove
+from posix.mman cimport MADV_DONTNEED, madvise
+from posix.unistd cimport _SC_PAGESIZE, sysconf
 
 DEF KEY = 32
 DEF SMALL = 16            # below this many rows insertion sort beats quicksort
@@ -305,3 +307,64 @@ def table_merge(uint8_t[:, ::1] rows, Py_ssize_t used, const uint8_t[:, ::1] mor
                 j -= 1
             w -= 1
     return used + m
+
+
+def table_scatter(const uint8_t[:, ::1] rows, uint8_t[:, ::1] out, int64_t[::1] fill, Py_ssize_t capacity,
+                  uint32_t pack_offset, uint8_t[:, ::1] spill) -> int:
+    """Copy each row into the bucket of its id's first byte: bucket b is ``out`` rows b * capacity
+    onwards, ``fill[b]`` of them used (advanced here). A 48-byte chunk row's pack number gets
+    ``pack_offset`` added. Rows whose bucket is full go, in order, to the front of ``spill``;
+    returns how many did. Loading many index files this way groups the rows by first byte with
+    sequential writes, instead of a pass of random swaps over the whole table afterwards."""
+    cdef Py_ssize_t n = rows.shape[0], stride = rows.shape[1], i, b, spilled = 0
+    cdef uint8_t* dst
+    cdef uint32_t pack
+    if (out.shape[1] != stride or spill.shape[1] != stride or spill.shape[0] < n or fill.shape[0] != 256
+            or capacity < 0 or out.shape[0] < 256 * capacity):
+        raise ValueError("out holds 256 buckets of capacity rows of the rows' width; spill room for every row")
+    with nogil:
+        for i in range(n):
+            b = rows[i, 0]
+            if fill[b] < capacity:
+                dst = &out[b * capacity + fill[b], 0]
+                fill[b] += 1
+            else:
+                dst = &spill[spilled, 0]
+                spilled += 1
+            memcpy(dst, &rows[i, 0], stride)
+            if stride == 48:
+                memcpy(&pack, dst + 32, 4)
+                pack += pack_offset
+                memcpy(dst + 32, &pack, 4)
+    return spilled
+
+
+def table_close_buckets(uint8_t[:, ::1] rows, const int64_t[::1] fill, Py_ssize_t capacity) -> int:
+    """Move the buckets ``table_scatter`` filled together, in order (bucket b's ``fill[b]`` rows
+    follow bucket b - 1's); returns the rows now at the front. Memory left behind is given back to
+    the system page by page as the move goes on (madvise DONTNEED), so the rows are never resident
+    twice over the room the buckets had spare."""
+    if fill.shape[0] != 256 or capacity < 0 or rows.shape[0] < 256 * capacity:
+        raise ValueError("256 buckets of capacity rows")
+    cdef Py_ssize_t stride = rows.shape[1], used = 0, b, n, src
+    cdef size_t page = <size_t>sysconf(_SC_PAGESIZE)
+    cdef uint8_t* base = &rows[0, 0] if rows.shape[0] else NULL
+    cdef size_t lo, hi
+    for b in range(256):
+        if fill[b] < 0 or fill[b] > capacity:
+            raise ValueError("a bucket holds 0 to capacity rows")
+    if base == NULL:
+        return 0
+    with nogil:
+        for b in range(256):
+            n = fill[b]
+            src = b * capacity
+            if n and src != used:
+                memmove(base + used * stride, base + src * stride, n * stride)
+            used += n
+            # rows from ``used`` up to the next bucket are no longer needed: release the whole pages
+            lo = ((<size_t>(base + used * stride)) + page - 1) // page * page
+            hi = (<size_t>(base + (b + 1) * capacity * stride)) // page * page
+            if hi > lo:
+                madvise(<void*>lo, hi - lo, MADV_DONTNEED)
+    return used

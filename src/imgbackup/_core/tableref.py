@@ -89,3 +89,34 @@ def table_merge(rows: np.ndarray, used: int, more: np.ndarray) -> int:
     merged = sorted([*rows[:used].copy(), *more.copy()], key=_key)
     rows[: used + len(more)] = np.array(merged, np.uint8).reshape(used + len(more), rows.shape[1])
     return used + len(more)
+
+
+def table_scatter(rows: np.ndarray, out: np.ndarray, fill: np.ndarray, capacity: int, pack_offset: int,
+                  spill: np.ndarray) -> int:
+    if (out.shape[1] != rows.shape[1] or spill.shape[1] != rows.shape[1] or len(spill) < len(rows)
+            or len(fill) != 256 or capacity < 0 or len(out) < 256 * capacity):
+        raise ValueError("out holds 256 buckets of capacity rows of the rows' width; spill room for every row")
+    spilled = 0
+    for row in rows:
+        row = row.copy()
+        if len(row) == 48:
+            pack = (int.from_bytes(row[32:36].tobytes(), "little") + pack_offset) & 0xFFFFFFFF
+            row[32:36] = np.frombuffer(pack.to_bytes(4, "little"), np.uint8)
+        b = int(row[0])
+        if fill[b] < capacity:
+            out[b * capacity + fill[b]] = row
+            fill[b] += 1
+        else:
+            spill[spilled] = row
+            spilled += 1
+    return spilled
+
+
+def table_close_buckets(rows: np.ndarray, fill: np.ndarray, capacity: int) -> int:
+    if len(fill) != 256 or capacity < 0 or len(rows) < 256 * capacity:
+        raise ValueError("256 buckets of capacity rows")
+    if ((fill < 0) | (fill > capacity)).any():
+        raise ValueError("a bucket holds 0 to capacity rows")
+    kept = np.concatenate([rows[b * capacity : b * capacity + int(fill[b])] for b in range(256)]) if len(rows) else rows
+    rows[: len(kept)] = kept
+    return len(kept)

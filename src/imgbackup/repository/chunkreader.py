@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import hmac
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import ThreadPoolExecutor
 
 from imgbackup._core import scan
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError, ObjectMissing, StorageError
 from imgbackup.format.layout import OBJ_CHUNK
+from imgbackup.repository.bounded import bounded_map
 from imgbackup.repository.damage import ChunkDamaged, DamagedCopy
 from imgbackup.repository.packs import BlobLocation, pack_name
 from imgbackup.repository.repo import Repository
@@ -38,8 +37,6 @@ MAX_GROUP_PLAIN = 8 << 20  # an in-order group's plaintexts (held until consumed
 READ_WINDOW = 32 << 20    # bytes fetched ahead of a consumer: a bucket's latency hidden, memory bounded
 
 Group = tuple[str, int, list[tuple[bytes, BlobLocation]]]   # pack name, first byte, the blobs in it
-T = TypeVar("T")
-J = TypeVar("J")
 
 
 def group_end(group: Group) -> int:
@@ -51,30 +48,6 @@ def group_cost(group: Group) -> int:
     plaintexts of its deltas' bases (a base is a chunk of the same slot: about as long)."""
     return group_end(group) - group[1] + sum(loc.raw_length * (2 if loc.base is not None else 1)
                                              for _, loc in group[2])
-
-
-def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[J], T], jobs: Iterable[J],
-                cost: Callable[[J], int], budget: int = READ_WINDOW, max_tasks: int = 64) -> Iterator[T]:
-    """``fn`` over ``jobs`` on ``pool``, results in order, with at most ``budget`` (by ``cost``) and
-    ``max_tasks`` jobs submitted and not yet consumed. A job larger than the budget runs alone."""
-    pending: deque[tuple[Future, int]] = deque()
-    held = 0
-    try:
-        for job in jobs:
-            weight = cost(job)
-            while pending and (held + weight > budget or len(pending) >= max_tasks):
-                fut, w = pending.popleft()
-                held -= w
-                yield fut.result()
-            pending.append((pool.submit(fn, job), weight))
-            held += weight
-        while pending:
-            fut, w = pending.popleft()
-            held -= w
-            yield fut.result()
-    finally:
-        for fut, _ in pending:   # the consumer stopped or failed: do not start what is queued
-            fut.cancel()
 
 
 def open_chunk(envelope: Envelope, id_key: bytes, chunk_id: bytes, blob: bytes, loc: BlobLocation,
@@ -396,7 +369,7 @@ class ChunkReader:
         for cid in [c for c in ids if self.index.get(c) is None]:   # no usable copy: say why
             ids.discard(cid)
             yield self._check_alone(cid)
-        for results in bounded_map(pool, lambda g: self.check_group(g, decode), self.blob_ranges(ids), cost):
+        for results in bounded_map(pool, lambda g: self.check_group(g, decode), self.blob_ranges(ids), cost, READ_WINDOW):
             yield from results
 
     def authenticate_all(self, chunk_ids: Iterable[bytes], pool: ThreadPoolExecutor,

@@ -13,6 +13,8 @@ Lookups take a whole array of ids at once (``find``): the native kernel bisects 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,9 +29,25 @@ INFO_DELTA = 1 << 31
 INFO_LENGTH_MASK = (1 << 25) - 1
 ROW_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u4"), ("length", "<u4"), ("info", "<u4")])
 assert ROW_DTYPE.itemsize == ROW_SIZE
+BUCKET_SIGMAS = 8           # a bucket's room above its expected share of uniform ids: overflow (a spill,
+                            # then one slower sort) is then astronomically rare; unused room is never touched
 GROWTH_DIVISOR = 8          # a RowBuffer grows by 1/8: resize zero-fills (touches) what it adds, so doubling
                             # would make 10^7 rows (480 MB) resident as 805 MB; mremap makes each growth cheap
 SORT_THREADS = 2            # the first-byte groups are sorted on this many threads (this machine class: 2 cores)
+
+
+def _keep_big_arrays_in_one_mapping() -> None:
+    """numpy madvises the aligned interior of a big array to transparent huge pages, which splits
+    its mapping in three; mremap then fails (EFAULT) and realloc copies, so a 480 MB table briefly
+    needs 960 MB at every growth. Without it a growth stays in place (10^7 rows grown by 5,000:
+    peak RSS 939 -> 482 MiB)."""
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        with contextlib.suppress(ImportError, AttributeError):
+            importlib.import_module(module)._set_madvise_hugepage(False)
+            return
+
+
+_keep_big_arrays_in_one_mapping()
 
 
 def empty_rows(n: int = 0) -> np.ndarray:
@@ -41,7 +59,11 @@ def sort_rows(rows: np.ndarray) -> None:
     if len(rows) < 1 << 16:
         kernels.table_sort(rows)
         return
-    starts = kernels.table_partition(rows).tolist()
+    sort_groups(rows, kernels.table_partition(rows).tolist())
+
+
+def sort_groups(rows: np.ndarray, starts: list[int]) -> None:
+    """Sort rows already grouped by first id byte (group b is rows ``starts[b]:starts[b + 1]``)."""
     groups = [rows[starts[b] : starts[b + 1]] for b in range(256) if starts[b + 1] - starts[b] > 1]
     with ThreadPoolExecutor(SORT_THREADS, thread_name_prefix="imgbackup-sort") as pool:
         list(pool.map(kernels.table_sort, groups))
@@ -78,19 +100,25 @@ class ChunkTable:
     resize it in place."""
 
     def __init__(self, rows: np.ndarray | None = None, spare: np.ndarray | None = None,
-                 packs: np.ndarray | None = None, bases: np.ndarray | None = None, sorted_: bool = False) -> None:
+                 packs: np.ndarray | None = None, bases: np.ndarray | None = None, sorted_: bool = False,
+                 directory: np.ndarray | None = None, grouped_sorted: bool = False) -> None:
+        """``sorted_``: rows sorted with one row per id (spare copies apart), as a table leaves them;
+        ``grouped_sorted``: sorted, copies not yet set apart (BucketRows.take). ``directory``: the
+        rows' prefix directory as ``directory`` gave it (the local cache keeps it, so an open skips a
+        pass over every row)."""
         self.rows = empty_rows() if rows is None else _owned(rows)
         self.spare = empty_rows() if spare is None else spare
         self.packs = np.zeros((0, 32), np.uint8) if packs is None else packs
         self.bases = np.zeros((0, BASE_ROW_SIZE), np.uint8) if bases is None else bases
         self._pack_numbers: dict[bytes, int] | None = None
         if not sorted_:
-            self._settle()
-        self._directory()
+            self._settle(sort=not grouped_sorted)
+        self._directory(directory if sorted_ else None)
 
-    def _settle(self) -> None:
+    def _settle(self, sort: bool = True) -> None:
         """Sort the rows; the first copy of each chunk stays, the others join ``spare``."""
-        sort_rows(self.rows)
+        if sort:
+            sort_rows(self.rows)
         kept, spare = kernels.table_dedup(self.rows)
         self.rows = _resize(self.rows, kept)
         if len(spare):
@@ -99,14 +127,26 @@ class ChunkTable:
         if len(self.bases) > 1:
             kernels.table_sort(self.bases)
 
-    def _directory(self) -> None:
+    def _directory(self, known: np.ndarray | None = None) -> None:
         self._bits = kernels.directory_bits(len(self.rows))
-        self._dir = kernels.table_directory(self.rows, self._bits)
+        self._dir = known if known is not None else kernels.table_directory(self.rows, self._bits)
         self._spare_dir = kernels.table_directory(self.spare, kernels.directory_bits(len(self.spare)))
         self._bases_dir = kernels.table_directory(self.bases, kernels.directory_bits(len(self.bases)))
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def directory(self) -> np.ndarray:
+        """The rows' prefix directory (2^bits + 1 uint32: the first row of each id prefix)."""
+        return self._dir
+
+    @staticmethod
+    def directory_fits(directory: np.ndarray, n_rows: int) -> bool:
+        """Whether ``directory`` can be the directory of ``n_rows`` sorted rows (size, ends, order)."""
+        return (directory.shape == ((1 << kernels.directory_bits(n_rows)) + 1,) and directory.dtype == np.uint32
+                and int(directory[0]) == 0 and int(directory[-1]) == n_rows
+                and bool((directory[1:] >= directory[:-1]).all()))
 
     @property
     def nbytes(self) -> int:
@@ -235,6 +275,44 @@ class RowBuffer:
         """The rows appended, as an array owning its memory (shrunk in place)."""
         rows = _resize(self.data, self.used)
         self.data = np.empty((0, self.width), np.uint8)
+        return rows
+
+
+class BucketRows:
+    """Rows gathered into 256 buckets by first id byte as they arrive (``table_scatter``: sequential
+    writes), so the table is sorted bucket by bucket with no partition pass of random swaps over
+    all of it. Each bucket has room for its share of ``expected`` uniform ids and then some; rows of
+    a full bucket (more rows than expected, or ids that are not uniform) spill into a RowBuffer, and
+    the whole is then sorted the ordinary way. Room never written costs no memory."""
+
+    def __init__(self, expected: int, width: int = ROW_SIZE) -> None:
+        share = max(expected, 0) / 256
+        self.capacity = int(share + BUCKET_SIGMAS * share ** 0.5 + 64)
+        self.rows = np.empty((256 * self.capacity, width), np.uint8)
+        self.fill = np.zeros(256, np.int64)
+        self.spill = RowBuffer(width)
+
+    def add(self, rows: np.ndarray, pack_offset: int = 0) -> None:
+        """Take in rows (a 48-byte row's pack number gets ``pack_offset`` added)."""
+        room = np.empty_like(rows)              # touched only by rows that spill
+        spilled = kernels.table_scatter(np.ascontiguousarray(rows), self.rows, self.fill, self.capacity,
+                                        pack_offset, room)
+        if spilled:
+            self.spill.append(room[:spilled])
+
+    def take(self) -> np.ndarray:
+        """Every row taken in, sorted (copies of one id side by side), as an array owning its memory."""
+        rows = self.rows
+        self.rows = np.empty((0, rows.shape[1]), np.uint8)
+        used = kernels.table_close_buckets(rows, self.fill, self.capacity)
+        starts = [0, *np.cumsum(self.fill).tolist()]
+        spilled = self.spill.take()
+        rows = _resize(rows, used + len(spilled))
+        if len(spilled):
+            rows[used:] = spilled
+            sort_rows(rows)
+        else:
+            sort_groups(rows, starts)
         return rows
 
 

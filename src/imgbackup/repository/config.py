@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from imgbackup.crypto.keys import KeyBundle
-from imgbackup.errors import IntegrityError, UnsupportedFormat
+from imgbackup.errors import ForeignKey, IntegrityError, UnsupportedFormat
 from imgbackup.format import validate as v
 from imgbackup.format.layout import FORMAT_VERSION, MAX_GENERATIONS
 
@@ -139,7 +139,7 @@ def check_config(doc: dict, signature: str, bundle: KeyBundle) -> None:
     """The key fits this config (same repository, the same generations, public keys and checks) and
     the config is signed by the current generation, as stored (unknown fields included)."""
     if bundle.repo_id.hex() != doc["id"]:
-        raise IntegrityError("this key belongs to another repository")
+        raise ForeignKey(f"this key belongs to another repository ({bundle.repo_id.hex()[:12]}…, not {doc['id'][:12]}…)")
     listed = len(doc["keys"])
     if listed > len(bundle.generations):
         raise IntegrityError("this key predates a key rotation of the repository: it no longer opens it",

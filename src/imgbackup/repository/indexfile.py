@@ -28,15 +28,17 @@ from imgbackup.format.layout import (
     PACK_HEADER,
 )
 from imgbackup.format.validate import damaged, is_hex
+from imgbackup.repository.bounded import bounded_map
 from imgbackup.repository.chunktable import (
     BASE_ROW_SIZE,
     ROW_DTYPE,
+    BucketRows,
     ChunkTable,
     RowBuffer,
     empty_rows,
 )
 from imgbackup.repository.packs import MAX_RAW_LENGTH, MIN_SEALED, BlobLocation, check_entry, encode_entries
-from imgbackup.repository.storage import Storage, confirm_stored
+from imgbackup.repository.storage import Storage, confirm_stored, object_sizes
 
 ENTRY_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u4"), ("length", "<u4"), ("info", "<u4")])
 assert ENTRY_DTYPE.itemsize == CHUNK_INDEX_ENTRY.size == 48 and ENTRY_DTYPE == ROW_DTYPE
@@ -44,7 +46,10 @@ BASE_DTYPE = np.dtype([("row", "<u4"), ("base", "V32")])
 assert BASE_DTYPE.itemsize == BASE_ENTRY.size
 INDEX_FOLDER = "index"
 READ_THREADS = 8             # index files fetched at once: a bucket answers each GET in ~10 ms
+READ_AHEAD = 2 * READ_THREADS   # opened files waiting to be taken in, at most: each holds its plaintext
+                                # (10^7 chunks: 760 MiB peak when all of them could queue)
 MAX_ENTRIES_PER_FILE = 1 << 20   # ~50 MiB per file: a merged index of a huge repository stays in pieces
+BUCKET_MIN_FILES = 16        # from this many files a new table gathers rows by first id byte as they arrive
 
 
 def index_file_id(name: str) -> bytes:
@@ -115,9 +120,10 @@ def encode_rows(rows: np.ndarray, packs: np.ndarray, bases: np.ndarray | None = 
     return head + packs[used.astype(np.int64)].tobytes() + entries.tobytes() + side.tobytes()
 
 
-def decode_rows(plain: bytes, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_rows(plain: bytes, name: str, copy: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One file's plaintext as (rows with the file's own pack numbers, pack ids (P, 32), base rows
-    (chunk id, base id) of its deltas), every field checked."""
+    (chunk id, base id) of its deltas), every field checked. ``copy=False``: the rows are a
+    read-only view of ``plain`` (one copy of every row fewer when they are copied on anyway)."""
     what = f"chunk index {name}"
     if len(plain) < CHUNK_INDEX_HEAD.size:
         raise IntegrityError(f"{what} is truncated")
@@ -140,8 +146,11 @@ def decode_rows(plain: bytes, name: str) -> tuple[np.ndarray, np.ndarray, np.nda
     order = side["row"].astype(np.int64)
     if n_deltas and ((np.diff(order) <= 0).any() or order[-1] >= n_entries or not is_delta[order].all()):
         raise IntegrityError(f"{what} has a damaged table of delta bases")
-    rows = empty_rows(n_entries)
-    rows.view(ROW_DTYPE)[:, 0] = entries
+    if copy:
+        rows = empty_rows(n_entries)
+        rows.view(ROW_DTYPE)[:, 0] = entries
+    else:
+        rows = np.frombuffer(plain, np.uint8, ENTRY_DTYPE.itemsize * n_entries, pos).reshape(n_entries, ENTRY_DTYPE.itemsize)
     if not ids_sorted(rows):
         raise damaged(what, "its entries are not sorted by chunk id")
     _check_entries(entries, what)
@@ -177,9 +186,10 @@ def _check_entries(entries: np.ndarray, what: str) -> None:
         check_entry(what, row, int(offset[row]), int(length[row]), int(raw[row]))
 
 
-def read_index_file(storage: Storage, envelope: Envelope, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_index_file(storage: Storage, envelope: Envelope, name: str,
+                    copy: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     plain = envelope.open(OBJ_CHUNK_INDEX, index_file_id(name), storage.get(name), f"chunk index {name}")
-    return decode_rows(plain, name)
+    return decode_rows(plain, name, copy)
 
 
 def write_index_files(storage: Storage, envelope: Envelope, rows: list[tuple[bytes, BlobLocation]],
@@ -206,27 +216,42 @@ def read_index_entries(storage: Storage, envelope: Envelope, name: str) -> list[
     return decode_entries(plain, name)
 
 
+def _expected_rows(storage: Storage, names: list[str]) -> int:
+    """At most this many entries in the files ``names``: their sizes over the 32 bytes of a chunk
+    id, which no compression shrinks (ids are keyed hashes). One listing with sizes (on a bucket it
+    holds them already)."""
+    sizes = object_sizes(storage, INDEX_FOLDER)
+    return sum(sizes.get(name, 0) for name in names) // 32
+
+
 def load_table(storage: Storage, envelope: Envelope, names: list[str], into: ChunkTable | None = None) -> ChunkTable:
-    """The union of the index files ``names`` (added to ``into``), fetched and opened on threads."""
+    """The union of the index files ``names`` (added to ``into``), fetched and opened on threads.
+    Many files into a new table: gathered by first id byte as they arrive (BucketRows)."""
+    buckets = BucketRows(_expected_rows(storage, names)) if into is None and len(names) >= BUCKET_MIN_FILES else None
     buffer, packs, bases = RowBuffer(), [into.packs] if into is not None else [], []
     pack_count = len(into.packs) if into is not None else 0
 
     def fetch(name: str):
         try:
-            return read_index_file(storage, envelope, name)
+            return read_index_file(storage, envelope, name, copy=buckets is None)   # buckets copy the rows
         except IntegrityError as exc:
             raise IntegrityError(exc.args[0], "run 'imgbackup repair --yes': it rebuilds the chunk index "
                                  "from the packs") from None
 
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="imgbackup-index") as pool:
-        for rows, file_packs, file_bases in pool.map(fetch, names):
-            rows.view(ROW_DTYPE)[:, 0]["pack"] += pack_count
-            buffer.append(rows)
+        for rows, file_packs, file_bases in bounded_map(pool, fetch, names, lambda _name: 1, READ_AHEAD):
+            if buckets is not None:
+                buckets.add(rows, pack_count)
+            else:
+                rows.view(ROW_DTYPE)[:, 0]["pack"] += pack_count
+                buffer.append(rows)
             packs.append(file_packs)
             bases.append(file_bases)
             pack_count += len(file_packs)
     all_packs = np.concatenate(packs) if packs else np.zeros((0, 32), np.uint8)
     all_bases = np.concatenate(bases) if bases else np.zeros((0, BASE_ROW_SIZE), np.uint8)
+    if buckets is not None:
+        return ChunkTable(buckets.take(), packs=all_packs, bases=all_bases, grouped_sorted=True)
     if into is None:
         return ChunkTable(buffer.take(), packs=all_packs, bases=all_bases)
     into.packs = all_packs

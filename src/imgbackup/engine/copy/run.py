@@ -32,7 +32,8 @@ from imgbackup._core import scan
 from imgbackup.errors import ImgBackupError, IntegrityError, TargetRefused, VerificationFailed
 from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import DATA_KEY_ID_MIN, ENVELOPE_HEADER, OBJ_CHUNK
-from imgbackup.repository.chunkreader import ChunkReader, Group, bounded_map, group_cost, group_end
+from imgbackup.repository.bounded import bounded_map
+from imgbackup.repository.chunkreader import ChunkReader, Group, group_cost, group_end
 from imgbackup.repository.lease import lease_seconds
 from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository

@@ -170,9 +170,9 @@ class DirectoryStorage:
 
         names = []
         for dirpath, _dirs, files in os.walk(base, onerror=fail):
-            for f in files:
-                if TEMP_MARK not in f:
-                    names.append(os.path.relpath(os.path.join(dirpath, f), self.root).replace(os.sep, "/"))
+            folder = os.path.relpath(dirpath, self.root).replace(os.sep, "/") + "/"   # once per folder
+            folder = "" if folder == "./" else folder
+            names.extend(folder + f for f in files if TEMP_MARK not in f)
         return iter(sorted(names))
 
     def delete(self, name: str) -> None:
