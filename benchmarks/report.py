@@ -29,10 +29,11 @@ def summarize(records: list[dict]) -> dict:
         groups[(r["disk"], r["tool"], r["step"])].append(r)
     med: dict = defaultdict(lambda: defaultdict(dict))
     for (disk, tool, step), rs in groups.items():
-        m = {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "cpu_s", "rss_mib")}
+        good = [r for r in rs if r["ok"]]    # a failed step's numbers are not a measurement (no PASS from a 0)
+        m = {k: statistics.median(r[k] for r in good) if good else None for k in ("wall_s", "cpu_s", "rss_mib")}
         for k in ("stored", "added"):
-            if k in rs[0]:
-                m[k] = statistics.median(r[k] for r in rs)
+            if good and k in good[0]:
+                m[k] = statistics.median(r[k] for r in good)
         m["runs"] = len(rs)
         m["failed"] = sum(not r["ok"] for r in rs)
         checks = sorted({r["check"] for r in rs if "check" in r})
@@ -84,8 +85,8 @@ def targets(med: dict, extra: dict | None = None) -> list[dict]:
 def targets11(med: dict, extra: dict) -> list[dict]:
     d = "disk4g"
     g = lambda tool, step, key="wall_s": _get(med, d, tool, step, key)  # noqa: E731
-    rss = [s.get("rss_mib", 0) for t in (IMGB, IMGB_CBT) for s in med.get(d, {}).get(t, {}).values()]
-    rss1t = [s.get("rss_mib", 0) for s in med.get("sparse1t", {}).get(IMGB, {}).values()]
+    rss = [s["rss_mib"] for t in (IMGB, IMGB_CBT) for s in med.get(d, {}).get(t, {}).values() if s.get("rss_mib")]
+    rss1t = [s["rss_mib"] for s in med.get("sparse1t", {}).get(IMGB, {}).values() if s.get("rss_mib")]
     out = [
         _target("full: imgbackup / cat of the whole disk, wall <= 1.5", _div(g(IMGB, "full"), g("cat (ceiling)", "full")),
                 1.5, False),

@@ -347,6 +347,17 @@ class _GatedStorage(DirectoryStorage):
         return Gated()
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test: an earlier in-process CLI run in this worker leaves
+    imgbackup's one-shot handler installed, which ignores a second signal (CI ran into it)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.usefixtures("python_sigint")
 def test_a_ctrl_c_while_waiting_for_a_pack_commit_never_loses_track_of_that_pack(tmp_path: Path) -> None:
     """A SIGINT that interrupts the wait for a commit leaves the commit listed: abort() waits for it
     and reports its pack as written, so a failed backup's clean-up removes it (CI saw one left)."""
@@ -368,6 +379,7 @@ def test_a_ctrl_c_while_waiting_for_a_pack_commit_never_loses_track_of_that_pack
     assert [pack_name(loc.pack_id) for loc in writer.written.values()] == list(storage.list("packs"))
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_a_ctrl_c_while_a_full_pack_waits_for_the_commit_before_it_leaves_no_temp_file(tmp_path: Path) -> None:
     """The second pack fills while the first one's commit runs; a SIGINT that lands while it waits
     for that commit must leave the second pack where abort() drops it (CI found its temp file left)."""
