@@ -88,9 +88,11 @@ class Guest:
     """One QEMU guest booted from the rescue media; use as a context manager."""
 
     def __init__(self, iso: Path, workdir: Path, disks: list[Disk] = (), firmware: str = "bios",
-                 append: str | None = None, memory_mib: int = MEMORY_MIB, lab_shell: bool = False) -> None:
+                 append: str | None = None, memory_mib: int = MEMORY_MIB, lab_shell: bool = False,
+                 screen: bool = True) -> None:
         self.iso, self.workdir, self.disks = iso, workdir, list(disks)
         self.firmware, self.append, self.memory_mib, self.lab_shell = firmware, append, memory_mib, lab_shell
+        self.screen = screen      # False: no display adapter at all, a serial-only (headless) server
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.console_log = workdir / "console.log"
         self._buf = b""
@@ -109,6 +111,8 @@ class Guest:
                "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot", "-net", "none",
                "-drive", f"if=none,id=cd,file={self.iso},media=cdrom,readonly=on",
                "-device", "ide-cd,drive=cd,bus=ide.0" + ("" if self.append is not None else ",bootindex=0")]
+        if not self.screen:
+            cmd += ["-vga", "none"]
         if self.firmware == "uefi":
             ovmf = find_ovmf()
             assert ovmf is not None, "OVMF missing (apt install ovmf)"

@@ -102,3 +102,54 @@ def rescue_media(tmp_path_factory: pytest.TempPathFactory) -> RescueMedia:
     except Exception as exc:  # noqa: BLE001 - turned into need()'s skip/fail
         need(False, str(exc))
     return RescueMedia(tmp_path_factory.mktemp("rescue-media"))
+
+
+# The guest lab: one booted rescue system shared by the lab's modules (test_guestlab, and the first
+# boot of test_guestlab_jobs): a TCG boot to a settled shell costs 1.5-3 min, the tests seconds to a
+# minute each. Every module's disks are attached from the start.
+LAB_WWN = "0x5000c50012345678"
+LAB_ENV = "export IMGBACKUP_REPO=/root/repo IMGBACKUP_PASSPHRASE=lab-pass IMGBACKUP_TEST_CHEAP_KDF=1"
+JOB_DISKS = (("a", 1, "DISKA"), ("b", 2, "DISKB"), ("c", 3, "DISKC"), ("d", 4, None))   # d: boot 2 only
+
+
+def _job_disk(path: Path, seed: int) -> Path:
+    from disks import random_image
+    from support import run
+
+    random_image(path, 16 << 20, seed=seed, data_fraction=0.5)
+    run("sgdisk", "-o", "-n", "1:2048:0", path)
+    return path
+
+
+def _lab_setup(guest) -> None:
+    guest.run(f"{LAB_ENV}; imgbackup init --json >/dev/null", 120).check()
+
+
+@pytest.fixture(scope="session")
+def lab_pool(rescue_media: RescueMedia, tmp_path_factory: pytest.TempPathFactory):
+    """The lab guest (``guestlab.LabPool``) with ``pool.files``: the jobs module's disk images by name."""
+    from disks import blank
+    from guestlab import Disk, LabPool
+    from support import run
+    from test_bootdisk import qemu_holding
+
+    need_tool("mkfs.ext4", "sgdisk", "qemu-system-x86_64")
+    base = tmp_path_factory.mktemp("lab")
+    files = {name: _job_disk(base / f"{name}.img", seed) for name, seed, _ in JOB_DISKS}
+    files["repo"] = blank(base / "jobrepo.img", 160 << 20)
+    run("mkfs.ext4", "-q", "-F", files["repo"])
+    disks = [Disk(blank(base / "lvm.img", 192 << 20), serial="LABLVM"),
+             Disk(blank(base / "era.img", 96 << 20), serial="LABERA"),
+             Disk(blank(base / "scsi.img", 32 << 20), serial="LABSERIAL01", model="LabModel9000", vendor="IMGB",
+                  wwn=LAB_WWN, bus="scsi"),
+             Disk(files["repo"], serial="JOBREPO"),
+             *(Disk(files[name], serial=serial) for name, _, serial in JOB_DISKS if serial)]
+    pool = LabPool(rescue_media.plain, base / "guest", disks, setup=_lab_setup)
+    pool.files = files
+    try:
+        yield pool
+    finally:
+        pool.close()
+        print(f"lab guest boots (s): {[round(b) for b in pool.boots]}")
+    for d in disks:
+        assert qemu_holding(d.path) == [], "qemu left running"

@@ -316,3 +316,22 @@ def test_catalog_state_is_remembered_per_repository(tmp_path: Path, source: Path
     # A second process reads only the entries after the remembered one.
     again = _reopen(tmp_path).catalog.view()
     assert again.entries_read == 0 and again.state.seq == 2
+
+
+def test_entries_name_the_command_line_without_importing_the_catalog_at_start_up(monkeypatch) -> None:
+    """The command an entry names comes from audit.set_command (what cli.main calls at every start);
+    a command that opens no repository does not import the catalog and its crypto stack at all."""
+    from imgbackup import audit
+    from imgbackup.repository.catalog import decode_entry, encode_entry
+
+    monkeypatch.setattr(audit._Config, "argv", None)
+    plain = encode_entry("r" * 32, 0, "0" * 64, [{"event": "created"}])
+    assert decode_entry(plain, "r" * 32, 0, "d").command == ""              # used as a library: none
+    audit.set_command(["backup", "/dev/sdb", "--name", "sdb"])
+    plain = encode_entry("r" * 32, 0, "0" * 64, [{"event": "created"}])
+    assert decode_entry(plain, "r" * 32, 0, "d").command == "imgbackup backup /dev/sdb --name sdb"
+    probe = ("import runpy, sys; sys.argv = ['imgbackup', 'rescue', 'params', 'imgbackup.action=menu']\n"
+             "try:\n    runpy.run_module('imgbackup', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in sys.modules if m.startswith(('cryptography', 'imgbackup.repository'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

@@ -1,6 +1,6 @@
 """The guest lab: what this host's kernel cannot show, proven inside the booted rescue system.
 
-One guest (module scope: booting costs the most) with an LVM disk, a dm-era disk and a SCSI disk
+One guest (the session's ``lab_pool``, shared with test_guestlab_jobs: booting costs the most) with an LVM disk, a dm-era disk and a SCSI disk
 that has a serial, a model and a WWN. Commands run in its root shell over a virtio console.
 - ``backup --snapshot lvm`` of a mounted LV while a writer keeps changing it: the image is the
   snapshot byte for byte (its hash taken by the snapshot hook) and fsck-clean; the snapshot is
@@ -18,40 +18,18 @@ import json
 
 import pytest
 
-from disks import blank
-from guestlab import Disk, Guest, LabPool
-from test_bootdisk import qemu_holding
+from guestlab import Guest, LabPool
+from rescue_fixtures import LAB_ENV, LAB_WWN
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
 MIB = 1 << 20
-WWN = "0x5000c50012345678"
-ENV = "export IMGBACKUP_REPO=/root/repo IMGBACKUP_PASSPHRASE=lab-pass IMGBACKUP_TEST_CHEAP_KDF=1"
-
-
-def _init_repo(g: Guest) -> None:
-    g.run(f"{ENV}; imgbackup init --json >/dev/null", 120).check()
-
-
-@pytest.fixture(scope="module")
-def lab_pool(rescue_media, tmp_path_factory: pytest.TempPathFactory) -> LabPool:
-    base = tmp_path_factory.mktemp("lab")
-    disks = [Disk(blank(base / "lvm.img", 192 * MIB), serial="LABLVM"),
-             Disk(blank(base / "era.img", 96 * MIB), serial="LABERA"),
-             Disk(blank(base / "scsi.img", 32 * MIB), serial="LABSERIAL01", model="LabModel9000", vendor="IMGB",
-                  wwn=WWN, bus="scsi")]
-    pool = LabPool(rescue_media.plain, base / "guest", disks, setup=_init_repo)
-    try:
-        yield pool
-    finally:
-        pool.close()
-        print(f"lab guest boots (s): {[round(b) for b in pool.boots]}")
-    for d in disks:
-        assert qemu_holding(d.path) == [], "qemu left running"
+WWN = LAB_WWN
+ENV = LAB_ENV
 
 
 @pytest.fixture
 def guest(lab_pool: LabPool) -> Guest:
-    """The module's booted guest; a fresh one if an earlier test left a command hanging in it."""
+    """The lab's booted guest; a fresh one if an earlier test left a command hanging in it."""
     return lab_pool.get()
 
 

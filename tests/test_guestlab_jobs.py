@@ -1,7 +1,8 @@
 """Jobs in the guest lab (issue 16 with 17's lab): a job naming /dev/disk/by-id/… follows its disk when
 the kernel names change between boots, and refuses another disk that turns up under the same name.
 
-Two boots of the rescue system with the same repository disk. Boot 1: disks A, B, C in this order; a
+Two boots of the rescue system with the same repository disk. Boot 1 is the lab guest (rescue_fixtures'
+lab_pool, shared with test_guestlab), which has disks A, B, C in this order after the lab's own; a
 job for A and one for C (by-id names that udev made from the QEMU serials). Boot 2: B before A (A's
 /dev/vdX name changes) and in C's place another disk D of the same size that carries C's serial: job A
 images its own disk again (incremental, same identity), job C refuses D (exit 17: the partition table
@@ -12,18 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from disks import random_image
 from guestlab import Disk, Guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
 MIB = 1 << 20
-SETUP = "export IMGBACKUP_TEST_CHEAP_KDF=1; mkdir -p /mnt/r && mount /dev/disk/by-id/virtio-JOBREPO /mnt/r"
+# (the lab guest's shell has the lab's repository and passphrase exported: not these jobs')
+SETUP = ("unset IMGBACKUP_REPO IMGBACKUP_PASSPHRASE IMGBACKUP_PASSPHRASE_FILE; export IMGBACKUP_TEST_CHEAP_KDF=1; "
+         "mkdir -p /mnt/r && mount /dev/disk/by-id/virtio-JOBREPO /mnt/r")
 
 
 BOOT_WAIT = 300      # lab()'s 120 s (and its 30 s udev settle) are too short on a host loaded by other suites
@@ -42,12 +43,6 @@ def lab(iso: Path, workdir: Path, disks: list[Disk]) -> Iterator[Guest]:
         guest.close()
 
 
-def _disk(path: Path, seed: int) -> Path:
-    random_image(path, 16 * MIB, seed=seed, data_fraction=0.5)
-    subprocess.run(["sgdisk", "-o", "-n", "1:2048:0", str(path)], check=True, capture_output=True)
-    return path
-
-
 def _job(name: str, serial: str) -> bytes:
     return (f'source = "/dev/disk/by-id/virtio-{serial}"\nrepository = "/mnt/r/repo"\n'
             f'passphrase_file = "/mnt/r/pass"\nrpo = "24h"\ninhibit_sleep = false\n'
@@ -64,29 +59,26 @@ def _finish(g: Guest) -> None:
     g.run("sync; umount /mnt/r", 60).check()
 
 
-def test_by_id_jobs_follow_their_disks_and_refuse_an_impostor(rescue_media, tmp_path: Path) -> None:
-    repo = tmp_path / "repo.img"
-    repo.write_bytes(b"")
-    subprocess.run(["truncate", "-s", f"{160 * MIB}", str(repo)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(repo)], check=True)
-    a, b, c, d = (_disk(tmp_path / f"{n}.img", seed) for n, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4)))
-    repo_disk = Disk(repo, serial="JOBREPO")
+def test_by_id_jobs_follow_their_disks_and_refuse_an_impostor(lab_pool, tmp_path: Path) -> None:
+    files = lab_pool.files
+    repo_disk = Disk(files["repo"], serial="JOBREPO")
+    a, b, d = files["a"], files["b"], files["d"]
 
-    first = [repo_disk, Disk(a, serial="DISKA"), Disk(b, serial="DISKB"), Disk(c, serial="DISKC")]
-    with lab(rescue_media.plain, tmp_path / "boot1", first) as g:
-        g.run(SETUP, 60).check()
-        g.run("mkdir -p /mnt/r/jobs", 30).check()
-        g.put_file("/mnt/r/pass", b"guest-job-pass\n")
-        for job, serial in (("joba", "DISKA"), ("jobc", "DISKC")):
-            g.put_file(f"/mnt/r/jobs/{job}.toml", _job(job, serial))
-        g.run("IMGBACKUP_PASSPHRASE_FILE=/mnt/r/pass imgbackup init -r /mnt/r/repo --json", 120).check()
-        runs1 = {job: _run(g, job) for job in ("joba", "jobc")}
-        _finish(g)
+    g = lab_pool.get()          # boot 1: the lab guest, which has A, B, C in this order after the lab's disks
+    g.run(SETUP, 60).check()
+    g.run("mkdir -p /mnt/r/jobs", 30).check()
+    g.put_file("/mnt/r/pass", b"guest-job-pass\n")
+    for job, serial in (("joba", "DISKA"), ("jobc", "DISKC")):
+        g.put_file(f"/mnt/r/jobs/{job}.toml", _job(job, serial))
+    g.run("IMGBACKUP_PASSPHRASE_FILE=/mnt/r/pass imgbackup init -r /mnt/r/repo --json", 120).check()
+    runs1 = {job: _run(g, job) for job in ("joba", "jobc")}
+    _finish(g)
+    lab_pool.close()            # the lab's last user: its CPU goes to boot 2 (a later user boots it again)
     assert all(code == 0 for code, _ in runs1.values()), runs1
     assert all(s["steps"][1]["result"]["type"] == "full" for _, s in runs1.values())
 
     second = [repo_disk, Disk(b, serial="DISKB"), Disk(a, serial="DISKA"), Disk(d, serial="DISKC")]
-    with lab(rescue_media.plain, tmp_path / "boot2", second) as g:
+    with lab(lab_pool.iso, tmp_path / "boot2", second) as g:
         g.run(SETUP, 60).check()
         runs2 = {job: _run(g, job) for job in ("joba", "jobc")}
         state_a = json.loads(g.run("cat /mnt/r/state/joba.json").check().output)

@@ -22,7 +22,7 @@ RANK = {"errors": 0, "interrupts": 0, "units": 0, "audit": 0, "_core": 0, "devic
 FORBIDDEN = {("crypto", "repository"), ("format", "repository"), ("format", "crypto"), ("disklabel", "fsmap"),
              ("device", "fsmap")}
 # engine/ rooms: which other command packages each may import ("" = the shared modules beside them).
-ENGINE_ROOMS = {"backup": set(), "restore": set(), "mount": set(), "verify": {"mount"}, "rescue": set(),
+ENGINE_ROOMS = {"backup": set(), "restore": set(), "mount": set(), "verify": {"mount"}, "rescue": {"restore"},
                 "repair": set(), "copy": set(), "drill": {"verify", "restore", "mount"},
                 "job": {"backup", "verify", "drill", "restore", "copy"}, "": set()}
 # Running a program, or replacing or forking this process, outside device/tools.py.

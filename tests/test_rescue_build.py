@@ -14,7 +14,7 @@ from imgbackup.engine.rescue.console import RescueLog
 from imgbackup.engine.rescue.unattended import run_from_cmdline
 from imgbackup.errors import UsageError
 from rescue_fixtures import UNATTENDED
-from support import need_tool
+from support import cli_json, need_tool
 
 
 def test_baked_parameters_go_into_the_default_entry_only() -> None:
@@ -86,6 +86,78 @@ def test_a_bad_parameter_stops_the_run_with_its_reason(tmp_path: Path, monkeypat
     assert "FAILED: imgbackup.target=/dev/sda is not a stable identity" in text and "\r\n" in text
     assert "root shell is open" in text
     assert '"ok": false' in (tmp_path / "status.json").read_text()
+
+
+def test_the_unattended_restore_runs_the_engine_in_its_own_process(tmp_path: Path) -> None:
+    """The run's restore step: the image's bytes on the target, the command a sysadmin would type in
+    the log, and the CLI's refusals with their exit codes (wrong or unreadable passphrase: 4)."""
+    import random
+
+    from imgbackup.engine.rescue import unattended
+    from imgbackup.engine.rescue.params import parse_params
+    from imgbackup.errors import ImgBackupError
+
+    data = random.Random(5).randbytes(3 << 20)
+    (tmp_path / "disk.img").write_bytes(data)
+    (tmp_path / "pass").write_text("test-pass\n")
+    cli_json("init", repo=tmp_path / "repo")
+    cli_json("backup", tmp_path / "disk.img", "--name", "srcdisk", repo=tmp_path / "repo")
+    params = parse_params(UNATTENDED)
+    lines: list[str] = []
+    log = RescueLog([], echo=lines.append)
+    result = unattended._restore_here(params, tmp_path / "repo", tmp_path / "pass", str(tmp_path / "out.img"), log)
+    assert (tmp_path / "out.img").read_bytes() == data and result.bytes_written > 0
+    assert any(f"running: imgbackup restore latest {tmp_path / 'out.img'} --yes --name srcdisk --grow" in line
+               for line in lines)
+    (tmp_path / "pass").write_text("wrong-pass\n")
+    for passphrase_file in (tmp_path / "pass", tmp_path / "missing", None):
+        with pytest.raises(ImgBackupError) as refused:
+            unattended._restore_here(params, tmp_path / "repo", passphrase_file, str(tmp_path / "out2.img"), log)
+        assert refused.value.exit_code == 4, refused.value
+    assert not (tmp_path / "out2.img").exists()
+    assert "test-pass" not in "\n".join(lines)
+
+
+def test_login_on_a_terminal_shows_the_outcome_then_the_guide(tmp_path: Path) -> None:
+    """What every console of the media runs at login (bash_profile): the unattended run's outcome, then
+    — booted for the menu, as a command line without imgbackup.action is (this host's) — the guide
+    on that terminal. The guest test drives the guide itself after a failed run's shell."""
+    import json
+
+    from tests.terminal import Terminal
+
+    (tmp_path / "rescue-status.json").write_text(json.dumps(
+        {"ok": False, "reason": "target /dev/disk/by-id/virtio-X not found", "exit_code": 8,
+         "log_path": "/run/x.log", "seconds": 1.0}))
+    assert "imgbackup.action" not in Path("/proc/cmdline").read_text()
+    with Terminal("rescue", "login", IMGBACKUP_RESCUE_RUN=str(tmp_path)) as term:
+        term.expect(r"unattended restore FAILED: target /dev/disk/by-id/virtio-X not found")
+        term.expect(r"log: /run/x.log")
+        term.expect(r"imgbackup rescue menu\r?\n\s+1\) restore an image onto a disk \(guided\)")
+        term.expect(r"choose \[1\]: ")
+        term.send("3\n")
+        term.expect(r"shell: imgbackup is on PATH")
+        assert term.wait() == 0
+
+
+def test_a_failed_run_takes_on_failure_not_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """imgbackup.on-failure=poweroff (racks): a run that failed powers off instead of leaving a shell,
+    and never takes imgbackup.after. The guest tests prove 'systemctl poweroff' itself (after=poweroff)
+    and on-failure=shell; this is the choice between them, with systemctl recording what it was asked."""
+    from imgbackup.engine.rescue import unattended
+
+    monkeypatch.setattr(unattended, "STATUS_FILE", tmp_path / "status.json")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'asked'}\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cmdline = (UNATTENDED.replace("LABEL=IBBACKUP:/repo", str(tmp_path / "norepo"))
+               .replace("LABEL=IBBACKUP:/pass", str(tmp_path / "pass")).replace("after=poweroff", "after=reboot"))
+    lines: list[str] = []
+    assert run_from_cmdline(cmdline, RescueLog([], echo=lines.append)) == 3
+    assert any(f"FAILED: no imgbackup repository at {tmp_path / 'norepo'}" in line for line in lines), lines
+    assert (tmp_path / "asked").read_text() == "--no-block poweroff\n"
 
 
 def test_log_lines_before_the_file_exists_are_written_to_it_first(tmp_path: Path) -> None:
@@ -166,3 +238,18 @@ def test_udev_coldplug_covers_disks_and_consoles_and_skips_the_rest() -> None:
     everything = subprocess.run(["udevadm", "trigger", "--dry-run", "--verbose", "--type=devices"],
                                 capture_output=True, text=True, check=True).stdout.split()
     assert len(paths) < len(everything)
+
+
+def test_the_rescue_unit_starts_with_the_boot_and_verifies(tmp_path: Path) -> None:
+    """imgbackup-rescue.service is not ordered after sysinit/basic (Python's start overlaps the boot),
+    so its run must wait for udev's coldplug itself; systemd-analyze finds nothing else wrong with it."""
+    need_tool("systemd-analyze")
+    text = rootfs.data_file("systemd/imgbackup-rescue.service").decode()
+    assert "DefaultDependencies=no" in text and "rescue run --after-coldplug" in text
+    assert "Wants=systemd-udevd.service systemd-udev-trigger.service" in text and "Before=shutdown.target" in text
+    (tmp_path / "imgbackup-rescue.service").write_text(text)
+    check = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "imgbackup-rescue.service")],
+                           capture_output=True, text=True)
+    problems = [line for line in check.stderr.splitlines()
+                if "/usr/local/bin/imgbackup is not executable" not in line]    # the media's, not this host's
+    assert problems == [], check.stderr

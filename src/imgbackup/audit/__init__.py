@@ -87,6 +87,7 @@ class AuditEvent:
 class _Config:
     sinks: list[Sink] | None = None      # None: read IMGBACKUP_AUDIT at the first event
     command: str = ""
+    argv: list[str] | None = None        # as given: the catalog's entries name it too
     failures: list[str] = []
 
 
@@ -100,6 +101,14 @@ def set_command(argv: list[str]) -> None:
     """The command line events name (``imgbackup backup /dev/sdb --name sdb``); never holds a secret,
     since passphrases are never arguments."""
     _Config.command = shlex.join(["imgbackup", *argv])
+    _Config.argv = list(argv)
+
+
+def command_argv() -> list[str] | None:
+    """The arguments given to ``set_command`` (None before): read by the repository's catalog, which
+    so needs no call of its own at start-up (importing it imports the crypto stack, ~0.15 s here and
+    seconds in a TCG guest, for commands that never open a repository)."""
+    return _Config.argv
 
 
 def delivery_failures() -> list[str]:

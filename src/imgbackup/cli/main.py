@@ -167,10 +167,7 @@ def run(argv: list[str] | None = None) -> None:
         _register(args)
     except ImportError as exc:  # a missing compiled core or dependency: one line, not a traceback
         _fail(ImgBackupError(str(exc)), as_json)
-    audit.set_command(args)
-    from imgbackup.repository.catalog import set_command
-
-    set_command(args)
+    audit.set_command(args)           # the catalog's entries read it from there too
     code = 0
     try:
         code = app(args=args, standalone_mode=False, prog_name="imgbackup")

@@ -63,11 +63,14 @@ def params(
 def run_action(
     cmdline_file: Annotated[Path, typer.Option(help="Where the kernel parameters are read.")]
     = Path("/proc/cmdline"),
+    after_coldplug: Annotated[bool, typer.Option(help="Started before udev (as imgbackup-rescue.service is, "
+                                                 "so Python's start overlaps the boot): wait for udev's "
+                                                 "coldplug before looking for devices.")] = False,
 ) -> None:
     """Inside the rescue system: carry out imgbackup.action (started by imgbackup-rescue.service)."""
     from imgbackup.engine.rescue.unattended import run_from_cmdline
 
-    raise typer.Exit(run_from_cmdline(cmdline_file.read_text()))
+    raise typer.Exit(run_from_cmdline(cmdline_file.read_text(), after_coldplug=after_coldplug))
 
 
 @rescue_app.command("login")

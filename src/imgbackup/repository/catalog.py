@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgbackup import audit
 from imgbackup.crypto.envelope import Envelope
 from imgbackup.errors import IntegrityError, RepositoryLocked
 from imgbackup.format.layout import OBJ_CATALOG_ENTRY
@@ -56,13 +57,13 @@ HOLD_EVENTS = ("held", "released")
 OTHER_EVENTS = ("created", "lock_probe", "locks_extended", "append_only")
 EVENTS = IMAGE_EVENTS + HOLD_EVENTS + OTHER_EVENTS
 
-_command = ""
 
 
-def set_command(argv: list[str]) -> None:
-    """The command line entries name (passphrases are never arguments, so it holds no secret)."""
-    global _command
-    _command = " ".join(["imgbackup", *argv])[:MAX_TEXT]
+def command_line() -> str:
+    """The command line entries name (``audit.set_command``'s; passphrases are never arguments, so it
+    holds no secret); empty when no command line was set (imgbackup used as a library)."""
+    argv = audit.command_argv()
+    return "" if argv is None else " ".join(["imgbackup", *argv])[:MAX_TEXT]
 
 
 def actor() -> dict[str, str]:
@@ -140,7 +141,7 @@ def encode_entry(repo_id: str, seq: int, prev: str, events: list[dict], now: flo
     who = actor()
     doc = {"version": ENTRY_VERSION, "repository": repo_id, "seq": seq, "prev": prev,
            "time": time.time() if now is None else now, "host": who["host"], "user": who["user"],
-           "command": _command, "events": events}
+           "command": command_line(), "events": events}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 

@@ -32,6 +32,15 @@ class DeviceNotFound(ImgBackupError):
 SETTLE_S = 120   # udev's coldplug of the devices present at boot: a minute and more under emulation
 
 
+def wait_for_coldplug() -> None:
+    """Wait until systemd's udev coldplug has run (its start job finished): for a run that systemd
+    started before udev (imgbackup-rescue.service, so that Python's start overlaps the boot). Starting
+    an already started unit returns at once; without systemd there is nothing to wait for."""
+    with contextlib.suppress(ImgBackupError):
+        tools.run(["systemctl", "start", "systemd-udevd.service", "systemd-udev-trigger.service"],
+                  timeout=SETTLE_S + 5)
+
+
 def _settle() -> None:
     """Wait for udev to finish with the devices already present, so imgbackup.wait=N means N seconds
     for a late disk (USB, SAN) and not N seconds minus however long the boot's coldplug took."""

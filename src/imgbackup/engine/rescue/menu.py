@@ -85,8 +85,9 @@ def _filesystems() -> None:
             _say(f"  {d.path:<14} {d.fstype:<6} label={d.label or '-':<14} {human_size(d.size)}")
 
 
-def _open_repository(mounts: Mounts) -> tuple[dict[str, str], str | None]:
-    """Ask where the repository is and for its passphrase; returns (child env, its device)."""
+def _open_repository(mounts: Mounts) -> tuple[dict[str, str], str | None, str]:
+    """Ask where the repository is and for its passphrase; returns (child env, its device, the
+    ``list --json`` that proved the passphrase: each imgbackup start costs seconds under emulation)."""
     _filesystems()
     while True:
         text = _ask("repository (LABEL=…:/path, /dev/…:/path, or a path)", "LABEL=BACKUP:/repo")
@@ -102,7 +103,7 @@ def _open_repository(mounts: Mounts) -> tuple[dict[str, str], str | None]:
     for _ in range(3):
         probe = _imgbackup(["list", "--json"], env)
         if probe.returncode == 0:
-            return env, device
+            return env, device, probe.stdout
         if probe.returncode != 4:
             raise ImgBackupError(probe.stderr.strip().removeprefix("imgbackup: error: "))
         env["IMGBACKUP_PASSPHRASE"] = getpass.getpass("repository passphrase: ")
@@ -120,8 +121,8 @@ def _choose(title: str, rows: list[str]) -> int:
         _say(f"  1..{len(rows)}")
 
 
-def _image(env: dict[str, str]) -> dict:
-    images = [i for i in json.loads(_imgbackup(["list", "--json"], env).stdout)["images"] if "error" not in i]
+def _image(listing: str) -> dict:
+    images = [i for i in json.loads(listing)["images"] if "error" not in i]
     if not images:
         raise ImgBackupError("the repository holds no images")
     images.sort(key=lambda i: i["created"], reverse=True)
@@ -141,8 +142,8 @@ def _target(exclude: set[str]) -> str:
 def _guided_restore() -> None:
     mounts = Mounts()
     try:
-        env, repo_dev = _open_repository(mounts)
-        image = _image(env)
+        env, repo_dev, listing = _open_repository(mounts)
+        image = _image(listing)
         exclude = {x for x in (whole_disk_of(repo_dev) if repo_dev else None, _medium_disk()) if x}
         target = _target(exclude)
         args = ["restore", image["id"], target, "--yes"]

@@ -143,16 +143,17 @@ def build_initramfs(root: Path, kver: str, out: Path, log: Log) -> None:
     for applet in INITRAMFS_APPLETS:
         os.symlink("busybox", stage / "bin" / applet)
     moddir = root / "usr/lib/modules" / kver
-    wanted = [w.strip() for w in data_file("initramfs/modules").decode().splitlines()
-              if w.strip() and not w.startswith("#")]
+    wanted, more = ([w.strip() for w in data_file(f"initramfs/{name}").decode().splitlines()
+                     if w.strip() and not w.startswith("#")] for name in ("modules", "modules-more"))
     dest = stage / "lib/modules" / kver
-    for rel in _module_closure(moddir, wanted):
+    for rel in _module_closure(moddir, wanted + more):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(moddir / rel, dest / rel)
     for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
         shutil.copy2(moddir / name, dest / name)
     _run(["depmod", "-b", str(stage), kver], log)
     (stage / "lib/modules/wanted").write_text("\n".join(wanted) + "\n")
+    (stage / "lib/modules/more").write_text("\n".join(more) + "\n")
     (stage / "init").write_bytes(data_file("initramfs/init"))
     (stage / "init").chmod(0o755)
     with gzip.open(out, "wb", compresslevel=6) as f:

@@ -7,25 +7,37 @@ unmount → ``imgbackup.after``. A failure at any step stops the run with its re
 target is written when it can be known beforehand (wrong identity, too small, wrong passphrase),
 and then leaves a shell or powers off (``imgbackup.on-failure``).
 
-The restore itself runs as ``imgbackup restore … --json`` in a child process: exactly what a
-sysadmin would type, with its own refusals and exit codes, and its stderr in the log.
+The restore itself is the restore engine called in this process, exactly as ``imgbackup restore
+… --yes`` calls it (the log names that command): the same refusals and exit codes, without a
+second interpreter start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgbackup.device import tools
 from imgbackup.device.identity import identify
 from imgbackup.engine.rescue.console import RescueLog, boot_seconds
-from imgbackup.engine.rescue.locate import RUN_DIR, Mounts, find_target, medium_device, whole_disk_of
+from imgbackup.engine.rescue.locate import (
+    RUN_DIR,
+    Mounts,
+    find_target,
+    medium_device,
+    wait_for_coldplug,
+    whole_disk_of,
+)
 from imgbackup.engine.rescue.params import ON_FAILURE, Location, RescueParams, parse_params, raw_params
-from imgbackup.errors import ImgBackupError, TargetRefused, UsageError
+from imgbackup.errors import ImgBackupError, PassphraseMissing, TargetRefused, UsageError
+
+if TYPE_CHECKING:
+    from imgbackup.engine.restore.run import BareMetalResult
 
 STATUS_FILE = RUN_DIR / "rescue-status.json"
 LOG_DIR = "imgbackup-rescue-logs"
@@ -62,30 +74,70 @@ def _embedded_repo(path: Path) -> Path:
     return base / "repo"
 
 
-def _restore_command(params: RescueParams, target: str) -> list[str]:
-    cmd = [sys.executable, "-m", "imgbackup", "restore", params.image, target, "--yes", "--json"]
+def _import_the_restore_engine() -> None:
+    import imgbackup.engine.restore.plan
+    import imgbackup.engine.restore.run
+    import imgbackup.repository.repo  # noqa: F401
+
+
+def _preload() -> threading.Thread:
+    """The restore engine's imports (numpy, the crypto stack, the repository: 10-14 s of a TCG guest's
+    CPU) in the background while the run waits for its devices; joined before the restore uses them."""
+    def imports() -> None:
+        with contextlib.suppress(Exception):     # the restore's own import reports any problem
+            _import_the_restore_engine()
+    thread = threading.Thread(target=imports, name="imgbackup-preload", daemon=True)
+    thread.start()
+    return thread
+
+
+def _restore_words(params: RescueParams, target: str) -> list[str]:
+    """The ``imgbackup restore`` a sysadmin would type for this run (the log names it)."""
+    words = ["imgbackup", "restore", params.image, target, "--yes"]
     if params.name:
-        cmd += ["--name", params.name]
+        words += ["--name", params.name]
     if params.grow:
-        cmd.append("--grow")
+        words.append("--grow")
     if params.partition is not None:
-        cmd += ["--partition", str(params.partition)]
-    return cmd
+        words += ["--partition", str(params.partition)]
+    return words
 
 
-def _run_restore(cmd: list[str], env: dict[str, str], log: RescueLog) -> dict:
-    log("running: " + " ".join(["imgbackup", *cmd[3:]]))
-    proc = tools.run(cmd, timeout=None, env=env)
-    out, err = proc.stdout, proc.stderr
-    for line in err.splitlines():
-        log(f"  {line}")
-    if proc.returncode != 0:
-        last = next((line for line in reversed(err.splitlines()) if line.strip()), "no message")
-        raise _Failed(last.removeprefix("imgbackup: error: "), proc.returncode)
-    try:
-        return json.loads(out)
-    except ValueError:
-        raise _Failed("imgbackup restore printed no JSON result", 1) from None
+def _restore_here(params: RescueParams, repo_path: Path, passphrase_file: Path | None, target: str,
+                  log: RescueLog, preloaded: threading.Thread | None = None) -> BareMetalResult:
+    """What ``imgbackup restore … --yes`` does, in this process: the restore engine itself, with its
+    own refusals (before the first byte is written) and exit codes. Not a child ``python -m
+    imgbackup``: under TCG a second interpreter start, its imports and the repository open cost
+    ~30 s of a ~60 s run."""
+    if preloaded is not None:
+        preloaded.join()          # one thread imports a module at a time: never two at once
+    from imgbackup.engine.restore.plan import plan_disk_restore, plan_partition_restore
+    from imgbackup.engine.restore.run import run_disk_restore
+    from imgbackup.repository.repo import Repository
+
+    log("running: " + " ".join(_restore_words(params, target)))
+
+    def passphrase() -> bytes:
+        if passphrase_file is None:
+            raise PassphraseMissing("the repository needs a passphrase",
+                                    "give imgbackup.passphrase-file=LABEL=…:/path")
+        try:
+            return passphrase_file.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise PassphraseMissing(f"cannot read the passphrase file {params.passphrase_file}: "
+                                    f"{exc.strerror}") from None
+
+    repo = Repository.open(str(repo_path), passphrase)
+    repo.require_full_key("restore images (that reads their data)")
+    image_id = repo.images.resolve(params.image, params.name)
+    if params.partition is not None:
+        plan = plan_partition_restore(repo, image_id, params.partition, target, grow=params.grow)
+    else:
+        plan = plan_disk_restore(repo, image_id, target, grow=params.grow)
+    if plan.bad_ranges:
+        log(f"  warning: the image was made from a failing disk (backup --rescue): "
+            f"{sum(n for _, n in plan.bad_ranges)} unreadable bytes of the source restore as zeros")
+    return run_disk_restore(repo, plan)
 
 
 class _Failed(Exception):
@@ -94,8 +146,11 @@ class _Failed(Exception):
         self.code = code
 
 
-def _restore(params: RescueParams, log: RescueLog, mounts: Mounts) -> str:
+def _restore(params: RescueParams, log: RescueLog, mounts: Mounts, after_coldplug: bool = False) -> str:
     """Everything from finding the repository to a finished restore; returns the summary line."""
+    preloaded = _preload()
+    if after_coldplug:
+        wait_for_coldplug()
     wait = params.wait_s
     log(f"repository {params.repo}: waiting up to {wait} s for its device")
     repo_path, repo_dev = mounts.path_of(params.repo, wait, read_only=False)
@@ -108,13 +163,11 @@ def _restore(params: RescueParams, log: RescueLog, mounts: Mounts) -> str:
         repo_path = _embedded_repo(repo_path)
     if not (repo_path / "config").exists():
         raise _Failed(f"no imgbackup repository at {params.repo}", 3)
-    env = dict(os.environ, IMGBACKUP_REPO=str(repo_path))
-    env.pop("IMGBACKUP_PASSPHRASE", None)
+    pass_path = None
     if params.passphrase_file is not None:
         pass_path, _ = mounts.path_of(params.passphrase_file, wait, read_only=True)
         if not pass_path.is_file():
             raise _Failed(f"passphrase file {params.passphrase_file} does not exist", 4)
-        env["IMGBACKUP_PASSPHRASE_FILE"] = str(pass_path)
         log(f"passphrase: from {params.passphrase_file}")
     log(f"target {params.target}: waiting up to {wait} s for it")
     node = find_target(params.target, wait)
@@ -125,12 +178,12 @@ def _restore(params: RescueParams, log: RescueLog, mounts: Mounts) -> str:
     log(f"target: {identify(node).describe()}")
     what = f"image {params.image}" + (f" of {params.name}" if params.name else "")
     log(f"restoring {what}" + (" (growing the last partition)" if params.grow else ""))
-    result = _run_restore(_restore_command(params, params.target.value if params.target.kind == "by-id"
-                                           else node), env, log)
-    for note in result.get("notes", []):
+    result = _restore_here(params, repo_path, pass_path,
+                           params.target.value if params.target.kind == "by-id" else node, log, preloaded)
+    for note in result.notes:
         log(f"  {note}")
-    return (f"restored image {str(result.get('image', '?'))[:12]} onto {params.target}: "
-            f"{result.get('bytes_written', 0)} bytes written in {result.get('duration_s', 0):.1f} s")
+    return (f"restored image {result.image[:12]} onto {params.target}: "
+            f"{result.bytes_written} bytes written in {result.duration_s:.1f} s")
 
 
 def _write_status(outcome: Outcome) -> None:
@@ -150,11 +203,11 @@ def _finish(action: str, log: RescueLog) -> None:
     tools.run(["systemctl", "--no-block", action], timeout=60)
 
 
-def run(params: RescueParams, log: RescueLog) -> Outcome:
+def run(params: RescueParams, log: RescueLog, after_coldplug: bool = False) -> Outcome:
     start = time.monotonic()
     mounts = Mounts()
     try:
-        summary = _restore(params, log, mounts)
+        summary = _restore(params, log, mounts, after_coldplug)
         ok, reason, code = True, summary, 0
     except _Failed as exc:
         ok, reason, code = False, str(exc), exc.code
@@ -172,8 +225,9 @@ def run(params: RescueParams, log: RescueLog) -> Outcome:
     return Outcome(ok, reason, code, str(log.path) if log.path else None, seconds)
 
 
-def run_from_cmdline(cmdline: str, log: RescueLog | None = None) -> int:
-    """Entry point of ``imgbackup rescue run``: the exit code of the whole action."""
+def run_from_cmdline(cmdline: str, log: RescueLog | None = None, after_coldplug: bool = False) -> int:
+    """Entry point of ``imgbackup rescue run``: the exit code of the whole action. ``after_coldplug``:
+    systemd started this run before udev; wait for its coldplug before looking for devices."""
     log = log or RescueLog()
     try:
         params = parse_params(cmdline)
@@ -192,7 +246,7 @@ def run_from_cmdline(cmdline: str, log: RescueLog | None = None) -> int:
     up = boot_seconds()
     log(f"unattended restore: {' '.join(w for w in cmdline.split() if w.startswith('imgbackup.'))}"
         + (f" ({up:.0f} s after boot)" if up is not None else ""))
-    outcome = run(params, log)
+    outcome = run(params, log, after_coldplug)
     _write_status(outcome)
     _finish(params.after if outcome.ok else params.on_failure, log)
     return outcome.exit_code
