@@ -143,21 +143,25 @@ def test_login_on_a_terminal_shows_the_outcome_then_the_guide(tmp_path: Path) ->
 def test_a_failed_run_takes_on_failure_not_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """imgbackup.on-failure=poweroff (racks): a run that failed powers off instead of leaving a shell,
     and never takes imgbackup.after. The guest tests prove 'systemctl poweroff' itself (after=poweroff)
-    and on-failure=shell; this is the choice between them, with systemctl recording what it was asked."""
+    and on-failure=shell; here the choice between them, and a failed run's report and exit code (run
+    with on-failure=shell: nothing on this host is powered off or stubbed)."""
     from imgbackup.engine.rescue import unattended
+    from imgbackup.engine.rescue.params import parse_params
+
+    assert "imgbackup.on-failure=poweroff" in UNATTENDED
+    racks = parse_params(UNATTENDED.replace("after=poweroff", "after=reboot"))
+    assert unattended.final_action(racks, ok=False) == "poweroff"
+    assert unattended.final_action(racks, ok=True) == "reboot"
+    default = parse_params(UNATTENDED.replace(" imgbackup.on-failure=poweroff", ""))
+    assert unattended.final_action(default, ok=False) == "shell"
 
     monkeypatch.setattr(unattended, "STATUS_FILE", tmp_path / "status.json")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'asked'}\n")
-    (bin_dir / "systemctl").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     cmdline = (UNATTENDED.replace("LABEL=IBBACKUP:/repo", str(tmp_path / "norepo"))
-               .replace("LABEL=IBBACKUP:/pass", str(tmp_path / "pass")).replace("after=poweroff", "after=reboot"))
+               .replace("LABEL=IBBACKUP:/pass", str(tmp_path / "pass")).replace("on-failure=poweroff", "on-failure=shell"))
     lines: list[str] = []
     assert run_from_cmdline(cmdline, RescueLog([], echo=lines.append)) == 3
     assert any(f"FAILED: no imgbackup repository at {tmp_path / 'norepo'}" in line for line in lines), lines
-    assert (tmp_path / "asked").read_text() == "--no-block poweroff\n"
+    assert any("a root shell is open on every console" in line for line in lines), lines
 
 
 def test_log_lines_before_the_file_exists_are_written_to_it_first(tmp_path: Path) -> None:

@@ -194,6 +194,12 @@ def _write_status(outcome: Outcome) -> None:
         pass
 
 
+def final_action(params: RescueParams, ok: bool) -> str:
+    """What the media does when the run is over: ``imgbackup.after`` once the restore succeeded,
+    ``imgbackup.on-failure`` (a shell, or poweroff for racks) when it did not."""
+    return params.after if ok else params.on_failure
+
+
 def _finish(action: str, log: RescueLog) -> None:
     if action == "shell":
         log("a root shell is open on every console (imgbackup is on PATH)")
@@ -248,5 +254,5 @@ def run_from_cmdline(cmdline: str, log: RescueLog | None = None, after_coldplug:
         + (f" ({up:.0f} s after boot)" if up is not None else ""))
     outcome = run(params, log, after_coldplug)
     _write_status(outcome)
-    _finish(params.after if outcome.ok else params.on_failure, log)
+    _finish(final_action(params, outcome.ok), log)
     return outcome.exit_code
