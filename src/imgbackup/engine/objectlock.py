@@ -15,6 +15,7 @@ import datetime
 import math
 import os
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from imgbackup.engine.retention import RetentionPolicy
@@ -138,7 +139,7 @@ def sync_legal_holds(repo: Repository, released: tuple[str, ...] = ()) -> tuple[
     return count, notes
 
 
-def extend_locks(repo: Repository, needed_chunks: set[bytes], skip: set[str], force: bool = False) -> int:
+def extend_locks(repo: Repository, needed_chunks: Iterable[bytes], skip: set[str], force: bool = False) -> int:
     """Move the lock of everything the images need out to now + one period, when due; the objects extended."""
     if not locking(repo):
         return 0

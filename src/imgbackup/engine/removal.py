@@ -19,6 +19,7 @@ from imgbackup.engine.collectplan import needed_chunks
 from imgbackup.engine.objectlock import extend_locks, sync_legal_holds
 from imgbackup.errors import ImageHeld
 from imgbackup.repository.catalog import CatalogView
+from imgbackup.repository.chunkids import ChunkIds
 from imgbackup.repository.images import image_name
 from imgbackup.repository.repo import Repository
 
@@ -26,7 +27,7 @@ from imgbackup.repository.repo import Repository
 @dataclass
 class Collected:
     done: CollectionResult
-    needed: set[bytes] | None
+    needed: ChunkIds | None          # what the images still standing name; None: an index unreadable
     index_files_before: int = 0
     locks_extended: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -54,7 +55,7 @@ def begin(repo: Repository, command: str) -> tuple[CatalogView, list[str]]:
     return view, repo.delete_image_objects(pending)
 
 
-def needed_now(repo: Repository, exclude: Collection[str] = ()) -> tuple[set[bytes] | None, list[str]]:
+def needed_now(repo: Repository, exclude: Collection[str] = ()) -> tuple[ChunkIds | None, list[str]]:
     """The chunks the images still standing need (not those the log calls removed, nor ``exclude``)."""
     return needed_chunks(repo, removed_in_log(repo.catalog.view()) | set(exclude))
 
