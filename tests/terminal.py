@@ -26,7 +26,9 @@ CTRL_C = b"\x03"
 class Terminal:
     def __init__(self, *args: str | os.PathLike, repo=None, passphrase: str | None = "test-pass",
                  columns: int = 120, **extra: str) -> None:
-        env = cli_env(repo, passphrase, **extra) | {"COLUMNS": str(columns), "TERM": "xterm"}
+        # PYTHONFAULTHANDLER: a child that hangs can be asked for every thread's stack (SIGABRT) before
+        # it is killed, so a test that times out says where it stuck
+        env = cli_env(repo, passphrase, **extra) | {"COLUMNS": str(columns), "TERM": "xterm", "PYTHONFAULTHANDLER": "1"}
         argv = [sys.executable, "-m", "imgbackup", *map(str, args)]
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is already its stdin/stdout/stderr and controlling tty
@@ -84,10 +86,21 @@ class Terminal:
                 self._drain()
                 return self._set(status)
             if time.monotonic() > deadline:
+                self._dump_stacks()
                 self.kill()
                 raise AssertionError(f"imgbackup did not exit within {timeout} s; output:\n{self.text}")
             if not still_open:
                 time.sleep(0.05)   # the terminal is closed; poll for the exit itself
+
+    def _dump_stacks(self) -> None:
+        """SIGABRT: the child's fault handler writes every thread's traceback to the terminal."""
+        try:
+            os.kill(self.pid, signal.SIGABRT)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + 3
+        while time.monotonic() < end and self._read(0.2):
+            pass
 
     def _drain(self) -> None:
         while select.select([self.fd], [], [], 0)[0] and self._read(0):
