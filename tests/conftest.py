@@ -1,3 +1,4 @@
+import atexit
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 # What clients remember per repository (the catalog head) stays in this run's temporary directory.
 CLIENT_STATE = os.path.join(tempfile.gettempdir(), f"imgbackup-state-{os.getpid()}")
 os.environ["XDG_STATE_HOME"] = CLIENT_STATE     # module and session fixtures; each test gets its own below
+atexit.register(shutil.rmtree, CLIENT_STATE, True)   # this run's own, by its pid: gone when the run ends
 
 # Cheap KDF parameters for repositories created by tests; recorded in each key file.
 os.environ.setdefault("IMGBACKUP_TEST_CHEAP_KDF", "1")
@@ -28,10 +30,6 @@ os.environ.setdefault("IMGBACKUP_GC_GRACE_SECONDS", "0")
 # Local caches (chunk index, S3 probe) of this run's repositories in the run's temp dir, not in ~/.cache;
 # subprocesses inherit it.
 if "IMGBACKUP_TEST_KEEP_CACHE_HOME" not in os.environ:
-    import atexit
-    import shutil
-    import tempfile
-
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="imgbackup-cache-")
     atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
