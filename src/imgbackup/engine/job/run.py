@@ -21,6 +21,7 @@ from imgbackup.engine.job import steps
 from imgbackup.engine.job.config import JobConfig
 from imgbackup.engine.job.inhibit import sleep_inhibited
 from imgbackup.engine.job.state import JobState, job_lock, load_state, save_state
+from imgbackup.engine.passphrase import passphrase_file_source
 from imgbackup.errors import ImgBackupError, Interrupted, SourceIdentityChanged
 from imgbackup.repository.repo import Repository
 
@@ -71,17 +72,8 @@ def _iso(t: float) -> str:
 
 def read_passphrase_file(path: str | None) -> Callable[[], bytes]:
     """The job's passphrase source: its file, read only when the repository asks."""
-    def source() -> bytes:
-        from imgbackup.errors import PassphraseMissing
-
-        if path is None:
-            raise PassphraseMissing("the repository needs a passphrase and the job file names no passphrase_file")
-        try:
-            with open(path, "rb") as f:
-                return f.read().rstrip(b"\r\n")
-        except OSError as exc:
-            raise PassphraseMissing(f"cannot read the job's passphrase_file {path}: {exc.strerror}") from None
-    return source
+    return passphrase_file_source(path, f"the job's passphrase_file {path}",
+                                  "the repository needs a passphrase and the job file names no passphrase_file")
 
 
 class _Run:

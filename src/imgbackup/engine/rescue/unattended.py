@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from imgbackup.device import tools
 from imgbackup.device.identity import identify
+from imgbackup.engine.passphrase import passphrase_file_source
 from imgbackup.engine.rescue.console import RescueLog, boot_seconds
 from imgbackup.engine.rescue.locate import (
     RUN_DIR,
@@ -34,7 +35,7 @@ from imgbackup.engine.rescue.locate import (
     whole_disk_of,
 )
 from imgbackup.engine.rescue.params import ON_FAILURE, Location, RescueParams, parse_params, raw_params
-from imgbackup.errors import ImgBackupError, PassphraseMissing, TargetRefused, UsageError
+from imgbackup.errors import ImgBackupError, TargetRefused, UsageError
 
 if TYPE_CHECKING:
     from imgbackup.engine.restore.run import BareMetalResult
@@ -117,16 +118,9 @@ def _restore_here(params: RescueParams, repo_path: Path, passphrase_file: Path |
 
     log("running: " + " ".join(_restore_words(params, target)))
 
-    def passphrase() -> bytes:
-        if passphrase_file is None:
-            raise PassphraseMissing("the repository needs a passphrase",
-                                    "give imgbackup.passphrase-file=LABEL=…:/path")
-        try:
-            return passphrase_file.read_bytes().rstrip(b"\r\n")
-        except OSError as exc:
-            raise PassphraseMissing(f"cannot read the passphrase file {params.passphrase_file}: "
-                                    f"{exc.strerror}") from None
-
+    passphrase = passphrase_file_source(passphrase_file, f"the passphrase file {params.passphrase_file}",
+                                        "the repository needs a passphrase",
+                                        "give imgbackup.passphrase-file=LABEL=…:/path")
     repo = Repository.open(str(repo_path), passphrase)
     repo.require_full_key("restore images (that reads their data)")
     image_id = repo.images.resolve(params.image, params.name)
