@@ -257,3 +257,18 @@ def test_the_rescue_unit_starts_with_the_boot_and_verifies(tmp_path: Path) -> No
     problems = [line for line in check.stderr.splitlines()
                 if "/usr/local/bin/imgbackup is not executable" not in line]    # the media's, not this host's
     assert problems == [], check.stderr
+
+
+def test_the_guide_asks_for_an_encrypted_repositorys_passphrase_before_its_first_probe(tmp_path: Path) -> None:
+    """The guide's repository probe (``imgbackup list``, a child) needs the passphrase; asked first when
+    the config says the repository is encrypted and none is known, instead of after a failed probe."""
+    from imgbackup.engine.rescue.menu import _needs_a_passphrase
+
+    cli_json("init", repo=tmp_path / "enc")
+    cli_json("init", "--encryption", "none", repo=tmp_path / "plain")
+    assert _needs_a_passphrase(tmp_path / "enc", {}) is True
+    assert _needs_a_passphrase(tmp_path / "enc", {"IMGBACKUP_PASSPHRASE_FILE": "/x"}) is False
+    assert _needs_a_passphrase(tmp_path / "plain", {}) is False        # the probe decides (it may need none)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config").write_text("{not json")
+    assert _needs_a_passphrase(tmp_path / "broken", {}) is False       # the probe says what is wrong

@@ -100,6 +100,8 @@ def _open_repository(mounts: Mounts) -> tuple[dict[str, str], str | None, str]:
             break
         _say(f"  no imgbackup repository at {text}")
     env = dict(os.environ, IMGBACKUP_REPO=str(path))
+    if _needs_a_passphrase(path, env):     # asked before the first probe: it would only fail (exit 4)
+        env["IMGBACKUP_PASSPHRASE"] = getpass.getpass("repository passphrase: ")
     for _ in range(3):
         probe = _imgbackup(["list", "--json"], env)
         if probe.returncode == 0:
@@ -108,6 +110,19 @@ def _open_repository(mounts: Mounts) -> tuple[dict[str, str], str | None, str]:
             raise ImgBackupError(probe.stderr.strip().removeprefix("imgbackup: error: "))
         env["IMGBACKUP_PASSPHRASE"] = getpass.getpass("repository passphrase: ")
     raise ImgBackupError("wrong passphrase three times")
+
+
+def _needs_a_passphrase(path: Path, env: dict[str, str]) -> bool:
+    """True when the repository is encrypted (its config says so: a hint only, the child that opens it
+    checks everything) and no passphrase is known yet. Saves one imgbackup start (seconds under
+    emulation) whose only outcome is 'wrong or missing passphrase'."""
+    if env.get("IMGBACKUP_PASSPHRASE") or env.get("IMGBACKUP_PASSPHRASE_FILE"):
+        return False
+    try:
+        config = json.loads((path / "config").read_text())
+    except (OSError, ValueError):
+        return False                    # the probe says what is wrong
+    return isinstance(config, dict) and config.get("encryption", "none") != "none"
 
 
 def _choose(title: str, rows: list[str]) -> int:
