@@ -135,6 +135,7 @@ class Guest:
     def start(self) -> Guest:
         self.started = time.monotonic()
         self._log = open(self.console_log, "wb")  # noqa: SIM115 - closed in close()
+        self._times = open(self.workdir / "console.times", "w")  # noqa: SIM115 - "SECONDS END-OFFSET" lines
         self._proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir,
                                       preexec_fn=_die_with_parent())
@@ -153,6 +154,9 @@ class Guest:
                     self._buf += chunk
                     self._log.write(chunk)
                     self._log.flush()
+                    # where a slow test's seconds went: when each console byte arrived (s since start)
+                    self._times.write(f"{time.monotonic() - self.started:.2f} {len(self._buf)}\n")
+                    self._times.flush()
                 else:
                     self._eof = True
                 self._lock.notify_all()
@@ -170,6 +174,7 @@ class Guest:
                 self._proc.wait(timeout=10)
         with contextlib.suppress(Exception):
             self._log.close()
+            self._times.close()
 
     def __enter__(self) -> Guest:
         return self.start()
