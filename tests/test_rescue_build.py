@@ -272,3 +272,45 @@ def test_the_guide_asks_for_an_encrypted_repositorys_passphrase_before_its_first
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config").write_text("{not json")
     assert _needs_a_passphrase(tmp_path / "broken", {}) is False       # the probe says what is wrong
+
+
+def test_the_prefetch_unit_is_never_waited_for_and_verifies(tmp_path: Path) -> None:
+    """imgbackup-prefetch.service reads the start-up files on an idle CPU: nothing orders itself after
+    it (Type=exec, no default dependencies), it stops for shutdown, and systemd-analyze accepts it."""
+    need_tool("systemd-analyze")
+    text = rootfs.data_file("systemd/imgbackup-prefetch.service").decode()
+    assert "DefaultDependencies=no" in text and "Type=exec" in text and "CPUSchedulingPolicy=idle" in text
+    assert payload.PREFETCH_LIST in text and "Conflicts=shutdown.target" in text
+    (tmp_path / "imgbackup-prefetch.service").write_text(text)
+    check = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "imgbackup-prefetch.service")],
+                           capture_output=True, text=True)
+    assert check.stderr.strip() == "", check.stderr
+
+
+def _launcher(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The media's /usr/local/bin/imgbackup (payload.LAUNCHER) run by this Python with ARGS."""
+    code = payload.LAUNCHER.split("\n", 1)[1]
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, env={**os.environ, **env})
+
+
+def test_the_media_launcher_runs_its_own_commands_without_typer(tmp_path: Path) -> None:
+    """rescue login/run/menu (what the media's units and logins start) skip Typer: ~5 s of a cold TCG
+    boot; anything else (--help, other commands, an unknown option) goes through the full CLI."""
+    import json
+
+    (tmp_path / "rescue-status.json").write_text(json.dumps(
+        {"ok": False, "reason": "target /dev/x not found", "exit_code": 8, "log_path": "/run/y.log", "seconds": 2.0}))
+    probe = ("import sys; sys.argv = ['imgbackup', 'rescue', 'login']; "
+             "from imgbackup.cli import lean; import atexit; "
+             "atexit.register(lambda: print('typer loaded:', 'typer' in sys.modules, file=sys.stderr)); lean.run()")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "IMGBACKUP_RESCUE_RUN": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "typer loaded: False" in proc.stderr and "log: /run/y.log" in proc.stdout, proc
+    assert "unattended restore FAILED: target /dev/x not found" in proc.stdout
+    helped = _launcher("rescue", "run", "--help")
+    assert helped.returncode == 0 and "--after-coldplug" in helped.stdout, helped.stderr
+    wrong = _launcher("rescue", "run", "--no-such-option")
+    assert wrong.returncode == 2 and wrong.stderr.startswith("imgbackup: error: "), wrong.stderr
+    assert _launcher("--version").stdout.startswith("imgbackup ")

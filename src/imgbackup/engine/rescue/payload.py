@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import imgbackup
@@ -113,7 +114,7 @@ LAUNCHER = """#!/usr/bin/python3
 # imgbackup on the rescue media (copied from the installation that built them)
 import sys
 
-from imgbackup.cli.main import run
+from imgbackup.cli.lean import run   # the media's own commands without Typer, the rest through it
 
 sys.exit(run())
 """
@@ -137,3 +138,51 @@ def install(files: list[PayloadFile], root: Path) -> Path:
     launcher.write_text(LAUNCHER)
     launcher.chmod(0o755)
     return site
+
+
+PREFETCH_LIST = "usr/local/share/imgbackup/prefetch.list"
+# What the rescue run, the guide and the usual commands import at start (not S3, FUSE or --help's rest).
+PREFETCH_MODULES = ("imgbackup.cli.main", "imgbackup.cli.rescue_cmd", "imgbackup.cli.repo_cmd",
+                    "imgbackup.cli.backup_cmd", "imgbackup.cli.restore_cmd", "imgbackup.cli.devices_cmd",
+                    "imgbackup.cli.job_cmd", "imgbackup.engine.rescue.unattended", "imgbackup.engine.rescue.menu",
+                    "imgbackup.engine.restore.run", "imgbackup.engine.restore.plan", "imgbackup.engine.backup.run",
+                    "imgbackup.repository.repo")
+_LIST_FILES = """
+import importlib, importlib.util, os, sys
+site, names = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, site)
+for name in names:
+    importlib.import_module(name)
+files = set()
+for module in list(sys.modules.values()):
+    path = getattr(module, "__file__", None) or ""
+    if path.endswith(".py"):
+        path = importlib.util.cache_from_source(path)
+    files.add(path)
+files.update(line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith(".so")
+             or ".so." in line)
+print("\\n".join(sorted((p for p in files if p.startswith("/") and os.path.isfile(p)),
+                      key=lambda p: (not p.endswith(".pyc"), p))))   # byte code first: imported first
+"""
+
+
+def install_prefetch(site: Path, root: Path) -> int:
+    """The files ``PREFETCH_MODULES`` read (byte code, extension modules, their libraries), as paths in
+    the booted root, and the boot unit that reads them into the page cache (imgbackup-prefetch.service).
+    Found by importing them from the payload just copied, with this Python (the root's minor version)."""
+    res = tools.run([sys.executable, "-I", "-S", "-c", _LIST_FILES, str(site), *PREFETCH_MODULES], timeout=300)
+    if res.returncode != 0:
+        raise ImgBackupError(f"listing the payload's start-up files failed: {tools.output_tail(res)}")
+    rooted = str(root).rstrip("/")
+    paths = [p.removeprefix(rooted) if p.startswith(rooted + "/") else p for p in res.stdout.split()]
+    listing = root / PREFETCH_LIST
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    unit = root / "etc/systemd/system/imgbackup-prefetch.service"
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_bytes(resources.files("imgbackup.engine.rescue").joinpath("data/systemd/imgbackup-prefetch.service")
+                     .read_bytes())
+    wants = root / "etc/systemd/system/sysinit.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / "imgbackup-prefetch.service").symlink_to("/etc/systemd/system/imgbackup-prefetch.service")
+    return len(paths)
