@@ -278,7 +278,7 @@ def test_the_prefetch_unit_is_never_waited_for_and_verifies(tmp_path: Path) -> N
     """imgbackup-prefetch.service reads the start-up files on an idle CPU: nothing orders itself after
     it (Type=exec, no default dependencies), it stops for shutdown, and systemd-analyze accepts it."""
     need_tool("systemd-analyze")
-    text = rootfs.data_file("systemd/imgbackup-prefetch.service").decode()
+    text = payload.PREFETCH_UNIT
     assert "DefaultDependencies=no" in text and "Type=exec" in text and "CPUSchedulingPolicy=idle" in text
     assert payload.PREFETCH_LIST in text and "Conflicts=shutdown.target" in text
     (tmp_path / "imgbackup-prefetch.service").write_text(text)
