@@ -274,19 +274,6 @@ def test_the_guide_asks_for_an_encrypted_repositorys_passphrase_before_its_first
     assert _needs_a_passphrase(tmp_path / "broken", {}) is False       # the probe says what is wrong
 
 
-def test_the_prefetch_unit_is_never_waited_for_and_verifies(tmp_path: Path) -> None:
-    """imgbackup-prefetch.service reads the start-up files on an idle CPU: nothing orders itself after
-    it (Type=exec, no default dependencies), it stops for shutdown, and systemd-analyze accepts it."""
-    need_tool("systemd-analyze")
-    text = payload.PREFETCH_UNIT
-    assert "DefaultDependencies=no" in text and "Type=exec" in text and "CPUSchedulingPolicy=idle" in text
-    assert payload.PREFETCH_LIST in text and "Conflicts=shutdown.target" in text
-    (tmp_path / "imgbackup-prefetch.service").write_text(text)
-    check = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "imgbackup-prefetch.service")],
-                           capture_output=True, text=True)
-    assert check.stderr.strip() == "", check.stderr
-
-
 def _launcher(*args: str, **env: str) -> subprocess.CompletedProcess:
     """The media's /usr/local/bin/imgbackup (payload.LAUNCHER) run by this Python with ARGS."""
     code = payload.LAUNCHER.split("\n", 1)[1]

@@ -164,9 +164,8 @@ def ensure_payload(cache_dir: Path, debian: Path, log: Log) -> Path:
         os.utime(out)
         return out
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".payload-") as tmp:
-        site = payload.install(files, Path(tmp) / "root")
-        prefetched = payload.install_prefetch(site, Path(tmp) / "root")
-        log(f"imgbackup: {len(files)} files ({prefetched} read ahead at boot)")
+        payload.install(files, Path(tmp) / "root")
+        log(f"imgbackup: {len(files)} files")
         rootfs.squash(Path(tmp) / "root", Path(tmp) / "out.squashfs", log)
         os.replace(Path(tmp) / "out.squashfs", out)
     _prune(cache_dir, "imgbackup-*.squashfs", out)
