@@ -121,6 +121,33 @@ def _job_disk(path: Path, seed: int) -> Path:
     return path
 
 
+JOBS = (("joba", "DISKA"), ("jobc", "DISKC"))          # test_guestlab_jobs' two jobs and their disks' serials
+
+
+def job_toml(name: str, serial: str) -> bytes:
+    """A job for the disk with ``serial``, by its by-id name, into the jobs' repository disk (/mnt/r)."""
+    return (f'source = "/dev/disk/by-id/virtio-{serial}"\nrepository = "/mnt/r/repo"\n'
+            f'passphrase_file = "/mnt/r/pass"\nrpo = "24h"\ninhibit_sleep = false\n'
+            f'audit = ["file:/mnt/r/audit.jsonl"]\n[verify]\nsample_percent = 0\n').encode()
+
+
+def _jobs_repository_disk(path: Path, work: Path) -> Path:
+    """The jobs' repository disk: ext4 with the repository (made here: one imgbackup start less in the
+    guest), its passphrase file and the two job files."""
+    from disks import blank, loop_device, mounted
+    from support import cli_json, run
+
+    blank(path, 160 << 20)
+    run("mkfs.ext4", "-q", "-F", path)
+    with loop_device(path) as dev, mounted(dev, work / "mnt-jobrepo", "rw") as mnt:
+        (mnt / "pass").write_text("guest-job-pass\n")
+        (mnt / "jobs").mkdir()
+        for job, serial in JOBS:
+            (mnt / "jobs" / f"{job}.toml").write_bytes(job_toml(job, serial))
+        cli_json("init", repo=mnt / "repo", passphrase=None, IMGBACKUP_PASSPHRASE_FILE=str(mnt / "pass"))
+    return path
+
+
 def _lab_setup(guest) -> None:
     guest.run(f"{LAB_ENV}; imgbackup init --json >/dev/null", 120).check()
 
@@ -130,14 +157,12 @@ def lab_pool(rescue_media: RescueMedia, tmp_path_factory: pytest.TempPathFactory
     """The lab guest (``guestlab.LabPool``) with ``pool.files``: the jobs module's disk images by name."""
     from disks import blank
     from guestlab import Disk, LabPool
-    from support import run
     from test_bootdisk import qemu_holding
 
     need_tool("mkfs.ext4", "sgdisk", "qemu-system-x86_64")
     base = tmp_path_factory.mktemp("lab")
     files = {name: _job_disk(base / f"{name}.img", seed) for name, seed, _ in JOB_DISKS}
-    files["repo"] = blank(base / "jobrepo.img", 160 << 20)
-    run("mkfs.ext4", "-q", "-F", files["repo"])
+    files["repo"] = _jobs_repository_disk(base / "jobrepo.img", base)
     disks = [Disk(blank(base / "lvm.img", 192 << 20), serial="LABLVM"),
              Disk(blank(base / "era.img", 96 << 20), serial="LABERA"),
              Disk(blank(base / "scsi.img", 32 << 20), serial="LABSERIAL01", model="LabModel9000", vendor="IMGB",

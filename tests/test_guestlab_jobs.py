@@ -43,12 +43,6 @@ def lab(iso: Path, workdir: Path, disks: list[Disk]) -> Iterator[Guest]:
         guest.close()
 
 
-def _job(name: str, serial: str) -> bytes:
-    return (f'source = "/dev/disk/by-id/virtio-{serial}"\nrepository = "/mnt/r/repo"\n'
-            f'passphrase_file = "/mnt/r/pass"\nrpo = "24h"\ninhibit_sleep = false\n'
-            f'audit = ["file:/mnt/r/audit.jsonl"]\n[verify]\nsample_percent = 0\n').encode()
-
-
 def _run(g: Guest, job: str) -> tuple[int, dict]:
     res = g.run(f"imgbackup job run {job} --config-dir /mnt/r/jobs --state-dir /mnt/r/state --json", 300)
     doc, _ = json.JSONDecoder().raw_decode(res.output[res.output.index("{"):])   # the error line follows it
@@ -65,12 +59,7 @@ def test_by_id_jobs_follow_their_disks_and_refuse_an_impostor(lab_pool, tmp_path
     a, b, d = files["a"], files["b"], files["d"]
 
     g = lab_pool.get()          # boot 1: the lab guest, which has A, B, C in this order after the lab's disks
-    g.run(SETUP, 60).check()
-    g.run("mkdir -p /mnt/r/jobs", 30).check()
-    g.put_file("/mnt/r/pass", b"guest-job-pass\n")
-    for job, serial in (("joba", "DISKA"), ("jobc", "DISKC")):
-        g.put_file(f"/mnt/r/jobs/{job}.toml", _job(job, serial))
-    g.run("IMGBACKUP_PASSPHRASE_FILE=/mnt/r/pass imgbackup init -r /mnt/r/repo --json", 120).check()
+    g.run(SETUP, 60).check()    # (the repository disk holds the repository, its passphrase and the job files)
     runs1 = {job: _run(g, job) for job in ("joba", "jobc")}
     _finish(g)
     lab_pool.close()            # the lab's last user: its CPU goes to boot 2 (a later user boots it again)
