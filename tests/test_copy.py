@@ -228,3 +228,25 @@ def test_packs_a_killed_copy_left_unindexed_are_adopted_not_sent_again(source, t
     copies, distinct = stored_chunk_copies(Repository.open(str(dst), lambda: PASS2.encode()))
     assert copies == distinct
     _restores_all(dst, source["content"], tmp_path)
+
+
+def test_unindexed_packs_of_a_backup_still_running_are_not_adopted(source, tmp_path: Path) -> None:
+    """Packs no index names but written after a live backup session began may be that backup's: it
+    indexes them when it finishes, or deletes them if it fails — then an index naming them would name
+    nothing. So they are sent again."""
+    dst = tmp_path / "dst"
+    cli_json("init", "--related-to", source["repo"], repo=dst, passphrase=PASS2, IMGBACKUP_PASSPHRASE2=PASS1)
+    src_repo = Repository.open(str(source["repo"]), lambda: PASS1.encode())
+    metas = [src_repo.images.read_meta(i) for i in source["ids"]]
+    running = Repository.open(str(dst), lambda: PASS2.encode())
+    with running.session("backup /dev/sdz"):        # a backup on another host, begun before the packs
+        dying = Repository.open(_NoIndexFiles(open_storage(str(dst))), lambda: PASS2.encode())
+        with pytest.raises(StorageError, match="injected"):
+            copy_images(src_repo, dying, metas[:1])
+        left = {p for p in (dst / "packs").rglob("*") if p.is_file()}
+        assert left and not list((dst / "index").iterdir())
+        done = copy_images(src_repo, Repository.open(str(dst), lambda: PASS2.encode()), metas[:1], verify=True)
+        assert done.chunks_adopted == 0 and done.chunks_sent > 0 and done.verified
+        assert all(p.exists() for p in left)           # nothing at the destination is deleted
+    first = metas[0]["id"]
+    _restores_all(dst, {first: source["content"][first]}, tmp_path)

@@ -12,7 +12,9 @@ The destination is written like a backup writes (FORMAT.md §9), under its lock:
 chunk-index file naming them, then the image objects whose chunks are all indexed. Index files are
 written as packs land (every ``INDEX_EVERY_BYTES`` or ``INDEX_EVERY_SECONDS``), so a killed copy
 keeps what it sent; the next run first **adopts** packs at the destination that no index names
-(their authenticated trailers list what they hold), so nothing already sent is sent again.
+(their authenticated trailers list what they hold), so nothing already sent is sent again — only
+packs written before every live backup session there began (a running backup's packs are unindexed
+too, and deleted again if it fails).
 Images already at the destination are skipped by id; nothing at the destination is ever deleted.
 """
 
@@ -35,8 +37,10 @@ from imgbackup.format.layout import DATA_KEY_ID_MIN, ENVELOPE_HEADER, OBJ_CHUNK
 from imgbackup.repository.bounded import bounded_map
 from imgbackup.repository.chunkreader import ChunkReader, Group, group_cost, group_end
 from imgbackup.repository.lease import lease_seconds
+from imgbackup.repository.marks import Safety, judge_safety
 from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository
+from imgbackup.repository.storage import ObjectMissing
 
 INDEX_EVERY_BYTES = 1 << 30    # packs sent between two chunk-index files: few index files per TiB copied ...
 INDEX_EVERY_SECONDS = 300.0    # ... yet on a slow uplink one at least this often, so images land as they can
@@ -153,8 +157,9 @@ class _Copier:
         a pack whose trailer does not open is left alone."""
         known = {pack_name(p) for p in self.index.packs()}
         found: dict[bytes, BlobLocation] = {}
+        sessions = judge_safety(self.dst.storage, grace=0.0)
         for name in self.dst.storage.list("packs"):
-            if name in known:
+            if name in known or not self._left_by_a_dead_writer(name, sessions):
                 continue
             try:
                 found.update(read_pack_trailer(self.dst.storage, self.dst.envelope,
@@ -165,6 +170,14 @@ class _Copier:
         if fresh:
             self.result.bytes_sent += self.dst.store_chunk_index(fresh)
             self.adopted = set(fresh)
+
+    def _left_by_a_dead_writer(self, name: str, sessions: Safety) -> bool:
+        """Whether the unindexed pack ``name`` was written before every live backup session began: a
+        live backup's pack is unindexed until it finishes, and one that fails deletes it again."""
+        try:
+            return sessions.mature(self.dst.storage.modified(name))
+        except ObjectMissing:
+            return False
 
     # --- one image ------------------------------------------------------------------------------
 
