@@ -81,6 +81,7 @@ class ChunkIndex:
         self._override: dict[bytes, BlobLocation | None] = {}   # chunk -> the copy exclude() left (None: none)
         self._dropped: dict[bytes, set[tuple[bytes, int]]] = {}  # chunk -> copies exclude() took out
         self._lock = threading.RLock()
+        self.listed_packs: set[str] | None = None        # the listing of packs/ load() filtered by, if any
 
     @classmethod
     def load(cls, storage: Storage, envelope: Envelope, damage: DamageLog | None = None,
@@ -105,6 +106,7 @@ class ChunkIndex:
         if callable(packs):
             packs = packs()
         index = cls(table, names)
+        index.listed_packs = packs
         index._filter(damage, packs, marked)
         return index
 

@@ -133,7 +133,7 @@ class _Copier:
         self.src, self.dst, self.result, self.progress = src, dst, result, progress
         self.raw = result.mode == "raw"
         self.reader = ChunkReader(src)
-        self.index = dst.chunk_index(for_backup=True)   # dedup like a backup: no damaged or vanished copies
+        self.index = dst.chunk_index(for_backup=True, list_packs=True)   # no damaged, marked or vanished copies
         self.writer = dst.pack_writer()
         self.pool = ThreadPoolExecutor(max(os.cpu_count() or 2, self.reader.parallelism),
                                        thread_name_prefix="imgbackup-copy")
@@ -158,7 +158,7 @@ class _Copier:
         known = {pack_name(p) for p in self.index.packs()}
         found: dict[bytes, BlobLocation] = {}
         sessions = judge_safety(self.dst.storage, grace=0.0)
-        for name in self.dst.storage.list("packs"):
+        for name in sorted(self.index.listed_packs):
             if name in known or not self._left_by_a_dead_writer(name, sessions):
                 continue
             try:
