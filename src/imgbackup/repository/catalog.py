@@ -181,7 +181,11 @@ class CatalogState:
                 record = self.images.setdefault(image, {"status": "adding", "name": event.get("name"), "seqs": []})
                 if entry.seq not in record["seqs"]:
                     record["seqs"].append(entry.seq)
-            if kind == "added":
+            if kind == "adding" and record["status"] == "removed":    # the same id stored anew (a copy sent again)
+                record.update(status="adding", name=event.get("name"))
+                record.pop("removed", None)
+                record.pop("removed_seq", None)
+            elif kind == "added":
                 record.update(status="added", name=event["name"], created=event["created"])
             elif kind in REMOVALS:
                 record.update(status="removed", removed=kind, removed_seq=entry.seq, seqs=[])
