@@ -106,6 +106,7 @@ def test_a_backup_asks_only_about_the_packs_its_image_uses(tmp_path: Path) -> No
 
 def test_with_few_packs_beside_its_own_one_listing_answers(tmp_path: Path) -> None:
     storage, own, _first = _fleet(tmp_path, others=3)
+    storage.put("packs/zz/not-a-pack.txt", b"left here by someone")     # a stray name: not a pack, no crash
     recording = RecordingStorage(storage)
     _backup(recording, own, "own")
     assert [p for p in recording.listed if p.startswith("packs")] == ["packs"], recording.listed

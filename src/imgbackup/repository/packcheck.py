@@ -16,6 +16,7 @@ copy with nowhere else to go is *missing*: it is dropped (a spare copy takes ove
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,6 +35,7 @@ HEADS_PER_PAGE = 60         # pages come one after another, HEADs in parallel: o
                             # 1,000 keys took 128-153 ms, as long as 52-72 HEADs (4 or 16 at a time alike)
 MAX_ROUNDS = 8              # each round drops at least one copy; more rounds mean packs vanish as we look
 NO_PACK = bytes(ID_SIZE)
+_PACK_NAME = re.compile(r"[0-9a-f]{64}")
 
 
 class PackCheck:
@@ -75,7 +77,8 @@ class PackCheck:
     def _absent(self, packs: set[bytes]) -> set[bytes]:
         """Which of ``packs`` do not exist: one listing of packs/ if that is cheaper, else a HEAD each."""
         if self._listing is None and len(self.index.table.packs) <= len(packs) * LIST_PAGE // HEADS_PER_PAGE:
-            self._listing = {bytes.fromhex(name.rsplit("/", 1)[1]) for name in self.storage.list("packs")}
+            self._listing = {bytes.fromhex(tail) for name in self.storage.list("packs")
+                             if _PACK_NAME.fullmatch(tail := name.rsplit("/", 1)[-1])}   # not temp files
             self.listed = True
         if self._listing is not None:
             exists = {p: p in self._listing for p in packs}
