@@ -335,3 +335,23 @@ def test_entries_name_the_command_line_without_importing_the_catalog_at_start_up
              "print(sorted(m for m in sys.modules if m.startswith(('cryptography', 'imgbackup.repository'))))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_an_id_stored_again_after_its_removal_is_adding_again_not_removed() -> None:
+    """FORMAT.md section 13: the status after `adding` is `adding`. A copy that sends an image the
+    destination had removed (and is killed before its `added`) must not leave an image the log
+    calls removed — the next collection would delete its index as an unfinished removal."""
+    from imgbackup.repository.catalog import CatalogState, Entry
+
+    image = "ab" * 16
+    state = CatalogState()
+    events = [{"event": "adding", "image": image, "name": "sda"},
+              {"event": "added", "image": image, "name": "sda", "created": 1.0, "type": "full"},
+              {"event": "deleted", "image": image, "name": "sda"},
+              {"event": "adding", "image": image, "name": "sda"}]
+    statuses = []
+    for seq, event in enumerate(events, start=1):
+        state.apply(Entry(seq, "", 0.0, "host", "root", "copy", (event,), f"h{seq}"))
+        statuses.append(state.images[image]["status"])
+    assert statuses == ["adding", "added", "removed", "adding"]
+    assert image in state.live() and "removed" not in state.images[image]

@@ -228,3 +228,76 @@ def test_packs_a_killed_copy_left_unindexed_are_adopted_not_sent_again(source, t
     copies, distinct = stored_chunk_copies(Repository.open(str(dst), lambda: PASS2.encode()))
     assert copies == distinct
     _restores_all(dst, source["content"], tmp_path)
+
+
+def test_unindexed_packs_of_a_backup_still_running_are_not_adopted(source, tmp_path: Path) -> None:
+    """Packs no index names but written after a live backup session began may be that backup's: it
+    indexes them when it finishes, or deletes them if it fails — then an index naming them would name
+    nothing. So they are sent again."""
+    dst = tmp_path / "dst"
+    cli_json("init", "--related-to", source["repo"], repo=dst, passphrase=PASS2, IMGBACKUP_PASSPHRASE2=PASS1)
+    src_repo = Repository.open(str(source["repo"]), lambda: PASS1.encode())
+    metas = [src_repo.images.read_meta(i) for i in source["ids"]]
+    running = Repository.open(str(dst), lambda: PASS2.encode())
+    with running.session("backup /dev/sdz"):        # a backup on another host, begun before the packs
+        dying = Repository.open(_NoIndexFiles(open_storage(str(dst))), lambda: PASS2.encode())
+        with pytest.raises(StorageError, match="injected"):
+            copy_images(src_repo, dying, metas[:1])
+        left = {p for p in (dst / "packs").rglob("*") if p.is_file()}
+        assert left and not list((dst / "index").iterdir())
+        done = copy_images(src_repo, Repository.open(str(dst), lambda: PASS2.encode()), metas[:1], verify=True)
+        assert done.chunks_adopted == 0 and done.chunks_sent > 0 and done.verified
+        assert all(p.exists() for p in left)           # nothing at the destination is deleted
+    first = metas[0]["id"]
+    _restores_all(dst, {first: source["content"][first]}, tmp_path)
+
+
+def test_a_copy_runs_beside_a_remover_and_leaves_a_marked_pack_alone(source, tmp_path: Path, monkeypatch) -> None:
+    """A copy holds a session lease like a backup's, so it runs while a collection holds the exclusive
+    lease (two hosts' copies into one bucket, a prune there). A pack a collection has marked as a
+    candidate is not adopted: a later collection may delete it once its mark is ripe."""
+    from imgbackup.engine.compact import run_compact
+
+    dst = tmp_path / "dst"
+    cli_json("init", "--related-to", source["repo"], repo=dst, passphrase=PASS2, IMGBACKUP_PASSPHRASE2=PASS1)
+    src_repo = Repository.open(str(source["repo"]), lambda: PASS1.encode())
+    metas = [src_repo.images.read_meta(i) for i in source["ids"]]
+    dying = Repository.open(_NoIndexFiles(open_storage(str(dst))), lambda: PASS2.encode())
+    with pytest.raises(StorageError, match="injected"):
+        copy_images(src_repo, dying, metas[:1])
+    monkeypatch.setenv("IMGBACKUP_GC_GRACE_SECONDS", "3600")      # marked now, deleted only after an hour
+    compacted = run_compact(Repository.open(str(dst), lambda: PASS2.encode()))
+    assert compacted.candidates_held > 0 and list((dst / "gc").iterdir())
+    remover = Repository.open(str(dst), lambda: PASS2.encode())
+    with remover.lock("prune"):                                   # a remover at work meanwhile
+        done = copy_images(src_repo, Repository.open(str(dst), lambda: PASS2.encode()), metas, verify=True)
+    assert done.chunks_adopted == 0 and done.chunks_sent > 0 and done.verified
+    assert sorted(done.images_copied) == sorted(source["ids"])
+    _restores_all(dst, source["content"], tmp_path)
+
+
+class _SessionClearedAtImageWrite(_NoIndexFiles):
+    """A destination where, as the first image object is stored, another host clears the copy's
+    session (as a writer that judged it dead would)."""
+
+    def put(self, name: str, data) -> None:
+        if name.startswith("images/"):
+            for lease in [n for n in self.inner.list("locks") if n.startswith("locks/session-")]:
+                self.inner.delete(lease)
+        self.inner.put(name, data)
+
+
+def test_a_copy_whose_lease_was_lost_withdraws_the_image_it_wrote(source, tmp_path: Path) -> None:
+    from imgbackup.errors import RepositoryLocked
+
+    dst = tmp_path / "dst"
+    cli_json("init", "--related-to", source["repo"], repo=dst, passphrase=PASS2, IMGBACKUP_PASSPHRASE2=PASS1)
+    src_repo = Repository.open(str(source["repo"]), lambda: PASS1.encode())
+    metas = [src_repo.images.read_meta(i) for i in source["ids"]]
+    losing = Repository.open(_SessionClearedAtImageWrite(open_storage(str(dst))), lambda: PASS2.encode())
+    with pytest.raises(RepositoryLocked):
+        copy_images(src_repo, losing, metas[:1])
+    assert not list((dst / "images").iterdir())
+    assert metas[0]["id"] not in Repository.open(str(dst), lambda: PASS2.encode()).catalog.view().state.live()
+    done = copy_images(src_repo, Repository.open(str(dst), lambda: PASS2.encode()), metas[:1], verify=True)
+    assert done.images_copied == [metas[0]["id"]] and done.verified

@@ -73,10 +73,14 @@ def test_object_lock_protects_then_prune_frees_after_the_lock_date(s3_server, s3
     assert f"repo/images/{second}" in tried, "the newest object's lock was already over: machine far too slow"
 
     # imgbackup's own delete: the server keeps the locked index, which counts as removed meanwhile.
+    packs_until = {k: _head(client, bucket, k)["ObjectLockRetainUntilDate"] for k in keys if k.startswith("repo/packs/")}
     deleted = cli_json("delete", first, "--yes", repo=url, **lock_env)
     assert deleted["retained"] == [first]
-    # ... and what the remaining image needs had its lock extended.
+    # ... and what the remaining image needs had its lock extended: its index and its packs, not the
+    # packs only the deleted image needed.
     assert _head(client, bucket, f"repo/images/{second}")["ObjectLockRetainUntilDate"] > second_until
+    extended = {k for k, until in packs_until.items() if _head(client, bucket, k)["ObjectLockRetainUntilDate"] > until}
+    assert extended and extended != set(packs_until), (extended, packs_until)
     out = tmp_path / "restored.img"            # the deleted image still restores while its lock holds
     restore = cli("restore", first, out, "--yes", repo=url, **lock_env)
     assert restore.returncode == 0, restore.stderr

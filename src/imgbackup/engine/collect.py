@@ -17,7 +17,7 @@ Two halves, kept apart so a dry run shows exactly what a real run would do:
 - ``carry_out`` acts in the one order that is safe at every crash point and frees space before it
   needs any: temp leftovers and unneeded packs first (no image needs them, and no backup alive
   can come to need them: the two-phase rule; an index entry left pointing into a deleted pack
-  names only an unneeded chunk, which a backup's pack listing excludes), then rounds of at most
+  names only an unneeded chunk, marked or spare, which a backup never uses), then rounds of at most
   REWRITE_BATCH copied bytes — copy, write the new index file(s), delete the old ones, delete the
   copied packs — then the damage records are consolidated (the new record first, then the old
   ones go), and last the marks (the new mark object first, then the old ones go).

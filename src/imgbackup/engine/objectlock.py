@@ -18,9 +18,12 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from imgbackup.engine.retention import RetentionPolicy
 from imgbackup.errors import ImageNotFound, IntegrityError, ObjectMissing, UnsupportedFormat, UsageError
 from imgbackup.repository.catalog import CATALOG, CatalogView, entry_name
+from imgbackup.repository.chunkids import ChunkIds
 from imgbackup.repository.holds import HOLDS
 from imgbackup.repository.images import image_name
 from imgbackup.repository.marks import gc_grace
@@ -116,11 +119,19 @@ def objects_of(repo: Repository, image_ids, view: CatalogView, notes: list[str])
             notes.append(f"image {image_id[:12]}: its index cannot be read ({exc.args[0]}), so its packs are not "
                          "under S3 legal hold")
             continue
-        for cid in chunks:
-            loc = index.get(cid)
-            if loc is not None:
-                names.add(pack_name(loc.pack_id))
+        names.update(packs_of(repo, np.frombuffer(b"".join(chunks), np.uint8).reshape(-1, 32), index))
     return names
+
+
+def packs_of(repo: Repository, ids: np.ndarray, index=None) -> set[str]:
+    """The names of the packs holding the copies handed out for the (m, 32) ``ids`` (one native lookup,
+    not a Python object per chunk: a collection passes every needed chunk of the repository)."""
+    index = index or repo.chunk_index()
+    packs = index.copy_packs(ids)
+    if not len(packs):
+        return set()
+    unique = np.unique(packs.view(np.void(32)).ravel())
+    return {pack_name(p.tobytes()) for p in unique if p.tobytes() != bytes(32)}
 
 
 def sync_legal_holds(repo: Repository, released: tuple[str, ...] = ()) -> tuple[int, list[str]]:
@@ -154,13 +165,9 @@ def extend_locks(repo: Repository, needed_chunks: Iterable[bytes], skip: set[str
     live = [i for i in repo.images.ids() if i not in removed]
     names = {"config", *storage.list("keys"), *map(image_name, live), *storage.list(CATALOG),
              *storage.list("index")}
-    for image_id in live:
-        names.update(storage.list(f"{HOLDS}/{image_id}"))
-    index = repo.chunk_index()
-    for cid in needed_chunks:
-        loc = index.get(cid)
-        if loc is not None:
-            names.add(pack_name(loc.pack_id))
+    standing = set(live)
+    names.update(n for n in storage.list(HOLDS) if n.split("/", 2)[1] in standing)   # one listing, not one per image
+    names.update(packs_of(repo, ChunkIds.of(needed_chunks).ids))
     until = datetime.datetime.fromtimestamp(now + seconds, datetime.UTC)
     count = _in_parallel(lambda n: storage.extend_retention(n, until), sorted(names - skip))  # type: ignore[attr-defined]
     repo.catalog.append([{"event": "locks_extended", "until": now + seconds, "objects": count}])

@@ -10,7 +10,7 @@ only while the listing of ``index/`` matches it, plus the files added since. A c
 several copies (stored twice by two hosts at once, or again after an interrupted backup): all are
 valid; one is handed out (a whole copy before a delta: a base must be whole), the others are spare.
 Copies named by a damage record, copies in packs that no longer exist (when the caller lists the
-packs) and copies a collection has marked as candidates (marks.py) are never handed out: a chunk all
+packs; a backup instead checks just the packs it uses, packcheck.py) and copies a collection has marked as candidates (marks.py) are never handed out: a chunk all
 of whose copies are bad is ``excluded`` (absent, with the reason kept for messages), and a backup
 stores it again. A delta whose base has no usable copy is unusable too.
 """
@@ -78,10 +78,10 @@ class ChunkIndex:
         self.excluded: dict[bytes, DamagedCopy] = {}     # chunks with no usable copy: why
         self.bad_copies: list[DamagedCopy] = []          # every listed copy not handed out as bad
         self.marked = 0                                  # copies not handed out: a collection's candidates
-        self.packs_checked = False                       # copies in absent packs were excluded
         self._override: dict[bytes, BlobLocation | None] = {}   # chunk -> the copy exclude() left (None: none)
         self._dropped: dict[bytes, set[tuple[bytes, int]]] = {}  # chunk -> copies exclude() took out
         self._lock = threading.RLock()
+        self.listed_packs: set[str] | None = None        # the listing of packs/ load() filtered by, if any
 
     @classmethod
     def load(cls, storage: Storage, envelope: Envelope, damage: DamageLog | None = None,
@@ -106,6 +106,7 @@ class ChunkIndex:
         if callable(packs):
             packs = packs()
         index = cls(table, names)
+        index.listed_packs = packs
         index._filter(damage, packs, marked)
         return index
 
@@ -125,7 +126,6 @@ class ChunkIndex:
                     self.bad_copies.append(DamagedCopy(cid, loc.pack_id, loc.offset, loc.length, "missing",
                                                        f"pack {loc.pack_id.hex()[:16]} is not in the repository"))
                 keep[which] &= ~gone
-            self.packs_checked = True
         if damage is not None and damage.copies:
             for bad in damage.copies.values():
                 for which, row in self._rows_of(bad.chunk_id, bad.pack_id, bad.offset):
@@ -284,6 +284,56 @@ class ChunkIndex:
             for i in np.flatnonzero(~found).tolist():
                 found[i] = ids[i].tobytes() in self.recent
         return found
+
+    def copy_packs(self, ids: np.ndarray) -> np.ndarray:
+        """For an (m, 32) array of ids: the (m, 32) pack ids of the copies handed out (zeros where a
+        chunk has none). One native lookup; this run's own and overridden copies looked up apart."""
+        table = self.table
+        rows = table.find(ids)
+        out = np.zeros((len(ids), 32), np.uint8)
+        found = rows >= 0
+        if len(table.packs):
+            out[found] = table.packs[field(table.rows, "pack")[rows[found]]]
+        if self._override or self.recent:
+            for i in range(len(ids)):
+                cid = ids[i].tobytes()
+                if cid in self.recent or cid in self._override:
+                    loc = self.get(cid)
+                    out[i] = np.frombuffer(loc.pack_id, np.uint8) if loc is not None else 0
+        return out
+
+    def delta_bases(self, ids: np.ndarray) -> np.ndarray:
+        """The (k, 32) base ids of the deltas among the copies handed out for ``ids``."""
+        table = self.table
+        rows = table.find(ids)
+        found = rows >= 0
+        delta = np.zeros(len(ids), bool)
+        delta[found] = (field(table.rows, "info")[rows[found]] & INFO_DELTA) != 0
+        bases = []
+        if self._override or self.recent:
+            for i in range(len(ids)):
+                cid = ids[i].tobytes()
+                if cid in self.recent or cid in self._override:
+                    delta[i] = False
+                    loc = self.get(cid)
+                    if loc is not None and loc.base is not None:
+                        bases.append(loc.base)
+        picked = np.ascontiguousarray(ids[delta])
+        if len(picked) and len(table.bases):
+            at = kernels.table_lookup(table.bases, table._bases_dir, picked)
+            picked = np.ascontiguousarray(table.bases[at[at >= 0], 32:])
+        extra = np.frombuffer(b"".join(bases), np.uint8).reshape(-1, 32)
+        return np.concatenate([picked.reshape(-1, 32), extra]) if len(extra) else picked.reshape(-1, 32)
+
+    def relocate(self, chunk_id: bytes, loc: BlobLocation) -> None:
+        """Hand out ``loc`` for ``chunk_id`` from now on: its copy moved (a compaction rewrote its pack
+        after this index was loaded); the old copy is never handed out again."""
+        with self._lock:
+            old = self.get(chunk_id)
+            if old is not None:
+                self._dropped.setdefault(chunk_id, set()).add((old.pack_id, old.offset))
+            self._override[chunk_id] = loc
+            self.excluded.pop(chunk_id, None)
 
     def packs(self) -> set[bytes]:
         """Ids of the packs some usable copy lies in (handed out or spare, or stored by this process)."""

@@ -1,6 +1,6 @@
 """Who may write: many backups at once, one remover at a time — each under a lease (lease.py).
 
-- A **session** (``locks/session-<32 hex>``) is a backup's lease. Any number run at once, from any
+- A **session** (``locks/session-<32 hex>``) is a backup's lease (or a copy's into this repository). Any number run at once, from any
   hosts; none waits for another or for a remover. Its ``started`` (storage clock) is what garbage
   collection compares with its marks (docs/FORMAT.md, "Garbage collection in two phases").
 - The **exclusive lease** (``locks/exclusive``, created only if absent) is held by the commands

@@ -112,6 +112,7 @@ class Repository:
         self.images = ImageStore(storage, self.envelope, self.catalog, cache, bodies)
         self.holds = HoldStore(storage, self.envelope)
         self._chunks: ChunkIndex | None = None
+        self._chunks_for_backup = False                # _chunks was loaded with the backup's filters
 
     @property
     def chunk_size(self) -> int:
@@ -268,32 +269,46 @@ class Repository:
         """The local cache of this repository's chunk index (None with IMGBACKUP_INDEX_CACHE=0)."""
         return IndexCache(self.config.id, self.keys.mac_key) if IndexCache.enabled() else None
 
-    def chunk_index(self, for_backup: bool = False, from_repository: bool = False) -> ChunkIndex:
+    def chunk_index(self, for_backup: bool = False, from_repository: bool = False,
+                    list_packs: bool = False) -> ChunkIndex:
         """The chunk index without the copies damage records name (loaded once, then cached).
 
         ``from_repository`` (verify): every index file is read and checked, never the local cache,
         which would hide a file damaged since it was cached.
 
-        ``for_backup``: a backup dedups against this index, so every damage record must be readable,
-        the copies a collection marked as candidates are left out (docs/FORMAT.md section 16: they are
-        read first), and copies in packs that no longer exist are excluded too (one LIST of packs/,
-        taken after the listing of index/: one request per 1,000 packs on a bucket; a directory walk here)."""
+        ``for_backup``: a backup dedups against this index, so every damage record must be readable
+        and the copies a collection marked as candidates are left out (docs/FORMAT.md section 16: the
+        marks are read first). Whether the packs it then uses exist is checked by the backup, for
+        those packs only (packcheck.py), never by listing every host's packs here.
+
+        ``list_packs`` (copy, which lists them anyway): also without the copies in packs absent from
+        one listing of packs/, taken after the listing of index/ (``listed_packs`` keeps it)."""
+        if (self._chunks is None or (for_backup and not self._chunks_for_backup) or from_repository
+                or (list_packs and self._chunks.listed_packs is None)):
+            self._chunks = self._load_chunk_index(for_backup, from_repository, list_packs)
+            self._chunks_for_backup = for_backup
+        return self._chunks
+
+    def fresh_chunk_index(self) -> ChunkIndex:
+        """The index as it is now, filtered as for a backup; the one ``chunk_index`` keeps is left as
+        it is (a backup holds it, with its own copies and exclusions)."""
+        return self._load_chunk_index(True, False)
+
+    def _load_chunk_index(self, for_backup: bool, from_repository: bool, list_packs: bool = False) -> ChunkIndex:
         from imgbackup.repository.chunkindex import ChunkIndex  # numpy: not for commands that never need it
         from imgbackup.repository.marks import load_marks, marked_copies
 
-        if self._chunks is None or (for_backup and not self._chunks.packs_checked) or from_repository:
-            cache = None if from_repository else self.index_cache()
-            marked = marked_copies(load_marks(self.storage, self.envelope)) if for_backup else None
-            damage = DamageLog.load(self.storage, self.envelope, strict=for_backup)
-            packs = (lambda: set(self.storage.list("packs"))) if for_backup else None
-            self._chunks = ChunkIndex.load(self.storage, self.envelope, damage, packs, cache, marked)
-        return self._chunks
+        cache = None if from_repository else self.index_cache()
+        marked = marked_copies(load_marks(self.storage, self.envelope)) if for_backup else None
+        damage = DamageLog.load(self.storage, self.envelope, strict=for_backup)
+        packs = (lambda: set(self.storage.list("packs"))) if list_packs else None
+        return ChunkIndex.load(self.storage, self.envelope, damage, packs, cache, marked)
 
     def reload_chunk_index(self) -> ChunkIndex:
-        """Load the index afresh (after another process changed it); keeps the pack check if made."""
-        checked = self._chunks is not None and self._chunks.packs_checked
+        """Load the index afresh (after another process changed it); keeps the backup's filters if set."""
+        for_backup = self._chunks is not None and self._chunks_for_backup
         self._chunks = None
-        return self.chunk_index(for_backup=checked)
+        return self.chunk_index(for_backup=for_backup)
 
     def pack_writer(self) -> PackWriter:
         """A writer streaming sealed chunks into new packs of this repository."""

@@ -80,7 +80,9 @@ class ChunkStore:
         if not len(slots):
             return np.zeros(len(kinds), bool)
         unique, inverse = np.unique(ids[slots].view(np.void(ID_SIZE)).ravel(), return_inverse=True)
-        lacking = np.array([not (u.tobytes() in self.known or u.tobytes() in self.claimed) for u in unique])
+        lacking = ~self.known.known(unique.view(np.uint8).reshape(-1, ID_SIZE))      # one native lookup
+        for i in np.flatnonzero(lacking).tolist():
+            lacking[i] = unique[i].tobytes() not in self.claimed
         out = np.zeros(len(kinds), bool)
         out[slots[lacking[inverse]]] = True
         return out

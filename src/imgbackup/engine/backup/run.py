@@ -42,6 +42,7 @@ from imgbackup.format.layout import SLOT_DATA, SLOT_UNUSED, SLOT_ZERO
 from imgbackup.repository.damage import write_record
 from imgbackup.repository.images import image_name
 from imgbackup.repository.lease import Lease, LeaseLost
+from imgbackup.repository.packcheck import PackCheck
 from imgbackup.repository.repo import Repository
 from imgbackup.units import iec
 
@@ -200,8 +201,8 @@ def _run_backup(repo: Repository, req: BackupRequest, read_path: str, snap: Snap
                     bytes_read += extra
                     if note:
                         warnings.append(note)
-                if match.damaged or plan.from_parent.any():
-                    bytes_read += _store_unavailable(ingest, store, kinds, ids)
+                packs = PackCheck(repo.storage, store.known, repo.fresh_chunk_index)
+                bytes_read += _store_unavailable(ingest, store, kinds, ids, packs)
                 stored = store.finish(repo)
                 changed = _changed_slots(kinds, ids, parent)
                 bad = _bad_map(rescue, plan, warnings)
@@ -256,13 +257,16 @@ def _image_index(repo: Repository, req: BackupRequest, btype: str, parent: Image
 MAX_REREADS = 3   # each pass re-reads only slots whose chunk turned out unusable in the pass before
 
 
-def _store_unavailable(ingest: Ingest, store: ChunkStore, kinds: np.ndarray, ids: np.ndarray) -> int:
+def _store_unavailable(ingest: Ingest, store: ChunkStore, kinds: np.ndarray, ids: np.ndarray,
+                       packs: PackCheck) -> int:
     """Re-read from the source every slot whose chunk has no usable copy after all, so the image
-    never names a chunk known to be damaged: a copy found bad after other slots had already
-    matched it, or a slot a change list took from the parent unread (only those two cases can
-    leave one, so the caller skips this otherwise). Returns bytes read."""
+    never names a chunk known to be damaged or missing: a copy found bad after other slots had
+    already matched it, a slot a change list took from the parent unread, or a copy in a pack that
+    no longer exists (``packs`` confirms the packs the image uses, FORMAT.md section 9). Returns
+    bytes read."""
     read = 0
     for _ in range(MAX_REREADS):
+        packs.confirm(ids[kinds == SLOT_DATA])
         redo = store.unavailable(kinds, ids)
         if not redo.any():
             return read

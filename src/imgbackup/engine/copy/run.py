@@ -8,11 +8,14 @@ Two modes, chosen by the destination:
   (authenticated, its id checked), its id computed again under the destination's id key, sealed
   with the destination's key; the image index is rewritten with the new ids (same image id).
 
-The destination is written like a backup writes (FORMAT.md §9), under its lock: packs, then a
+The destination is written like a backup writes (FORMAT.md §9), under a session lease like a
+backup's (backups, other copies and collections run beside it; it deletes nothing): packs, then a
 chunk-index file naming them, then the image objects whose chunks are all indexed. Index files are
 written as packs land (every ``INDEX_EVERY_BYTES`` or ``INDEX_EVERY_SECONDS``), so a killed copy
 keeps what it sent; the next run first **adopts** packs at the destination that no index names
-(their authenticated trailers list what they hold), so nothing already sent is sent again.
+(their authenticated trailers list what they hold), so nothing already sent is sent again — only
+packs written before every live backup session there began (a running backup's packs are unindexed
+too, and deleted again if it fails).
 Images already at the destination are skipped by id; nothing at the destination is ever deleted.
 """
 
@@ -34,9 +37,12 @@ from imgbackup.format.imageindex import ImageIndex
 from imgbackup.format.layout import DATA_KEY_ID_MIN, ENVELOPE_HEADER, OBJ_CHUNK
 from imgbackup.repository.bounded import bounded_map
 from imgbackup.repository.chunkreader import ChunkReader, Group, group_cost, group_end
-from imgbackup.repository.lease import lease_seconds
+from imgbackup.repository.lease import Lease, LeaseLost
+from imgbackup.repository.lock import SESSION_PREFIX, leases
+from imgbackup.repository.marks import Safety, load_marks
 from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository
+from imgbackup.repository.storage import ObjectMissing
 
 INDEX_EVERY_BYTES = 1 << 30    # packs sent between two chunk-index files: few index files per TiB copied ...
 INDEX_EVERY_SECONDS = 300.0    # ... yet on a slow uplink one at least this often, so images land as they can
@@ -73,6 +79,7 @@ class _Pending:
     """An image whose object waits until every chunk it needs is named by a chunk-index file."""
 
     image_id: str
+    name: str
     write: Callable[[], int]
     waiting: set[bytes]
 
@@ -101,12 +108,12 @@ def _copy_images(src: Repository, dst: Repository, metas: list[dict], verify: bo
     if src.location == dst.location:
         raise TargetRefused(f"{dst.location} is the source repository itself")
     result = CopyResult("raw" if dst.is_related(src) else "re-encrypt", src.location, dst.location)
-    with dst.lock("copy"):
-        dst.remove_temp_files(2 * lease_seconds())   # backups may run beside it: only what no live writer touches
+    with dst.session(f"copy from {src.location}") as lease:
+        result.warnings += lease.warnings
         present = set(dst.images.ids())
         todo = [m for m in metas if m["id"] not in present]
         result.images_skipped = [m["id"] for m in metas if m["id"] in present]
-        copier = _Copier(src, dst, result, progress)
+        copier = _Copier(src, dst, result, progress, lease)
         try:
             copier.adopt_orphans()
             for meta in todo:
@@ -125,11 +132,11 @@ def _copy_images(src: Repository, dst: Repository, metas: list[dict], verify: bo
 
 class _Copier:
     def __init__(self, src: Repository, dst: Repository, result: CopyResult,
-                 progress: Callable[[int], None] | None) -> None:
-        self.src, self.dst, self.result, self.progress = src, dst, result, progress
+                 progress: Callable[[int], None] | None, lease: Lease) -> None:
+        self.src, self.dst, self.result, self.progress, self.lease = src, dst, result, progress, lease
         self.raw = result.mode == "raw"
         self.reader = ChunkReader(src)
-        self.index = dst.chunk_index(for_backup=True)   # dedup like a backup: no damaged or vanished copies
+        self.index = dst.chunk_index(for_backup=True, list_packs=True)   # no damaged, marked or vanished copies
         self.writer = dst.pack_writer()
         self.pool = ThreadPoolExecutor(max(os.cpu_count() or 2, self.reader.parallelism),
                                        thread_name_prefix="imgbackup-copy")
@@ -153,8 +160,10 @@ class _Copier:
         a pack whose trailer does not open is left alone."""
         known = {pack_name(p) for p in self.index.packs()}
         found: dict[bytes, BlobLocation] = {}
-        for name in self.dst.storage.list("packs"):
-            if name in known:
+        sessions = self._other_sessions()
+        marked = {pack_name(p) for p in load_marks(self.dst.storage, self.dst.envelope).packs}
+        for name in sorted(self.index.listed_packs):
+            if name in known or name in marked or not self._left_by_a_dead_writer(name, sessions):
                 continue
             try:
                 found.update(read_pack_trailer(self.dst.storage, self.dst.envelope,
@@ -165,6 +174,22 @@ class _Copier:
         if fresh:
             self.result.bytes_sent += self.dst.store_chunk_index(fresh)
             self.adopted = set(fresh)
+
+    def _other_sessions(self) -> Safety:
+        """The live sessions but this copy's own (its packs are indexed as they land), then the clock."""
+        live = [state for state in leases(self.dst.storage, SESSION_PREFIX)
+                if state.alive and state.name != self.lease.name]
+        return Safety(self.dst.storage.now(), 0.0,
+                      [state.info.started if state.info else float("-inf") for state in live])
+
+    def _left_by_a_dead_writer(self, name: str, sessions: Safety) -> bool:
+        """Whether the unindexed pack ``name`` was written before every live backup session began: a
+        live backup's pack is unindexed until it finishes, and one that fails deletes it again. (A
+        pack a collection has marked is left alone too: a later one may delete it once ripe.)"""
+        try:
+            return sessions.mature(self.dst.storage.modified(name))
+        except ObjectMissing:
+            return False
 
     # --- one image ------------------------------------------------------------------------------
 
@@ -192,7 +217,7 @@ class _Copier:
                 self.result.chunks_adopted += cid in self.adopted
         self.counted |= needed
         bases = self.reader.index.bases_of(needed) if self.raw else set()
-        self.pending.append(_Pending(image_id, write, {c for c in needed if not self._stored(c, c in bases)}))
+        self.pending.append(_Pending(image_id, str(image.meta.get("name")), write, {c for c in needed if not self._stored(c, c in bases)}))
         self._write_ready_images()
 
     def _claim(self, cid: bytes, whole: bool = False) -> bool:
@@ -292,6 +317,7 @@ class _Copier:
         if not self.unindexed:
             return
         new, self.unindexed = self.unindexed, {}
+        self.lease.check()      # lost: a collection may have judged this copy dead; commit nothing more
         self.result.bytes_sent += self.dst.store_chunk_index(new)
         for pending in self.pending:
             pending.waiting.difference_update(new)
@@ -301,7 +327,13 @@ class _Copier:
         ready = [p for p in self.pending if not p.waiting]
         self.pending = [p for p in self.pending if p.waiting]
         for pending in ready:
+            self.lease.check()
             self.result.bytes_sent += pending.write()
+            try:
+                self.lease.confirm()
+            except LeaseLost:   # as a backup does (FORMAT.md §8): a lease lost meanwhile withdraws the image
+                self.dst.images.withdraw(pending.image_id, pending.name)
+                raise
             self.result.images_copied.append(pending.image_id)
 
     def finish(self) -> None:
