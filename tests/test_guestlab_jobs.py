@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,10 @@ SETUP = ("unset IMGBACKUP_REPO IMGBACKUP_PASSPHRASE IMGBACKUP_PASSPHRASE_FILE; e
          "mkdir -p /mnt/r && mount /dev/disk/by-id/virtio-JOBREPO /mnt/r")
 
 
+WRONG_TARGET = ("imgbackup.action=restore imgbackup.repo=/dev/disk/by-id/virtio-JOBREPO:/repo imgbackup.image=latest "
+                "imgbackup.name=joba imgbackup.target=/dev/disk/by-id/virtio-NOSUCHDISK "
+                "imgbackup.passphrase-file=/dev/disk/by-id/virtio-JOBREPO:/pass imgbackup.wait=2 "
+                "imgbackup.on-failure=poweroff")
 BOOT_WAIT = 300      # lab()'s 120 s (and its 30 s udev settle) are too short on a host loaded by other suites
 
 
@@ -73,6 +79,18 @@ def test_by_id_jobs_follow_their_disks_and_refuse_an_impostor(lab_pool, tmp_path
         state_a = json.loads(g.run("cat /mnt/r/state/joba.json").check().output)
         images = g.run("IMGBACKUP_PASSPHRASE_FILE=/mnt/r/pass imgbackup list -r /mnt/r/repo --json", 120).check()
         _finish(g)
+        # Last, in the same boot: the rescue run's imgbackup.on-failure=poweroff. A target disk that is not
+        # there stops the run with the reason on the console, and the machine powers off by itself.
+        g.put_file("/tmp/wrong-target", WRONG_TARGET.encode())
+        since = g.mark()
+        g.run("setsid imgbackup rescue run --cmdline-file /tmp/wrong-target >/dev/null 2>&1 < /dev/null &", 30).check()
+        g.wait_exit(240)
+        after = g.console[since:]
+    assert "NOSUCHDISK" in after and "poweroff now" in after, after[-3000:]
+    log_name = re.search(r"this log: (\S+\.log) in imgbackup-rescue-logs/", after).group(1)
+    kept = subprocess.run(["debugfs", "-R", f"cat /imgbackup-rescue-logs/{log_name}", str(files["repo"])],
+                          capture_output=True, text=True, check=True).stdout     # the log on the repository's disk
+    assert "FAILED: target /dev/disk/by-id/virtio-NOSUCHDISK not found" in kept and "nothing was written" in kept, kept
     listed = json.loads(images.output[images.output.index("{"):])["images"]
 
     code, summary = runs2["joba"]
