@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from imgbackup.repository.images import image_name
 from imgbackup.repository.marks import gc_grace
 from imgbackup.repository.packs import pack_name
 from imgbackup.repository.repo import Repository
+
+if TYPE_CHECKING:
+    from imgbackup.repository.chunkindex import ChunkIndex
 
 MIN_LOCK_DAYS = 1         # shorter protects nothing against an attack noticed the next morning
 EXTEND_BELOW = 0.75       # extend once the last extension's date is less than this many periods ahead
@@ -123,10 +127,10 @@ def objects_of(repo: Repository, image_ids, view: CatalogView, notes: list[str])
     return names
 
 
-def packs_of(repo: Repository, ids: np.ndarray, index=None) -> set[str]:
+def packs_of(repo: Repository, ids: np.ndarray, index: ChunkIndex | None = None) -> set[str]:
     """The names of the packs holding the copies handed out for the (m, 32) ``ids`` (one native lookup,
     not a Python object per chunk: a collection passes every needed chunk of the repository)."""
-    index = index or repo.chunk_index()
+    index = repo.chunk_index() if index is None else index     # an empty index is falsy (len 0)
     packs = index.copy_packs(ids)
     if not len(packs):
         return set()

@@ -10,7 +10,8 @@ only while the listing of ``index/`` matches it, plus the files added since. A c
 several copies (stored twice by two hosts at once, or again after an interrupted backup): all are
 valid; one is handed out (a whole copy before a delta: a base must be whole), the others are spare.
 Copies named by a damage record, copies in packs that no longer exist (when the caller lists the
-packs; a backup instead checks just the packs it uses, packcheck.py) and copies a collection has marked as candidates (marks.py) are never handed out: a chunk all
+packs; a backup instead checks just the packs it uses, packcheck.py) and copies a collection has
+marked as candidates (marks.py) are never handed out: a chunk all
 of whose copies are bad is ``excluded`` (absent, with the reason kept for messages), and a backup
 stores it again. A delta whose base has no usable copy is unusable too.
 """
@@ -275,11 +276,8 @@ class ChunkIndex:
     def known(self, ids: np.ndarray) -> np.ndarray:
         """For an (m, 32) array of ids: which are known (one native lookup, plus this run's own)."""
         found = self.table.contains(ids)
-        if self._override:
-            for i in range(len(ids)):
-                cid = ids[i].tobytes()
-                if cid in self._override:
-                    found[i] = self._override[cid] is not None
+        for i in self._rows_in(ids, self._override.keys()):
+            found[i] = self._override[ids[i].tobytes()] is not None
         if self.recent:
             for i in np.flatnonzero(~found).tolist():
                 found[i] = ids[i].tobytes() in self.recent
@@ -294,12 +292,9 @@ class ChunkIndex:
         found = rows >= 0
         if len(table.packs):
             out[found] = table.packs[field(table.rows, "pack")[rows[found]]]
-        if self._override or self.recent:
-            for i in range(len(ids)):
-                cid = ids[i].tobytes()
-                if cid in self.recent or cid in self._override:
-                    loc = self.get(cid)
-                    out[i] = np.frombuffer(loc.pack_id, np.uint8) if loc is not None else 0
+        for i in self._rows_in(ids, self._override.keys() | self.recent.keys()):
+            loc = self.get(ids[i].tobytes())
+            out[i] = np.frombuffer(loc.pack_id, np.uint8) if loc is not None else 0
         return out
 
     def delta_bases(self, ids: np.ndarray) -> np.ndarray:
@@ -310,20 +305,27 @@ class ChunkIndex:
         delta = np.zeros(len(ids), bool)
         delta[found] = (field(table.rows, "info")[rows[found]] & INFO_DELTA) != 0
         bases = []
-        if self._override or self.recent:
-            for i in range(len(ids)):
-                cid = ids[i].tobytes()
-                if cid in self.recent or cid in self._override:
-                    delta[i] = False
-                    loc = self.get(cid)
-                    if loc is not None and loc.base is not None:
-                        bases.append(loc.base)
+        for i in self._rows_in(ids, self._override.keys() | self.recent.keys()):
+            delta[i] = False
+            loc = self.get(ids[i].tobytes())
+            if loc is not None and loc.base is not None:
+                bases.append(loc.base)
         picked = np.ascontiguousarray(ids[delta])
         if len(picked) and len(table.bases):
             at = kernels.table_lookup(table.bases, table._bases_dir, picked)
             picked = np.ascontiguousarray(table.bases[at[at >= 0], 32:])
         extra = np.frombuffer(b"".join(bases), np.uint8).reshape(-1, 32)
         return np.concatenate([picked.reshape(-1, 32), extra]) if len(extra) else picked.reshape(-1, 32)
+
+    @staticmethod
+    def _rows_in(ids: np.ndarray, chunk_ids) -> list[int]:
+        """Where in the (m, 32) ``ids`` the few ``chunk_ids`` (this run's own or overridden copies)
+        are: one vectorised membership test, not a Python step per id."""
+        if not chunk_ids or not len(ids):
+            return []
+        wanted = np.frombuffer(b"".join(chunk_ids), np.uint8).reshape(-1, 32)
+        rows = np.ascontiguousarray(ids, np.uint8).reshape(-1, 32)
+        return np.flatnonzero(np.isin(rows.view(np.void(32)).ravel(), wanted.view(np.void(32)).ravel())).tolist()
 
     def relocate(self, chunk_id: bytes, loc: BlobLocation) -> None:
         """Hand out ``loc`` for ``chunk_id`` from now on: its copy moved (a compaction rewrote its pack

@@ -145,10 +145,10 @@ class Safety:
         return at + self.grace <= self.now and all(start >= at + CLOCK_TOLERANCE for start in self.session_starts)
 
 
-def judge_safety(storage: Storage, grace: float | None = None) -> Safety:
-    """The live sessions, then the storage's clock (read after them: a mark is never judged older
-    than it is)."""
-    live = [state for state in leases(storage, SESSION_PREFIX) if state.alive]
+def judge_safety(storage: Storage, grace: float | None = None, but: str | None = None) -> Safety:
+    """The live sessions (``but`` the lease of that name: the caller's own), then the storage's clock
+    (read after them: a mark is never judged older than it is)."""
+    live = [state for state in leases(storage, SESSION_PREFIX) if state.alive and state.name != but]
     return Safety(storage.now(), gc_grace() if grace is None else grace,
                   [state.info.started if state.info else float("-inf") for state in live])
 

@@ -38,8 +38,7 @@ from imgbackup.format.layout import DATA_KEY_ID_MIN, ENVELOPE_HEADER, OBJ_CHUNK
 from imgbackup.repository.bounded import bounded_map
 from imgbackup.repository.chunkreader import ChunkReader, Group, group_cost, group_end
 from imgbackup.repository.lease import Lease, LeaseLost
-from imgbackup.repository.lock import SESSION_PREFIX, leases
-from imgbackup.repository.marks import Safety, load_marks
+from imgbackup.repository.marks import Safety, judge_safety, load_marks
 from imgbackup.repository.packs import BlobLocation, pack_name, read_pack_trailer
 from imgbackup.repository.repo import Repository
 from imgbackup.repository.storage import ObjectMissing
@@ -160,7 +159,7 @@ class _Copier:
         a pack whose trailer does not open is left alone."""
         known = {pack_name(p) for p in self.index.packs()}
         found: dict[bytes, BlobLocation] = {}
-        sessions = self._other_sessions()
+        sessions = judge_safety(self.dst.storage, grace=0.0, but=self.lease.name)   # its own packs are indexed
         marked = {pack_name(p) for p in load_marks(self.dst.storage, self.dst.envelope).packs}
         for name in sorted(self.index.listed_packs):
             if name in known or name in marked or not self._left_by_a_dead_writer(name, sessions):
@@ -174,13 +173,6 @@ class _Copier:
         if fresh:
             self.result.bytes_sent += self.dst.store_chunk_index(fresh)
             self.adopted = set(fresh)
-
-    def _other_sessions(self) -> Safety:
-        """The live sessions but this copy's own (its packs are indexed as they land), then the clock."""
-        live = [state for state in leases(self.dst.storage, SESSION_PREFIX)
-                if state.alive and state.name != self.lease.name]
-        return Safety(self.dst.storage.now(), 0.0,
-                      [state.info.started if state.info else float("-inf") for state in live])
 
     def _left_by_a_dead_writer(self, name: str, sessions: Safety) -> bool:
         """Whether the unindexed pack ``name`` was written before every live backup session began: a
@@ -217,7 +209,8 @@ class _Copier:
                 self.result.chunks_adopted += cid in self.adopted
         self.counted |= needed
         bases = self.reader.index.bases_of(needed) if self.raw else set()
-        self.pending.append(_Pending(image_id, str(image.meta.get("name")), write, {c for c in needed if not self._stored(c, c in bases)}))
+        waiting = {c for c in needed if not self._stored(c, c in bases)}
+        self.pending.append(_Pending(image_id, str(image.meta.get("name")), write, waiting))
         self._write_ready_images()
 
     def _claim(self, cid: bytes, whole: bool = False) -> bool:

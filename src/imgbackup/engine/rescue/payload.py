@@ -137,4 +137,3 @@ def install(files: list[PayloadFile], root: Path) -> Path:
     launcher.write_text(LAUNCHER)
     launcher.chmod(0o755)
     return site
-
